@@ -150,12 +150,21 @@ def canonical_sequence_name(name: str) -> str:
 def check_label_values(label_map: np.ndarray, convention: str | LabelConvention, *, where: str = "label map") -> None:
     """Raise ``ValueError`` if ``label_map`` holds values outside the convention's labels."""
     conv = get_label_convention(convention)
-    values = np.unique(np.asarray(label_map))
-    bad = sorted(set(values.tolist()) - set(conv.valid_labels))
+    values = _present_values(np.asarray(label_map))
+    bad = sorted(set(values) - set(conv.valid_labels))
     if bad:
         raise ValueError(
             f"{where}: label values {bad} are outside the {conv.name} convention (allowed {list(conv.valid_labels)})."
         )
+
+
+def _present_values(label_map: np.ndarray) -> list:
+    """The distinct values of a label map (a bincount for small non-negative integers: ~10x faster than unique)."""
+    if label_map.dtype.kind in "ui" and label_map.size:
+        lo, hi = int(label_map.min()), int(label_map.max())
+        if lo >= 0 and hi < 256:
+            return np.flatnonzero(np.bincount(label_map.ravel(), minlength=hi + 1)).tolist()
+    return np.unique(label_map).tolist()
 
 
 def label_map_to_regions(
@@ -167,6 +176,14 @@ def label_map_to_regions(
     if validate:
         check_label_values(label_map, conv, where=where)
     out = np.empty((len(REGIONS),) + label_map.shape, dtype=bool)
+    if label_map.dtype.kind in "ui" and label_map.size and label_map.min() >= 0 and label_map.max() < 256:
+        # look-up table per region: one gather instead of a set-membership test per voxel
+        index = label_map.astype(np.intp, copy=False)
+        for i, region in enumerate(REGIONS):
+            lut = np.zeros(256, dtype=bool)
+            lut[list(conv.regions[region])] = True
+            out[i] = lut[index]
+        return out
     for i, region in enumerate(REGIONS):
         out[i] = np.isin(label_map, conv.regions[region])
     return out

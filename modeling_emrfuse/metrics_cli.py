@@ -1,0 +1,629 @@
+"""``emrfuse score``: score a folder of predicted NIfTI label maps against a folder of references.
+
+Works on predictions made by any tool. Cases are matched by case id, derived from file names:
+``<case>.nii.gz``, ``<case>_seg.nii.gz``, ``<case>-seg.nii.gz``, ``<case>_pred.nii.gz``,
+``<case>_prediction.nii.gz``, ``<case>_label.nii.gz``, ``<case>_mask.nii.gz`` ... (suffixes
+``seg``, ``segmentation``, ``pred``, ``prediction``, ``label``, ``mask``, ``gt`` ... after ``_``,
+``-`` or ``.``, any case; a file called just ``seg.nii.gz`` takes its folder's name). Both folders
+are searched recursively, so a reference folder may be a BraTS release (``<case>/<case>_seg.nii.gz``,
+with or without ``HGG/``/``LGG/`` sub-folders) or a flat folder of label maps; MRI sequence files
+(``<case>_flair.nii.gz``, ``<case>-t2f.nii.gz`` ...) are ignored.
+Matching ignores upper/lower case.
+
+Label conventions (``brats2015``, ``brats2017``, ``brats2023``, see
+:mod:`modeling_emrfuse.brats_labels`) are given per folder or inferred (``auto``) from the label
+values of all files of that folder:
+
+- a single convention fits all values: it is used;
+- several fit but read every value present into the same regions (e.g. only labels {1, 2}, or
+  {1, 2, 4} under brats2017 and brats2015): the reference's convention is used for the
+  predictions (else brats2017, then brats2023); the choice and why it does not matter is printed
+  and written to the summary;
+- several fit and they disagree (labels {1, 2, 3} without 4: brats2023 enhancing tumour or
+  brats2015 non-enhancing tumour): the predictions take the reference's convention if it is one
+  of them (said so); otherwise, and always for the references, the command stops and asks for
+  ``--pred-convention`` / ``--ref-convention``. A convention is never guessed silently.
+
+The voxel spacing comes from the reference header; the prediction must have the same shape and
+spacing (the orientation is compared too; a difference is reported as a warning). Outputs in
+``--out``: ``per_case.csv``, ``summary.json`` (mean / std / median per region and metric, the
+conventions used and why, missing / unmatched / skipped cases, warnings) and ``summary.md``.
+A reference without a prediction is listed as missing and left out of the summary, unless
+``--missing-as-empty`` scores it as an empty prediction.
+
+Metrics are :mod:`modeling_emrfuse.metrics` (exactly as defined there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+
+import numpy as np
+
+from .brats_labels import (
+    HD95_EMPTY_SENTINEL_MM,
+    LABEL_CONVENTIONS,
+    REGIONS,
+    SEQUENCE_ALIASES,
+    get_label_convention,
+)
+from .metrics import METRICS, aggregate, metrics_to_row, score_label_maps
+
+AUTO = "auto"
+CONVENTION_PREFERENCE: Tuple[str, ...] = ("brats2017", "brats2023", "brats2015")
+"""Order in which equivalent conventions are chosen when the label values cannot tell them apart."""
+
+NIFTI_SUFFIXES: Tuple[str, ...] = (".nii.gz", ".nii")
+LABEL_FILE_SUFFIXES: Tuple[str, ...] = (
+    "seg", "segmentation", "segm", "pred", "prediction", "predicted", "label", "labels", "labelmap",
+    "mask", "gt", "groundtruth", "ground_truth", "ref", "reference", "output",
+)
+_SUFFIX_RE = re.compile(r"[_\-.](" + "|".join(sorted(LABEL_FILE_SUFFIXES, key=len, reverse=True)) + r")$", re.IGNORECASE)
+_SEQUENCE_RE = re.compile(
+    r"[_\-.](" + "|".join(re.escape(k) for k in sorted(SEQUENCE_ALIASES, key=len, reverse=True)) + r")$",
+    re.IGNORECASE,
+)
+OUTPUT_FILES = {"csv": "per_case.csv", "json": "summary.json", "markdown": "summary.md"}
+
+
+class ScoreError(ValueError):
+    """Bad input for scoring (the message names the file or case and what is wrong)."""
+
+
+# --------------------------------------------------------------------------------------------
+# finding and matching files
+# --------------------------------------------------------------------------------------------
+def _strip_nifti(name: str) -> Optional[str]:
+    low = name.lower()
+    for suffix in NIFTI_SUFFIXES:
+        if low.endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def case_id_from_path(path: Path | str) -> Optional[str]:
+    """Case id of a label-map file, or ``None`` if the file is not a NIfTI label map.
+
+    Strips ``.nii``/``.nii.gz`` and label-file suffixes (``_seg``, ``-seg``, ``_pred``, ...,
+    repeatedly); returns ``None`` for MRI sequence files (``_flair``, ``-t1n``, ...). A
+    file named only by a suffix (``seg.nii.gz``) takes the name of its folder.
+    """
+    path = Path(path)
+    stem = _strip_nifti(path.name)
+    if stem is None:
+        return None
+    if _SEQUENCE_RE.search(stem):
+        return None
+    if stem.lower() in LABEL_FILE_SUFFIXES:
+        return path.parent.name or None
+    while True:
+        stripped = _SUFFIX_RE.sub("", stem)
+        if stripped == stem or not stripped:
+            break
+        stem = stripped
+    return stem
+
+
+def find_label_maps(folder: Path | str, role: str = "label map", exclude: Optional[Path | str] = None) -> Dict[str, Path]:
+    """Map case id -> label-map file for every NIfTI label map under ``folder`` (recursively).
+
+    Hidden files and folders, and anything under ``exclude`` (e.g. a prediction folder inside the
+    reference folder), are left out. Raises :class:`ScoreError` when the folder does not exist,
+    holds no label map, or two files give the same case id (ids compared without regard to case).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ScoreError(f"{role} folder {folder} does not exist or is not a folder.")
+    excluded = Path(exclude).resolve() if exclude is not None else None
+    if excluded is not None and (excluded == folder.resolve() or excluded in folder.resolve().parents):
+        excluded = None  # the folder itself is inside the excluded one: nothing to leave out
+    found: Dict[str, Path] = {}
+    seen_lower: Dict[str, str] = {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        if excluded is not None and excluded in path.resolve().parents:
+            continue
+        case_id = case_id_from_path(path)
+        if case_id is None:
+            continue
+        key = case_id.lower()
+        if key in seen_lower:
+            other = found[seen_lower[key]]
+            raise ScoreError(
+                f"{role} folder {folder}: two files for case {case_id!r}: {other.relative_to(folder)} and "
+                f"{rel}; keep one label map per case."
+            )
+        seen_lower[key] = case_id
+        found[case_id] = path
+    if not found:
+        raise ScoreError(
+            f"{role} folder {folder} holds no NIfTI label map (.nii / .nii.gz; MRI sequence files are ignored)."
+        )
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# reading label maps
+# --------------------------------------------------------------------------------------------
+@dataclass
+class LabelMapFile:
+    """A label map read from disk: integer array (X, Y, Z), voxel spacing (mm) and affine."""
+
+    path: Path
+    array: np.ndarray
+    spacing: Tuple[float, float, float]
+    affine: np.ndarray
+
+
+def read_label_map(path: Path | str) -> LabelMapFile:
+    """Read a NIfTI label map as integers; raise :class:`ScoreError` naming the file if it is not one."""
+    import nibabel as nib
+
+    path = Path(path)
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # nibabel raises several types for unreadable files
+        raise ScoreError(f"{path}: cannot read as NIfTI ({type(exc).__name__}: {exc}).") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise ScoreError(f"{path}: expected a 3-D label map, got shape {data.shape}.")
+    if data.dtype.kind == "f":
+        if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
+            raise ScoreError(f"{path}: non-integer values; expected an integer label map (not probabilities).")
+    elif data.dtype.kind not in "iub":
+        raise ScoreError(f"{path}: unsupported data type {data.dtype} for a label map.")
+    if data.size and (data.min() < 0 or data.max() > 255):
+        raise ScoreError(f"{path}: label values outside 0..255 (min {data.min()}, max {data.max()}).")
+    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+    return LabelMapFile(path=path, array=data.astype(np.uint8), spacing=zooms, affine=np.asarray(img.affine, dtype=float))
+
+
+def label_values(array: np.ndarray) -> Set[int]:
+    """Set of label values present in an integer label map."""
+    counts = np.bincount(np.asarray(array, dtype=np.uint8).ravel(), minlength=1)
+    return {int(v) for v in np.flatnonzero(counts)}
+
+
+# --------------------------------------------------------------------------------------------
+# label conventions
+# --------------------------------------------------------------------------------------------
+def fitting_conventions(values: Iterable[int]) -> List[str]:
+    """Conventions (in :data:`CONVENTION_PREFERENCE` order) whose label set contains ``values``."""
+    values = set(int(v) for v in values)
+    return [name for name in CONVENTION_PREFERENCE if values <= set(LABEL_CONVENTIONS[name].valid_labels)]
+
+
+def _regions_of(value: int, convention: str) -> Tuple[bool, ...]:
+    conv = LABEL_CONVENTIONS[convention]
+    return tuple(value in conv.regions[r] for r in REGIONS)
+
+
+def conventions_agree(values: Iterable[int], conventions: Sequence[str]) -> bool:
+    """True when every convention reads each of ``values`` into the same regions."""
+    return all(len({_regions_of(v, c) for c in conventions}) == 1 for v in values if v != 0)
+
+
+@dataclass
+class ConventionChoice:
+    """The label convention used for one folder and how it was chosen."""
+
+    requested: str
+    used: str
+    note: str
+
+    def to_dict(self) -> Dict[str, str]:
+        return {"requested": self.requested, "used": self.used, "note": self.note}
+
+
+def _fmt_values(values: Iterable[int]) -> str:
+    return "{" + ", ".join(str(v) for v in sorted(values)) + "}"
+
+
+def resolve_convention(
+    value_sets: Sequence[Iterable[int]],
+    role: str,
+    flag: str,
+    fallback: Optional[str] = None,
+    fallback_role: str = "reference",
+    fallback_if_ambiguous: bool = True,
+) -> ConventionChoice:
+    """Choose the label convention of a folder from the label values of each of its files.
+
+    The folder's candidates are the conventions that fit every file. One candidate is used when a
+    file pins it down on its own (e.g. labels 3 and 4 together: brats2015); a single candidate
+    reached only by combining files (label 4 in some files, label 3 in others, never together)
+    more likely means a folder mixing brats2017 and brats2023 maps and counts as ambiguous.
+    Several candidates that read every value present into the same regions are equivalent.
+    ``fallback`` (the other folder's convention) is used for an ambiguous folder when it is a
+    candidate (with ``fallback_if_ambiguous=False`` only if the candidates are equivalent).
+    Raises :class:`ScoreError` when no convention fits, or when the choice would be a guess.
+    """
+    sets = [set(int(v) for v in vs) for vs in value_sets]
+    values = set().union(*sets) if sets else {0}
+    shown = _fmt_values(values)
+    per_file = [set(fitting_conventions(vs)) for vs in sets] or [set(CONVENTION_PREFERENCE)]
+    candidates = [c for c in CONVENTION_PREFERENCE if all(c in fits for fits in per_file)]
+    if not candidates:
+        raise ScoreError(
+            f"{role} label values {shown} fit no single label convention ({', '.join(CONVENTION_PREFERENCE)}). "
+            f"Pass {flag}; files that do not fit it are then reported."
+        )
+    pinned = any(len(fits) == 1 for fits in per_file)
+    if len(candidates) == 1 and pinned:
+        return ConventionChoice(AUTO, candidates[0], f"inferred from the {role} label values {shown}")
+    if len(candidates) == 1:
+        alternatives = [c for c in CONVENTION_PREFERENCE if any(c in fits for fits in per_file)]
+        same = False
+        others = f"{candidates[0]} only as a folder; no single file tells, and its files also fit " + ", ".join(
+            c for c in alternatives if c != candidates[0]
+        )
+    else:
+        same = conventions_agree(values, candidates)
+        others = ", ".join(candidates)
+    if fallback is not None and fallback in candidates and (same or fallback_if_ambiguous):
+        why = "all of them read these labels into the same regions" if same else "they read these labels differently"
+        return ConventionChoice(
+            AUTO,
+            fallback,
+            f"{role} label values {shown} fit {others} ({why}); using the {fallback_role} convention {fallback}",
+        )
+    if same:
+        return ConventionChoice(
+            AUTO,
+            candidates[0],
+            f"{role} label values {shown} fit {others}, which all read these labels into the same regions; "
+            f"using {candidates[0]}",
+        )
+    raise ScoreError(
+        f"{role} label values {shown} are ambiguous: they fit {others}, which read them into different regions "
+        f"(label 3 is enhancing tumour in brats2023 but non-enhancing tumour core in brats2015; label 4 is "
+        f"enhancing tumour in brats2017 and brats2015). Pass {flag}."
+    )
+
+
+def _convention_arg(value: str) -> str:
+    if value.strip().lower() == AUTO:
+        return AUTO
+    try:
+        return get_label_convention(value).name
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+# --------------------------------------------------------------------------------------------
+# scoring
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ScoreReport:
+    """Everything ``emrfuse score`` writes: per-case rows and the summary."""
+
+    rows: List[Dict[str, Any]]
+    summary: Dict[str, Any]
+    warnings: List[str] = field(default_factory=list)
+
+
+def _progress(iterable: Iterable[Any], desc: str, total: int, enabled: bool) -> Iterable[Any]:
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, unit="case", file=sys.stderr)
+
+
+def score_folders(
+    pred_dir: Path | str,
+    ref_dir: Path | str,
+    pred_convention: str = AUTO,
+    ref_convention: str = AUTO,
+    missing_as_empty: bool = False,
+    skip_invalid: bool = False,
+    progress: bool = True,
+) -> ScoreReport:
+    """Score every reference case against its prediction (see the module docstring for the rules).
+
+    Raises :class:`ScoreError` for bad input (missing folders, no matching case, ambiguous label
+    conventions, shape / spacing mismatches, invalid label values; the last ones are recorded
+    and skipped instead with ``skip_invalid=True``).
+    """
+    pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
+    if pred_convention != AUTO:
+        pred_convention = get_label_convention(pred_convention).name
+    if ref_convention != AUTO:
+        ref_convention = get_label_convention(ref_convention).name
+    refs = find_label_maps(ref_dir, "reference", exclude=pred_dir)
+    preds = find_label_maps(pred_dir, "prediction", exclude=ref_dir)
+    pred_by_key = {k.lower(): k for k in preds}
+    ref_keys = {k.lower() for k in refs}
+    matched: List[Tuple[str, Optional[Path], Path]] = []
+    missing: List[str] = []
+    for case_id, ref_path in refs.items():
+        pkey = pred_by_key.get(case_id.lower())
+        if pkey is None:
+            missing.append(case_id)
+            if missing_as_empty:
+                matched.append((case_id, None, ref_path))
+        else:
+            matched.append((case_id, preds[pkey], ref_path))
+    unmatched = sorted(k for k in preds if k.lower() not in ref_keys)
+    if not matched:
+        raise ScoreError(
+            f"no prediction in {pred_dir} matches a reference case in {ref_dir} "
+            f"(e.g. predictions {sorted(preds)[:3]}, references {sorted(refs)[:3]})."
+        )
+
+    skipped: List[Dict[str, str]] = []
+    warnings: List[str] = []
+
+    def fail(case_id: str, message: str) -> None:
+        if not skip_invalid:
+            raise ScoreError(f"case {case_id}: {message}")
+        skipped.append({"case_id": case_id, "reason": message})
+
+    # label conventions: one per folder, inferred from all its files when "auto"
+    bad: Set[str] = set()
+    ref_values: List[Set[int]] = []
+    pred_values: List[Set[int]] = []
+    if AUTO in (pred_convention, ref_convention):
+        for case_id, pred_path, ref_path in _progress(matched, "reading labels", len(matched), progress):
+            try:
+                if ref_convention == AUTO:
+                    vals = label_values(read_label_map(ref_path).array)
+                    if not fitting_conventions(vals):
+                        raise ScoreError(f"{ref_path}: label values {_fmt_values(vals)} fit no label convention.")
+                    ref_values.append(vals)
+                if pred_convention == AUTO and pred_path is not None:
+                    vals = label_values(read_label_map(pred_path).array)
+                    if not fitting_conventions(vals):
+                        raise ScoreError(f"{pred_path}: label values {_fmt_values(vals)} fit no label convention.")
+                    pred_values.append(vals)
+            except ScoreError as exc:
+                fail(case_id, str(exc))
+                bad.add(case_id)
+    if ref_convention == AUTO:
+        explicit_pred = None if pred_convention == AUTO else pred_convention
+        ref_choice = resolve_convention(
+            ref_values, "reference", "--ref-convention", explicit_pred, "prediction", fallback_if_ambiguous=False
+        )
+    else:
+        ref_choice = ConventionChoice(ref_convention, ref_convention, "given")
+    if pred_convention == AUTO:
+        if pred_values:
+            pred_choice = resolve_convention(pred_values, "prediction", "--pred-convention", ref_choice.used)
+        else:
+            pred_choice = ConventionChoice(AUTO, ref_choice.used, "no prediction file; using the reference convention")
+    else:
+        pred_choice = ConventionChoice(pred_convention, pred_convention, "given")
+
+    rows: List[Dict[str, Any]] = []
+    results: List[Dict[str, Dict[str, float]]] = []
+    for case_id, pred_path, ref_path in _progress(matched, "scoring", len(matched), progress):
+        if case_id in bad:
+            continue
+        try:
+            ref = read_label_map(ref_path)
+            if pred_path is None:
+                pred_array = np.zeros_like(ref.array)
+            else:
+                pred = read_label_map(pred_path)
+                if pred.array.shape != ref.array.shape:
+                    raise ScoreError(
+                        f"prediction {pred_path} has shape {pred.array.shape}, reference {ref_path} has "
+                        f"{ref.array.shape}; predictions must be on the reference grid."
+                    )
+                if not np.allclose(pred.spacing, ref.spacing, rtol=1e-3, atol=1e-4):
+                    raise ScoreError(
+                        f"prediction {pred_path} has voxel spacing {pred.spacing} mm, reference {ref_path} has "
+                        f"{ref.spacing} mm; predictions must be on the reference grid."
+                    )
+                rot_p = pred.affine[:3, :3] / np.asarray(pred.spacing)
+                rot_r = ref.affine[:3, :3] / np.asarray(ref.spacing)
+                if not np.allclose(rot_p, rot_r, atol=1e-3):
+                    warnings.append(
+                        f"case {case_id}: the prediction's orientation (affine) differs from the reference's; "
+                        f"voxels are compared index by index"
+                    )
+                pred_array = pred.array
+            result = score_label_maps(pred_array, ref.array, pred_choice.used, ref_choice.used, ref.spacing)
+        except ScoreError as exc:
+            fail(case_id, str(exc))
+            continue
+        except ValueError as exc:  # label values outside the convention
+            fail(case_id, f"{exc} (prediction {pred_path}, reference {ref_path})")
+            continue
+        results.append(result)
+        row: Dict[str, Any] = {
+            "case_id": case_id,
+            "prediction": "" if pred_path is None else str(pred_path),
+            "reference": str(ref_path),
+            "prediction_missing": pred_path is None,
+            "pred_convention": pred_choice.used,
+            "ref_convention": ref_choice.used,
+            "spacing_x": ref.spacing[0],
+            "spacing_y": ref.spacing[1],
+            "spacing_z": ref.spacing[2],
+        }
+        row.update(metrics_to_row(result))
+        rows.append(row)
+    if not rows:
+        raise ScoreError("no case could be scored: " + "; ".join(f"{s['case_id']}: {s['reason']}" for s in skipped))
+
+    summary: Dict[str, Any] = {
+        "n_cases": len(rows),
+        "prediction_dir": str(pred_dir),
+        "reference_dir": str(ref_dir),
+        "regions": list(REGIONS),
+        "metrics": list(METRICS),
+        "aggregate": aggregate(results),
+        "pred_convention": pred_choice.to_dict(),
+        "ref_convention": ref_choice.to_dict(),
+        "missing_predictions": missing,
+        "missing_counted_as_empty": bool(missing_as_empty),
+        "unmatched_predictions": unmatched,
+        "skipped": skipped,
+        "warnings": warnings,
+        "hd95_empty_sentinel_mm": float(HD95_EMPTY_SENTINEL_MM),
+        "std": "sample standard deviation (ddof=1) over cases; null for a single case",
+    }
+    return ScoreReport(rows=rows, summary=summary, warnings=warnings)
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------------------------
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Mapping):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+_TITLES = {"dice": "Dice (%)", "ppv": "PPV (%)", "sensitivity": "Sensitivity (%)", "hd95": "HD95 (mm)"}
+
+
+def markdown_table(summary: Mapping[str, Any]) -> str:
+    """The summary as markdown: one row per region, ``mean ± std (median)`` per metric."""
+    agg = summary["aggregate"]
+    lines = [
+        "| Region | " + " | ".join(_TITLES[m] for m in METRICS) + " |",
+        "|---|" + "---|" * len(METRICS),
+    ]
+    for region in REGIONS:
+        cells = []
+        for metric in METRICS:
+            s = agg[region][metric]
+            scale = 1.0 if metric == "hd95" else 100.0
+            std = s["std"]
+            spread = f" ± {std * scale:.2f}" if std is not None and math.isfinite(std) else ""
+            cells.append(f"{s['mean'] * scale:.2f}{spread} ({s['median'] * scale:.2f})")
+        lines.append(f"| {region} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_report(summary: Mapping[str, Any]) -> str:
+    """``summary.md``: a short header (cases, conventions, missing cases) and :func:`markdown_table`."""
+    pc, rc = summary["pred_convention"], summary["ref_convention"]
+    out = [
+        "# Segmentation scores",
+        "",
+        f"- cases scored: {summary['n_cases']}",
+        f"- prediction labels: {pc['used']} ({pc['note']})",
+        f"- reference labels: {rc['used']} ({rc['note']})",
+        "- values: mean ± std (median) over cases; Dice, PPV and sensitivity in percent; HD95 in mm "
+        f"({summary['hd95_empty_sentinel_mm']:.2f} mm when exactly one of prediction / reference is empty)",
+    ]
+    missing = summary["missing_predictions"]
+    if missing:
+        how = "scored as empty predictions" if summary["missing_counted_as_empty"] else "not scored"
+        out.append(f"- references without a prediction ({how}): {len(missing)}: {', '.join(missing)}")
+    if summary["unmatched_predictions"]:
+        out.append(f"- predictions without a reference (not scored): {', '.join(summary['unmatched_predictions'])}")
+    if summary["skipped"]:
+        out.append(f"- skipped (invalid): {', '.join(s['case_id'] for s in summary['skipped'])}")
+    out += ["", markdown_table(summary), ""]
+    return "\n".join(out)
+
+
+def write_report(report: ScoreReport, out_dir: Path | str) -> Dict[str, Path]:
+    """Write ``per_case.csv``, ``summary.json`` and ``summary.md`` into ``out_dir``; return their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {kind: out_dir / name for kind, name in OUTPUT_FILES.items()}
+    fieldnames = list(report.rows[0].keys())
+    with open(paths["csv"], "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(report.rows)
+    with open(paths["json"], "w", encoding="utf-8") as f:
+        json.dump(_json_safe(report.summary), f, indent=2, allow_nan=False)
+        f.write("\n")
+    paths["markdown"].write_text(markdown_report(report.summary), encoding="utf-8")
+    return paths
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``emrfuse score`` on the ``emrfuse`` command's sub-parsers."""
+    conventions = ", ".join([AUTO] + list(CONVENTION_PREFERENCE))
+    parser = subparsers.add_parser(
+        "score",
+        help="score predicted NIfTI label maps against references (Dice, PPV, sensitivity, HD95 per region)",
+        description=(
+            "Score a folder of predicted NIfTI label maps against a folder of reference label maps, matched by "
+            "case id, per region (WT, TC, ET). Writes per_case.csv, summary.json and summary.md."
+        ),
+    )
+    parser.add_argument("--pred", required=True, type=Path, metavar="DIR", help="folder of predicted label maps")
+    parser.add_argument("--ref", required=True, type=Path, metavar="DIR", help="folder of reference label maps (BraTS case folders or flat)")
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
+    parser.add_argument(
+        "--pred-convention", default=AUTO, type=_convention_arg, metavar="CONV",
+        help=f"label convention of the predictions: {conventions} or a BraTS release year (default: auto)",
+    )
+    parser.add_argument(
+        "--ref-convention", default=AUTO, type=_convention_arg, metavar="CONV",
+        help=f"label convention of the references: {conventions} or a BraTS release year (default: auto)",
+    )
+    parser.add_argument(
+        "--missing-as-empty", action="store_true",
+        help="score references without a prediction as empty predictions (default: list them, leave them out)",
+    )
+    parser.add_argument(
+        "--skip-invalid", action="store_true",
+        help="skip cases with invalid files (recorded in summary.json) instead of stopping",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``emrfuse score``; returns the exit status (2 on bad input, with a message on stderr)."""
+    try:
+        report = score_folders(
+            args.pred,
+            args.ref,
+            pred_convention=args.pred_convention,
+            ref_convention=args.ref_convention,
+            missing_as_empty=args.missing_as_empty,
+            skip_invalid=args.skip_invalid,
+            progress=not args.no_progress,
+        )
+        paths = write_report(report, args.out)
+    except (ScoreError, ValueError, OSError) as exc:
+        print(f"emrfuse score: error: {exc}", file=sys.stderr)
+        return 2
+    s = report.summary
+    for side in ("ref_convention", "pred_convention"):
+        if s[side]["requested"] == AUTO:
+            print(f"{side.replace('_', ' ')}: {s[side]['used']} ({s[side]['note']})", file=sys.stderr)
+    if s["missing_predictions"]:
+        how = "scored as empty predictions" if s["missing_counted_as_empty"] else "NOT scored (use --missing-as-empty to count them)"
+        print(f"warning: {len(s['missing_predictions'])} reference case(s) without a prediction, {how}: "
+              f"{', '.join(s['missing_predictions'])}", file=sys.stderr)
+    if s["unmatched_predictions"]:
+        print(f"warning: {len(s['unmatched_predictions'])} prediction(s) without a reference, not scored: "
+              f"{', '.join(s['unmatched_predictions'])}", file=sys.stderr)
+    for skipped in s["skipped"]:
+        print(f"warning: skipped case {skipped['case_id']}: {skipped['reason']}", file=sys.stderr)
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(markdown_table(s))
+    print(f"{s['n_cases']} case(s) scored; wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
