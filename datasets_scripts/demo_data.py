@@ -1,0 +1,905 @@
+"""Synthetic demo data: BraTS-2020-layout glioma cases with TextBraTS-style reports.
+
+No BraTS data can reach a fresh machine without registration, so the project ships this
+generator. It writes synthetic cases in the real BraTS 2020 training layout, so that the real
+dataset-builder path is exercised end to end::
+
+    OUT/
+      name_mapping.csv                       Grade,BraTS_2017_subject_ID,...,BraTS_2020_subject_ID
+      BraTS20_Training_001/
+        BraTS20_Training_001_flair.nii.gz    int16, 1 mm, BraTS affine (LPS, as the real files)
+        BraTS20_Training_001_t1.nii.gz
+        BraTS20_Training_001_t1ce.nii.gz
+        BraTS20_Training_001_t2.nii.gz
+        BraTS20_Training_001_seg.nii.gz      uint8, labels {0, 1, 2, 4} (BraTS 2017-2021 convention)
+        BraTS20_Training_001_flair_text.txt  report in the TextBraTS style
+      ...
+
+Sizes
+    ``"full"``   240 x 240 x 155, the BraTS grid (a few seconds per case).
+    ``"medium"`` 96 x 96 x 64.
+    ``"small"``  64 x 64 x 48 (default): a miniature brain on a 1 mm grid. After the image
+                 processor's brain crop it pads to 64 x 64 in-plane with ~40 brain slices, so a
+                 2D model trains on CPU in minutes; a case writes in well under a second.
+    or an explicit ``(X, Y, Z)`` tuple.
+    Small grids are not a down-sampled BraTS case: the anatomy is drawn at the target size, and
+    thin structures (enhancing rim, cortex) keep a minimum thickness of about two voxels so that
+    they stay visible and learnable.
+
+Anatomy (all vectorised numpy, deterministic by seed)
+    A skull-stripped brain: an ellipsoid (wider posteriorly) with a smooth random deformation of
+    its surface; a cortical grey-matter ribbon of varying thickness, sulci (thin CSF sheets from
+    the zero set of a smooth random field), the interhemispheric fissure, deep grey matter,
+    white matter, two lateral ventricles and a third ventricle. The tumour pushes the anatomy
+    away (a smooth radial displacement field: ventricle compression and midline shift).
+    Per-sequence tissue intensities resemble T1 (WM > GM > CSF), T1ce (T1 plus enhancement),
+    T2 (CSF > GM > WM) and FLAIR (CSF suppressed, oedema bright), with per-case scanner gain
+    and contrast jitter, partial-volume blur, a smooth multiplicative bias field and Rician
+    noise; background is exactly 0 like skull-stripped BraTS images.
+
+Tumours (labels in the BraTS 2017-2021 convention: 1 NCR/NET, 2 oedema, 4 enhancing)
+    High grade: an irregular core with a necrotic centre (label 1; dark on T1/T1ce, bright on
+    T2), an enhancing rim of varying thickness (label 4; bright on T1ce) and surrounding oedema
+    (label 2), which spreads preferentially in white matter and spares CSF. Some cases have a
+    small necrosis (mostly solid enhancing tumour).
+    Low grade: a mostly non-enhancing mass (label 1; T1 dark, T2/FLAIR bright, a little darker
+    on FLAIR than the oedema) with a narrower oedema rim; a minority (``lgg_enhancing_fraction``)
+    carries a small enhancing nodule, and none has necrosis.
+    Size, shape, position (lobe, depth) and hemisphere vary; the tumour stays in its hemisphere.
+
+Reports
+    Four sentences in the TextBraTS order (lesion location and signal pattern, oedema,
+    necrosis, ventricular compression), each derived from the generated tumour itself
+    (hemisphere from the affine, lobes from where the lesion voxels lie, oedema extent from the
+    oedema/core volume ratio, necrosis from the necrotic fraction, compression from the
+    ventricles actually left on each side), with several phrasings per finding; sometimes a
+    post-contrast sentence and, optionally, a clinical-history line (age, sex, presenting
+    symptom consistent with the lesion's side and lobe). No report names the grade or a
+    diagnosis.
+
+Orientation
+    The files carry the affine of the real BraTS files (``diag(-1, -1, 1)``, LPS): the first
+    array axis runs from the patient's right to left, the second from anterior to posterior, the
+    third from inferior to superior. A "right hemisphere" tumour therefore lies at low first-axis
+    indices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple, Union
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from modeling_emrfuse.brats_labels import GRADES, SEQUENCES, check_label_values
+
+__all__ = [
+    "DEMO_SIZES",
+    "NAME_MAPPING_COLUMNS",
+    "DemoCase",
+    "brats_affine",
+    "demo_case_id",
+    "generate_case",
+    "write_demo_dataset",
+    "add_parser",
+]
+
+DEMO_SIZES: Dict[str, Tuple[int, int, int]] = {
+    "small": (64, 64, 48),
+    "medium": (96, 96, 64),
+    "full": (240, 240, 155),
+}
+"""Named grid sizes (X, Y, Z) of the demo cases."""
+
+NAME_MAPPING_COLUMNS: Tuple[str, ...] = (
+    "Grade",
+    "BraTS_2017_subject_ID",
+    "BraTS_2018_subject_ID",
+    "TCGA_TCIA_subject_ID",
+    "BraTS_2019_subject_ID",
+    "BraTS_2020_subject_ID",
+)
+"""Columns of the BraTS 2020 training ``name_mapping.csv``."""
+
+# tissue classes of the internal tissue map
+_BG, _WM, _GM, _CSF, _OEDEMA, _NECROSIS, _ENHANCING, _MASS = range(8)
+_TISSUE_TO_LABEL = np.array([0, 0, 0, 0, 2, 1, 4, 1], dtype=np.uint8)
+
+# mean intensities per sequence and tissue class (bg, WM, GM, CSF, oedema, necrosis, enhancing, mass),
+# in the int16 ranges of skull-stripped BraTS images
+_INTENSITY = {
+    "t1": np.array([0, 520, 380, 140, 330, 170, 430, 260], dtype=np.float32),
+    "t1ce": np.array([0, 530, 400, 150, 345, 160, 1050, 275], dtype=np.float32),
+    "t2": np.array([0, 420, 600, 1700, 1050, 1450, 820, 1250], dtype=np.float32),
+    "flair": np.array([0, 300, 380, 70, 620, 260, 520, 500], dtype=np.float32),
+}
+
+_LOBES = ("frontal", "parietal", "temporal", "occipital")
+
+
+def brats_affine(shape: Sequence[int]) -> np.ndarray:
+    """The affine of the real BraTS files for a grid of ``shape``: 1 mm, ``diag(-1, -1, 1)`` (LPS)."""
+    aff = np.diag([-1.0, -1.0, 1.0, 1.0])
+    aff[1, 3] = float(shape[1] - 1)
+    return aff
+
+
+def demo_case_id(index: int) -> str:
+    """BraTS 2020 training id of the ``index``-th (1-based) demo case, e.g. ``BraTS20_Training_007``."""
+    return f"BraTS20_Training_{int(index):03d}"
+
+
+def _resolve_size(size: Union[str, Sequence[int]]) -> Tuple[int, int, int]:
+    if isinstance(size, str):
+        if size not in DEMO_SIZES:
+            raise ValueError(f"Unknown demo size {size!r}: use one of {sorted(DEMO_SIZES)} or an (X, Y, Z) tuple.")
+        return DEMO_SIZES[size]
+    shape = tuple(int(s) for s in size)
+    if len(shape) != 3 or min(shape) < 16:
+        raise ValueError(f"Demo size must be (X, Y, Z) with every side >= 16 voxels, got {size!r}.")
+    return shape  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------
+# smooth random fields
+# --------------------------------------------------------------------------------------------
+def _interp_matrix(n: int, g: int) -> np.ndarray:
+    """(n, g) Gaussian-kernel interpolation weights from g control points spread over n voxels."""
+    centres = np.linspace(-0.15, 1.15, g) * (n - 1)
+    sigma = 0.8 * 1.3 * (n - 1) / (g - 1)
+    pos = np.arange(n, dtype=np.float32)[:, None]
+    w = np.exp(-0.5 * ((pos - centres[None, :]) / sigma) ** 2).astype(np.float32)
+    return w / w.sum(axis=1, keepdims=True)
+
+
+def _smooth_field(shape: Sequence[int], rng: np.random.Generator, grid: Sequence[int]) -> np.ndarray:
+    """Smooth random field of ``shape`` whose values are approximately standard normal.
+
+    Random values on a coarse ``grid`` of control points are interpolated with separable Gaussian
+    kernels (three small matrix products, no per-voxel Python) and divided by the interpolation's
+    expected standard deviation (not the sample's, which would blow up nearly constant fields).
+    """
+    coarse = rng.standard_normal(tuple(grid)).astype(np.float32)
+    wx, wy, wz = (_interp_matrix(n, g) for n, g in zip(shape, grid))
+    f = np.tensordot(wx, coarse, axes=(1, 0))  # (X, gy, gz)
+    f = np.tensordot(f, wy, axes=(1, 1))  # (X, gz, Y)
+    f = np.tensordot(f, wz, axes=(1, 1))  # (X, Y, Z)
+    expected_std = np.sqrt(np.prod([float(np.mean(np.sum(w * w, axis=1))) for w in (wx, wy, wz)]))
+    return f / np.float32(expected_std)
+
+
+# --------------------------------------------------------------------------------------------
+# one case
+# --------------------------------------------------------------------------------------------
+@dataclass
+class DemoCase:
+    """One generated case.
+
+    Attributes:
+        case_id: BraTS 2020 training id.
+        grade: ``"HGG"`` or ``"LGG"``.
+        images: sequence name (``t1``, ``t1ce``, ``t2``, ``flair``) -> int16 array (X, Y, Z).
+        label: uint8 label map (X, Y, Z) with values in {0, 1, 2, 4}.
+        report: report text (TextBraTS style).
+        affine: 4 x 4 affine of every file of the case.
+        findings: the tumour parameters the report was written from (hemisphere, lobes, oedema
+            extent, necrosis, ventricular compression, volumes in voxels, ...).
+    """
+
+    case_id: str
+    grade: str
+    images: Dict[str, np.ndarray]
+    label: np.ndarray
+    report: str
+    affine: np.ndarray
+    findings: Dict[str, object] = field(default_factory=dict)
+
+
+def _brain_geometry(shape: Tuple[int, int, int]) -> Tuple[np.ndarray, np.ndarray]:
+    """Brain centre and semi-axes (voxels) for a grid: BraTS proportions at full size, fuller on small grids."""
+    X, Y, Z = shape
+    if min(X, Y) >= 160:
+        frac = np.array([0.27, 0.335, 0.42])
+        centre = np.array([0.49 * X, 0.545 * Y, 0.48 * Z])
+    else:
+        frac = np.array([0.40, 0.44, 0.42])
+        centre = np.array([0.5 * (X - 1), 0.5 * (Y - 1), 0.48 * Z])
+    return centre, frac * np.array(shape)
+
+
+def _pick_tumour(rng: np.random.Generator, grade: str, semi: np.ndarray, mm: float) -> Dict[str, object]:
+    """Draw the tumour's parameters (normalised brain coordinates, radii in voxels)."""
+    side = 1.0 if rng.random() < 0.5 else -1.0  # sign of the first-axis offset from the midline
+    hgg = grade == "HGG"
+    min_vox = 2.0
+    if hgg:
+        radius = max(rng.uniform(13.0, 27.0) * mm, 5.0)
+        rim = max(rng.uniform(3.0, 7.0) * mm, min_vox)
+        necrosis_scale = 1.0 if rng.random() > 0.15 else rng.uniform(0.0, 0.45)
+        oedema_factor = rng.uniform(1.35, 2.5)
+        heterogeneity = rng.uniform(0.08, 0.20)
+        enhancing_nodule = False
+    else:
+        radius = max(rng.uniform(12.0, 28.0) * mm, 5.0)
+        rim = 0.0
+        necrosis_scale = 0.0
+        oedema_factor = rng.uniform(1.15, 1.6)
+        heterogeneity = rng.uniform(0.03, 0.12)
+        enhancing_nodule = None  # decided by the caller (lgg_enhancing_fraction)
+    mean_semi = float(np.mean(semi))
+    r_norm = radius / mean_semi
+    for _ in range(200):
+        c = np.array([side * rng.uniform(0.22, 0.62), rng.uniform(-0.65, 0.72), rng.uniform(-0.45, 0.55)])
+        if np.linalg.norm(c) + r_norm < 0.92 and abs(c[0]) - r_norm > 0.02:
+            break
+    else:  # a very large tumour on a small grid: place it centrally in its hemisphere
+        c = np.array([side * 0.45, 0.0, 0.1])
+        radius = min(radius, 0.4 * mean_semi)
+    return dict(
+        side=side,
+        centre_norm=c,
+        radius=float(radius),
+        rim=float(rim),
+        necrosis_scale=float(necrosis_scale),
+        oedema_factor=float(oedema_factor),
+        heterogeneity=float(heterogeneity),
+        enhancing_nodule=enhancing_nodule,
+        mass_effect=float(rng.uniform(0.25, 0.6) * min(1.0, radius / (22.0 * mm))),
+    )
+
+
+def _lobe_of(ux: np.ndarray, uy: np.ndarray, uz: np.ndarray) -> np.ndarray:
+    """Lobe index (into ``_LOBES``) from normalised brain coordinates (uy < 0 is anterior, uz > 0 superior)."""
+    lobe = np.full(ux.shape, 1, dtype=np.int8)  # parietal
+    lobe[uy < -0.15] = 0  # frontal
+    lobe[uy > 0.55] = 3  # occipital
+    temporal = (uz < -0.15) & (np.abs(ux) > 0.35) & (uy > -0.45) & (uy < 0.5)
+    lobe[temporal] = 2
+    return lobe
+
+
+def generate_case(
+    index: int,
+    grade: str,
+    size: Union[str, Sequence[int]] = "small",
+    seed: int = 0,
+    with_history: bool = False,
+    lgg_enhancing_fraction: float = 0.2,
+) -> DemoCase:
+    """Generate one synthetic case in memory (see the module docstring for the model).
+
+    Args:
+        index: 1-based case number; the case id is ``BraTS20_Training_{index:03d}``.
+        grade: ``"HGG"`` or ``"LGG"``.
+        size: ``"small"``, ``"medium"``, ``"full"`` or an ``(X, Y, Z)`` tuple.
+        seed: dataset seed; the case depends only on ``(seed, index, grade, size)``.
+        with_history: prepend a clinical-history line to the report.
+        lgg_enhancing_fraction: probability that a low-grade tumour carries a small enhancing nodule.
+
+    Returns:
+        A :class:`DemoCase`.
+    """
+    if grade not in GRADES:
+        raise ValueError(f"Demo case {index}: grade must be one of {GRADES}, got {grade!r}.")
+    shape = _resolve_size(size)
+    rng = np.random.default_rng([int(seed), int(index), 0 if grade == "HGG" else 1])
+    X, Y, Z = shape
+    centre, semi = _brain_geometry(shape)
+    mm = float(np.mean(semi)) / 70.0  # voxels per "millimetre of a real brain"
+
+    # voxel coordinates, normalised by the brain's semi-axes (broadcast views, no full copies)
+    gx = ((np.arange(X, dtype=np.float32) - centre[0]) / semi[0])[:, None, None]
+    gy = ((np.arange(Y, dtype=np.float32) - centre[1]) / semi[1])[None, :, None]
+    gz = ((np.arange(Z, dtype=np.float32) - centre[2]) / semi[2])[None, None, :]
+
+    t = _pick_tumour(rng, grade, semi, mm)
+    if grade == "LGG":
+        t["enhancing_nodule"] = bool(rng.random() < lgg_enhancing_fraction)
+    tc = np.asarray(t["centre_norm"], dtype=np.float32)
+    r_core = t["radius"] / float(np.mean(semi))  # normalised core radius
+    r_oed = r_core * t["oedema_factor"]
+
+    # mass effect: anatomy is sampled at x - d(x), d pushing radially away from the tumour centre
+    dx, dy, dz = gx - tc[0], gy - tc[1], gz - tc[2]
+    d2 = dx * dx + dy * dy + dz * dz
+    sigma_me = 1.2 * r_oed
+    k = np.float32(t["mass_effect"]) * np.exp(-d2 / np.float32(2.0 * sigma_me**2))
+    wx, wy, wz = gx - k * dx, gy - k * dy, gz - k * dz
+
+    # ---- anatomy -------------------------------------------------------------------------
+    f_brain = _smooth_field(shape, rng, (5, 5, 4))
+    # the outline is fixed (the skull); the inner anatomy is displaced by the tumour
+    rb = np.sqrt(gx * gx + (gy * (1.0 - 0.06 * gy)) ** 2 + gz * gz) / (1.0 + 0.04 * f_brain)
+    rw = np.sqrt(wx * wx + (wy * (1.0 - 0.06 * wy)) ** 2 + wz * wz) / (1.0 + 0.04 * f_brain)
+    brain = rb < 1.0
+    tissue = np.where(brain, np.uint8(_WM), np.uint8(_BG))
+
+    # cortex: an outer ribbon of varying thickness, folded inwards along the sulci
+    f_gyri = _smooth_field(shape, rng, (9, 9, 7))
+    gm_thick = np.float32(max(0.09, 2.2 / float(np.min(semi)))) * (1.0 + 0.35 * f_gyri)
+    n_sulci = (24, 26, 18) if min(shape) >= 100 else (13, 14, 10)
+    f_sulci = np.abs(_smooth_field(shape, rng, n_sulci))
+    cortex = brain & ((rb > 1.0 - gm_thick) | ((f_sulci < 0.5) & (rw > 0.7)))
+    tissue[cortex] = _GM
+    for s in (-1.0, 1.0):  # deep grey matter (basal ganglia / thalamus)
+        deep = ((wx - 0.24 * s) / 0.13) ** 2 + ((wy - 0.02) / 0.24) ** 2 + ((wz + 0.05) / 0.15) ** 2 < 1.0
+        tissue[deep] = _GM
+
+    csf = (f_sulci < 0.14) & (rw > 0.76)
+    csf |= rb > 0.975
+    fissure_half = np.float32(max(0.018, 0.7 / float(semi[0])))
+    csf |= (np.abs(wx) < fissure_half) & (wz > -0.15) & (rw > 0.42)
+    vent_scale = rng.uniform(0.85, 1.3)
+    ventricles = np.zeros(shape, dtype=bool)
+    for s in (-1.0, 1.0):  # lateral ventricles, curving down posteriorly
+        ventricles |= (
+            ((wx - 0.14 * s + 0.05 * s * wy) / (0.1 * vent_scale)) ** 2
+            + ((wy + 0.04) / 0.45) ** 2
+            + ((wz - 0.1 + 0.45 * wy * wy) / (0.13 * vent_scale)) ** 2
+        ) < 1.0
+    ventricles |= (np.abs(wx) < max(0.022, 0.6 / float(semi[0]))) & (np.abs(wy) < 0.14) & (np.abs(wz + 0.05) < 0.12)
+    csf |= ventricles
+    tissue[csf & brain] = _CSF
+
+    # ---- tumour (computed in its bounding box only) --------------------------------------
+    side = t["side"]
+    ext = r_oed * 1.35 + 0.05
+    lo = np.maximum(np.floor(centre + (tc - ext) * semi).astype(int), 0)
+    hi = np.minimum(np.ceil(centre + (tc + ext) * semi).astype(int) + 1, shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    bshape = tuple(int(b - a) for a, b in zip(lo, hi))
+    bx, by, bz = dx[box[0]], dy[:, box[1]], dz[:, :, box[2]]
+    dist = np.sqrt(bx * bx + by * by + bz * bz)  # unwarped distance to the tumour centre
+    # shape fields deform the outline only: centred, so the drawn radius sets the size
+    f_core = _smooth_field(bshape, rng, (5, 5, 5))
+    f_core -= f_core.mean()
+    f_oed = _smooth_field(bshape, rng, (7, 7, 7))
+    f_oed -= f_oed.mean()
+    rho_core = dist / (r_core * np.clip(1.0 + 0.22 * f_core, 0.5, None))
+    rho_oed = dist / (r_oed * np.clip(1.0 + 0.3 * f_oed, 0.45, None))
+    b_tissue = tissue[box]
+    b_brain = brain[box]
+    hemi = side * wx[box] > fissure_half * 1.5  # the tumour stays in its hemisphere
+    inside = b_brain & hemi
+
+    core = inside & (rho_core < 1.0)
+    oedema = inside & (rho_oed < 1.0) & (b_tissue != _CSF) & ((b_tissue == _WM) | (rho_oed < 0.8))
+    new = b_tissue.copy()
+    new[oedema] = _OEDEMA
+    if grade == "HGG":
+        f_rim = _smooth_field(bshape, rng, (4, 4, 4))
+        f_rim -= f_rim.mean()
+        rim_norm = (t["rim"] / float(np.mean(semi))) * np.clip(1.0 + 0.3 * f_rim, 0.6, None)
+        inner = np.clip(r_core - rim_norm, 0.0, None) * t["necrosis_scale"]
+        necrotic = core & (dist < inner * np.clip(1.0 + 0.22 * f_core, 0.5, None))
+        new[core] = _ENHANCING
+        new[necrotic] = _NECROSIS
+    else:
+        new[core] = _MASS
+        if t["enhancing_nodule"]:
+            # a small nodule near the edge of the mass
+            direction = rng.standard_normal(3)
+            direction /= np.linalg.norm(direction)
+            nc = direction * 0.6 * r_core
+            nr = max(2.2 / float(np.mean(semi)), 0.22 * r_core)
+            nd = np.sqrt((bx - nc[0]) ** 2 + (by - nc[1]) ** 2 + (bz - nc[2]) ** 2)
+            new[core & (nd < nr)] = _ENHANCING
+    tissue[box] = new
+
+    # ---- images ----------------------------------------------------------------------------
+    blur = 0.55 if min(shape) < 100 else 0.7
+    tumour_box = np.isin(new, (_NECROSIS, _ENHANCING, _MASS, _OEDEMA))
+    f_tex = _smooth_field(bshape, rng, (7, 7, 7))
+    images: Dict[str, np.ndarray] = {}
+    for seq in SEQUENCES:
+        lut = _INTENSITY[seq] * rng.normal(1.0, 0.04, size=8).astype(np.float32)
+        lut *= np.float32(rng.uniform(0.8, 1.25))  # scanner gain
+        img = lut[tissue]
+        texture = 1.0 + np.float32(t["heterogeneity"]) * f_tex
+        sub = img[box]
+        sub[tumour_box] *= texture[tumour_box]
+        img = ndimage.gaussian_filter(img, sigma=blur, mode="nearest")
+        img *= np.exp(np.float32(0.12) * _smooth_field(shape, rng, (3, 3, 3)))
+        sd = np.float32(0.03 * lut[_WM])
+        n1 = rng.standard_normal(shape, dtype=np.float32)
+        n2 = rng.standard_normal(shape, dtype=np.float32)
+        img = np.sqrt((img + sd * n1) ** 2 + (sd * n2) ** 2)
+        img = np.where(brain, np.clip(np.rint(img), 1, 32767), 0).astype(np.int16)
+        images[seq] = img
+
+    label = _TISSUE_TO_LABEL[tissue]
+    label[~brain] = 0
+    check_label_values(label, "brats2017", where=f"demo case {demo_case_id(index)}")
+
+    # ---- findings read back from the generated volumes -------------------------------------
+    affine = brats_affine(shape)
+    findings = _findings(
+        grade=grade,
+        label=label,
+        tissue=tissue,
+        ventricles=ventricles & brain & (tissue == _CSF),
+        gx=gx,
+        gy=gy,
+        gz=gz,
+        centre=centre,
+        affine=affine,
+        mass_effect=t["mass_effect"],
+        heterogeneity=t["heterogeneity"],
+    )
+    report = _write_report(findings, rng, with_history=with_history)
+    return DemoCase(
+        case_id=demo_case_id(index),
+        grade=grade,
+        images=images,
+        label=label,
+        report=report,
+        affine=affine,
+        findings=findings,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# findings and the report
+# --------------------------------------------------------------------------------------------
+def _lobes_of_mask(mask: np.ndarray, gx, gy, gz, min_share: float = 0.15) -> List[str]:
+    """Lobes holding at least ``min_share`` of the mask's voxels, largest share first."""
+    idx = np.nonzero(mask)
+    if idx[0].size == 0:
+        return []
+    ux = gx[idx[0], 0, 0]
+    uy = gy[0, idx[1], 0]
+    uz = gz[0, 0, idx[2]]
+    counts = np.bincount(_lobe_of(ux, uy, uz), minlength=len(_LOBES)).astype(float)
+    share = counts / counts.sum()
+    order = np.argsort(-share, kind="stable")
+    lobes = [_LOBES[i] for i in order if share[i] >= min_share]
+    return lobes or [_LOBES[int(order[0])]]
+
+
+def _findings(*, grade, label, tissue, ventricles, gx, gy, gz, centre, affine, mass_effect, heterogeneity) -> Dict[str, object]:
+    wt = label > 0
+    core = (label == 1) | (label == 4)
+    enh = label == 4
+    nec = tissue == _NECROSIS
+    oed = label == 2
+    idx = np.argwhere(wt)
+    centroid = idx.mean(axis=0)
+    # hemisphere from the affine: world +x is the patient's right (RAS)
+    world_dx = float(affine[0, 0] * (centroid[0] - centre[0]))
+    hemisphere = "right" if world_dx > 0 else "left"
+    # ventricles left on each side of the brain's midline (first axis)
+    vidx = np.nonzero(ventricles)[0]
+    tumour_side_low = centroid[0] < centre[0]
+    ipsi = int(np.sum(vidx < centre[0])) if tumour_side_low else int(np.sum(vidx > centre[0]))
+    contra = int(vidx.size - ipsi)
+    ratio = ipsi / max(contra, 1)
+    if ratio > 0.9:
+        compression = "none"
+    elif ratio > 0.65:
+        compression = "mild"
+    else:
+        compression = "marked"
+    n_core, n_oed, n_nec, n_enh = int(core.sum()), int(oed.sum()), int(nec.sum()), int(enh.sum())
+    oed_ratio = n_oed / max(n_core, 1)
+    extent = "mild" if oed_ratio < 0.9 else ("moderate" if oed_ratio < 2.6 else "extensive")
+    nec_frac = n_nec / max(n_core, 1)
+    if n_nec == 0:
+        necrosis = "none"
+    elif nec_frac < 0.12:
+        necrosis = "small"
+    elif nec_frac < 0.4:
+        necrosis = "central"
+    else:
+        necrosis = "large"
+    enh_frac = n_enh / max(n_core, 1)
+    if n_enh == 0:
+        enhancement = "none"
+    elif enh_frac < 0.2:
+        enhancement = "focal"
+    else:
+        enhancement = "rim" if n_nec > 0 else "solid"
+    # periventricular if the core comes within a few voxels of a (virtual) ventricle region
+    lesion_lobes = _lobes_of_mask(core if n_core else wt, gx, gy, gz)
+    oedema_lobes = _lobes_of_mask(oed, gx, gy, gz) if n_oed else []
+    return dict(
+        grade=grade,
+        hemisphere=hemisphere,
+        lesion_lobes=lesion_lobes,
+        oedema_lobes=oedema_lobes,
+        oedema_extent=extent,
+        necrosis=necrosis,
+        enhancement=enhancement,
+        ventricular_compression=compression,
+        ventricle_ratio=round(float(ratio), 3),
+        heterogeneity=round(float(heterogeneity), 3),
+        volumes=dict(wt=int(wt.sum()), core=n_core, oedema=n_oed, necrosis=n_nec, enhancing=n_enh),
+        centroid_index=[round(float(c), 1) for c in centroid],
+        mass_effect=round(float(mass_effect), 3),
+    )
+
+
+def _join(words: Sequence[str]) -> str:
+    words = list(words)
+    if len(words) == 1:
+        return words[0]
+    if len(words) == 2:
+        return f"{words[0]} and {words[1]}"
+    return ", ".join(words[:-1]) + f", and {words[-1]}"
+
+
+def _location(rng, side: str, lobes: Sequence[str]) -> str:
+    """A location phrase such as 'right frontal and parietal lobes' in one of several styles."""
+    plural = len(lobes) > 1
+    lobe_word = "lobes" if plural else "lobe"
+    region_word = "regions" if plural else "region"
+    options = [
+        f"the {side} {_join(lobes)} {lobe_word}",
+        f"the {_join(lobes)} {lobe_word} of the {side} hemisphere",
+        f"the {_join(lobes)} {region_word} of the {side} cerebral hemisphere",
+        f"the {side} {_join(lobes)} {lobe_word} area" if not plural else f"the {side} {_join(lobes)} {lobe_word}",
+    ]
+    return options[int(rng.integers(len(options)))]
+
+
+def _pick(rng, options: Sequence[str]) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+def _write_report(f: Dict[str, object], rng: np.random.Generator, with_history: bool) -> str:
+    side = str(f["hemisphere"])
+    lesion_loc = _location(rng, side, f["lesion_lobes"])  # type: ignore[arg-type]
+    hetero = f["necrosis"] != "none" or float(f["heterogeneity"]) > 0.1  # type: ignore[arg-type]
+    if hetero:
+        pattern = _pick(
+            rng,
+            [
+                "a mixed pattern of high and low signals with speckled high signal regions",
+                "heterogeneous mixed signals and spotted areas of high signal",
+                "uneven high and low signal intensities with patchy high signal areas",
+                "a mixture of heterogeneous high and low signal areas",
+            ],
+        )
+    else:
+        pattern = _pick(
+            rng,
+            [
+                "a relatively homogeneous high signal",
+                "a mostly uniform high signal with slightly uneven intensity",
+                "high signal of fairly even intensity and relatively well-defined margins",
+                "a largely homogeneous hyperintense signal",
+            ],
+        )
+    sentences = [f"The lesion area is in {lesion_loc} with {pattern}."]
+
+    # oedema
+    oed_lobes = f["oedema_lobes"] or f["lesion_lobes"]
+    oed_loc = _location(rng, side, oed_lobes)  # type: ignore[arg-type]
+    extent = f["oedema_extent"]
+    if extent == "extensive":
+        s = _pick(
+            rng,
+            [
+                f"Edema is extensive, mainly located in {oed_loc}, with high signal indicating marked swelling of the surrounding tissue.",
+                f"Edema is significant with high signals spreading widely through {oed_loc}, covering a large area of white matter.",
+                f"Edema is a prominent high signal area in {oed_loc}, extending well beyond the lesion margins.",
+            ],
+        )
+    elif extent == "moderate":
+        s = _pick(
+            rng,
+            [
+                f"Edema is moderate, seen as high signal around the lesion in {oed_loc}.",
+                f"Edema is present with high signal in the vicinity of the lesion in {oed_loc}, indicating a certain degree of swelling.",
+                f"Edema is observed as a high signal band surrounding the lesion, mainly in {oed_loc}.",
+            ],
+        )
+    else:
+        s = _pick(
+            rng,
+            [
+                f"Edema is mild, limited to a thin high signal rim around the lesion in {oed_loc}.",
+                f"Edema is slight, confined to the tissue immediately surrounding the lesion.",
+                f"Edema is minimal, with only a narrow band of high signal at the lesion margins.",
+            ],
+        )
+    sentences.append(s)
+
+    # necrosis
+    nec = f["necrosis"]
+    lesion_short = f"{side} {f['lesion_lobes'][0]} lobe"  # type: ignore[index]
+    if nec == "large":
+        s = _pick(
+            rng,
+            [
+                "Necrosis is a large low signal area occupying the centre of the lesion, with irregular margins.",
+                f"Necrosis is extensive, appearing as a central region of very low signal within the lesion in the {lesion_short}.",
+                "Necrosis is observed as a wide central area of low signal surrounded by a thick irregular wall.",
+            ],
+        )
+    elif nec == "central":
+        s = _pick(
+            rng,
+            [
+                "Necrosis is in the central region of the lesion, where areas with low signal suggest necrotic change.",
+                f"Necrosis is suggested by low signal areas in the centre of the lesion in the {lesion_short}.",
+                "Necrosis is seen as a low signal core with uneven intensity, concentrated at the centre of the lesion.",
+            ],
+        )
+    elif nec == "small":
+        s = _pick(
+            rng,
+            [
+                "Necrosis is limited to a small low signal focus within the lesion.",
+                "Necrosis is possible in a small central area of slightly low signal.",
+                "Necrosis is minor, with only a few scattered low signal spots inside the lesion.",
+            ],
+        )
+    elif hetero:
+        s = _pick(
+            rng,
+            [
+                "Necrosis is not observed.",
+                "Necrosis is not evident; the low signal areas appear to be solid tissue.",
+                "Necrosis is not clearly observed within the lesion.",
+            ],
+        )
+    else:
+        s = _pick(
+            rng,
+            [
+                "Necrosis is not observed.",
+                "Necrosis is not evident within the lesion.",
+                "Necrosis is not clearly observed, the lesion signal being relatively uniform.",
+            ],
+        )
+    sentences.append(s)
+
+    # ventricles
+    comp = f["ventricular_compression"]
+    if comp == "marked":
+        s = _pick(
+            rng,
+            [
+                f"Ventricular compression is marked, with the {side} lateral ventricle compressed and deformed.",
+                f"Ventricular compression is significant, the {side} lateral ventricle being narrowed and displaced by the lesion.",
+                f"Ventricular compression is observed with noticeable reduction and deformation of the {side} ventricle.",
+            ],
+        )
+    elif comp == "mild":
+        s = _pick(
+            rng,
+            [
+                f"Ventricular compression is mild, with slight narrowing of the {side} lateral ventricle.",
+                f"Ventricular compression is minor deformation of the {side} ventricle, suggesting a certain degree of compression.",
+                f"Ventricular compression is slight, the {side} lateral ventricle appearing somewhat smaller.",
+            ],
+        )
+    else:
+        s = _pick(
+            rng,
+            [
+                "Ventricular compression is not observed.",
+                "Ventricular compression is not evident.",
+                "Ventricular compression is absent, the ventricles appearing symmetric.",
+            ],
+        )
+    sentences.append(s)
+
+    # optional post-contrast sentence (a finding, not a diagnosis)
+    if rng.random() < 0.5:
+        enh = f["enhancement"]
+        if enh == "rim":
+            s = _pick(
+                rng,
+                [
+                    "After contrast, the lesion shows irregular ring-like enhancement.",
+                    "Post-contrast images show a thick enhancing wall around the low signal centre.",
+                ],
+            )
+        elif enh == "solid":
+            s = "After contrast, the lesion shows heterogeneous solid enhancement."
+        elif enh == "focal":
+            s = _pick(
+                rng,
+                [
+                    "After contrast, a small nodular focus of enhancement is seen.",
+                    "Post-contrast images show a single small enhancing focus.",
+                ],
+            )
+        else:
+            s = _pick(
+                rng,
+                [
+                    "After contrast, no significant enhancement is seen.",
+                    "Post-contrast images show no appreciable enhancement.",
+                ],
+            )
+        sentences.append(s)
+
+    text = " ".join(sentences)
+    if with_history:
+        text = _history_line(f, rng) + " " + text
+    return text
+
+
+def _history_line(f: Dict[str, object], rng: np.random.Generator) -> str:
+    """A clinical-history line consistent with the lesion (age, sex, a presenting symptom)."""
+    if f["grade"] == "HGG":
+        age = int(np.clip(rng.normal(60, 11), 22, 86))
+    else:
+        age = int(np.clip(rng.normal(41, 12), 18, 78))
+    sex = _pick(rng, ["man", "woman", "male patient", "female patient"])
+    side = str(f["hemisphere"])
+    contra = "left" if side == "right" else "right"
+    lobe = f["lesion_lobes"][0]  # type: ignore[index]
+    symptoms = ["headaches", "a first generalised seizure", "progressive headaches and nausea"]
+    if lobe == "frontal":
+        symptoms += ["personality change", f"{contra}-sided weakness"]
+        if side == "left":
+            symptoms.append("word-finding difficulty")
+    elif lobe == "parietal":
+        symptoms += [f"numbness of the {contra} arm", f"{contra}-sided weakness"]
+    elif lobe == "temporal":
+        symptoms += ["focal seizures", "memory complaints"]
+        if side == "left":
+            symptoms.append("speech disturbance")
+    else:
+        symptoms += [f"{contra} visual field disturbance"]
+    symptom = _pick(rng, symptoms)
+    lead = _pick(rng, ["Clinical history:", "History:", "Clinical information:"])
+    return f"{lead} {age}-year-old {sex} presenting with {symptom}."
+
+
+# --------------------------------------------------------------------------------------------
+# writing a data set
+# --------------------------------------------------------------------------------------------
+def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    img = nib.Nifti1Image(array, affine)
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    nib.save(img, str(path))
+
+
+def write_demo_dataset(
+    out_dir: Union[str, Path],
+    n_cases: int = 20,
+    size: Union[str, Sequence[int]] = "small",
+    seed: int = 0,
+    hgg_fraction: float = 0.5,
+    with_history: Union[bool, float] = 0.5,
+    lgg_enhancing_fraction: float = 0.2,
+    start_index: int = 1,
+) -> Path:
+    """Write ``n_cases`` synthetic cases in the BraTS 2020 training layout under ``out_dir``.
+
+    Args:
+        out_dir: target folder (created; existing demo files of the same names are overwritten).
+        n_cases: number of cases (ids ``BraTS20_Training_{start_index:03d}`` onwards).
+        size: ``"small"`` (64 x 64 x 48, default), ``"medium"`` (96 x 96 x 64), ``"full"``
+            (240 x 240 x 155) or an ``(X, Y, Z)`` tuple.
+        seed: the data set's seed; the same arguments give identical images, labels and reports
+            (a case's content depends only on the seed, its index, its grade and the size).
+        hgg_fraction: share of high-grade cases (``round(hgg_fraction * n_cases)`` of them, in an
+            order shuffled by ``seed``).
+        with_history: ``True``/``False``, or the probability that a report starts with a
+            clinical-history line.
+        lgg_enhancing_fraction: probability that a low-grade tumour carries a small enhancing nodule.
+        start_index: number of the first case.
+
+    Returns:
+        ``Path(out_dir)``, which holds ``name_mapping.csv`` and one folder per case.
+    """
+    if int(n_cases) < 1:
+        raise ValueError(f"n_cases must be >= 1, got {n_cases!r}.")
+    if not 0.0 <= float(hgg_fraction) <= 1.0:
+        raise ValueError(f"hgg_fraction must be in [0, 1], got {hgg_fraction!r}.")
+    p_history = float(with_history)
+    if not 0.0 <= p_history <= 1.0:
+        raise ValueError(f"with_history must be a bool or a probability in [0, 1], got {with_history!r}.")
+    shape = _resolve_size(size)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    n_cases = int(n_cases)
+    n_hgg = int(round(float(hgg_fraction) * n_cases))
+    grades = np.array(["HGG"] * n_hgg + ["LGG"] * (n_cases - n_hgg))
+    np.random.default_rng([int(seed), 7919]).shuffle(grades)
+
+    rows = []
+    for i, grade in enumerate(grades):
+        index = int(start_index) + i
+        history = bool(np.random.default_rng([int(seed), index, 104729]).random() < p_history)
+        case = generate_case(
+            index,
+            str(grade),
+            size=shape,
+            seed=seed,
+            with_history=history,
+            lgg_enhancing_fraction=lgg_enhancing_fraction,
+        )
+        case_dir = out / case.case_id
+        case_dir.mkdir(exist_ok=True)
+        for seq in SEQUENCES:
+            _save_nifti(case.images[seq], case.affine, case_dir / f"{case.case_id}_{seq}.nii.gz")
+        _save_nifti(case.label, case.affine, case_dir / f"{case.case_id}_seg.nii.gz")
+        (case_dir / f"{case.case_id}_flair_text.txt").write_text(case.report + "\n", encoding="utf-8")
+        rows.append([case.grade, "NA", "NA", "NA", "NA", case.case_id])
+
+    mapping = out / "name_mapping.csv"
+    existing: Dict[str, List[str]] = {}
+    if mapping.exists():  # keep rows of other cases already in the folder (e.g. written with another start_index)
+        with mapping.open(newline="") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            if header is not None and tuple(header) == NAME_MAPPING_COLUMNS:
+                for row in reader:
+                    if row:
+                        existing[row[-1]] = row
+    for row in rows:
+        existing[row[-1]] = row
+    with mapping.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(NAME_MAPPING_COLUMNS)
+        for key in sorted(existing):
+            writer.writerow(existing[key])
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# CLI: emrfuse demo-data OUT --n-cases N --size small --seed 0
+# --------------------------------------------------------------------------------------------
+def _size_arg(value: str):
+    if value in DEMO_SIZES:
+        return value
+    parts = value.lower().replace(",", "x").split("x")
+    try:
+        return tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be one of {sorted(DEMO_SIZES)} or XxYxZ, got {value!r}") from None
+
+
+def _run(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    out = write_demo_dataset(
+        args.out,
+        n_cases=args.n_cases,
+        size=args.size,
+        seed=args.seed,
+        hgg_fraction=args.hgg_fraction,
+        with_history=args.history,
+        lgg_enhancing_fraction=args.lgg_enhancing_fraction,
+        start_index=args.start_index,
+    )
+    shape = _resolve_size(args.size)
+    print(
+        f"wrote {args.n_cases} demo cases ({shape[0]}x{shape[1]}x{shape[2]}, seed {args.seed}) "
+        f"to {out} in {time.perf_counter() - t0:.1f} s"
+    )
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``emrfuse demo-data OUT --n-cases N --size small --seed 0``."""
+    p = subparsers.add_parser(
+        "demo-data",
+        help="write synthetic BraTS-2020-layout cases with reports (demo data)",
+        description="Write synthetic glioma cases (four MRI sequences, label map, TextBraTS-style report) "
+        "in the BraTS 2020 training layout, with name_mapping.csv grades.",
+    )
+    p.add_argument("out", type=Path, help="output folder")
+    p.add_argument("--n-cases", type=int, default=20, help="number of cases (default 20)")
+    p.add_argument("--size", type=_size_arg, default="small", help="small (64x64x48), medium (96x96x64), full (240x240x155) or XxYxZ")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hgg-fraction", type=float, default=0.5, help="share of high-grade cases (default 0.5)")
+    p.add_argument("--history", type=float, default=0.5, help="probability of a clinical-history line (default 0.5)")
+    p.add_argument("--lgg-enhancing-fraction", type=float, default=0.2, help="share of low-grade tumours with a small enhancing nodule")
+    p.add_argument("--start-index", type=int, default=1, help="number of the first case id")
+    p.set_defaults(func=_run)
+    return p

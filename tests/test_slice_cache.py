@@ -1,0 +1,313 @@
+"""Tests of the training slice pipeline (datasets_scripts/slice_cache.py) on small demo cases."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from datasets_scripts.brats_layouts import discover_cases
+from datasets_scripts.demo_data import write_demo_dataset
+from datasets_scripts.slice_cache import (
+    GRADE_IGNORE_INDEX,
+    CaseDataset,
+    SliceDataset,
+    build_cache,
+    collate_cases,
+    collate_slices,
+    load_cache,
+)
+from modeling_emrfuse.brats_labels import GRADES, label_map_to_regions
+from modeling_emrfuse.processing_emrfuse import EmrFuseImageProcessor
+
+WORDS = (
+    "the lesion area is in right left frontal parietal temporal occipital lobe lobes region regions hemisphere "
+    "with and of a mixed high low signal signals edema necrosis ventricular compression not observed mild "
+    "moderate extensive marked central"
+).split()
+
+
+def make_tokenizer(extra=()):
+    from transformers import BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(WORDS) | set(extra))
+    vocab += [c for c in "abcdefghijklmnopqrstuvwxyz0123456789.,:-" if c not in vocab]
+    return BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, model_max_length=128)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("slice_cache")
+    data = write_demo_dataset(root / "data", n_cases=4, size="small", seed=1)
+    return root, discover_cases(data)
+
+
+@pytest.fixture(scope="module")
+def cached(demo):
+    root, cases = demo
+    tok = make_tokenizer()
+    ip = EmrFuseImageProcessor()
+    return build_cache(cases, root / "cache", ip, tok, progress=False), ip, tok
+
+
+def _built_at(cache_dir, case_id):
+    return json.loads((cache_dir / "cases" / case_id / "meta.json").read_text())["built_at"]
+
+
+def test_cache_built_once_and_rebuilt_on_change(demo, tmp_path):
+    _, cases = demo
+    tok, ip = make_tokenizer(), EmrFuseImageProcessor()
+    cache = tmp_path / "cache"
+    first = build_cache(cases, cache, ip, tok, progress=False)
+    stamps = {c.case_id: _built_at(cache, c.case_id) for c in first}
+    again = build_cache(cases, cache, ip, tok, progress=False)
+    assert {c.case_id: _built_at(cache, c.case_id) for c in again} == stamps  # nothing rebuilt
+
+    # context_slices is applied when slices are drawn: no rebuild
+    build_cache(cases, cache, EmrFuseImageProcessor(context_slices=2), tok, progress=False)
+    assert {c.case_id: _built_at(cache, c.case_id) for c in first} == stamps
+
+    # preprocessing settings changed -> every case rebuilt
+    for changed in (
+        dict(image_processor=EmrFuseImageProcessor(crop_margin=2), tokenizer=tok),
+        dict(image_processor=ip, tokenizer=make_tokenizer(extra=("tumour",))),
+        dict(image_processor=ip, tokenizer=tok, max_length=16),
+    ):
+        out = build_cache(cases, cache, progress=False, **changed)
+        new = {c.case_id: _built_at(cache, c.case_id) for c in out}
+        assert all(new[k] != stamps[k] for k in stamps), changed
+        stamps = new
+    assert all(len(c.input_ids) <= 16 for c in out)
+
+    # one input file changed -> only that case rebuilt
+    base = build_cache(cases, cache, ip, tok, progress=False)
+    stamps = {c.case_id: _built_at(cache, c.case_id) for c in base}
+    target = cases[1]
+    st = target.sequences["flair"].stat()
+    os.utime(target.sequences["flair"], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    build_cache(cases, cache, ip, tok, progress=False)
+    new = {c.case_id: _built_at(cache, c.case_id) for c in base}
+    assert [k for k in stamps if new[k] != stamps[k]] == [target.case_id]
+
+    assert [c.case_id for c in load_cache(cache, [c.case_id for c in cases])] == [c.case_id for c in cases]
+
+
+def test_cache_matches_the_processor(cached, demo):
+    cc, ip, _ = cached
+    _, cases = demo
+    case, files = cc[0], cases[0]
+    prepared = ip.prepare_volume({s: p for s, p in files.sequences.items()})
+    assert case.crop == prepared.crop
+    ip3 = EmrFuseImageProcessor(context_slices=1)
+    ref = ip3.slices(prepared)  # (D, 12, H, W)
+    item = CaseDataset([case], image_processor=ip3)[0]
+    assert item["pixel_values"].shape == ref.shape
+    assert np.allclose(item["pixel_values"].numpy(), ref, atol=2e-2, rtol=1e-3)  # float16 storage
+    label = np.asarray(nib.load(files.label).dataobj)
+    regions = ip.crop_label_map(label_map_to_regions(label, "brats2017"), prepared.crop)  # (3, H, W, D)
+    assert torch.equal(item["labels"].bool(), torch.from_numpy(regions.transpose(3, 0, 1, 2)))
+    assert case.grade == files.grade and case.grade_label == GRADES.index(files.grade)
+    assert case.has_report and 2 < len(case.input_ids) <= 128
+
+
+def test_case_dataset_round_trip_to_the_original_grid(cached, demo):
+    """Labels from the case dataset, used as logits, post-process back to the original label map."""
+    cc, ip, _ = cached
+    _, cases = demo
+    ds = CaseDataset(cc, image_processor=ip, image_size=(96, 80))
+    batch = collate_cases([ds[0], ds[1]])
+    assert batch["pixel_values"].shape[-2:] == (96, 80)
+    assert batch["input_ids"].shape[0] == 2 and batch["slice_to_case"].max() == 1
+    for i, files in enumerate(cases[:2]):
+        sel = batch["slice_to_case"] == i
+        logits = batch["labels"][sel] * 20 - 10
+        pred = ip.post_process_segmentation(logits, batch["crop_info"][i], label_convention="brats2017")
+        assert np.array_equal(pred, np.asarray(nib.load(files.label).dataobj))
+        assert batch["label_path"][i] == str(files.label.resolve())
+    with pytest.raises(ValueError, match="smaller"):
+        CaseDataset(cc, image_size=32)
+
+
+def test_augmentation_is_applied_identically_to_image_and_label(cached, tmp_path):
+    """Replace a cached image by a label-derived one: after augmentation it must still match the label."""
+    cc, _, _ = cached
+    case = cc[0]
+    image = np.array(case.image())
+    bits = np.array(case.region_bits())
+    fake = np.zeros_like(image)
+    fake[:, 0] = (bits & 1) > 0  # WT
+    fake[:, 1] = (bits & 4) > 0  # ET
+    fake[:, 2:] = 1.0
+    probe = type(case)(**{**case.__dict__, "case_dir": tmp_path})
+    np.save(tmp_path / "image.npy", fake)
+    np.save(tmp_path / "regions.npy", bits)
+    ds = SliceDataset([probe], image_size=(56, 72), tumour_prob=1.0, rotation=30, scale=(0.8, 1.2), translation=0.15, flip_axes=(0, 1), seed=3)
+    changed = 0
+    for i in range(24):
+        item = ds[i]
+        x, y = item["pixel_values"], item["labels"]
+        assert x.shape == (4, 56, 72) and y.shape == (3, 56, 72)
+        for ch, region in ((0, 0), (1, 2)):
+            img_mask = (x[ch] > 0.5).numpy()
+            lab = (y[region] > 0.5).numpy()
+            # bilinear (image) and nearest (label) may only disagree next to the region's border
+            border = ndimage.binary_dilation(lab, np.ones((3, 3))) & ~ndimage.binary_erosion(lab, np.ones((3, 3)))
+            assert not ((img_mask ^ lab) & ~border).any(), (i, ch)
+            union = (img_mask | lab).sum()
+            if union > 150:
+                assert (img_mask & lab).sum() / union > 0.8, (i, ch)
+        # the label itself stays nested (ET inside TC inside WT) after nearest resampling
+        assert not (y[2] > y[1]).any() and not (y[1] > y[0]).any()
+        centred = np.pad((bits[item["slice_index"]] & 1) > 0, ((0, 0), (4, 4)))[4:60]  # centre crop/pad
+        changed += not np.array_equal(centred, y[0].numpy().astype(bool))
+    assert changed > 12  # augmentation actually moves things
+
+
+def test_augmentation_geometry(cached):
+    """Identity parameters reproduce the slice exactly; a forced flip mirrors the right axis."""
+    cc, _, _ = cached
+    kw = dict(image_size=64, rotation=0.0, scale=(1.0, 1.0), translation=0.0, tumour_prob=1.0, seed=1)
+    ident = SliceDataset(cc[:1], flip_axes=(), **kw)
+    ref = SliceDataset(cc[:1], train=False, image_size=64)
+    item = ident[0]
+    z = item["slice_index"]
+    assert torch.allclose(item["pixel_values"], ref[z]["pixel_values"], atol=1e-5)
+    assert torch.equal(item["labels"], ref[z]["labels"])
+    for axis in (0, 1):
+        flipped = SliceDataset(cc[:1], flip_axes=(axis,), flip_prob=1.0, **kw)[0]
+        assert flipped["slice_index"] == z
+        assert torch.allclose(flipped["pixel_values"], ref[z]["pixel_values"].flip(1 + axis), atol=1e-5)
+        assert torch.equal(flipped["labels"], ref[z]["labels"].flip(1 + axis))
+
+
+def test_eval_mode_is_centred_and_complete(cached):
+    cc, ip, _ = cached
+    ds = SliceDataset(cc, image_size=64, train=False)
+    assert len(ds) == sum(c.num_slices for c in cc)
+    seen = [ds.locate(i) for i in range(len(ds))]
+    assert len(set(seen)) == len(ds)
+    item = ds[5]
+    ref = CaseDataset(cc[:1])[0]
+    assert torch.equal(item["pixel_values"], ref["pixel_values"][5])
+    assert torch.equal(item["labels"], ref["labels"][5])
+
+
+def test_tumour_oversampling(cached):
+    cc, _, _ = cached
+    total = sum(c.num_slices for c in cc)
+    base = sum(c.tumour_slices.size for c in cc) / total
+    frac = {}
+    for p in (0.0, 1.0):
+        ds = SliceDataset(cc, image_size=64, tumour_prob=p, augment=False, samples_per_epoch=400, seed=0)
+        hits = [ds[i]["labels"][0].any().item() for i in range(len(ds))]
+        frac[p] = float(np.mean(hits))
+    assert frac[1.0] == 1.0
+    assert abs(frac[0.0] - base) < 0.1
+    print(f"\ntumour slices: base rate {base:.2f}, tumour_prob=0 -> {frac[0.0]:.2f}, tumour_prob=1 -> {frac[1.0]:.2f}")
+
+
+def test_determinism_and_epochs(cached):
+    cc, _, _ = cached
+    a = SliceDataset(cc, image_size=64, seed=4)
+    b = pickle.loads(pickle.dumps(a))  # what a DataLoader worker gets (no memory maps inside)
+    assert len(pickle.dumps(a)) < 100_000
+    for i in (0, 7, 31):
+        assert torch.equal(a[i]["pixel_values"], b[i]["pixel_values"])
+    before = a[3]["pixel_values"].clone()
+    a.set_epoch(1)
+    assert not torch.equal(before, a[3]["pixel_values"])
+
+
+def test_collate_carries_each_report_once(cached):
+    cc, _, _ = cached
+    ds = SliceDataset(cc, image_size=64, slices_per_case=4, seed=2, context_slices=1)
+    items = [ds[i] for i in range(8)]
+    batch = collate_slices(items)
+    assert batch["pixel_values"].shape == (8, 12, 64, 64)
+    assert batch["labels"].shape == (8, 3, 64, 64)
+    ids = [it["case_id"] for it in items]
+    assert batch["case_ids"] == list(dict.fromkeys(ids))
+    assert batch["input_ids"].shape[0] == len(set(ids)) <= 2
+    by_id = {c.case_id: c for c in cc}
+    for n, item in enumerate(items):
+        row = batch["slice_to_case"][n].item()
+        assert batch["case_ids"][row] == item["case_id"]
+    for row, cid in enumerate(batch["case_ids"]):
+        length = int(batch["attention_mask"][row].sum())
+        assert batch["input_ids"][row, :length].tolist() == by_id[cid].input_ids.tolist()
+        assert (batch["input_ids"][row, length:] == 0).all()
+        assert batch["grade_labels"][row].item() == GRADES.index(by_id[cid].grade)
+    assert batch["has_report"].all()
+
+
+def test_examples_as_mappings_and_missing_reports(tmp_path):
+    """Dataset-style examples (arrays + grade ids), an unknown grade, no report, no label."""
+    from datasets_scripts.demo_data import generate_case
+
+    examples = []
+    for i, grade in enumerate(("HGG", "LGG")):
+        c = generate_case(i + 1, grade, size=(48, 48, 32), seed=0)
+        examples.append(
+            {
+                "case_id": c.case_id,
+                "grade": -1 if i else 0,
+                "report": c.report if i == 0 else "",
+                "has_report": i == 0,
+                "label_convention": "brats2017",
+                **{s: nib.Nifti1Image(c.images[s], c.affine) for s in c.images},
+                "seg": nib.Nifti1Image(c.label, c.affine) if i == 0 else None,
+            }
+        )
+    cc = build_cache(examples, tmp_path / "c", EmrFuseImageProcessor(), make_tokenizer(), progress=False)
+    assert [c.grade for c in cc] == ["HGG", None]
+    assert cc[1].grade_label == GRADE_IGNORE_INDEX and not cc[1].has_report and not cc[1].has_label
+    assert cc[1].input_ids.tolist() == [2, 3]  # [CLS] [SEP]
+    with pytest.raises(ValueError, match="without a label"):
+        SliceDataset(cc)
+    item = CaseDataset(cc)[1]
+    assert item["grade_labels"].tolist() == [GRADE_IGNORE_INDEX] and not item["has_label"]
+
+
+def test_bad_inputs(demo, tmp_path):
+    _, cases = demo
+    tok, ip = make_tokenizer(), EmrFuseImageProcessor()
+    with pytest.raises(ValueError, match="Duplicate case id"):
+        build_cache([cases[0], cases[0]], tmp_path / "d", ip, tok, progress=False)
+    c = cases[0]
+    wrong = {"case_id": "bad", **{s: str(p) for s, p in c.sequences.items()}, "seg": np.zeros((3, 3, 3), np.uint8)}
+    with pytest.raises(ValueError, match="bad.*label map shape"):
+        build_cache([wrong], tmp_path / "e", ip, tok, progress=False)
+    with pytest.raises(ValueError, match="no cache manifest"):
+        load_cache(tmp_path / "nothing")
+
+
+REALDATA = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "realdata"
+
+
+@pytest.mark.skipif(not (REALDATA / "TCGA-DU-7294").is_dir(), reason="../shared/realdata/TCGA-DU-7294 absent")
+def test_real_case_through_the_cache(tmp_path):
+    """A real full-size case (2018 naming, labels {0, 1, 2}) cached and mapped back to its grid exactly."""
+    real = REALDATA / "TCGA-DU-7294"
+    example = {
+        "case_id": "TCGA-DU-7294",
+        "grade": "LGG",
+        "label_convention": "brats2017",
+        **{s: real / f"TCGA-DU-7294_{s}.nii.gz" for s in ("t1", "t1ce", "t2", "flair")},
+        "seg": real / "TCGA-DU-7294_seg.nii.gz",
+    }
+    ip = EmrFuseImageProcessor()
+    (case,) = build_cache([example], tmp_path / "c", ip, make_tokenizer(), progress=False)
+    assert case.crop.original_shape == (240, 240, 155) and case.height % 32 == 0 and case.width % 32 == 0
+    assert not case.has_report and case.grade == "LGG" and case.tumour_slices.size > 0
+    item = CaseDataset([case])[0]
+    label = np.asarray(nib.load(real / "TCGA-DU-7294_seg.nii.gz").dataobj)
+    pred = ip.post_process_segmentation(item["labels"] * 20 - 10, item["crop_info"])
+    assert np.array_equal(pred, label)
+    ds = SliceDataset([case], image_size=(160, 192), tumour_prob=1.0)
+    assert ds[0]["pixel_values"].shape == (4, 160, 192) and ds[0]["labels"][0].any()
