@@ -1,0 +1,337 @@
+"""Configuration of the EmrFuse model (brain MRI slices + radiology report).
+
+:class:`EmrFuseConfig` nests its two towers the way ``CLIPConfig`` does:
+
+* ``text_config``: a BERT-family sub-config (a :class:`~transformers.BertConfig`, or a dict of its
+  arguments; BioBERT, PubMedBERT, ... are all ``BertConfig``). The default is BERT-base sized.
+* ``vision_config``: a plain dict for ``timm.create_model``:
+  ``{"architecture": <timm name, default "resnet50">, "in_chans": 4 * (2 * context_slices + 1), ...}``;
+  every other key is passed to ``timm.create_model`` as a keyword argument.
+
+The paper's four fusion parts are switches (``use_alignment``, ``use_self_attention``,
+``use_residual``, ``use_dynamic_weighting``); ``use_text=False`` is the image-only ResNet baseline of
+Table 1 and switches all four off (they all act on the text side or on the fusion of the two
+modalities). :data:`ABLATION_PRESETS` names the rows of the paper's Table 1 and Table 3;
+:meth:`EmrFuseConfig.from_preset` builds a config from one of them.
+
+This file travels to the Hub with the model code: it imports only transformers, timm and the
+package's own files (relatively).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import timm
+from transformers import BertConfig, PretrainedConfig
+from transformers.utils import logging
+
+from .brats_labels import GRADES, REGIONS, SEQUENCES
+
+logger = logging.get_logger(__name__)
+
+SWITCHES: tuple[str, ...] = (
+    "use_text",
+    "use_alignment",
+    "use_self_attention",
+    "use_residual",
+    "use_dynamic_weighting",
+)
+"""The five ablation switches, in the order in which the paper's Table 1 adds them."""
+
+
+def _preset(text: bool, align: bool, attn: bool, residual: bool, weighting: bool) -> dict[str, bool]:
+    return dict(zip(SWITCHES, (text, align, attn, residual, weighting)))
+
+
+ABLATION_PRESETS: dict[str, dict[str, bool]] = {
+    # Table 1 (BraTS 2018): components added one by one
+    "image_only": _preset(False, False, False, False, False),
+    "concat": _preset(True, False, False, False, False),
+    "plus_alignment": _preset(True, True, False, False, False),
+    "plus_self_attention": _preset(True, True, True, False, False),
+    "plus_residual": _preset(True, True, True, True, False),
+    "full": _preset(True, True, True, True, True),
+    # Table 3 (ablation): one component removed from the full model
+    "no_alignment": _preset(True, False, True, True, True),
+    "no_self_attention": _preset(True, True, False, True, True),
+    "no_residual": _preset(True, True, True, False, True),
+    "no_dynamic_weighting": _preset(True, True, True, True, False),
+}
+"""Preset name -> the five switches (``use_text``, ``use_alignment``, ``use_self_attention``,
+``use_residual``, ``use_dynamic_weighting``)."""
+
+TABLE1_ROWS: list[tuple[str, str]] = [
+    ("image_only", "Single-modality Image (ResNet-50)"),
+    ("concat", "Image + Text (no alignment, no attention)"),
+    ("plus_alignment", "+ Modality alignment"),
+    ("plus_self_attention", "+ Self-attention"),
+    ("plus_residual", "+ Residual connection"),
+    ("full", "+ Dynamic feature weighting"),
+]
+"""(preset, row label) in the order of the paper's Table 1."""
+
+TABLE3_ROWS: list[tuple[str, str]] = [
+    ("full", "Complete model"),
+    ("no_alignment", "Without modality alignment"),
+    ("no_self_attention", "Without self-attention"),
+    ("no_residual", "Without residual connection"),
+    ("no_dynamic_weighting", "Without dynamic feature weighting"),
+]
+"""(preset, row label) in the order of the paper's Table 3."""
+
+CASE_POOLING_MODES: tuple[str, ...] = ("attention", "mean")
+
+
+def _is_timm_architecture(name: str) -> bool:
+    """True if ``name`` is a timm model (with or without a pretrained tag such as ``resnet50.a1_in1k``)."""
+    if not isinstance(name, str) or not name:
+        return False
+    if timm.is_model(name):
+        return True
+    base = name.split(".", 1)[0]
+    return timm.is_model(base)
+
+
+class EmrFuseConfig(PretrainedConfig):
+    r"""Configuration of :class:`EmrFuseModel` and its task heads.
+
+    Args:
+        text_config (`dict` or `BertConfig`, *optional*):
+            The text tower (any BERT-family config). Default: a BERT-base sized ``BertConfig()``.
+            Not used (and no tower is built) when ``use_text=False``.
+        vision_config (`dict`, *optional*):
+            ``{"architecture": timm model name (default "resnet50"), "in_chans": input channels, ...}``.
+            ``in_chans`` defaults to ``4 * (2 * context_slices + 1)`` and must be a multiple of 4 (the four
+            MRI sequences per slice). Other keys (e.g. ``drop_path_rate``, ``output_stride``) go to
+            ``timm.create_model``; ``pretrained``/``features_only`` are not allowed here (see
+            :meth:`EmrFuseModel.from_text_vision_pretrained`).
+        fusion_dim (`int`, defaults to 256): size of the shared text/image space and of the fused
+            representation (``case_embeds``).
+        fusion_dropout (`float`, defaults to 0.1): dropout on the fused representation, in ``[0, 1)``.
+        cross_attention_heads (`int`, defaults to 8): heads of the decoder's image-to-report cross-attention.
+        decoder_channels (`list[int]`, defaults to ``(256, 128, 64, 32, 16)``): channels of the
+            segmentation decoder stages, coarse to fine; one per feature level of the image tower.
+        cross_attention_scales (`int`, defaults to 2): number of coarsest decoder stages with
+            cross-attention from image positions to report tokens (0 disables it).
+        use_text, use_alignment, use_self_attention, use_residual, use_dynamic_weighting (`bool`):
+            the ablation switches (see :data:`ABLATION_PRESETS`).
+        align_loss_weight (`float`, defaults to 0.1): weight of L_align (F16); 0 disables the term.
+        ortho_loss_weight (`float`, defaults to 0.01): weight of L_ortho (F13); 0 disables the term.
+        dice_loss_weight, bce_loss_weight (`float`, default 1.0): segmentation loss weights.
+        case_pooling (`str`, defaults to "attention"): how slice features are pooled into one case
+            feature for grading: ``"attention"`` (attention-MIL) or ``"mean"``.
+        case_pooling_dim (`int`, defaults to 128): hidden size of the attention-MIL scorer.
+        slice_chunk_size (`int`, defaults to 32): slices per image-tower call when running without
+            gradients (inference on a whole case).
+        num_labels / id2label / label2id: grading labels; default ``{0: "HGG", 1: "LGG"}``.
+        regions (`list[str]`, defaults to ``("WT", "TC", "ET")``): segmentation output channels.
+        context_slices (`int`, defaults to 0): neighbouring slices on each side stacked as channels.
+        sequences (`list[str]`): MRI sequence order of the input channels (informative).
+        initializer_range (`float`, defaults to 0.02): std of the fusion head's linear layers.
+    """
+
+    model_type = "emrfuse"
+    sub_configs_defaults = {"text_config": BertConfig}
+
+    text_config: dict | BertConfig | None = None
+    vision_config: dict | None = None
+    fusion_dim: int = 256
+    fusion_dropout: float = 0.1
+    cross_attention_heads: int = 8
+    decoder_channels: list[int] | tuple[int, ...] = (256, 128, 64, 32, 16)
+    cross_attention_scales: int = 2
+    use_text: bool = True
+    use_alignment: bool = True
+    use_self_attention: bool = True
+    use_residual: bool = True
+    use_dynamic_weighting: bool = True
+    align_loss_weight: float = 0.1
+    ortho_loss_weight: float = 0.01
+    dice_loss_weight: float = 1.0
+    bce_loss_weight: float = 1.0
+    case_pooling: str = "attention"
+    case_pooling_dim: int = 128
+    slice_chunk_size: int = 32
+    regions: list[str] | tuple[str, ...] = REGIONS
+    context_slices: int = 0
+    sequences: list[str] | tuple[str, ...] = SEQUENCES
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs: Any):
+        # default grading labels: HGG / LGG (unless a different number of labels is asked for)
+        if self.id2label is None and kwargs.get("num_labels") in (None, len(GRADES)):
+            kwargs.pop("num_labels", None)
+            self.id2label = dict(enumerate(GRADES))
+            self.label2id = {name: i for i, name in enumerate(GRADES)}
+        if isinstance(self.text_config, BertConfig) or self.text_config is None or isinstance(self.text_config, dict):
+            pass
+        elif isinstance(self.text_config, PretrainedConfig):
+            # another BERT-family config object (e.g. loaded with AutoConfig): keep its values
+            self.text_config = BertConfig(**self.text_config.to_dict())
+        else:
+            raise ValueError(f"text_config must be a dict or a BertConfig, got {type(self.text_config).__name__}.")
+        super().__post_init__(**kwargs)
+        self._normalise_and_validate()
+
+    # ------------------------------------------------------------------ validation
+    def _normalise_and_validate(self) -> None:
+        for name in SWITCHES:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}.")
+        if not self.use_text:
+            dropped = [n for n in SWITCHES[1:] if getattr(self, n)]
+            if dropped:
+                logger.info(f"use_text=False (image-only baseline): switching off {dropped}.")
+            for name in SWITCHES[1:]:
+                setattr(self, name, False)
+
+        if not isinstance(self.context_slices, int) or isinstance(self.context_slices, bool) or self.context_slices < 0:
+            raise ValueError(f"context_slices must be an integer >= 0, got {self.context_slices!r}.")
+        expected_chans = len(SEQUENCES) * (2 * self.context_slices + 1)
+
+        vision = dict(self.vision_config) if self.vision_config is not None else {}
+        if not isinstance(self.vision_config, (dict, type(None))):
+            raise ValueError(f"vision_config must be a dict, got {type(self.vision_config).__name__}.")
+        vision.setdefault("architecture", "resnet50")
+        vision.setdefault("in_chans", expected_chans)
+        arch = vision["architecture"]
+        if not _is_timm_architecture(arch):
+            raise ValueError(f"vision_config['architecture']: {arch!r} is not a timm model name (see timm.list_models()).")
+        in_chans = vision["in_chans"]
+        if not isinstance(in_chans, int) or isinstance(in_chans, bool) or in_chans < 4 or in_chans % 4:
+            raise ValueError(
+                f"vision_config['in_chans'] must be a positive multiple of 4 (4 MRI sequences per slice), got {in_chans!r}."
+            )
+        if in_chans != expected_chans:
+            raise ValueError(
+                f"vision_config['in_chans']={in_chans} does not match context_slices={self.context_slices} "
+                f"(expected 4 * (2 * {self.context_slices} + 1) = {expected_chans})."
+            )
+        for reserved in ("pretrained", "features_only", "num_classes"):
+            if reserved in vision:
+                raise ValueError(
+                    f"vision_config[{reserved!r}] is set by the model and cannot be given in the config."
+                )
+        self.vision_config = vision
+
+        def _positive_int(name: str, minimum: int = 1) -> None:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+
+        _positive_int("fusion_dim")
+        _positive_int("cross_attention_heads")
+        _positive_int("case_pooling_dim")
+        _positive_int("slice_chunk_size")
+        _positive_int("cross_attention_scales", minimum=0)
+
+        def _finite_number(name: str) -> float:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}.")
+            return float(value)
+
+        if not 0.0 <= _finite_number("fusion_dropout") < 1.0:
+            raise ValueError(f"fusion_dropout must be in [0, 1), got {self.fusion_dropout!r}.")
+        for name in ("align_loss_weight", "ortho_loss_weight", "dice_loss_weight", "bce_loss_weight"):
+            if _finite_number(name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}.")
+        if _finite_number("initializer_range") <= 0:
+            raise ValueError(f"initializer_range must be > 0, got {self.initializer_range!r}.")
+
+        channels = self.decoder_channels
+        if (
+            not isinstance(channels, (list, tuple))
+            or len(channels) == 0
+            or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in channels)
+        ):
+            raise ValueError(f"decoder_channels must be a non-empty list of positive integers, got {channels!r}.")
+        self.decoder_channels = list(channels)
+        if self.cross_attention_scales > len(self.decoder_channels):
+            raise ValueError(
+                f"cross_attention_scales={self.cross_attention_scales} exceeds the number of decoder stages "
+                f"({len(self.decoder_channels)})."
+            )
+        if self.use_text:
+            for stage in range(self.cross_attention_scales):
+                if self.decoder_channels[stage] % self.cross_attention_heads:
+                    raise ValueError(
+                        f"decoder_channels[{stage}]={self.decoder_channels[stage]} must be divisible by "
+                        f"cross_attention_heads={self.cross_attention_heads} (cross-attention stage)."
+                    )
+
+        if self.case_pooling not in CASE_POOLING_MODES:
+            raise ValueError(f"case_pooling must be one of {CASE_POOLING_MODES}, got {self.case_pooling!r}.")
+
+        regions = list(self.regions)
+        if not regions or len(set(regions)) != len(regions) or not all(r in REGIONS for r in regions):
+            raise ValueError(f"regions must be distinct names out of {REGIONS}, got {self.regions!r}.")
+        self.regions = regions
+        sequences = list(self.sequences)
+        if sorted(sequences) != sorted(SEQUENCES):
+            raise ValueError(f"sequences must be an ordering of {SEQUENCES}, got {self.sequences!r}.")
+        self.sequences = sequences
+
+        if self.num_labels is None or self.num_labels < 2:
+            raise ValueError(f"num_labels (id2label) must give at least 2 grading labels, got {self.id2label!r}.")
+
+        if self.use_text:
+            text = self.text_config
+            if not isinstance(text, BertConfig):
+                raise ValueError(f"text_config must be a BertConfig, got {type(text).__name__}.")
+            if text.hidden_size % text.num_attention_heads:
+                raise ValueError(
+                    f"text_config.hidden_size={text.hidden_size} is not divisible by "
+                    f"text_config.num_attention_heads={text.num_attention_heads}."
+                )
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def in_channels(self) -> int:
+        """Input channels of a slice: ``4 * (2 * context_slices + 1)``."""
+        return int(self.vision_config["in_chans"])
+
+    @property
+    def active_preset(self) -> str | None:
+        """Name of the :data:`ABLATION_PRESETS` entry the switches match (``None`` if no preset matches)."""
+        current = {name: getattr(self, name) for name in SWITCHES}
+        for name, switches in ABLATION_PRESETS.items():
+            if switches == current:
+                return name
+        return None
+
+    @classmethod
+    def from_preset(cls, name: str, **kwargs: Any) -> "EmrFuseConfig":
+        """Build a config with the switches of :data:`ABLATION_PRESETS` ``[name]``.
+
+        ``kwargs`` are the other config arguments; passing a switch that contradicts the preset raises
+        ``ValueError``.
+        """
+        return cls(**apply_preset(name, kwargs))
+
+
+def apply_preset(name: str, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Return ``kwargs`` with the five switches of preset ``name`` set (ValueError on a conflict)."""
+    if name not in ABLATION_PRESETS:
+        raise ValueError(f"Unknown ablation preset {name!r}: use one of {sorted(ABLATION_PRESETS)}.")
+    out = dict(kwargs or {})
+    for switch, value in ABLATION_PRESETS[name].items():
+        if switch in out and out[switch] != value:
+            raise ValueError(f"{switch}={out[switch]!r} contradicts preset {name!r} ({switch}={value}).")
+        out[switch] = value
+    return out
+
+
+EmrFuseConfig.register_for_auto_class()  # "AutoConfig": save_pretrained writes auto_map and copies this file
+
+__all__ = [
+    "ABLATION_PRESETS",
+    "CASE_POOLING_MODES",
+    "EmrFuseConfig",
+    "SWITCHES",
+    "TABLE1_ROWS",
+    "TABLE3_ROWS",
+    "apply_preset",
+]
