@@ -1,0 +1,1209 @@
+"""A transformers custom pipeline that runs EmrFuse on one whole brain MRI case (+ its report).
+
+``EmrFusePipeline`` is what ``transformers.pipeline(model=<folder or Hub id>, trust_remote_code=True)``
+builds for an EmrFuse model folder, and what ``emrfuse predict`` and the Gradio Space call::
+
+    from transformers import pipeline
+    pipe = pipeline(model="outputs/emrfuse-demo", trust_remote_code=True)
+    out = pipe("path/to/BraTS20_Training_001", report="Irregular mass in the left frontal lobe ...")
+    out["label_map"]            # uint8 (X, Y, Z) on the input's voxel grid, in out["label_convention"]
+    out["grade_probabilities"]  # {"HGG": 0.91, "LGG": 0.09} (when the folder has a grading model)
+
+Input (one case)
+    * a case folder in any BraTS layout (read with ``datasets_scripts.brats_layouts`` when the
+      ``emrfuse`` package is installed; otherwise the folder must hold the four NIfTI files named
+      ``..._<sequence>.nii[.gz]``);
+    * a dict ``{sequence name (any alias: t1, t1ce, t2, flair, t1n, t1c, t2w, t2f, ...) -> path /
+      array / nibabel image}``;
+    * a ``(4, X, Y, Z)`` array in :data:`brats_labels.SEQUENCES` order (with ``affine=`` for
+      volumes in cm^3; identity, i.e. 1 mm voxels, otherwise).
+    A *list* is a batch of cases (the transformers pipeline convention), not the four sequences.
+
+Call arguments: ``report`` (text, optional; a case folder's own ``<case>_flair_text.txt`` is used
+when no report is given and ``use_case_report=True``), ``label_convention`` (default: that of the
+case's release, ``brats2017`` when unknown), ``release``, ``affine``, ``threshold`` (0.5),
+``max_length`` (report tokens), ``return_probabilities``, ``mask_background`` (default True: no
+tumour label where all four sequences are 0, i.e. outside the skull-stripped brain).
+
+What runs
+    1. load: the four volumes are read (in parallel threads), checked (all present, same shape,
+       same affine, not empty, a readable NIfTI);
+    2. preprocess: :class:`EmrFuseProcessor` z-scores, crops to the brain, cuts every brain slice, and
+       tokenises the report once;
+    3. model: one forward per head over all slices of the case, under ``torch.inference_mode``; the
+       models are rewritten once for inference (:func:`optimize_for_inference`: BatchNorm folded into
+       the convolutions, bf16 weights where the CPU / GPU has native bf16, channels-last). The model
+       runs its image tower and decoder in chunks of ``config.slice_chunk_size`` slices and encodes
+       the report once per case (``slice_to_case``). The grading model pools 32 evenly spaced brain
+       slices by default (``grading_max_slices``; ``None``: all);
+    4. postprocess: region logits -> label map on the original grid (the processor's
+       ``post_process_segmentation``; voxels outside the skull-stripped brain set to 0), region
+       volumes in cm^3 from the voxel size of the header, grade probabilities, alpha_text /
+       alpha_image and token attention.
+
+Both heads in one folder
+    A model folder holds ONE task model at its root (``EmrFuseForSegmentation`` or
+    ``EmrFuseForImageClassification``). The other head, when there is one, is a second model
+    found, in this order: the ``grading_model=`` / ``segmentation_model=`` argument (a model, a
+    folder or a Hub id); the root config's ``grading_model`` / ``segmentation_model`` attribute (a
+    sub-folder of the same repository, or a folder / Hub id); a ``grading/`` or ``classification/``
+    (resp. ``segmentation/``) sub-folder; a sibling folder named ``<folder>-grading`` (the layout
+    ``train.py --demo`` leaves: ``outputs/emrfuse-demo`` + ``outputs/emrfuse-demo-grading``).
+    :meth:`EmrFusePipeline.save_pretrained` writes the sub-folder layout (segmentation model at the
+    root with ``config.custom_pipelines`` and ``config.grading_model = "grading"``, grading model in
+    ``grading/``), and :func:`add_pipeline_to_folder` adds the pipeline (and optionally the grading
+    model) to a folder that a model's ``save_pretrained`` wrote. A folder whose root holds
+    no ``config.json`` but whose sub-folders hold a segmentation and a classification model is also
+    accepted by :func:`load_pipeline`.
+
+This file travels to the Hub with the model code: it imports only numpy, torch, transformers and
+its sibling files at module level; nibabel (to read NIfTI paths) and the ``emrfuse`` package's
+``datasets_scripts`` (to read every BraTS layout) are optional and imported where needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import transformers
+from transformers import AutoConfig, AutoProcessor, Pipeline, PreTrainedModel
+from transformers.pipelines import PIPELINE_REGISTRY
+from transformers.utils import logging
+
+from .brats_labels import (
+    GRADES,
+    REGIONS,
+    SEQUENCES,
+    canonical_sequence_name,
+    get_label_convention,
+    label_map_to_regions,
+)
+
+logger = logging.get_logger(__name__)
+
+__all__ = [
+    "PIPELINE_TASK",
+    "DEFAULT_MODEL",
+    "DEFAULT_GRADING_SLICES",
+    "LoadedCase",
+    "EmrFusePipeline",
+    "load_case",
+    "load_pipeline",
+    "optimize_for_inference",
+    "add_pipeline_to_folder",
+    "region_volumes_cm3",
+    "voxel_volume_mm3",
+]
+
+PIPELINE_TASK = "glioma-analysis"
+"""Task name under which :class:`EmrFusePipeline` is registered (``config.custom_pipelines``)."""
+
+DEFAULT_MODEL = os.path.join("outputs", "emrfuse-demo")
+"""Model folder that the README's main job (``train.py`` on demo data) leaves."""
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+OTHER_VOLUME_SUFFIXES = (".mha", ".mhd")
+GRADING_SUBFOLDERS = ("grading", "classification")
+SEGMENTATION_SUBFOLDERS = ("segmentation",)
+DEFAULT_GRADING_SLICES = 32
+"""Brain slices (evenly spaced) that the grading model pools by default: on demo cases the grade
+probabilities match pooling over all slices to 1e-3, at a quarter of the grading cost."""
+_LABEL_TOKENS = {"seg", "segm", "segmentation", "label", "labels", "gt", "ot", "mask"}
+_2023_TOKENS = {"t1n", "t2w", "t2f"}  # "t1c" alone is ambiguous (also a 2015 / common alias)
+
+
+# --------------------------------------------------------------------------------------------------
+# reading a case
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class LoadedCase:
+    """One case read into memory.
+
+    Attributes:
+        volumes: canonical sequence name -> array ``(X, Y, Z)`` (on-disk dtype).
+        affine: ``4 x 4`` voxel -> world affine of the case (shared by the four sequences).
+        spacing: voxel size in mm along X, Y, Z.
+        header: nibabel header of the first sequence when read from NIfTI (``None`` otherwise); used
+            to write outputs "with the input's header".
+        case_id, release, label_convention: from the folder layout when known.
+        sources: sequence -> file path when read from files.
+        report_path: the case's own report file (TextBraTS layout), if any.
+    """
+
+    volumes: Dict[str, np.ndarray]
+    affine: np.ndarray
+    spacing: Tuple[float, float, float]
+    header: Any = None
+    case_id: Optional[str] = None
+    release: Optional[str] = None
+    label_convention: Optional[str] = None
+    sources: Dict[str, str] = field(default_factory=dict)
+    report_path: Optional[str] = None
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        """Voxel grid ``(X, Y, Z)``."""
+        return tuple(next(iter(self.volumes.values())).shape)
+
+
+def _volume_suffix(path: Path) -> Optional[str]:
+    name = path.name.lower()
+    for suffix in NIFTI_SUFFIXES + OTHER_VOLUME_SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    return None
+
+
+def _file_tokens(path: Path) -> List[str]:
+    suffix = _volume_suffix(path) or path.suffix
+    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
+    return [t for t in re.split(r"[_\-.]", stem.lower()) if t]
+
+
+def _affine_spacing(affine: np.ndarray) -> Tuple[float, float, float]:
+    affine = np.asarray(affine, dtype=np.float64)
+    return tuple(float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+
+
+def _read_nifti(path: Path) -> Tuple[np.ndarray, np.ndarray, Any]:
+    try:
+        import nibabel as nib
+    except ImportError as err:  # pragma: no cover - nibabel is a dependency of the emrfuse package
+        raise ImportError(f"Reading {path} needs nibabel: pip install nibabel") from err
+    try:
+        img = nib.load(str(path))
+        array = np.asanyarray(img.dataobj)
+        if isinstance(array, np.memmap):
+            array = np.array(array)
+    except Exception as exc:  # nibabel raises many types for a bad file; all mean "not a readable NIfTI"
+        raise ValueError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc}).") from exc
+    while array.ndim > 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise ValueError(f"{path}: expected a 3D volume, got an array of shape {array.shape}.")
+    return array, np.asarray(img.affine, dtype=np.float64), img.header
+
+
+def _read_volume_file(path: Union[str, os.PathLike], name: str) -> Tuple[np.ndarray, np.ndarray, Any]:
+    """Read one sequence file: ``(array, affine, nibabel header or None)``; ``ValueError`` for bad files."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ValueError(f"Sequence {name!r}: file {path} does not exist.")
+    if not path.is_file():
+        raise ValueError(f"Sequence {name!r}: {path} is not a file.")
+    if path.stat().st_size == 0:
+        raise ValueError(f"Sequence {name!r}: file {path} is empty (0 bytes).")
+    suffix = _volume_suffix(path)
+    if suffix in NIFTI_SUFFIXES:
+        return _read_nifti(path)
+    if suffix in OTHER_VOLUME_SUFFIXES:
+        try:
+            from datasets_scripts.brats_layouts import read_volume
+        except ImportError as err:
+            raise ValueError(
+                f"Sequence {name!r}: {path} is a MetaImage file; reading it needs the emrfuse package "
+                "(datasets_scripts) and SimpleITK. Convert it to NIfTI or install them."
+            ) from err
+        try:
+            array, affine, _spacing = read_volume(path)
+        except ImportError as err:
+            raise ValueError(f"Sequence {name!r}: {err}") from err
+        return np.asarray(array), np.asarray(affine, dtype=np.float64), None
+    raise ValueError(
+        f"Sequence {name!r}: {path} is not a NIfTI file (expected a .nii or .nii.gz file"
+        f"{', or .mha' if OTHER_VOLUME_SUFFIXES else ''})."
+    )
+
+
+def _item_to_volume(item: Any, name: str) -> Tuple[np.ndarray, Optional[np.ndarray], Any, Optional[str]]:
+    """One sequence (path / nibabel image / array / tensor) -> (array, affine or None, header, source)."""
+    if isinstance(item, (str, os.PathLike)):
+        array, affine, header = _read_volume_file(item, name)
+        return array, affine, header, str(item)
+    if hasattr(item, "dataobj") and hasattr(item, "affine"):  # nibabel image
+        array = np.asanyarray(item.dataobj)
+        return array, np.asarray(item.affine, dtype=np.float64), getattr(item, "header", None), None
+    if isinstance(item, torch.Tensor):
+        item = item.detach().cpu().numpy()
+    array = np.asarray(item)
+    if array.dtype == object:
+        raise ValueError(f"Sequence {name!r}: expected a path, a nibabel image or an array, got {type(item).__name__}.")
+    return array, None, None, None
+
+
+def _guess_convention_from_names(names: Sequence[str]) -> Optional[str]:
+    tokens = set()
+    for n in names:
+        tokens.update(_file_tokens(Path(str(n))))
+    return "brats2023" if tokens & _2023_TOKENS else None
+
+
+def _discover_folder(folder: Path, release: str = "auto"):
+    """The CaseFiles of a case folder (datasets_scripts.brats_layouts when installed)."""
+    try:
+        from datasets_scripts.brats_layouts import discover_cases
+    except ImportError:
+        discover_cases = None
+    if discover_cases is not None:
+        cases = discover_cases(folder, release=release or "auto", on_error="raise")
+        if len(cases) != 1:
+            raise ValueError(
+                f"{folder} holds {len(cases)} cases; pass a single case folder (emrfuse predict accepts a folder of cases)."
+            )
+        c = cases[0]
+        return {
+            "case_id": c.case_id,
+            "release": c.release,
+            "label_convention": c.label_convention,
+            "sequences": {k: str(v) for k, v in c.sequences.items()},
+            "report_path": None if c.report_path is None else str(c.report_path),
+        }
+    # without the emrfuse package: a flat folder of NIfTI files named ..._<sequence>.nii[.gz]
+    found: Dict[str, str] = {}
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or _volume_suffix(path) not in NIFTI_SUFFIXES:
+            continue
+        token = _file_tokens(path)[-1] if _file_tokens(path) else ""
+        if token in _LABEL_TOKENS:
+            continue
+        try:
+            seq = canonical_sequence_name(token)
+        except ValueError:
+            continue
+        if seq in found:
+            raise ValueError(f"{folder}: two files for sequence {seq!r} ({Path(found[seq]).name}, {path.name}).")
+        found[seq] = str(path)
+    missing = [s for s in SEQUENCES if s not in found]
+    if missing:
+        raise ValueError(f"{folder}: missing sequence(s) {missing} (found: {sorted(found) or 'none'}).")
+    reports = sorted(folder.glob("*_text.txt"))
+    return {
+        "case_id": folder.name,
+        "release": None,
+        "label_convention": _guess_convention_from_names(found.values()),
+        "sequences": found,
+        "report_path": str(reports[0]) if len(reports) == 1 else None,
+    }
+
+
+def load_case(
+    case: Any,
+    affine: Optional[np.ndarray] = None,
+    release: str = "auto",
+    max_workers: Optional[int] = None,
+) -> LoadedCase:
+    """Read one case (see the module docstring for the accepted forms) into a :class:`LoadedCase`.
+
+    Raises ``ValueError`` naming the sequence / file for: a missing or unknown sequence, a file that
+    does not exist, is empty or is not a readable NIfTI, sequences of different shapes or affines,
+    non-3-D data.
+    """
+    if isinstance(case, LoadedCase):
+        return case
+    meta: Dict[str, Any] = {}
+    if isinstance(case, (str, os.PathLike)):
+        folder = Path(case).expanduser()
+        if not folder.exists():
+            raise ValueError(f"{folder} does not exist.")
+        if not folder.is_dir():
+            raise ValueError(
+                f"{folder} is a file: pass a case folder, or the four sequences as a dict {{sequence: path}}."
+            )
+        meta = _discover_folder(folder, release)
+        items: Dict[str, Any] = dict(meta["sequences"])
+    elif isinstance(case, Mapping):
+        items = {}
+        for key, value in case.items():
+            if key in ("report", "case_id", "affine"):
+                continue
+            name = canonical_sequence_name(key)
+            if name in items:
+                raise ValueError(f"Sequence {name!r} given twice.")
+            items[name] = value
+        missing = [s for s in SEQUENCES if s not in items]
+        if missing:
+            raise ValueError(f"Missing sequence(s) {missing}: got {sorted(case)}; need {list(SEQUENCES)} (or aliases).")
+        meta["case_id"] = case.get("case_id")
+        if affine is None and case.get("affine") is not None:
+            affine = case["affine"]
+        names = [str(k) for k in case] + [str(v) for v in items.values() if isinstance(v, (str, os.PathLike))]
+        meta["label_convention"] = _guess_convention_from_names(names)
+    elif isinstance(case, (np.ndarray, torch.Tensor)):
+        array = case.detach().cpu().numpy() if isinstance(case, torch.Tensor) else case
+        if array.ndim != 4 or array.shape[0] != len(SEQUENCES):
+            raise ValueError(f"Expected a case array of shape (4, X, Y, Z) in order {list(SEQUENCES)}, got {array.shape}.")
+        items = dict(zip(SEQUENCES, array))
+    else:
+        raise ValueError(
+            f"Cannot read a case from {type(case).__name__}: pass a case folder, a dict {{sequence: path/array/image}} "
+            "or a (4, X, Y, Z) array."
+        )
+
+    names = list(items)
+    workers = max_workers or min(len(names), max(1, os.cpu_count() or 1))
+    if workers > 1 and any(isinstance(items[n], (str, os.PathLike)) for n in names):
+        with ThreadPoolExecutor(max_workers=workers) as pool:  # zlib and file reads release the GIL
+            loaded = list(pool.map(lambda n: _item_to_volume(items[n], n), names))
+    else:
+        loaded = [_item_to_volume(items[n], n) for n in names]
+
+    volumes: Dict[str, np.ndarray] = {}
+    ref_name, ref_affine, header = None, None, None
+    sources: Dict[str, str] = {}
+    for name, (array, aff, hdr, source) in zip(names, loaded):
+        if array.ndim != 3:
+            raise ValueError(f"Sequence {name!r}: expected a 3-D volume (X, Y, Z), got shape {array.shape}.")
+        if array.size == 0:
+            raise ValueError(f"Sequence {name!r}: the volume is empty (shape {array.shape}).")
+        volumes[name] = array
+        if source is not None:
+            sources[name] = source
+        if aff is not None:
+            if ref_affine is None:
+                ref_name, ref_affine, header = name, aff, hdr
+            elif not np.allclose(aff, ref_affine, rtol=0, atol=1e-3):
+                raise ValueError(
+                    f"Sequences {ref_name!r} and {name!r} have different affines (not on one voxel grid): "
+                    "co-register the sequences first."
+                )
+    shapes = {n: tuple(v.shape) for n, v in volumes.items()}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"Sequences have different shapes: {shapes}.")
+    if ref_affine is None:
+        ref_affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+        if ref_affine.shape != (4, 4):
+            raise ValueError(f"affine must be a 4 x 4 matrix, got shape {ref_affine.shape}.")
+    volumes = {s: volumes[s] for s in SEQUENCES}
+    return LoadedCase(
+        volumes=volumes,
+        affine=ref_affine,
+        spacing=_affine_spacing(ref_affine) if header is None else tuple(float(z) for z in header.get_zooms()[:3]),
+        header=header,
+        case_id=meta.get("case_id"),
+        release=meta.get("release"),
+        label_convention=meta.get("label_convention"),
+        sources=sources,
+        report_path=meta.get("report_path"),
+    )
+
+
+def voxel_volume_mm3(spacing: Sequence[float]) -> float:
+    """Volume of one voxel in mm^3 from the voxel size (mm) of the header."""
+    return float(np.prod([float(s) for s in spacing[:3]]))
+
+
+def region_volumes_cm3(label_map: np.ndarray, label_convention: str, spacing: Sequence[float]) -> Dict[str, float]:
+    """Volume in cm^3 of each region (WT, TC, ET) of a label map, at the header's voxel size."""
+    regions = label_map_to_regions(label_map, label_convention)
+    voxel = voxel_volume_mm3(spacing)
+    return {region: float(regions[i].sum(dtype=np.int64)) * voxel / 1000.0 for i, region in enumerate(REGIONS)}
+
+
+# --------------------------------------------------------------------------------------------------
+# models of a folder
+# --------------------------------------------------------------------------------------------------
+def _head_kind(model_or_config) -> Optional[str]:
+    """``"segmentation"``, ``"grading"`` or ``None`` from a model (class name) or a config (architectures)."""
+    names = []
+    if isinstance(model_or_config, torch.nn.Module):
+        names = [type(model_or_config).__name__]
+    else:
+        names = list(getattr(model_or_config, "architectures", None) or [])
+        if isinstance(model_or_config, Mapping):
+            names = list(model_or_config.get("architectures") or [])
+    for name in names:
+        if "Segmentation" in name:
+            return "segmentation"
+        if "Classification" in name:
+            return "grading"
+    return None
+
+
+def _read_config_json(folder: Path) -> Optional[dict]:
+    try:
+        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _load_head(name_or_path: str, revision: Optional[str] = None, subfolder: str = "", **kwargs) -> PreTrainedModel:
+    """Load an EmrFuse task model with the Auto class that its ``auto_map`` names for its architecture."""
+    hub = {"revision": revision, "trust_remote_code": True}
+    if subfolder:
+        hub["subfolder"] = subfolder
+    config = AutoConfig.from_pretrained(name_or_path, **hub)
+    auto_map = getattr(config, "auto_map", None) or {}
+    architectures = list(getattr(config, "architectures", None) or [])
+    auto_name = None
+    for key, value in auto_map.items():
+        target = value[-1] if isinstance(value, (list, tuple)) else value
+        if key.startswith("AutoModel") and any(str(target).endswith("." + a) for a in architectures):
+            auto_name = key
+            break
+    if auto_name is None:
+        raise ValueError(
+            f"{name_or_path}{'/' + subfolder if subfolder else ''}: the config's auto_map names no Auto class for "
+            f"{architectures}; save the model with save_pretrained after register_for_auto_class."
+        )
+    auto_cls = getattr(transformers, auto_name)
+    return auto_cls.from_pretrained(name_or_path, config=config, **hub, **kwargs)
+
+
+def _resolve_companion(spec: Any, root: Optional[str], revision: Optional[str]) -> Optional[PreTrainedModel]:
+    """A companion model from an instance, a sub-folder name of ``root``, a folder or a Hub id."""
+    if spec is None:
+        return None
+    if isinstance(spec, torch.nn.Module):
+        return spec
+    spec = str(spec)
+    if root is not None:
+        local_root = Path(root)
+        if local_root.is_dir():
+            if (local_root / spec / "config.json").is_file():
+                return _load_head(str(local_root / spec))
+        elif not os.path.isabs(spec) and not Path(spec).exists() and "/" not in spec.strip("/"):
+            return _load_head(root, revision=revision, subfolder=spec)  # a sub-folder of the same Hub repo
+    return _load_head(spec)
+
+
+def _find_companion(root_model: PreTrainedModel, want: str) -> Optional[PreTrainedModel]:
+    """Look for the other head next to ``root_model`` (config attribute, then sub-folders)."""
+    config = root_model.config
+    attr = "grading_model" if want == "grading" else "segmentation_model"
+    root = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
+    revision = getattr(config, "_commit_hash", None)
+    spec = getattr(config, attr, None)
+    if spec:
+        return _resolve_companion(spec, root, revision)
+    if root and Path(root).is_dir():
+        root_path = Path(root)
+        subs = GRADING_SUBFOLDERS if want == "grading" else SEGMENTATION_SUBFOLDERS
+        candidates = [root_path / sub for sub in subs] + [root_path.parent / f"{root_path.name}-{sub}" for sub in subs]
+        for folder in candidates:  # sub-folders, then sibling folders such as outputs/emrfuse-demo-grading
+            cfg = _read_config_json(folder)
+            if cfg is not None and _head_kind(cfg) == want:
+                return _load_head(str(folder))
+    return None
+
+
+def _weights_fingerprint(folder: Path) -> Optional[str]:
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def _model_identity(model: PreTrainedModel) -> Tuple[Optional[str], Optional[str]]:
+    """(model id or folder, revision): the Hub commit, or a sha256 of a local folder's weights."""
+    config = model.config
+    name = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None) or None
+    revision = getattr(config, "_commit_hash", None)
+    if name and Path(name).is_dir():
+        name = str(Path(name).resolve())
+        if revision is None:
+            revision = _weights_fingerprint(Path(name))
+    return name, revision
+
+
+# --------------------------------------------------------------------------------------------------
+# the pipeline
+# --------------------------------------------------------------------------------------------------
+class _TextTowerProbe:
+    """Counts and times the calls of the text tower(s) of a model (forward hooks; no model change)."""
+
+    def __init__(self, models: Sequence[torch.nn.Module]):
+        self.calls = 0
+        self.seconds = 0.0
+        self._start: Dict[int, float] = {}
+        self._handles = []
+        for model in models:
+            for module in _text_towers(model):
+                self._handles.append(module.register_forward_pre_hook(self._pre))
+                self._handles.append(module.register_forward_hook(self._post))
+
+    def _pre(self, module, args):
+        self._start[id(module)] = time.perf_counter()
+
+    def _post(self, module, args, output):
+        start = self._start.pop(id(module), None)
+        if start is not None:
+            self.seconds += time.perf_counter() - start
+            self.calls += 1
+
+    def reset(self) -> None:
+        self.calls, self.seconds = 0, 0.0
+
+
+def _text_towers(model: torch.nn.Module) -> List[torch.nn.Module]:
+    """Outermost BERT-family sub-models of ``model`` (the text tower)."""
+    towers: List[torch.nn.Module] = []
+    for name, module in model.named_modules():
+        if module is model or not isinstance(module, PreTrainedModel):
+            continue
+        if getattr(getattr(module, "config", None), "model_type", None) not in ("bert",) and "Bert" not in type(module).__name__:
+            continue
+        if any(name.startswith(prefix + ".") for prefix, _ in towers):
+            continue
+        towers.append((name, module))
+    return [m for _, m in towers]
+
+
+def _cpu_supports_bf16() -> bool:
+    checker = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool((checker and checker()) or (amx and amx()))
+    except Exception:  # pragma: no cover - private helpers may change
+        return False
+
+
+def _fold_batchnorm(model: torch.nn.Module) -> int:
+    """Fold every eval-mode ``BatchNorm2d`` that directly follows a ``Conv2d`` into that convolution.
+
+    Pairs are found among the children of each module in registration order (timm ResNets and
+    ``Sequential`` conv-BN-ReLU blocks register the layers in the order they run). The folded model
+    is checked against the original on a small random input; if the outputs differ, every fold is
+    undone. Returns the number of folded pairs. For inference only: the folded model cannot be saved
+    as the original architecture.
+    """
+    undo = []
+    with torch.no_grad():
+        for parent in list(model.modules()):
+            names = list(parent._modules)
+            for a, b in zip(names, names[1:]):
+                conv, bn = parent._modules[a], parent._modules[b]
+                if not (isinstance(conv, torch.nn.Conv2d) and type(bn) is torch.nn.BatchNorm2d) or bn.training:
+                    continue
+                if not bn.track_running_stats or bn.running_var is None or conv.out_channels != bn.num_features:
+                    continue
+                scale = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
+                shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+                old_weight, old_bias = conv.weight, conv.bias
+                bias = old_bias if old_bias is not None else torch.zeros_like(bn.running_mean)
+                conv.weight = torch.nn.Parameter(old_weight * scale.reshape(-1, 1, 1, 1), requires_grad=False)
+                conv.bias = torch.nn.Parameter((bias - bn.running_mean) * scale + shift, requires_grad=False)
+                parent._modules[b] = torch.nn.Identity()
+                undo.append((parent, conv, b, bn, old_weight, old_bias))
+    return len(undo), undo
+
+
+def _undo_folds(undo) -> None:
+    for parent, conv, name, bn, weight, bias in undo:
+        conv.weight, conv.bias = weight, bias
+        parent._modules[name] = bn
+
+
+def _probe_forward(model: torch.nn.Module) -> torch.Tensor:
+    """Region / grade logits of a tiny random case (no report), to check an inference rewrite."""
+    config = model.config
+    gen = torch.Generator().manual_seed(0)
+    device = next(model.parameters()).device
+    x = torch.randn(2, config.in_channels, 64, 64, generator=gen).to(device)
+    with torch.inference_mode():
+        out = model(pixel_values=x, slice_to_case=torch.zeros(2, dtype=torch.long, device=device),
+                    has_report=torch.zeros(1, dtype=torch.bool, device=device))
+    return out.logits.float()
+
+
+def optimize_for_inference(model: PreTrainedModel, precision: str = "bf16", channels_last: bool = True) -> Dict[str, Any]:
+    """Rewrite an EmrFuse task model, in place, for fast inference; returns what was done.
+
+    * BatchNorm folded into the preceding convolutions (checked on a probe input, undone if the
+      outputs change by more than 1e-3 relative);
+    * ``precision="bf16"``: every parameter and buffer cast to bfloat16 (plain bf16 runs faster than
+      fp32 weights under autocast on CPU, which re-casts the weights at every call);
+    * channels-last memory format for the convolutions.
+    """
+    model.eval()
+    before = _probe_forward(model)
+    folded, undo = _fold_batchnorm(model)
+    if folded:
+        after = _probe_forward(model)
+        if (after - before).abs().max() > 1e-3 * max(1.0, float(before.abs().max())):
+            _undo_folds(undo)
+            folded = 0
+    if precision == "bf16":
+        model.to(torch.bfloat16)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    model._emrfuse_inference_optimized = True
+    return {"batchnorm_folded": folded, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "channels_last": channels_last}
+
+
+def _scalar(x) -> Optional[float]:
+    if x is None:
+        return None
+    t = x.detach().float().reshape(-1) if isinstance(x, torch.Tensor) else torch.as_tensor(x).float().reshape(-1)
+    return float(t[0]) if t.numel() else None
+
+
+class EmrFusePipeline(Pipeline):
+    """Whole-case EmrFuse inference: four MRI sequences (+ report) -> label map, grade, explanations.
+
+    Build it with ``transformers.pipeline(model=<folder or Hub id>, trust_remote_code=True)`` or
+    :func:`load_pipeline`; call it on one case (see the module docstring). Extra constructor
+    arguments:
+
+    Args:
+        grading_model / segmentation_model: the other head (model, folder or Hub id); found next to
+            the model when not given (see the module docstring); ``False``: do not use one.
+        precision: ``"auto"`` (bf16 on a CPU with native bf16 instructions and on CUDA with bf16,
+            fp32 elsewhere), ``"bf16"`` or ``"fp32"``.
+        optimize: rewrite the models in place for inference (default True; see
+            :func:`optimize_for_inference`: BatchNorm folded into the convolutions, bf16 weights when
+            ``precision`` is bf16, channels-last). Pass ``optimize=False`` to leave a model you hold
+            untouched (bf16 then runs under autocast).
+        chunk_size: slices per image-tower call (sets ``config.slice_chunk_size``).
+        channels_last: run the convolutions in channels-last memory format (default True).
+        grading_max_slices: the grading model pools at most this many of the case's brain slices,
+            evenly spaced (default :data:`DEFAULT_GRADING_SLICES` = 32; ``None``: all slices).
+
+    Returns (per case) a dict with ``label_map`` (``uint8 (X, Y, Z)`` on the input's grid or None
+    without a segmentation head), ``affine``, ``header``, ``spacing``, ``label_convention``,
+    ``region_volumes_cm3``, ``grade`` and ``grade_probabilities`` (None without a grading head),
+    ``alpha_text`` / ``alpha_image``, ``tokens`` / ``token_attention`` / ``token_offsets`` /
+    ``words`` (report highlighting), ``has_report``, ``report_truncated``, ``report_source``,
+    ``case_id``, ``model_id`` / ``revision`` (and ``grading_model_id`` / ``grading_revision``),
+    ``timings`` (seconds: ``load``, ``preprocess``, ``model``, ``postprocess``, plus ``text_encoder``
+    and ``text_encoder_calls``).
+    """
+
+    _load_processor = True
+    _load_image_processor = False
+    _load_tokenizer = False
+    _load_feature_extractor = False
+
+    def __init__(
+        self,
+        model,
+        *args,
+        grading_model=None,
+        segmentation_model=None,
+        precision: str = "auto",
+        chunk_size: Optional[int] = None,
+        channels_last: bool = True,
+        grading_max_slices: Optional[int] = DEFAULT_GRADING_SLICES,
+        optimize: bool = True,
+        **kwargs,
+    ):
+        super().__init__(model, *args, **kwargs)
+        if grading_max_slices is not None and int(grading_max_slices) < 1:
+            raise ValueError(f"grading_max_slices must be >= 1, got {grading_max_slices}.")
+        self.grading_max_slices = None if grading_max_slices is None else int(grading_max_slices)
+        if self.processor is None:
+            name = getattr(self.model.config, "_name_or_path", None)
+            if not name:
+                raise ValueError("EmrFusePipeline needs the model's EmrFuseProcessor (processor=...).")
+            self.processor = AutoProcessor.from_pretrained(name, trust_remote_code=True)
+            self.tokenizer = getattr(self.processor, "tokenizer", None)
+            self.image_processor = getattr(self.processor, "image_processor", None)
+        kind = _head_kind(self.model)
+        if kind is None:
+            raise ValueError(
+                f"{type(self.model).__name__} has no task head: the pipeline needs EmrFuseForSegmentation "
+                "and/or EmrFuseForImageClassification."
+            )
+        self.segmentation_model = self.model if kind == "segmentation" else None
+        self.grading_model = self.model if kind == "grading" else None
+        if kind == "segmentation" and grading_model is False:
+            self.grading_model = None  # explicitly: segmentation only
+        elif kind == "segmentation":
+            self.grading_model = (
+                _resolve_companion(grading_model, getattr(self.model.config, "_name_or_path", None), None)
+                if grading_model is not None
+                else _find_companion(self.model, "grading")
+            )
+        elif segmentation_model is False:
+            self.segmentation_model = None
+        else:
+            self.segmentation_model = (
+                _resolve_companion(segmentation_model, getattr(self.model.config, "_name_or_path", None), None)
+                if segmentation_model is not None
+                else _find_companion(self.model, "segmentation")
+            )
+        for extra in (self.segmentation_model, self.grading_model):
+            if extra is not None and extra is not self.model:
+                extra.to(self.device)
+        precision = str(precision).lower()
+        if precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {precision!r}.")
+        if precision == "auto":
+            if self.device.type == "cuda":
+                precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+            elif self.device.type == "cpu":
+                precision = "bf16" if _cpu_supports_bf16() else "fp32"
+            else:
+                precision = "fp32"
+        self.precision = precision
+        self.optimizations: List[Dict[str, Any]] = []
+        for m in self.models:
+            m.eval()
+            if chunk_size is not None:
+                if int(chunk_size) < 1:
+                    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+                m.config.slice_chunk_size = int(chunk_size)
+            if optimize and not getattr(m, "_emrfuse_inference_optimized", False):
+                self.optimizations.append(optimize_for_inference(m, precision, channels_last))
+            elif channels_last:
+                m.to(memory_format=torch.channels_last)
+        self.optimized = bool(optimize)
+        self.channels_last = bool(channels_last)
+        self._text_probe = _TextTowerProbe(self.models)
+        self.model_id, self.revision = _model_identity(self.model)
+        self._companion_ids: Dict[str, Tuple[Optional[str], Optional[str]]] = {}
+        for role, m in (("grading", self.grading_model), ("segmentation", self.segmentation_model)):
+            if m is not None and m is not self.model:
+                self._companion_ids[role] = _model_identity(m)  # hashed once, not per case
+        self.load_seconds: Optional[float] = None  # set by load_pipeline
+
+    # ------------------------------------------------------------------------------ helpers
+    @property
+    def models(self) -> List[PreTrainedModel]:
+        """The task models the pipeline runs (segmentation first)."""
+        return [m for m in (self.segmentation_model, self.grading_model) if m is not None]
+
+    def _sanitize_parameters(
+        self,
+        report=None,
+        label_convention=None,
+        release=None,
+        affine=None,
+        use_case_report=None,
+        max_length=None,
+        threshold=None,
+        return_probabilities=None,
+        mask_background=None,
+        **kwargs,
+    ):
+        if kwargs:
+            raise TypeError(f"EmrFusePipeline: unexpected arguments {sorted(kwargs)}.")
+        pre: Dict[str, Any] = {}
+        post: Dict[str, Any] = {}
+        for key, value in (
+            ("report", report),
+            ("label_convention", label_convention),
+            ("release", release),
+            ("affine", affine),
+            ("use_case_report", use_case_report),
+            ("max_length", max_length),
+        ):
+            if value is not None:
+                pre[key] = value
+        if threshold is not None:
+            if not 0.0 < float(threshold) < 1.0:
+                raise ValueError(f"threshold must be in (0, 1), got {threshold}.")
+            post["threshold"] = float(threshold)
+        if return_probabilities is not None:
+            post["return_probabilities"] = bool(return_probabilities)
+        if mask_background is not None:
+            post["mask_background"] = bool(mask_background)
+        if label_convention is not None:
+            get_label_convention(label_convention)  # fail early on an unknown name
+        return pre, {}, post
+
+    def _autocast(self):
+        weights_dtype = next(self.models[0].parameters()).dtype
+        if self.precision == "bf16" and weights_dtype != torch.bfloat16 and self.device.type in ("cpu", "cuda"):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def get_inference_context(self):
+        return torch.inference_mode
+
+    # ------------------------------------------------------------------------------ stages
+    def preprocess(
+        self,
+        inputs,
+        report: Optional[str] = None,
+        label_convention: Optional[str] = None,
+        release: str = "auto",
+        affine=None,
+        use_case_report: bool = True,
+        max_length: Optional[int] = None,
+    ):
+        t0 = time.perf_counter()
+        if isinstance(inputs, Mapping) and "report" in inputs and report is None:
+            report = inputs["report"]
+        case = load_case(inputs, affine=affine, release=release)
+        report_source = "argument" if report is not None else None
+        if report is None and use_case_report and case.report_path:
+            try:
+                report = Path(case.report_path).read_text(encoding="utf-8")
+                report_source = "case folder"
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"Case {case.case_id}: cannot read its report file {case.report_path} ({exc}).") from exc
+        if report is not None and not isinstance(report, str):
+            raise ValueError(f"report must be a string or None, got {type(report).__name__}.")
+        t1 = time.perf_counter()
+        # spacing / shared-grid checks of the processor need only the affine
+        if case.header is not None or not np.allclose(case.affine, np.eye(4)):
+            self.image_processor.check_spacing({s: _AffineOnly(case.affine) for s in SEQUENCES})
+        enc = self.processor(volumes=[dict(case.volumes)], text=[report], max_length=max_length, return_tensors="pt")
+        convention = label_convention or case.label_convention or "brats2017"
+        t2 = time.perf_counter()
+        return {
+            "model_inputs": {
+                k: enc[k]
+                for k in ("pixel_values", "input_ids", "attention_mask", "token_type_ids", "slice_to_case", "has_report")
+                if k in enc
+            },
+            "crop_info": enc["crop_info"][0],
+            "report_truncated": bool(enc["report_truncated"][0]),
+            "has_report": bool(enc["has_report"][0]),
+            "report": report,
+            "report_source": report_source if bool(enc["has_report"][0]) else None,
+            "case": case,
+            "label_convention": get_label_convention(convention).name,
+            "timings": {"load": t1 - t0, "preprocess": t2 - t1},
+        }
+
+    def _grading_inputs(self, inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        n = inputs["pixel_values"].shape[0]
+        if self.grading_max_slices is None or n <= self.grading_max_slices:
+            return inputs
+        keep = torch.from_numpy(np.unique(np.linspace(0, n - 1, self.grading_max_slices).round().astype(np.int64)))
+        out = dict(inputs)
+        out["pixel_values"] = inputs["pixel_values"][keep]
+        out["slice_to_case"] = inputs["slice_to_case"][keep]
+        return out
+
+    def _forward(self, model_inputs):
+        inputs = dict(model_inputs["model_inputs"])
+        dtype = next(self.models[0].parameters()).dtype
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        if self.channels_last:
+            inputs["pixel_values"] = inputs["pixel_values"].contiguous(memory_format=torch.channels_last)
+        self._text_probe.reset()
+        t0 = time.perf_counter()
+        seg_out = cls_out = None
+        t_seg = t_cls = 0.0
+        with self._autocast():
+            if self.segmentation_model is not None:
+                seg_out = self.segmentation_model(**inputs, return_dict=True)
+                t_seg = time.perf_counter() - t0
+            if self.grading_model is not None:
+                t_start = time.perf_counter()
+                cls_out = self.grading_model(**self._grading_inputs(inputs), return_dict=True)
+                t_cls = time.perf_counter() - t_start
+        t1 = time.perf_counter()
+        out = {k: v for k, v in model_inputs.items() if k != "model_inputs"}
+        out["input_ids"] = inputs.get("input_ids")
+        out["attention_mask"] = inputs.get("attention_mask")
+        explain = seg_out if seg_out is not None else cls_out
+        out["seg_logits"] = None if seg_out is None else seg_out.logits.float()
+        out["grade_logits"] = None if cls_out is None else cls_out.logits.float()
+        out["alpha_text"] = _scalar(getattr(explain, "alpha_text", None))
+        out["alpha_image"] = _scalar(getattr(explain, "alpha_image", None))
+        attn = getattr(explain, "token_attention", None)
+        out["token_attention"] = None if attn is None else attn.float()
+        out["timings"] = dict(model_inputs["timings"])
+        out["timings"]["model"] = t1 - t0
+        out["timings"]["model_segmentation"] = t_seg
+        out["timings"]["model_grading"] = t_cls
+        out["timings"]["text_encoder"] = self._text_probe.seconds
+        out["timings"]["text_encoder_calls"] = self._text_probe.calls
+        return out
+
+    def postprocess(self, model_outputs, threshold: float = 0.5, return_probabilities: bool = False,
+                    mask_background: bool = True):
+        t0 = time.perf_counter()
+        case: LoadedCase = model_outputs["case"]
+        convention = model_outputs["label_convention"]
+        result: Dict[str, Any] = {
+            "case_id": case.case_id,
+            "label_map": None,
+            "affine": case.affine,
+            "header": case.header,
+            "spacing": tuple(case.spacing),
+            "shape": case.shape,
+            "label_convention": convention,
+            "region_volumes_cm3": None,
+        }
+        logits = model_outputs["seg_logits"]
+        if logits is not None:
+            label_map, regions = self.image_processor.post_process_segmentation(
+                logits, model_outputs["crop_info"], label_convention=convention, threshold=threshold, return_regions=True
+            )
+            if mask_background:  # skull-stripped input: no tumour where all four sequences are 0
+                background = np.ones(case.shape, dtype=bool)
+                for volume in case.volumes.values():
+                    background &= volume == 0
+                label_map[background] = 0
+                regions &= ~background
+            result["label_map"] = label_map.astype(np.uint8, copy=False)
+            # regions of the painted label map (nested: WT > TC > ET), without re-reading the map
+            voxel = voxel_volume_mm3(case.spacing) / 1000.0
+            et = regions[2]
+            tc = regions[1] | et
+            wt = regions[0] | tc
+            result["region_volumes_cm3"] = {
+                r: float(m.sum(dtype=np.int64)) * voxel for r, m in zip(REGIONS, (wt, tc, et))
+            }
+            if return_probabilities:
+                probs = torch.sigmoid(logits).permute(1, 2, 3, 0).numpy().astype(np.float16)
+                result["region_probabilities"] = self.image_processor.uncrop(probs, model_outputs["crop_info"], fill=0)
+        grade_logits = model_outputs["grade_logits"]
+        result["grade"] = None
+        result["grade_probabilities"] = None
+        if grade_logits is not None:
+            probs = torch.softmax(grade_logits[0], dim=-1).tolist()
+            id2label = getattr(self.grading_model.config, "id2label", None) or dict(enumerate(GRADES))
+            names = [str(id2label.get(i, id2label.get(str(i), i))) for i in range(len(probs))]
+            result["grade_probabilities"] = dict(zip(names, (float(p) for p in probs)))
+            result["grade"] = names[int(np.argmax(probs))]
+        result["alpha_text"] = model_outputs["alpha_text"]
+        result["alpha_image"] = model_outputs["alpha_image"]
+        result["has_report"] = model_outputs["has_report"]
+        result["report_truncated"] = model_outputs["report_truncated"]
+        result["report_source"] = model_outputs["report_source"]
+        result.update(self._token_explanation(model_outputs))
+        result["model_id"] = self.model_id
+        result["revision"] = self.revision
+        for role, (model_id, revision) in self._companion_ids.items():
+            result[f"{role}_model_id"], result[f"{role}_revision"] = model_id, revision
+        timings = dict(model_outputs["timings"])
+        timings["postprocess"] = time.perf_counter() - t0
+        result["timings"] = timings
+        return result
+
+    # ------------------------------------------------------------------------------ explanation
+    def _token_explanation(self, model_outputs) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"tokens": None, "token_attention": None, "token_offsets": None, "words": None}
+        attn = model_outputs.get("token_attention")
+        ids = model_outputs.get("input_ids")
+        if attn is None or ids is None or not model_outputs["has_report"]:
+            return out
+        mask = model_outputs["attention_mask"][0].bool()
+        ids_list = ids[0][mask].tolist()
+        weights = attn[0][: mask.shape[0]][mask].tolist()
+        out["tokens"] = self.tokenizer.convert_ids_to_tokens(ids_list)
+        out["token_attention"] = [float(w) for w in weights]
+        report = model_outputs.get("report")
+        if not report or not getattr(self.tokenizer, "is_fast", False):
+            return out
+        enc = self.tokenizer(
+            report,
+            truncation=True,
+            max_length=len(ids_list),
+            return_offsets_mapping=True,
+            add_special_tokens=True,
+        )
+        if list(enc["input_ids"]) != ids_list:
+            return out
+        offsets = [tuple(int(v) for v in o) for o in enc["offset_mapping"]]
+        out["token_offsets"] = offsets
+        words: List[Dict[str, Any]] = []
+        current = None
+        for idx, word_id in enumerate(enc.word_ids()):
+            if word_id is None:
+                current = None
+                continue
+            start, end = offsets[idx]
+            if current is not None and current["word_id"] == word_id:
+                current["end"] = end
+                current["weight"] += weights[idx]
+            else:
+                current = {"word_id": word_id, "start": start, "end": end, "weight": weights[idx]}
+                words.append(current)
+        for w in words:
+            w.pop("word_id")
+            w["word"] = report[w["start"] : w["end"]]
+            w["weight"] = float(w["weight"])
+        out["words"] = words
+        return out
+
+    # ------------------------------------------------------------------------------ saving
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs):
+        """Save a folder that ``transformers.pipeline(model=folder, trust_remote_code=True)`` runs:
+        the root model (segmentation when there is one) with ``config.custom_pipelines``, this file and
+        its relative imports, the processor, and the other head in ``grading/`` (or ``segmentation/``)."""
+        if any(getattr(m, "_emrfuse_inference_optimized", False) for m in self.models):
+            raise ValueError(
+                "This pipeline's models were rewritten for inference (BatchNorm folded, maybe bf16) and cannot be "
+                "saved as EmrFuse checkpoints; build the pipeline with optimize=False to save it."
+            )
+        save_directory = Path(save_directory)
+        save_directory.mkdir(parents=True, exist_ok=True)
+        root = self.segmentation_model if self.segmentation_model is not None else self.grading_model
+        other = self.grading_model if root is self.segmentation_model else None
+        if other is not None:
+            other.save_pretrained(save_directory / GRADING_SUBFOLDERS[0], **kwargs)
+            root.config.grading_model = GRADING_SUBFOLDERS[0]
+        root.config.custom_pipelines = _custom_pipelines_entry()
+        root.save_pretrained(save_directory, **kwargs)
+        self.processor.save_pretrained(save_directory, **kwargs)
+        _copy_pipeline_code(save_directory)
+
+
+class _AffineOnly:
+    """Minimal image-like holder so that the processor can check spacing without reading data."""
+
+    def __init__(self, affine):
+        self.affine = affine
+
+
+def _custom_pipelines_entry() -> Dict[str, Dict[str, Any]]:
+    return {
+        PIPELINE_TASK: {
+            "impl": f"{Path(__file__).stem}.{EmrFusePipeline.__name__}",
+            "pt": list(_PT_AUTO_CLASSES),
+            "type": "multimodal",
+        }
+    }
+
+
+def _copy_pipeline_code(folder: Path) -> List[Path]:
+    """Copy this file and the files it imports relatively into ``folder`` (as custom_object_save does)."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    copied = []
+    for source in [__file__] + list(get_relative_import_files(__file__)):
+        dest = Path(folder) / Path(source).name
+        if Path(source).resolve() != dest.resolve():
+            shutil.copyfile(source, dest)
+        copied.append(dest)
+    return copied
+
+
+def add_pipeline_to_folder(folder: Union[str, os.PathLike], grading_model: Optional[Union[str, os.PathLike]] = None) -> Path:
+    """Make a saved model folder runnable with ``transformers.pipeline(model=folder, trust_remote_code=True)``.
+
+    Adds ``custom_pipelines`` to the folder's ``config.json`` and copies this file (and its relative
+    imports) next to the model code. ``grading_model``: a folder holding the grading model
+    (``save_pretrained`` output), copied into ``folder/grading`` and recorded in the config.
+    Returns the folder.
+    """
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    config = _read_config_json(folder)
+    if config is None:
+        raise ValueError(f"{folder}: no readable config.json (not a saved model folder).")
+    if grading_model is not None:
+        source = Path(grading_model)
+        if _read_config_json(source) is None:
+            raise ValueError(f"{source}: no readable config.json (not a saved model folder).")
+        target = folder / GRADING_SUBFOLDERS[0]
+        if source.resolve() != target.resolve():
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.copytree(source, target)
+        config["grading_model"] = GRADING_SUBFOLDERS[0]
+    config["custom_pipelines"] = _custom_pipelines_entry()
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    _copy_pipeline_code(folder)
+    return folder
+
+
+def _find_heads_in_subfolders(folder: Path) -> Dict[str, Path]:
+    heads: Dict[str, Path] = {}
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        cfg = _read_config_json(sub)
+        kind = _head_kind(cfg) if cfg else None
+        if kind and kind not in heads:
+            heads[kind] = sub
+    return heads
+
+
+def load_pipeline(
+    model: Union[str, os.PathLike, PreTrainedModel] = DEFAULT_MODEL,
+    *,
+    grading_model=None,
+    segmentation_model=None,
+    revision: Optional[str] = None,
+    device=None,
+    precision: str = "auto",
+    chunk_size: Optional[int] = None,
+    channels_last: bool = True,
+    grading_max_slices: Optional[int] = DEFAULT_GRADING_SLICES,
+    optimize: bool = True,
+) -> EmrFusePipeline:
+    """Build an :class:`EmrFusePipeline` from a model folder or Hub id (``trust_remote_code``).
+
+    Works on any EmrFuse model folder, whether or not ``custom_pipelines`` was saved in it. A local
+    folder without ``config.json`` whose sub-folders hold the two heads is accepted. Raises
+    ``FileNotFoundError`` (with how to make one) when the default demo model folder does not exist.
+    """
+    t0 = time.perf_counter()
+    processor_source = None
+    if isinstance(model, (str, os.PathLike)):
+        model = os.fspath(model)
+        path = Path(model).expanduser()
+        is_default = os.path.normpath(model) == os.path.normpath(DEFAULT_MODEL)
+        looks_like_hub_id = re.fullmatch(r"[\w.\-]+/[\w.\-]+", model) is not None and not model.startswith(".")
+        if not path.exists() and (is_default or not looks_like_hub_id):
+            hint = (
+                " Make the demo model with the README's main job (python train.py --demo, which leaves "
+                f"{DEFAULT_MODEL}), or pass a model folder / Hub id."
+            )
+            raise FileNotFoundError(f"No model folder at {path}.{hint}")
+        if path.is_dir() and not (path / "config.json").is_file():
+            heads = _find_heads_in_subfolders(path)
+            if not heads:
+                raise FileNotFoundError(f"{path}: no config.json and no sub-folder holding an EmrFuse model.")
+            root = heads.get("segmentation") or heads["grading"]
+            if "grading" in heads and root != heads["grading"] and grading_model is None:
+                grading_model = str(heads["grading"])
+            model = str(root)
+        processor_source = model
+        root_model = _load_head(model, revision=revision)
+    else:
+        root_model = model
+        processor_source = getattr(model.config, "_name_or_path", None)
+    processor = AutoProcessor.from_pretrained(processor_source, revision=revision, trust_remote_code=True)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = EmrFusePipeline(
+        model=root_model,
+        processor=processor,
+        task=PIPELINE_TASK,
+        device=device,
+        grading_model=grading_model,
+        segmentation_model=segmentation_model,
+        precision=precision,
+        chunk_size=chunk_size,
+        channels_last=channels_last,
+        grading_max_slices=grading_max_slices,
+        optimize=optimize,
+    )
+    pipe.load_seconds = time.perf_counter() - t0
+    return pipe
+
+
+# Auto classes the ``pipeline()`` factory tries, in order, to load a folder's root model; an EmrFuse
+# folder's auto_map names one of them for its head (the others fail and are skipped).
+_PT_AUTO_CLASSES: Tuple[str, ...] = tuple(
+    name
+    for name in (
+        "AutoModelForSemanticSegmentation",
+        "AutoModelForImageSegmentation",
+        "AutoModelForImageClassification",
+        "AutoModel",
+    )
+    if hasattr(transformers, name)
+)
+
+if PIPELINE_REGISTRY.supported_tasks.get(PIPELINE_TASK, {}).get("impl") is not EmrFusePipeline:
+    PIPELINE_REGISTRY.register_pipeline(
+        PIPELINE_TASK,
+        pipeline_class=EmrFusePipeline,
+        pt_model=tuple(getattr(transformers, name) for name in _PT_AUTO_CLASSES),
+        type="multimodal",
+    )

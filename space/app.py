@@ -1,0 +1,579 @@
+"""EmrFuse Gradio Space: brain MRI (four sequences) + radiology report -> tumour regions and grade.
+
+A thin layer over :class:`modeling_emrfuse.pipeline_emrfuse.EmrFusePipeline` (the same inference as
+``emrfuse predict`` and ``transformers.pipeline(model=..., trust_remote_code=True)``).
+
+Model: the environment variable ``EMRFUSE_MODEL`` (a Hub id or a local folder); by default the demo
+model folder ``outputs/emrfuse-demo`` that the README's main job leaves. Without a model the page
+says how to make one.
+
+Inputs: the four sequences as NIfTI uploads (``.nii`` / ``.nii.gz``), or a bundled example case
+(synthetic demo cases generated on the fly, and the real TCGA-DU-7294 case when
+``../shared/realdata`` is present); the report text; optionally a ground-truth label map.
+
+Outputs: an MRI viewer (slice slider, sequence and plane) with the predicted regions overlaid in
+distinct colours and a legend, the ground truth side by side when given; grade probabilities; the
+modality contribution (alpha_text vs alpha_image); the report with words highlighted by the model's
+token attention; region volumes; metrics against the ground truth; the predicted label map as a
+download.
+
+Privacy and limits: uploads must be NIfTI files of at most ``EMRFUSE_MAX_UPLOAD_MB`` MB each; they
+are deleted as soon as the prediction has read them, and nothing is kept after a session (viewer
+data live in the session's state; result files are removed after ``EMRFUSE_KEEP_OUTPUTS_S``
+seconds). The report text is never logged.
+"""
+
+from __future__ import annotations
+
+import atexit
+import csv
+import html
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+for _path in (HERE, REPO):  # the package next to the app (a Space) or the repository around it
+    if (_path / "modeling_emrfuse").is_dir() and str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: no spinning threads on shared vCPUs
+
+import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
+
+from modeling_emrfuse.brats_labels import REGION_NAMES, REGIONS, SEQUENCES, get_label_convention  # noqa: E402
+
+MODEL_ENV = "EMRFUSE_MODEL"
+DEFAULT_MODEL = REPO / "outputs" / "emrfuse-demo"
+REALDATA = REPO.parent / "shared" / "realdata"
+MAX_UPLOAD_MB = float(os.environ.get("EMRFUSE_MAX_UPLOAD_MB", "100"))
+KEEP_OUTPUTS_S = float(os.environ.get("EMRFUSE_KEEP_OUTPUTS_S", "600"))
+DEMO_SIZE = os.environ.get("EMRFUSE_DEMO_SIZE", "medium")
+N_DEMO_CASES = int(os.environ.get("EMRFUSE_DEMO_CASES", "2"))
+
+SEQUENCE_LABELS = {"t1": "T1", "t1ce": "T1ce", "t2": "T2", "flair": "FLAIR"}
+PLANES = ("axial", "coronal", "sagittal")
+OVERLAY_ALPHA = 0.5
+DISPLAY_MIN_SIZE = 320
+# colour of each label by its role in the convention
+ROLE_COLOURS = {
+    "edema": (0, 200, 0),  # green
+    "core": (230, 30, 30),  # red: necrotic / non-enhancing core
+    "enhancing": (255, 215, 0),  # yellow
+    "other": (40, 120, 255),  # blue: BraTS 2015 non-enhancing tumour
+}
+
+_OUTPUT_DIR = Path(tempfile.mkdtemp(prefix="emrfuse-space-"))
+atexit.register(shutil.rmtree, _OUTPUT_DIR, True)  # examples and results go when the app stops
+_PIPE_LOCK = threading.Lock()
+_PIPE: Dict[str, Any] = {}
+
+
+# ------------------------------------------------------------------------------------------ model
+def model_source() -> str:
+    """The model the Space runs: ``$EMRFUSE_MODEL`` or the demo model folder."""
+    return os.environ.get(MODEL_ENV) or str(DEFAULT_MODEL)
+
+
+def model_missing_message() -> Optional[str]:
+    """A how-to message when the configured model is a local folder that does not exist, else None."""
+    source = model_source()
+    if os.environ.get(MODEL_ENV) and not Path(source).exists() and "/" in source and not source.startswith((".", "/")):
+        return None  # a Hub id
+    if Path(source).exists():
+        return None
+    return (
+        f"No model found at `{source}`. Make the demo model with the README's main job (it trains on demo data "
+        f"and leaves `outputs/emrfuse-demo`), e.g. `python train.py --demo`, or set `{MODEL_ENV}` to a model folder "
+        "or a Hub id, then restart the app."
+    )
+
+
+def get_pipeline():
+    """The (cached) :class:`EmrFusePipeline` of :func:`model_source`; ``gr.Error`` when there is none."""
+    source = model_source()
+    with _PIPE_LOCK:
+        if _PIPE.get("source") == source:
+            return _PIPE["pipe"]
+        missing = model_missing_message()
+        if missing:
+            raise gr.Error(missing, print_exception=False)
+        from modeling_emrfuse.pipeline_emrfuse import load_pipeline
+
+        try:
+            pipe = load_pipeline(source)
+        except Exception as exc:  # an unusable model folder / offline Hub id
+            raise gr.Error(f"Cannot load the model {source}: {exc}", print_exception=False) from exc
+        _PIPE.update(source=source, pipe=pipe)
+        return pipe
+
+
+# ------------------------------------------------------------------------------------------ examples
+_EXAMPLES: Dict[str, Dict[str, Any]] = {}
+_EXAMPLES_LOCK = threading.Lock()
+
+
+def example_cases() -> Dict[str, Dict[str, Any]]:
+    """Bundled example cases: ``name -> {"input", "report", "ground_truth", "gt_convention", "note"}``.
+
+    Synthetic demo cases are written on first use (``datasets_scripts.demo_data``, BraTS 2020 layout,
+    with their reports and label maps); the real TCGA-DU-7294 case is listed when
+    ``../shared/realdata`` is present (its label map is a pseudo-label, and it has no report).
+    """
+    with _EXAMPLES_LOCK:
+        if _EXAMPLES:
+            return _EXAMPLES
+        try:
+            from datasets_scripts.demo_data import write_demo_dataset
+        except ImportError:
+            write_demo_dataset = None
+        if write_demo_dataset is not None:
+            root = write_demo_dataset(_OUTPUT_DIR / "examples", n_cases=N_DEMO_CASES, size=DEMO_SIZE, seed=0)
+            grades = {}
+            mapping = root / "name_mapping.csv"
+            if mapping.is_file():
+                with open(mapping, newline="", encoding="utf-8") as fh:
+                    for row in csv.DictReader(fh):
+                        ids = [v for k, v in row.items() if k and "ID" in k and v]
+                        if ids and row.get("Grade"):
+                            grades[ids[-1]] = row["Grade"]
+            for case_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+                cid = case_dir.name
+                report = next(case_dir.glob("*_text.txt"), None)
+                seg = next((p for p in case_dir.glob("*_seg.nii*")), None)
+                grade = grades.get(cid)
+                name = f"Demo {cid} (synthetic{', ' + grade if grade else ''})"
+                _EXAMPLES[name] = {
+                    "input": str(case_dir),
+                    "report": report.read_text(encoding="utf-8") if report else "",
+                    "ground_truth": str(seg) if seg else None,
+                    "gt_convention": "brats2017",
+                    "note": "Synthetic demo case (not patient data).",
+                }
+        real = REALDATA / "TCGA-DU-7294"
+        if real.is_dir():
+            _EXAMPLES["TCGA-DU-7294 (real, lower-grade glioma)"] = {
+                "input": str(real),
+                "report": "",
+                "ground_truth": str(real / "TCGA-DU-7294_seg.nii.gz") if (real / "TCGA-DU-7294_seg.nii.gz").is_file() else None,
+                "gt_convention": "brats2017",
+                "note": "Real TCGA-LGG case (CC BY 3.0). Its label map is a fused pseudo-label, not expert ground truth; no report.",
+            }
+        return _EXAMPLES
+
+
+def example_report(name: Optional[str]) -> str:
+    """The report text that goes with an example (empty when it has none)."""
+    return (example_cases().get(name) or {}).get("report", "") if name else ""
+
+
+# ------------------------------------------------------------------------------------------ uploads
+def validate_upload(path: Optional[str], what: str) -> Optional[Path]:
+    """Check an uploaded file: NIfTI name, not empty, at most ``MAX_UPLOAD_MB``, NIfTI/gzip magic bytes."""
+    if not path:
+        return None
+    p = Path(path)
+    name = p.name.lower()
+    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
+        raise gr.Error(f"{what}: {p.name} is not a NIfTI file (expected .nii or .nii.gz).", print_exception=False)
+    if not p.is_file():
+        raise gr.Error(f"{what}: the upload is gone (uploads are deleted after each prediction); upload it again.",
+                       print_exception=False)
+    size = p.stat().st_size
+    if size == 0:
+        raise gr.Error(f"{what}: {p.name} is empty.", print_exception=False)
+    if size > MAX_UPLOAD_MB * 1024 * 1024:
+        raise gr.Error(f"{what}: {p.name} is {size / 2**20:.0f} MB; the limit is {MAX_UPLOAD_MB:.0f} MB per file.",
+                       print_exception=False)
+    with open(p, "rb") as fh:
+        head = fh.read(348)
+    if name.endswith(".gz"):
+        ok = head[:2] == b"\x1f\x8b"
+    else:
+        ok = len(head) >= 4 and (int.from_bytes(head[:4], "little") in (348, 540) or int.from_bytes(head[:4], "big") in (348, 540))
+    if not ok:
+        raise gr.Error(f"{what}: {p.name} does not look like a NIfTI file.", print_exception=False)
+    return p
+
+
+def _delete_files(paths) -> None:
+    for p in paths:
+        if p:
+            try:
+                os.remove(p)
+            except OSError:
+                pass
+
+
+def _sweep_outputs() -> None:
+    """Remove result files older than ``KEEP_OUTPUTS_S`` (the examples stay)."""
+    now = time.time()
+    for p in _OUTPUT_DIR.glob("result-*"):
+        try:
+            if now - p.stat().st_mtime > KEEP_OUTPUTS_S:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def _read_label_map(path: str) -> np.ndarray:
+    """A label map file as uint8 (ValueError for anything that is not a readable 3-D label volume)."""
+    import nibabel as nib
+
+    try:
+        data = np.asanyarray(nib.load(str(path)).dataobj)
+    except Exception as exc:  # nibabel raises many types for a bad file
+        raise ValueError(f"ground truth {Path(path).name}: not a readable NIfTI file ({type(exc).__name__}).") from exc
+    data = np.squeeze(data)
+    if data.ndim != 3:
+        raise ValueError(f"ground truth {Path(path).name}: expected a 3-D label map, got shape {data.shape}.")
+    if not np.all(np.equal(np.mod(data, 1), 0)) or data.min() < 0 or data.max() > 255:
+        raise ValueError(f"ground truth {Path(path).name}: expected integer labels 0-255.")
+    return data.astype(np.uint8)
+
+
+def _guess_convention(label_map: np.ndarray) -> str:
+    values = set(np.unique(label_map).tolist()) - {0}
+    if 3 in values and 4 in values:
+        return "brats2015"
+    if 3 in values:
+        return "brats2023"
+    return "brats2017"
+
+
+# ------------------------------------------------------------------------------------------ viewer
+def _window(volume: np.ndarray) -> np.ndarray:
+    """uint8 display volume: 0.5-99.5 percentile window over the brain (non-zero voxels)."""
+    v = np.asarray(volume, dtype=np.float32)
+    brain = v[v != 0]
+    if brain.size == 0:
+        return np.zeros(v.shape, dtype=np.uint8)
+    lo, hi = np.percentile(brain, [0.5, 99.5])
+    if hi <= lo:
+        hi = lo + 1
+    return (np.clip((v - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+
+
+def _take(volume: np.ndarray, plane: str, index: int) -> np.ndarray:
+    axis = {"sagittal": 0, "coronal": 1, "axial": 2}[plane]
+    index = int(np.clip(index, 0, volume.shape[axis] - 1))
+    return np.rot90(np.take(volume, index, axis=axis))
+
+
+def _label_colours(convention: str) -> Dict[int, Tuple[Tuple[int, int, int], str]]:
+    conv = get_label_convention(convention)
+    out = {}
+    for label, name in conv.labels.items():
+        role = "other"
+        if label == conv.edema_label:
+            role = "edema"
+        elif label == conv.enhancing_label:
+            role = "enhancing"
+        elif label == conv.core_label:
+            role = "core"
+        out[int(label)] = (ROLE_COLOURS[role], name)
+    return out
+
+
+def _overlay(gray: np.ndarray, labels: Optional[np.ndarray], convention: str, show: bool = True) -> np.ndarray:
+    rgb = np.repeat(gray[..., None], 3, axis=-1).astype(np.float32)
+    if labels is not None and show:
+        for label, (colour, _) in _label_colours(convention).items():
+            m = labels == label
+            if m.any():
+                rgb[m] = (1 - OVERLAY_ALPHA) * rgb[m] + OVERLAY_ALPHA * np.asarray(colour, dtype=np.float32)
+    rgb = rgb.astype(np.uint8)
+    scale = max(1, int(np.ceil(DISPLAY_MIN_SIZE / max(rgb.shape[:2]))))
+    if scale > 1:
+        rgb = rgb.repeat(scale, axis=0).repeat(scale, axis=1)
+    return rgb
+
+
+def legend_html(convention: str, volumes: Optional[Dict[str, float]] = None) -> str:
+    """Colour legend of the overlay (label -> colour) with the region volumes."""
+    items = []
+    for label, (colour, name) in sorted(_label_colours(convention).items()):
+        swatch = f"background: rgb{colour}; width: 14px; height: 14px; display: inline-block; margin-right: 6px; border-radius: 3px;"
+        items.append(f'<span style="margin-right: 16px;"><span style="{swatch}"></span>{html.escape(name)} (label {label})</span>')
+    text = f"<div id='emrfuse-legend'><b>Overlay ({html.escape(convention)} labels):</b> " + " ".join(items)
+    if volumes:
+        vols = ", ".join(f"{REGION_NAMES[r]} ({r}) {volumes[r]:.1f} cm³" for r in REGIONS if r in volumes)
+        text += f"<br><b>Predicted volumes:</b> {vols}"
+    return text + "</div>"
+
+
+def view_state(case_volumes: Dict[str, np.ndarray], pred: np.ndarray, pred_conv: str, gt: Optional[np.ndarray],
+               gt_conv: Optional[str]) -> Dict[str, Any]:
+    """What the viewer needs after a prediction (kept in the session's state only)."""
+    images = {s: _window(case_volumes[s]) for s in SEQUENCES}
+    tumour = pred > 0
+    best = int(np.argmax(tumour.sum(axis=(0, 1)))) if tumour.any() else pred.shape[2] // 2
+    return {"images": images, "pred": pred, "pred_conv": pred_conv, "gt": gt, "gt_conv": gt_conv, "best_axial": best}
+
+
+def render_view(state: Optional[Dict[str, Any]], sequence: str, plane: str, index: float, show_overlay: bool = True):
+    """(prediction image, ground-truth image or None) for one slice of the viewer."""
+    if not state:
+        return None, None
+    seq = {v: k for k, v in SEQUENCE_LABELS.items()}.get(sequence, sequence)
+    gray = _take(state["images"][seq], plane, int(index))
+    pred = _overlay(gray, _take(state["pred"], plane, int(index)), state["pred_conv"], show_overlay)
+    gt = None
+    if state.get("gt") is not None:
+        gt = _overlay(gray, _take(state["gt"], plane, int(index)), state["gt_conv"], show_overlay)
+    return pred, gt
+
+
+def slider_for_plane(state: Optional[Dict[str, Any]], plane: str):
+    """Slider range (and a slice through the tumour) for a plane."""
+    if not state:
+        return gr.update()
+    axis = {"sagittal": 0, "coronal": 1, "axial": 2}[plane]
+    size = state["pred"].shape[axis]
+    tumour = state["pred"] > 0
+    if tumour.any():
+        other = tuple(a for a in range(3) if a != axis)
+        value = int(np.argmax(tumour.sum(axis=other)))
+    else:
+        value = size // 2
+    return gr.update(minimum=0, maximum=size - 1, value=value, step=1)
+
+
+def change_plane(state, sequence, plane, show_overlay):
+    """Plane changed: new slider range and images."""
+    slider = slider_for_plane(state, plane)
+    index = slider.get("value", 0) if isinstance(slider, dict) else 0
+    pred, gt = render_view(state, sequence, plane, index, show_overlay)
+    return slider, pred, gt
+
+
+# ------------------------------------------------------------------------------------------ outputs
+def highlight_report(report: str, words: Optional[List[Dict[str, Any]]]) -> List[Tuple[str, Optional[float]]]:
+    """The full report as (text, weight) pieces for gr.HighlightedText: each word's token attention,
+    scaled so that the most attended word is 1, and the text between words unhighlighted."""
+    if not report:
+        return []
+    if not words:
+        return [(report, None)]
+    top = max((w["weight"] for w in words), default=0.0) or 1.0
+    pieces: List[Tuple[str, Optional[float]]] = []
+    pos = 0
+    for w in words:
+        if w["start"] > pos:
+            pieces.append((report[pos : w["start"]], None))
+        pieces.append((report[w["start"] : w["end"]], round(float(w["weight"]) / top, 3)))
+        pos = w["end"]
+    if pos < len(report):
+        pieces.append((report[pos:], None))
+    return pieces
+
+
+def metrics_table(pred: np.ndarray, pred_conv: str, gt: np.ndarray, gt_conv: str, spacing) -> List[List[Any]]:
+    """Rows (region, Dice, PPV, sensitivity, HD95 mm) of the prediction against the ground truth."""
+    from modeling_emrfuse.metrics import score_label_maps
+
+    scores = score_label_maps(pred, gt, pred_conv, gt_conv, spacing=spacing)
+    return [[f"{REGION_NAMES[r]} ({r})", round(s["dice"], 4), round(s["ppv"], 4), round(s["sensitivity"], 4), round(s["hd95"], 2)]
+            for r, s in scores.items()]
+
+
+def _write_label_map(result: Dict[str, Any], case_id: str) -> str:
+    from modeling_emrfuse.predict_cli import write_label_map
+
+    folder = Path(tempfile.mkdtemp(prefix="result-", dir=_OUTPUT_DIR))
+    path = folder / f"{case_id}_emrfuse_labels.nii.gz"
+    write_label_map(path, result["label_map"], result["affine"], result["header"])
+    return str(path)
+
+
+def predict(t1, t1ce, t2, flair, example, report, ground_truth, sequence="FLAIR", plane="axial"):
+    """Run the model on the uploaded sequences (or the chosen example) and fill every output."""
+    uploads = [t1, t1ce, t2, flair]
+    uploaded_paths = [u for u in uploads + [ground_truth] if u]
+    try:
+        _sweep_outputs()
+        given = [u is not None and u != "" for u in uploads]
+        gt_path, gt_conv, note = None, None, ""
+        if any(given):
+            if not all(given):
+                missing = [SEQUENCE_LABELS[s] for s, g in zip(SEQUENCES, given) if not g]
+                raise gr.Error(f"Upload all four sequences (missing: {', '.join(missing)}), or clear them to use an example.",
+                               print_exception=False)
+            case_input = {s: str(validate_upload(u, SEQUENCE_LABELS[s])) for s, u in zip(SEQUENCES, uploads)}
+            from modeling_emrfuse.predict_cli import _case_id_from_files
+
+            case_id = _case_id_from_files(case_input)
+        elif example:
+            spec = example_cases().get(example)
+            if spec is None:
+                raise gr.Error(f"Unknown example {example!r}.", print_exception=False)
+            case_input = spec["input"]
+            case_id = Path(spec["input"]).name
+            gt_path, gt_conv, note = spec.get("ground_truth"), spec.get("gt_convention"), spec.get("note", "")
+        else:
+            raise gr.Error("Upload the four sequences (T1, T1ce, T2, FLAIR) or pick an example case.", print_exception=False)
+        if ground_truth:
+            gt_path, gt_conv = str(validate_upload(ground_truth, "Ground truth")), None
+        pipe = get_pipeline()
+        from modeling_emrfuse.pipeline_emrfuse import load_case
+
+        t_read = time.perf_counter()
+        try:
+            case = load_case(case_input)  # read once: for the model and for the viewer
+            read_s = time.perf_counter() - t_read
+            gt = _read_label_map(gt_path) if gt_path else None
+        except ValueError as exc:
+            raise gr.Error(f"Cannot read this case: {exc}", print_exception=False) from exc
+        finally:  # the uploads have been read: delete them now
+            _delete_files([p for p in uploaded_paths if p and not str(p).startswith(str(_OUTPUT_DIR))])
+        try:
+            result = pipe(case, report=report or None, use_case_report=False)
+        except ValueError as exc:
+            raise gr.Error(f"Cannot run this case: {exc}", print_exception=False) from exc
+        if result["label_map"] is None:
+            raise gr.Error("This model folder holds no segmentation model.", print_exception=False)
+        if gt is not None:
+            if gt.shape != result["label_map"].shape:
+                raise gr.Error(f"Ground truth shape {gt.shape} differs from the case's {result['label_map'].shape}.",
+                               print_exception=False)
+            gt_conv = gt_conv or _guess_convention(gt)
+    finally:
+        _delete_files([p for p in uploaded_paths if p and not str(p).startswith(str(_OUTPUT_DIR))])
+
+    pred_conv = result["label_convention"]
+    state = view_state(case.volumes, result["label_map"], pred_conv, gt, gt_conv)
+    pred_img, gt_img = render_view(state, sequence, plane, state["best_axial"] if plane == "axial" else 0)
+    slider = slider_for_plane(state, plane)
+    if plane != "axial":
+        pred_img, gt_img = render_view(state, sequence, plane, slider["value"])
+    grade = result["grade_probabilities"] or {"no grading model in this folder": 1.0}
+    alphas = {}
+    if result.get("alpha_text") is not None:
+        alphas["text (alpha_text)"] = float(result["alpha_text"])
+    if result.get("alpha_image") is not None:
+        alphas["image (alpha_image)"] = float(result["alpha_image"])
+    if not alphas:
+        alphas = {"dynamic weighting is off in this model": 1.0}
+    volumes = [[f"{REGION_NAMES[r]} ({r})", round(v, 2)] for r, v in (result["region_volumes_cm3"] or {}).items()]
+    metrics = metrics_table(result["label_map"], pred_conv, gt, gt_conv, result["spacing"]) if gt is not None else []
+    download = _write_label_map(result, case_id)
+    t = result["timings"]
+    status = [
+        f"**Prediction done** for `{case_id}` with `{result['model_id']}` (revision `{result['revision']}`).",
+        f"Report: {'missing (image-only prediction)' if not result['has_report'] else ('truncated to the model maximum' if result['report_truncated'] else 'used in full')}.",
+        f"Time: read {read_s:.2f} s, preprocess {t['preprocess']:.2f} s, model {t['model']:.2f} s, post-process {t['postprocess']:.2f} s.",
+    ]
+    if note:
+        status.append(note)
+    if gt is not None:
+        status.append(f"Ground truth shown on the right ({gt_conv} labels).")
+    clear = [gr.update(value=None)] * 5  # uploads were deleted
+    return [
+        state,
+        pred_img,
+        gr.update(value=gt_img, visible=gt is not None),
+        slider,
+        legend_html(pred_conv, result["region_volumes_cm3"]),
+        grade,
+        alphas,
+        highlight_report(report or "", result.get("words")),
+        volumes,
+        gr.update(value=metrics, visible=gt is not None),
+        download,
+        "\n\n".join(status),
+        *clear,
+    ]
+
+
+# ------------------------------------------------------------------------------------------ page
+DESCRIPTION = """# EmrFuse: brain MRI + radiology report
+Upload the four MRI sequences of a case (T1, T1ce, T2, FLAIR; NIfTI, skull-stripped and co-registered at 1 mm as in
+BraTS) or pick an example, add the radiology report if there is one, and run. The model segments the tumour
+sub-regions (whole tumour, tumour core, enhancing tumour) and grades the glioma (HGG vs LGG).
+
+**Research demo, not a medical device.** Uploads are deleted after each prediction; nothing is logged or kept."""
+
+
+def build_demo() -> gr.Blocks:
+    """Build the Blocks app (not launched)."""
+    examples = example_cases()
+    names = list(examples)
+    first = names[0] if names else None
+    missing = model_missing_message()
+    with gr.Blocks(title="EmrFuse", analytics_enabled=False, delete_cache=(300, int(KEEP_OUTPUTS_S))) as demo:
+        gr.Markdown(DESCRIPTION)
+        gr.Markdown(f"⚠️ {missing}" if missing else f"Model: `{model_source()}`", elem_id="emrfuse-model-status")
+        state = gr.State(time_to_live=int(KEEP_OUTPUTS_S))
+        with gr.Row():
+            with gr.Column(scale=1):
+                with gr.Row():
+                    f_t1 = gr.File(label="T1", file_types=[".nii", ".gz"], type="filepath")
+                    f_t1ce = gr.File(label="T1ce", file_types=[".nii", ".gz"], type="filepath")
+                with gr.Row():
+                    f_t2 = gr.File(label="T2", file_types=[".nii", ".gz"], type="filepath")
+                    f_flair = gr.File(label="FLAIR", file_types=[".nii", ".gz"], type="filepath")
+                example = gr.Dropdown(choices=names, value=first, label="…or an example case (used when no upload is given)")
+                report = gr.Textbox(label="Radiology report (optional)", lines=6, value=example_report(first),
+                                    placeholder="Paste the report here; leave empty for an image-only prediction.")
+                gt_file = gr.File(label="Ground-truth label map (optional, NIfTI)", file_types=[".nii", ".gz"], type="filepath")
+                run = gr.Button("Run", variant="primary", elem_id="emrfuse-run")
+                status = gr.Markdown(elem_id="emrfuse-status")
+            with gr.Column(scale=2):
+                with gr.Row():
+                    sequence = gr.Radio([SEQUENCE_LABELS[s] for s in SEQUENCES], value="FLAIR", label="Sequence")
+                    plane = gr.Radio(list(PLANES), value="axial", label="Plane")
+                    show = gr.Checkbox(value=True, label="Show overlay")
+                index = gr.Slider(0, 154, value=77, step=1, label="Slice")
+                with gr.Row():
+                    pred_img = gr.Image(label="Prediction", type="numpy", format="png", elem_id="emrfuse-pred-view",
+                                        interactive=False)
+                    gt_img = gr.Image(label="Ground truth", type="numpy", format="png", visible=False,
+                                      elem_id="emrfuse-gt-view", interactive=False)
+                legend = gr.HTML(elem_id="emrfuse-legend-box")
+                with gr.Row():
+                    grade = gr.Label(label="Grade probabilities", num_top_classes=2, elem_id="emrfuse-grade")
+                    alphas = gr.Label(label="Modality contribution (alpha_text vs alpha_image)", elem_id="emrfuse-alpha")
+                highlighted = gr.HighlightedText(label="Report, words shaded by the model's token attention",
+                                                 elem_id="emrfuse-report-attention", show_legend=False)
+                with gr.Row():
+                    volumes = gr.Dataframe(headers=["Region", "Volume (cm³)"], label="Region volumes",
+                                           elem_id="emrfuse-volumes", interactive=False)
+                    metrics = gr.Dataframe(headers=["Region", "Dice", "PPV", "Sensitivity", "HD95 (mm)"],
+                                           label="Metrics against the ground truth", visible=False,
+                                           elem_id="emrfuse-metrics", interactive=False)
+                download = gr.File(label="Predicted label map (NIfTI)", elem_id="emrfuse-download", interactive=False)
+
+        example.change(example_report, inputs=example, outputs=report, api_name=False)
+        run.click(
+            predict,
+            inputs=[f_t1, f_t1ce, f_t2, f_flair, example, report, gt_file, sequence, plane],
+            outputs=[state, pred_img, gt_img, index, legend, grade, alphas, highlighted, volumes, metrics, download, status,
+                     f_t1, f_t1ce, f_t2, f_flair, gt_file],
+            api_name="predict",
+            concurrency_limit=1,
+        )
+        view_inputs = [state, sequence, plane, index, show]
+        for control in (sequence, show):
+            control.change(render_view, inputs=view_inputs, outputs=[pred_img, gt_img], api_name=False)
+        index.change(render_view, inputs=view_inputs, outputs=[pred_img, gt_img], api_name=False,
+                     trigger_mode="always_last")
+        plane.change(change_plane, inputs=[state, sequence, plane, show], outputs=[index, pred_img, gt_img], api_name=False)
+    return demo
+
+
+def main() -> None:
+    """Launch the app (``python space/app.py``); host/port from GRADIO_SERVER_NAME / GRADIO_SERVER_PORT."""
+    demo = build_demo()
+    demo.queue(default_concurrency_limit=1).launch(max_file_size=f"{int(MAX_UPLOAD_MB)}mb", show_error=True)
+
+
+if __name__ == "__main__":
+    main()

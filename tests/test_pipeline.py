@@ -1,0 +1,267 @@
+"""The transformers custom pipeline (modeling_emrfuse/pipeline_emrfuse.py) on tiny models."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from modeling_emrfuse.brats_labels import SEQUENCES, get_label_convention, label_map_to_regions
+from modeling_emrfuse.pipeline_emrfuse import (
+    PIPELINE_TASK,
+    EmrFusePipeline,
+    load_case,
+    load_pipeline,
+    region_volumes_cm3,
+)
+from tiny_emrfuse import build_tiny_model_folder, write_small_case
+
+REPORT = "Irregular ring enhancing mass in the left frontal lobe with central necrosis and surrounding oedema."
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_model_folder(tmp_path_factory.mktemp("pipeline") / "model")
+
+
+@pytest.fixture(scope="module")
+def case_dir(tmp_path_factory):
+    return write_small_case(tmp_path_factory.mktemp("pipeline-data"))
+
+
+@pytest.fixture(scope="module")
+def pipe(model_dir):
+    return load_pipeline(str(model_dir), device="cpu")
+
+
+def _paths(case_dir: Path):
+    return {s: str(next(case_dir.glob(f"*_{s}.nii.gz"))) for s in SEQUENCES}
+
+
+def test_folder_registers_the_pipeline(model_dir):
+    config = json.loads((model_dir / "config.json").read_text())
+    entry = config["custom_pipelines"][PIPELINE_TASK]
+    assert entry["impl"] == "pipeline_emrfuse.EmrFusePipeline"
+    assert "AutoModelForSemanticSegmentation" in entry["pt"]
+    assert config["grading_model"] == "grading"
+    for name in ("pipeline_emrfuse.py", "brats_labels.py", "modeling_emrfuse.py", "processing_emrfuse.py"):
+        assert (model_dir / name).is_file(), name
+
+
+def test_pipeline_outputs(pipe, case_dir):
+    out = pipe(_paths(case_dir), report=REPORT)
+    ref = nib.load(_paths(case_dir)["t1"])
+    assert out["label_map"].shape == ref.shape and out["label_map"].dtype == np.uint8
+    assert np.allclose(out["affine"], ref.affine)
+    assert set(np.unique(out["label_map"])) <= set(get_label_convention(out["label_convention"]).valid_labels)
+    assert out["label_convention"] == "brats2017"
+    # volumes from the label map and the header's voxel size
+    regions = label_map_to_regions(out["label_map"], out["label_convention"])
+    for i, r in enumerate(("WT", "TC", "ET")):
+        assert out["region_volumes_cm3"][r] == pytest.approx(regions[i].sum() / 1000.0)
+    probs = out["grade_probabilities"]
+    assert set(probs) == {"HGG", "LGG"} and sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
+    assert out["grade"] == max(probs, key=probs.get)
+    assert 0.0 < out["alpha_text"] < 1.0 and 0.0 < out["alpha_image"] < 1.0
+    assert out["has_report"] and not out["report_truncated"] and out["report_source"] == "argument"
+    assert out["tokens"][0] == "[CLS]" and len(out["tokens"]) == len(out["token_attention"])
+    assert sum(out["token_attention"]) == pytest.approx(1.0, abs=1e-3)
+    assert [w["word"] for w in out["words"]][:3] == ["Irregular", "ring", "enhancing"]
+    for w in out["words"]:
+        assert REPORT[w["start"] : w["end"]] == w["word"]
+    assert out["model_id"] == str(Path(pipe.model.config._name_or_path).resolve())
+    assert out["revision"].startswith("sha256:") and out["grading_model_id"].endswith("grading")
+    assert set(out["timings"]) >= {"load", "preprocess", "model", "postprocess", "text_encoder"}
+    # the report is encoded once per model per case (segmentation + grading), not once per slice
+    assert out["timings"]["text_encoder_calls"] == 2
+
+
+def test_missing_report_and_case_report(pipe, case_dir, tmp_path):
+    out = pipe(str(case_dir))
+    assert not out["has_report"] and out["tokens"] is None and out["report_source"] is None
+    assert out["label_map"] is not None and out["grade_probabilities"] is not None
+    # a TextBraTS-style report file in the case folder is used when no report is given
+    folder = write_small_case(tmp_path, case_id="Case_002")
+    (folder / "Case_002_flair_text.txt").write_text(REPORT, encoding="utf-8")
+    out = pipe(str(folder))
+    assert out["has_report"] and out["report_source"] == "case folder"
+    assert not pipe(str(folder), use_case_report=False)["has_report"]
+
+
+def test_chunking_does_not_change_the_result(model_dir, case_dir):
+    small = load_pipeline(str(model_dir), device="cpu", chunk_size=5, precision="fp32")
+    large = load_pipeline(str(model_dir), device="cpu", chunk_size=64, precision="fp32")
+    a = small(str(case_dir), report=REPORT, return_probabilities=True)
+    b = large(str(case_dir), report=REPORT, return_probabilities=True)
+    assert a["timings"]["text_encoder_calls"] == 2  # still once per model with 5 chunks of slices
+    assert np.abs(a["region_probabilities"].astype(np.float32) - b["region_probabilities"].astype(np.float32)).max() < 2e-3
+    assert a["grade_probabilities"]["HGG"] == pytest.approx(b["grade_probabilities"]["HGG"], abs=1e-4)
+
+
+def test_bf16_autocast_close_to_fp32(model_dir, case_dir):
+    fp32 = load_pipeline(str(model_dir), device="cpu", precision="fp32")(str(case_dir), report=REPORT, return_probabilities=True)
+    bf16 = load_pipeline(str(model_dir), device="cpu", precision="bf16")(str(case_dir), report=REPORT, return_probabilities=True)
+    diff = np.abs(fp32["region_probabilities"].astype(np.float32) - bf16["region_probabilities"].astype(np.float32))
+    assert diff.max() < 0.05
+    assert (fp32["label_map"] != bf16["label_map"]).mean() < 0.01
+    assert abs(fp32["grade_probabilities"]["HGG"] - bf16["grade_probabilities"]["HGG"]) < 0.02
+
+
+def test_grading_on_a_subset_of_slices(model_dir, case_dir):
+    sub = load_pipeline(str(model_dir), device="cpu", grading_max_slices=4)
+    out = sub(str(case_dir), report=REPORT)
+    assert sum(out["grade_probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert out["label_map"].shape == nib.load(_paths(case_dir)["t1"]).shape
+
+
+def test_inputs_arrays_images_and_2023_names(pipe, case_dir):
+    paths = _paths(case_dir)
+    imgs = {s: nib.load(p) for s, p in paths.items()}
+    arrays = np.stack([np.asanyarray(imgs[s].dataobj) for s in SEQUENCES])
+    from_images = pipe({"t1n": imgs["t1"], "t1c": imgs["t1ce"], "t2w": imgs["t2"], "t2f": imgs["flair"]}, report=REPORT)
+    from_array = pipe(arrays, report=REPORT, affine=imgs["t1"].affine)
+    assert from_images["label_convention"] == "brats2023"  # 2023 sequence names -> 2023 labels
+    assert from_array["label_convention"] == "brats2017"
+    assert np.allclose(from_array["affine"], imgs["t1"].affine)
+    regions_a = label_map_to_regions(from_images["label_map"], "brats2023")
+    regions_b = label_map_to_regions(from_array["label_map"], "brats2017")
+    assert np.array_equal(regions_a, regions_b)  # same prediction, two label conventions
+
+
+def test_region_volumes_use_the_voxel_size():
+    label_map = np.zeros((10, 10, 10), dtype=np.uint8)
+    label_map[:2, :5, :10] = 2  # 100 voxels of edema
+    label_map[5, 5, 5] = 4
+    vols = region_volumes_cm3(label_map, "brats2017", spacing=(2.0, 1.0, 1.5))
+    assert vols == {"WT": pytest.approx(101 * 3.0 / 1000), "TC": pytest.approx(3.0 / 1000), "ET": pytest.approx(3.0 / 1000)}
+
+
+def _write(path: Path, data, affine=None):
+    nib.save(nib.Nifti1Image(np.asarray(data, dtype=np.int16), np.eye(4) if affine is None else affine), path)
+    return str(path)
+
+
+@pytest.mark.parametrize("problem", ["missing", "shape", "affine", "not_nifti", "empty", "garbage", "absent"])
+def test_bad_cases_raise_clear_errors(tmp_path, problem):
+    data = np.ones((8, 8, 6))
+    files = {s: _write(tmp_path / f"c_{s}.nii.gz", data) for s in SEQUENCES}
+    expected = {
+        "missing": "Missing sequence",
+        "shape": "different shapes",
+        "affine": "different affines",
+        "not_nifti": "not a NIfTI file",
+        "empty": "empty",
+        "garbage": "not a readable NIfTI",
+        "absent": "does not exist",
+    }[problem]
+    if problem == "missing":
+        files.pop("t2")
+    elif problem == "shape":
+        files["t2"] = _write(tmp_path / "c_t2.nii.gz", np.ones((8, 8, 5)))
+    elif problem == "affine":
+        files["flair"] = _write(tmp_path / "c_flair.nii.gz", data, affine=np.diag([1.0, 1.0, 1.0, 1.0]) + np.eye(4) * 0.5)
+    elif problem == "not_nifti":
+        (tmp_path / "c_t1.txt").write_text("hello")
+        files["t1"] = str(tmp_path / "c_t1.txt")
+    elif problem == "empty":
+        (tmp_path / "c_t1ce.nii.gz").write_bytes(b"")
+    elif problem == "garbage":
+        (tmp_path / "c_t1ce.nii.gz").write_bytes(b"this is not a nifti file at all" * 20)
+    elif problem == "absent":
+        files["t1"] = str(tmp_path / "nowhere_t1.nii.gz")
+    with pytest.raises(ValueError, match=expected):
+        load_case(files)
+
+
+def test_grading_model_in_a_sibling_folder(model_dir, case_dir, tmp_path):
+    """The layout ``train.py --demo`` leaves: outputs/emrfuse-demo + outputs/emrfuse-demo-grading."""
+    import shutil
+
+    root = tmp_path / "emrfuse-demo"
+    shutil.copytree(model_dir, root)
+    shutil.move(str(root / "grading"), str(tmp_path / "emrfuse-demo-grading"))
+    config = json.loads((root / "config.json").read_text())
+    config.pop("grading_model")
+    config.pop("custom_pipelines")
+    (root / "config.json").write_text(json.dumps(config))
+    sibling = load_pipeline(str(root), device="cpu")
+    out = sibling(str(case_dir), report=REPORT)
+    assert out["grading_model_id"].endswith("emrfuse-demo-grading") and out["grade_probabilities"] is not None
+
+
+def test_default_model_folder_missing_says_how_to_make_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="README's main job"):
+        load_pipeline()
+
+
+def test_save_pretrained_round_trip(model_dir, case_dir, tmp_path):
+    from transformers import pipeline
+
+    pipe = load_pipeline(str(model_dir), device="cpu", optimize=False, precision="fp32")
+    pipe.save_pretrained(tmp_path / "saved")
+    again = pipeline(model=str(tmp_path / "saved"), trust_remote_code=True, device="cpu")
+    assert type(again).__name__ == "EmrFusePipeline" and again.grading_model is not None
+    a = pipe(str(case_dir), report=REPORT)
+    b = again(str(case_dir), report=REPORT)
+    assert (a["label_map"] != b["label_map"]).mean() < 1e-3  # b: BatchNorm folded, bf16 on a bf16 CPU
+    assert a["grade_probabilities"]["HGG"] == pytest.approx(b["grade_probabilities"]["HGG"], abs=0.02)
+    optimized = load_pipeline(str(model_dir), device="cpu")
+    with pytest.raises(ValueError, match="optimize=False"):
+        optimized.save_pretrained(tmp_path / "refused")
+
+
+def test_transformers_pipeline_in_a_fresh_process_without_the_package(model_dir, case_dir, tmp_path):
+    """``transformers.pipeline(model=folder, trust_remote_code=True)`` runs a case with only the folder's code."""
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        sys.modules["modeling_emrfuse"] = None   # the installed package must not be needed
+        sys.modules["datasets_scripts"] = None
+        import numpy as np
+        from transformers import pipeline
+        pipe = pipeline(model={str(model_dir)!r}, trust_remote_code=True, device="cpu")
+        out = pipe({str(case_dir)!r}, report={REPORT!r})
+        print(json.dumps({{
+            "cls": type(pipe).__module__, "shape": list(out["label_map"].shape), "dtype": str(out["label_map"].dtype),
+            "grade": out["grade_probabilities"], "words": len(out["words"]), "case": out["case_id"],
+        }}))
+        """
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["cls"].startswith("transformers_modules.")
+    assert out["shape"] == list(nib.load(_paths(case_dir)["t1"]).shape) and out["dtype"] == "uint8"
+    assert sum(out["grade"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert out["words"] > 5 and out["case"] == case_dir.name
+
+
+def test_pipeline_class_is_registered():
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    assert PIPELINE_TASK in PIPELINE_REGISTRY.get_supported_tasks()
+    # (a folder's own copy of the file, loaded with trust_remote_code, registers its class under the same task)
+    assert PIPELINE_REGISTRY.supported_tasks[PIPELINE_TASK]["impl"].__name__ == "EmrFusePipeline"
+    assert EmrFusePipeline._registered_impl[PIPELINE_TASK]["impl"] is EmrFusePipeline
+
+
+def test_optimize_for_inference_keeps_the_outputs(model_dir):
+    from modeling_emrfuse.pipeline_emrfuse import _probe_forward, optimize_for_inference
+    from transformers import AutoModelForSemanticSegmentation
+
+    model = AutoModelForSemanticSegmentation.from_pretrained(str(model_dir), trust_remote_code=True).eval()
+    before = _probe_forward(model)
+    done = optimize_for_inference(model, precision="fp32")
+    assert done["batchnorm_folded"] > 10 and done["dtype"] == "float32"
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert torch.allclose(_probe_forward(model), before, atol=1e-4, rtol=1e-4)

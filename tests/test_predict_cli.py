@@ -1,0 +1,183 @@
+"""``emrfuse predict`` on demo cases, the real cases in ../shared/realdata, folders of cases and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from modeling_emrfuse.brats_labels import get_label_convention
+from modeling_emrfuse.cli import main
+from tiny_emrfuse import REALDATA, build_tiny_model_folder, write_small_case
+
+REPORT = "Ring enhancing mass in the right temporal lobe with necrosis and surrounding oedema."
+JSON_FIELDS = {
+    "case_id", "label_map", "label_convention", "grade", "grade_probabilities", "region_volumes_cm3", "alpha_text",
+    "alpha_image", "has_report", "report_missing", "report_truncated", "model", "timings_s", "shape", "spacing_mm",
+}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_model_folder(tmp_path_factory.mktemp("cli") / "model")
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    from datasets_scripts.demo_data import write_demo_dataset
+
+    return write_demo_dataset(tmp_path_factory.mktemp("cli-demo") / "demo", n_cases=3, size="small", seed=0)
+
+
+def _check_output(nifti: Path, record_path: Path, reference: Path, convention: str):
+    ref = nib.load(str(reference))
+    out = nib.load(str(nifti))
+    data = np.asanyarray(out.dataobj)
+    assert out.shape == ref.shape and data.dtype == np.uint8
+    assert np.allclose(out.affine, ref.affine)
+    assert np.allclose(out.header.get_zooms()[:3], ref.header.get_zooms()[:3])
+    assert int(out.header["sform_code"]) == int(ref.header["sform_code"])
+    assert set(np.unique(data).tolist()) <= set(get_label_convention(convention).valid_labels)
+    record = json.loads(record_path.read_text())
+    assert JSON_FIELDS <= set(record)
+    assert record["label_convention"] == convention and record["label_map"] == nifti.name
+    assert set(record["region_volumes_cm3"]) == {"WT", "TC", "ET"}
+    assert record["model"]["id"] and record["model"]["revision"]
+    return record
+
+
+def test_predict_demo_case(model_dir, demo_dir, tmp_path, capsys):
+    case = demo_dir / "BraTS20_Training_001"
+    rc = main(["predict", str(case), "--model", str(model_dir), "-o", str(tmp_path), "--report", REPORT])
+    assert rc == 0
+    record = _check_output(tmp_path / "BraTS20_Training_001.nii.gz", tmp_path / "BraTS20_Training_001.json",
+                           case / "BraTS20_Training_001_flair.nii.gz", "brats2017")
+    assert record["has_report"] and record["report_source"] == "argument"
+    assert abs(sum(record["grade_probabilities"].values()) - 1) < 1e-5
+    assert REPORT not in (tmp_path / "BraTS20_Training_001.json").read_text()  # the report is never written
+    assert REPORT not in capsys.readouterr().out
+
+
+def test_predict_label_convention_report_file_and_file_output(model_dir, demo_dir, tmp_path):
+    case = demo_dir / "BraTS20_Training_002"
+    report_file = tmp_path / "report.txt"
+    report_file.write_text(REPORT, encoding="utf-8")
+    out = tmp_path / "out" / "pred.nii.gz"
+    rc = main(["predict", str(case), "--model", str(model_dir), "-o", str(out), "--report-file", str(report_file),
+               "--label-convention", "brats2023", "--save-attention", "-q"])
+    assert rc == 0
+    record = _check_output(out, out.with_name("pred.json"), case / "BraTS20_Training_002_t1.nii.gz", "brats2023")
+    assert record["report_source"] == "file" and record["words"][0]["word"] == "Ring"
+
+
+def test_predict_explicit_files_and_case_report(model_dir, demo_dir, tmp_path):
+    case = demo_dir / "BraTS20_Training_003"
+    args = ["predict", "--model", str(model_dir), "-o", str(tmp_path), "-q"]
+    for seq in ("t1", "t1ce", "t2", "flair"):
+        args += [f"--{seq}", str(case / f"BraTS20_Training_003_{seq}.nii.gz")]
+    assert main(args) == 0
+    record = _check_output(tmp_path / "BraTS20_Training_003.nii.gz", tmp_path / "BraTS20_Training_003.json",
+                           case / "BraTS20_Training_003_t1.nii.gz", "brats2017")
+    assert record["report_missing"]  # files named explicitly: no report unless given
+    # the case folder's own TextBraTS report is used when the folder is given
+    assert main(["predict", str(case), "--model", str(model_dir), "-o", str(tmp_path / "f"), "-q"]) == 0
+    record = json.loads((tmp_path / "f" / "BraTS20_Training_003.json").read_text())
+    assert record["has_report"] and record["report_source"] == "case folder"
+
+
+def test_predict_folder_of_cases_with_a_bad_case(model_dir, demo_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(demo_dir, data)
+    (data / "BraTS20_Training_002" / "BraTS20_Training_002_t2.nii.gz").unlink()  # missing sequence
+    (data / "BraTS20_Training_003" / "BraTS20_Training_003_t1.nii.gz").write_bytes(b"")  # empty file
+    out = tmp_path / "pred"
+    rc = main(["predict", str(data), "--model", str(model_dir), "-o", str(out)])
+    assert rc == 1  # some cases failed; the others finished
+    assert (out / "BraTS20_Training_001.nii.gz").is_file() and (out / "BraTS20_Training_001.json").is_file()
+    summary = json.loads((out / "predict_summary.json").read_text())
+    failed = {f["case_id"]: f["reason"] for f in summary["failed"]}
+    assert summary["predicted"] == ["BraTS20_Training_001"]
+    assert "missing sequence" in failed["BraTS20_Training_002"] and "empty" in failed["BraTS20_Training_003"]
+    err = capsys.readouterr().err
+    assert "2 failed" in err and "BraTS20_Training_003" in err and "Traceback" not in err
+
+
+def _real_case(name):
+    folder = REALDATA / name
+    if not folder.is_dir():
+        pytest.skip(f"real data not available: {folder} is absent (it is not part of a fresh clone)")
+    return folder
+
+
+def test_predict_real_case_tcga(model_dir, tmp_path):
+    case = _real_case("TCGA-DU-7294")
+    assert main(["predict", str(case), "--model", str(model_dir), "-o", str(tmp_path), "-q", "--grading-slices", "16"]) == 0
+    record = _check_output(tmp_path / "TCGA-DU-7294.nii.gz", tmp_path / "TCGA-DU-7294.json",
+                           case / "TCGA-DU-7294_flair.nii.gz", "brats2017")
+    assert record["shape"] == [240, 240, 155] and record["spacing_mm"] == [1.0, 1.0, 1.0]
+
+
+def test_predict_real_case_brats2023_files(model_dir, tmp_path):
+    case = _real_case("BraTS-GLI-00001-000")
+    args = ["predict", "--model", str(model_dir), "-o", str(tmp_path), "-q", "--grading-slices", "16"]
+    for seq, name in (("t1", "t1n"), ("t1ce", "t1c"), ("t2", "t2w"), ("flair", "t2f")):
+        args += [f"--{seq}", str(case / f"BraTS-GLI-00001-000-{name}.nii.gz")]
+    assert main(args) == 0
+    _check_output(tmp_path / "BraTS-GLI-00001-000.nii.gz", tmp_path / "BraTS-GLI-00001-000.json",
+                  case / "BraTS-GLI-00001-000-t2f.nii.gz", "brats2023")
+
+
+def _files(case: Path):
+    return {s: case / f"{case.name}_{s}.nii.gz" for s in ("t1", "t1ce", "t2", "flair")}
+
+
+@pytest.mark.parametrize("problem", ["missing", "shape", "affine", "not_nifti", "empty", "no_input", "absent", "model"])
+def test_bad_input_gives_a_message_and_exit_2(model_dir, tmp_path, capsys, problem):
+    case = write_small_case(tmp_path, shape=(16, 16, 8))
+    files = _files(case)
+    model = str(model_dir)
+    expected = {
+        "missing": "missing sequence", "shape": "different shapes", "affine": "different affines",
+        "not_nifti": "not a NIfTI", "empty": "empty", "no_input": "give a case folder", "absent": "does not exist",
+        "model": "No model folder",
+    }[problem]
+    if problem == "missing":
+        files.pop("t2")
+    elif problem == "shape":
+        ref = nib.load(str(files["t2"]))
+        nib.save(nib.Nifti1Image(np.ones((16, 16, 7), np.int16), ref.affine), str(files["t2"]))
+    elif problem == "affine":
+        ref = nib.load(str(files["flair"]))
+        nib.save(nib.Nifti1Image(np.asanyarray(ref.dataobj), ref.affine @ np.diag([1, 1, 1.0, 1]) + 0.5), str(files["flair"]))
+    elif problem == "not_nifti":
+        files["t1"] = tmp_path / "t1.txt"
+        files["t1"].write_text("not an image")
+    elif problem == "empty":
+        files["t1ce"].write_bytes(b"")
+    elif problem == "model":
+        model = str(tmp_path / "no-such-model")
+    args = ["predict", "--model", model, "-o", str(tmp_path / "out")]
+    if problem == "no_input":
+        pass
+    elif problem == "absent":
+        args.insert(1, str(tmp_path / "no-such-case"))
+    else:
+        for seq, path in files.items():
+            args += [f"--{seq}", str(path)]
+    rc = main(args)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "emrfuse predict: error:" in err and expected in err and "Traceback" not in err
+
+
+def test_bad_input_in_a_fresh_process_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "modeling_emrfuse.cli", "predict", str(tmp_path / "nothing")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
