@@ -1,0 +1,172 @@
+"""Benchmark of training and evaluation with train.py's own loop, on this machine's CPU.
+
+Measures, for the paper-size model (BERT-base-sized text tower with random weights, ResNet-50,
+the default decoder, fusion_dim 256) on full-size cases (240 x 240 x 155, whole brain slices)
+and for the demo model (the `python train.py --demo` defaults: 2-layer BERT, ResNet-18, 64 x 64
+slices):
+
+  1. training throughput in slices/s (forward + backward + AdamW step, batch of the run, data
+     loading included), measured after warm-up steps;
+  2. the share of the training step time spent waiting for the next batch (data loading,
+     augmentation, collation);
+  3. evaluation seconds per case on whole volumes (files -> slices -> model -> label map on the
+     original grid -> 3D metrics), for a full-size case with the paper-size model.
+
+    OMP_NUM_THREADS=2 python bench/bench_train.py                 # both models (~5 minutes)
+    python bench/bench_train.py --skip-paper                       # demo model only
+
+Figures depend on the machine and on what else runs on it; nothing here is a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import train  # noqa: E402
+
+BERT_BASE = {"vocab_size": 1000, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072, "max_position_embeddings": 512}
+
+
+def measure(argv, text_spec, warmup: int, steps: int, label: str) -> dict:
+    args = train.parse_args(argv + ["--max_steps", str(warmup + steps)])
+    accelerator = train.make_accelerator(args)
+    train.setup_logging(accelerator)
+    run = train.prepare_run_data(args, accelerator)
+    if text_spec is not None:
+        texts = [run.reports[c.case_id] for c in run.train_cases if run.reports.get(c.case_id)]
+        run.text_model = train.build_demo_text_tower(texts, Path(args.cache_dir) / f"bench-tower-{text_spec['hidden_size']}", accelerator, spec=text_spec)
+    # time every step: the dataset's __getitem__ and the collate run in this process (num_workers=0),
+    # so their time is the time the step waits for data; successive collate calls mark the steps
+    step_times, wait_times = [], []
+    orig_build = train.build_train_loader
+
+    def timed_build(*a, **k):
+        loader, dataset = orig_build(*a, **k)
+        timed = TimedDataset(dataset)
+        collate = loader.collate_fn
+        state = {"last": None}
+
+        def timed_collate(batch):
+            t0 = time.perf_counter()
+            out = collate(batch)
+            t1 = time.perf_counter()
+            if state["last"] is not None:
+                step_times.append(t1 - state["last"])
+                wait_times.append(timed.take() + (t1 - t0))
+            else:
+                timed.take()
+            state["last"] = t1
+            return out
+
+        new_loader = torch.utils.data.DataLoader(
+            timed, batch_size=loader.batch_size, shuffle=False, collate_fn=timed_collate, num_workers=0, drop_last=True,
+            generator=loader.generator,
+        )
+        return new_loader, dataset
+
+    train.build_train_loader = timed_build
+    try:
+        summary, _ = train.train_one(
+            args, accelerator, run, task="segmentation", output_dir=Path(args.output_dir), switches=train.model_switches(args),
+            seed=0, save_model=False, use_trackers=False, desc=label,
+        )
+    finally:
+        train.build_train_loader = orig_build
+    step_times, wait_times = step_times[warmup:], wait_times[warmup:]
+    per_case = Path(args.output_dir) / "eval" / "per_case.csv"
+    import csv
+
+    with per_case.open() as fh:
+        rows = list(csv.DictReader(fh))
+    result = {
+        "model": label,
+        "slice_size": "x".join(str(v) for v in _slice_size(run, args)),
+        "batch_slices": args.batch_size,
+        "step_seconds": round(sum(step_times) / len(step_times), 3),
+        "train_slices_per_second": round(args.batch_size * len(step_times) / sum(step_times), 2),
+        "data_wait_share": round(sum(wait_times) / sum(step_times), 3),
+        "eval_seconds_per_case": round(sum(float(r["seconds"]) for r in rows) / len(rows), 2),
+        "eval_case_grid": "full (240x240x155)" if "full" in argv else "demo small (64x64x48)",
+    }
+    return result
+
+
+def _slice_size(run, args):
+    from datasets_scripts.slice_cache import load_cache
+
+    cached = load_cache(Path(args.cache_dir) / "slices", [c.case_id for c in run.train_cases])
+    return max(c.height for c in cached), max(c.width for c in cached)
+
+
+class TimedDataset(torch.utils.data.Dataset):
+    """Forwards to a dataset and adds up the seconds spent in ``__getitem__``."""
+
+    def __init__(self, dataset):
+        self.dataset, self.seconds = dataset, 0.0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def set_epoch(self, epoch):
+        self.dataset.set_epoch(epoch)
+
+    def __getitem__(self, index):
+        t0 = time.perf_counter()
+        item = self.dataset[index]
+        self.seconds += time.perf_counter() - t0
+        return item
+
+    def take(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--skip-paper", action="store_true")
+    p.add_argument("--skip-demo", action="store_true")
+    p.add_argument("--paper-steps", type=int, default=4)
+    p.add_argument("--demo-steps", type=int, default=20)
+    opts = p.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        common = ["--demo", "--report_to", "none", "--cache_dir", str(tmp / "cache"), "--logging_steps", "1000"]
+        if not opts.skip_demo:
+            results.append(measure(
+                common + ["--demo_data_dir", str(tmp / "demo48"), "--output_dir", str(tmp / "demo-out"), "--max_eval_cases", "4"],
+                None, warmup=3, steps=opts.demo_steps, label="demo model (2-layer BERT 64, ResNet-18)",
+            ))
+        if not opts.skip_paper:
+            results.append(measure(
+                common + [
+                    "--demo_cases", "4", "--demo_size", "full", "--eval_fraction", "0.25", "--demo_data_dir", str(tmp / "full4"),
+                    "--output_dir", str(tmp / "paper-out"), "--vision_model", "resnet50", "--fusion_dim", "256",
+                    "--cross_attention_heads", "8", "--decoder_channels", "256", "128", "64", "32", "16", "--batch_size", "8",
+                    "--slices_per_case", "4",
+                ],
+                BERT_BASE, warmup=1, steps=opts.paper_steps, label="paper-size model (BERT-base-sized, ResNet-50)",
+            ))
+    print()
+    print("| model | slice H x W | slices/step | s/step | train slices/s | data-wait share | eval s/case | eval grid |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['model']} | {r['slice_size']} | {r['batch_slices']} | {r['step_seconds']} | {r['train_slices_per_second']} | "
+              f"{100 * r['data_wait_share']:.1f} % | {r['eval_seconds_per_case']} | {r['eval_case_grid']} |")
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

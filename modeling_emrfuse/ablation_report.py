@@ -1,0 +1,175 @@
+"""The paper's ablation tables (Table 1: adding each part; Table 3: removing each part) from measured runs.
+
+``train.py --ablation table1|table3`` trains and evaluates every row on the same data, seeds and
+budget and hands each run's summary (the ``summary.json`` structure of
+:mod:`modeling_emrfuse.evaluation_report`) to this module, which writes the markdown table in the
+paper's format (mean ± std over seeds when there are several) and a bar chart.
+
+The paper's "Dice" of Tables 1 and 3 is one number per configuration; here it is the mean over
+the three regions (WT, TC, ET) of the per-region mean over cases, and the table also gives the
+per-region Dice so that nothing is hidden behind the average. Hausdorff distance is HD95 (mm).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .brats_labels import REGIONS
+
+TABLE_TITLES = {
+    "table1": "Table 1 (adding each part)",
+    "table3": "Table 3 (removing each part from the complete model)",
+}
+
+# (key in a row's numbers, column title, scale) per table, in the paper's column order
+TABLE_COLUMNS: Dict[str, List[Tuple[str, str, float]]] = {
+    "table1": [
+        ("dice", "Dice (%)", 100.0),
+        ("ppv", "PPV (%)", 100.0),
+        ("sensitivity", "Sensitivity (%)", 100.0),
+        ("hd95", "Hausdorff distance HD95 (mm)", 1.0),
+    ],
+    "table3": [
+        ("dice", "Dice (%)", 100.0),
+        ("ppv", "PPV (%)", 100.0),
+        ("sensitivity", "Sensitivity (%)", 100.0),
+    ],
+}
+REGION_COLUMNS = [(f"dice_{r}", f"Dice {r} (%)", 100.0) for r in REGIONS]
+GRADING_COLUMN = ("accuracy", "Grading accuracy (%)", 100.0)
+
+
+def row_numbers(summary: Mapping[str, Any]) -> Dict[str, float]:
+    """The numbers one ablation row needs from one run's summary (region-averaged metrics, per-region Dice)."""
+    out: Dict[str, float] = {}
+    seg = summary.get("segmentation") or {}
+    for metric in ("dice", "ppv", "sensitivity", "hd95"):
+        values = [seg[r][metric]["mean"] for r in REGIONS if r in seg and metric in seg[r]]
+        if values:
+            out[metric] = float(np.mean(values))
+    for region in REGIONS:
+        if region in seg and "dice" in seg[region]:
+            out[f"dice_{region}"] = float(seg[region]["dice"]["mean"])
+    grading = summary.get("grading") or {}
+    if "accuracy" in grading:
+        out["accuracy"] = float(grading["accuracy"])
+    return out
+
+
+def _cell(values: Sequence[float], scale: float) -> str:
+    vals = [v * scale for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return "n/a"
+    if len(vals) == 1:
+        return f"{vals[0]:.1f}"
+    return f"{np.mean(vals):.1f} ± {np.std(vals, ddof=1):.1f}"
+
+
+def format_ablation_table(
+    table: str,
+    rows: Sequence[Tuple[str, str, Sequence[Mapping[str, float]]]],
+    *,
+    caption: Optional[str] = None,
+) -> str:
+    """Markdown table in the paper's format.
+
+    ``rows``: ``(preset, paper row label, [numbers of each seed's run])`` in table order, the numbers
+    as :func:`row_numbers` returns them. Cells are ``mean ± std`` (sample std over seeds) when
+    there are several seeds. Columns: the paper's columns of that table, then Dice per region, then
+    the grading accuracy when the runs measured it.
+    """
+    if table not in TABLE_COLUMNS:
+        raise ValueError(f"Unknown ablation table {table!r}: use one of {sorted(TABLE_COLUMNS)}.")
+    columns = list(TABLE_COLUMNS[table]) + REGION_COLUMNS
+    if any("accuracy" in n for _, _, runs in rows for n in runs):
+        columns.append(GRADING_COLUMN)
+    lines = []
+    if caption:
+        lines += [caption, ""]
+    lines.append("| Model configuration | " + " | ".join(title for _, title, _ in columns) + " |")
+    lines.append("|---|" + "---|" * len(columns))
+    for _preset, label, runs in rows:
+        cells = [_cell([n.get(key, float("nan")) for n in runs], scale) for key, _, scale in columns]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_ablation_bars(
+    table: str,
+    rows: Sequence[Tuple[str, str, Sequence[Mapping[str, float]]]],
+    path: str | Path,
+    *,
+    title: Optional[str] = None,
+) -> Path:
+    """Grouped bar chart: per configuration, Dice for WT / TC / ET and the region mean (error bars = std over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [f"dice_{r}" for r in REGIONS] + ["dice"]
+    names = [f"Dice {r}" for r in REGIONS] + ["Dice mean"]
+    n_rows = len(rows)
+    width = 0.8 / len(keys)
+    x = np.arange(n_rows)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * n_rows), 4.5), dpi=120)
+    for j, (key, name) in enumerate(zip(keys, names)):
+        means, stds = [], []
+        for _, _, runs in rows:
+            vals = [100 * n[key] for n in runs if key in n and not math.isnan(n[key])]
+            means.append(np.mean(vals) if vals else 0.0)
+            stds.append(np.std(vals, ddof=1) if len(vals) > 1 else 0.0)
+        ax.bar(x + (j - (len(keys) - 1) / 2) * width, means, width, yerr=stds, capsize=2, label=name)
+    ax.set_xticks(x, [_wrap(label) for _, label, _ in rows], fontsize=8)
+    ax.set_ylabel("Dice (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title or TABLE_TITLES.get(table, table))
+    ax.legend(fontsize=8, ncol=len(keys), loc="lower center", bbox_to_anchor=(0.5, -0.38), frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _wrap(label: str, width: int = 18) -> str:
+    words, lines, line = label.split(), [], ""
+    for w in words:
+        if line and len(line) + 1 + len(w) > width:
+            lines.append(line)
+            line = w
+        else:
+            line = f"{line} {w}".strip()
+    lines.append(line)
+    return "\n".join(lines)
+
+
+def write_ablation_report(
+    out_dir: str | Path,
+    table: str,
+    rows: Sequence[Tuple[str, str, Sequence[Mapping[str, float]]]],
+    *,
+    caption: Optional[str] = None,
+    extra: Optional[Mapping[str, Any]] = None,
+) -> Dict[str, Path]:
+    """Write ``<table>.md``, ``<table>.png`` and ``<table>.json`` (all numbers per seed) into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = out_dir / f"{table}.md"
+    md.write_text(format_ablation_table(table, rows, caption=caption) + "\n")
+    png = plot_ablation_bars(table, rows, out_dir / f"{table}.png")
+    js = out_dir / f"{table}.json"
+    js.write_text(
+        json.dumps(
+            {"table": table, **(dict(extra) if extra else {}), "rows": [{"preset": p, "label": l, "runs": list(r)} for p, l, r in rows]},
+            indent=2,
+        )
+        + "\n"
+    )
+    return {"markdown": md, "chart": png, "json": js}

@@ -1,0 +1,257 @@
+"""train.py end to end on tiny synthetic cases (seconds per run), plus its checkpoint / report helpers.
+
+Every run uses the same few tiny demo cases (32 x 32 x 24) and a tiny model (resnet18 tower at 32 px,
+16-channel decoder, fusion_dim 32) so that a run takes a few seconds on two CPU cores. Runs go
+through ``python train.py`` / ``torchrun`` in a subprocess, exactly as a user starts them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import train  # noqa: E402
+
+TINY = [
+    "--demo", "--demo_cases", "6", "--demo_size", "32x32x24", "--eval_fraction", "0.34",
+    "--vision_model", "resnet18", "--fusion_dim", "32", "--decoder_channels", "16", "16", "16", "16", "16",
+    "--cross_attention_heads", "2", "--batch_size", "8", "--slices_per_case", "4", "--learning_rate", "1e-3",
+    "--warmup_steps", "1", "--report_to", "none", "--logging_steps", "1",
+]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONHASHSEED": "0"}
+ENV.pop("ACCELERATE_USE_CPU", None)
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """Demo data and the demo text tower, written once for the whole module."""
+    base = tmp_path_factory.mktemp("train")
+    return {"data": base / "data", "cache": base / "cache", "base": base}
+
+
+def tiny_args(shared, out: Path, *extra: str) -> list:
+    return TINY + ["--demo_data_dir", str(shared["data"]), "--cache_dir", str(shared["cache"]), "--output_dir", str(out), *extra]
+
+
+def run_train(args, *, launcher=None, timeout=300) -> subprocess.CompletedProcess:
+    cmd = (launcher or [sys.executable]) + [str(ROOT / "train.py")] + [str(a) for a in args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+# ------------------------------------------------------------------------------------------ runs
+@pytest.fixture(scope="module")
+def seg_run(shared):
+    out = shared["base"] / "seg"
+    proc = run_train(tiny_args(shared, out, "--task", "segmentation", "--max_steps", "3", "--checkpointing_steps", "2"))
+    return out, proc
+
+
+def test_segmentation_run_writes_model_report_and_card(seg_run):
+    out, proc = seg_run
+    for name in ("config.json", "model.safetensors", "README.md", "processor_config.json", "modeling_emrfuse.py",
+                 "eval/per_case.csv", "eval/summary.json", "eval/results.md", "eval/dice_boxplot.png", "eval/embeddings_pca.png"):
+        assert (out / name).is_file(), name
+    assert (out / "checkpoints" / "checkpoint-2" / "training_state.json").is_file()
+    summary = json.loads((out / "eval" / "summary.json").read_text())
+    assert summary["split"] == "test" and summary["num_cases"] == 2
+    assert set(summary["segmentation"]) >= {"WT", "TC", "ET", "mean"}
+    # one clean line per evaluation and the printed table; report text never printed
+    assert proc.stdout.count("eval step 3/3") == 1
+    assert "| WT |" in proc.stdout and "Dice" in proc.stdout
+    reports = [p.read_text().strip() for p in Path(out.parent / "data").rglob("*_flair_text.txt")]
+    assert reports and not any(r[:60] in proc.stdout + proc.stderr for r in reports)
+
+
+def test_best_model_loads_with_auto_classes(seg_run):
+    from transformers import AutoModel, AutoModelForSemanticSegmentation, AutoProcessor
+
+    out, _ = seg_run
+    model = AutoModelForSemanticSegmentation.from_pretrained(out, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    base = AutoModel.from_pretrained(out, trust_remote_code=True)
+    assert type(base).__name__ == "EmrFuseModel"
+    vol = np.zeros((4, 32, 32, 24), np.float32)
+    vol[:, 4:28, 4:28, 2:22] = np.random.default_rng(0).normal(100, 10, (4, 24, 24, 20))
+    inputs = processor(volumes=[vol], text=["A lesion in the left frontal lobe."], return_tensors="pt")
+    crop = inputs.pop("crop_info")
+    with torch.no_grad():
+        logits = model(**{k: inputs[k] for k in ("pixel_values", "slice_to_case", "input_ids", "attention_mask", "token_type_ids", "has_report")}).logits
+    label_map = processor.post_process_segmentation(logits, crop[0])
+    assert label_map.shape == (32, 32, 24)
+
+
+def test_model_card_parses_with_metrics(seg_run):
+    from huggingface_hub import ModelCard, metadata_load
+
+    out, _ = seg_run
+    meta = metadata_load(out / "README.md")
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "image-segmentation"
+    assert "synthetic-data" in meta["tags"]
+    results = meta["model-index"][0]["results"]
+    names = {m["name"] for r in results for m in r["metrics"]}
+    assert any("Dice WT" in n for n in names)
+    card = ModelCard.load(out / "README.md")
+    assert "not a medical device" in card.text.lower() and "synthetic" in card.text.lower()
+    assert "trust_remote_code=True" in card.text
+
+
+def test_classification_run(shared):
+    out = shared["base"] / "cls"
+    proc = run_train(tiny_args(shared, out, "--task", "classification", "--max_steps", "2", "--report_to", "tensorboard"))
+    summary = json.loads((out / "eval" / "summary.json").read_text())
+    assert summary["task"] == "classification" and "balanced_accuracy" in summary["grading"]
+    assert "grade acc" in proc.stdout
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["architectures"] == ["EmrFuseForImageClassification"]
+    assert list((out / "logs").rglob("events.out.tfevents.*")), "tensorboard logs"
+
+
+def test_resume_gives_the_same_weights(shared):
+    """Interrupted at step 2 (checkpoint), resumed in a fresh process == uninterrupted 4 steps."""
+    full, part = shared["base"] / "resume-full", shared["base"] / "resume-part"
+    common = ["--task", "segmentation", "--max_steps", "4", "--checkpointing_steps", "2", "--seed", "3"]
+    run_train(tiny_args(shared, full, *common))
+    run_train(tiny_args(shared, part, *common, "--stop_after_steps", "2"))
+    assert not (part / "model.safetensors").exists() and (part / "checkpoints" / "checkpoint-2").is_dir()
+    proc = run_train(tiny_args(shared, part, *common, "--resume_from_checkpoint", "latest"))
+    assert "resumed from" in proc.stderr + proc.stdout
+    a, b = weights(full), weights(part)
+    assert a.keys() == b.keys()
+    diffs = {k: (a[k].float() - b[k].float()).abs().max().item() for k in a}
+    assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:5]
+
+
+def test_two_processes_synchronise_and_gather_each_case_once(shared, tmp_path):
+    """torchrun --nproc_per_node 2: identical weights on both ranks, one writer, each case evaluated once."""
+    out = shared["base"] / "ddp"
+    probe = tmp_path / "probe_train.py"
+    probe.write_text(
+        "import hashlib, os, sys, torch\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import train\n"
+        "probe_dir = sys.argv.pop()\n"
+        "orig = train.train_one\n"
+        "def spy(*a, **k):\n"
+        "    summary, state = orig(*a, **k)\n"
+        "    h = hashlib.sha256(b''.join(state[n].float().numpy().tobytes() for n in sorted(state))).hexdigest()\n"
+        "    open(os.path.join(probe_dir, f\"rank{os.environ['RANK']}.txt\"), 'w').write(h)\n"
+        "    return summary, state\n"
+        "train.train_one = spy\n"
+        "train.main()\n"
+    )
+    env = {**ENV, "ACCELERATE_USE_CPU": "true"}
+    args = tiny_args(shared, out, "--task", "segmentation", "--max_steps", "2", "--demo_cases", "7", "--demo_data_dir", str(tmp_path / "data7"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", str(probe), *args, str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert "2 process(es)" in proc.stderr + proc.stdout
+    h0, h1 = (tmp_path / "rank0.txt").read_text(), (tmp_path / "rank1.txt").read_text()
+    assert h0 == h1
+    rows = (out / "eval" / "per_case.csv").read_text().strip().splitlines()[1:]
+    ids = [r.split(",")[0] for r in rows]
+    summary = json.loads((out / "eval" / "summary.json").read_text())
+    assert len(ids) == len(set(ids)) == summary["num_cases"] == 3  # 7 cases, 3 held out: uneven over 2 ranks
+    assert proc.stdout.count("eval step 2/2") == 1  # one writer of the log line
+
+
+def test_demo_default_trains_segmentation_then_grading_and_pushes(shared):
+    """`--demo` without --task: segmentation, then the grading run from its weights; push_to_hub mocked."""
+    out = shared["base"] / "demo"
+    args = tiny_args(shared, out, "--max_steps", "2", "--grading_max_steps", "2", "--push_to_hub", "--hub_model_id", "someone/emrfuse-tiny")
+    with mock.patch("huggingface_hub.HfApi") as api_cls:
+        api = api_cls.return_value
+        api.create_repo.side_effect = lambda repo_id, **kw: mock.Mock(repo_id=repo_id)
+        summary = train.main(args)
+    assert summary["grading"] is not None and "segmentation" in summary
+    grading = Path(str(out) + "-grading")
+    assert json.loads((grading / "config.json").read_text())["architectures"] == ["EmrFuseForImageClassification"]
+    pushed = {c.kwargs["repo_id"]: c.kwargs for c in api.upload_folder.call_args_list}
+    # one repo serves both heads: the grading model travels in grading/, with the pipeline
+    assert set(pushed) == {"someone/emrfuse-tiny"}
+    config = json.loads((out / "config.json").read_text())
+    assert config["grading_model"] == "grading" and "glioma-analysis" in config["custom_pipelines"]
+    assert (out / "grading" / "config.json").exists() and (out / "pipeline_emrfuse.py").exists()
+    assert pushed["someone/emrfuse-tiny"]["folder_path"] == str(out)
+    assert "checkpoints/**" in pushed["someone/emrfuse-tiny"]["ignore_patterns"]
+
+
+def test_ablation_writes_table_and_chart(shared):
+    out = shared["base"] / "ablation"
+    proc = run_train(tiny_args(shared, out, "--ablation", "table3", "--ablation_seeds", "0", "1", "--max_steps", "1", "--grading_max_steps", "0"))
+    table = (out / "ablation-table3" / "table3.md").read_text()
+    for label in ("Complete model", "Without modality alignment", "Without self-attention", "Without residual connection", "Without dynamic feature weighting"):
+        assert label in table
+    assert "±" in table and "SYNTHETIC DEMO DATA" in table
+    assert (out / "ablation-table3" / "table3.png").stat().st_size > 1000
+    data = json.loads((out / "ablation-table3" / "table3.json").read_text())
+    assert [len(r["runs"]) for r in data["rows"]] == [2] * 5
+    assert "Complete model" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------ helpers
+class _FakeAccelerator:
+    is_main_process = True
+    process_index = 0
+    num_processes = 1
+
+    def __init__(self):
+        self.saved = []
+
+    def wait_for_everyone(self):
+        pass
+
+    def save_state(self, path):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "model.safetensors").write_bytes(b"x")
+        self.saved.append(path)
+
+
+def test_checkpoints_are_atomic_and_latest_skips_incomplete(tmp_path):
+    acc = _FakeAccelerator()
+    for step in (2, 4, 6):
+        train.save_checkpoint(acc, tmp_path, {"global_step": step}, total_limit=2)
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-4", "checkpoint-6"]
+    # a save killed half-way leaves a temp folder; a folder without training_state.json is incomplete
+    (root / ".tmp-checkpoint-8").mkdir()
+    (root / "checkpoint-9").mkdir()
+    assert train.resolve_checkpoint("latest", tmp_path) == root / "checkpoint-6"
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        train.resolve_checkpoint(str(root / "checkpoint-9"), tmp_path)
+    train.save_checkpoint(acc, tmp_path, {"global_step": 10}, total_limit=2)
+    assert not (root / ".tmp-checkpoint-8").exists()
+    assert train.resolve_checkpoint("latest", tmp_path) == root / "checkpoint-10"
+    assert train.resolve_checkpoint("latest", tmp_path / "nothing-here") is None
+
+
+def test_model_switches_from_presets_and_flags():
+    args = train.parse_args(["--demo", "--preset", "plus_alignment"])
+    assert train.model_switches(args) == {"use_text": True, "use_alignment": True, "use_self_attention": False, "use_residual": False, "use_dynamic_weighting": False}
+    args = train.parse_args(["--demo", "--no_residual"])
+    assert train.model_switches(args)["use_residual"] is False and train.model_switches(args)["use_alignment"] is True
+    args = train.parse_args(["--demo", "--no_text"])
+    assert not any(train.model_switches(args).values())
+    with pytest.raises(SystemExit):
+        train.parse_args(["--demo", "--preset", "nonsense"])
+    with pytest.raises(SystemExit):
+        train.parse_args([])  # neither data nor --demo
