@@ -148,7 +148,8 @@ with torch.no_grad():
     out.logits, crop_info[0], label_convention="brats2017")  # uint8 (X, Y, Z), labels 1/2/4
 ```
 
-From the shell: `emrfuse predict --model <this folder or repo id> --case <BraTS case folder> --out <dir>`.
+From the shell: `emrfuse predict <BraTS case folder> --model <this folder or repo id> -o <dir>`, or in Python
+`transformers.pipeline(model=<this folder or repo id>, trust_remote_code=True)(<case folder>)`.
 """
     else:
         body += """probabilities = out.logits.softmax(-1)  # one row per case, columns model.config.id2label
