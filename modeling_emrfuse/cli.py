@@ -12,27 +12,27 @@ import importlib
 import sys
 from typing import List, Optional
 
-# command name -> module providing add_parser(subparsers)
+# command name -> (module providing add_parser(subparsers), one-line summary for the top-level help)
 COMMANDS = {
-    "demo-data": "datasets_scripts.demo_data",
-    "prepare": "datasets_scripts.brats_text",
-    "score": "modeling_emrfuse.metrics_cli",
-    "predict": "modeling_emrfuse.predict_cli",
+    "demo-data": ("datasets_scripts.demo_data", "write synthetic BraTS-2020-layout cases with reports (demo data)"),
+    "prepare": ("datasets_scripts.brats_text", "build the BraTS + report dataset from a release folder and write it"),
+    "score": ("modeling_emrfuse.metrics_cli", "score predicted NIfTI label maps against references (Dice, PPV, sensitivity, HD95)"),
+    "predict": ("modeling_emrfuse.predict_cli", "segment and grade a case (or a folder of cases) with an EmrFuse model"),
 }
 
 
 def build_parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
+    """The parser; only the module of the command being run is imported (``emrfuse --help`` stays instant)."""
     parser = argparse.ArgumentParser(
         prog="emrfuse",
         description="EmrFuse: multimodal (MRI + report) brain-tumour grading and segmentation.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    wanted = None
-    if argv:
-        wanted = next((a for a in argv if not a.startswith("-")), None)
-    for name, module_name in COMMANDS.items():
-        if wanted is not None and wanted in COMMANDS and name != wanted:
-            continue  # only import the module of the command that runs
+    wanted = next((a for a in argv or [] if not a.startswith("-")), None)
+    for name, (module_name, summary) in COMMANDS.items():
+        if name != wanted:
+            subparsers.add_parser(name, help=summary)  # listed only; its module is not needed
+            continue
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:  # pragma: no cover - depends on the environment
