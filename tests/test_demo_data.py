@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import re
-import time
 
 import nibabel as nib
 import numpy as np
@@ -141,14 +140,6 @@ def test_deterministic_by_seed(tmp_path):
             assert not np.array_equal(va, vc)
         assert (a / cid / f"{cid}_flair_text.txt").read_text() == (b / cid / f"{cid}_flair_text.txt").read_text()
     assert (a / "name_mapping.csv").read_text() == (b / "name_mapping.csv").read_text()
-
-
-def test_small_case_write_time(tmp_path):
-    write_demo_dataset(tmp_path / "warm", n_cases=1)  # imports / first-call overheads
-    t0 = time.perf_counter()
-    write_demo_dataset(tmp_path / "timed", n_cases=3, size="small")
-    per_case = (time.perf_counter() - t0) / 3
-    print(f"\nsmall demo case {DEMO_SIZES['small']}: {per_case:.3f} s per case (generate + write)")
 
 
 def test_bad_arguments(tmp_path):
