@@ -23,15 +23,22 @@ A folder named ``HGG_LGG`` (the BraTS 2015 test set) holds cases of unknown grad
 (validation / test data) simply have no label file: ``CaseFiles.label`` is ``None``.
 
 File names are matched on their last ``_``/``-`` separated token (``..._t1ce.nii.gz``,
-``...-t2f.nii.gz``), so a renamed case folder still works. A label file with a non-standard name
+``...-t2f.nii.gz``), so a renamed case folder still works; when the last token is no sequence or
+label name, the first token is tried (``Flair_subtrMeanDivStd.nii.gz``, ``T1c.nii.gz``,
+``OTMultiClass.nii.gz`` of BraTS 2013/2015 exports). A label file with a non-standard name
 (BraTS 2020 case ``BraTS20_Training_355`` ships ``W39_1998.09.19_Segm.nii``) is accepted when its
 name contains ``seg`` and there is no regular label file; a warning records it.
 
 Release detection (``release="auto"``): ``VSD.Brain`` folders -> 2015; ``HGG``/``LGG`` folders
 with NIfTI files -> the year in the case-id prefix (``Brats17_`` / ``Brats18_`` / ``BraTS19_``),
 otherwise 2018 (2017-2019 share layout and labels); flat folders with ``t1n/t1c/t2w/t2f`` files ->
-2023; flat folders with a ``name_mapping*.csv`` or ``BraTS20_`` ids -> 2020; other flat folders ->
-2021 (no grade). Mixed layouts in one folder are an error.
+2023; flat folders with a ``name_mapping*.csv`` or ``BraTS20_`` ids -> 2020; flat folders whose
+cases are all named like BraTS 2013/2015 cases (``brats_2013_pat0001_1``, ``brats_tcia_pat222_2``)
+-> 2015; other flat folders -> 2021 (no grade). Mixed layouts in one folder are an error.
+
+Several folders in one run (:func:`discover_folders`): each folder has its own release (detected
+or forced) and so its own label convention; the cases are merged, and a case id found in two
+folders is an error.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -64,6 +71,7 @@ __all__ = [
     "Volume",
     "KNOWN_RELEASES",
     "discover_cases",
+    "discover_folders",
     "detect_release",
     "patient_id_for",
     "read_volume",
@@ -76,7 +84,7 @@ KNOWN_RELEASES: Tuple[str, ...] = tuple(sorted(RELEASE_CONVENTION))
 """Releases accepted by ``release=`` (besides ``"auto"``): every release with a label convention."""
 
 VOLUME_SUFFIXES: Tuple[str, ...] = (".nii.gz", ".nii", ".mha", ".mhd")
-LABEL_TOKENS = frozenset({"seg", "segm", "segmentation", "label", "labels", "gt", "ot", "mask"})
+LABEL_TOKENS = frozenset({"seg", "segm", "segmentation", "label", "labels", "gt", "ot", "otmulticlass", "mask"})
 GRADE_FOLDERS = {"HGG": "HGG", "LGG": "LGG", "HGG_LGG": None}
 REPORT_SUFFIX = "_text.txt"
 ON_ERROR_CHOICES = ("raise", "skip")
@@ -84,6 +92,13 @@ ON_ERROR_CHOICES = ("raise", "skip")
 _VSD_RE = re.compile(r"^VSD\.Brain(?:_\d+more)?\.XX\.O\.(?P<kind>MR_[A-Za-z0-9]+|OT)\.(?P<id>\d+)$")
 _PREFIX_YEAR_RE = re.compile(r"^brats(?P<yy>1[3-9]|20)_", re.IGNORECASE)
 _BRATS2023_CASE_RE = re.compile(r"^(?P<patient>BraTS-[A-Za-z]+-\d+)-(?P<timepoint>\d+)$")
+# BraTS 2013/2015 case folders: brats_2013_pat0001_1, brats_tcia_pat222_2 (pat<NNN> = patient, _<M> = scan)
+_BRATS2015_CASE_RE = re.compile(r"^(?P<patient>brats_(?:2013|tcia)_pat\d+)_(?P<scan>\d+)$", re.IGNORECASE)
+# the BraTS 2013 patients under their 2015 and 2017-2019 names
+_BRATS2013_NAMES = (
+    re.compile(r"^brats_2013_pat0*(?P<n>\d+)_\d+$", re.IGNORECASE),
+    re.compile(r"^brats(?:17|18|19)_2013_(?P<n>\d+)_\d+$", re.IGNORECASE),
+)
 _SEQ_TOKENS_2023 = frozenset({"t1n", "t1c", "t2w", "t2f"})
 
 
@@ -122,6 +137,11 @@ class CaseFiles:
     @property
     def has_label(self) -> bool:
         return self.label is not None
+
+    @property
+    def missing_sequences(self) -> List[str]:
+        """Canonical names of the sequences this case lacks (empty for a complete case)."""
+        return [name for name in SEQUENCES if name not in self.sequences]
 
     def files(self) -> List[Tuple[str, Path]]:
         """``(name, path)`` for every volume of the case: the sequences in canonical order, then ``seg``."""
@@ -170,6 +190,7 @@ class CaseList(list):
         self.release = release
         self.skipped: List[SkippedCase] = []
         self.warnings: List[Tuple[str, str]] = []
+        self.releases: Dict[str, str] = {}
 
 
 class Volume(NamedTuple):
@@ -346,10 +367,22 @@ def patient_id_for(case_id: str, release: Optional[str] = None) -> str:
     """The patient a case belongs to, for patient-level splits.
 
     BraTS 2023+ ids ``BraTS-GLI-XXXXX-YYY`` name patient ``XXXXX`` at time point ``YYY``: the
-    patient id is ``BraTS-GLI-XXXXX``. For every other release one case is one patient (pass an
-    explicit mapping to the split functions when that is not true for your data).
+    patient id is ``BraTS-GLI-XXXXX``. BraTS 2013/2015 folders ``brats_tcia_patNNN_M`` /
+    ``brats_2013_patNNNN_M`` are scan ``M`` of patient ``patNNN``: the patient id drops ``_M``. The
+    BraTS 2013 patients keep their number in later releases (``brats_2013_pat0002_1`` in 2015,
+    ``Brats17_2013_2_1`` / ``Brats18_2013_2_1`` / ``BraTS19_2013_2_1`` in 2017-2019): all are patient
+    ``BraTS2013_pat2``, so that the same patient from two releases never lands in two splits. For
+    every other release one case is one patient; an id table (``datasets_scripts.brats_ids``) or an
+    explicit mapping passed to the split functions joins the same patient's cases across releases.
     """
     match = _BRATS2023_CASE_RE.match(case_id)
+    if match:
+        return match.group("patient")
+    for pattern in _BRATS2013_NAMES:
+        match = pattern.match(case_id)
+        if match:
+            return f"BraTS2013_pat{int(match.group('n'))}"
+    match = _BRATS2015_CASE_RE.match(case_id)
     if match:
         return match.group("patient")
     return case_id
@@ -441,7 +474,12 @@ def _scan_case(raw: _RawCase) -> None:
 
     for path in _volume_files(case_dir):
         stem = _stem(path)
-        token = re.split(r"[_\-]", stem)[-1].lower()
+        tokens = [t.lower() for t in re.split(r"[_\-]", stem) if t]
+        token = tokens[-1] if tokens else ""
+        if token not in SEQUENCE_ALIASES and token not in LABEL_TOKENS and tokens and (
+            tokens[0] in SEQUENCE_ALIASES or tokens[0] in LABEL_TOKENS
+        ):
+            token = tokens[0]
         vsd = _VSD_RE.match(stem)
         if vsd:  # a BraTS 2015 file taken out of its VSD folder
             raw.vsd = True
@@ -458,7 +496,7 @@ def _scan_case(raw: _RawCase) -> None:
             put_sequence(SEQUENCE_ALIASES[token], path)
         elif token in LABEL_TOKENS:
             put_label(path)
-            if token != "seg" or not stem.startswith(case_id):
+            if token not in ("seg", "ot", "otmulticlass", "segmentation") or (token == "seg" and not stem.startswith(case_id)):
                 raw.notes.append(f"label file has a non-standard name: {path.name} (used as the label map)")
         elif "seg" in stem.lower():
             odd_labels.append(path)
@@ -516,6 +554,16 @@ def _read_name_mapping(data_dir: Path) -> Tuple[Dict[str, str], List[Path], List
     return grades, files, grade_files
 
 
+def _named_like_2023(raw: _RawCase) -> bool:
+    """BraTS 2023+ file naming: ``t1n``/``t2w``/``t2f`` files, or ``t1c`` in a ``BraTS-XXX-NNNNN-NNN`` case.
+
+    ``t1c`` alone is not enough: BraTS 2013/2015 exports name the contrast T1 ``T1c`` too.
+    """
+    if raw.seq_tokens & (_SEQ_TOKENS_2023 - {"t1c"}):
+        return True
+    return "t1c" in raw.seq_tokens and bool(_BRATS2023_CASE_RE.match(raw.case_id))
+
+
 def detect_release(data_dir: Path | str) -> str:
     """Detect the BraTS release of a data folder (see the module docstring for the rules)."""
     return discover_cases(data_dir, release="auto", on_error="skip").release
@@ -542,7 +590,9 @@ def _collect_raw_cases(root: Path) -> Tuple[List[_RawCase], bool]:
     return raws, False
 
 
-def discover_cases(data_dir: Path | str, release: str = "auto", on_error: str = "raise") -> CaseList:
+def discover_cases(
+    data_dir: Path | str, release: str = "auto", on_error: str = "raise", allow_missing_sequences: bool = False
+) -> CaseList:
     """Find every case of a BraTS data folder (any release; see the module docstring).
 
     Args:
@@ -552,6 +602,9 @@ def discover_cases(data_dir: Path | str, release: str = "auto", on_error: str = 
             forcing it fixes the label convention.
         on_error: ``"raise"`` (default): a bad case raises ``ValueError`` naming the case and the
             file; ``"skip"``: the case is left out and listed in the result's ``skipped``.
+        allow_missing_sequences: accept cases that have only some of the four sequences (at least
+            one); ``CaseFiles.sequences`` then holds the present ones and ``missing_sequences`` the
+            others. Without it a missing sequence is a problem of the case (raised or skipped).
 
     Checks here need only the directory listing: a missing sequence, two files for one
     sequence, two label files, duplicate case ids. Voxel-level checks (readable files, shapes,
@@ -598,7 +651,7 @@ def discover_cases(data_dir: Path | str, release: str = "auto", on_error: str = 
         for raw in scanned:
             if raw.vsd:
                 kinds.add("2015")
-            elif raw.seq_tokens & _SEQ_TOKENS_2023:
+            elif _named_like_2023(raw):
                 kinds.add("2023")
             elif raw.graded_layout:
                 kinds.add("graded")
@@ -619,6 +672,8 @@ def discover_cases(data_dir: Path | str, release: str = "auto", on_error: str = 
             years = {_year_from_case_id(r.case_id) for r in scanned}
             if mapping_files or years == {"2020"}:
                 release = "2020"
+            elif scanned and all(_BRATS2015_CASE_RE.match(r.case_id) for r in scanned):
+                release = "2015"  # BraTS 2013/2015 case names exported as NIfTI (2015 labels 1-4)
             else:
                 release = "2021"
     result.release = release
@@ -636,7 +691,7 @@ def discover_cases(data_dir: Path | str, release: str = "auto", on_error: str = 
         if raw.case_id in duplicates:
             continue
         missing = [name for name in SEQUENCES if name not in raw.sequences]
-        if missing:
+        if missing and (not allow_missing_sequences or len(missing) == len(SEQUENCES)):
             found = ", ".join(f"{k}={v.name}" for k, v in sorted(raw.sequences.items())) or "none"
             problem(_CaseProblem(raw.case_id, raw.case_dir, f"missing sequence(s) {missing} (found: {found})"))
             continue
@@ -656,7 +711,7 @@ def discover_cases(data_dir: Path | str, release: str = "auto", on_error: str = 
                 release=release,
                 label_convention=convention,
                 grade=grade,
-                sequences={name: raw.sequences[name] for name in SEQUENCES},
+                sequences={name: raw.sequences[name] for name in SEQUENCES if name in raw.sequences},
                 label=raw.label,
                 report_path=raw.report_path,
                 source_dir=raw.case_dir,
@@ -672,3 +727,64 @@ def discover_cases(data_dir: Path | str, release: str = "auto", on_error: str = 
     if not result and not result.skipped:
         raise ValueError(f"{root}: no BraTS case found (no case folder with volume files).")
     return result
+
+
+def _release_for(folder: Path | str, index: int, releases: Any, n: int) -> str:
+    if releases is None or isinstance(releases, str):
+        return releases or "auto"
+    if isinstance(releases, Mapping):
+        for key, value in releases.items():
+            if Path(key).expanduser().resolve() == Path(folder).expanduser().resolve():
+                return str(value)
+        return "auto"
+    releases = [str(r) for r in releases]
+    if len(releases) == 1:
+        return releases[0]
+    if len(releases) != n:
+        raise ValueError(f"{len(releases)} releases given for {n} data folders: give one release, or one per folder.")
+    return releases[index]
+
+
+def discover_folders(
+    data_dirs: Path | str | Sequence[Path | str],
+    releases: Any = None,
+    on_error: str = "raise",
+    allow_missing_sequences: bool = False,
+) -> CaseList:
+    """Find the cases of several BraTS folders (each its own release) as one :class:`CaseList`.
+
+    Args:
+        data_dirs: one folder or a list of folders (release folders or single case folders).
+        releases: ``None``/``"auto"`` (detect each), one release for all, a list with one release per
+            folder, or a dict ``{folder: release}`` (folders not in it are detected).
+        on_error, allow_missing_sequences: as in :func:`discover_cases`.
+
+    Each case keeps its folder's release and label convention (harmonised into the WT/TC/ET regions
+    when targets are built). A case id found in two folders is a ``ValueError`` naming both folders.
+    The result's ``release`` is the common release, or ``"mixed"``; ``releases`` maps each folder
+    to its release.
+    """
+    folders = [data_dirs] if isinstance(data_dirs, (str, Path)) else list(data_dirs)
+    if not folders:
+        raise ValueError("No data folder given.")
+    merged = CaseList()
+    merged.releases = {}
+    origin: Dict[str, Path] = {}
+    for i, folder in enumerate(folders):
+        release = _release_for(folder, i, releases, len(folders))
+        found = discover_cases(folder, release=release, on_error=on_error, allow_missing_sequences=allow_missing_sequences)
+        merged.releases[str(folder)] = found.release
+        for case in found:
+            if case.case_id in origin:
+                raise ValueError(
+                    f"case id {case.case_id} is found in two data folders ({origin[case.case_id]} and {folder}); "
+                    "case ids must be unique across the folders of one run."
+                )
+            origin[case.case_id] = Path(folder)
+            merged.append(case)
+        merged.skipped.extend(found.skipped)
+        merged.warnings.extend(found.warnings)
+    distinct = sorted(set(merged.releases.values()))
+    merged.release = distinct[0] if len(distinct) == 1 else "mixed"
+    merged.sort(key=lambda c: c.case_id)
+    return merged

@@ -68,11 +68,12 @@ from datasets.exceptions import DatasetGenerationError
 
 from modeling_emrfuse.brats_labels import GRADES, SEQUENCES, check_label_values, get_label_convention
 
+from .brats_ids import IdMapping, find_id_tables
 from .brats_layouts import (
     CaseFiles,
     CaseList,
     SkippedCase,
-    discover_cases,
+    discover_folders,
     patient_id_for,
     read_header,
     read_volume,
@@ -86,8 +87,11 @@ __all__ = [
     "BratsTextConfig",
     "CaseCheck",
     "SPACING_NOTE",
+    "ReportAttachment",
     "add_parser",
+    "attach_reports_and_grades",
     "brats_text_features",
+    "load_id_mapping",
     "check_case",
     "format_summary",
     "input_fingerprint",
@@ -207,6 +211,117 @@ def _read_report_file(path: Path, case_id: str) -> str:
         return path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"case {case_id}: cannot read report file {path} ({type(exc).__name__}).") from exc
+
+
+# --------------------------------------------------------------------------------------------
+# reports and grades across releases (id tables)
+# --------------------------------------------------------------------------------------------
+def load_id_mapping(id_mapping: Any = None, data_dirs: Sequence[Path | str] = (), releases: Mapping[str, str] | None = None) -> Optional[IdMapping]:
+    """The id tables of a run: ``id_mapping`` (a path, a list of paths, or an :class:`IdMapping`),
+    plus any ``name_mapping*.csv`` sitting in a BraTS 2020 data folder (auto-detected).
+
+    ``releases`` maps each data folder to its release (as :func:`discover_folders` returns it);
+    returns ``None`` when there is no table.
+    """
+    if isinstance(id_mapping, IdMapping):
+        mapping: Optional[IdMapping] = id_mapping
+        paths: List[Path] = []
+    else:
+        mapping = None
+        paths = [] if id_mapping is None else [Path(p) for p in ([id_mapping] if isinstance(id_mapping, (str, Path)) else id_mapping)]
+    for folder in data_dirs:
+        if (releases or {}).get(str(folder)) == "2020":
+            paths.extend(p for p in find_id_tables(folder) if p.name.lower().startswith("name_mapping") and p not in paths)
+    if paths:
+        table = IdMapping.from_files(paths)
+        mapping = table if mapping is None else mapping.merge(table)
+    return mapping
+
+
+@dataclass
+class ReportAttachment:
+    """What :func:`attach_reports_and_grades` did (ids and counts only, never report text)."""
+
+    cases: List[CaseFiles]
+    reports: Dict[str, str]
+    patients: Dict[str, str]
+    from_reports_file: int = 0
+    from_case_files: int = 0
+    reports_via_id_mapping: int = 0
+    grades_via_id_mapping: int = 0
+    used_report_ids: set = field(default_factory=set)
+    skipped: List[SkippedCase] = field(default_factory=list)
+
+
+def attach_reports_and_grades(
+    cases: Sequence[CaseFiles],
+    file_reports: Mapping[str, str],
+    id_mapping: Optional[IdMapping] = None,
+    read_case_files: bool = True,
+    on_error: str = "raise",
+) -> ReportAttachment:
+    """Give each case its report and grade, following the patient across releases.
+
+    A report is the reports file's entry under the case id; failing that (with an id table) the entry
+    under the same patient's BraTS 2020 id (TextBraTS reports are keyed by BraTS 2020 ids); failing
+    that the case's own report file. A case without grade gets the grade the id table gives its
+    patient. ``patients`` maps each case known to the table to its patient key (for patient-level
+    splits). Cases are returned as copies (with the grade filled in); report text is never logged.
+    An unreadable report file raises ``ValueError`` naming the case (``on_error="skip"``: the case
+    is left out and listed in ``skipped``).
+    """
+    import dataclasses
+
+    out = ReportAttachment(cases=[], reports={}, patients={})
+    for case in cases:
+        text = None
+        if case.case_id in file_reports:
+            text = file_reports[case.case_id]
+            out.used_report_ids.add(case.case_id)
+            source = "file"
+        elif id_mapping is not None and id_mapping.brats2020_id(case.case_id) in file_reports:
+            key = id_mapping.brats2020_id(case.case_id)
+            text = file_reports[key]
+            out.used_report_ids.add(key)
+            source = "mapping"
+        elif read_case_files and case.report_path is not None:
+            try:
+                text = _read_report_file(Path(case.report_path), case.case_id)
+            except ValueError as exc:
+                if on_error == "raise":
+                    raise
+                out.skipped.append(SkippedCase(case.case_id, str(case.report_path), str(exc)))
+                continue
+            source = "case"
+        if text is not None and text.strip():
+            out.reports[case.case_id] = text
+            if source == "file":
+                out.from_reports_file += 1
+            elif source == "mapping":
+                out.from_reports_file += 1
+                out.reports_via_id_mapping += 1
+            else:
+                out.from_case_files += 1
+        grade = case.grade
+        if id_mapping is not None:
+            patient = id_mapping.patient_of(case.case_id)
+            if patient is not None:
+                out.patients[case.case_id] = patient
+            if grade is None and id_mapping.grade_of(case.case_id) is not None:
+                grade = id_mapping.grade_of(case.case_id)
+                out.grades_via_id_mapping += 1
+        out.cases.append(case if grade == case.grade else dataclasses.replace(case, grade=grade))
+    # cases that the naming rules put with a patient the table knows (e.g. a BraTS 2015 copy of a
+    # BraTS 2013 patient) join that patient
+    by_name: Dict[str, List[str]] = {}
+    for case in out.cases:
+        by_name.setdefault(patient_id_for(case.case_id, case.release), []).append(case.case_id)
+    for ids in by_name.values():
+        known = sorted({out.patients[i] for i in ids if i in out.patients})
+        if known:
+            for i in ids:
+                out.patients.setdefault(i, known[0])
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -626,6 +741,14 @@ class BratsTextConfig(datasets.BuilderConfig):
         on_error: ``"raise"`` or ``"skip"`` (skipped cases are listed in the summary).
         check_voxels: read every volume to check NaN/inf, label values and truncation
             (``False``: headers only, much faster).
+        data_dirs: several data folders in one dataset (``data_dir=[...]`` fills it); each has its
+            own release (``releases``: one per folder, or a dict folder -> release; default ``release``
+            for all). Case ids must be unique across the folders.
+        id_mapping: id table(s) (BraTS 2020 ``name_mapping.csv``, BraTS 2021 ``BraTS21-17_Mapping.csv``)
+            so that reports keyed by BraTS 2020 ids and grades reach the same patient's case under
+            another release's id, and one patient's cases stay in one split. A ``name_mapping*.csv``
+            inside a BraTS 2020 data folder is used automatically.
+        allow_missing_sequences: keep cases that lack some sequences (their columns are ``None``).
         fingerprint: digest of the input files (names, sizes, modification times), computed
             automatically; it keys the cache so that changed inputs are rebuilt.
     """
@@ -641,6 +764,10 @@ class BratsTextConfig(datasets.BuilderConfig):
     require_reports: bool = False
     on_error: str = "raise"
     check_voxels: bool = True
+    data_dirs: Optional[List[str]] = None
+    releases: Any = None
+    id_mapping: Any = None
+    allow_missing_sequences: bool = False
     fingerprint: Optional[str] = None
 
 
@@ -703,17 +830,31 @@ class BratsTextBuilder(datasets.GeneratorBasedBuilder):
         data_dir = kwargs.get("data_dir")
         if data_dir is None:
             raise ValueError("BratsTextBuilder needs data_dir= (the BraTS release folder).")
+        if isinstance(data_dir, (list, tuple)):
+            if not data_dir:
+                raise ValueError("BratsTextBuilder: data_dir is an empty list.")
+            kwargs["data_dirs"] = [str(Path(d).expanduser().absolute()) for d in data_dir]
+            data_dir = data_dir[0]
         kwargs["data_dir"] = str(Path(data_dir).expanduser().absolute())
         for key in ("reports", "patient_map"):
             if isinstance(kwargs.get(key), Path):
                 kwargs[key] = str(kwargs[key])
+        if isinstance(kwargs.get("id_mapping"), (str, Path)):
+            kwargs["id_mapping"] = [str(kwargs["id_mapping"])]
+        elif kwargs.get("id_mapping") is not None:
+            kwargs["id_mapping"] = [str(p) for p in kwargs["id_mapping"]]
+        if isinstance(kwargs.get("releases"), Mapping):
+            kwargs["releases"] = {str(Path(k).expanduser().absolute()): str(v) for k, v in kwargs["releases"].items()}
+        elif kwargs.get("releases") is not None and not isinstance(kwargs["releases"], str):
+            kwargs["releases"] = [str(r) for r in kwargs["releases"]]
         if isinstance(kwargs.get("splits"), Path):
             kwargs["splits"] = str(kwargs["splits"])
         if isinstance(kwargs.get("release"), int):
             kwargs["release"] = str(kwargs["release"])
         if kwargs.get("fingerprint") is None:
             kwargs["fingerprint"] = input_fingerprint(
-                kwargs["data_dir"], kwargs.get("reports"), kwargs.get("splits"), kwargs.get("patient_map")
+                kwargs.get("data_dirs") or kwargs["data_dir"], kwargs.get("reports"), kwargs.get("splits"),
+                kwargs.get("patient_map"), kwargs.get("id_mapping"),
             )
         kwargs.setdefault("dataset_name", "brats_text")
         super().__init__(*args, **kwargs)
@@ -731,11 +872,21 @@ class BratsTextBuilder(datasets.GeneratorBasedBuilder):
         cfg: BratsTextConfig = self.config
         if cfg.on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {cfg.on_error!r}.")
-        cases: CaseList = discover_cases(cfg.data_dir, release=cfg.release, on_error=cfg.on_error)
+        folders = list(cfg.data_dirs or [cfg.data_dir])
+        cases: CaseList = discover_folders(
+            folders,
+            cfg.releases if cfg.releases is not None else cfg.release,
+            on_error=cfg.on_error,
+            allow_missing_sequences=cfg.allow_missing_sequences,
+        )
+        id_mapping = load_id_mapping(cfg.id_mapping, folders, cases.releases)
+        conventions = sorted({c.label_convention for c in cases}) or [get_label_convention(cases.release).name]
         summary = {
-            "data_dir": cfg.data_dir,
+            "data_dir": cfg.data_dir if len(folders) == 1 else folders,
             "release": cases.release,
-            "label_convention": get_label_convention(cases.release).name,
+            "releases": cases.releases,
+            "label_convention": conventions[0] if len(conventions) == 1 else "mixed",
+            "label_conventions": conventions,
             "cases_found": len(cases) + len(cases.skipped),
             "splits": {},
             "skipped": [s.to_dict() for s in cases.skipped],
@@ -750,40 +901,29 @@ class BratsTextBuilder(datasets.GeneratorBasedBuilder):
 
         # ---- reports ------------------------------------------------------------------------
         file_reports: Dict[str, str] = read_reports(cfg.reports) if cfg.reports else {}
-        case_ids = {c.case_id for c in cases}
-        orphans = sorted(set(file_reports) - case_ids - skipped_ids)
+        attached = attach_reports_and_grades(cases, file_reports, id_mapping, on_error=cfg.on_error)
+        for s in attached.skipped:
+            skip(s.case_id, s.path, s.reason)
+        skipped_here = {s.case_id for s in attached.skipped}
+        orphans = sorted(set(file_reports) - attached.used_report_ids - {c.case_id for c in cases} - skipped_ids - skipped_here)
         if orphans:
             warnings.warn(
-                f"{len(orphans)} report(s) in {cfg.reports} match no case in {cfg.data_dir}: {orphans[:10]}"
+                f"{len(orphans)} report(s) in {cfg.reports} match no case in {', '.join(folders)}: {orphans[:10]}"
                 + (" ..." if len(orphans) > 10 else ""),
                 stacklevel=2,
             )
-        reports: Dict[str, str] = {}
-        sources = {"reports_file": 0, "case_file": 0}
+        reports: Dict[str, str] = attached.reports
         without: List[str] = []
         kept: List[CaseFiles] = []
-        for case in cases:
-            text = None
-            if case.case_id in file_reports:
-                text, source = file_reports[case.case_id], "reports_file"
-            elif case.report_path is not None:
-                try:
-                    text, source = _read_report_file(case.report_path, case.case_id), "case_file"
-                except ValueError as exc:
-                    if cfg.on_error == "raise":
-                        raise
-                    skip(case.case_id, case.report_path, str(exc))
-                    continue
-            if text is not None and text.strip():
-                reports[case.case_id] = text
-                sources[source] += 1
+        for case in attached.cases:
+            if case.case_id in reports:
                 kept.append(case)
                 continue
             if cfg.require_reports:
                 where = f"no {case.case_id}_flair_text.txt in {case.source_dir}" + (
                     f" and no entry in {cfg.reports}" if cfg.reports else ""
                 )
-                if text is not None:
+                if case.case_id in file_reports or (case.report_path is not None and Path(case.report_path).is_file()):
                     where = "the report is empty"
                 message = f"case {case.case_id}: no report ({where}); require_reports=True"
                 if cfg.on_error == "raise":
@@ -794,14 +934,22 @@ class BratsTextBuilder(datasets.GeneratorBasedBuilder):
             kept.append(case)
         summary["reports"] = {
             "reports_file": None if cfg.reports is None else str(cfg.reports),
-            "from_reports_file": sources["reports_file"],
-            "from_case_files": sources["case_file"],
+            "from_reports_file": attached.from_reports_file,
+            "from_case_files": attached.from_case_files,
+            "via_id_mapping": attached.reports_via_id_mapping,
             "cases_without_report": without,
             "orphan_reports": orphans,
         }
+        summary["id_mapping"] = {
+            "tables": [] if id_mapping is None else list(id_mapping.files),
+            "reports_attached": attached.reports_via_id_mapping,
+            "grades_attached": attached.grades_via_id_mapping,
+            "cases_in_tables": len(attached.patients),
+        }
 
         # ---- splits -------------------------------------------------------------------------
-        plan = _plan_splits(kept, cfg.splits, cfg.n_folds, cfg.fold, cfg.val_fraction, cfg.seed, cfg.patient_map)
+        patient_map = {**attached.patients, **_read_patient_map(cfg.patient_map)}
+        plan = _plan_splits(kept, cfg.splits, cfg.n_folds, cfg.fold, cfg.val_fraction, cfg.seed, patient_map)
         for name, ids in plan.unknown_ids.items():
             warnings.warn(f"split {name!r}: {len(ids)} id(s) match no usable case: {ids[:10]}", stacklevel=2)
         if plan.unassigned:
@@ -813,7 +961,7 @@ class BratsTextBuilder(datasets.GeneratorBasedBuilder):
         self._built_here = True
 
         by_id = {c.case_id: c for c in kept}
-        pmap = _read_patient_map(cfg.patient_map)
+        pmap = patient_map
         generators = []
         for name, ids in plan.assignment.items():
             if not ids:
@@ -915,9 +1063,9 @@ def summarize(dsd: datasets.DatasetDict, build_summary: Optional[dict] = None) -
 
 
 def load_brats_text(
-    data_dir: Path | str,
+    data_dir: Path | str | Sequence[Path | str],
     reports: Path | str | None = None,
-    release: str = "auto",
+    release: Any = "auto",
     splits: Any = None,
     n_folds: int = 5,
     fold: int = 0,
@@ -930,21 +1078,34 @@ def load_brats_text(
     cache_dir: Path | str | None = None,
     num_proc: Optional[int] = None,
     return_summary: bool = False,
+    id_mapping: Any = None,
+    allow_missing_sequences: bool = False,
 ) -> Union[datasets.DatasetDict, Tuple[datasets.DatasetDict, dict]]:
     """Build (or reuse from the cache) the BraTS + report dataset: one call, a ``DatasetDict``.
 
     Args are those of :class:`BratsTextConfig` (see :func:`make_splits` for the split options);
     ``cache_dir`` is the ``datasets`` cache (default ``~/.cache/huggingface/datasets``);
     ``return_summary=True`` also returns the summary dict (counts per split and grade, skipped
-    cases and why, orphan reports, cases without report, warnings; ids only, never report text).
+    cases and why, orphan reports, cases without report, reports and grades attached through the
+    id tables, warnings; ids only, never report text).
+
+    Several folders: ``data_dir=[A, B]`` with ``release="auto"`` (each detected), one release for
+    all, a list with one release per folder, or a dict ``{folder: release}``. ``id_mapping``: id
+    table(s) that let reports and grades follow their patients across releases (see
+    :class:`BratsTextConfig`).
 
     Errors: bad input raises ``ValueError`` naming the case and the file (``on_error="raise"``),
     or the case is skipped and listed in the summary (``on_error="skip"``).
     """
+    many = not isinstance(data_dir, (str, Path))
+    per_folder = not isinstance(release, (str, int))
     builder = BratsTextBuilder(
-        data_dir=str(data_dir),
+        data_dir=[str(d) for d in data_dir] if many else str(data_dir),
         reports=None if reports is None else str(reports),
-        release=str(release),
+        release="auto" if per_folder else str(release),
+        releases=release if per_folder else None,
+        id_mapping=id_mapping,
+        allow_missing_sequences=allow_missing_sequences,
         splits=splits,
         n_folds=n_folds,
         fold=fold,
@@ -1003,6 +1164,14 @@ def _write_parquet(dsd: datasets.DatasetDict, output_dir: Path, max_shard_bytes:
 def format_summary(summary: dict) -> str:
     """Human-readable summary (ids and counts only; never report text)."""
     lines = [f"release {summary.get('release')} ({summary.get('label_convention')}), {summary.get('cases_found')} case(s) found"]
+    if len(summary.get("releases") or {}) > 1:
+        lines.append("folders: " + ", ".join(f"{folder} ({release})" for folder, release in summary["releases"].items()))
+    idm = summary.get("id_mapping") or {}
+    if idm.get("tables"):
+        lines.append(
+            f"id tables: {len(idm['tables'])}; {idm.get('reports_attached', 0)} report(s) and {idm.get('grades_attached', 0)} grade(s) "
+            f"attached through them; {idm.get('cases_in_tables', 0)} case(s) known to them"
+        )
     lines.append(f"splits: {summary.get('split_source')}")
     for name, s in summary.get("splits", {}).items():
         g = s["grades"]
@@ -1045,9 +1214,11 @@ def _run_prepare(args: argparse.Namespace) -> int:
         splits = args.splits[0] if len(args.splits) == 1 else list(args.splits)
     try:
         dsd, summary = load_brats_text(
-            args.data_dir,
+            args.data_dir[0] if len(args.data_dir) == 1 else args.data_dir,
             reports=args.reports,
-            release=args.release,
+            release=args.release[0] if len(args.release) == 1 else args.release,
+            id_mapping=args.id_mapping,
+            allow_missing_sequences=args.allow_missing_sequences,
             splits=splits,
             n_folds=args.n_folds,
             fold=args.fold,
@@ -1088,10 +1259,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "grade, skipped cases and why. Report text is never printed."
         ),
     )
-    p.add_argument("data_dir", help="BraTS release folder (holding HGG/LGG or the case folders)")
+    p.add_argument("data_dir", nargs="+", help="BraTS release folder(s) (holding HGG/LGG or the case folders); several are merged")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--reports", default=None, help="reports file (CSV/JSONL/JSON with case id + text columns)")
-    p.add_argument("--release", default="auto", help="auto (default) or a release year: 2015, 2017 ... 2023")
+    p.add_argument("--release", nargs="+", default=["auto"], help="auto (default) or a release year (2015, 2017 ... 2023): one for all folders, or one per folder")
+    p.add_argument("--id-mapping", nargs="+", default=None,
+                   help="id table(s): BraTS 2020 name_mapping.csv and/or BraTS 2021 BraTS21-17_Mapping.csv (reports, grades and patients across releases)")
+    p.add_argument("--allow-missing-sequences", action="store_true", help="keep cases that lack some of the four sequences")
     p.add_argument(
         "--splits",
         nargs="+",
