@@ -115,6 +115,8 @@ class CachedCase:
         label_path: the original label map file (for evaluation on the original grid), or None.
         source_dir: the case's source folder, if known.
         pad_token_id: the tokenizer's padding id (for batching).
+        present: which of the four sequences (canonical order) the case has; a missing one was
+            zero-filled before caching.
     """
 
     case_dir: Path
@@ -136,6 +138,7 @@ class CachedCase:
     label_path: Optional[str] = None
     source_dir: Optional[str] = None
     pad_token_id: int = 0
+    present: Tuple[bool, ...] = (True,) * len(SEQUENCES)
     meta: Dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -159,7 +162,7 @@ class CachedCase:
     def prepared_volume(self) -> PreparedVolume:
         """The cached volume as the processor's :class:`PreparedVolume` (float32 ``(4, H, W, D)``)."""
         vol = np.ascontiguousarray(self.image(mmap=False).transpose(1, 2, 3, 0), dtype=np.float32)
-        return PreparedVolume(volume=vol, crop=self.crop)
+        return PreparedVolume(volume=vol, crop=self.crop, present=self.present)
 
     @classmethod
     def from_meta(cls, case_dir: Path, meta: Mapping[str, Any]) -> "CachedCase":
@@ -184,6 +187,7 @@ class CachedCase:
             label_path=meta.get("label_path"),
             source_dir=meta.get("source_dir"),
             pad_token_id=int(meta.get("pad_token_id", 0)),
+            present=tuple(bool(p) for p in meta.get("present", (True,) * len(SEQUENCES))),
             meta=dict(meta),
         )
 
@@ -222,7 +226,7 @@ def _grade_name(value: Any, case_id: str) -> Optional[str]:
     return text
 
 
-def _to_source(item: Any, reports: Optional[Mapping[str, str]]) -> _Source:
+def _to_source(item: Any, reports: Optional[Mapping[str, str]], allow_missing_sequences: bool = False) -> _Source:
     """Normalise a ``CaseFiles`` or a dataset example (mapping) into a :class:`_Source`."""
     if hasattr(item, "sequences") and hasattr(item, "case_id") and not isinstance(item, Mapping):  # CaseFiles
         case_id = str(item.case_id)
@@ -236,14 +240,19 @@ def _to_source(item: Any, reports: Optional[Mapping[str, str]]) -> _Source:
             except (OSError, UnicodeDecodeError) as exc:
                 raise ValueError(f"Case {case_id}: cannot read report {path} ({type(exc).__name__}).") from exc
         missing = [s for s in SEQUENCES if s not in item.sequences]
-        if missing:
-            raise ValueError(f"Case {case_id}: missing sequence(s) {missing} in {getattr(item, 'source_dir', None)}.")
+        if missing and not allow_missing_sequences:
+            raise ValueError(
+                f"Case {case_id}: missing sequence(s) {missing} in {getattr(item, 'source_dir', None)} "
+                "(allow_missing_sequences=True zero-fills them)."
+            )
+        if len(missing) == len(SEQUENCES):
+            raise ValueError(f"Case {case_id}: no MRI sequence in {getattr(item, 'source_dir', None)}.")
         return _Source(
             case_id=case_id,
             grade=_grade_name(item.grade, case_id),
             release=getattr(item, "release", None),
             label_convention=getattr(item, "label_convention", None),
-            sequences={s: item.sequences[s] for s in SEQUENCES},
+            sequences={s: item.sequences[s] for s in SEQUENCES if s in item.sequences},
             label=item.label,
             report=report,
             source_dir=None if getattr(item, "source_dir", None) is None else str(item.source_dir),
@@ -254,7 +263,7 @@ def _to_source(item: Any, reports: Optional[Mapping[str, str]]) -> _Source:
         case_id = str(item["case_id"])
         seqs = item.get("sequences") or {s: item.get(s) for s in SEQUENCES}
         missing = [s for s in SEQUENCES if seqs.get(s) is None]
-        if missing:
+        if missing and (not allow_missing_sequences or len(missing) == len(SEQUENCES)):
             raise ValueError(f"Case {case_id}: missing sequence(s) {missing}.")
         report = item.get("report")
         if reports is not None and case_id in reports:
@@ -267,7 +276,7 @@ def _to_source(item: Any, reports: Optional[Mapping[str, str]]) -> _Source:
             grade=_grade_name(item.get("grade"), case_id),
             release=item.get("release"),
             label_convention=item.get("label_convention"),
-            sequences={s: seqs[s] for s in SEQUENCES},
+            sequences={s: seqs[s] for s in SEQUENCES if seqs.get(s) is not None},
             label=label,
             report=report,
             source_dir=item.get("source_dir"),
@@ -412,11 +421,11 @@ def _process_volumes(src: _Source, case_dir: Path, image_processor: EmrFuseImage
     """Read, preprocess and write one case's arrays; returns the array-related metadata."""
     images = {s: _read_image(v, f"case {src.case_id} sequence {s}") for s, v in src.sequences.items()}
     try:
-        prepared = image_processor.prepare_volume(images)
+        prepared = image_processor.prepare_volume(images, allow_missing_sequences=len(images) < len(SEQUENCES))
     except ValueError as exc:
         raise ValueError(f"Case {src.case_id}: {exc}") from exc
     spacing = None
-    first = images[SEQUENCES[0]]
+    first = next(iter(images.values()))
     if hasattr(first, "affine"):
         spacing = [float(v) for v in np.sqrt((np.asarray(first.affine)[:3, :3] ** 2).sum(axis=0))]
     vol = prepared.volume  # (4, H, W, D) float32
@@ -463,6 +472,7 @@ def _process_volumes(src: _Source, case_dir: Path, image_processor: EmrFuseImage
         "tumour_slices": tumour_slices,
         "spacing": spacing if spacing is not None else [1.0, 1.0, 1.0],
         "label_path": label_path,
+        "present": [bool(p) for p in prepared.present],
     }
 
 
@@ -499,6 +509,7 @@ def build_cache(
     num_workers: int = 0,
     progress: bool = True,
     force: bool = False,
+    allow_missing_sequences: bool = False,
 ) -> List[CachedCase]:
     """Preprocess cases once into ``cache_dir`` (see the module docstring for the format).
 
@@ -518,6 +529,8 @@ def build_cache(
         num_workers: processes used to preprocess volumes (0 = in this process).
         progress: show a tqdm progress bar.
         force: rebuild every case even if it is up to date.
+        allow_missing_sequences: accept cases that lack some of the four sequences (at least one
+            present): the missing ones are zero-filled and recorded in ``CachedCase.present``.
 
     Returns:
         One :class:`CachedCase` per input case, in input order. Raises ``ValueError`` naming the
@@ -533,7 +546,7 @@ def build_cache(
     processor = EmrFuseProcessor(image_processor=image_processor, tokenizer=tokenizer)
     limit = settings["max_length"]
 
-    sources = [_to_source(item, reports) for item in cases]
+    sources = [_to_source(item, reports, allow_missing_sequences) for item in cases]
     seen: Dict[str, int] = {}
     for i, s in enumerate(sources):
         if s.case_id in seen:
@@ -763,6 +776,12 @@ class SliceDataset(Dataset):
         seed: base seed; items depend only on ``(seed, epoch, index)``, so results do not depend on
             the number of workers.
         require_labels: raise if a case has no label map (training needs labels).
+        sequence_dropout: in training, probability that each present sequence of a drawn slice is
+            dropped (zero-filled, like a missing sequence at inference); at least one sequence is
+            always kept. Teaches one model to serve cases with any subset of the four sequences.
+        presence_channels: append the four sequence-presence channels (1 present / 0 missing or
+            dropped), as ``EmrFuseImageProcessor(sequence_presence=True)`` does; ``None`` takes the
+            processor's ``sequence_presence`` when a processor is given, else ``False``.
 
     Items: dict with ``pixel_values`` float32 ``(C, H, W)``, ``labels`` float32 ``(3, H, W)``
     (WT, TC, ET), ``case_index``, ``slice_index``, ``case_id``, ``input_ids``, ``token_type_ids``,
@@ -787,9 +806,15 @@ class SliceDataset(Dataset):
         flip_prob: float = 0.5,
         seed: int = 0,
         require_labels: bool = True,
+        sequence_dropout: float = 0.0,
+        presence_channels: Optional[bool] = None,
     ):
         if not cases:
             raise ValueError("SliceDataset needs at least one cached case.")
+        if not 0.0 <= float(sequence_dropout) < 1.0:
+            raise ValueError(f"sequence_dropout must be in [0, 1), got {sequence_dropout}.")
+        if presence_channels is None:
+            presence_channels = bool(getattr(image_processor, "sequence_presence", False))
         if context_slices is None:
             context_slices = image_processor.context_slices if image_processor is not None else 0
         if int(context_slices) < 0:
@@ -821,6 +846,8 @@ class SliceDataset(Dataset):
         self.flip_axes = tuple(int(a) for a in flip_axes)
         self.flip_prob = float(flip_prob)
         self.seed = int(seed)
+        self.sequence_dropout = float(sequence_dropout)
+        self.presence_channels = bool(presence_channels)
         self.epoch = 0
         self._num_slices = np.array([c.num_slices for c in self.cases], dtype=np.int64)
         self._case_weights = self._num_slices / self._num_slices.sum()
@@ -829,7 +856,16 @@ class SliceDataset(Dataset):
 
     @property
     def in_channels(self) -> int:
-        return len(SEQUENCES) * (2 * self.context_slices + 1)
+        return len(SEQUENCES) * (2 * self.context_slices + 1) + (len(SEQUENCES) if self.presence_channels else 0)
+
+    def present_for(self, ci: int, rng: Optional[np.random.Generator]) -> np.ndarray:
+        """The sequences a drawn slice keeps: the case's own, minus random drops in training."""
+        present = np.array(self.cases[ci].present, dtype=bool)
+        if rng is not None and self.sequence_dropout > 0:
+            drop = rng.random(len(present)) < self.sequence_dropout
+            if (present & ~drop).any():
+                present &= ~drop
+        return present
 
     def set_epoch(self, epoch: int) -> None:
         """Change the random draws (call at the start of each epoch)."""
@@ -898,6 +934,11 @@ class SliceDataset(Dataset):
             rng = None
         case = self.cases[ci]
         x_np, bits_np = self.reader.read(ci, z, self.context_slices)
+        present = self.present_for(ci, rng if self.train else None)
+        if not present.all():  # zero-fill dropped sequences in every context slice
+            x_np = x_np.reshape(-1, len(SEQUENCES), *x_np.shape[1:])
+            x_np[:, ~present] = 0.0
+            x_np = x_np.reshape(-1, *x_np.shape[2:])
         x = torch.from_numpy(x_np)
         bits = torch.from_numpy(bits_np.astype(np.float32))[None]
         if self.train and self.augment:
@@ -915,6 +956,9 @@ class SliceDataset(Dataset):
             x, bits = _centre_fit(x, self.image_size), _centre_fit(bits, self.image_size)
         b = bits[0].to(torch.uint8)
         labels = torch.stack([(b & bit) > 0 for bit in REGION_BITS]).float()
+        if self.presence_channels:
+            planes = torch.from_numpy(present.astype(np.float32))[:, None, None].expand(-1, *x.shape[-2:])
+            x = torch.cat([x, planes])
         return {
             "pixel_values": x.contiguous(),
             "labels": labels,
@@ -997,6 +1041,8 @@ class CaseDataset(Dataset):
             :meth:`EmrFuseImageProcessor.post_process_segmentation` still maps back exactly.
         with_labels: include ``labels (D, 3, H, W)`` (zeros for an unlabeled case, with
             ``has_label=False``).
+        presence_channels: append the four sequence-presence channels (``None``: the processor's
+            ``sequence_presence``, else ``False``).
 
     Items: ``pixel_values (D, C, H, W)`` float32 (the same values as
     ``image_processor.slices(case.prepared_volume())`` up to float16 storage), ``labels``,
@@ -1012,9 +1058,13 @@ class CaseDataset(Dataset):
         image_processor: Optional[EmrFuseImageProcessor] = None,
         image_size: Union[int, Sequence[int], None] = None,
         with_labels: bool = True,
+        presence_channels: Optional[bool] = None,
     ):
         if context_slices is None:
             context_slices = image_processor.context_slices if image_processor is not None else 0
+        if presence_channels is None:
+            presence_channels = bool(getattr(image_processor, "sequence_presence", False))
+        self.presence_channels = bool(presence_channels)
         self.cases = list(cases)
         self.context_slices = int(context_slices)
         self.image_size = _pair(image_size)
@@ -1056,6 +1106,8 @@ class CaseDataset(Dataset):
         crop = self._crop_info(case)
         if self.image_size is not None:
             x = self._repad(x, case, crop)
+        if self.presence_channels:
+            x = torch.from_numpy(EmrFuseImageProcessor.append_presence(x.numpy(), case.present))
         item: Dict[str, Any] = {
             "pixel_values": x,
             "case_id": case.case_id,

@@ -128,6 +128,10 @@ class EmrFuseConfig(PretrainedConfig):
         num_labels / id2label / label2id: grading labels; default ``{0: "HGG", 1: "LGG"}``.
         regions (`list[str]`, defaults to ``("WT", "TC", "ET")``): segmentation output channels.
         context_slices (`int`, defaults to 0): neighbouring slices on each side stacked as channels.
+        sequence_presence (`bool`, defaults to False): the input carries four extra sequence-presence
+            channels (1 = sequence present, 0 = missing and zero-filled), as the image processor with
+            ``sequence_presence=True`` writes them; a model trained with sequence dropout then serves
+            cases with any non-empty subset of the four sequences. ``in_chans`` grows by 4.
         sequences (`list[str]`): MRI sequence order of the input channels (informative).
         initializer_range (`float`, defaults to 0.02): std of the fusion head's linear layers.
     """
@@ -156,6 +160,7 @@ class EmrFuseConfig(PretrainedConfig):
     slice_chunk_size: int = 32
     regions: list[str] | tuple[str, ...] = REGIONS
     context_slices: int = 0
+    sequence_presence: bool = False
     sequences: list[str] | tuple[str, ...] = SEQUENCES
     initializer_range: float = 0.02
 
@@ -189,7 +194,9 @@ class EmrFuseConfig(PretrainedConfig):
 
         if not isinstance(self.context_slices, int) or isinstance(self.context_slices, bool) or self.context_slices < 0:
             raise ValueError(f"context_slices must be an integer >= 0, got {self.context_slices!r}.")
-        expected_chans = len(SEQUENCES) * (2 * self.context_slices + 1)
+        if not isinstance(self.sequence_presence, bool):
+            raise ValueError(f"sequence_presence must be a bool, got {self.sequence_presence!r}.")
+        expected_chans = len(SEQUENCES) * (2 * self.context_slices + 1) + (len(SEQUENCES) if self.sequence_presence else 0)
 
         vision = dict(self.vision_config) if self.vision_config is not None else {}
         if not isinstance(self.vision_config, (dict, type(None))):
@@ -206,8 +213,9 @@ class EmrFuseConfig(PretrainedConfig):
             )
         if in_chans != expected_chans:
             raise ValueError(
-                f"vision_config['in_chans']={in_chans} does not match context_slices={self.context_slices} "
-                f"(expected 4 * (2 * {self.context_slices} + 1) = {expected_chans})."
+                f"vision_config['in_chans']={in_chans} does not match context_slices={self.context_slices} and "
+                f"sequence_presence={self.sequence_presence} (expected 4 * (2 * {self.context_slices} + 1)"
+                f"{' + 4' if self.sequence_presence else ''} = {expected_chans})."
             )
         for reserved in ("pretrained", "features_only", "num_classes"):
             if reserved in vision:
@@ -290,7 +298,7 @@ class EmrFuseConfig(PretrainedConfig):
     # ------------------------------------------------------------------ helpers
     @property
     def in_channels(self) -> int:
-        """Input channels of a slice: ``4 * (2 * context_slices + 1)``."""
+        """Input channels of a slice: ``4 * (2 * context_slices + 1)`` (+ 4 with ``sequence_presence``)."""
         return int(self.vision_config["in_chans"])
 
     @property

@@ -11,7 +11,8 @@ Pipeline of :class:`EmrFuseImageProcessor` for one case
        images of one case must share one voxel grid, and their spacing is checked against
        ``expected_spacing``).
     2. Brain mask = voxels where *any* sequence is non-zero (BraTS volumes are skull-stripped with an
-       exact-zero background). The brain's bounding box (``np.any`` projections), grown by
+       exact-zero background; a constant non-zero background, as in already z-scored scans, is first
+       shifted to zero). The brain's bounding box (``np.any`` projections), grown by
        ``crop_margin`` voxels on every side and clipped to the grid, is the crop.
     3. :meth:`~EmrFuseImageProcessor.normalize`: z-score of each sequence over the brain voxels
        (mean 0, std 1 over the brain; background stays exactly 0).
@@ -131,6 +132,8 @@ class PreparedVolume:
 
     volume: np.ndarray
     crop: CropInfo
+    present: Tuple[bool, ...] = (True,) * len(SEQUENCES)
+    """Which sequences (in the processor's ``sequence_order``) the case has; a missing one is all zero."""
 
     @property
     def num_slices(self) -> int:
@@ -147,6 +150,7 @@ class EmrFuseImageProcessorKwargs(ImagesKwargs, total=False):
     crop_margin: int
     expected_spacing: Optional[Tuple[float, float, float]]
     spacing_tolerance: float
+    sequence_presence: bool
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -186,6 +190,25 @@ def _load_nifti(path) -> Any:
     return nibabel.load(path)
 
 
+def _zero_constant_background(volume: np.ndarray, min_fraction: float = 0.05) -> float:
+    """Shift a constant non-zero background to exactly 0, in place; returns the shift (0.0 if none).
+
+    Skull-stripped scans have a zero background, which is how the brain mask is found. Scans that
+    were already z-scored (or otherwise shifted) have a constant background of another value (e.g.
+    ``-mean / std``). When the eight corners of the grid hold one non-zero value that covers at least
+    ``min_fraction`` of the voxels, that value is the background: subtracting it restores the zero
+    background and leaves the z-score over the brain unchanged (a z-score ignores shifts).
+    """
+    corners = volume[np.ix_(*[[0, n - 1] for n in volume.shape])].ravel()
+    value = corners[0]
+    if value == 0 or not np.all(corners == value) or not np.isfinite(value):
+        return 0.0
+    if np.count_nonzero(volume == value) < min_fraction * volume.size:
+        return 0.0
+    volume -= value
+    return float(value)
+
+
 # --------------------------------------------------------------------------------------------------
 # Image processor
 # --------------------------------------------------------------------------------------------------
@@ -205,12 +228,17 @@ class EmrFuseImageProcessor(BaseImageProcessor):
         expected_spacing: voxel size in mm that inputs with an affine must have (BraTS: 1 mm
             isotropic); ``None`` disables the check. Nothing is ever resampled.
         spacing_tolerance: absolute tolerance in mm of that check.
+        sequence_presence: append four constant channels to every slice, 1 where the case has the
+            sequence and 0 where it is missing (zero-filled), so that one model serves cases with any
+            non-empty subset of the four sequences (``in_channels`` grows by 4). A model trained with
+            sequence dropout uses it; it must match the model's ``config.sequence_presence``.
     """
 
     model_input_names = ["pixel_values"]
     valid_kwargs = EmrFuseImageProcessorKwargs
     _SETTINGS = (
         "sequence_order", "context_slices", "size_divisor", "crop_margin", "expected_spacing", "spacing_tolerance",
+        "sequence_presence",
     )
 
     def __init__(
@@ -221,6 +249,7 @@ class EmrFuseImageProcessor(BaseImageProcessor):
         crop_margin: int = 0,
         expected_spacing: Optional[Sequence[float]] = (1.0, 1.0, 1.0),
         spacing_tolerance: float = 0.05,
+        sequence_presence: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -243,12 +272,16 @@ class EmrFuseImageProcessor(BaseImageProcessor):
         self.crop_margin = int(crop_margin)
         self.expected_spacing = expected_spacing
         self.spacing_tolerance = float(spacing_tolerance)
+        if not isinstance(sequence_presence, (bool, np.bool_)):
+            raise ValueError(f"sequence_presence must be a bool, got {sequence_presence!r}.")
+        self.sequence_presence = bool(sequence_presence)
 
     # ---------------------------------------------------------------------------------- properties
     @property
     def in_channels(self) -> int:
-        """Channels of one model input slice: ``4 * (2 * context_slices + 1)``."""
-        return len(SEQUENCES) * (2 * self.context_slices + 1)
+        """Channels of one model input slice: ``4 * (2 * context_slices + 1)``, plus 4 presence
+        channels with ``sequence_presence``."""
+        return len(SEQUENCES) * (2 * self.context_slices + 1) + (len(SEQUENCES) if self.sequence_presence else 0)
 
     def to_dict(self) -> Dict[str, Any]:
         """Serialisable settings (tuples kept as tuples; JSON writes them as lists)."""
@@ -310,8 +343,12 @@ class EmrFuseImageProcessor(BaseImageProcessor):
             raise ValueError(f"Sequence {name!r}: expected a 3-D volume (X, Y, Z), got shape {tuple(arr.shape)}.")
         return arr
 
-    def load_volume(self, volume) -> np.ndarray:
+    def load_volume(self, volume, allow_missing_sequences: bool = False) -> np.ndarray:
         """Turn one case's four sequences into a validated ``float32 (4, X, Y, Z)`` array.
+
+        With ``allow_missing_sequences=True`` a dict may lack sequences (or map them to ``None``) and
+        a sequence may be all zero: each missing sequence is zero-filled (at least one must be
+        present). Without it, a missing or all-zero sequence is an error.
 
         Accepts an array / tensor ``(4, X, Y, Z)`` or a list of four 3-D arrays / nibabel images /
         NIfTI paths (both in :attr:`sequence_order`), or a dict ``{sequence name (any alias from
@@ -338,11 +375,14 @@ class EmrFuseImageProcessor(BaseImageProcessor):
                     keys = [k for k in volume if canonical_sequence_name(k) == name]
                     raise ValueError(f"Sequence {name!r} given twice (keys {keys}).")
                 named[name] = item
-            missing = [s for s in self.sequence_order if s not in named]
-            if missing:
+            missing = [s for s in self.sequence_order if named.get(s) is None]
+            if missing and not allow_missing_sequences:
                 raise ValueError(
-                    f"Missing sequence(s) {missing}: got {sorted(map(str, volume))}, need {list(self.sequence_order)}."
+                    f"Missing sequence(s) {missing}: got {sorted(map(str, volume))}, need {list(self.sequence_order)} "
+                    "(allow_missing_sequences=True zero-fills missing sequences)."
                 )
+            if len(missing) == len(SEQUENCES):
+                raise ValueError(f"No MRI sequence given: need at least one of {list(self.sequence_order)}.")
         elif isinstance(volume, (list, tuple)):
             if len(volume) != len(SEQUENCES):
                 raise ValueError(f"Expected {len(SEQUENCES)} sequences {list(self.sequence_order)}, got {len(volume)}.")
@@ -360,20 +400,33 @@ class EmrFuseImageProcessor(BaseImageProcessor):
                 )
             named = dict(zip(self.sequence_order, arr))
 
-        named = {n: (_load_nifti(v) if isinstance(v, (str, os.PathLike)) else v) for n, v in named.items()}
+        named = {n: (_load_nifti(v) if isinstance(v, (str, os.PathLike)) else v) for n, v in named.items() if v is not None}
         self.check_spacing(named)
-        arrays = [self._sequence_array(named[name], name) for name in self.sequence_order]
-        shapes = {name: tuple(a.shape) for name, a in zip(self.sequence_order, arrays)}
+        arrays = {name: self._sequence_array(named[name], name) for name in self.sequence_order if name in named}
+        shapes = {name: tuple(a.shape) for name, a in arrays.items()}
         if len(set(shapes.values())) != 1:
             raise ValueError(f"Sequences have different shapes: {shapes}.")
-        out = np.empty((len(arrays),) + arrays[0].shape, dtype=np.float32)
-        for i, (name, arr) in enumerate(zip(self.sequence_order, arrays)):
-            out[i] = arr
+        shape = next(iter(shapes.values()))
+        out = np.zeros((len(SEQUENCES),) + shape, dtype=np.float32)
+        for i, name in enumerate(self.sequence_order):
+            if name not in arrays:
+                continue
+            out[i] = arrays[name]
             if not np.isfinite(out[i]).all():
                 raise ValueError(f"Sequence {name!r} contains NaN or infinite values.")
-            if not out[i].any():
+            if not out[i].any() and not allow_missing_sequences:
                 raise ValueError(f"Sequence {name!r} is all zero.")
+        for i in range(len(SEQUENCES)):
+            _zero_constant_background(out[i])
+        if not out.any():
+            raise ValueError("Every sequence is all zero: no brain voxel.")
         return out
+
+    @staticmethod
+    def present_sequences(volume: np.ndarray) -> Tuple[bool, ...]:
+        """Which sequences of a ``(4, ...)`` volume are present (not all zero)."""
+        volume = _to_numpy(volume)
+        return tuple(bool(volume[i].any()) for i in range(volume.shape[0]))
 
     # ---------------------------------------------------------------------------------- core steps
     @staticmethod
@@ -420,7 +473,10 @@ class EmrFuseImageProcessor(BaseImageProcessor):
         if not brain.any():
             raise ValueError("normalize: the volume is all zero (no brain voxel).")
         out = np.zeros(volume.shape, dtype=np.float32)
+        present = self.present_sequences(volume)
         for i, name in enumerate(self.sequence_order):
+            if not present[i] and any(present):
+                continue  # a missing (zero-filled) sequence stays zero
             values = volume[i][brain].astype(np.float64, copy=False)
             if not np.isfinite(values).all():
                 raise ValueError(f"normalize: sequence {name!r} contains NaN or infinite values.")
@@ -437,22 +493,24 @@ class EmrFuseImageProcessor(BaseImageProcessor):
         total = target - size
         return (total // 2, total - total // 2)
 
-    def prepare_volume(self, volume) -> PreparedVolume:
+    def prepare_volume(self, volume, allow_missing_sequences: bool = False) -> PreparedVolume:
         """One case -> :class:`PreparedVolume`: load/validate, crop to the brain bbox (+ margin),
         z-score over brain voxels, pad in-plane (evenly, zeros) to multiples of ``size_divisor``.
 
-        ``volume``: anything :meth:`load_volume` accepts. The result is ``float32 (4, H, W, D)``
-        with ``D`` the number of slices of the bbox (Z is not padded).
+        ``volume``: anything :meth:`load_volume` accepts (``allow_missing_sequences`` is passed on).
+        The result is ``float32 (4, H, W, D)`` with ``D`` the number of slices of the bbox (Z is not
+        padded); ``present`` records which sequences the case has. Intensities may be integers, raw
+        floats or already z-scored values: the z-score over the brain (non-zero voxels) makes them alike.
         """
         if isinstance(volume, PreparedVolume):
             return volume
-        vol = self.load_volume(volume)
+        vol = self.load_volume(volume, allow_missing_sequences=allow_missing_sequences)
         bbox = self.brain_bbox(vol)
         (x0, x1), (y0, y1), (z0, z1) = bbox
         cropped = self.normalize(vol[:, x0:x1, y0:y1, z0:z1])
         pad = (self._pad_amounts(x1 - x0), self._pad_amounts(y1 - y0))
         crop = CropInfo(original_shape=vol.shape[1:], bbox=bbox, pad=pad)
-        return PreparedVolume(volume=self._pad(cropped, pad), crop=crop)
+        return PreparedVolume(volume=self._pad(cropped, pad), crop=crop, present=self.present_sequences(vol))
 
     @staticmethod
     def _pad(array: np.ndarray, pad) -> np.ndarray:
@@ -474,7 +532,7 @@ class EmrFuseImageProcessor(BaseImageProcessor):
         (a, _), (c, _) = prepared.crop.pad
         inner = prepared.volume[:, a : a + h, c : c + w, :]
         crop = CropInfo(original_shape=prepared.crop.original_shape, bbox=prepared.crop.bbox, pad=pad)
-        return PreparedVolume(volume=self._pad(inner, pad), crop=crop)
+        return PreparedVolume(volume=self._pad(inner, pad), crop=crop, present=prepared.present)
 
     def crop_label_map(self, label_map, crop: Union[CropInfo, Mapping[str, Any]]) -> np.ndarray:
         """Crop and pad a ``(X, Y, Z)`` array (label map, mask, ...) exactly like the image: ``(H, W, D)``,
@@ -524,7 +582,18 @@ class EmrFuseImageProcessor(BaseImageProcessor):
         # only the slices needed, as (u, 4, H, W), then gathered into (n, 2k+1, 4, H, W)
         by_slice = np.ascontiguousarray(np.moveaxis(vol[..., needed], -1, 0), dtype=np.float32)
         out = by_slice[where.reshape(neighbours.shape)]
-        return out.reshape(idx.size, self.in_channels, vol.shape[1], vol.shape[2])
+        out = out.reshape(idx.size, len(SEQUENCES) * (2 * k + 1), vol.shape[1], vol.shape[2])
+        if self.sequence_presence:
+            present = prepared.present if isinstance(prepared, PreparedVolume) else self.present_sequences(vol)
+            out = self.append_presence(out, present)
+        return out
+
+    @staticmethod
+    def append_presence(slices: np.ndarray, present: Sequence[bool]) -> np.ndarray:
+        """Append the four sequence-presence channels (constant 1 / 0 planes) to ``(n, C, H, W)`` slices."""
+        n, _, h, w = slices.shape
+        planes = np.broadcast_to(np.asarray(present, dtype=slices.dtype)[None, :, None, None], (n, len(present), h, w))
+        return np.concatenate([slices, planes], axis=1)
 
     # ---------------------------------------------------------------------------------- batch API
     @staticmethod
@@ -548,10 +617,11 @@ class EmrFuseImageProcessor(BaseImageProcessor):
         ``crop_info`` (one :meth:`CropInfo.to_dict` per case, for :meth:`post_process_segmentation`).
         Cases of different crop sizes are padded to a common in-plane size (recorded in their crop info).
         """
+        allow_missing = bool(kwargs.pop("allow_missing_sequences", False))
         if kwargs:
             raise TypeError(f"preprocess: unexpected arguments {sorted(kwargs)}.")
         cases = list(volumes) if self._is_batch(volumes) else [volumes]
-        prepared = [self.prepare_volume(case) for case in cases]
+        prepared = [self.prepare_volume(case, allow_missing_sequences=allow_missing) for case in cases]
         height = max(p.volume.shape[1] for p in prepared)
         width = max(p.volume.shape[2] for p in prepared)
         prepared = [self._repad(p, height, width) for p in prepared]
