@@ -19,15 +19,26 @@ Input (one case)
       volumes in cm^3; identity, i.e. 1 mm voxels, otherwise).
     A *list* is a batch of cases (the transformers pipeline convention), not the four sequences.
 
+Missing sequences (``allow_missing_sequences=True``; ``emrfuse predict --allow-missing-sequences``)
+    A case folder or a dict may then hold any non-empty subset of the four sequences (a dict may
+    also map a sequence to ``None``); with the flag a sequence that is all zero counts as missing
+    too. The missing sequences are zero-filled on the grid of the present ones and listed in the
+    result's ``missing_sequences``. A model trained with sequence dropout has sequence-presence
+    channels (``config.sequence_presence``) that tell it which sequences are missing; a model
+    without them still runs, and the result's ``warnings`` says that it was not trained to know
+    which sequences are missing. Without the flag a missing sequence is an error, as before.
+
 Call arguments: ``report`` (text, optional; a case folder's own ``<case>_flair_text.txt`` is used
 when no report is given and ``use_case_report=True``), ``label_convention`` (default: that of the
 case's release, ``brats2017`` when unknown), ``release``, ``affine``, ``threshold`` (0.5),
 ``max_length`` (report tokens), ``return_probabilities``, ``mask_background`` (default True: no
-tumour label where all four sequences are 0, i.e. outside the skull-stripped brain).
+tumour label where all four sequences are 0, i.e. outside the skull-stripped brain),
+``allow_missing_sequences`` (default False; see "Missing sequences" above).
 
 What runs
-    1. load: the four volumes are read (in parallel threads), checked (all present, same shape,
-       same affine, not empty, a readable NIfTI);
+    1. load: the four volumes are read (in parallel threads), checked (all present, or the missing
+       ones zero-filled with ``allow_missing_sequences``; same shape, same affine, not empty, a
+       readable NIfTI);
     2. preprocess: :class:`EmrFuseProcessor` z-scores, crops to the brain, cuts every brain slice, and
        tokenises the report once;
     3. model: one forward per head over all slices of the case, under ``torch.inference_mode``; the
@@ -140,6 +151,9 @@ class LoadedCase:
         case_id, release, label_convention: from the folder layout when known.
         sources: sequence -> file path when read from files.
         report_path: the case's own report file (TextBraTS layout), if any.
+        missing_sequences: canonical names (in :data:`SEQUENCES` order) of the sequences the case
+            lacks (or that are all zero), zero-filled in ``volumes``; only with
+            ``allow_missing_sequences=True``, empty otherwise.
     """
 
     volumes: Dict[str, np.ndarray]
@@ -151,6 +165,7 @@ class LoadedCase:
     label_convention: Optional[str] = None
     sources: Dict[str, str] = field(default_factory=dict)
     report_path: Optional[str] = None
+    missing_sequences: List[str] = field(default_factory=list)
 
     @property
     def shape(self) -> Tuple[int, int, int]:
@@ -250,19 +265,42 @@ def _guess_convention_from_names(names: Sequence[str]) -> Optional[str]:
     return "brats2023" if tokens & _2023_TOKENS else None
 
 
-def _discover_folder(folder: Path, release: str = "auto"):
-    """The CaseFiles of a case folder (datasets_scripts.brats_layouts when installed)."""
+_MISSING_HINT = "or pass allow_missing_sequences=True (emrfuse predict --allow-missing-sequences) to zero-fill them"
+
+
+def _missing_error(where: str, missing: Sequence[str], found: Sequence[str]) -> ValueError:
+    return ValueError(
+        f"{where}missing sequence(s) {list(missing)} (found: {', '.join(found) or 'none'}): give all four of "
+        f"{list(SEQUENCES)}, {_MISSING_HINT}."
+    )
+
+
+def _discover_folder(folder: Path, release: str = "auto", allow_missing_sequences: bool = False):
+    """The CaseFiles of a case folder (datasets_scripts.brats_layouts when installed).
+
+    A folder lacking sequences is an error naming them (and the option) unless
+    ``allow_missing_sequences``; one with no sequence at all is always an error.
+    """
     try:
         from datasets_scripts.brats_layouts import discover_cases
     except ImportError:
         discover_cases = None
     if discover_cases is not None:
-        cases = discover_cases(folder, release=release or "auto", on_error="raise")
+        import inspect
+
+        options = {}
+        if "allow_missing_sequences" in inspect.signature(discover_cases).parameters:
+            options["allow_missing_sequences"] = True  # checked below, with the option named in the error
+        cases = discover_cases(folder, release=release or "auto", on_error="raise", **options)
         if len(cases) != 1:
             raise ValueError(
                 f"{folder} holds {len(cases)} cases; pass a single case folder (emrfuse predict accepts a folder of cases)."
             )
         c = cases[0]
+        missing = [s for s in SEQUENCES if s not in c.sequences]
+        if missing and not allow_missing_sequences:
+            found = [f"{k}={Path(v).name}" for k, v in c.sequences.items()]
+            raise _missing_error(f"case {c.case_id}: ", missing, found)
         return {
             "case_id": c.case_id,
             "release": c.release,
@@ -286,8 +324,10 @@ def _discover_folder(folder: Path, release: str = "auto"):
             raise ValueError(f"{folder}: two files for sequence {seq!r} ({Path(found[seq]).name}, {path.name}).")
         found[seq] = str(path)
     missing = [s for s in SEQUENCES if s not in found]
-    if missing:
-        raise ValueError(f"{folder}: missing sequence(s) {missing} (found: {sorted(found) or 'none'}).")
+    if len(missing) == len(SEQUENCES):
+        raise ValueError(f"{folder}: no MRI sequence file found (need at least one of {list(SEQUENCES)}).")
+    if missing and not allow_missing_sequences:
+        raise _missing_error(f"{folder}: ", missing, sorted(found))
     reports = sorted(folder.glob("*_text.txt"))
     return {
         "case_id": folder.name,
@@ -303,14 +343,27 @@ def load_case(
     affine: Optional[np.ndarray] = None,
     release: str = "auto",
     max_workers: Optional[int] = None,
+    allow_missing_sequences: bool = False,
 ) -> LoadedCase:
     """Read one case (see the module docstring for the accepted forms) into a :class:`LoadedCase`.
 
-    Raises ``ValueError`` naming the sequence / file for: a missing or unknown sequence, a file that
-    does not exist, is empty or is not a readable NIfTI, sequences of different shapes or affines,
-    non-3-D data.
+    ``allow_missing_sequences``: a case folder or a dict may lack sequences (a dict may map them to
+    ``None``), at least one must be present; the present sequences define the grid (shape, affine,
+    header) and each missing one is a zero array of that shape. With the flag, a given sequence that
+    is all zero (also in a ``(4, X, Y, Z)`` array, which must still hold four sequences) counts as
+    missing. The case's ``missing_sequences`` lists them.
+
+    Raises ``ValueError`` naming the sequence / file for: a missing (without
+    ``allow_missing_sequences``) or unknown sequence, a file that does not exist, is empty or is not
+    a readable NIfTI, sequences of different shapes or affines, non-3-D data.
     """
     if isinstance(case, LoadedCase):
+        if case.missing_sequences and not allow_missing_sequences:
+            raise _missing_error(
+                f"case {case.case_id}: " if case.case_id else "",
+                case.missing_sequences,
+                [s for s in SEQUENCES if s not in case.missing_sequences],
+            )
         return case
     meta: Dict[str, Any] = {}
     if isinstance(case, (str, os.PathLike)):
@@ -321,7 +374,7 @@ def load_case(
             raise ValueError(
                 f"{folder} is a file: pass a case folder, or the four sequences as a dict {{sequence: path}}."
             )
-        meta = _discover_folder(folder, release)
+        meta = _discover_folder(folder, release, allow_missing_sequences=allow_missing_sequences)
         items: Dict[str, Any] = dict(meta["sequences"])
     elif isinstance(case, Mapping):
         items = {}
@@ -332,9 +385,15 @@ def load_case(
             if name in items:
                 raise ValueError(f"Sequence {name!r} given twice.")
             items[name] = value
+        items = {name: value for name, value in items.items() if value is not None}
         missing = [s for s in SEQUENCES if s not in items]
-        if missing:
-            raise ValueError(f"Missing sequence(s) {missing}: got {sorted(case)}; need {list(SEQUENCES)} (or aliases).")
+        if not items:
+            raise ValueError(f"No MRI sequence given: got {sorted(map(str, case))}; need at least one of {list(SEQUENCES)}.")
+        if missing and not allow_missing_sequences:
+            raise ValueError(
+                f"Missing sequence(s) {missing}: got {sorted(map(str, case))}; need {list(SEQUENCES)} (or aliases), "
+                f"{_MISSING_HINT}."
+            )
         meta["case_id"] = case.get("case_id")
         if affine is None and case.get("affine") is not None:
             affine = case["affine"]
@@ -385,6 +444,17 @@ def load_case(
         ref_affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
         if ref_affine.shape != (4, 4):
             raise ValueError(f"affine must be a 4 x 4 matrix, got shape {ref_affine.shape}.")
+    missing_sequences: List[str] = []
+    if allow_missing_sequences:
+        shape, dtype = next(iter(volumes.values())).shape, next(iter(volumes.values())).dtype
+        for name in SEQUENCES:
+            if name not in volumes:
+                volumes[name] = np.zeros(shape, dtype=dtype)  # zero-filled on the grid of the present ones
+                missing_sequences.append(name)
+            elif not np.any(volumes[name]):
+                missing_sequences.append(name)  # all zero: as good as missing
+        if len(missing_sequences) == len(SEQUENCES):
+            raise ValueError(f"Every sequence is missing or all zero: need at least one of {list(SEQUENCES)}.")
     volumes = {s: volumes[s] for s in SEQUENCES}
     return LoadedCase(
         volumes=volumes,
@@ -396,6 +466,7 @@ def load_case(
         label_convention=meta.get("label_convention"),
         sources=sources,
         report_path=meta.get("report_path"),
+        missing_sequences=missing_sequences,
     )
 
 
@@ -682,7 +753,9 @@ class EmrFusePipeline(Pipeline):
     ``alpha_text`` / ``alpha_image``, ``tokens`` / ``token_attention`` / ``token_offsets`` /
     ``words`` (report highlighting), ``has_report``, ``report_truncated``, ``report_source``,
     ``case_id``, ``model_id`` / ``revision`` (and ``grading_model_id`` / ``grading_revision``),
-    ``timings`` (seconds: ``load``, ``preprocess``, ``model``, ``postprocess``, plus ``text_encoder``
+    ``missing_sequences`` (zero-filled sequences, only with ``allow_missing_sequences=True``; ``[]``
+    for a complete case), ``warnings`` (list of strings, e.g. a missing sequence given to a model
+    without sequence-presence channels), ``timings`` (seconds: ``load``, ``preprocess``, ``model``, ``postprocess``, plus ``text_encoder``
     and ``text_encoder_calls``).
     """
 
@@ -791,6 +864,7 @@ class EmrFusePipeline(Pipeline):
         threshold=None,
         return_probabilities=None,
         mask_background=None,
+        allow_missing_sequences=None,
         **kwargs,
     ):
         if kwargs:
@@ -807,6 +881,8 @@ class EmrFusePipeline(Pipeline):
         ):
             if value is not None:
                 pre[key] = value
+        if allow_missing_sequences is not None:
+            pre["allow_missing_sequences"] = bool(allow_missing_sequences)
         if threshold is not None:
             if not 0.0 < float(threshold) < 1.0:
                 raise ValueError(f"threshold must be in (0, 1), got {threshold}.")
@@ -838,11 +914,12 @@ class EmrFusePipeline(Pipeline):
         affine=None,
         use_case_report: bool = True,
         max_length: Optional[int] = None,
+        allow_missing_sequences: bool = False,
     ):
         t0 = time.perf_counter()
         if isinstance(inputs, Mapping) and "report" in inputs and report is None:
             report = inputs["report"]
-        case = load_case(inputs, affine=affine, release=release)
+        case = load_case(inputs, affine=affine, release=release, allow_missing_sequences=allow_missing_sequences)
         report_source = "argument" if report is not None else None
         if report is None and use_case_report and case.report_path:
             try:
@@ -856,8 +933,11 @@ class EmrFusePipeline(Pipeline):
         # spacing / shared-grid checks of the processor need only the affine
         if case.header is not None or not np.allclose(case.affine, np.eye(4)):
             self.image_processor.check_spacing({s: _AffineOnly(case.affine) for s in SEQUENCES})
-        enc = self.processor(volumes=[dict(case.volumes)], text=[report], max_length=max_length, return_tensors="pt")
+        prepared = self._prepare_volume(case, allow_missing_sequences)
+        enc = self.processor(volumes=[prepared], text=[report], max_length=max_length, return_tensors="pt")
         convention = label_convention or case.label_convention or "brats2017"
+        absent = {n for n, p in zip(self.image_processor.sequence_order, getattr(prepared, "present", ())) if not p}
+        missing = [s for s in SEQUENCES if s in absent or s in case.missing_sequences]
         t2 = time.perf_counter()
         return {
             "model_inputs": {
@@ -872,8 +952,40 @@ class EmrFusePipeline(Pipeline):
             "report_source": report_source if bool(enc["has_report"][0]) else None,
             "case": case,
             "label_convention": get_label_convention(convention).name,
+            "missing_sequences": missing,
+            "warnings": self._missing_sequence_warnings(missing),
             "timings": {"load": t1 - t0, "preprocess": t2 - t1},
         }
+
+    def _prepare_volume(self, case: LoadedCase, allow_missing_sequences: bool):
+        """The image processor's ``prepare_volume`` of a loaded case (``allow_missing_sequences`` passed on)."""
+        if not allow_missing_sequences:
+            return self.image_processor.prepare_volume(dict(case.volumes))
+        import inspect
+
+        if "allow_missing_sequences" not in inspect.signature(self.image_processor.prepare_volume).parameters:
+            raise ValueError(
+                "This model folder's image processor (processing_emrfuse.py) predates missing-sequence support: "
+                "give all four sequences, or save the model again with the current emrfuse package."
+            )
+        return self.image_processor.prepare_volume(dict(case.volumes), allow_missing_sequences=True)
+
+    def _missing_sequence_warnings(self, missing: Sequence[str]) -> List[str]:
+        """Warnings for a case with zero-filled sequences run by a model without sequence-presence channels."""
+        if not missing:
+            return []
+        blind = [
+            role for role, m in (("segmentation", self.segmentation_model), ("grading", self.grading_model))
+            if m is not None and not getattr(m.config, "sequence_presence", False)
+        ]
+        if not blind:
+            return []
+        which = "model" if len(blind) == len(self.models) else f"{blind[0]} model"
+        return [
+            f"Sequence(s) {list(missing)} are missing and were zero-filled, but the {which} has no sequence-presence "
+            "channels (config.sequence_presence=False): it was not trained to know which sequences are missing, so "
+            "its output may be unreliable. A model trained with train.py --sequence_dropout serves such cases."
+        ]
 
     def _grading_inputs(self, inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         n = inputs["pixel_values"].shape[0]
@@ -942,7 +1054,7 @@ class EmrFusePipeline(Pipeline):
             label_map, regions = self.image_processor.post_process_segmentation(
                 logits, model_outputs["crop_info"], label_convention=convention, threshold=threshold, return_regions=True
             )
-            if mask_background:  # skull-stripped input: no tumour where all four sequences are 0
+            if mask_background:  # skull-stripped input: no tumour where all four (given) sequences are 0
                 background = np.ones(case.shape, dtype=bool)
                 for volume in case.volumes.values():
                     background &= volume == 0
@@ -969,6 +1081,8 @@ class EmrFusePipeline(Pipeline):
             names = [str(id2label.get(i, id2label.get(str(i), i))) for i in range(len(probs))]
             result["grade_probabilities"] = dict(zip(names, (float(p) for p in probs)))
             result["grade"] = names[int(np.argmax(probs))]
+        result["missing_sequences"] = list(model_outputs.get("missing_sequences") or [])
+        result["warnings"] = list(model_outputs.get("warnings") or [])
         result["alpha_text"] = model_outputs["alpha_text"]
         result["alpha_image"] = model_outputs["alpha_image"]
         result["has_report"] = model_outputs["has_report"]

@@ -8,13 +8,20 @@ and writes for each case
   header, in the requested label convention (default: that of the input's BraTS release);
 * ``<case_id>.json``: grade and grade probabilities, region volumes in cm^3 (voxel size from the
   header), ``alpha_text`` / ``alpha_image``, whether the report was missing or truncated, the model
-  id and revision, the label convention, timings (the report text is never written or printed).
+  id and revision, the label convention, the missing (zero-filled) sequences and any warnings,
+  timings (the report text is never written or printed).
+
+A case must have the four sequences unless ``--allow-missing-sequences`` is given: then a case folder
+or the ``--t1/--t1ce/--t2/--flair`` files may hold any non-empty subset of them, and the missing ones
+are zero-filled. A model trained with ``train.py --sequence_dropout`` has sequence-presence channels
+that tell it which sequences are missing; a model without them still runs, with a warning.
 
 Usage::
 
     emrfuse predict path/to/BraTS20_Training_001 --report-file report.txt -o predictions/
     emrfuse predict --t1 a_t1.nii.gz --t1ce a_t1ce.nii.gz --t2 a_t2.nii.gz --flair a_flair.nii.gz --report "..."
     emrfuse predict path/to/MICCAI_BraTS2020_TrainingData -o predictions/   # a folder of cases
+    emrfuse predict --t1ce a_t1ce.nii.gz --flair a_flair.nii.gz --allow-missing-sequences
 
 Performance: the models are rewritten once for inference (BatchNorm folded, bf16 weights on CPUs
 with native bf16, channels-last), the report is encoded once per model and case, and OpenMP threads
@@ -93,6 +100,8 @@ def prediction_record(result: Dict[str, Any], label_map_file: Optional[str], inp
         "report_missing": not bool(result.get("has_report")),
         "report_truncated": bool(result.get("report_truncated")),
         "report_source": result.get("report_source"),
+        "missing_sequences": list(result.get("missing_sequences") or []),
+        "warnings": list(result.get("warnings") or []),
         "model": {"id": result.get("model_id"), "revision": result.get("revision")},
         "inputs": inputs,
         "timings_s": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.get("timings", {}).items()},
@@ -109,7 +118,7 @@ def prediction_record(result: Dict[str, Any], label_map_file: Optional[str], inp
 
 # ------------------------------------------------------------------------------------------ cases
 def _case_id_from_files(paths: Dict[str, str]) -> str:
-    """Case id from the four file names: the common prefix once each sequence suffix is removed
+    """Case id from the sequence file names: the common prefix once each sequence suffix is removed
     (``TCGA-DU-7294_t1.nii.gz`` ... -> ``TCGA-DU-7294``; ``BraTS-GLI-00001-000-t1n.nii.gz`` ... ->
     ``BraTS-GLI-00001-000``)."""
     stems = []
@@ -135,14 +144,21 @@ def _explicit_convention(paths: Dict[str, str]) -> Optional[str]:
 
 def find_cases(args) -> Tuple[List[Dict[str, Any]], List[Dict[str, str]], bool]:
     """The cases to predict: ``(cases, skipped, single)`` where each case is a dict with
-    ``case_id``, ``input`` (what the pipeline reads), ``files``, ``label_convention``, ``report_path``."""
+    ``case_id``, ``input`` (what the pipeline reads), ``files``, ``label_convention``, ``report_path``.
+
+    A case lacking sequences is accepted only with ``--allow-missing-sequences`` (a single case
+    otherwise fails with a one-line error; in a folder of cases it is skipped with that reason)."""
+    allow_missing = bool(getattr(args, "allow_missing_sequences", False))
     explicit = {s: getattr(args, s) for s in SEQUENCES if getattr(args, s, None)}
     if explicit:
         if args.input:
             raise PredictError("give either a case folder or --t1/--t1ce/--t2/--flair, not both.")
         missing = [s for s in SEQUENCES if s not in explicit]
-        if missing:
-            raise PredictError(f"missing sequence(s) {missing}: give all four of --t1 --t1ce --t2 --flair.")
+        if missing and not allow_missing:
+            raise PredictError(
+                f"missing sequence(s) {missing}: give all four of --t1 --t1ce --t2 --flair, or pass "
+                "--allow-missing-sequences to zero-fill the missing ones."
+            )
         case_id = args.case_id or _case_id_from_files(explicit)
         return (
             [{"case_id": case_id, "input": dict(explicit), "files": dict(explicit),
@@ -151,7 +167,10 @@ def find_cases(args) -> Tuple[List[Dict[str, Any]], List[Dict[str, str]], bool]:
             True,
         )
     if not args.input:
-        raise PredictError("give a case folder, a folder of cases, or the four files --t1 --t1ce --t2 --flair.")
+        raise PredictError(
+            "give a case folder, a folder of cases, or the four files --t1 --t1ce --t2 --flair "
+            "(a subset with --allow-missing-sequences)."
+        )
     root = Path(args.input).expanduser()
     if not root.exists():
         raise PredictError(f"{root} does not exist.")
@@ -164,14 +183,29 @@ def find_cases(args) -> Tuple[List[Dict[str, Any]], List[Dict[str, str]], bool]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # skipped cases are reported in the summary instead
         try:
-            found = discover_cases(root, release=args.release, on_error="skip")
+            # cases lacking sequences are found, then refused below without --allow-missing-sequences
+            found = discover_cases(root, release=args.release, on_error="skip", allow_missing_sequences=True)
         except ValueError as exc:
             raise PredictError(str(exc)) from exc
+    release = found.release
     skipped = [{"case_id": s.case_id, "reason": f"{s.reason} ({s.path})"} for s in found.skipped]
     single = len(found) + len(skipped) == 1 and (
         (len(found) == 1 and found[0].source_dir is not None and Path(found[0].source_dir).resolve() == root.resolve())
         or (len(skipped) == 1 and Path(found.skipped[0].path).resolve() == root.resolve())
     )
+    if not allow_missing:
+        complete = []
+        for c in found:
+            if not c.missing_sequences:
+                complete.append(c)
+                continue
+            present = ", ".join(f"{k}={Path(v).name}" for k, v in c.sequences.items())
+            skipped.append({
+                "case_id": c.case_id,
+                "reason": f"missing sequence(s) {c.missing_sequences} (found: {present}); pass --allow-missing-sequences "
+                          f"to zero-fill them ({c.source_dir if c.source_dir is not None else root})",
+            })
+        found = complete
     cases = [
         {
             "case_id": c.case_id,
@@ -179,7 +213,7 @@ def find_cases(args) -> Tuple[List[Dict[str, Any]], List[Dict[str, str]], bool]:
             "files": {k: str(v) for k, v in c.sequences.items()},
             "label_convention": c.label_convention,
             "report_path": None if c.report_path is None else str(c.report_path),
-            "release": found.release,
+            "release": release,
         }
         for c in found
     ]
@@ -301,6 +335,7 @@ def _run(args: argparse.Namespace) -> int:
                 release=case.get("release") or args.release,
                 use_case_report=not args.ignore_case_reports,
                 threshold=args.threshold,
+                allow_missing_sequences=bool(getattr(args, "allow_missing_sequences", False)),
             )
             if source is not None and result.get("has_report"):
                 result["report_source"] = source
@@ -356,7 +391,11 @@ def _print_case(record: Dict[str, Any], nifti: Optional[Path], json_path: Path) 
         parts.append("no report")
     elif record["report_truncated"]:
         parts.append("report truncated")
+    if record.get("missing_sequences"):
+        parts.append(f"missing sequence(s) {', '.join(record['missing_sequences'])} (zero-filled)")
     print("; ".join(parts))
+    for warning in record.get("warnings") or []:
+        print(f"emrfuse predict: warning: {warning}", file=sys.stderr)
     if nifti is not None:
         print(f"label map: {nifti}")
     print(f"details:   {json_path}")
@@ -380,14 +419,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "  emrfuse predict data/BraTS20_Training_001 --report-file report.txt -o predictions/\n"
             "  emrfuse predict --t1 a_t1.nii.gz --t1ce a_t1ce.nii.gz --t2 a_t2.nii.gz --flair a_flair.nii.gz\n"
             "  emrfuse predict data/MICCAI_BraTS2020_TrainingData --reports reports.jsonl -o predictions/\n"
+            "  emrfuse predict --t1ce a_t1ce.nii.gz --flair a_flair.nii.gz --allow-missing-sequences\n"
             "exit status: 0 all predicted, 1 some cases of a folder failed (see predict_summary.json), "
             "2 bad input or model"
         ),
     )
     p.add_argument("input", nargs="?", help="a case folder or a folder of cases (any BraTS layout)")
     for name in SEQUENCES:
-        p.add_argument(f"--{name}", metavar="FILE", help=f"the {name.upper()} NIfTI file (with the three others)")
+        p.add_argument(f"--{name}", metavar="FILE",
+                       help=f"the {name.upper()} NIfTI file (with the three others, or any of them with --allow-missing-sequences)")
     p.add_argument("--case-id", help="case id of the outputs (default: from the folder / file names)")
+    p.add_argument("--allow-missing-sequences", action="store_true",
+                   help="accept cases with any non-empty subset of T1/T1ce/T2/FLAIR (files or case folders): the missing "
+                        "sequences are zero-filled. A model trained with sequence dropout (train.py --sequence_dropout) "
+                        "gets sequence-presence channels saying which are missing; a model without them still runs, "
+                        "but does not know a sequence is missing (a warning says so). The JSON lists missing_sequences.")
     group = p.add_argument_group("report (never printed or logged)")
     group.add_argument("--report", metavar="TEXT", help="the radiology report of the case")
     group.add_argument("--report-file", metavar="FILE", help="a UTF-8 text file holding the report")

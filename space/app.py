@@ -9,7 +9,10 @@ says how to make one.
 
 Inputs: the four sequences as NIfTI uploads (``.nii`` / ``.nii.gz``), or a bundled example case
 (synthetic demo cases generated on the fly, and the real TCGA-DU-7294 case when
-``../shared/realdata`` is present); the report text; optionally a ground-truth label map.
+``../shared/realdata`` is present); the report text; optionally a ground-truth label map. With
+"Allow missing sequences" ticked, any non-empty subset of the four sequences may be uploaded: the
+missing ones are zero-filled (the pipeline's ``allow_missing_sequences``) and the result says which
+were missing, with a warning when the model has no sequence-presence channels.
 
 Outputs: an MRI viewer (slice slider, sequence and plane) with the predicted regions overlaid in
 distinct colours and a legend, the ground truth side by side when given; grade probabilities; the
@@ -394,8 +397,13 @@ def _write_label_map(result: Dict[str, Any], case_id: str) -> str:
     return str(path)
 
 
-def predict(t1, t1ce, t2, flair, example, report, ground_truth, sequence="FLAIR", plane="axial"):
-    """Run the model on the uploaded sequences (or the chosen example) and fill every output."""
+def predict(t1, t1ce, t2, flair, example, report, ground_truth, sequence="FLAIR", plane="axial", allow_missing=False):
+    """Run the model on the uploaded sequences (or the chosen example) and fill every output.
+
+    ``allow_missing`` (the "Allow missing sequences" checkbox): any non-empty subset of the four
+    uploads is accepted, the missing sequences are zero-filled, and the status says which were missing.
+    """
+    allow_missing = bool(allow_missing)
     uploads = [t1, t1ce, t2, flair]
     uploaded_paths = [u for u in uploads + [ground_truth] if u]
     try:
@@ -403,11 +411,11 @@ def predict(t1, t1ce, t2, flair, example, report, ground_truth, sequence="FLAIR"
         given = [u is not None and u != "" for u in uploads]
         gt_path, gt_conv, note = None, None, ""
         if any(given):
-            if not all(given):
+            if not all(given) and not allow_missing:
                 missing = [SEQUENCE_LABELS[s] for s, g in zip(SEQUENCES, given) if not g]
                 raise gr.Error(f"Upload all four sequences (missing: {', '.join(missing)}), or clear them to use an example.",
                                print_exception=False)
-            case_input = {s: str(validate_upload(u, SEQUENCE_LABELS[s])) for s, u in zip(SEQUENCES, uploads)}
+            case_input = {s: str(validate_upload(u, SEQUENCE_LABELS[s])) for s, u, g in zip(SEQUENCES, uploads, given) if g}
             from modeling_emrfuse.predict_cli import _case_id_from_files
 
             case_id = _case_id_from_files(case_input)
@@ -427,7 +435,7 @@ def predict(t1, t1ce, t2, flair, example, report, ground_truth, sequence="FLAIR"
 
         t_read = time.perf_counter()
         try:
-            case = load_case(case_input)  # read once: for the model and for the viewer
+            case = load_case(case_input, allow_missing_sequences=allow_missing)  # read once: for the model and the viewer
             read_s = time.perf_counter() - t_read
             gt = _read_label_map(gt_path) if gt_path else None
         except ValueError as exc:
@@ -435,7 +443,7 @@ def predict(t1, t1ce, t2, flair, example, report, ground_truth, sequence="FLAIR"
         finally:  # the uploads have been read: delete them now
             _delete_files([p for p in uploaded_paths if p and not str(p).startswith(str(_OUTPUT_DIR))])
         try:
-            result = pipe(case, report=report or None, use_case_report=False)
+            result = pipe(case, report=report or None, use_case_report=False, allow_missing_sequences=allow_missing)
         except ValueError as exc:
             raise gr.Error(f"Cannot run this case: {exc}", print_exception=False) from exc
         if result["label_map"] is None:
@@ -471,6 +479,12 @@ def predict(t1, t1ce, t2, flair, example, report, ground_truth, sequence="FLAIR"
         f"Report: {'missing (image-only prediction)' if not result['has_report'] else ('truncated to the model maximum' if result['report_truncated'] else 'used in full')}.",
         f"Time: read {read_s:.2f} s, preprocess {t['preprocess']:.2f} s, model {t['model']:.2f} s, post-process {t['postprocess']:.2f} s.",
     ]
+    missing_seqs = result.get("missing_sequences") or []
+    if missing_seqs:
+        status.append(f"Missing sequences (zero-filled, shown black in the viewer): "
+                      f"{', '.join(SEQUENCE_LABELS[s] for s in missing_seqs)}.")
+    for warning in result.get("warnings") or []:
+        status.append(f"⚠️ {warning}")
     if note:
         status.append(note)
     if gt is not None:
@@ -496,8 +510,9 @@ def predict(t1, t1ce, t2, flair, example, report, ground_truth, sequence="FLAIR"
 # ------------------------------------------------------------------------------------------ page
 DESCRIPTION = """# EmrFuse: brain MRI + radiology report
 Upload the four MRI sequences of a case (T1, T1ce, T2, FLAIR; NIfTI, skull-stripped and co-registered at 1 mm as in
-BraTS) or pick an example, add the radiology report if there is one, and run. The model segments the tumour
-sub-regions (whole tumour, tumour core, enhancing tumour) and grades the glioma (HGG vs LGG).
+BraTS; with *Allow missing sequences* ticked, any of them) or pick an example, add the radiology report if there is one,
+and run. The model segments the tumour sub-regions (whole tumour, tumour core, enhancing tumour) and grades the glioma
+(HGG vs LGG).
 
 **Research demo, not a medical device.** Uploads are deleted after each prediction; nothing is logged or kept."""
 
@@ -523,6 +538,11 @@ def build_demo() -> gr.Blocks:
                 example = gr.Dropdown(choices=names, value=first, label="…or an example case (used when no upload is given)")
                 report = gr.Textbox(label="Radiology report (optional)", lines=6, value=example_report(first),
                                     placeholder="Paste the report here; leave empty for an image-only prediction.")
+                allow_missing = gr.Checkbox(
+                    value=False, label="Allow missing sequences", elem_id="emrfuse-allow-missing",
+                    info="Run with any of the four sequences; the missing ones are zero-filled (best with a model "
+                         "trained with sequence dropout, which knows which sequences are missing).",
+                )
                 gt_file = gr.File(label="Ground-truth label map (optional, NIfTI)", file_types=[".nii", ".gz"], type="filepath")
                 run = gr.Button("Run", variant="primary", elem_id="emrfuse-run")
                 status = gr.Markdown(elem_id="emrfuse-status")
@@ -554,7 +574,7 @@ def build_demo() -> gr.Blocks:
         example.change(example_report, inputs=example, outputs=report, api_name=False)
         run.click(
             predict,
-            inputs=[f_t1, f_t1ce, f_t2, f_flair, example, report, gt_file, sequence, plane],
+            inputs=[f_t1, f_t1ce, f_t2, f_flair, example, report, gt_file, sequence, plane, allow_missing],
             outputs=[state, pred_img, gt_img, index, legend, grade, alphas, highlighted, volumes, metrics, download, status,
                      f_t1, f_t1ce, f_t2, f_flair, gt_file],
             api_name="predict",

@@ -265,3 +265,102 @@ def test_optimize_for_inference_keeps_the_outputs(model_dir):
     assert done["batchnorm_folded"] > 10 and done["dtype"] == "float32"
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     assert torch.allclose(_probe_forward(model), before, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ missing sequences
+def _case_without(tmp_path: Path, drop=("t1", "t2"), case_id="Case_003") -> Path:
+    """A small case folder lacking the sequences ``drop``."""
+    folder = write_small_case(tmp_path, shape=(32, 32, 16), case_id=case_id)
+    for seq in drop:
+        (folder / f"{case_id}_{seq}.nii.gz").unlink()
+    return folder
+
+
+def _build_presence_model_folder(folder: Path) -> Path:
+    """A tiny model folder (segmentation + grading) with sequence-presence channels in config and processor."""
+    from modeling_emrfuse.modeling_emrfuse import EmrFuseForImageClassification, EmrFuseForSegmentation
+    from modeling_emrfuse.pipeline_emrfuse import add_pipeline_to_folder
+    from modeling_emrfuse.processing_emrfuse import EmrFuseImageProcessor, EmrFuseProcessor
+    from tiny_emrfuse import make_tokenizer, tiny_config
+
+    tokenizer = make_tokenizer(folder.parent / f"{folder.name}-vocab")
+    text_config = {**tiny_config().text_config.to_dict(), "vocab_size": len(tokenizer)}
+    config = tiny_config(text_config=text_config, sequence_presence=True)
+    assert config.in_channels == 8  # 4 sequences (context_slices=0) + 4 presence channels
+    image_processor = EmrFuseImageProcessor(context_slices=0, sequence_presence=True)
+    assert image_processor.in_channels == 8
+    processor = EmrFuseProcessor(image_processor, tokenizer)
+    torch.manual_seed(0)
+    EmrFuseForSegmentation(config).eval().save_pretrained(folder)
+    processor.save_pretrained(folder)
+    torch.manual_seed(1)
+    EmrFuseForImageClassification(config).eval().save_pretrained(folder / "grading")
+    processor.save_pretrained(folder / "grading")
+    return add_pipeline_to_folder(folder, grading_model=folder / "grading")
+
+
+def test_missing_sequences_need_the_option(pipe, tmp_path):
+    folder = _case_without(tmp_path)
+    for call in (lambda: load_case(str(folder)), lambda: pipe(str(folder))):
+        with pytest.raises(ValueError, match=r"missing sequence\(s\) \['t1', 't2'\].*allow_missing_sequences=True"):
+            call()
+    files = {s: str(folder / f"Case_003_{s}.nii.gz") for s in ("t1ce", "flair")}
+    with pytest.raises(ValueError, match=r"Missing sequence\(s\) \['t1', 't2'\].*--allow-missing-sequences"):
+        pipe(files)
+
+
+def test_missing_sequences_are_zero_filled_with_the_option(pipe, tmp_path):
+    folder = _case_without(tmp_path)
+    shape = nib.load(str(folder / "Case_003_flair.nii.gz")).shape
+    case = load_case(str(folder), allow_missing_sequences=True)
+    assert case.missing_sequences == ["t1", "t2"] and list(case.volumes) == list(SEQUENCES)
+    assert all(case.volumes[s].shape == shape and not case.volumes[s].any() for s in ("t1", "t2"))
+    assert case.volumes["flair"].any() and case.header is not None
+    out = pipe(str(folder), allow_missing_sequences=True)
+    assert out["label_map"].shape == shape and out["label_map"].dtype == np.uint8
+    assert out["missing_sequences"] == ["t1", "t2"]
+    assert out["grade_probabilities"] is not None
+    # this tiny model has no sequence-presence channels: the result says it does not know what is missing
+    assert len(out["warnings"]) == 1 and "not trained to know which sequences are missing" in out["warnings"][0]
+    # a dict may map a sequence to None; at least one sequence must be given
+    files = {"t1": None, "t1ce": str(folder / "Case_003_t1ce.nii.gz"), "flair": str(folder / "Case_003_flair.nii.gz")}
+    assert pipe(files, allow_missing_sequences=True)["missing_sequences"] == ["t1", "t2"]
+    with pytest.raises(ValueError, match="No MRI sequence given"):
+        load_case({"t1": None}, allow_missing_sequences=True)
+
+
+def test_complete_case_has_no_missing_sequences(pipe, case_dir):
+    for allow in (False, True):
+        out = pipe(str(case_dir), allow_missing_sequences=allow)
+        assert out["missing_sequences"] == [] and out["warnings"] == []
+
+
+def test_model_with_presence_channels_sees_them_and_gives_no_warning(tmp_path):
+    presence_pipe = load_pipeline(str(_build_presence_model_folder(tmp_path / "presence-model")), device="cpu")
+    assert presence_pipe.grading_model is not None
+    seen = []
+
+    def record(module, args, kwargs):
+        seen.append((type(module).__name__, kwargs["pixel_values"].detach().float().clone()))
+
+    handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in presence_pipe.models]
+    try:
+        folder = _case_without(tmp_path / "data")  # only T1ce and FLAIR
+        out = presence_pipe(str(folder), report=REPORT, allow_missing_sequences=True)
+        assert out["missing_sequences"] == ["t1", "t2"] and out["warnings"] == []
+        assert out["label_map"].shape == nib.load(str(folder / "Case_003_flair.nii.gz")).shape
+        assert {name for name, _ in seen} == {"EmrFuseForSegmentation", "EmrFuseForImageClassification"}
+        for _, pixels in seen:
+            assert pixels.shape[1] == 8
+            presence = pixels[:, 4:]  # constant planes after the four sequences: t1, t1ce, t2, flair
+            expected = torch.tensor([0.0, 1.0, 0.0, 1.0]).view(1, 4, 1, 1).expand_as(presence)
+            assert torch.equal(presence, expected)
+            assert not pixels[:, 0].any() and not pixels[:, 2].any()  # T1 and T2 zero-filled
+        seen.clear()
+        complete = write_small_case(tmp_path / "complete", shape=(32, 32, 16))
+        out = presence_pipe(str(complete), report=REPORT)
+        assert out["missing_sequences"] == [] and out["warnings"] == []
+        assert all(torch.equal(p[:, 4:], torch.ones_like(p[:, 4:])) for _, p in seen)
+    finally:
+        for h in handles:
+            h.remove()

@@ -181,3 +181,46 @@ def test_bad_input_in_a_fresh_process_has_no_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_predict_two_sequences_needs_allow_missing_sequences(model_dir, tmp_path, capsys):
+    case = write_small_case(tmp_path / "data", shape=(32, 32, 16))
+    files = _files(case)
+    args = ["predict", "--model", str(model_dir), "-o", str(tmp_path / "out"),
+            "--t1ce", str(files["t1ce"]), "--flair", str(files["flair"])]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "emrfuse predict: error:" in err and "missing sequence(s) ['t1', 't2']" in err and "--allow-missing-sequences" in err
+    assert not (tmp_path / "out").exists()
+
+    assert main(args + ["--allow-missing-sequences", "--report", REPORT]) == 0
+    captured = capsys.readouterr()
+    assert "missing sequence(s) t1, t2 (zero-filled)" in captured.out and REPORT not in captured.out + captured.err
+    record = _check_output(tmp_path / "out" / "Case_001.nii.gz", tmp_path / "out" / "Case_001.json",
+                           files["flair"], "brats2017")
+    assert record["missing_sequences"] == ["t1", "t2"]
+    assert set(record["inputs"]) == {"t1ce", "flair"}
+    # the tiny model has no sequence-presence channels: the JSON (and stderr) say so
+    assert len(record["warnings"]) == 1 and "not trained to know which sequences are missing" in record["warnings"][0]
+    assert "warning:" in captured.err
+
+
+def test_predict_case_folder_with_missing_sequences(model_dir, tmp_path, capsys):
+    case = write_small_case(tmp_path / "data", shape=(32, 32, 16))
+    for seq in ("t1", "t2"):
+        _files(case)[seq].unlink()
+    args = ["predict", str(case), "--model", str(model_dir), "-o", str(tmp_path / "out"), "-q"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "missing sequence(s) ['t1', 't2']" in err and "--allow-missing-sequences" in err
+    assert main(args + ["--allow-missing-sequences"]) == 0
+    record = json.loads((tmp_path / "out" / "Case_001.json").read_text())
+    assert record["missing_sequences"] == ["t1", "t2"] and record["warnings"]
+    # a complete case records an empty list
+    full = write_small_case(tmp_path / "full", shape=(32, 32, 16), case_id="Case_002")
+    assert main(["predict", str(full), "--model", str(model_dir), "-o", str(tmp_path / "out2"), "-q",
+                 "--allow-missing-sequences"]) == 0
+    record = json.loads((tmp_path / "out2" / "Case_002.json").read_text())
+    assert record["missing_sequences"] == [] and record["warnings"] == []

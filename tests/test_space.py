@@ -144,6 +144,34 @@ def test_upload_checks(app, tmp_path, monkeypatch, problem):
         app.predict(*files, example, REPORT, None)
 
 
+def test_predict_two_uploads_with_allow_missing_sequences(app, tmp_path):
+    import gradio as gr
+
+    case = write_small_case(tmp_path / "src", shape=(32, 32, 16))
+
+    def uploads():
+        out = {}
+        for seq in ("t1ce", "flair"):
+            target = tmp_path / "uploads" / seq / f"Case_001_{seq}.nii.gz"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(case / f"Case_001_{seq}.nii.gz", target)
+            out[seq] = str(target)
+        return out
+
+    files = uploads()
+    with pytest.raises(gr.Error, match="missing: T1, T2"):  # checkbox off: all four sequences are needed
+        app.predict(None, files["t1ce"], None, files["flair"], None, REPORT, None, "FLAIR", "axial", False)
+    files = uploads()
+    out = app.predict(None, files["t1ce"], None, files["flair"], None, REPORT, None, "FLAIR", "axial", True)
+    state, status = out[0], out[11]
+    assert state["pred"].shape == (32, 32, 16) and out[1].ndim == 3
+    assert not state["images"]["t1"].any() and state["images"]["flair"].any()  # zero-filled T1 shows black
+    assert "Prediction done" in status and "Case_001" in status and REPORT not in status
+    assert "Missing sequences (zero-filled, shown black in the viewer): T1, T2." in status
+    assert "not trained to know which sequences are missing" in status  # the tiny model has no presence channels
+    assert not any(Path(p).exists() for p in files.values())  # uploads deleted after reading
+
+
 def test_missing_model_says_how_to_make_one(app, monkeypatch, tmp_path):
     import gradio as gr
 
