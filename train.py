@@ -104,6 +104,10 @@ REAL_DEFAULTS: Dict[str, Any] = {
     "eval_fraction": 0.2,
     "val_fraction": 0.1,
 }
+NO_EVALUATION_NOTE = (
+    "No held-out evaluation: this model was trained on every case given (--eval_fraction 0). Its expected "
+    "quality is what cross-validation of the same recipe measures (e.g. bench/bench_real.py --cv 5)."
+)
 # The small BERT tower trained from scratch for the demo (nothing can be downloaded).
 DEMO_TEXT_TOWER = {"vocab_size": 1000, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128, "max_position_embeddings": 256}
 
@@ -115,15 +119,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command-line arguments (see ``python train.py --help``)."""
     p = argparse.ArgumentParser(description="Train and evaluate EmrFuse (brain MRI + radiology report).")
     g = p.add_argument_group("data")
-    g.add_argument("--data_dir", type=str, default=None, help="BraTS release folder (any supported layout).")
+    g.add_argument("--data_dir", type=str, action="append", default=None,
+                   help="BraTS folder (any supported layout); repeat for several folders in one run (case ids must be unique).")
     g.add_argument("--reports", type=str, default=None, help="Reports file (CSV/JSONL: case id -> text); default: per-case <case>_flair_text.txt.")
-    g.add_argument("--release", type=str, default="auto", help="BraTS release ('auto' detects it).")
+    g.add_argument("--release", type=str, action="append", default=None,
+                   help="BraTS release ('auto' detects it, the default); once for every folder, or once per --data_dir in the same order.")
+    g.add_argument("--id_mapping", type=str, action="append", default=None,
+                   help="Id table (BraTS 2020 name_mapping.csv, BraTS 2021 BraTS21-17_Mapping.csv; repeatable): reports keyed by "
+                   "BraTS 2020 ids and grades follow their patients into other releases, and one patient stays in one split. "
+                   "A name_mapping*.csv inside a BraTS 2020 folder is used automatically.")
     g.add_argument("--demo", action="store_true", help="Use synthetic demo data (generated when --data_dir is not given).")
     g.add_argument("--demo_cases", type=int, default=None, help="Number of demo cases to generate.")
     g.add_argument("--demo_size", type=str, default=None, help="Demo grid: small (64x64x48), medium (96x96x64), full (240x240x155) or XxYxZ.")
     g.add_argument("--demo_data_dir", type=str, default=None, help="Where demo cases are written (default data/emrfuse-demo-<size>-<n>).")
     g.add_argument("--cache_dir", type=str, default="cache/emrfuse", help="Preprocessed slice cache (rebuilt only when inputs change).")
-    g.add_argument("--eval_fraction", type=float, default=None, help="Share of patients held out as test (grade-stratified folds: n_folds = 1/eval_fraction).")
+    g.add_argument("--eval_fraction", type=float, default=None,
+                   help="Share of patients held out as test (grade-stratified folds: n_folds = 1/eval_fraction); 0 = train on every case, no evaluation.")
     g.add_argument("--fold", type=int, default=0, help="Which fold is the test split.")
     g.add_argument("--val_fraction", type=float, default=None, help="Share of training patients used for validation (model selection); 0 = none.")
     g.add_argument("--split_file", type=str, default=None, help="Split file(s) (TextBraTS Train.json/Test.json style or id lists) instead of folds.")
@@ -139,7 +150,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--vision_pretrained", action="store_true", help="Load timm's pretrained weights for the image tower.")
     g.add_argument("--init_from", type=str, default=None, help="Start from a saved EmrFuse model folder (e.g. the segmentation run, for grading).")
     g.add_argument("--preset", type=str, default=None, help="Ablation row: one of configuration_emrfuse.ABLATION_PRESETS (default full).")
-    g.add_argument("--no_text", action="store_true", help="Image-only baseline (Table 1, row 1).")
+    g.add_argument("--no_text", action="store_true", help="Image-only baseline (Table 1, row 1): no text tower, no tokenizer, reports ignored.")
+    g.add_argument("--sequence_dropout", type=float, default=0.0,
+                   help="Training: probability that each MRI sequence of a slice is dropped (zero-filled); the model then "
+                   "gets sequence-presence channels and serves cases with any subset of T1/T1ce/T2/FLAIR. Cases that lack "
+                   "sequences are accepted when this is > 0 or with --sequence_presence.")
+    g.add_argument("--sequence_presence", action="store_true", help="Give the model sequence-presence channels (implied by --sequence_dropout > 0).")
+    g.add_argument("--init_vision_from", type=str, default=None,
+                   help="Warm start: copy the image tower, fusion and decoder weights of a saved EmrFuse folder whose shapes match "
+                   "(e.g. the demo model: synthetic pretraining); extra input channels start at zero, the text tower is untouched.")
     for name in SWITCH_FLAGS:
         g.add_argument(f"--no_{name}", action="store_true", help=f"Switch off {name.replace('_', ' ')}.")
     g.add_argument("--fusion_dim", type=int, default=None)
@@ -203,6 +222,14 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the defaults that depend on demo vs real data; validate combinations."""
     if args.data_dir is None and not args.demo:
         raise SystemExit("train.py: give --data_dir (a BraTS folder) or --demo (synthetic demo data).")
+    args.release = args.release or ["auto"]
+    if args.data_dir and len(args.release) not in (1, len(args.data_dir)):
+        raise SystemExit(f"train.py: {len(args.release)} --release values for {len(args.data_dir)} --data_dir folders: give one, or one per folder.")
+    if args.eval_fraction is not None and not 0.0 <= args.eval_fraction < 1.0:
+        raise SystemExit(f"train.py: --eval_fraction must be in [0, 1), got {args.eval_fraction}.")
+    if not 0.0 <= args.sequence_dropout < 1.0:
+        raise SystemExit(f"train.py: --sequence_dropout must be in [0, 1), got {args.sequence_dropout}.")
+    args.sequence_presence = bool(args.sequence_presence or args.sequence_dropout > 0)
     defaults = DEMO_DEFAULTS if args.demo else REAL_DEFAULTS
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
@@ -255,15 +282,17 @@ def model_switches(args: argparse.Namespace) -> Dict[str, bool]:
 class RunData:
     """Cases and reports of a run (shared by every row of an ablation)."""
 
-    data_dir: Path
+    data_dir: Path  # the first data folder (the demo folder with --demo)
     train_cases: list
     eval_cases: list  # held out: the final evaluation (test split)
     val_cases: list  # model selection during training (empty: select on eval_cases, see --val_fraction)
     reports: Dict[str, Optional[str]]
     synthetic: bool
     release: str
-    text_model: str
+    text_model: Optional[str]
     description: Dict[str, Any] = field(default_factory=dict)
+    data_dirs: List[Path] = field(default_factory=list)
+    patients: Dict[str, str] = field(default_factory=dict)  # case id -> patient (id tables), for splits
 
 
 def demo_data_dir(args: argparse.Namespace) -> Path:
@@ -303,26 +332,25 @@ def ensure_demo_data(args: argparse.Namespace, accelerator) -> Path:
     return out
 
 
-def read_case_reports(cases, reports_file: Optional[str]) -> Dict[str, Optional[str]]:
-    """case id -> report text (``None`` when the case has none). Never logged."""
-    reports: Dict[str, Optional[str]] = {}
-    if reports_file:
-        from datasets_scripts.brats_text import read_reports
+def read_case_reports(cases, reports_file: Optional[str], id_mapping=None):
+    """Reports and grades of the run's cases: ``(reports, attachment)``.
 
-        by_id = read_reports(reports_file)
-        known = {c.case_id for c in cases}
-        unknown = sorted(set(by_id) - known)
-        if unknown:
-            logger.warning(f"{len(unknown)} report(s) in {reports_file} name no case of the data folder (e.g. {unknown[:3]}).")
-        for c in cases:
-            reports[c.case_id] = by_id.get(c.case_id)
-    else:
-        for c in cases:
-            reports[c.case_id] = Path(c.report_path).read_text(encoding="utf-8") if c.report_path else None
-    return reports
+    ``reports`` maps case id -> report text (``None`` when the case has none; never logged): the
+    reports file's entry (under the case id, or under the patient's BraTS 2020 id through the id
+    tables), else the case's own report file. ``attachment`` (:class:`ReportAttachment`) holds the
+    cases with the grades the id tables give, the patients and the counts.
+    """
+    from datasets_scripts.brats_text import attach_reports_and_grades, read_reports
+
+    by_id = read_reports(reports_file) if reports_file else {}
+    attached = attach_reports_and_grades(cases, by_id, id_mapping, read_case_files=not reports_file)
+    unknown = sorted(set(by_id) - attached.used_report_ids)
+    if unknown and reports_file:
+        logger.info(f"{len(unknown)} report(s) in {reports_file} name no case of the data folders.")
+    return {c.case_id: attached.reports.get(c.case_id) for c in attached.cases}, attached
 
 
-def split_run_cases(cases, args: argparse.Namespace) -> Tuple[list, list, list]:
+def split_run_cases(cases, args: argparse.Namespace, patients: Optional[Dict[str, str]] = None) -> Tuple[list, list, list]:
     """Patient-level splits (``datasets_scripts.brats_text.make_splits``): train / validation / test.
 
     A split file (``--split_file``) wins; otherwise ``n_folds = round(1 / eval_fraction)``
@@ -334,40 +362,58 @@ def split_run_cases(cases, args: argparse.Namespace) -> Tuple[list, list, list]:
 
     from datasets_scripts.brats_text import make_splits
 
-    n_folds = max(2, int(round(1.0 / args.eval_fraction)))
+    if args.split_file is None and args.eval_fraction == 0:
+        if args.val_fraction:
+            raise ValueError("--eval_fraction 0 (train on every case) leaves no case for --val_fraction; set it to 0.")
+        return sorted(cases, key=lambda c: c.case_id), [], []
+    n_folds = max(2, int(round(1.0 / args.eval_fraction))) if args.eval_fraction else 2  # folds unused with a split file
     with warnings.catch_warnings():
         warnings.simplefilter("ignore" if args.split_file is None else "default")
-        assignment = make_splits(cases, splits=args.split_file, n_folds=n_folds, fold=args.fold, val_fraction=args.val_fraction, seed=0)
+        assignment = make_splits(
+            cases, splits=args.split_file, n_folds=n_folds, fold=args.fold, val_fraction=args.val_fraction, seed=0, patient_map=patients or None
+        )
     by_id = {c.case_id: c for c in cases}
     pick = lambda *names: [by_id[i] for name in names for i in assignment.get(name, []) if i in by_id]  # noqa: E731
     train, val, test = pick("train"), pick("validation"), pick("test")
     if not test and val:
         test, val = val, []
-    if not train or not test:
-        raise ValueError(f"The splits {sorted(assignment)} leave no training or no held-out case ({len(cases)} cases).")
+    if not train or (not test and args.eval_fraction != 0):
+        raise ValueError(
+            f"The splits {sorted(assignment)} leave no training or no held-out case ({len(cases)} cases); "
+            "with --eval_fraction 0 a split file without test cases trains on its training cases only."
+        )
     return sorted(train, key=lambda c: c.case_id), sorted(val, key=lambda c: c.case_id), sorted(test, key=lambda c: c.case_id)
 
 
 def prepare_run_data(args: argparse.Namespace, accelerator) -> RunData:
     """Find the cases (generating demo data if asked), read reports, split, build the demo text tower."""
-    from datasets_scripts.brats_layouts import discover_cases
+    from datasets_scripts.brats_layouts import discover_folders
+    from datasets_scripts.brats_text import load_id_mapping
 
     synthetic = bool(args.demo)  # --demo: generated demo cases, or a demo folder given with --data_dir
-    data_dir = Path(args.data_dir) if args.data_dir else ensure_demo_data(args, accelerator)
-    cases = list(discover_cases(data_dir, release=args.release))
+    data_dirs = [Path(d) for d in args.data_dir] if args.data_dir else [ensure_demo_data(args, accelerator)]
+    data_dir = data_dirs[0]
+    found = discover_folders(data_dirs, args.release, allow_missing_sequences=args.sequence_presence)
+    cases = list(found)
     if not cases:
-        raise ValueError(f"{data_dir}: no BraTS cases found.")
+        raise ValueError(f"{', '.join(map(str, data_dirs))}: no BraTS cases found.")
     unlabeled = [c.case_id for c in cases if c.label is None]
     if unlabeled and args.task == "segmentation":
         raise ValueError(f"{data_dir}: {len(unlabeled)} case(s) have no label map (e.g. {unlabeled[:3]}); segmentation needs labels.")
-    reports = read_case_reports(cases, args.reports)
-    train_cases, val_cases, eval_cases = split_run_cases(cases, args)
+    id_mapping = load_id_mapping(args.id_mapping, [str(d) for d in data_dirs], found.releases)
+    reports, attached = read_case_reports(cases, args.reports, id_mapping)
+    cases = attached.cases  # with the grades the id tables give
+    if args.no_text:
+        reports = {cid: None for cid in reports}  # image only: reports reach neither the model nor the cache
+    train_cases, val_cases, eval_cases = split_run_cases(cases, args, attached.patients)
     if args.max_train_cases:
         train_cases = train_cases[: args.max_train_cases]
     if args.max_eval_cases:
         eval_cases = eval_cases[: args.max_eval_cases]
     text_model = args.text_model
-    if text_model is None:
+    if args.no_text:
+        text_model = None  # no text tower and no tokenizer to load
+    elif text_model is None:
         if synthetic:
             text_model = build_demo_text_tower(
                 [reports[c.case_id] for c in train_cases if reports.get(c.case_id)],
@@ -376,24 +422,32 @@ def prepare_run_data(args: argparse.Namespace, accelerator) -> RunData:
             )
         else:
             text_model = DEFAULT_TEXT_MODEL
-    n_reports = sum(1 for c in cases if reports.get(c.case_id))
+    n_reports = len(attached.reports)
+    partial = sum(1 for c in cases if c.missing_sequences)
     logger.info(
-        f"data: {len(cases)} cases ({cases[0].release if cases else '?'}), {n_reports} with a report; "
+        f"data: {len(cases)} cases ({found.release}), {n_reports} with a report"
+        f"{f' ({attached.reports_via_id_mapping} through the id tables)' if id_mapping is not None else ''}, "
+        f"{sum(1 for c in cases if c.grade)} with a grade"
+        f"{f' ({attached.grades_via_id_mapping} through the id tables)' if id_mapping is not None else ''}, "
+        f"{partial} with missing sequences; "
         f"{len(train_cases)} training / {len(val_cases)} validation / {len(eval_cases)} held-out test"
     )
+    release_name = found.release if found.release != "mixed" else "+".join(sorted(set(found.releases.values())))
     return RunData(
         data_dir=data_dir,
+        data_dirs=data_dirs,
+        patients=attached.patients,
         train_cases=train_cases,
         eval_cases=eval_cases,
         val_cases=val_cases,
         reports=reports,
         synthetic=synthetic,
-        release=str(cases[0].release),
-        text_model=str(text_model),
+        release=release_name,
+        text_model=None if text_model is None else str(text_model),
         description={
-            "name": "EmrFuse synthetic demo data" if synthetic else f"BraTS {cases[0].release}",
+            "name": "EmrFuse synthetic demo data" if synthetic else f"BraTS {release_name}",
             "synthetic": synthetic,
-            "release": str(cases[0].release),
+            "release": release_name,
             "num_train_cases": len(train_cases),
             "num_val_cases": len(val_cases),
             "num_eval_cases": len(eval_cases),
@@ -558,11 +612,31 @@ def save_model_folder(model, processor, folder: Path, card=None) -> None:
 # =============================================================================================
 # model and processor
 # =============================================================================================
-def build_processor(args: argparse.Namespace, text_model: str):
-    """Image processor (brain crop, z-score, context slices) + the text tower's tokenizer."""
+def build_processor(args: argparse.Namespace, text_model: Optional[str]):
+    """Image processor (brain crop, z-score, context slices, sequence presence) + the text tower's
+    tokenizer (image-only runs: a placeholder tokenizer built here, see :func:`placeholder_tokenizer`)."""
     from modeling_emrfuse.processing_emrfuse import EmrFuseImageProcessor, EmrFuseProcessor
 
-    return EmrFuseProcessor(image_processor=EmrFuseImageProcessor(context_slices=args.context_slices), tokenizer=load_tokenizer(text_model))
+    image_processor = EmrFuseImageProcessor(context_slices=args.context_slices, sequence_presence=bool(getattr(args, "sequence_presence", False)))
+    tokenizer = placeholder_tokenizer() if text_model is None else load_tokenizer(text_model)
+    return EmrFuseProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def placeholder_tokenizer():
+    """The tokenizer of an image-only model: BERT's five special tokens and nothing else.
+
+    An image-only model (``use_text=False``) reads no report, but the processor, the cache and the
+    pipeline keep one shape for every model; this tokenizer is built in code (nothing is downloaded),
+    saved with the model, and learns nothing from any report.
+    """
+    import tempfile
+
+    from transformers import BertTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab = Path(tmp) / "vocab.txt"
+        vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]) + "\n", encoding="utf-8")
+        return BertTokenizer(vocab_file=str(vocab), do_lower_case=True, model_max_length=16)
 
 
 def load_tokenizer(name_or_path: str):
@@ -589,6 +663,7 @@ def config_kwargs(args: argparse.Namespace, switches: Dict[str, bool]) -> Dict[s
     """Config arguments of a run: the switches plus the sizes the user (or the demo defaults) chose."""
     kwargs: Dict[str, Any] = dict(switches)
     kwargs["context_slices"] = args.context_slices
+    kwargs["sequence_presence"] = bool(getattr(args, "sequence_presence", False))
     for name in ("fusion_dim", "decoder_channels", "cross_attention_heads", "align_loss_weight", "ortho_loss_weight"):
         value = getattr(args, name, None)
         if value is not None:
@@ -612,9 +687,49 @@ def build_model(args: argparse.Namespace, run: RunData, task: str, switches: Dic
         model, info = cls.from_pretrained(init_from, config=config, output_loading_info=True)
         logger.info(f"initialised from {init_from}: {len(info.get('missing_keys', []))} new task-head tensors")
         return model
-    return cls.from_text_vision_pretrained(
+    model = cls.from_text_vision_pretrained(
         run.text_model, args.vision_model, vision_pretrained=args.vision_pretrained, **config_kwargs(args, switches)
     )
+    if getattr(args, "init_vision_from", None):
+        copied, widened = warm_start_image_parts(model, args.init_vision_from)
+        logger.info(f"warm start from {args.init_vision_from}: {copied} tensors copied ({widened} widened to more input channels)")
+    return model
+
+
+def warm_start_image_parts(model, folder: str | Path) -> Tuple[int, int]:
+    """Copy the weights of a saved EmrFuse model into ``model`` where names and shapes match.
+
+    The text tower is never copied (its vocabulary and size may differ). A convolution whose input
+    channels grew (e.g. sequence-presence channels added) gets the saved weights on the first
+    channels and zeros on the new ones, so it starts as the saved model. Returns ``(copied,
+    widened)``; raises ``ValueError`` when nothing matches (not an EmrFuse folder of this kind).
+    """
+    from safetensors.torch import load_file
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"--init_vision_from {folder}: no *.safetensors weights in this folder.")
+    saved: Dict[str, torch.Tensor] = {}
+    for f in files:
+        saved.update(load_file(str(f)))
+    own = model.state_dict()
+    copied = widened = 0
+    with torch.no_grad():
+        for name, tensor in own.items():
+            if ".text_model." in f".{name}" or name not in saved:
+                continue
+            src = saved[name]
+            if src.shape == tensor.shape:
+                tensor.copy_(src)
+                copied += 1
+            elif src.dim() == 4 and tensor.dim() == 4 and src.shape[0] == tensor.shape[0] and src.shape[2:] == tensor.shape[2:] and src.shape[1] < tensor.shape[1]:
+                tensor.zero_()
+                tensor[:, : src.shape[1]].copy_(src)
+                copied += 1
+                widened += 1
+    if not copied:
+        raise ValueError(f"--init_vision_from {folder}: no weight matches this model's names and shapes.")
+    return copied, widened
 
 
 def optimizer_groups(model, learning_rate: float, weight_decay: float, text_learning_rate: Optional[float] = None):
@@ -650,11 +765,14 @@ def evaluate_case(model, processor, case, report: Optional[str], args, device, t
 
     t0 = time.perf_counter()
     ip = processor.image_processor
-    prepared = ip.prepare_volume({name: str(path) for name, path in case.sequences.items()})
+    prepared = ip.prepare_volume({name: str(path) for name, path in case.sequences.items()}, allow_missing_sequences=bool(case.missing_sequences))
     text = processor.encode_reports([report], max_length=args.max_report_tokens)
     text_inputs = {k: text[k].to(device) for k in MODEL_TEXT_KEYS if k in text}
     depth = prepared.num_slices
-    row: Dict[str, Any] = {"case_id": case.case_id, "grade": case.grade, "has_report": bool(text["has_report"][0]), "num_slices": depth}
+    row: Dict[str, Any] = {
+        "case_id": case.case_id, "grade": case.grade, "has_report": bool(text["has_report"][0]), "num_slices": depth,
+        "missing_sequences": ",".join(case.missing_sequences),
+    }
     # one forward for the whole case: the model runs the image tower in chunks of config.slice_chunk_size
     # without gradients and encodes the report once; case_embeds pools every slice of the case
     pixel_values = torch.from_numpy(ip.slices(prepared)).to(device)
@@ -778,6 +896,7 @@ def build_train_loader(args: argparse.Namespace, run: RunData, processor, seed: 
         cached = build_cache(
             run.train_cases, Path(args.cache_dir) / "slices", processor.image_processor, processor.tokenizer,
             max_length=args.max_report_tokens, reports=run.reports, progress=accelerator.is_local_main_process,
+            allow_missing_sequences=args.sequence_presence,
         )
     dataset = SliceDataset(
         cached,
@@ -790,6 +909,8 @@ def build_train_loader(args: argparse.Namespace, run: RunData, processor, seed: 
         augment=not args.no_augmentation,
         flip_axes=tuple(args.flip_axes),
         seed=seed,
+        sequence_dropout=args.sequence_dropout,
+        presence_channels=args.sequence_presence,
     )
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -979,7 +1100,7 @@ def train_one(
                     progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                     if use_trackers and accelerator.trackers:
                         accelerator.log({"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0]}, step=global_step)
-                if global_step >= max_steps or (args.eval_steps and global_step % args.eval_steps == 0):
+                if select_cases and (global_step >= max_steps or (args.eval_steps and global_step % args.eval_steps == 0)):
                     run_evaluation(global_step)
                 if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
                     save_checkpoint(accelerator, output_dir, dict(state), args.checkpoints_total_limit)
@@ -994,7 +1115,11 @@ def train_one(
             t_wait = time.perf_counter()
     progress.close()
     train_seconds = time.perf_counter() - t_train - eval_seconds
-    if best["state"] is None:  # resumed from a checkpoint taken after the last step
+    if not select_cases:  # trained on every case: nothing to evaluate, the last weights are the model
+        state["best_step"] = global_step
+        best.update(rows=[], embeds=None, summary={"task": task, "step": global_step, "num_cases": 0, "split": "none"},
+                    state={k: v.detach().cpu().clone() for k, v in net.state_dict().items()})
+    elif best["state"] is None:  # resumed from a checkpoint taken after the last step
         run_evaluation(global_step)
 
     # the best model on the held-out cases
@@ -1027,14 +1152,15 @@ def write_run_outputs(args, run: RunData, net, processor, output_dir: Path, task
     from modeling_emrfuse.evaluation_report import format_results_markdown, write_evaluation_report
     from modeling_emrfuse.model_card import build_model_card, training_config_for_card
 
-    write_evaluation_report(output_dir / "eval", rows, summary, embeddings=embeds, embedding_grades=[r.get("grade") for r in rows])
+    if rows:
+        write_evaluation_report(output_dir / "eval", rows, summary, embeddings=embeds, embedding_grades=[r.get("grade") for r in rows])
     if not save_model:
         return
     card = build_model_card(
         task=task,
         model_name=args.hub_model_id or output_dir.name,
         summary=summary,
-        results_markdown=format_results_markdown(summary),
+        results_markdown=format_results_markdown(summary) if rows else NO_EVALUATION_NOTE,
         training_config=training_config_for_card(_card_config(args, task, max_steps, learning_rate, switches, seed)),
         data=run.description,
         text_model=run.text_model if not run.synthetic else "a 2-layer BERT with a WordPiece vocabulary trained on the demo reports",
@@ -1251,7 +1377,7 @@ def report_main(args, accelerator, run: RunData, output_dir: Path, summary: Dict
         (output_dir / "eval" / "run_summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
         label = "SYNTHETIC demo data" if run.synthetic else run.description["name"]
         accelerator.print(f"\nResults on {len(run.eval_cases)} held-out cases ({label}); model: {output_dir}\n")
-        accelerator.print(format_results_markdown(summary))
+        accelerator.print(format_results_markdown(summary) if run.eval_cases else NO_EVALUATION_NOTE)
         accelerator.print(
             f"\ntraining {summary.get('train_seconds')} s ({summary.get('train_slices_per_second')} slices/s), "
             f"total {summary['total_seconds']} s"

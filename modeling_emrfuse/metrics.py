@@ -68,6 +68,7 @@ __all__ = [
     "score_label_maps",
     "metrics_to_row",
     "aggregate",
+    "bootstrap_mean_ci",
     "classification_metrics",
 ]
 
@@ -354,6 +355,32 @@ def aggregate(
 # --------------------------------------------------------------------------------------------
 # grading
 # --------------------------------------------------------------------------------------------
+def bootstrap_mean_ci(
+    values: Sequence[float], confidence: float = 0.95, n_resamples: int = 10000, seed: int = 0
+) -> Tuple[float, float, float]:
+    """Mean of ``values`` and its percentile bootstrap confidence interval: ``(mean, low, high)``.
+
+    Cases are resampled with replacement ``n_resamples`` times (fixed ``seed``: the same values give
+    the same interval); NaN values are left out. One value gives ``(v, v, v)``; none gives NaNs.
+    With few cases the interval is wide and only approximate: it says how much the mean could
+    move with other cases, not more.
+    """
+    if not 0.0 < float(confidence) < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}.")
+    x = np.asarray([float(v) for v in values], dtype=np.float64)
+    x = x[~np.isnan(x)]
+    if x.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    mean = float(x.mean())
+    if x.size == 1:
+        return mean, mean, mean
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(int(n_resamples), x.size))].mean(axis=1)
+    alpha = (1.0 - float(confidence)) / 2.0
+    low, high = np.quantile(means, [alpha, 1.0 - alpha])
+    return mean, float(low), float(high)
+
+
 def _class_ids(y: Any, labels: Sequence[str], name: str) -> np.ndarray:
     arr = np.asarray(y)
     if arr.ndim != 1:

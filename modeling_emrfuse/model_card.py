@@ -61,6 +61,22 @@ def _eval_results(summary: Mapping[str, Any], task: str, dataset_name: str, data
     return results
 
 
+def _towers_sentence(text_model: Optional[str], vision_model: str, cls: str) -> str:
+    if not text_model:
+        return (
+            f"This is the image-only variant (no text tower; any report is ignored): a timm image tower (`{vision_model}`)\n"
+            "with the segmentation decoder of EmrFuse, implemented as a Hugging Face `transformers` model with\n"
+            f"custom code (`{cls}`)."
+        )
+    return (
+        f"It fuses a BERT-family text tower (`{text_model}`) and a timm image tower (`{vision_model}`) with\n"
+        'the fusion head of "Multimodal Electronic Medical Record Disease Classification Combining Image\n'
+        'and Text Data" (modality alignment, self-attention, residual connections, dynamic feature\n'
+        "weighting and an orthogonality loss), implemented as a Hugging Face `transformers` model with\n"
+        f"custom code (`{cls}`)."
+    )
+
+
 def build_model_card(
     *,
     task: str,
@@ -69,7 +85,7 @@ def build_model_card(
     results_markdown: str,
     training_config: Mapping[str, Any],
     data: Mapping[str, Any],
-    text_model: str,
+    text_model: Optional[str],
     vision_model: str,
     repo_id: Optional[str] = None,
     train_command: Optional[str] = None,
@@ -98,7 +114,7 @@ def build_model_card(
         metrics=["dice", "precision", "recall", "hd95", "accuracy"],
         model_name=model_name,
         eval_results=_eval_results(summary, task, dataset_name, dataset_type) or None,
-        base_model=text_model if ("/" in text_model and not Path(text_model).exists()) else None,
+        base_model=text_model if (text_model and "/" in text_model and not Path(text_model).exists()) else None,
     )
     load_id = repo_id or "path/to/this/folder"
     if task == "segmentation":
@@ -119,11 +135,7 @@ def build_model_card(
 
 EmrFuse reads a brain MRI study (T1, T1ce, T2, FLAIR) together with its radiology report and
 {'segments the tumour sub-regions (whole tumour WT, tumour core TC, enhancing tumour ET)' if task == 'segmentation' else 'grades the glioma (HGG vs LGG, one prediction per case)'}.
-It fuses a BERT-family text tower (`{text_model}`) and a timm image tower (`{vision_model}`) with
-the fusion head of "Multimodal Electronic Medical Record Disease Classification Combining Image
-and Text Data" (modality alignment, self-attention, residual connections, dynamic feature
-weighting and an orthogonality loss), implemented as a Hugging Face `transformers` model with
-custom code (`{cls}`).
+{_towers_sentence(text_model, vision_model, cls)}
 
 > **Research use only. This is not a medical device** and must not be used for diagnosis,
 > treatment planning or any clinical decision.{' It was trained on SYNTHETIC demo data and says nothing about real patients.' if synthetic else ''}
