@@ -26,6 +26,15 @@ Real data::
     accelerate launch train.py --data_dir /data/BraTS2020_TrainingData --task segmentation \\
         --text_model dmis-lab/biobert-base-cased-v1.2 --vision_model resnet50 --vision_pretrained
 
+Several releases at once (each folder its own release and label convention), image only, any
+subset of the four sequences, reports and grades through the organisers' id tables::
+
+    python train.py --data_dir BraTS2018 --data_dir BraTS2021 --id_mapping name_mapping.csv \
+        --reports textbrats_reports.jsonl --no_text --sequence_dropout 0.25 --vision_model resnet18
+
+``bench/bench_real.py`` runs this recipe on the real cases in ``../shared/realdata`` with
+patient-level cross-validation.
+
 The paper's ablations (every row trained and evaluated on the same data, seeds and budget)::
 
     python train.py --demo --ablation table1 --ablation_seeds 0 1 2
