@@ -66,19 +66,24 @@ import numpy as np
 import datasets
 from datasets.exceptions import DatasetGenerationError
 
-from modeling_emrfuse.brats_labels import GRADES, SEQUENCES, check_label_values, get_label_convention
-
-from .brats_ids import IdMapping, find_id_tables
-from .brats_layouts import (
+# read_reports (a reports file -> {case id: text}) and its column matching live in brats_io; re-exported here
+from modeling_emrfuse.brats_io import (
+    _ID_KEYS,
     CaseFiles,
     CaseList,
     SkippedCase,
+    _norm_key,
+    _pick_column,
     discover_folders,
     patient_id_for,
     read_header,
+    read_reports,
     read_volume,
     volume_suffix,
 )
+from modeling_emrfuse.brats_labels import GRADES, SEQUENCES, check_label_values, get_label_convention
+
+from .brats_ids import IdMapping, find_id_tables
 
 logger = logging.getLogger(__name__)
 
@@ -118,94 +123,12 @@ SPLIT_ALIASES = {
     "val": "validation", "valid": "validation", "validation": "validation", "dev": "validation",
     "test": "test", "testing": "test", "ts": "test",
 }  # fmt: skip
-_ID_KEYS = ("caseid", "case", "id", "subjectid", "subject", "patientid", "bratsid", "brats2020subjectid", "name")
-_TEXT_KEYS = ("text", "report", "reporttext", "reports", "findings", "description", "content")
 _VOLUME_COLUMNS = tuple(SEQUENCES) + ("seg",)
 
 
 # --------------------------------------------------------------------------------------------
 # reports
 # --------------------------------------------------------------------------------------------
-def _norm_key(key: str) -> str:
-    return "".join(ch for ch in str(key).lower() if ch.isalnum())
-
-
-def _pick_column(columns: Sequence[str], candidates: Sequence[str], what: str, path: Path) -> str:
-    by_norm = {}
-    for col in columns:
-        by_norm.setdefault(_norm_key(col), col)
-    for cand in candidates:
-        if cand in by_norm:
-            return by_norm[cand]
-    raise ValueError(
-        f"{path}: no {what} column among {list(columns)} (expected one of {list(candidates)}, case and punctuation ignored)."
-    )
-
-
-def read_reports(path: Path | str) -> Dict[str, str]:
-    """Read a reports file into ``{case_id: text}``.
-
-    Formats (by extension): ``.csv`` / ``.tsv`` (header row), ``.jsonl`` (one object per line),
-    ``.json`` (a list of objects, or one object mapping case id -> text). Column names are
-    matched loosely (case and punctuation ignored): the id column is one of ``case_id``, ``case``,
-    ``id``, ``subject_id``, ``patient_id``, ``brats_id``, ``name``; the text column one of
-    ``text``, ``report``, ``report_text``, ``findings``, ``description``, ``content``.
-
-    Raises ``ValueError`` naming the file (and line) for a missing column, an empty id or a
-    duplicate case id. Text is returned unchanged (never logged).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: reports file not found.")
-    suffix = path.suffix.lower()
-    rows: List[Tuple[int, Mapping[str, Any]]] = []
-    try:
-        if suffix in (".csv", ".tsv"):
-            with open(path, newline="", encoding="utf-8-sig") as fh:
-                reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
-                rows = [(reader.line_num, row) for row in reader]
-                columns = list(reader.fieldnames or [])
-        elif suffix in (".jsonl", ".ndjson"):
-            with open(path, encoding="utf-8-sig") as fh:
-                for line_no, line in enumerate(fh, start=1):
-                    if line.strip():
-                        obj = json.loads(line)
-                        if not isinstance(obj, dict):
-                            raise ValueError(f"{path}, line {line_no}: expected a JSON object per line.")
-                        rows.append((line_no, obj))
-            columns = list(rows[0][1]) if rows else []
-        elif suffix == ".json":
-            with open(path, encoding="utf-8-sig") as fh:
-                obj = json.load(fh)
-            if isinstance(obj, dict) and all(isinstance(v, str) for v in obj.values()):
-                return {str(k).strip(): v for k, v in obj.items()}
-            if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), list):
-                obj = next(iter(obj.values()))
-            if not isinstance(obj, list) or not all(isinstance(o, dict) for o in obj):
-                raise ValueError(f"{path}: expected a list of objects or an object mapping case id -> text.")
-            rows = [(i + 1, o) for i, o in enumerate(obj)]
-            columns = list(obj[0]) if obj else []
-        else:
-            raise ValueError(f"{path}: unsupported reports file type {suffix!r} (use .csv, .tsv, .jsonl or .json).")
-    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as exc:
-        raise ValueError(f"{path}: cannot parse the reports file ({type(exc).__name__}: {exc}).") from exc
-    if not rows:
-        return {}
-    id_col = _pick_column(columns, _ID_KEYS, "case id", path)
-    text_col = _pick_column(columns, _TEXT_KEYS, "report text", path)
-    out: Dict[str, str] = {}
-    where = "row" if suffix == ".json" else "line"
-    for line_no, row in rows:
-        case_id = str(row.get(id_col) or "").strip()
-        if not case_id:
-            raise ValueError(f"{path}, {where} {line_no}: empty case id.")
-        if case_id in out:
-            raise ValueError(f"{path}, {where} {line_no}: duplicate case id {case_id!r}.")
-        text = row.get(text_col)
-        out[case_id] = "" if text is None else str(text)
-    return out
-
-
 def _read_report_file(path: Path, case_id: str) -> str:
     try:
         return path.read_text(encoding="utf-8-sig")
@@ -683,7 +606,7 @@ def make_splits(
     """Assign cases to splits: ``{split name: [case ids]}``; a patient never lands in two splits.
 
     Args:
-        cases: the cases (from :func:`~datasets_scripts.brats_layouts.discover_cases`).
+        cases: the cases (from :func:`~modeling_emrfuse.brats_io.discover_cases`).
         splits: ``None`` for automatic folds; ``"none"`` for one ``train`` split with every case;
             a split file or a folder of split files (``Train.json``/``Test.json``, ``train.txt``...),
             a list of such files, or a dict ``{split: [ids] | path}`` (see :func:`read_split_file`).

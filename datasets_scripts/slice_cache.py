@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from modeling_emrfuse.brats_io import to_nifti_image
 from modeling_emrfuse.brats_labels import GRADES, REGIONS, SEQUENCES, label_map_to_regions
 from modeling_emrfuse.processing_emrfuse import CropInfo, EmrFuseImageProcessor, EmrFuseProcessor, PreparedVolume
 
@@ -329,10 +330,7 @@ def _read_image(value: Any, where: str):
             return nib.Nifti1Image.from_bytes(raw)
         value = value["path"]
     if _is_path(value):
-        from datasets_scripts.brats_layouts import read_volume
-
-        array, affine, _ = read_volume(value)
-        return nib.Nifti1Image(np.asarray(array), affine)
+        return to_nifti_image(value)
     return value  # nibabel image or array
 
 
@@ -514,7 +512,7 @@ def build_cache(
     """Preprocess cases once into ``cache_dir`` (see the module docstring for the format).
 
     Args:
-        cases: :class:`~datasets_scripts.brats_layouts.CaseFiles` (from ``discover_cases``) or
+        cases: :class:`~modeling_emrfuse.brats_io.CaseFiles` (from ``discover_cases``) or
             dataset examples (mappings with ``case_id``, the four sequences as paths / nibabel
             images / arrays / ``{"path", "bytes"}``, optional ``seg``, ``grade`` (name or class id,
             -1 unknown), ``report``, ``has_report``, ``label_convention``, ``release``).

@@ -48,13 +48,9 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, 
 
 import numpy as np
 
-from .brats_labels import (
-    HD95_EMPTY_SENTINEL_MM,
-    LABEL_CONVENTIONS,
-    REGIONS,
-    SEQUENCE_ALIASES,
-    get_label_convention,
-)
+from . import brats_io
+from .brats_io import SEQUENCE_SUFFIX_RE
+from .brats_labels import HD95_EMPTY_SENTINEL_MM, LABEL_CONVENTIONS, REGIONS, get_label_convention
 from .metrics import METRICS, aggregate, metrics_to_row, score_label_maps
 
 AUTO = "auto"
@@ -67,10 +63,6 @@ LABEL_FILE_SUFFIXES: Tuple[str, ...] = (
     "mask", "gt", "groundtruth", "ground_truth", "ref", "reference", "output",
 )
 _SUFFIX_RE = re.compile(r"[_\-.](" + "|".join(sorted(LABEL_FILE_SUFFIXES, key=len, reverse=True)) + r")$", re.IGNORECASE)
-_SEQUENCE_RE = re.compile(
-    r"[_\-.](" + "|".join(re.escape(k) for k in sorted(SEQUENCE_ALIASES, key=len, reverse=True)) + r")$",
-    re.IGNORECASE,
-)
 OUTPUT_FILES = {"csv": "per_case.csv", "json": "summary.json", "markdown": "summary.md"}
 
 
@@ -100,7 +92,7 @@ def case_id_from_path(path: Path | str) -> Optional[str]:
     stem = _strip_nifti(path.name)
     if stem is None:
         return None
-    if _SEQUENCE_RE.search(stem):
+    if SEQUENCE_SUFFIX_RE.search(stem):
         return None
     if stem.lower() in LABEL_FILE_SUFFIXES:
         return path.parent.name or None
@@ -166,28 +158,14 @@ class LabelMapFile:
 
 
 def read_label_map(path: Path | str) -> LabelMapFile:
-    """Read a NIfTI label map as integers; raise :class:`ScoreError` naming the file if it is not one."""
-    import nibabel as nib
-
-    path = Path(path)
+    """Read a label map (:func:`brats_io.read_label_map`); raise :class:`ScoreError` naming the file if it is not one."""
     try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
-    except Exception as exc:  # nibabel raises several types for unreadable files
-        raise ScoreError(f"{path}: cannot read as NIfTI ({type(exc).__name__}: {exc}).") from None
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise ScoreError(f"{path}: expected a 3-D label map, got shape {data.shape}.")
-    if data.dtype.kind == "f":
-        if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
-            raise ScoreError(f"{path}: non-integer values; expected an integer label map (not probabilities).")
-    elif data.dtype.kind not in "iub":
-        raise ScoreError(f"{path}: unsupported data type {data.dtype} for a label map.")
-    if data.size and (data.min() < 0 or data.max() > 255):
-        raise ScoreError(f"{path}: label values outside 0..255 (min {data.min()}, max {data.max()}).")
-    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-    return LabelMapFile(path=path, array=data.astype(np.uint8), spacing=zooms, affine=np.asarray(img.affine, dtype=float))
+        array, affine, spacing = brats_io.read_label_map(path)
+    except (ValueError, OSError) as exc:  # "<path>: unreadable / not 3-D / not integer labels 0..255"
+        raise ScoreError(f"cannot read label map {exc}") from None
+    except ImportError as exc:  # nibabel, or SimpleITK for MetaImage
+        raise ScoreError(str(exc)) from None
+    return LabelMapFile(path=Path(path), array=array, spacing=spacing, affine=affine)
 
 
 def label_values(array: np.ndarray) -> Set[int]:

@@ -10,9 +10,8 @@ builds for an EmrFuse model folder, and what ``emrfuse predict`` and the Gradio 
     out["grade_probabilities"]  # {"HGG": 0.91, "LGG": 0.09} (when the folder has a grading model)
 
 Input (one case)
-    * a case folder in any BraTS layout (read with ``datasets_scripts.brats_layouts`` when the
-      ``emrfuse`` package is installed; otherwise the folder must hold the four NIfTI files named
-      ``..._<sequence>.nii[.gz]``);
+    * a case folder in any BraTS layout (found and read with the sibling :mod:`brats_io`: NIfTI, and
+      BraTS 2015 MetaImage with SimpleITK);
     * a dict ``{sequence name (any alias: t1, t1ce, t2, flair, t1n, t1c, t2w, t2f, ...) -> path /
       array / nibabel image}``;
     * a ``(4, X, Y, Z)`` array in :data:`brats_labels.SEQUENCES` order (with ``affine=`` for
@@ -68,8 +67,8 @@ Both heads in one folder
     accepted by :func:`load_pipeline`.
 
 This file travels to the Hub with the model code: it imports only numpy, torch, transformers and
-its sibling files at module level; nibabel (to read NIfTI paths) and the ``emrfuse`` package's
-``datasets_scripts`` (to read every BraTS layout) are optional and imported where needed.
+its sibling files at module level (``brats_io`` finds and reads the cases; it imports nibabel and
+SimpleITK where a file is read).
 """
 
 from __future__ import annotations
@@ -93,6 +92,7 @@ from transformers import AutoConfig, AutoProcessor, Pipeline, PreTrainedModel
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.utils import logging
 
+from .brats_io import discover_cases, label_convention_from_file_names, read_volume_and_header, volume_suffix
 from .brats_labels import (
     GRADES,
     REGIONS,
@@ -124,15 +124,11 @@ PIPELINE_TASK = "glioma-analysis"
 DEFAULT_MODEL = os.path.join("outputs", "emrfuse-demo")
 """Model folder that the README's main job (``train.py`` on demo data) leaves."""
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
-OTHER_VOLUME_SUFFIXES = (".mha", ".mhd")
 GRADING_SUBFOLDERS = ("grading", "classification")
 SEGMENTATION_SUBFOLDERS = ("segmentation",)
 DEFAULT_GRADING_SLICES = 32
 """Brain slices (evenly spaced) that the grading model pools by default: on demo cases the grade
 probabilities match pooling over all slices to 1e-3, at a quarter of the grading cost."""
-_LABEL_TOKENS = {"seg", "segm", "segmentation", "label", "labels", "gt", "ot", "mask"}
-_2023_TOKENS = {"t1n", "t2w", "t2f"}  # "t1c" alone is ambiguous (also a 2015 / common alias)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,46 +169,14 @@ class LoadedCase:
         return tuple(next(iter(self.volumes.values())).shape)
 
 
-def _volume_suffix(path: Path) -> Optional[str]:
-    name = path.name.lower()
-    for suffix in NIFTI_SUFFIXES + OTHER_VOLUME_SUFFIXES:
-        if name.endswith(suffix):
-            return suffix
-    return None
-
-
-def _file_tokens(path: Path) -> List[str]:
-    suffix = _volume_suffix(path) or path.suffix
-    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
-    return [t for t in re.split(r"[_\-.]", stem.lower()) if t]
-
-
 def _affine_spacing(affine: np.ndarray) -> Tuple[float, float, float]:
     affine = np.asarray(affine, dtype=np.float64)
     return tuple(float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
 
 
-def _read_nifti(path: Path) -> Tuple[np.ndarray, np.ndarray, Any]:
-    try:
-        import nibabel as nib
-    except ImportError as err:  # pragma: no cover - nibabel is a dependency of the emrfuse package
-        raise ImportError(f"Reading {path} needs nibabel: pip install nibabel") from err
-    try:
-        img = nib.load(str(path))
-        array = np.asanyarray(img.dataobj)
-        if isinstance(array, np.memmap):
-            array = np.array(array)
-    except Exception as exc:  # nibabel raises many types for a bad file; all mean "not a readable NIfTI"
-        raise ValueError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc}).") from exc
-    while array.ndim > 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim != 3:
-        raise ValueError(f"{path}: expected a 3D volume, got an array of shape {array.shape}.")
-    return array, np.asarray(img.affine, dtype=np.float64), img.header
-
-
-def _read_volume_file(path: Union[str, os.PathLike], name: str) -> Tuple[np.ndarray, np.ndarray, Any]:
-    """Read one sequence file: ``(array, affine, nibabel header or None)``; ``ValueError`` for bad files."""
+def _read_sequence_file(path: Union[str, os.PathLike], name: str) -> Tuple[np.ndarray, np.ndarray, Any]:
+    """Read one sequence file with :func:`brats_io.read_volume_and_header`: ``(array, affine, NIfTI
+    header or None)``; ``ValueError`` naming the sequence for a missing, empty or unreadable file."""
     path = Path(path).expanduser()
     if not path.exists():
         raise ValueError(f"Sequence {name!r}: file {path} does not exist.")
@@ -220,32 +184,19 @@ def _read_volume_file(path: Union[str, os.PathLike], name: str) -> Tuple[np.ndar
         raise ValueError(f"Sequence {name!r}: {path} is not a file.")
     if path.stat().st_size == 0:
         raise ValueError(f"Sequence {name!r}: file {path} is empty (0 bytes).")
-    suffix = _volume_suffix(path)
-    if suffix in NIFTI_SUFFIXES:
-        return _read_nifti(path)
-    if suffix in OTHER_VOLUME_SUFFIXES:
-        try:
-            from datasets_scripts.brats_layouts import read_volume
-        except ImportError as err:
-            raise ValueError(
-                f"Sequence {name!r}: {path} is a MetaImage file; reading it needs the emrfuse package "
-                "(datasets_scripts) and SimpleITK. Convert it to NIfTI or install them."
-            ) from err
-        try:
-            array, affine, _spacing = read_volume(path)
-        except ImportError as err:
-            raise ValueError(f"Sequence {name!r}: {err}") from err
-        return np.asarray(array), np.asarray(affine, dtype=np.float64), None
-    raise ValueError(
-        f"Sequence {name!r}: {path} is not a NIfTI file (expected a .nii or .nii.gz file"
-        f"{', or .mha' if OTHER_VOLUME_SUFFIXES else ''})."
-    )
+    if volume_suffix(path) is None:
+        raise ValueError(f"Sequence {name!r}: {path} is not a NIfTI file (expected a .nii or .nii.gz file, or .mha).")
+    try:
+        (array, affine, _spacing), header = read_volume_and_header(path)
+    except ImportError as err:  # nibabel, or SimpleITK for MetaImage
+        raise ValueError(f"Sequence {name!r}: {err}") from err
+    return array, affine, header
 
 
 def _item_to_volume(item: Any, name: str) -> Tuple[np.ndarray, Optional[np.ndarray], Any, Optional[str]]:
     """One sequence (path / nibabel image / array / tensor) -> (array, affine or None, header, source)."""
     if isinstance(item, (str, os.PathLike)):
-        array, affine, header = _read_volume_file(item, name)
+        array, affine, header = _read_sequence_file(item, name)
         return array, affine, header, str(item)
     if hasattr(item, "dataobj") and hasattr(item, "affine"):  # nibabel image
         array = np.asanyarray(item.dataobj)
@@ -258,13 +209,6 @@ def _item_to_volume(item: Any, name: str) -> Tuple[np.ndarray, Optional[np.ndarr
     return array, None, None, None
 
 
-def _guess_convention_from_names(names: Sequence[str]) -> Optional[str]:
-    tokens = set()
-    for n in names:
-        tokens.update(_file_tokens(Path(str(n))))
-    return "brats2023" if tokens & _2023_TOKENS else None
-
-
 _MISSING_HINT = "or pass allow_missing_sequences=True (emrfuse predict --allow-missing-sequences) to zero-fill them"
 
 
@@ -275,66 +219,29 @@ def _missing_error(where: str, missing: Sequence[str], found: Sequence[str]) -> 
     )
 
 
-def _discover_folder(folder: Path, release: str = "auto", allow_missing_sequences: bool = False):
-    """The CaseFiles of a case folder (datasets_scripts.brats_layouts when installed).
+def _case_folder(folder: Path, release: str = "auto", allow_missing_sequences: bool = False) -> Dict[str, Any]:
+    """The files of the one case in ``folder`` (:func:`brats_io.discover_cases`).
 
     A folder lacking sequences is an error naming them (and the option) unless
     ``allow_missing_sequences``; one with no sequence at all is always an error.
     """
-    try:
-        from datasets_scripts.brats_layouts import discover_cases
-    except ImportError:
-        discover_cases = None
-    if discover_cases is not None:
-        import inspect
-
-        options = {}
-        if "allow_missing_sequences" in inspect.signature(discover_cases).parameters:
-            options["allow_missing_sequences"] = True  # checked below, with the option named in the error
-        cases = discover_cases(folder, release=release or "auto", on_error="raise", **options)
-        if len(cases) != 1:
-            raise ValueError(
-                f"{folder} holds {len(cases)} cases; pass a single case folder (emrfuse predict accepts a folder of cases)."
-            )
-        c = cases[0]
-        missing = [s for s in SEQUENCES if s not in c.sequences]
-        if missing and not allow_missing_sequences:
-            found = [f"{k}={Path(v).name}" for k, v in c.sequences.items()]
-            raise _missing_error(f"case {c.case_id}: ", missing, found)
-        return {
-            "case_id": c.case_id,
-            "release": c.release,
-            "label_convention": c.label_convention,
-            "sequences": {k: str(v) for k, v in c.sequences.items()},
-            "report_path": None if c.report_path is None else str(c.report_path),
-        }
-    # without the emrfuse package: a flat folder of NIfTI files named ..._<sequence>.nii[.gz]
-    found: Dict[str, str] = {}
-    for path in sorted(folder.iterdir()):
-        if not path.is_file() or _volume_suffix(path) not in NIFTI_SUFFIXES:
-            continue
-        token = _file_tokens(path)[-1] if _file_tokens(path) else ""
-        if token in _LABEL_TOKENS:
-            continue
-        try:
-            seq = canonical_sequence_name(token)
-        except ValueError:
-            continue
-        if seq in found:
-            raise ValueError(f"{folder}: two files for sequence {seq!r} ({Path(found[seq]).name}, {path.name}).")
-        found[seq] = str(path)
-    missing = [s for s in SEQUENCES if s not in found]
-    if len(missing) == len(SEQUENCES):
-        raise ValueError(f"{folder}: no MRI sequence file found (need at least one of {list(SEQUENCES)}).")
+    # cases lacking sequences are found, then refused below with the option named in the error
+    cases = discover_cases(folder, release=release or "auto", on_error="raise", allow_missing_sequences=True)
+    if len(cases) != 1:
+        raise ValueError(
+            f"{folder} holds {len(cases)} cases; pass a single case folder (emrfuse predict accepts a folder of cases)."
+        )
+    c = cases[0]
+    missing = [s for s in SEQUENCES if s not in c.sequences]
     if missing and not allow_missing_sequences:
-        raise _missing_error(f"{folder}: ", missing, sorted(found))
-    reports = sorted(folder.glob("*_text.txt"))
+        found = [f"{k}={Path(v).name}" for k, v in c.sequences.items()]
+        raise _missing_error(f"case {c.case_id}: ", missing, found)
     return {
-        "case_id": folder.name,
-        "release": None,
-        "label_convention": _guess_convention_from_names(found.values()),
-        "sequences": found,
-        "report_path": str(reports[0]) if len(reports) == 1 else None,
+        "case_id": c.case_id,
+        "release": c.release,
+        "label_convention": c.label_convention,
+        "sequences": {k: str(v) for k, v in c.sequences.items()},
+        "report_path": None if c.report_path is None else str(c.report_path),
     }
 
 
@@ -374,7 +281,7 @@ def load_case(
             raise ValueError(
                 f"{folder} is a file: pass a case folder, or the four sequences as a dict {{sequence: path}}."
             )
-        meta = _discover_folder(folder, release, allow_missing_sequences=allow_missing_sequences)
+        meta = _case_folder(folder, release, allow_missing_sequences=allow_missing_sequences)
         items: Dict[str, Any] = dict(meta["sequences"])
     elif isinstance(case, Mapping):
         items = {}
@@ -397,8 +304,8 @@ def load_case(
         meta["case_id"] = case.get("case_id")
         if affine is None and case.get("affine") is not None:
             affine = case["affine"]
-        names = [str(k) for k in case] + [str(v) for v in items.values() if isinstance(v, (str, os.PathLike))]
-        meta["label_convention"] = _guess_convention_from_names(names)
+        paths = [v for v in items.values() if isinstance(v, (str, os.PathLike))]
+        meta["label_convention"] = label_convention_from_file_names(paths) or label_convention_from_file_names(map(str, case))
     elif isinstance(case, (np.ndarray, torch.Tensor)):
         array = case.detach().cpu().numpy() if isinstance(case, torch.Tensor) else case
         if array.ndim != 4 or array.shape[0] != len(SEQUENCES):

@@ -38,49 +38,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-import numpy as np
-
-from .brats_labels import LABEL_CONVENTIONS, SEQUENCE_ALIASES, SEQUENCES, get_label_convention
+from .brats_io import (
+    case_id_from_file_names,
+    discover_cases,
+    label_convention_from_file_names,
+    read_reports,
+    write_label_map,
+)
+from .brats_labels import LABEL_CONVENTIONS, SEQUENCES, get_label_convention
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 DEFAULT_OUTPUT_DIR = "predictions"
-_SEQUENCE_SUFFIX_RE = re.compile(
-    r"[_\-.](" + "|".join(re.escape(k) for k in sorted(SEQUENCE_ALIASES, key=len, reverse=True)) + r")$", re.IGNORECASE
-)
 
 
 class PredictError(ValueError):
     """Expected problem with the command's input (printed as one line, exit status 2)."""
 
 
-# ------------------------------------------------------------------------------------------ writing
-def write_label_map(path: Path, label_map: np.ndarray, affine: np.ndarray, header: Any = None) -> Path:
-    """Write a uint8 label map as NIfTI with the input's affine and (a copy of) its header."""
-    import nibabel as nib
-
-    label_map = np.asarray(label_map, dtype=np.uint8)
-    if header is not None and isinstance(header, nib.Nifti1Header):
-        hdr = header.copy()
-        img = nib.Nifti1Image(label_map, affine, header=hdr)
-    else:
-        img = nib.Nifti1Image(label_map, affine)
-        img.header.set_xyzt_units("mm")
-    img.set_data_dtype(np.uint8)
-    img.header.set_slope_inter(1.0, 0.0)
-    img.header["cal_min"] = 0
-    img.header["cal_max"] = int(label_map.max()) if label_map.size else 0
-    img.header["descrip"] = b"EmrFuse predicted label map"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(img, str(path))
-    return path
-
-
+# ------------------------------------------------------------------------------------------ records
 def prediction_record(result: Dict[str, Any], label_map_file: Optional[str], inputs: Dict[str, str], extra: Dict[str, Any]) -> Dict[str, Any]:
     """The JSON document written next to a label map (no report text)."""
     conv = get_label_convention(result["label_convention"])
@@ -117,31 +97,6 @@ def prediction_record(result: Dict[str, Any], label_map_file: Optional[str], inp
 
 
 # ------------------------------------------------------------------------------------------ cases
-def _case_id_from_files(paths: Dict[str, str]) -> str:
-    """Case id from the sequence file names: the common prefix once each sequence suffix is removed
-    (``TCGA-DU-7294_t1.nii.gz`` ... -> ``TCGA-DU-7294``; ``BraTS-GLI-00001-000-t1n.nii.gz`` ... ->
-    ``BraTS-GLI-00001-000``)."""
-    stems = []
-    for p in paths.values():
-        name = Path(p).name
-        for suffix in (".nii.gz", ".nii", ".mha", ".mhd"):
-            if name.lower().endswith(suffix):
-                name = name[: -len(suffix)]
-                break
-        stem = _SEQUENCE_SUFFIX_RE.sub("", name)
-        stems.append(stem)
-    prefix = os.path.commonprefix(stems).rstrip("_-. ")
-    return prefix or "case"
-
-
-def _explicit_convention(paths: Dict[str, str]) -> Optional[str]:
-    tokens = set()
-    for p in paths.values():
-        name = Path(p).name.lower().replace(".nii.gz", "").replace(".nii", "")
-        tokens.add(name.replace("-", "_").split("_")[-1])
-    return "brats2023" if tokens & {"t1n", "t2w", "t2f"} else None
-
-
 def find_cases(args) -> Tuple[List[Dict[str, Any]], List[Dict[str, str]], bool]:
     """The cases to predict: ``(cases, skipped, single)`` where each case is a dict with
     ``case_id``, ``input`` (what the pipeline reads), ``files``, ``label_convention``, ``report_path``.
@@ -159,10 +114,10 @@ def find_cases(args) -> Tuple[List[Dict[str, Any]], List[Dict[str, str]], bool]:
                 f"missing sequence(s) {missing}: give all four of --t1 --t1ce --t2 --flair, or pass "
                 "--allow-missing-sequences to zero-fill the missing ones."
             )
-        case_id = args.case_id or _case_id_from_files(explicit)
+        case_id = args.case_id or case_id_from_file_names(explicit.values())
         return (
             [{"case_id": case_id, "input": dict(explicit), "files": dict(explicit),
-              "label_convention": _explicit_convention(explicit), "report_path": None}],
+              "label_convention": label_convention_from_file_names(explicit.values()), "report_path": None}],
             [],
             True,
         )
@@ -176,8 +131,6 @@ def find_cases(args) -> Tuple[List[Dict[str, Any]], List[Dict[str, str]], bool]:
         raise PredictError(f"{root} does not exist.")
     if not root.is_dir():
         raise PredictError(f"{root} is a file: give a case folder, or the four sequences with --t1 --t1ce --t2 --flair.")
-    from datasets_scripts.brats_layouts import discover_cases
-
     import warnings
 
     with warnings.catch_warnings():
@@ -278,8 +231,6 @@ def _run(args: argparse.Namespace) -> int:
     args._report_file_text = _read_text_file(args.report_file, "report file") if args.report_file else None
     reports = None
     if args.reports is not None:
-        from datasets_scripts.brats_text import read_reports
-
         try:
             reports = read_reports(args.reports)
         except (ValueError, FileNotFoundError) as exc:

@@ -1,8 +1,8 @@
 """Image processor and processor for EmrFuse: MRI volume <-> model-ready slices, report -> tokens.
 
 This file travels to the Hugging Face Hub with the model code, so it imports only numpy, torch,
-transformers and its sibling modules (by relative import). Reading NIfTI *paths* needs nibabel, which
-is imported lazily where a path is given.
+transformers and its sibling modules (by relative import). Volume *paths* (NIfTI; MetaImage with
+SimpleITK) are read with the sibling :mod:`brats_io`, which imports nibabel where a path is given.
 
 Pipeline of :class:`EmrFuseImageProcessor` for one case
     1. :meth:`~EmrFuseImageProcessor.load_volume`: four sequences (arrays, nibabel images, paths, a
@@ -48,6 +48,7 @@ from transformers import AutoTokenizer
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ImagesKwargs, ProcessorMixin
 
+from .brats_io import to_nifti_image, volume_suffix
 from .brats_labels import REGIONS, SEQUENCES, canonical_sequence_name, get_label_convention, regions_to_label_map
 
 __all__ = ["CropInfo", "PreparedVolume", "EmrFuseImageProcessor", "EmrFuseProcessor"]
@@ -172,22 +173,17 @@ def _affine_spacing(affine: np.ndarray) -> Tuple[float, float, float]:
     return tuple(float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
 
 
-def _load_nifti(path) -> Any:
-    try:
-        import nibabel  # noqa: PLC0415 (optional dependency, only needed for paths)
-    except ImportError as err:  # pragma: no cover - nibabel is a runtime dependency of the package
-        raise ImportError(
-            f"Reading {os.fspath(path)!r} needs nibabel (`pip install nibabel`); or pass arrays / nibabel images."
-        ) from err
+def _read_path(path) -> Any:
+    """A volume path as a nibabel image (:func:`brats_io.to_nifti_image`: NIfTI, or MetaImage with SimpleITK)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ValueError(f"MRI file {path!r} does not exist.")
-    if not path.lower().endswith((".nii", ".nii.gz")):
+    if volume_suffix(path) is None:
         raise ValueError(
-            f"MRI file {path!r}: only NIfTI paths (.nii, .nii.gz) are read here; read other formats (e.g. BraTS 2015 "
-            ".mha) into arrays first and pass the arrays."
+            f"MRI file {path!r}: only NIfTI paths (.nii, .nii.gz) and MetaImage paths (.mha, .mhd) are read here; "
+            "read other formats into arrays first and pass the arrays."
         )
-    return nibabel.load(path)
+    return to_nifti_image(path)
 
 
 def _zero_constant_background(volume: np.ndarray, min_fraction: float = 0.05) -> float:
@@ -351,8 +347,8 @@ class EmrFuseImageProcessor(BaseImageProcessor):
         present). Without it, a missing or all-zero sequence is an error.
 
         Accepts an array / tensor ``(4, X, Y, Z)`` or a list of four 3-D arrays / nibabel images /
-        NIfTI paths (both in :attr:`sequence_order`), or a dict ``{sequence name (any alias from
-        brats_labels.SEQUENCE_ALIASES) -> array / nibabel image / path}``.
+        volume paths (NIfTI, or MetaImage with SimpleITK; both in :attr:`sequence_order`), or a dict
+        ``{sequence name (any alias from brats_labels.SEQUENCE_ALIASES) -> array / nibabel image / path}``.
 
         Raises ``ValueError`` (naming the sequence) for: a wrong number of sequences, an unknown or
         repeated sequence name, non-3-D data, sequences of different shapes, NaN/inf values, an
@@ -400,7 +396,7 @@ class EmrFuseImageProcessor(BaseImageProcessor):
                 )
             named = dict(zip(self.sequence_order, arr))
 
-        named = {n: (_load_nifti(v) if isinstance(v, (str, os.PathLike)) else v) for n, v in named.items() if v is not None}
+        named = {n: (_read_path(v) if isinstance(v, (str, os.PathLike)) else v) for n, v in named.items() if v is not None}
         self.check_spacing(named)
         arrays = {name: self._sequence_array(named[name], name) for name in self.sequence_order if name in named}
         shapes = {name: tuple(a.shape) for name, a in arrays.items()}

@@ -9,7 +9,9 @@ says how to make one.
 
 Inputs: the four sequences as NIfTI uploads (``.nii`` / ``.nii.gz``), or a bundled example case
 (synthetic demo cases generated on the fly, and the real TCGA-DU-7294 case when
-``../shared/realdata`` is present); the report text; optionally a ground-truth label map. With
+``../shared/realdata`` is present); the report text; optionally a ground-truth label map, whose
+label convention is chosen, or inferred from its label values as ``emrfuse score`` does (the status
+says which convention and why; an ambiguous map is never guessed silently). With
 "Allow missing sequences" ticked, any non-empty subset of the four sequences may be uploaded: the
 missing ones are zero-filled (the pipeline's ``allow_missing_sequences``) and the result says which
 were missing, with a warning when the model has no sequence-presence channels.
@@ -52,7 +54,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: no sp
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 
-from modeling_emrfuse.brats_labels import REGION_NAMES, REGIONS, SEQUENCES, get_label_convention  # noqa: E402
+from modeling_emrfuse.brats_io import case_id_from_file_names, read_label_map, write_label_map  # noqa: E402
+from modeling_emrfuse.brats_labels import (  # noqa: E402
+    LABEL_CONVENTIONS,
+    REGION_NAMES,
+    REGIONS,
+    SEQUENCES,
+    check_label_values,
+    get_label_convention,
+)
 
 MODEL_ENV = "EMRFUSE_MODEL"
 DEFAULT_MODEL = REPO / "outputs" / "emrfuse-demo"
@@ -63,6 +73,9 @@ DEMO_SIZE = os.environ.get("EMRFUSE_DEMO_SIZE", "medium")
 N_DEMO_CASES = int(os.environ.get("EMRFUSE_DEMO_CASES", "2"))
 
 SEQUENCE_LABELS = {"t1": "T1", "t1ce": "T1ce", "t2": "T2", "flair": "FLAIR"}
+GT_LABELS_AUTO = "auto"
+GT_LABELS_CHOICES = (GT_LABELS_AUTO,) + tuple(sorted(LABEL_CONVENTIONS))
+GT_LABELS_CONTROL = "Ground-truth labels"
 PLANES = ("axial", "coronal", "sagittal")
 OVERLAY_ALPHA = 0.5
 DISPLAY_MIN_SIZE = 320
@@ -227,29 +240,18 @@ def _sweep_outputs() -> None:
             pass
 
 
-def _read_label_map(path: str) -> np.ndarray:
-    """A label map file as uint8 (ValueError for anything that is not a readable 3-D label volume)."""
-    import nibabel as nib
+def ground_truth_convention(gt: np.ndarray, pred_conv: str) -> Tuple[str, str]:
+    """``(convention, why)`` of a ground-truth label map, inferred from its label values exactly as
+    ``emrfuse score`` infers a reference folder's (:func:`modeling_emrfuse.metrics_cli.resolve_convention`);
+    the prediction's convention settles values that several conventions fit. ``ValueError`` (naming the
+    "Ground-truth labels" control) when the values fit no convention, or fit several that read them
+    differently and the prediction's convention is not one of them: never a silent guess."""
+    from modeling_emrfuse.metrics_cli import label_values, resolve_convention
 
-    try:
-        data = np.asanyarray(nib.load(str(path)).dataobj)
-    except Exception as exc:  # nibabel raises many types for a bad file
-        raise ValueError(f"ground truth {Path(path).name}: not a readable NIfTI file ({type(exc).__name__}).") from exc
-    data = np.squeeze(data)
-    if data.ndim != 3:
-        raise ValueError(f"ground truth {Path(path).name}: expected a 3-D label map, got shape {data.shape}.")
-    if not np.all(np.equal(np.mod(data, 1), 0)) or data.min() < 0 or data.max() > 255:
-        raise ValueError(f"ground truth {Path(path).name}: expected integer labels 0-255.")
-    return data.astype(np.uint8)
-
-
-def _guess_convention(label_map: np.ndarray) -> str:
-    values = set(np.unique(label_map).tolist()) - {0}
-    if 3 in values and 4 in values:
-        return "brats2015"
-    if 3 in values:
-        return "brats2023"
-    return "brats2017"
+    choice = resolve_convention(
+        [label_values(gt)], "ground truth", f"a convention under '{GT_LABELS_CONTROL}'", pred_conv, "prediction"
+    )
+    return choice.used, choice.note
 
 
 # ------------------------------------------------------------------------------------------ viewer
@@ -389,19 +391,21 @@ def metrics_table(pred: np.ndarray, pred_conv: str, gt: np.ndarray, gt_conv: str
 
 
 def _write_label_map(result: Dict[str, Any], case_id: str) -> str:
-    from modeling_emrfuse.predict_cli import write_label_map
-
     folder = Path(tempfile.mkdtemp(prefix="result-", dir=_OUTPUT_DIR))
     path = folder / f"{case_id}_emrfuse_labels.nii.gz"
     write_label_map(path, result["label_map"], result["affine"], result["header"])
     return str(path)
 
 
-def predict(t1, t1ce, t2, flair, example, report, ground_truth, sequence="FLAIR", plane="axial", allow_missing=False):
+def predict(t1, t1ce, t2, flair, example, report, ground_truth, sequence="FLAIR", plane="axial", allow_missing=False,
+            gt_labels=GT_LABELS_AUTO):
     """Run the model on the uploaded sequences (or the chosen example) and fill every output.
 
     ``allow_missing`` (the "Allow missing sequences" checkbox): any non-empty subset of the four
     uploads is accepted, the missing sequences are zero-filled, and the status says which were missing.
+    ``gt_labels`` (the "Ground-truth labels" control): the ground truth's label convention, or
+    ``"auto"``: the example's own, else inferred as ``emrfuse score`` does (:func:`ground_truth_convention`);
+    the status says which convention is used and why.
     """
     allow_missing = bool(allow_missing)
     uploads = [t1, t1ce, t2, flair]
@@ -409,16 +413,14 @@ def predict(t1, t1ce, t2, flair, example, report, ground_truth, sequence="FLAIR"
     try:
         _sweep_outputs()
         given = [u is not None and u != "" for u in uploads]
-        gt_path, gt_conv, note = None, None, ""
+        gt_path, gt_conv, gt_note, note = None, None, "", ""
         if any(given):
             if not all(given) and not allow_missing:
                 missing = [SEQUENCE_LABELS[s] for s, g in zip(SEQUENCES, given) if not g]
                 raise gr.Error(f"Upload all four sequences (missing: {', '.join(missing)}), or clear them to use an example.",
                                print_exception=False)
             case_input = {s: str(validate_upload(u, SEQUENCE_LABELS[s])) for s, u, g in zip(SEQUENCES, uploads, given) if g}
-            from modeling_emrfuse.predict_cli import _case_id_from_files
-
-            case_id = _case_id_from_files(case_input)
+            case_id = case_id_from_file_names(case_input.values())
         elif example:
             spec = example_cases().get(example)
             if spec is None:
@@ -437,8 +439,8 @@ def predict(t1, t1ce, t2, flair, example, report, ground_truth, sequence="FLAIR"
         try:
             case = load_case(case_input, allow_missing_sequences=allow_missing)  # read once: for the model and the viewer
             read_s = time.perf_counter() - t_read
-            gt = _read_label_map(gt_path) if gt_path else None
-        except ValueError as exc:
+            gt = read_label_map(gt_path).array if gt_path else None
+        except (ValueError, OSError) as exc:
             raise gr.Error(f"Cannot read this case: {exc}", print_exception=False) from exc
         finally:  # the uploads have been read: delete them now
             _delete_files([p for p in uploaded_paths if p and not str(p).startswith(str(_OUTPUT_DIR))])
@@ -452,7 +454,16 @@ def predict(t1, t1ce, t2, flair, example, report, ground_truth, sequence="FLAIR"
             if gt.shape != result["label_map"].shape:
                 raise gr.Error(f"Ground truth shape {gt.shape} differs from the case's {result['label_map'].shape}.",
                                print_exception=False)
-            gt_conv = gt_conv or _guess_convention(gt)
+            try:
+                if gt_labels and gt_labels != GT_LABELS_AUTO:
+                    gt_conv, gt_note = get_label_convention(gt_labels).name, f"as chosen under {GT_LABELS_CONTROL}"
+                elif gt_conv:
+                    gt_note = "as given with the example"
+                else:
+                    gt_conv, gt_note = ground_truth_convention(gt, result["label_convention"])
+                check_label_values(gt, gt_conv, where="ground truth")
+            except ValueError as exc:
+                raise gr.Error(f"Cannot compare with the ground truth: {exc}", print_exception=False) from exc
     finally:
         _delete_files([p for p in uploaded_paths if p and not str(p).startswith(str(_OUTPUT_DIR))])
 
@@ -488,7 +499,7 @@ def predict(t1, t1ce, t2, flair, example, report, ground_truth, sequence="FLAIR"
     if note:
         status.append(note)
     if gt is not None:
-        status.append(f"Ground truth shown on the right ({gt_conv} labels).")
+        status.append(f"Ground truth shown on the right ({gt_conv} labels: {gt_note}).")
     clear = [gr.update(value=None)] * 5  # uploads were deleted
     return [
         state,
@@ -544,6 +555,12 @@ def build_demo() -> gr.Blocks:
                          "trained with sequence dropout, which knows which sequences are missing).",
                 )
                 gt_file = gr.File(label="Ground-truth label map (optional, NIfTI)", file_types=[".nii", ".gz"], type="filepath")
+                gt_labels = gr.Dropdown(
+                    choices=list(GT_LABELS_CHOICES), value=GT_LABELS_AUTO, label=GT_LABELS_CONTROL,
+                    elem_id="emrfuse-gt-labels",
+                    info="The ground truth's label convention; auto: inferred from its label values as `emrfuse score` "
+                         "does (the status says which and why).",
+                )
                 run = gr.Button("Run", variant="primary", elem_id="emrfuse-run")
                 status = gr.Markdown(elem_id="emrfuse-status")
             with gr.Column(scale=2):
@@ -574,7 +591,7 @@ def build_demo() -> gr.Blocks:
         example.change(example_report, inputs=example, outputs=report, api_name=False)
         run.click(
             predict,
-            inputs=[f_t1, f_t1ce, f_t2, f_flair, example, report, gt_file, sequence, plane, allow_missing],
+            inputs=[f_t1, f_t1ce, f_t2, f_flair, example, report, gt_file, sequence, plane, allow_missing, gt_labels],
             outputs=[state, pred_img, gt_img, index, legend, grade, alphas, highlighted, volumes, metrics, download, status,
                      f_t1, f_t1ce, f_t2, f_flair, gt_file],
             api_name="predict",

@@ -118,6 +118,52 @@ def test_predict_on_uploads_deletes_them(app, tmp_path):
     assert not any(Path(p).exists() for p in list(uploads.values()) + [str(gt)])  # uploads deleted after reading
 
 
+def _gt_with_labels(values, shape=(4, 4, 4)):
+    gt = np.zeros(shape, np.uint8)
+    gt.flat[: len(values)] = values
+    return gt
+
+
+def test_ground_truth_convention_is_resolved_as_emrfuse_score_does(app):
+    """Unambiguous label values pin the convention; ambiguous ones are settled by the prediction's convention
+    when it is one of the candidates (saying why), and are an error naming the control otherwise."""
+    assert app.ground_truth_convention(_gt_with_labels([1, 2, 3, 4]), "brats2017") == (
+        "brats2015", "inferred from the ground truth label values {0, 1, 2, 3, 4}")
+    conv, why = app.ground_truth_convention(_gt_with_labels([1, 2, 3]), "brats2023")  # 2023 ET or 2015 NET?
+    assert conv == "brats2023" and "brats2015" in why and "read these labels differently" in why
+    conv, why = app.ground_truth_convention(_gt_with_labels([1, 2, 4]), "brats2015")  # 2017 and 2015 agree here
+    assert conv == "brats2015" and "same regions" in why
+    with pytest.raises(ValueError, match="ambiguous.*Ground-truth labels"):
+        app.ground_truth_convention(_gt_with_labels([1, 2, 3]), "brats2017")
+
+
+def test_predict_says_which_ground_truth_convention_and_why(app, tmp_path):
+    import gradio as gr
+
+    case = write_small_case(tmp_path / "src", shape=(32, 32, 16))
+    ref = nib.load(str(case / "Case_001_t1.nii.gz"))
+
+    def uploads(gt_values):
+        files = []
+        for seq in ("t1", "t1ce", "t2", "flair"):
+            target = tmp_path / "uploads" / seq / f"Case_001_{seq}.nii.gz"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(case / f"Case_001_{seq}.nii.gz", target)
+            files.append(str(target))
+        gt = tmp_path / "uploads" / "gt" / "gt.nii.gz"
+        gt.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(_gt_with_labels(gt_values, ref.shape), ref.affine), str(gt))
+        return files + [None, REPORT, str(gt)]
+
+    status = app.predict(*uploads([1, 2, 3, 4]))[11]  # unambiguous: BraTS 2015 labels
+    assert "Ground truth shown on the right (brats2015 labels: inferred from the ground truth label values" in status
+    # labels {1, 2, 3}: BraTS 2023 or 2015, and the prediction (Case_001_t1 ... names: brats2017) does not settle it
+    with pytest.raises(gr.Error, match="ambiguous.*Ground-truth labels"):
+        app.predict(*uploads([1, 2, 3]))
+    status = app.predict(*uploads([1, 2, 3]), "FLAIR", "axial", False, "brats2023")[11]
+    assert "Ground truth shown on the right (brats2023 labels: as chosen under Ground-truth labels)" in status
+
+
 @pytest.mark.parametrize("problem", ["extension", "empty", "too_big", "magic", "partial", "nothing"])
 def test_upload_checks(app, tmp_path, monkeypatch, problem):
     import gradio as gr

@@ -1,0 +1,995 @@
+"""BraTS case input/output: find the cases of any release, read their volumes, write label maps.
+
+The one home of everything that touches BraTS files on disk; the pipeline, ``emrfuse predict``,
+``emrfuse score``, the image processor (paths), the Space and the dataset builder
+(``datasets_scripts``) all use it.
+
+* :func:`discover_cases` / :func:`discover_folders` walk data folders and return one
+  :class:`CaseFiles` per case (file paths only: nothing is read beyond a directory listing and, for
+  BraTS 2020, ``name_mapping.csv``).
+* :func:`read_volume` reads one volume (NIfTI through nibabel, MetaImage through SimpleITK) into the
+  array convention used everywhere in EmrFuse (:func:`read_volume_and_header` also returns the NIfTI
+  header, :func:`read_header` only the geometry, :func:`to_nifti_image` a ``nibabel`` image,
+  :func:`read_label_map` a checked ``uint8`` label map).
+* :func:`write_label_map` writes a label map as NIfTI with the input's affine and header.
+* :func:`is_brats2023_naming` / :func:`label_convention_from_file_names` tell BraTS 2023+ file naming
+  (and so its label convention) from file names; :func:`case_id_from_file_names` names a case from
+  its sequence files.
+* :func:`read_reports` reads a reports file (CSV / JSONL / JSON, case id -> report text).
+
+This file travels to the Hub with the model code (the pipeline and the processor import it): at
+module level it imports only the standard library, numpy and its sibling ``brats_labels``; nibabel
+and SimpleITK are imported where a file is read or written.
+
+Layouts recognised (``release="auto"`` detects them; ``release="2018"`` etc. forces the release,
+which fixes the label convention and where the grade comes from):
+
+=========  =========================================================================  ===========
+release    layout                                                                     grade
+=========  =========================================================================  ===========
+2015       ``{HGG,LGG}/<case>/VSD.Brain.XX.O.MR_{Flair,T1,T1c,T2}.<id>/*.mha`` and     folder
+           ``VSD.Brain_3more.XX.O.OT.<id>/*.mha`` (label); labels 1-4 (``brats2015``)
+2017-2019  ``{HGG,LGG}/<case>/<case>_{flair,t1,t1ce,t2,seg}.nii.gz``                  folder
+2020       flat ``<case>/<case>_{flair,t1,t1ce,t2,seg}.nii[.gz]`` + ``name_mapping.csv``  ``Grade``
+2021       flat ``BraTS2021_XXXXX/BraTS2021_XXXXX_{flair,t1,t1ce,t2,seg}.nii.gz``      none
+2023+      flat ``BraTS-GLI-XXXXX-XXX/BraTS-GLI-XXXXX-XXX-{t1n,t1c,t2w,t2f,seg}.nii.gz``  none
+=========  =========================================================================  ===========
+
+A folder named ``HGG_LGG`` (the BraTS 2015 test set) holds cases of unknown grade. Unlabeled sets
+(validation / test data) simply have no label file: ``CaseFiles.label`` is ``None``.
+
+File names are matched on their last ``_``/``-`` separated token (``..._t1ce.nii.gz``,
+``...-t2f.nii.gz``), so a renamed case folder still works; when the last token is no sequence or
+label name, the first token is tried (``Flair_subtrMeanDivStd.nii.gz``, ``T1c.nii.gz``,
+``OTMultiClass.nii.gz`` of BraTS 2013/2015 exports). A label file with a non-standard name
+(BraTS 2020 case ``BraTS20_Training_355`` ships ``W39_1998.09.19_Segm.nii``) is accepted when its
+name contains ``seg`` and there is no regular label file; a warning records it.
+
+Release detection (``release="auto"``): ``VSD.Brain`` folders -> 2015; ``HGG``/``LGG`` folders
+with NIfTI files -> the year in the case-id prefix (``Brats17_`` / ``Brats18_`` / ``BraTS19_``),
+otherwise 2018 (2017-2019 share layout and labels); flat folders with ``t1n/t1c/t2w/t2f`` files ->
+2023; flat folders with a ``name_mapping*.csv`` or ``BraTS20_`` ids -> 2020; flat folders whose
+cases are all named like BraTS 2013/2015 cases (``brats_2013_pat0001_1``, ``brats_tcia_pat222_2``)
+-> 2015; other flat folders -> 2021 (no grade). Mixed layouts in one folder are an error.
+
+Several folders in one run (:func:`discover_folders`): each folder has its own release (detected
+or forced) and so its own label convention; the cases are merged, and a case id found in two
+folders is an error.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .brats_labels import (
+    GRADES,
+    RELEASE_CONVENTION,
+    SEQUENCE_ALIASES,
+    SEQUENCES,
+    canonical_sequence_name,
+    get_label_convention,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CaseFiles",
+    "CaseList",
+    "SkippedCase",
+    "Volume",
+    "KNOWN_RELEASES",
+    "discover_cases",
+    "discover_folders",
+    "detect_release",
+    "patient_id_for",
+    "read_volume",
+    "read_volume_and_header",
+    "read_header",
+    "read_label_map",
+    "to_nifti_image",
+    "volume_suffix",
+    "write_label_map",
+    "is_brats2023_naming",
+    "label_convention_from_file_names",
+    "case_id_from_file_names",
+    "SEQUENCE_SUFFIX_RE",
+    "read_reports",
+]
+
+KNOWN_RELEASES: Tuple[str, ...] = tuple(sorted(RELEASE_CONVENTION))
+"""Releases accepted by ``release=`` (besides ``"auto"``): every release with a label convention."""
+
+VOLUME_SUFFIXES: Tuple[str, ...] = (".nii.gz", ".nii", ".mha", ".mhd")
+LABEL_TOKENS = frozenset({"seg", "segm", "segmentation", "label", "labels", "gt", "ot", "otmulticlass", "mask"})
+GRADE_FOLDERS = {"HGG": "HGG", "LGG": "LGG", "HGG_LGG": None}
+REPORT_SUFFIX = "_text.txt"
+ON_ERROR_CHOICES = ("raise", "skip")
+
+_VSD_RE = re.compile(r"^VSD\.Brain(?:_\d+more)?\.XX\.O\.(?P<kind>MR_[A-Za-z0-9]+|OT)\.(?P<id>\d+)$")
+_PREFIX_YEAR_RE = re.compile(r"^brats(?P<yy>1[3-9]|20)_", re.IGNORECASE)
+_BRATS2023_CASE_RE = re.compile(r"^(?P<patient>BraTS-[A-Za-z]+-\d+)-(?P<timepoint>\d+)$")
+# BraTS 2013/2015 case folders: brats_2013_pat0001_1, brats_tcia_pat222_2 (pat<NNN> = patient, _<M> = scan)
+_BRATS2015_CASE_RE = re.compile(r"^(?P<patient>brats_(?:2013|tcia)_pat\d+)_(?P<scan>\d+)$", re.IGNORECASE)
+# the BraTS 2013 patients under their 2015 and 2017-2019 names
+_BRATS2013_NAMES = (
+    re.compile(r"^brats_2013_pat0*(?P<n>\d+)_\d+$", re.IGNORECASE),
+    re.compile(r"^brats(?:17|18|19)_2013_(?P<n>\d+)_\d+$", re.IGNORECASE),
+)
+_SEQ_TOKENS_2023 = frozenset({"t1n", "t1c", "t2w", "t2f"})
+SEQUENCE_SUFFIX_RE = re.compile(
+    r"[_\-.](" + "|".join(re.escape(k) for k in sorted(SEQUENCE_ALIASES, key=len, reverse=True)) + r")$", re.IGNORECASE
+)
+"""A file stem's trailing sequence name (``_t1ce``, ``-t2f``, ``.flair``; any alias, any case)."""
+
+
+# --------------------------------------------------------------------------------------------
+# data classes
+# --------------------------------------------------------------------------------------------
+@dataclass
+class CaseFiles:
+    """The files of one BraTS case (paths only; nothing is read).
+
+    Attributes:
+        case_id: the case identifier (the case folder name, e.g. ``BraTS20_Training_001``).
+        release: BraTS release as a year string (``"2015"``, ``"2018"``, ``"2020"``, ``"2023"``...).
+        label_convention: label convention name (``"brats2015"``, ``"brats2017"``, ``"brats2023"``).
+        grade: ``"HGG"``, ``"LGG"`` or ``None`` when the release/layout gives no grade.
+        sequences: canonical sequence name (:data:`~modeling_emrfuse.brats_labels.SEQUENCES`) -> path.
+        label: path of the label map, ``None`` for unlabeled cases.
+        report_path: path of a per-case report (TextBraTS ``<case>_flair_text.txt``) or ``None``.
+        source_dir: the case folder.
+    """
+
+    case_id: str
+    release: str
+    label_convention: str
+    grade: Optional[str]
+    sequences: Dict[str, Path]
+    label: Optional[Path] = None
+    report_path: Optional[Path] = None
+    source_dir: Optional[Path] = None
+
+    @property
+    def patient_id(self) -> str:
+        """Patient identifier used for patient-level splits (see :func:`patient_id_for`)."""
+        return patient_id_for(self.case_id, self.release)
+
+    @property
+    def has_label(self) -> bool:
+        return self.label is not None
+
+    @property
+    def missing_sequences(self) -> List[str]:
+        """Canonical names of the sequences this case lacks (empty for a complete case)."""
+        return [name for name in SEQUENCES if name not in self.sequences]
+
+    def files(self) -> List[Tuple[str, Path]]:
+        """``(name, path)`` for every volume of the case: the sequences in canonical order, then ``seg``."""
+        out = [(name, self.sequences[name]) for name in SEQUENCES if name in self.sequences]
+        if self.label is not None:
+            out.append(("seg", self.label))
+        return out
+
+    def to_dict(self) -> dict:
+        """JSON-able dict (paths as strings)."""
+        return {
+            "case_id": self.case_id,
+            "release": self.release,
+            "label_convention": self.label_convention,
+            "grade": self.grade,
+            "sequences": {k: str(v) for k, v in self.sequences.items()},
+            "label": None if self.label is None else str(self.label),
+            "report_path": None if self.report_path is None else str(self.report_path),
+            "source_dir": None if self.source_dir is None else str(self.source_dir),
+        }
+
+
+@dataclass(frozen=True)
+class SkippedCase:
+    """A case left out with ``on_error="skip"``: which case, which file, and why."""
+
+    case_id: str
+    path: str
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"case_id": self.case_id, "path": self.path, "reason": self.reason}
+
+
+class CaseList(list):
+    """The list of :class:`CaseFiles` that :func:`discover_cases` returns.
+
+    A plain ``list`` with three extra attributes: ``release`` (the detected or forced release),
+    ``skipped`` (:class:`SkippedCase` entries, filled with ``on_error="skip"``) and ``warnings``
+    (``(case_id, message)`` pairs: odd label names, cases missing from ``name_mapping.csv``,
+    folders that hold no volume).
+    """
+
+    def __init__(self, items: Iterable[CaseFiles] = (), *, release: Optional[str] = None):
+        super().__init__(items)
+        self.release = release
+        self.skipped: List[SkippedCase] = []
+        self.warnings: List[Tuple[str, str]] = []
+        self.releases: Dict[str, str] = {}
+
+
+class Volume(NamedTuple):
+    """A volume read by :func:`read_volume`: unpack as ``array, affine, spacing = read_volume(path)``."""
+
+    array: np.ndarray
+    """Voxel array in the file's own dtype, shape (X, Y, Z) as nibabel gives BraTS NIfTI."""
+    affine: np.ndarray
+    """4 x 4 voxel -> world (RAS+, nibabel convention) affine."""
+    spacing: Tuple[float, float, float]
+    """Voxel size in mm along X, Y, Z (from the header)."""
+
+
+# --------------------------------------------------------------------------------------------
+# reading volumes
+# --------------------------------------------------------------------------------------------
+def volume_suffix(path: Path | str) -> Optional[str]:
+    """The volume suffix of ``path`` (``.nii.gz``, ``.nii``, ``.mha``, ``.mhd``) or ``None``."""
+    name = Path(path).name.lower()
+    for suffix in VOLUME_SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    return None
+
+
+def _stem(path: Path) -> str:
+    suffix = volume_suffix(path)
+    return path.name[: -len(suffix)] if suffix else path.stem
+
+
+def _import_nibabel(path: Path | str):
+    try:  # inside try: transformers does not make nibabel a requirement of the Hub code
+        import nibabel as nib
+    except ImportError as exc:  # pragma: no cover - exercised by monkeypatching in the tests
+        raise ImportError(f"Reading or writing {path} needs nibabel: pip install nibabel") from exc
+    return nib
+
+
+def _import_simpleitk():
+    try:
+        import SimpleITK as sitk  # noqa: N813
+    except ImportError as exc:  # pragma: no cover - exercised by monkeypatching in the tests
+        raise ImportError(
+            "Reading MetaImage (.mha/.mhd) files, e.g. BraTS 2015, needs SimpleITK, an optional extra: "
+            'pip install "emrfuse[mha]"'
+        ) from exc
+    return sitk
+
+
+# LPS (ITK) <-> RAS (nibabel) world coordinates
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+def _sitk_affine(direction: Sequence[float], spacing: Sequence[float], origin: Sequence[float]) -> np.ndarray:
+    """nibabel-style (RAS+) affine of a SimpleITK image (or image header) indexed as (X, Y, Z)."""
+    affine = np.eye(4)
+    affine[:3, :3] = _LPS_TO_RAS @ np.asarray(direction, dtype=float).reshape(3, 3) @ np.diag(np.asarray(spacing, dtype=float))
+    affine[:3, 3] = _LPS_TO_RAS @ np.asarray(origin, dtype=float)
+    return affine
+
+
+def _squeeze_to_3d(array: np.ndarray, path: Path) -> np.ndarray:
+    while array.ndim > 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise ValueError(f"{path}: expected a 3D volume, got an array of shape {array.shape}.")
+    return array
+
+
+def _volume_file(path: Path | str) -> Tuple[Path, Optional[str]]:
+    """``(path, volume suffix or None)``; ``FileNotFoundError`` naming the file if it is missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: volume file not found.")
+    return path, volume_suffix(path)
+
+
+def read_header(path: Path | str) -> Tuple[Tuple[int, int, int], Tuple[float, float, float], np.ndarray]:
+    """Read only the header of a volume: ``(shape (X, Y, Z), spacing (mm), affine)``.
+
+    Raises ``ValueError`` naming the file if it cannot be read, ``FileNotFoundError`` if it is missing.
+    """
+    path, suffix = _volume_file(path)
+    if suffix in (".mha", ".mhd"):
+        sitk = _import_simpleitk()
+        try:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            shape = tuple(int(s) for s in reader.GetSize())
+            spacing = tuple(float(s) for s in reader.GetSpacing())
+            affine = _sitk_affine(reader.GetDirection(), spacing, reader.GetOrigin())
+        except Exception as exc:  # SimpleITK raises RuntimeError for anything it cannot parse
+            raise ValueError(f"{path}: unreadable MetaImage header ({type(exc).__name__}: {exc}).") from exc
+    elif suffix in (".nii", ".nii.gz"):
+        nib = _import_nibabel(path)
+        try:
+            img = nib.load(str(path))
+            shape = tuple(int(s) for s in img.shape)
+            spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
+            affine = np.asarray(img.affine, dtype=float)
+        except Exception as exc:
+            raise ValueError(f"{path}: unreadable NIfTI header ({type(exc).__name__}: {exc}).") from exc
+        while len(shape) > 3 and shape[-1] == 1:
+            shape = shape[:-1]
+    else:
+        raise ValueError(f"{path}: not a volume file (expected one of {', '.join(VOLUME_SUFFIXES)}).")
+    if len(shape) != 3:
+        raise ValueError(f"{path}: expected a 3D volume, got shape {shape}.")
+    return shape, spacing, affine  # type: ignore[return-value]
+
+
+def read_volume_and_header(path: Path | str) -> Tuple[Volume, Any]:
+    """:func:`read_volume` plus the file's NIfTI header (``None`` for MetaImage), e.g. to write
+    outputs "with the input's header" (:func:`write_label_map`)."""
+    path, suffix = _volume_file(path)
+    if suffix in (".mha", ".mhd"):
+        sitk = _import_simpleitk()
+        try:
+            image = sitk.ReadImage(str(path))
+            array = sitk.GetArrayFromImage(image)
+        except Exception as exc:
+            raise ValueError(f"{path}: unreadable or truncated MetaImage ({type(exc).__name__}: {exc}).") from exc
+        if image.GetNumberOfComponentsPerPixel() != 1:
+            raise ValueError(f"{path}: expected a scalar volume, got {image.GetNumberOfComponentsPerPixel()} components per voxel.")
+        if array.ndim != 3:
+            raise ValueError(f"{path}: expected a 3D volume, got an array of shape {array.shape}.")
+        array = np.ascontiguousarray(array.transpose(2, 1, 0))
+        spacing = tuple(float(s) for s in image.GetSpacing())
+        return Volume(array, _sitk_affine(image.GetDirection(), spacing, image.GetOrigin()), spacing), None
+    if suffix in (".nii", ".nii.gz"):
+        nib = _import_nibabel(path)
+        try:
+            img = nib.load(str(path))
+            array = np.asanyarray(img.dataobj)
+            if isinstance(array, np.memmap):  # do not keep the file mapped (and fail late if truncated)
+                array = np.array(array)
+        except Exception as exc:  # nibabel raises many types for a bad file
+            raise ValueError(
+                f"{path}: not a readable NIfTI file: unreadable or truncated ({type(exc).__name__}: {exc})."
+            ) from exc
+        array = _squeeze_to_3d(array, path)
+        spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
+        return Volume(array, np.asarray(img.affine, dtype=float), spacing), img.header
+    raise ValueError(f"{path}: not a volume file (expected one of {', '.join(VOLUME_SUFFIXES)}).")
+
+
+def read_volume(path: Path | str) -> Volume:
+    """Read one volume into ``Volume(array, affine, spacing)``.
+
+    * NIfTI (``.nii``, ``.nii.gz``) through nibabel: the array is ``np.asanyarray(img.dataobj)``
+      (on-disk dtype; scaled to float only when the header has a slope/intercept), shape
+      (X, Y, Z) = (240, 240, 155) for BraTS, axial slices along the last axis.
+    * MetaImage (``.mha``/``.mhd``, BraTS 2015) through SimpleITK, an optional extra
+      (``pip install "emrfuse[mha]"``; an ``ImportError`` says so when it is missing).
+      ``GetArrayFromImage`` returns (Z, Y, X); it is transposed to (X, Y, Z) so that a 2015
+      volume has the same layout as the NIfTI of later releases, and the affine is converted
+      from ITK's LPS to nibabel's RAS world coordinates.
+
+    Nothing is resampled or reoriented. Raises ``FileNotFoundError`` for a missing file and
+    ``ValueError`` naming the file for an unreadable, truncated or non-3D one.
+    """
+    return read_volume_and_header(path)[0]
+
+
+def to_nifti_image(path: Path | str):
+    """Read any supported volume and return it as a ``nibabel.Nifti1Image`` (same array and affine).
+
+    Used to store MetaImage (BraTS 2015) volumes in ``datasets.Nifti`` columns, and by the image
+    processor to read volume paths.
+    """
+    array, affine, spacing = read_volume(path)
+    img = _import_nibabel(path).Nifti1Image(array, affine)
+    img.header.set_zooms(spacing)
+    img.header.set_xyzt_units("mm")
+    return img
+
+
+def read_label_map(path: Path | str) -> Volume:
+    """Read a label map as a ``Volume`` whose array is ``uint8`` (X, Y, Z).
+
+    Raises ``ValueError`` naming the file when it is not a readable 3-D volume or not a label map:
+    non-integer values (e.g. probabilities), a non-numeric data type, values outside 0..255.
+    """
+    array, affine, spacing = read_volume(path)
+    if array.dtype.kind == "f":
+        if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
+            raise ValueError(f"{path}: non-integer values; expected an integer label map (not probabilities).")
+    elif array.dtype.kind not in "iub":
+        raise ValueError(f"{path}: unsupported data type {array.dtype} for a label map.")
+    if array.size and (array.min() < 0 or array.max() > 255):
+        raise ValueError(f"{path}: label values outside 0..255 (min {array.min()}, max {array.max()}).")
+    return Volume(array.astype(np.uint8), affine, spacing)
+
+
+# --------------------------------------------------------------------------------------------
+# writing label maps
+# --------------------------------------------------------------------------------------------
+def write_label_map(path: Path | str, label_map: np.ndarray, affine: np.ndarray, header: Any = None) -> Path:
+    """Write a uint8 label map as NIfTI with the input's affine and (a copy of) its NIfTI header.
+
+    ``header``: the input's ``nibabel`` NIfTI-1 header (:func:`read_volume_and_header`), or ``None``
+    (MetaImage input, arrays): a fresh header in mm. Creates the parent folder; returns the path.
+    """
+    path = Path(path)
+    nib = _import_nibabel(path)
+    label_map = np.asarray(label_map, dtype=np.uint8)
+    if header is not None and isinstance(header, nib.Nifti1Header):
+        img = nib.Nifti1Image(label_map, affine, header=header.copy())
+    else:
+        img = nib.Nifti1Image(label_map, affine)
+        img.header.set_xyzt_units("mm")
+    img.set_data_dtype(np.uint8)
+    img.header.set_slope_inter(1.0, 0.0)
+    img.header["cal_min"] = 0
+    img.header["cal_max"] = int(label_map.max()) if label_map.size else 0
+    img.header["descrip"] = b"EmrFuse predicted label map"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, str(path))
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# naming rules
+# --------------------------------------------------------------------------------------------
+def _name_token(stem: str) -> str:
+    """The sequence / label token of a file stem: its last ``_``/``-`` token, or its first when the
+    last one is no sequence or label name (``Flair_subtrMeanDivStd``, ``T1c``, ``OTMultiClass``)."""
+    tokens = [t.lower() for t in re.split(r"[_\-]", stem) if t]
+    token = tokens[-1] if tokens else ""
+    if token not in SEQUENCE_ALIASES and token not in LABEL_TOKENS and tokens and (
+        tokens[0] in SEQUENCE_ALIASES or tokens[0] in LABEL_TOKENS
+    ):
+        token = tokens[0]
+    return token
+
+
+def is_brats2023_naming(sequence_tokens: Iterable[str], case_id: Optional[str] = None) -> bool:
+    """BraTS 2023+ file naming: ``t1n``/``t2w``/``t2f`` files, or ``t1c`` in a ``BraTS-XXX-NNNNN-NNN`` case.
+
+    ``sequence_tokens``: the sequence names of the case's files (``t1n``, ``t1c``, ``flair`` ...).
+    ``t1c`` alone is not enough: BraTS 2013/2015 exports name the contrast T1 ``T1c`` too.
+    """
+    tokens = {str(t).lower() for t in sequence_tokens}
+    if tokens & (_SEQ_TOKENS_2023 - {"t1c"}):
+        return True
+    return "t1c" in tokens and bool(case_id) and bool(_BRATS2023_CASE_RE.match(str(case_id)))
+
+
+def case_id_from_file_names(paths: Iterable[Path | str]) -> str:
+    """Case id from sequence file names: the common prefix once each sequence suffix is removed
+    (``TCGA-DU-7294_t1.nii.gz`` ... -> ``TCGA-DU-7294``; ``BraTS-GLI-00001-000-t1n.nii.gz`` ... ->
+    ``BraTS-GLI-00001-000``); ``"case"`` when the names share nothing."""
+    stems = [SEQUENCE_SUFFIX_RE.sub("", _stem(Path(os.fspath(p)))) for p in paths]
+    prefix = os.path.commonprefix(stems).rstrip("_-. ")
+    return prefix or "case"
+
+
+def label_convention_from_file_names(paths: Iterable[Path | str], case_id: Optional[str] = None) -> Optional[str]:
+    """``"brats2023"`` when files (or bare sequence names such as ``"t2f"``) are named like BraTS 2023+
+    cases (:func:`is_brats2023_naming`), else ``None`` (the names do not tell the release).
+
+    ``case_id``: the case's id; by default the files' common name (:func:`case_id_from_file_names`)
+    and their folder's name are tried.
+    """
+    paths = [Path(os.fspath(p)) for p in paths]
+    tokens = {_name_token(_stem(p)) for p in paths}
+    ids = [case_id] if case_id else [case_id_from_file_names(paths)] + sorted({p.parent.name for p in paths})
+    return "brats2023" if any(is_brats2023_naming(tokens, cid) for cid in ids) else None
+
+
+# --------------------------------------------------------------------------------------------
+# identifiers
+# --------------------------------------------------------------------------------------------
+def patient_id_for(case_id: str, release: Optional[str] = None) -> str:
+    """The patient a case belongs to, for patient-level splits.
+
+    BraTS 2023+ ids ``BraTS-GLI-XXXXX-YYY`` name patient ``XXXXX`` at time point ``YYY``: the
+    patient id is ``BraTS-GLI-XXXXX``. BraTS 2013/2015 folders ``brats_tcia_patNNN_M`` /
+    ``brats_2013_patNNNN_M`` are scan ``M`` of patient ``patNNN``: the patient id drops ``_M``. The
+    BraTS 2013 patients keep their number in later releases (``brats_2013_pat0002_1`` in 2015,
+    ``Brats17_2013_2_1`` / ``Brats18_2013_2_1`` / ``BraTS19_2013_2_1`` in 2017-2019): all are patient
+    ``BraTS2013_pat2``, so that the same patient from two releases never lands in two splits. For
+    every other release one case is one patient; an id table (``datasets_scripts.brats_ids``) or an
+    explicit mapping passed to the split functions joins the same patient's cases across releases.
+    """
+    match = _BRATS2023_CASE_RE.match(case_id)
+    if match:
+        return match.group("patient")
+    for pattern in _BRATS2013_NAMES:
+        match = pattern.match(case_id)
+        if match:
+            return f"BraTS2013_pat{int(match.group('n'))}"
+    match = _BRATS2015_CASE_RE.match(case_id)
+    if match:
+        return match.group("patient")
+    return case_id
+
+
+def _year_from_case_id(case_id: str) -> Optional[str]:
+    match = _PREFIX_YEAR_RE.match(case_id)
+    if not match:
+        return None
+    yy = match.group("yy")
+    return "20" + yy
+
+
+# --------------------------------------------------------------------------------------------
+# discovery
+# --------------------------------------------------------------------------------------------
+class _CaseProblem(ValueError):
+    """A problem that makes one case unusable (raised, or recorded as a skip)."""
+
+    def __init__(self, case_id: str, path: Path | str, reason: str):
+        self.case_id, self.path, self.reason = case_id, str(path), reason
+        super().__init__(f"case {case_id}: {reason} ({path})")
+
+
+@dataclass
+class _RawCase:
+    case_id: str
+    case_dir: Path
+    grade_folder: Optional[str]  # "HGG"/"LGG"/None when under a grade folder, else None
+    graded_layout: bool
+    vsd: bool = False
+    sequences: Dict[str, Path] = field(default_factory=dict)
+    label: Optional[Path] = None
+    report_path: Optional[Path] = None
+    seq_tokens: set = field(default_factory=set)
+    notes: List[str] = field(default_factory=list)
+
+
+def _is_hidden(path: Path) -> bool:
+    return path.name.startswith(".") or path.name.startswith("__")
+
+
+def _subdirs(path: Path) -> List[Path]:
+    return sorted((p for p in path.iterdir() if p.is_dir() and not _is_hidden(p)), key=lambda p: p.name)
+
+
+def _volume_files(path: Path) -> List[Path]:
+    return sorted(
+        (p for p in path.iterdir() if p.is_file() and not _is_hidden(p) and volume_suffix(p)), key=lambda p: p.name
+    )
+
+
+def _scan_case(raw: _RawCase) -> None:
+    """Fill sequences / label / report of one case folder; raise :class:`_CaseProblem` on conflicts."""
+    case_dir, case_id = raw.case_dir, raw.case_id
+    odd_labels: List[Path] = []
+
+    def put_sequence(name: str, path: Path) -> None:
+        if name in raw.sequences:
+            raise _CaseProblem(case_id, case_dir, f"two files for sequence {name!r}: {raw.sequences[name].name} and {path.name}")
+        raw.sequences[name] = path
+
+    def put_label(path: Path) -> None:
+        if raw.label is not None:
+            raise _CaseProblem(case_id, case_dir, f"two label files: {raw.label.name} and {path.name}")
+        raw.label = path
+
+    # BraTS 2015: one VSD.Brain.* sub-folder per sequence / label, one .mha inside
+    for sub in _subdirs(case_dir):
+        match = _VSD_RE.match(sub.name)
+        if not match:
+            continue
+        raw.vsd = True
+        files = _volume_files(sub)
+        if len(files) != 1:
+            what = "no volume file" if not files else f"{len(files)} volume files"
+            raise _CaseProblem(case_id, sub, f"expected exactly one .mha file in {sub.name}, found {what}")
+        kind = match.group("kind")
+        if kind == "OT":
+            put_label(files[0])
+            continue
+        try:
+            name = canonical_sequence_name(kind)
+        except ValueError:
+            raw.notes.append(f"ignored unknown sequence folder {sub.name}")
+            continue
+        raw.seq_tokens.add(kind.lower())
+        put_sequence(name, files[0])
+
+    for path in _volume_files(case_dir):
+        stem = _stem(path)
+        token = _name_token(stem)
+        vsd = _VSD_RE.match(stem)
+        if vsd:  # a BraTS 2015 file taken out of its VSD folder
+            raw.vsd = True
+            kind = vsd.group("kind")
+            if kind == "OT":
+                put_label(path)
+            elif kind.lower() in SEQUENCE_ALIASES:
+                raw.seq_tokens.add(kind.lower())
+                put_sequence(SEQUENCE_ALIASES[kind.lower()], path)
+            else:
+                raw.notes.append(f"ignored unknown sequence file {path.name}")
+        elif token in SEQUENCE_ALIASES:
+            raw.seq_tokens.add(token)
+            put_sequence(SEQUENCE_ALIASES[token], path)
+        elif token in LABEL_TOKENS:
+            put_label(path)
+            if token not in ("seg", "ot", "otmulticlass", "segmentation") or (token == "seg" and not stem.startswith(case_id)):
+                raw.notes.append(f"label file has a non-standard name: {path.name} (used as the label map)")
+        elif "seg" in stem.lower():
+            odd_labels.append(path)
+        else:
+            raw.notes.append(f"ignored file with an unrecognised name: {path.name}")
+
+    if odd_labels:
+        if raw.label is not None:
+            raw.notes.append(
+                "ignored extra label-like file(s) " + ", ".join(p.name for p in odd_labels) + f" (using {raw.label.name})"
+            )
+        elif len(odd_labels) > 1:
+            raise _CaseProblem(
+                case_id, case_dir, "several label-like files and no regular label file: " + ", ".join(p.name for p in odd_labels)
+            )
+        else:
+            raw.label = odd_labels[0]
+            raw.notes.append(f"label file has a non-standard name: {odd_labels[0].name} (used as the label map)")
+
+    reports = sorted(p for p in case_dir.iterdir() if p.is_file() and (p.name.endswith(REPORT_SUFFIX) or p.name == "report.txt"))
+    if reports:
+        preferred = [p for p in reports if p.name == f"{case_id}_flair{REPORT_SUFFIX}"]
+        raw.report_path = (preferred or reports)[0]
+        if len(reports) > 1:
+            raw.notes.append(f"several report files, using {raw.report_path.name}")
+
+
+def _read_name_mapping(data_dir: Path) -> Tuple[Dict[str, str], List[Path], List[Path]]:
+    """BraTS 2020 ``name_mapping*.csv``: (case id -> grade, all mapping files, files with a ``Grade`` column)."""
+    grades: Dict[str, str] = {}
+    files = sorted(p for p in data_dir.glob("name_mapping*.csv") if p.is_file())
+    grade_files: List[Path] = []
+    for path in files:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            fields = {name.strip().lower(): name for name in (reader.fieldnames or [])}
+            if "grade" not in fields:
+                continue
+            grade_files.append(path)
+            id_columns = [name for key, name in fields.items() if "subject_id" in key or key in ("case_id", "id")]
+            # the current release's column first
+            id_columns.sort(key=lambda n: (0 if "2020" in n else 1 if n.lower() in ("case_id", "id") else 2, n))
+            for line_no, row in enumerate(reader, start=2):
+                grade = (row.get(fields["grade"]) or "").strip().upper()
+                if not grade:
+                    continue
+                if grade not in GRADES:
+                    raise ValueError(f"{path}, line {line_no}: grade {grade!r} is not one of {list(GRADES)}.")
+                for column in id_columns:
+                    case = (row.get(column) or "").strip()
+                    if case and case.upper() != "NA":
+                        if grades.get(case, grade) != grade:
+                            raise ValueError(f"{path}, line {line_no}: case {case} has two different grades.")
+                        grades[case] = grade
+    return grades, files, grade_files
+
+
+def detect_release(data_dir: Path | str) -> str:
+    """Detect the BraTS release of a data folder (see the module docstring for the rules)."""
+    return discover_cases(data_dir, release="auto", on_error="skip").release
+
+
+def _collect_raw_cases(root: Path) -> Tuple[List[_RawCase], bool]:
+    grade_dirs = [d for d in _subdirs(root) if d.name.upper() in GRADE_FOLDERS]
+    raws: List[_RawCase] = []
+    if grade_dirs:
+        for grade_dir in grade_dirs:
+            grade = GRADE_FOLDERS[grade_dir.name.upper()]
+            for case_dir in _subdirs(grade_dir):
+                raws.append(_RawCase(case_dir.name, case_dir, grade, graded_layout=True))
+        return raws, True
+    subdirs = _subdirs(root)
+    looks_like_case = bool(_volume_files(root)) or any(_VSD_RE.match(d.name) for d in subdirs)
+    if looks_like_case and not any(
+        _volume_files(d) or any(_VSD_RE.match(s.name) for s in _subdirs(d)) for d in subdirs if not _VSD_RE.match(d.name)
+    ):
+        # the folder is itself one case
+        return [_RawCase(root.name, root, None, graded_layout=False)], False
+    for case_dir in subdirs:
+        raws.append(_RawCase(case_dir.name, case_dir, None, graded_layout=False))
+    return raws, False
+
+
+def discover_cases(
+    data_dir: Path | str, release: str = "auto", on_error: str = "raise", allow_missing_sequences: bool = False
+) -> CaseList:
+    """Find every case of a BraTS data folder (any release; see the module docstring).
+
+    Args:
+        data_dir: the release folder (the one holding ``HGG``/``LGG`` or the case folders), or a
+            single case folder.
+        release: ``"auto"`` (detect) or a release year (``"2015"``, ``"2017"`` ... ``"2023"``);
+            forcing it fixes the label convention.
+        on_error: ``"raise"`` (default): a bad case raises ``ValueError`` naming the case and the
+            file; ``"skip"``: the case is left out and listed in the result's ``skipped``.
+        allow_missing_sequences: accept cases that have only some of the four sequences (at least
+            one); ``CaseFiles.sequences`` then holds the present ones and ``missing_sequences`` the
+            others. Without it a missing sequence is a problem of the case (raised or skipped).
+
+    Checks here need only the directory listing: a missing sequence, two files for one
+    sequence, two label files, duplicate case ids. Voxel-level checks (readable files, shapes,
+    NaN/inf, label values, spacing) happen per case in the dataset builder
+    (``datasets_scripts.brats_text.check_case``).
+
+    Returns:
+        a :class:`CaseList` (a list of :class:`CaseFiles` sorted by case id, with ``release``,
+        ``skipped`` and ``warnings`` attributes).
+    """
+    if on_error not in ON_ERROR_CHOICES:
+        raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}.")
+    release = str(release).strip().lower().removeprefix("brats") if release is not None else "auto"
+    if release != "auto" and release not in RELEASE_CONVENTION:
+        raise ValueError(f"Unknown BraTS release {release!r}: use 'auto' or one of {list(KNOWN_RELEASES)}.")
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise ValueError(f"{root}: data folder not found (expected a BraTS release folder or a case folder).")
+
+    raws, graded = _collect_raw_cases(root)
+    result = CaseList()
+    problems: List[_CaseProblem] = []
+
+    def problem(p: _CaseProblem) -> None:
+        if on_error == "raise":
+            raise p
+        problems.append(p)
+
+    scanned: List[_RawCase] = []
+    for raw in raws:
+        try:
+            _scan_case(raw)
+        except _CaseProblem as p:
+            problem(p)
+            continue
+        if not raw.sequences and raw.label is None:
+            result.warnings.append((raw.case_id, f"{raw.case_dir}: no volume file, not a case folder (ignored)"))
+            continue
+        scanned.append(raw)
+
+    # ---- release -------------------------------------------------------------------------
+    mapping, mapping_files, grade_files = ({}, [], []) if graded else _read_name_mapping(root)
+    if release == "auto":
+        kinds = set()
+        for raw in scanned:
+            if raw.vsd:
+                kinds.add("2015")
+            elif is_brats2023_naming(raw.seq_tokens, raw.case_id):
+                kinds.add("2023")
+            elif raw.graded_layout:
+                kinds.add("graded")
+            else:
+                kinds.add("flat")
+        if len(kinds) > 1:
+            raise ValueError(
+                f"{root}: cases in different BraTS layouts are mixed ({', '.join(sorted(kinds))}); "
+                "put each release in its own folder or pass release= explicitly."
+            )
+        kind = kinds.pop() if kinds else "flat"
+        if kind in ("2015", "2023"):
+            release = kind
+        elif kind == "graded":
+            years = {_year_from_case_id(r.case_id) for r in scanned} - {None}
+            release = years.pop() if len(years) == 1 and years <= {"2017", "2018", "2019"} else "2018"
+        else:
+            years = {_year_from_case_id(r.case_id) for r in scanned}
+            if mapping_files or years == {"2020"}:
+                release = "2020"
+            elif scanned and all(_BRATS2015_CASE_RE.match(r.case_id) for r in scanned):
+                release = "2015"  # BraTS 2013/2015 case names exported as NIfTI (2015 labels 1-4)
+            else:
+                release = "2021"
+    result.release = release
+    convention = get_label_convention(release).name
+
+    # ---- per case ------------------------------------------------------------------------
+    by_id: Dict[str, List[_RawCase]] = {}
+    for raw in scanned:
+        by_id.setdefault(raw.case_id, []).append(raw)
+    duplicates = {cid: rs for cid, rs in by_id.items() if len(rs) > 1}
+    for cid, rs in sorted(duplicates.items()):
+        problem(_CaseProblem(cid, ", ".join(str(r.case_dir) for r in rs), f"duplicate case id in {len(rs)} folders"))
+
+    for raw in scanned:
+        if raw.case_id in duplicates:
+            continue
+        missing = [name for name in SEQUENCES if name not in raw.sequences]
+        if missing and (not allow_missing_sequences or len(missing) == len(SEQUENCES)):
+            found = ", ".join(f"{k}={v.name}" for k, v in sorted(raw.sequences.items())) or "none"
+            problem(_CaseProblem(raw.case_id, raw.case_dir, f"missing sequence(s) {missing} (found: {found})"))
+            continue
+        if raw.graded_layout:
+            grade = raw.grade_folder
+        elif grade_files and release == "2020":
+            grade = mapping.get(raw.case_id)
+            if grade is None:
+                result.warnings.append((raw.case_id, f"not in {', '.join(p.name for p in grade_files)}: grade unknown"))
+        else:
+            grade = None
+        for note in raw.notes:
+            result.warnings.append((raw.case_id, note))
+        result.append(
+            CaseFiles(
+                case_id=raw.case_id,
+                release=release,
+                label_convention=convention,
+                grade=grade,
+                sequences={name: raw.sequences[name] for name in SEQUENCES if name in raw.sequences},
+                label=raw.label,
+                report_path=raw.report_path,
+                source_dir=raw.case_dir,
+            )
+        )
+
+    result.sort(key=lambda c: c.case_id)
+    result.skipped = [SkippedCase(p.case_id, p.path, p.reason) for p in problems]
+    for case_id, message in result.warnings:
+        logger.info("case %s: %s", case_id, message)
+    for skipped in result.skipped:
+        warnings.warn(f"skipped case {skipped.case_id}: {skipped.reason} ({skipped.path})", stacklevel=2)
+    if not result and not result.skipped:
+        raise ValueError(f"{root}: no BraTS case found (no case folder with volume files).")
+    return result
+
+
+def _release_for(folder: Path | str, index: int, releases: Any, n: int) -> str:
+    if releases is None or isinstance(releases, str):
+        return releases or "auto"
+    if isinstance(releases, Mapping):
+        for key, value in releases.items():
+            if Path(key).expanduser().resolve() == Path(folder).expanduser().resolve():
+                return str(value)
+        return "auto"
+    releases = [str(r) for r in releases]
+    if len(releases) == 1:
+        return releases[0]
+    if len(releases) != n:
+        raise ValueError(f"{len(releases)} releases given for {n} data folders: give one release, or one per folder.")
+    return releases[index]
+
+
+def discover_folders(
+    data_dirs: Path | str | Sequence[Path | str],
+    releases: Any = None,
+    on_error: str = "raise",
+    allow_missing_sequences: bool = False,
+) -> CaseList:
+    """Find the cases of several BraTS folders (each its own release) as one :class:`CaseList`.
+
+    Args:
+        data_dirs: one folder or a list of folders (release folders or single case folders).
+        releases: ``None``/``"auto"`` (detect each), one release for all, a list with one release per
+            folder, or a dict ``{folder: release}`` (folders not in it are detected).
+        on_error, allow_missing_sequences: as in :func:`discover_cases`.
+
+    Each case keeps its folder's release and label convention (harmonised into the WT/TC/ET regions
+    when targets are built). A case id found in two folders is a ``ValueError`` naming both folders.
+    The result's ``release`` is the common release, or ``"mixed"``; ``releases`` maps each folder
+    to its release.
+    """
+    folders = [data_dirs] if isinstance(data_dirs, (str, Path)) else list(data_dirs)
+    if not folders:
+        raise ValueError("No data folder given.")
+    merged = CaseList()
+    merged.releases = {}
+    origin: Dict[str, Path] = {}
+    for i, folder in enumerate(folders):
+        release = _release_for(folder, i, releases, len(folders))
+        found = discover_cases(folder, release=release, on_error=on_error, allow_missing_sequences=allow_missing_sequences)
+        merged.releases[str(folder)] = found.release
+        for case in found:
+            if case.case_id in origin:
+                raise ValueError(
+                    f"case id {case.case_id} is found in two data folders ({origin[case.case_id]} and {folder}); "
+                    "case ids must be unique across the folders of one run."
+                )
+            origin[case.case_id] = Path(folder)
+            merged.append(case)
+        merged.skipped.extend(found.skipped)
+        merged.warnings.extend(found.warnings)
+    distinct = sorted(set(merged.releases.values()))
+    merged.release = distinct[0] if len(distinct) == 1 else "mixed"
+    merged.sort(key=lambda c: c.case_id)
+    return merged
+
+
+# --------------------------------------------------------------------------------------------
+# reports files
+# --------------------------------------------------------------------------------------------
+_ID_KEYS = ("caseid", "case", "id", "subjectid", "subject", "patientid", "bratsid", "brats2020subjectid", "name")
+_TEXT_KEYS = ("text", "report", "reporttext", "reports", "findings", "description", "content")
+
+
+def _norm_key(key: str) -> str:
+    return "".join(ch for ch in str(key).lower() if ch.isalnum())
+
+
+def _pick_column(columns: Sequence[str], candidates: Sequence[str], what: str, path: Path) -> str:
+    by_norm = {}
+    for col in columns:
+        by_norm.setdefault(_norm_key(col), col)
+    for cand in candidates:
+        if cand in by_norm:
+            return by_norm[cand]
+    raise ValueError(
+        f"{path}: no {what} column among {list(columns)} (expected one of {list(candidates)}, case and punctuation ignored)."
+    )
+
+
+def read_reports(path: Path | str) -> Dict[str, str]:
+    """Read a reports file into ``{case_id: text}``.
+
+    Formats (by extension): ``.csv`` / ``.tsv`` (header row), ``.jsonl`` (one object per line),
+    ``.json`` (a list of objects, or one object mapping case id -> text). Column names are
+    matched loosely (case and punctuation ignored): the id column is one of ``case_id``, ``case``,
+    ``id``, ``subject_id``, ``patient_id``, ``brats_id``, ``name``; the text column one of
+    ``text``, ``report``, ``report_text``, ``findings``, ``description``, ``content``.
+
+    Raises ``ValueError`` naming the file (and line) for a missing column, an empty id or a
+    duplicate case id. Text is returned unchanged (never logged).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: reports file not found.")
+    suffix = path.suffix.lower()
+    rows: List[Tuple[int, Mapping[str, Any]]] = []
+    try:
+        if suffix in (".csv", ".tsv"):
+            with open(path, newline="", encoding="utf-8-sig") as fh:
+                reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
+                rows = [(reader.line_num, row) for row in reader]
+                columns = list(reader.fieldnames or [])
+        elif suffix in (".jsonl", ".ndjson"):
+            with open(path, encoding="utf-8-sig") as fh:
+                for line_no, line in enumerate(fh, start=1):
+                    if line.strip():
+                        obj = json.loads(line)
+                        if not isinstance(obj, dict):
+                            raise ValueError(f"{path}, line {line_no}: expected a JSON object per line.")
+                        rows.append((line_no, obj))
+            columns = list(rows[0][1]) if rows else []
+        elif suffix == ".json":
+            with open(path, encoding="utf-8-sig") as fh:
+                obj = json.load(fh)
+            if isinstance(obj, dict) and all(isinstance(v, str) for v in obj.values()):
+                return {str(k).strip(): v for k, v in obj.items()}
+            if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), list):
+                obj = next(iter(obj.values()))
+            if not isinstance(obj, list) or not all(isinstance(o, dict) for o in obj):
+                raise ValueError(f"{path}: expected a list of objects or an object mapping case id -> text.")
+            rows = [(i + 1, o) for i, o in enumerate(obj)]
+            columns = list(obj[0]) if obj else []
+        else:
+            raise ValueError(f"{path}: unsupported reports file type {suffix!r} (use .csv, .tsv, .jsonl or .json).")
+    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as exc:
+        raise ValueError(f"{path}: cannot parse the reports file ({type(exc).__name__}: {exc}).") from exc
+    if not rows:
+        return {}
+    id_col = _pick_column(columns, _ID_KEYS, "case id", path)
+    text_col = _pick_column(columns, _TEXT_KEYS, "report text", path)
+    out: Dict[str, str] = {}
+    where = "row" if suffix == ".json" else "line"
+    for line_no, row in rows:
+        case_id = str(row.get(id_col) or "").strip()
+        if not case_id:
+            raise ValueError(f"{path}, {where} {line_no}: empty case id.")
+        if case_id in out:
+            raise ValueError(f"{path}, {where} {line_no}: duplicate case id {case_id!r}.")
+        text = row.get(text_col)
+        out[case_id] = "" if text is None else str(text)
+    return out
