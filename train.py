@@ -19,7 +19,8 @@ hidden 64, random weights: nothing can be downloaded), trains the full model (al
 on, ResNet-18 image tower) for segmentation, then the grading head in a second, short run that
 starts from the segmentation weights, evaluates both on the held-out cases, prints the tables
 and leaves the models in ``outputs/emrfuse-demo`` (segmentation) and
-``outputs/emrfuse-demo-grading`` (grading), where ``emrfuse predict`` and the Space find them.
+``outputs/emrfuse-demo-grading`` (grading, also copied into ``outputs/emrfuse-demo/grading``, where
+``emrfuse predict`` and the Space find it).
 
 Real data::
 
@@ -62,6 +63,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from modeling_emrfuse import strict_json
 from modeling_emrfuse.brats_labels import REGIONS
 
 logger = logging.getLogger("emrfuse.train")
@@ -117,6 +119,9 @@ NO_EVALUATION_NOTE = (
     "No held-out evaluation: this model was trained on every case given (--eval_fraction 0). Its expected "
     "quality is what cross-validation of the same recipe measures (e.g. bench/bench_real.py --cv 5)."
 )
+MIN_REPORTS_PER_WORD = 5
+"""k: a WordPiece vocabulary learned from reports (the demo text tower) never keeps a word found in fewer than k
+distinct reports (a patient's rare words would otherwise be saved, and pushed, in ``vocab.txt``); k >= 5."""
 # The small BERT tower trained from scratch for the demo (nothing can be downloaded).
 DEMO_TEXT_TOWER = {"vocab_size": 1000, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128, "max_position_embeddings": 256}
 
@@ -137,7 +142,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="Id table (BraTS 2020 name_mapping.csv, BraTS 2021 BraTS21-17_Mapping.csv; repeatable): reports keyed by "
                    "BraTS 2020 ids and grades follow their patients into other releases, and one patient stays in one split. "
                    "A name_mapping*.csv inside a BraTS 2020 folder is used automatically.")
-    g.add_argument("--demo", action="store_true", help="Use synthetic demo data (generated when --data_dir is not given).")
+    g.add_argument("--demo", action="store_true",
+                   help="Use synthetic demo data (generated when --data_dir is not given). A --data_dir must then hold demo data "
+                   "(written by `emrfuse demo-data` or by train.py --demo), unless --allow_demo_on_other_data.")
+    g.add_argument("--allow_demo_on_other_data", action="store_true",
+                   help="Allow --demo on a --data_dir that the demo generator did not write (e.g. real reports): the demo's small "
+                   "models and text tower are trained on it, the run is not described as synthetic, and the tower's vocabulary "
+                   "keeps only words found in at least --vocab_min_reports distinct reports.")
+    g.add_argument("--vocab_min_reports", type=int, default=MIN_REPORTS_PER_WORD,
+                   help=f"The demo text tower's WordPiece vocabulary, learned from the training reports, never keeps a word found in "
+                   f"fewer than this many distinct reports (default {MIN_REPORTS_PER_WORD}; at least {MIN_REPORTS_PER_WORD}): rare words "
+                   "of patients' reports never reach tokenizer files or the Hub.")
     g.add_argument("--demo_cases", type=int, default=None, help="Number of demo cases to generate.")
     g.add_argument("--demo_size", type=str, default=None, help="Demo grid: small (64x64x48), medium (96x96x64), full (240x240x155) or XxYxZ.")
     g.add_argument("--demo_data_dir", type=str, default=None, help="Where demo cases are written (default data/emrfuse-demo-<size>-<n>).")
@@ -231,6 +246,16 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the defaults that depend on demo vs real data; validate combinations."""
     if args.data_dir is None and not args.demo:
         raise SystemExit("train.py: give --data_dir (a BraTS folder) or --demo (synthetic demo data).")
+    if args.vocab_min_reports < MIN_REPORTS_PER_WORD:
+        raise SystemExit(f"train.py: --vocab_min_reports must be >= {MIN_REPORTS_PER_WORD}, got {args.vocab_min_reports}.")
+    if args.demo and args.data_dir and not args.allow_demo_on_other_data:
+        others = [d for d in args.data_dir if not is_demo_data_folder(d)]
+        if others:
+            raise SystemExit(
+                f"train.py: --demo is for synthetic demo data, but {', '.join(others)} was not written by the demo generator "
+                "(no emrfuse_demo_data.json): its reports would train the demo vocabulary and the run would be described as "
+                "synthetic. Drop --demo for real data, or pass --allow_demo_on_other_data to train the demo's small models on it."
+            )
     args.release = args.release or ["auto"]
     if args.data_dir and len(args.release) not in (1, len(args.data_dir)):
         raise SystemExit(f"train.py: {len(args.release)} --release values for {len(args.data_dir)} --data_dir folders: give one, or one per folder.")
@@ -302,6 +327,27 @@ class RunData:
     description: Dict[str, Any] = field(default_factory=dict)
     data_dirs: List[Path] = field(default_factory=list)
     patients: Dict[str, str] = field(default_factory=dict)  # case id -> patient (id tables), for splits
+    demo_text_tower: bool = False  # the text tower was built here (--demo): a small BERT + WordPiece from the reports
+
+
+def is_demo_data_folder(folder: str | Path) -> bool:
+    """``folder`` was written by the demo generator (its marker) or by :func:`ensure_demo_data` (``.complete.json``)."""
+    from datasets_scripts.demo_data import demo_case_ids
+
+    return demo_case_ids(folder) is not None or (Path(folder) / ".complete.json").is_file()
+
+
+def _cases_not_generated(cases, data_dirs: Sequence[Path]) -> int:
+    """How many of ``cases`` the demo generator did not write (not in a demo folder's list of generated cases)."""
+    from datasets_scripts.demo_data import demo_case_ids
+
+    generated: set = set()
+    for folder in data_dirs:
+        ids = demo_case_ids(folder)
+        if ids is None and is_demo_data_folder(folder):
+            return 0  # a demo folder of an older train.py (.complete.json only): no case list to compare with
+        generated |= ids or set()
+    return sum(1 for c in cases if c.case_id not in generated)
 
 
 def demo_data_dir(args: argparse.Namespace) -> Path:
@@ -335,7 +381,7 @@ def ensure_demo_data(args: argparse.Namespace, accelerator) -> Path:
                 shutil.rmtree(out)
             t0 = time.time()
             write_demo_dataset(out, n_cases=args.demo_cases, size=demo_grid(args.demo_size), seed=0)
-            marker.write_text(json.dumps(spec))
+            strict_json.write_json(marker, spec, indent=None)
             logger.info(f"wrote {args.demo_cases} synthetic demo cases ({args.demo_size}) to {out} in {time.time() - t0:.1f} s")
     accelerator.wait_for_everyone()
     return out
@@ -399,13 +445,19 @@ def prepare_run_data(args: argparse.Namespace, accelerator) -> RunData:
     from datasets_scripts.brats_layouts import discover_folders
     from datasets_scripts.brats_text import load_id_mapping
 
-    synthetic = bool(args.demo)  # --demo: generated demo cases, or a demo folder given with --data_dir
     data_dirs = [Path(d) for d in args.data_dir] if args.data_dir else [ensure_demo_data(args, accelerator)]
     data_dir = data_dirs[0]
     found = discover_folders(data_dirs, args.release, allow_missing_sequences=args.sequence_presence)
     cases = list(found)
     if not cases:
         raise ValueError(f"{', '.join(map(str, data_dirs))}: no BraTS cases found.")
+    # synthetic: every case was generated by the demo generator (--demo without --data_dir, or a demo folder)
+    synthetic = bool(args.demo) and all(is_demo_data_folder(d) for d in data_dirs) and not _cases_not_generated(cases, data_dirs)
+    if args.demo and not synthetic and not args.allow_demo_on_other_data:
+        raise ValueError(
+            f"--demo: {_cases_not_generated(cases, data_dirs)} case(s) of {', '.join(map(str, data_dirs))} were not written by "
+            "the demo generator; drop --demo for real data, or pass --allow_demo_on_other_data."
+        )
     unlabeled = [c.case_id for c in cases if c.label is None]
     if unlabeled and args.task == "segmentation":
         raise ValueError(f"{data_dir}: {len(unlabeled)} case(s) have no label map (e.g. {unlabeled[:3]}); segmentation needs labels.")
@@ -423,11 +475,12 @@ def prepare_run_data(args: argparse.Namespace, accelerator) -> RunData:
     if args.no_text:
         text_model = None  # no text tower and no tokenizer to load
     elif text_model is None:
-        if synthetic:
+        if args.demo:
             text_model = build_demo_text_tower(
                 [reports[c.case_id] for c in train_cases if reports.get(c.case_id)],
                 Path(args.cache_dir) / f"demo-text-tower-{data_dir.name}",
                 accelerator,
+                min_reports_per_word=args.vocab_min_reports,
             )
         else:
             text_model = DEFAULT_TEXT_MODEL
@@ -453,6 +506,7 @@ def prepare_run_data(args: argparse.Namespace, accelerator) -> RunData:
         synthetic=synthetic,
         release=release_name,
         text_model=None if text_model is None else str(text_model),
+        demo_text_tower=bool(args.demo and text_model is not None and args.text_model is None),
         description={
             "name": "EmrFuse synthetic demo data" if synthetic else f"BraTS {release_name}",
             "synthetic": synthetic,
@@ -465,17 +519,46 @@ def prepare_run_data(args: argparse.Namespace, accelerator) -> RunData:
     )
 
 
-def build_demo_text_tower(texts: Sequence[str], folder: Path, accelerator, spec: Optional[Dict[str, int]] = None) -> str:
+def report_vocabulary_corpus(texts: Sequence[str], min_reports: int = MIN_REPORTS_PER_WORD) -> Tuple[List[str], Dict[str, int]]:
+    """The reports as a vocabulary learner may see them: only words found in at least ``min_reports`` distinct reports.
+
+    Words are what the BERT tokenizer sees (``BertNormalizer`` lower-casing, ``BertPreTokenizer`` splitting on
+    spaces and punctuation); every other word is removed from every report. Returns ``(texts, reports per word)``
+    (the counts are for the caller's checks; words are never logged).
+    """
+    from collections import Counter
+
+    from tokenizers.normalizers import BertNormalizer
+    from tokenizers.pre_tokenizers import BertPreTokenizer
+
+    normalizer, pre_tokenizer = BertNormalizer(lowercase=True), BertPreTokenizer()
+    words = [[w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(t))] for t in texts]
+    reports_per_word = Counter(w for ws in words for w in set(ws))
+    kept = [" ".join(w for w in ws if reports_per_word[w] >= min_reports) for ws in words]
+    return [t for t in kept if t], dict(reports_per_word)
+
+
+def build_demo_text_tower(texts: Sequence[str], folder: Path, accelerator, spec: Optional[Dict[str, int]] = None,
+                          min_reports_per_word: int = MIN_REPORTS_PER_WORD) -> str:
     """A small BERT (random weights) + a WordPiece tokenizer trained on the training reports.
 
     Nothing can be downloaded here, so the demo's text tower is built from scratch and saved as
     a local folder; it then goes through the same ``from_text_vision_pretrained`` path as any
     Hub checkpoint. Built once (main process), reused when the reports and sizes are unchanged.
+
+    Privacy: the vocabulary never keeps a word found in fewer than ``min_reports_per_word`` (k, default
+    :data:`MIN_REPORTS_PER_WORD` = 5, at least 5) distinct reports. Such words are removed from the reports
+    before the WordPiece vocabulary is learned (:func:`report_vocabulary_corpus`), and a token that still
+    equals one of them is dropped, so that a patient's rare words (names, places, rare findings) never end
+    up in ``vocab.txt`` / ``tokenizer.json``, which are saved with the model and pushed with
+    ``--push_to_hub``. With fewer than k reports nothing is learned (every word becomes ``[UNK]``).
     """
     import hashlib
 
+    if int(min_reports_per_word) < MIN_REPORTS_PER_WORD:
+        raise ValueError(f"min_reports_per_word must be >= {MIN_REPORTS_PER_WORD}, got {min_reports_per_word}.")
     spec = dict(spec or DEMO_TEXT_TOWER)
-    key = hashlib.sha256(json.dumps([spec, list(texts)]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([spec, int(min_reports_per_word), "rare-words-removed", list(texts)]).encode()).hexdigest()[:16]
     marker = folder / "emrfuse_tower.json"
     if accelerator.is_main_process and not (marker.exists() and json.loads(marker.read_text()).get("key") == key):
         from tokenizers import BertWordPieceTokenizer
@@ -483,12 +566,18 @@ def build_demo_text_tower(texts: Sequence[str], folder: Path, accelerator, spec:
 
         if not texts:
             raise ValueError("No training reports to train the demo tokenizer on.")
+        corpus, reports_per_word = report_vocabulary_corpus(texts, int(min_reports_per_word))
+        n_rare = sum(1 for n in reports_per_word.values() if n < min_reports_per_word)
+        special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
         wp = BertWordPieceTokenizer(lowercase=True)
-        wp.train_from_iterator(
-            list(texts), vocab_size=spec["vocab_size"], min_frequency=1, show_progress=False,
-            special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
-        )
-        tokenizer = BertTokenizer(vocab=wp.get_vocab(), do_lower_case=True, model_max_length=spec["max_position_embeddings"])
+        # min_frequency counts occurrences, not reports: the rare words are already out of the corpus
+        wp.train_from_iterator(corpus, vocab_size=spec["vocab_size"], min_frequency=1, show_progress=False, special_tokens=special)
+        # a token may still spell a rare word as a piece of frequent ones (e.g. "ring" of "rings"): drop it
+        learned = sorted(wp.get_vocab().items(), key=lambda item: item[1])
+        tokens = special + [t for t, _ in learned if t not in special
+                            and not (len(t) > 1 and 0 < reports_per_word.get(t, 0) < min_reports_per_word)]
+        tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(tokens)}, do_lower_case=True,
+                                  model_max_length=spec["max_position_embeddings"])
         config = BertConfig(
             vocab_size=len(tokenizer),
             hidden_size=spec["hidden_size"],
@@ -504,11 +593,13 @@ def build_demo_text_tower(texts: Sequence[str], folder: Path, accelerator, spec:
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "emrfuse_tower.json").write_text(json.dumps({"key": key, **spec, "num_reports": len(texts)}))
+        strict_json.write_json(tmp / "emrfuse_tower.json", {"key": key, **spec, "num_reports": len(texts),
+                                                            "min_reports_per_word": int(min_reports_per_word)}, indent=None)
         shutil.rmtree(folder, ignore_errors=True)
         folder.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, folder)
-        logger.info(f"demo text tower: BERT {spec['num_hidden_layers']} layers x {spec['hidden_size']}, WordPiece vocabulary {len(tokenizer)} trained on {len(texts)} reports -> {folder}")
+        logger.info(f"demo text tower: BERT {spec['num_hidden_layers']} layers x {spec['hidden_size']}, WordPiece vocabulary {len(tokenizer)} trained on {len(texts)} reports "
+                    f"({n_rare} distinct words found in fewer than {min_reports_per_word} reports left out) -> {folder}")
     accelerator.wait_for_everyone()
     return str(folder)
 
@@ -572,7 +663,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, state: Dict[str, Any], 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with open(tmp / TRAINING_STATE_NAME, "w") as fh:
-            json.dump(state, fh, indent=2)
+            fh.write(strict_json.dumps(state, indent=2) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
         if final.exists():  # the same step saved again (e.g. after a resume): replace it
@@ -1064,7 +1155,7 @@ def train_one(
         if accelerator.is_main_process:
             output_dir.mkdir(parents=True, exist_ok=True)
             with (output_dir / "eval_history.jsonl").open("a") as fh:
-                fh.write(json.dumps({"step": step, "split": select_split, "metric": metric, "summary": summary}, default=float) + "\n")
+                fh.write(strict_json.dumps({"step": step, "split": select_split, "metric": metric, "summary": summary}, default=float) + "\n")
         if state["best_metric"] is None or (metric == metric and metric > state["best_metric"]) or best["state"] is None:
             state["best_metric"], state["best_step"] = metric, step
             best.update(summary=summary, rows=rows, embeds=embeds, state={k: v.detach().cpu().clone() for k, v in net.state_dict().items()})
@@ -1172,7 +1263,9 @@ def write_run_outputs(args, run: RunData, net, processor, output_dir: Path, task
         results_markdown=format_results_markdown(summary) if rows else NO_EVALUATION_NOTE,
         training_config=training_config_for_card(_card_config(args, task, max_steps, learning_rate, switches, seed)),
         data=run.description,
-        text_model=run.text_model if not run.synthetic else "a 2-layer BERT with a WordPiece vocabulary trained on the demo reports",
+        text_model=run.text_model if not run.demo_text_tower else (
+            "a 2-layer BERT with a WordPiece vocabulary trained on the " + ("demo reports" if run.synthetic else "training reports")
+            + f" (words of at least {args.vocab_min_reports} distinct reports)"),
         vision_model=args.vision_model,
         repo_id=args.hub_model_id,
         train_command="python train.py " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("train.py") else None,
@@ -1383,7 +1476,7 @@ def report_main(args, accelerator, run: RunData, output_dir: Path, summary: Dict
 
     if accelerator.is_main_process:
         (output_dir / "eval").mkdir(parents=True, exist_ok=True)
-        (output_dir / "eval" / "run_summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+        strict_json.write_json(output_dir / "eval" / "run_summary.json", summary, indent=2, default=float)
         label = "SYNTHETIC demo data" if run.synthetic else run.description["name"]
         accelerator.print(f"\nResults on {len(run.eval_cases)} held-out cases ({label}); model: {output_dir}\n")
         accelerator.print(format_results_markdown(summary) if run.eval_cases else NO_EVALUATION_NOTE)

@@ -82,6 +82,7 @@ from modeling_emrfuse.brats_io import (
     volume_suffix,
 )
 from modeling_emrfuse.brats_labels import GRADES, SEQUENCES, check_label_values, get_label_convention
+from modeling_emrfuse.strict_json import write_json
 
 from .brats_ids import IdMapping, find_id_tables
 
@@ -115,8 +116,9 @@ _patched_for_streaming = True
 BUILDER_VERSION = "1.0.0"
 SUMMARY_FILENAME = "emrfuse_summary.json"
 SPACING_NOTE = (
-    "EmrFuse does not resample: the model works on the voxel grid as stored, and the metrics "
-    "(HD95) use the voxel spacing of the header"
+    "the dataset does not resample: it keeps the voxel grid as stored (the model expects 1 mm voxels: training "
+    "refuses other spacings, emrfuse predict --resample resamples a case to 1 mm and its label map back), and "
+    "the metrics (HD95) use the voxel spacing of the header (its affine)"
 )
 SPLIT_ALIASES = {
     "train": "train", "training": "train", "tr": "train",
@@ -949,7 +951,7 @@ class BratsTextBuilder(datasets.GeneratorBasedBuilder):
         summary_path = Path(output_dir) / SUMMARY_FILENAME
         if self._built_here and self._summary is not None:
             try:
-                summary_path.write_text(json.dumps(self._summary, indent=1, default=str))
+                write_json(summary_path, self._summary, indent=1, default=str)
             except OSError as exc:  # pragma: no cover - read-only cache
                 logger.warning("could not write %s: %s", summary_path, exc)
         elif summary_path.is_file():
@@ -1163,7 +1165,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
         _write_parquet(dsd, output)
     else:
         dsd.save_to_disk(str(output))
-    (output / "prepare_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    write_json(output / "prepare_summary.json", summary, indent=1, default=str)
     print(format_summary(summary))
     print(f"written to {output} ({args.format}); summary in {output / 'prepare_summary.json'}")
     return 0

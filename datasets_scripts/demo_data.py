@@ -5,6 +5,7 @@ generator. It writes synthetic cases in the real BraTS 2020 training layout, so 
 dataset-builder path is exercised end to end::
 
     OUT/
+      emrfuse_demo_data.json                 marker: written by this generator (seed, size, case ids)
       name_mapping.csv                       Grade,BraTS_2017_subject_ID,...,BraTS_2020_subject_ID
       BraTS20_Training_001/
         BraTS20_Training_001_flair.nii.gz    int16, 1 mm, BraTS affine (LPS, as the real files)
@@ -78,6 +79,7 @@ import numpy as np
 from scipy import ndimage
 
 from modeling_emrfuse.brats_labels import GRADES, SEQUENCES, check_label_values
+from modeling_emrfuse.strict_json import write_json
 
 __all__ = [
     "DEMO_SIZES",
@@ -87,8 +89,15 @@ __all__ = [
     "demo_case_id",
     "generate_case",
     "write_demo_dataset",
+    "demo_case_ids",
+    "DEMO_MARKER",
     "add_parser",
 ]
+
+DEMO_MARKER = "emrfuse_demo_data.json"
+"""File that :func:`write_demo_dataset` leaves in its output folder, listing the cases it generated, so that
+``train.py --demo`` can tell demo data from data it did not generate."""
+DEMO_GENERATOR = "datasets_scripts.demo_data"
 
 DEMO_SIZES: Dict[str, Tuple[int, int, int]] = {
     "small": (64, 64, 48),
@@ -794,7 +803,8 @@ def write_demo_dataset(
         start_index: number of the first case.
 
     Returns:
-        ``Path(out_dir)``, which holds ``name_mapping.csv`` and one folder per case.
+        ``Path(out_dir)``, which holds ``name_mapping.csv``, one folder per case and the marker
+        :data:`DEMO_MARKER` that lists the generated cases (see :func:`demo_case_ids`).
     """
     if int(n_cases) < 1:
         raise ValueError(f"n_cases must be >= 1, got {n_cases!r}.")
@@ -849,7 +859,25 @@ def write_demo_dataset(
         writer.writerow(NAME_MAPPING_COLUMNS)
         for key in sorted(existing):
             writer.writerow(existing[key])
+    generated = (demo_case_ids(out) or set()) | {row[-1] for row in rows}
+    write_json(out / DEMO_MARKER, {"generator": DEMO_GENERATOR, "seed": int(seed), "size": list(shape),
+                                   "case_ids": sorted(generated)}, indent=1)
     return out
+
+
+def demo_case_ids(folder: Union[str, Path]) -> "set[str] | None":
+    """The ids of the cases that :func:`write_demo_dataset` generated in ``folder`` (its :data:`DEMO_MARKER`),
+    or ``None`` when the folder holds no such marker (data this generator did not write)."""
+    import json
+
+    marker = Path(folder) / DEMO_MARKER
+    try:
+        info = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or info.get("generator") != DEMO_GENERATOR:
+        return None
+    return {str(c) for c in info.get("case_ids") or []}
 
 
 # --------------------------------------------------------------------------------------------

@@ -68,6 +68,7 @@ from tqdm.auto import tqdm
 from modeling_emrfuse.brats_io import to_nifti_image
 from modeling_emrfuse.brats_labels import GRADES, REGIONS, SEQUENCES, label_map_to_regions
 from modeling_emrfuse.processing_emrfuse import CropInfo, EmrFuseImageProcessor, EmrFuseProcessor, PreparedVolume
+from modeling_emrfuse.strict_json import write_json
 
 __all__ = [
     "CACHE_FORMAT_VERSION",
@@ -408,7 +409,7 @@ def _atomic_save(array: np.ndarray, path: Path) -> None:
 
 def _atomic_json(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1), encoding="utf-8")
+    write_json(tmp, obj, indent=1)
     os.replace(tmp, path)
 
 

@@ -12,7 +12,6 @@ per-region Dice so that nothing is hidden behind the average. Hausdorff distance
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -20,6 +19,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from .brats_labels import REGIONS
+from .strict_json import write_json
 
 TABLE_TITLES = {
     "table1": "Table 1 (adding each part)",
@@ -165,11 +165,6 @@ def write_ablation_report(
     md.write_text(format_ablation_table(table, rows, caption=caption) + "\n")
     png = plot_ablation_bars(table, rows, out_dir / f"{table}.png")
     js = out_dir / f"{table}.json"
-    js.write_text(
-        json.dumps(
-            {"table": table, **(dict(extra) if extra else {}), "rows": [{"preset": p, "label": l, "runs": list(r)} for p, l, r in rows]},
-            indent=2,
-        )
-        + "\n"
-    )
+    write_json(js, {"table": table, **(dict(extra) if extra else {}),
+                    "rows": [{"preset": p, "label": l, "runs": list(r)} for p, l, r in rows]}, indent=2)
     return {"markdown": md, "chart": png, "json": js}

@@ -104,6 +104,8 @@ __all__ = [
     "case_id_from_file_names",
     "SEQUENCE_SUFFIX_RE",
     "read_reports",
+    "affine_spacing",
+    "GeometryWarning",
 ]
 
 KNOWN_RELEASES: Tuple[str, ...] = tuple(sorted(RELEASE_CONVENTION))
@@ -231,7 +233,8 @@ class Volume(NamedTuple):
     affine: np.ndarray
     """4 x 4 voxel -> world (RAS+, nibabel convention) affine."""
     spacing: Tuple[float, float, float]
-    """Voxel size in mm along X, Y, Z (from the header)."""
+    """Voxel size in mm along X, Y, Z: the column lengths of ``affine`` (:func:`affine_spacing`; for NIfTI the
+    sform when it is set, never ``pixdim`` alone, so that spacing and output geometry cannot disagree)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,6 +301,44 @@ def _volume_file(path: Path | str) -> Tuple[Path, Optional[str]]:
     return path, volume_suffix(path)
 
 
+class GeometryWarning(UserWarning):
+    """A volume's header is ambiguous about its geometry (e.g. qform and sform disagree); the message names the
+    file and what is used. The pipeline puts these into its result's ``warnings``."""
+
+
+def affine_spacing(affine: np.ndarray) -> Tuple[float, float, float]:
+    """Voxel size in mm along the three voxel axes of a 4 x 4 affine (the lengths of its columns)."""
+    affine = np.asarray(affine, dtype=np.float64)
+    return tuple(float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))  # type: ignore[return-value]
+
+
+def _nifti_spacing(img: Any, affine: np.ndarray, path: Path) -> Tuple[float, float, float]:
+    """The voxel size of a NIfTI image: from ``affine`` (``img.affine``, the one outputs are written with).
+
+    A NIfTI file can carry two geometries: the qform (with the ``pixdim`` voxel sizes that
+    ``header.get_zooms()`` returns) and the sform. nibabel (like MONAI) uses the sform when its code
+    is set, so the voxel size is taken from that same affine, never from ``pixdim``: spacing, volumes
+    in cm^3 and the output's geometry then come from one place. When both forms are set and
+    disagree, a warning names the file (tools that prefer the qform would place it elsewhere).
+    """
+    spacing = affine_spacing(affine)
+    header = getattr(img, "header", None)
+    try:
+        qcode, scode = int(header["qform_code"]), int(header["sform_code"])
+        qform = header.get_qform()
+    except (TypeError, KeyError, ValueError, AttributeError):  # not a NIfTI-1/2 header
+        return spacing
+    if qcode > 0 and scode > 0 and not np.allclose(qform, affine, rtol=0, atol=1e-3):
+        warnings.warn(
+            f"{path}: the qform (voxel size {tuple(round(z, 4) for z in affine_spacing(qform))} mm) and the sform "
+            f"(voxel size {tuple(round(z, 4) for z in spacing)} mm) disagree; using the sform, as nibabel does, for "
+            "the voxel size and for the output's geometry.",
+            GeometryWarning,
+            stacklevel=3,
+        )
+    return spacing
+
+
 def read_header(path: Path | str) -> Tuple[Tuple[int, int, int], Tuple[float, float, float], np.ndarray]:
     """Read only the header of a volume: ``(shape (X, Y, Z), spacing (mm), affine)``.
 
@@ -320,10 +361,10 @@ def read_header(path: Path | str) -> Tuple[Tuple[int, int, int], Tuple[float, fl
         try:
             img = nib.load(str(path))
             shape = tuple(int(s) for s in img.shape)
-            spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
             affine = np.asarray(img.affine, dtype=float)
         except Exception as exc:
             raise ValueError(f"{path}: unreadable NIfTI header ({type(exc).__name__}: {exc}).") from exc
+        spacing = _nifti_spacing(img, affine, path)
         while len(shape) > 3 and shape[-1] == 1:
             shape = shape[:-1]
     else:
@@ -363,8 +404,8 @@ def read_volume_and_header(path: Path | str) -> Tuple[Volume, Any]:
                 f"{path}: not a readable NIfTI file: unreadable or truncated ({type(exc).__name__}: {exc})."
             ) from exc
         array = _squeeze_to_3d(array, path)
-        spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
-        return Volume(array, np.asarray(img.affine, dtype=float), spacing), img.header
+        affine = np.asarray(img.affine, dtype=float)
+        return Volume(array, affine, _nifti_spacing(img, affine, path)), img.header
     raise ValueError(f"{path}: not a volume file (expected one of {', '.join(VOLUME_SUFFIXES)}).")
 
 
@@ -423,13 +464,21 @@ def write_label_map(path: Path | str, label_map: np.ndarray, affine: np.ndarray,
     """Write a uint8 label map as NIfTI with the input's affine and (a copy of) its NIfTI header.
 
     ``header``: the input's ``nibabel`` NIfTI-1 header (:func:`read_volume_and_header`), or ``None``
-    (MetaImage input, arrays): a fresh header in mm. Creates the parent folder; returns the path.
+    (MetaImage input, arrays): a fresh header in mm. The copied header's qform / sform (and so its
+    ``pixdim`` voxel sizes) are set to ``affine`` where they disagree with it, so that the written file
+    has one geometry. Creates the parent folder; returns the path.
     """
     path = Path(path)
     nib = _import_nibabel(path)
     label_map = np.asarray(label_map, dtype=np.uint8)
     if header is not None and isinstance(header, nib.Nifti1Header):
         img = nib.Nifti1Image(label_map, affine, header=header.copy())
+        # one geometry: the copied header's qform (and its pixdim voxel sizes) must say what ``affine`` says
+        qcode, scode = int(img.header["qform_code"]), int(img.header["sform_code"])
+        if not np.allclose(img.header.get_qform(), affine, rtol=0, atol=1e-4):
+            img.set_qform(affine, code=qcode)  # also sets pixdim (the zooms) from the affine
+        if scode > 0 and not np.allclose(img.header.get_sform(), affine, rtol=0, atol=1e-4):
+            img.set_sform(affine, code=scode)
     else:
         img = nib.Nifti1Image(label_map, affine)
         img.header.set_xyzt_units("mm")
@@ -911,15 +960,25 @@ def discover_folders(
 # --------------------------------------------------------------------------------------------
 # reports files
 # --------------------------------------------------------------------------------------------
-_ID_KEYS = ("caseid", "case", "id", "subjectid", "subject", "patientid", "bratsid", "brats2020subjectid", "name")
-_TEXT_KEYS = ("text", "report", "reporttext", "reports", "findings", "description", "content")
+_ID_NAMES = ("case_id", "case", "id", "subject_id", "subject", "patient_id", "brats_id", "BraTS_2020_subject_ID", "name")
+_TEXT_NAMES = ("text", "report", "report_text", "reports", "findings", "description", "content")
 
 
 def _norm_key(key: str) -> str:
     return "".join(ch for ch in str(key).lower() if ch.isalnum())
 
 
-def _pick_column(columns: Sequence[str], candidates: Sequence[str], what: str, path: Path) -> str:
+_ID_KEYS = tuple(_norm_key(n) for n in _ID_NAMES)
+_TEXT_KEYS = tuple(_norm_key(n) for n in _TEXT_NAMES)
+
+
+def _pick_column(columns: Sequence[str], candidates: Sequence[str], names: Sequence[str], what: str, path: Path,
+                 first_row: str) -> str:
+    """The column of ``columns`` whose normalised name is one of ``candidates``.
+
+    The error names the file, how many columns the first row has and the names expected, never the
+    names found: in a file without a header row they are the first row's cells (a case id and a report).
+    """
     by_norm = {}
     for col in columns:
         by_norm.setdefault(_norm_key(col), col)
@@ -927,7 +986,10 @@ def _pick_column(columns: Sequence[str], candidates: Sequence[str], what: str, p
         if cand in by_norm:
             return by_norm[cand]
     raise ValueError(
-        f"{path}: no {what} column among {list(columns)} (expected one of {list(candidates)}, case and punctuation ignored)."
+        f"{path}: no {what} column: the {first_row} has {len(columns)} column{'' if len(columns) == 1 else 's'}, "
+        f"none named like one of "
+        f"{list(names)} (case and punctuation ignored). If the file has no header row, add one "
+        f"(e.g. case_id,text)."
     )
 
 
@@ -940,8 +1002,10 @@ def read_reports(path: Path | str) -> Dict[str, str]:
     ``id``, ``subject_id``, ``patient_id``, ``brats_id``, ``name``; the text column one of
     ``text``, ``report``, ``report_text``, ``findings``, ``description``, ``content``.
 
-    Raises ``ValueError`` naming the file (and line) for a missing column, an empty id or a
-    duplicate case id. Text is returned unchanged (never logged).
+    Raises ``ValueError`` naming the file (and line) for a missing column (e.g. a CSV without a
+    header row), a file that holds no report, an empty id or a duplicate case id. Error messages name
+    the file, line numbers, column counts, expected column names and case ids, never a report's text
+    or another cell value. Text is returned unchanged (never logged).
     """
     path = Path(path)
     if not path.is_file():
@@ -966,7 +1030,7 @@ def read_reports(path: Path | str) -> Dict[str, str]:
         elif suffix == ".json":
             with open(path, encoding="utf-8-sig") as fh:
                 obj = json.load(fh)
-            if isinstance(obj, dict) and all(isinstance(v, str) for v in obj.values()):
+            if isinstance(obj, dict) and obj and all(isinstance(v, str) for v in obj.values()):
                 return {str(k).strip(): v for k, v in obj.items()}
             if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), list):
                 obj = next(iter(obj.values()))
@@ -978,10 +1042,13 @@ def read_reports(path: Path | str) -> Dict[str, str]:
             raise ValueError(f"{path}: unsupported reports file type {suffix!r} (use .csv, .tsv, .jsonl or .json).")
     except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as exc:
         raise ValueError(f"{path}: cannot parse the reports file ({type(exc).__name__}: {exc}).") from exc
+    first_row = "first row (read as the header)" if suffix in (".csv", ".tsv") else "first object"
+    if columns or rows:
+        id_col = _pick_column(columns, _ID_KEYS, _ID_NAMES, "case id", path, first_row)
+        text_col = _pick_column(columns, _TEXT_KEYS, _TEXT_NAMES, "report text", path, first_row)
     if not rows:
-        return {}
-    id_col = _pick_column(columns, _ID_KEYS, "case id", path)
-    text_col = _pick_column(columns, _TEXT_KEYS, "report text", path)
+        raise ValueError(f"{path}: the reports file holds no report (no row below the header)."
+                         if columns else f"{path}: the reports file holds no report.")
     out: Dict[str, str] = {}
     where = "row" if suffix == ".json" else "line"
     for line_no, row in rows:

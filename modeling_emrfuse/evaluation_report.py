@@ -19,7 +19,6 @@ appears in any of these files. This module is not part of the code that travels 
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
@@ -28,6 +27,7 @@ import numpy as np
 
 from .brats_labels import GRADES, REGIONS
 from .metrics import aggregate
+from .strict_json import write_json
 
 SEGMENTATION_METRICS = ("dice", "ppv", "sensitivity", "hd95")
 """Per-region metrics, in table order (names as :func:`modeling_emrfuse.metrics.region_metrics` returns them)."""
@@ -230,8 +230,7 @@ def write_evaluation_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: Dict[str, Path] = {}
     paths["per_case"] = write_per_case_csv(per_case, out_dir / "per_case.csv")
-    paths["summary"] = out_dir / "summary.json"
-    paths["summary"].write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
+    paths["summary"] = write_json(out_dir / "summary.json", summary, indent=2, default=_json_default)
     paths["markdown"] = out_dir / "results.md"
     paths["markdown"].write_text(format_results_markdown(summary) + "\n")
     if embeddings is not None and len(embeddings) >= 2:

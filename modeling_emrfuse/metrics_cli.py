@@ -24,8 +24,10 @@ values of all files of that folder:
   of them (said so); otherwise, and always for the references, the command stops and asks for
   ``--pred-convention`` / ``--ref-convention``. A convention is never guessed silently.
 
-The voxel spacing comes from the reference header; the prediction must have the same shape and
-spacing (the orientation is compared too; a difference is reported as a warning). Outputs in
+The voxel spacing comes from the reference header (its affine); the prediction must have the same shape
+and spacing. The rest of the affine is compared too (orientation and origin): a prediction whose
+orientation differs or whose origin is shifted gets a warning that names the case and the shift in mm
+(voxels are compared index by index). Outputs in
 ``--out``: ``per_case.csv``, ``summary.json`` (mean / std / median per region and metric, the
 conventions used and why, missing / unmatched / skipped cases, warnings) and ``summary.md``.
 A reference without a prediction is listed as missing and left out of the summary, unless
@@ -38,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import re
 import sys
@@ -52,6 +53,7 @@ from . import brats_io
 from .brats_io import SEQUENCE_SUFFIX_RE
 from .brats_labels import HD95_EMPTY_SENTINEL_MM, LABEL_CONVENTIONS, REGIONS, get_label_convention
 from .metrics import METRICS, aggregate, metrics_to_row, score_label_maps
+from .strict_json import write_json
 
 AUTO = "auto"
 CONVENTION_PREFERENCE: Tuple[str, ...] = ("brats2017", "brats2023", "brats2015")
@@ -292,6 +294,25 @@ class ScoreReport:
     warnings: List[str] = field(default_factory=list)
 
 
+def affine_difference(pred_affine: np.ndarray, ref_affine: np.ndarray, spacing: Sequence[float]) -> str:
+    """How two label maps' affines differ: ``""`` when they are the same grid, else e.g. ``"origin shifted by
+    51.3 mm"`` and/or ``"orientation differs"``.
+
+    The whole affine is compared: the orientation (direction cosines) and the origin, which may differ by at
+    most a hundredth of the smallest voxel (rounding in the headers). Spacing is compared separately.
+    """
+    pred_affine, ref_affine = np.asarray(pred_affine, dtype=np.float64), np.asarray(ref_affine, dtype=np.float64)
+    parts = []
+    rot_p = pred_affine[:3, :3] / np.asarray(brats_io.affine_spacing(pred_affine))
+    rot_r = ref_affine[:3, :3] / np.asarray(brats_io.affine_spacing(ref_affine))
+    if not np.allclose(rot_p, rot_r, atol=1e-3):
+        parts.append("orientation differs")
+    shift = float(np.linalg.norm(pred_affine[:3, 3] - ref_affine[:3, 3]))
+    if shift > 0.01 * min(float(s) for s in spacing):
+        parts.append(f"origin shifted by {shift:.1f} mm")
+    return ", ".join(parts)
+
+
 def _progress(iterable: Iterable[Any], desc: str, total: int, enabled: bool) -> Iterable[Any]:
     if not enabled:
         return iterable
@@ -405,12 +426,12 @@ def score_folders(
                         f"prediction {pred_path} has voxel spacing {pred.spacing} mm, reference {ref_path} has "
                         f"{ref.spacing} mm; predictions must be on the reference grid."
                     )
-                rot_p = pred.affine[:3, :3] / np.asarray(pred.spacing)
-                rot_r = ref.affine[:3, :3] / np.asarray(ref.spacing)
-                if not np.allclose(rot_p, rot_r, atol=1e-3):
+                difference = affine_difference(pred.affine, ref.affine, ref.spacing)
+                if difference:
                     warnings.append(
-                        f"case {case_id}: the prediction's orientation (affine) differs from the reference's; "
-                        f"voxels are compared index by index"
+                        f"case {case_id}: the prediction's affine differs from the reference's ({difference}); "
+                        f"voxels are compared index by index, so the scores assume the prediction is on the "
+                        f"reference grid"
                     )
                 pred_array = pred.array
             result = score_label_maps(pred_array, ref.array, pred_choice.used, ref_choice.used, ref.spacing)
@@ -460,16 +481,6 @@ def score_folders(
 # --------------------------------------------------------------------------------------------
 # writing
 # --------------------------------------------------------------------------------------------
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Mapping):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 _TITLES = {"dice": "Dice (%)", "ppv": "PPV (%)", "sensitivity": "Sensitivity (%)", "hd95": "HD95 (mm)"}
 
 
@@ -526,9 +537,7 @@ def write_report(report: ScoreReport, out_dir: Path | str) -> Dict[str, Path]:
         writer = csv.DictWriter(f, fieldnames=fieldnames)
         writer.writeheader()
         writer.writerows(report.rows)
-    with open(paths["json"], "w", encoding="utf-8") as f:
-        json.dump(_json_safe(report.summary), f, indent=2, allow_nan=False)
-        f.write("\n")
+    write_json(paths["json"], report.summary, indent=2)
     paths["markdown"].write_text(markdown_report(report.summary), encoding="utf-8")
     return paths
 

@@ -32,12 +32,22 @@ when no report is given and ``use_case_report=True``), ``label_convention`` (def
 case's release, ``brats2017`` when unknown), ``release``, ``affine``, ``threshold`` (0.5),
 ``max_length`` (report tokens), ``return_probabilities``, ``mask_background`` (default True: no
 tumour label where all four sequences are 0, i.e. outside the skull-stripped brain),
-``allow_missing_sequences`` (default False; see "Missing sequences" above).
+``allow_missing_sequences`` (default False; see "Missing sequences" above), ``resample`` (default
+False; see "Voxel spacing" below).
+
+Voxel spacing (``resample=True``; ``emrfuse predict --resample``)
+    The model works at the voxel size its image processor expects (``expected_spacing``, 1 mm isotropic
+    for BraTS). The case's voxel size comes from its affine (the one the label map is written with). A
+    case of another spacing is an error that names the option, unless ``resample=True``: then, as
+    nnU-Net and MONAI's ``Spacing`` do, the four sequences are resampled (trilinear) onto a grid of the
+    model's spacing covering the same field of view, the model runs there, and the region probabilities
+    are resampled (trilinear) back onto the input grid and thresholded: the label map is on the input's
+    grid with its affine, and the result's ``resampling`` records both grids.
 
 What runs
     1. load: the four volumes are read (in parallel threads), checked (all present, or the missing
        ones zero-filled with ``allow_missing_sequences``; same shape, same affine, not empty, a
-       readable NIfTI);
+       readable NIfTI; the model's voxel spacing, or resampled to it with ``resample=True``);
     2. preprocess: :class:`EmrFuseProcessor` z-scores, crops to the brain, cuts every brain slice, and
        tokenises the report once;
     3. model: one forward per head over all slices of the case, under ``torch.inference_mode``; the
@@ -47,7 +57,8 @@ What runs
        the report once per case (``slice_to_case``). The grading model pools 32 evenly spaced brain
        slices by default (``grading_max_slices``; ``None``: all);
     4. postprocess: region logits -> label map on the original grid (the processor's
-       ``post_process_segmentation``; voxels outside the skull-stripped brain set to 0), region
+       ``post_process_segmentation``, or the probabilities resampled back with ``resample=True``; voxels
+       outside the skull-stripped brain set to 0; non-finite logits or weights are an error), region
        volumes in cm^3 from the voxel size of the header, grade probabilities, alpha_text /
        alpha_image and token attention.
 
@@ -56,15 +67,17 @@ Both heads in one folder
     ``EmrFuseForImageClassification``). The other head, when there is one, is a second model
     found, in this order: the ``grading_model=`` / ``segmentation_model=`` argument (a model, a
     folder or a Hub id); the root config's ``grading_model`` / ``segmentation_model`` attribute (a
-    sub-folder of the same repository, or a folder / Hub id); a ``grading/`` or ``classification/``
-    (resp. ``segmentation/``) sub-folder; a sibling folder named ``<folder>-grading`` (the layout
-    ``train.py --demo`` leaves: ``outputs/emrfuse-demo`` + ``outputs/emrfuse-demo-grading``).
+    sub-folder of the same folder or Hub repository; a missing one is an error); a ``grading/`` or
+    ``classification/`` (resp. ``segmentation/``) sub-folder. Without an explicit argument a companion
+    is only ever looked for inside the model's own folder or repository: never relative to the
+    working directory, in a sibling folder or in another repository (its code would run).
     :meth:`EmrFusePipeline.save_pretrained` writes the sub-folder layout (segmentation model at the
     root with ``config.custom_pipelines`` and ``config.grading_model = "grading"``, grading model in
     ``grading/``), and :func:`add_pipeline_to_folder` adds the pipeline (and optionally the grading
     model) to a folder that a model's ``save_pretrained`` wrote. A folder whose root holds
-    no ``config.json`` but whose sub-folders hold a segmentation and a classification model is also
-    accepted by :func:`load_pipeline`.
+    no ``config.json`` but whose sub-folders hold a segmentation model (and optionally a classification
+    model) is also accepted by :func:`load_pipeline`; one whose sub-folders hold only a grading model is
+    an error (pass that sub-folder itself for grading only).
 
 This file travels to the Hub with the model code: it imports only numpy, torch, transformers and
 its sibling files at module level (``brats_io`` finds and reads the cases; it imports nibabel and
@@ -74,12 +87,14 @@ SimpleITK where a file is read).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
 import re
 import shutil
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,7 +107,14 @@ from transformers import AutoConfig, AutoProcessor, Pipeline, PreTrainedModel
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.utils import logging
 
-from .brats_io import discover_cases, label_convention_from_file_names, read_volume_and_header, volume_suffix
+from .brats_io import (
+    GeometryWarning,
+    affine_spacing,
+    discover_cases,
+    label_convention_from_file_names,
+    read_volume_and_header,
+    volume_suffix,
+)
 from .brats_labels import (
     GRADES,
     REGIONS,
@@ -100,7 +122,9 @@ from .brats_labels import (
     canonical_sequence_name,
     get_label_convention,
     label_map_to_regions,
+    regions_to_label_map,
 )
+from .strict_json import write_json
 
 logger = logging.get_logger(__name__)
 
@@ -116,6 +140,7 @@ __all__ = [
     "add_pipeline_to_folder",
     "region_volumes_cm3",
     "voxel_volume_mm3",
+    "resample_to_shape",
 ]
 
 PIPELINE_TASK = "glioma-analysis"
@@ -141,7 +166,8 @@ class LoadedCase:
     Attributes:
         volumes: canonical sequence name -> array ``(X, Y, Z)`` (on-disk dtype).
         affine: ``4 x 4`` voxel -> world affine of the case (shared by the four sequences).
-        spacing: voxel size in mm along X, Y, Z.
+        spacing: voxel size in mm along X, Y, Z, from ``affine`` (the sform of a NIfTI file when set,
+            as nibabel reads it; see :func:`brats_io.affine_spacing`).
         header: nibabel header of the first sequence when read from NIfTI (``None`` otherwise); used
             to write outputs "with the input's header".
         case_id, release, label_convention: from the folder layout when known.
@@ -167,11 +193,6 @@ class LoadedCase:
     def shape(self) -> Tuple[int, int, int]:
         """Voxel grid ``(X, Y, Z)``."""
         return tuple(next(iter(self.volumes.values())).shape)
-
-
-def _affine_spacing(affine: np.ndarray) -> Tuple[float, float, float]:
-    affine = np.asarray(affine, dtype=np.float64)
-    return tuple(float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
 
 
 def _read_sequence_file(path: Union[str, os.PathLike], name: str) -> Tuple[np.ndarray, np.ndarray, Any]:
@@ -366,7 +387,7 @@ def load_case(
     return LoadedCase(
         volumes=volumes,
         affine=ref_affine,
-        spacing=_affine_spacing(ref_affine) if header is None else tuple(float(z) for z in header.get_zooms()[:3]),
+        spacing=affine_spacing(ref_affine),  # the affine the output is written with, never pixdim alone
         header=header,
         case_id=meta.get("case_id"),
         release=meta.get("release"),
@@ -387,6 +408,25 @@ def region_volumes_cm3(label_map: np.ndarray, label_convention: str, spacing: Se
     regions = label_map_to_regions(label_map, label_convention)
     voxel = voxel_volume_mm3(spacing)
     return {region: float(regions[i].sum(dtype=np.int64)) * voxel / 1000.0 for i, region in enumerate(REGIONS)}
+
+
+def resample_to_shape(volume: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Trilinear resampling of a ``(X, Y, Z)`` volume (or ``(C, X, Y, Z)`` channels) onto a grid of ``shape``.
+
+    The grids share their field of view (voxel corners at the same world positions, ``align_corners=False``),
+    so resampling to a shape and back to the original shape returns to the original voxels. Returns float32.
+    """
+    array = np.asarray(volume, dtype=np.float32)
+    channels = array.ndim == 4
+    tensor = torch.from_numpy(np.ascontiguousarray(array if channels else array[None]))[None]
+    out = torch.nn.functional.interpolate(tensor, size=tuple(int(s) for s in shape), mode="trilinear", align_corners=False)
+    out = out[0].numpy()
+    return out if channels else out[0]
+
+
+def model_grid_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> Tuple[int, int, int]:
+    """Grid that covers the same field of view as ``shape`` voxels of ``spacing`` mm at ``target`` mm voxels."""
+    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -436,40 +476,85 @@ def _load_head(name_or_path: str, revision: Optional[str] = None, subfolder: str
             f"{architectures}; save the model with save_pretrained after register_for_auto_class."
         )
     auto_cls = getattr(transformers, auto_name)
-    return auto_cls.from_pretrained(name_or_path, config=config, **hub, **kwargs)
+    try:
+        return auto_cls.from_pretrained(name_or_path, config=config, **hub, **kwargs)
+    except Exception as exc:  # safetensors raises its own SafetensorError (no OSError / ValueError) for a bad file
+        if type(exc).__name__ != "SafetensorError" and "safetensors" not in type(exc).__module__:
+            raise
+        where = f"{name_or_path}{'/' + subfolder if subfolder else ''}"
+        raise ValueError(
+            f"{where}: the weights file (model.safetensors) is truncated or corrupted and cannot be read "
+            f"({type(exc).__name__}: {exc}); download or save the model again."
+        ) from None
 
 
-def _resolve_companion(spec: Any, root: Optional[str], revision: Optional[str]) -> Optional[PreTrainedModel]:
-    """A companion model from an instance, a sub-folder name of ``root``, a folder or a Hub id."""
+def _is_local_subfolder(root: Path, spec: str) -> bool:
+    """``spec`` names a folder inside ``root`` (relative, no ``..`` out of it)."""
+    if os.path.isabs(spec):
+        return False
+    try:
+        (root / spec).resolve().relative_to(root.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def _resolve_companion(spec: Any, root: Optional[str], revision: Optional[str], explicit: bool = True,
+                       role: str = "grading") -> Optional[PreTrainedModel]:
+    """A companion model from an instance, a sub-folder name of ``root``, a folder or a Hub id.
+
+    ``explicit=False`` (the name comes from the root model's config): only ever a sub-folder of the root
+    model's own folder or Hub repository, never a path relative to the working directory or another repo;
+    a named sub-folder that is missing is an error. ``explicit=True`` (given by the caller): a sub-folder
+    of the root first, then the folder or Hub id as given.
+    """
     if spec is None:
         return None
     if isinstance(spec, torch.nn.Module):
         return spec
     spec = str(spec)
-    if root is not None:
-        local_root = Path(root)
-        if local_root.is_dir():
-            if (local_root / spec / "config.json").is_file():
-                return _load_head(str(local_root / spec))
-        elif not os.path.isabs(spec) and not Path(spec).exists() and "/" not in spec.strip("/"):
-            return _load_head(root, revision=revision, subfolder=spec)  # a sub-folder of the same Hub repo
+    local_root = Path(root) if root else None
+    if local_root is not None and local_root.is_dir():
+        if _is_local_subfolder(local_root, spec) and (local_root / spec / "config.json").is_file():
+            return _load_head(str(local_root / spec))
+        if not explicit:
+            cli = " (emrfuse predict --grading-model / --no-grading)" if role == "grading" else ""
+            raise ValueError(
+                f"{local_root}: config.json names the {role} model {spec!r}, but {local_root / spec} holds no "
+                f"config.json (a {role} model is only looked for inside the model folder); restore that "
+                f"sub-folder, or pass the {role} model explicitly ({role}_model=...) or run without it "
+                f"({role}_model=False){cli}."
+            )
+    elif root and not explicit:
+        if os.path.isabs(spec) or ".." in Path(spec).parts:
+            raise ValueError(f"{root}: config.json names the {role} model {spec!r}, which is not a sub-folder of the repository.")
+        return _load_head(root, revision=revision, subfolder=spec)  # a sub-folder of the same Hub repo
+    elif not explicit:
+        raise ValueError(
+            f"the model's config names the {role} model {spec!r}, but the model was not loaded from a folder or Hub "
+            f"repository to look in; pass {role}_model=... or {role}_model=False."
+        )
+    elif root and not os.path.isabs(spec) and "/" not in spec.strip("/") and not (Path(spec) / "config.json").is_file():
+        return _load_head(root, revision=revision, subfolder=spec)  # explicit sub-folder name of the Hub repo
     return _load_head(spec)
 
 
 def _find_companion(root_model: PreTrainedModel, want: str) -> Optional[PreTrainedModel]:
-    """Look for the other head next to ``root_model`` (config attribute, then sub-folders)."""
+    """Look for the other head inside ``root_model``'s folder or Hub repo (config attribute, then sub-folders).
+
+    Never outside it: not in the working directory, not in a sibling folder, not in another repository.
+    """
     config = root_model.config
     attr = "grading_model" if want == "grading" else "segmentation_model"
     root = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
     revision = getattr(config, "_commit_hash", None)
     spec = getattr(config, attr, None)
     if spec:
-        return _resolve_companion(spec, root, revision)
+        return _resolve_companion(spec, root, revision, explicit=False, role=want)
     if root and Path(root).is_dir():
         root_path = Path(root)
         subs = GRADING_SUBFOLDERS if want == "grading" else SEGMENTATION_SUBFOLDERS
-        candidates = [root_path / sub for sub in subs] + [root_path.parent / f"{root_path.name}-{sub}" for sub in subs]
-        for folder in candidates:  # sub-folders, then sibling folders such as outputs/emrfuse-demo-grading
+        for folder in (root_path / sub for sub in subs):
             cfg = _read_config_json(folder)
             if cfg is not None and _head_kind(cfg) == want:
                 return _load_head(str(folder))
@@ -626,6 +711,31 @@ def optimize_for_inference(model: PreTrainedModel, precision: str = "bf16", chan
             "channels_last": channels_last}
 
 
+def check_finite_weights(model: torch.nn.Module, name: Optional[str] = None) -> None:
+    """Raise ``ValueError`` when a parameter or floating-point buffer of ``model`` holds NaN or infinity.
+
+    Weights that are not finite (e.g. bytes overwritten inside ``model.safetensors``) would give NaN logits,
+    i.e. an empty label map and NaN probabilities, without any error.
+    """
+    bad = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        where = name or getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
+        raise ValueError(
+            f"{where}: non-finite weights (NaN or infinity) in {len(bad)} tensor(s), e.g. {bad[0]}: the weights "
+            "file is corrupted; download or save the model again."
+        )
+
+
+def _check_finite_logits(logits: torch.Tensor, what: str, model: torch.nn.Module) -> None:
+    if not bool(torch.isfinite(logits).all()):
+        where = getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
+        raise ValueError(
+            f"the model {where} gave non-finite (NaN or infinity) {what} for this case: its weights or the input "
+            "are broken (nothing is written from such logits)."
+        )
+
+
 def _scalar(x) -> Optional[float]:
     if x is None:
         return None
@@ -661,7 +771,8 @@ class EmrFusePipeline(Pipeline):
     ``words`` (report highlighting), ``has_report``, ``report_truncated``, ``report_source``,
     ``case_id``, ``model_id`` / ``revision`` (and ``grading_model_id`` / ``grading_revision``),
     ``missing_sequences`` (zero-filled sequences, only with ``allow_missing_sequences=True``; ``[]``
-    for a complete case), ``warnings`` (list of strings, e.g. a missing sequence given to a model
+    for a complete case), ``resampling`` (``None``, or the input and model grids and spacings when
+    ``resample=True`` resampled the case), ``warnings`` (list of strings, e.g. a missing sequence given to a model
     without sequence-presence channels), ``timings`` (seconds: ``load``, ``preprocess``, ``model``, ``postprocess``, plus ``text_encoder``
     and ``text_encoder_calls``).
     """
@@ -722,6 +833,8 @@ class EmrFusePipeline(Pipeline):
         for extra in (self.segmentation_model, self.grading_model):
             if extra is not None and extra is not self.model:
                 extra.to(self.device)
+        for m in self.models:
+            check_finite_weights(m)
         precision = str(precision).lower()
         if precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {precision!r}.")
@@ -772,6 +885,7 @@ class EmrFusePipeline(Pipeline):
         return_probabilities=None,
         mask_background=None,
         allow_missing_sequences=None,
+        resample=None,
         **kwargs,
     ):
         if kwargs:
@@ -790,6 +904,8 @@ class EmrFusePipeline(Pipeline):
                 pre[key] = value
         if allow_missing_sequences is not None:
             pre["allow_missing_sequences"] = bool(allow_missing_sequences)
+        if resample is not None:
+            pre["resample"] = bool(resample)
         if threshold is not None:
             if not 0.0 < float(threshold) < 1.0:
                 raise ValueError(f"threshold must be in (0, 1), got {threshold}.")
@@ -822,11 +938,20 @@ class EmrFusePipeline(Pipeline):
         use_case_report: bool = True,
         max_length: Optional[int] = None,
         allow_missing_sequences: bool = False,
+        resample: bool = False,
     ):
         t0 = time.perf_counter()
         if isinstance(inputs, Mapping) and "report" in inputs and report is None:
             report = inputs["report"]
-        case = load_case(inputs, affine=affine, release=release, allow_missing_sequences=allow_missing_sequences)
+        with warnings.catch_warnings(record=True) as caught:  # header ambiguities go into the result's warnings
+            warnings.simplefilter("always", GeometryWarning)
+            case = load_case(inputs, affine=affine, release=release, allow_missing_sequences=allow_missing_sequences)
+        geometry_warnings = []
+        for w in caught:
+            if issubclass(w.category, GeometryWarning):
+                geometry_warnings.append(str(w.message))
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         report_source = "argument" if report is not None else None
         if report is None and use_case_report and case.report_path:
             try:
@@ -837,10 +962,8 @@ class EmrFusePipeline(Pipeline):
         if report is not None and not isinstance(report, str):
             raise ValueError(f"report must be a string or None, got {type(report).__name__}.")
         t1 = time.perf_counter()
-        # spacing / shared-grid checks of the processor need only the affine
-        if case.header is not None or not np.allclose(case.affine, np.eye(4)):
-            self.image_processor.check_spacing({s: _AffineOnly(case.affine) for s in SEQUENCES})
-        prepared = self._prepare_volume(case, allow_missing_sequences)
+        model_case, resampling = self._on_model_grid(case, resample)
+        prepared = self._prepare_volume(model_case, allow_missing_sequences)
         enc = self.processor(volumes=[prepared], text=[report], max_length=max_length, return_tensors="pt")
         convention = label_convention or case.label_convention or "brats2017"
         absent = {n for n, p in zip(self.image_processor.sequence_order, getattr(prepared, "present", ())) if not p}
@@ -860,9 +983,45 @@ class EmrFusePipeline(Pipeline):
             "case": case,
             "label_convention": get_label_convention(convention).name,
             "missing_sequences": missing,
-            "warnings": self._missing_sequence_warnings(missing),
+            "warnings": list(dict.fromkeys(geometry_warnings)) + self._missing_sequence_warnings(missing),
+            "resampling": resampling,
             "timings": {"load": t1 - t0, "preprocess": t2 - t1},
         }
+
+    def _on_model_grid(self, case: LoadedCase, resample: bool) -> Tuple[LoadedCase, Optional[Dict[str, Any]]]:
+        """The case on the voxel grid the model expects (``image_processor.expected_spacing``, 1 mm for BraTS).
+
+        A case with that spacing (within ``spacing_tolerance``), or without geometry (plain arrays), is used as
+        it is. Another spacing is an error, unless ``resample``: then every sequence is resampled
+        (trilinear, nnU-Net / MONAI ``Spacing`` style) onto a grid of the model's spacing that covers the same
+        field of view, and :meth:`postprocess` resamples the region probabilities back onto the input grid.
+        Returns ``(case, resampling)`` where ``resampling`` records the two grids (``None`` when not resampled).
+        """
+        expected = getattr(self.image_processor, "expected_spacing", None)
+        has_geometry = case.header is not None or not np.allclose(case.affine, np.eye(4))
+        if expected is None or not has_geometry:
+            return case, None
+        spacing = tuple(float(v) for v in case.spacing)
+        tolerance = float(getattr(self.image_processor, "spacing_tolerance", 0.05))
+        if np.allclose(spacing, expected, rtol=0, atol=tolerance):
+            return case, None
+        if not resample:
+            where = f"case {case.case_id}: " if case.case_id else ""
+            raise ValueError(
+                f"{where}voxel spacing {tuple(round(v, 4) for v in spacing)} mm differs from the model's "
+                f"{tuple(expected)} mm; pass resample=True (emrfuse predict --resample) to resample the case to the "
+                "model's spacing and the prediction back onto the input grid."
+            )
+        grid = model_grid_shape(case.shape, spacing, expected)
+        volumes = {name: resample_to_shape(v, grid) for name, v in case.volumes.items()}
+        resampling = {
+            "input_spacing_mm": list(spacing),
+            "model_spacing_mm": [float(v) for v in expected],
+            "input_grid": [int(v) for v in case.shape],
+            "model_grid": [int(v) for v in grid],
+            "method": "trilinear (images), trilinear on the region probabilities back to the input grid",
+        }
+        return dataclasses.replace(case, volumes=volumes), resampling
 
     def _prepare_volume(self, case: LoadedCase, allow_missing_sequences: bool):
         """The image processor's ``prepare_volume`` of a loaded case (``allow_missing_sequences`` passed on)."""
@@ -923,6 +1082,10 @@ class EmrFusePipeline(Pipeline):
                 cls_out = self.grading_model(**self._grading_inputs(inputs), return_dict=True)
                 t_cls = time.perf_counter() - t_start
         t1 = time.perf_counter()
+        if seg_out is not None:
+            _check_finite_logits(seg_out.logits, "region logits", self.segmentation_model)
+        if cls_out is not None:
+            _check_finite_logits(cls_out.logits, "grade logits", self.grading_model)
         out = {k: v for k, v in model_inputs.items() if k != "model_inputs"}
         out["input_ids"] = inputs.get("input_ids")
         out["attention_mask"] = inputs.get("attention_mask")
@@ -957,10 +1120,22 @@ class EmrFusePipeline(Pipeline):
             "region_volumes_cm3": None,
         }
         logits = model_outputs["seg_logits"]
-        if logits is not None:
+        resampling = model_outputs.get("resampling")
+        result["resampling"] = resampling
+        probs = None
+        if logits is not None and resampling is not None:
+            # probabilities on the model's grid -> back onto the input grid, then thresholded (nnU-Net style)
+            on_model_grid = self.image_processor.uncrop(
+                torch.sigmoid(logits).permute(1, 2, 3, 0).numpy(), model_outputs["crop_info"], fill=0
+            )
+            probs = resample_to_shape(on_model_grid, case.shape)
+            regions = probs > threshold
+            label_map = regions_to_label_map(regions, get_label_convention(convention))
+        elif logits is not None:
             label_map, regions = self.image_processor.post_process_segmentation(
                 logits, model_outputs["crop_info"], label_convention=convention, threshold=threshold, return_regions=True
             )
+        if logits is not None:
             if mask_background:  # skull-stripped input: no tumour where all four (given) sequences are 0
                 background = np.ones(case.shape, dtype=bool)
                 for volume in case.volumes.values():
@@ -976,7 +1151,9 @@ class EmrFusePipeline(Pipeline):
             result["region_volumes_cm3"] = {
                 r: float(m.sum(dtype=np.int64)) * voxel for r, m in zip(REGIONS, (wt, tc, et))
             }
-            if return_probabilities:
+            if return_probabilities and probs is not None:
+                result["region_probabilities"] = probs.astype(np.float16)
+            elif return_probabilities:
                 probs = torch.sigmoid(logits).permute(1, 2, 3, 0).numpy().astype(np.float16)
                 result["region_probabilities"] = self.image_processor.uncrop(probs, model_outputs["crop_info"], fill=0)
         grade_logits = model_outputs["grade_logits"]
@@ -1074,13 +1251,6 @@ class EmrFusePipeline(Pipeline):
         _copy_pipeline_code(save_directory)
 
 
-class _AffineOnly:
-    """Minimal image-like holder so that the processor can check spacing without reading data."""
-
-    def __init__(self, affine):
-        self.affine = affine
-
-
 def _custom_pipelines_entry() -> Dict[str, Dict[str, Any]]:
     return {
         PIPELINE_TASK: {
@@ -1128,7 +1298,7 @@ def add_pipeline_to_folder(folder: Union[str, os.PathLike], grading_model: Optio
             shutil.copytree(source, target)
         config["grading_model"] = GRADING_SUBFOLDERS[0]
     config["custom_pipelines"] = _custom_pipelines_entry()
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_json(config_path, config, indent=2, sort_keys=True)
     _copy_pipeline_code(folder)
     return folder
 
@@ -1159,8 +1329,11 @@ def load_pipeline(
     """Build an :class:`EmrFusePipeline` from a model folder or Hub id (``trust_remote_code``).
 
     Works on any EmrFuse model folder, whether or not ``custom_pipelines`` was saved in it. A local
-    folder without ``config.json`` whose sub-folders hold the two heads is accepted. Raises
-    ``FileNotFoundError`` (with how to make one) when the default demo model folder does not exist.
+    folder without ``config.json`` whose sub-folders hold a segmentation model (and a grading model) is
+    accepted; one without a segmentation model is a ``FileNotFoundError``. Raises ``FileNotFoundError``
+    (with how to make one) when the default demo model folder does not exist, ``ValueError`` for a
+    truncated or corrupted weights file and for weights that are not finite. ``revision`` applies to
+    Hub ids; for a local folder it is ignored with a warning.
     """
     t0 = time.perf_counter()
     processor_source = None
@@ -1175,12 +1348,25 @@ def load_pipeline(
                 f"{DEFAULT_MODEL}), or pass a model folder / Hub id."
             )
             raise FileNotFoundError(f"No model folder at {path}.{hint}")
+        if path.is_dir() and revision is not None:
+            warnings.warn(
+                f"revision={revision!r} is ignored: {path} is a local folder (a revision selects a Hub commit).",
+                UserWarning,
+                stacklevel=2,
+            )
+            revision = None
         if path.is_dir() and not (path / "config.json").is_file():
             heads = _find_heads_in_subfolders(path)
             if not heads:
                 raise FileNotFoundError(f"{path}: no config.json and no sub-folder holding an EmrFuse model.")
-            root = heads.get("segmentation") or heads["grading"]
-            if "grading" in heads and root != heads["grading"] and grading_model is None:
+            if "segmentation" not in heads:
+                raise FileNotFoundError(
+                    f"{path}: no config.json at the top of the model folder and no segmentation model in its "
+                    f"sub-folders (only a grading model, in {heads['grading']}); for grading only, pass that "
+                    "sub-folder as the model."
+                )
+            root = heads["segmentation"]
+            if "grading" in heads and grading_model is None:
                 grading_model = str(heads["grading"])
             model = str(root)
         processor_source = model

@@ -11,6 +11,10 @@ and writes for each case
   id and revision, the label convention, the missing (zero-filled) sequences and any warnings,
   timings (the report text is never written or printed).
 
+A case whose voxel spacing (from its affine) is not the model's (1 mm for BraTS models) is an error
+unless ``--resample`` is given: then it is resampled to the model's spacing and the region
+probabilities back onto the input grid (nnU-Net / MONAI style); the JSON records both grids.
+
 A case must have the four sequences unless ``--allow-missing-sequences`` is given: then a case folder
 or the ``--t1/--t1ce/--t2/--flair`` files may hold any non-empty subset of them, and the missing ones
 are zero-filled. A model trained with ``train.py --sequence_dropout`` has sequence-presence channels
@@ -29,16 +33,17 @@ wait passively (``OMP_WAIT_POLICY=PASSIVE`` unless set), which keeps whole-case 
 cores shared with other work.
 
 Exit status: 0 when every case was predicted, 1 when some cases of a folder failed (the others are
-written and a summary says which failed and why), 2 for bad input or an unusable model (a one-line
-message, no traceback).
+written and a summary says which failed and why), 2 for bad input, an output location that cannot be
+written (checked before the model is loaded) or an unusable model (truncated, corrupted or non-finite
+weights): a one-line message, no traceback. Every JSON written is strict JSON (no bare ``NaN``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -51,6 +56,7 @@ from .brats_io import (
     write_label_map,
 )
 from .brats_labels import LABEL_CONVENTIONS, SEQUENCES, get_label_convention
+from .strict_json import write_json
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 DEFAULT_OUTPUT_DIR = "predictions"
@@ -81,6 +87,7 @@ def prediction_record(result: Dict[str, Any], label_map_file: Optional[str], inp
         "report_truncated": bool(result.get("report_truncated")),
         "report_source": result.get("report_source"),
         "missing_sequences": list(result.get("missing_sequences") or []),
+        "resampling": result.get("resampling"),
         "warnings": list(result.get("warnings") or []),
         "model": {"id": result.get("model_id"), "revision": result.get("revision")},
         "inputs": inputs,
@@ -196,9 +203,42 @@ def _read_text_file(path: str, what: str) -> str:
         raise PredictError(f"{what} {p} cannot be read as UTF-8 text ({type(exc).__name__}).") from exc
 
 
+def _single_file_output(out: Path, single: bool) -> bool:
+    name = out.name.lower()
+    return single and (name.endswith(".nii.gz") or name.endswith(".nii"))
+
+
+def check_output_location(out: Path, single: bool) -> None:
+    """Refuse (``PredictError``) an output location that cannot be written, before any model is loaded.
+
+    The output folder (``-o``, or for one case the folder of ``-o x.nii.gz``) must be a folder or not exist
+    yet; its nearest existing parent must be a folder in which a file can be created (tried with a
+    temporary file, removed at once: nothing is left behind when the run fails later). A single-case
+    ``.nii.gz`` target must not be an existing folder.
+    """
+    file_target = _single_file_output(out, single)
+    folder = out.parent if file_target else out
+    if file_target and out.is_dir():
+        raise PredictError(f"output {out} is a folder; give a .nii.gz file name, or a folder without the .nii.gz suffix.")
+    existing = folder
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        what = "is a file" if existing == folder else f"is below {existing}, which is a file"
+        raise PredictError(f"output {out} {what}: give a folder (or, for one case, a .nii.gz file name).")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise PredictError(f"output {out} cannot be written: no file can be created in {existing} "
+                           f"({exc.strerror or type(exc).__name__}).") from None
+
+
 def _output_paths(case_id: str, out: Path, single: bool) -> Tuple[Path, Path]:
     name = out.name.lower()
-    if single and (name.endswith(".nii.gz") or name.endswith(".nii")):
+    if _single_file_output(out, single):
         stem = out.name[: -len(".nii.gz")] if name.endswith(".nii.gz") else out.name[: -len(".nii")]
         return out, out.with_name(stem + ".json")
     return out / f"{case_id}.nii.gz", out / f"{case_id}.json"
@@ -242,6 +282,13 @@ def _run(args: argparse.Namespace) -> int:
     if not single and (args.report is not None or args.report_file is not None):
         raise PredictError("--report / --report-file are for one case; for a folder of cases use --reports FILE "
                            "(CSV/JSONL case id -> text) or per-case <case>_flair_text.txt files.")
+    out = Path(args.output).expanduser()
+    check_output_location(out, single)  # before the model is loaded and any case computed
+    revision = args.revision
+    if revision is not None and Path(args.model).expanduser().is_dir():
+        print(f"emrfuse predict: warning: --revision {revision} is ignored: {args.model} is a local folder "
+              "(a revision selects a Hub commit).", file=sys.stderr)
+        revision = None
     if args.threads:
         import torch
 
@@ -256,7 +303,7 @@ def _run(args: argparse.Namespace) -> int:
         pipe = load_pipeline(
             args.model,
             grading_model=False if args.no_grading else args.grading_model,
-            revision=args.revision,
+            revision=revision,
             device=args.device,
             precision=args.precision,
             chunk_size=args.chunk_size,
@@ -265,7 +312,6 @@ def _run(args: argparse.Namespace) -> int:
     except (OSError, ValueError, ImportError) as exc:  # missing folder, offline Hub, not an EmrFuse model
         raise PredictError(f"cannot load the model {args.model!r}: {exc}") from exc
 
-    out = Path(args.output).expanduser()
     failures: List[Dict[str, str]] = list(skipped)
     written: List[str] = []
     progress = None
@@ -287,6 +333,7 @@ def _run(args: argparse.Namespace) -> int:
                 use_case_report=not args.ignore_case_reports,
                 threshold=args.threshold,
                 allow_missing_sequences=bool(getattr(args, "allow_missing_sequences", False)),
+                resample=bool(getattr(args, "resample", False)),
             )
             if source is not None and result.get("has_report"):
                 result["report_source"] = source
@@ -307,11 +354,11 @@ def _run(args: argparse.Namespace) -> int:
             record["timings_s"]["write"] = round(time.perf_counter() - t0, 4)
             record["timings_s"]["model_load_once"] = round(pipe.load_seconds or 0.0, 4)
             json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+            write_json(json_path, record, indent=2)
             written.append(case["case_id"])
             if single and not args.quiet:
                 _print_case(record, nifti_path if label_file else None, json_path)
-        except (ValueError, FileNotFoundError, ImportError) as exc:
+        except (ValueError, OSError, ImportError) as exc:
             if single:
                 raise PredictError(f"case {case['case_id']}: {exc}") from exc
             failures.append({"case_id": case["case_id"], "reason": f"{type(exc).__name__}: {exc}"})
@@ -324,7 +371,7 @@ def _run(args: argparse.Namespace) -> int:
     if not single:
         summary = {"predicted": written, "failed": failures, "output_dir": str(out)}
         out.mkdir(parents=True, exist_ok=True)
-        (out / "predict_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        write_json(out / "predict_summary.json", summary, indent=2)
         print(f"emrfuse predict: {len(written)} case(s) predicted into {out}, {len(failures)} failed.", file=sys.stderr)
         for f in failures:
             print(f"  failed {f['case_id']}: {f['reason']}", file=sys.stderr)
@@ -393,7 +440,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help="do not use the reports found in the case folders (<case>_flair_text.txt)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"model folder or Hub id (default {DEFAULT_MODEL}, which the README's main job makes)")
-    p.add_argument("--revision", help="Hub revision (branch, tag or commit) of --model")
+    p.add_argument("--revision", help="Hub revision (branch, tag or commit) of --model (ignored, with a warning, for a local folder)")
     p.add_argument("--grading-model", help="grading model folder / Hub id when --model holds only the segmentation model")
     p.add_argument("--no-grading", action="store_true", help="segmentation only (skip the grading model)")
     p.add_argument("-o", "--output", default=DEFAULT_OUTPUT_DIR,
@@ -402,6 +449,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="labels of the output map (default: the convention of the input's BraTS release; brats2017 if unknown)")
     p.add_argument("--release", default="auto", help="force the BraTS release of the input layout (e.g. 2018, 2023; default auto)")
     p.add_argument("--threshold", type=float, default=0.5, help="region probability threshold (default 0.5)")
+    p.add_argument("--resample", action="store_true",
+                   help="a case whose voxel spacing is not the model's (1 mm for BraTS models) is resampled to it "
+                        "(trilinear, nnU-Net/MONAI style) and the region probabilities back onto the input grid, so "
+                        "that the label map is on the input's grid with its affine; without it such a case is an "
+                        "error. The JSON records both grids under \"resampling\".")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="auto (default): bf16 weights where the CPU/GPU has native bf16, fp32 otherwise")

@@ -31,7 +31,8 @@ Orientation and spacing
     BraTS data are 1 mm isotropic and co-registered (SRI24), which is what the model expects. When
     the inputs carry an affine (nibabel images / paths), :meth:`~EmrFuseImageProcessor.check_spacing`
     raises if the voxel size differs from ``expected_spacing`` (set ``expected_spacing=None`` to
-    skip), and the four sequences must share one affine. Plain arrays carry no geometry, so nothing
+    skip; the pipeline's ``resample=True`` / ``emrfuse predict --resample`` resamples a case to it and
+    the prediction back), and the four sequences must share one affine. Plain arrays carry no geometry, so nothing
     can be checked for them: resample such data beforehand.
 """
 
@@ -48,7 +49,7 @@ from transformers import AutoTokenizer
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ImagesKwargs, ProcessorMixin
 
-from .brats_io import to_nifti_image, volume_suffix
+from .brats_io import affine_spacing, to_nifti_image, volume_suffix
 from .brats_labels import REGIONS, SEQUENCES, canonical_sequence_name, get_label_convention, regions_to_label_map
 
 __all__ = ["CropInfo", "PreparedVolume", "EmrFuseImageProcessor", "EmrFuseProcessor"]
@@ -166,11 +167,6 @@ def _to_numpy(x) -> np.ndarray:
 def _is_image_like(obj) -> bool:
     """nibabel-style image (duck-typed on ``get_fdata`` and ``affine``)."""
     return hasattr(obj, "get_fdata") and hasattr(obj, "affine")
-
-
-def _affine_spacing(affine: np.ndarray) -> Tuple[float, float, float]:
-    affine = np.asarray(affine, dtype=np.float64)
-    return tuple(float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
 
 
 def _read_path(path) -> Any:
@@ -313,12 +309,13 @@ class EmrFuseImageProcessor(BaseImageProcessor):
                 )
         if ref_affine is None:
             return None
-        spacing = _affine_spacing(ref_affine)
+        spacing = affine_spacing(ref_affine)
         expected = self.expected_spacing
         if expected is not None and not np.allclose(spacing, expected, rtol=0, atol=self.spacing_tolerance):
             raise ValueError(
                 f"Voxel spacing {tuple(round(s, 4) for s in spacing)} mm differs from the expected "
-                f"{self.expected_spacing} mm; the processor does not resample: resample the case first, or set "
+                f"{self.expected_spacing} mm; the processor does not resample: resample the case first (the "
+                "pipeline does it with resample=True, emrfuse predict with --resample), or set "
                 "expected_spacing=None to accept it as is."
             )
         return spacing

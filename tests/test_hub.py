@@ -27,7 +27,7 @@ from model_fixtures import tiny_config
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """Outputs are compared bit for bit with a fresh process that runs on one thread: run on one thread too."""
+    """Outputs are compared (to float32 rounding) with a fresh process that runs on one thread: run on one thread too."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -97,6 +97,7 @@ CHILD = textwrap.dedent(
             model = auto.from_pretrained(sub, trust_remote_code=True).eval()
             res[name + "_class"] = type(model).__name__
             res[name + "_module"] = type(model).__module__
+            res[name + "_state"] = {k: v.clone() for k, v in model.state_dict().items()}
             with torch.no_grad():
                 out = model(**model_inputs)
             res[name] = out.logits if name != "base" else out.case_embeds
@@ -104,6 +105,46 @@ CHILD = textwrap.dedent(
     torch.save(result, out_path)
     """
 )
+
+
+def _perturb(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Move every weight and buffer away from its initial value before saving.
+
+    An untrained model's zero / one / identity initialisations (biases, LayerNorm, BatchNorm statistics, gates)
+    come back unchanged when a parameter silently fails to load and is re-initialised; perturbed, it cannot.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        seen = set()
+        for name, tensor in model.state_dict().items():  # what is saved (not the non-persistent buffers)
+            if tensor.data_ptr() in seen:  # tied weights: once
+                continue
+            seen.add(tensor.data_ptr())
+            if tensor.is_floating_point():
+                noise = torch.rand(tensor.shape, generator=gen, dtype=tensor.dtype)
+                if name.endswith("running_var"):
+                    tensor.mul_(1.0 + 0.5 * noise)  # variances stay positive
+                else:
+                    tensor.add_(0.02 * (noise - 0.5))
+            elif tensor.dtype in (torch.int64, torch.int32):
+                tensor.add_(7)  # e.g. num_batches_tracked
+    return model
+
+
+def _same_output(actual: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Outputs of a reloaded model vs the saved one: equal up to float32 rounding (a reloaded model need not
+    round bit for bit like the in-memory one: kernels may pick other code paths for other allocations); a
+    weight that did not load (perturbed away from its initialisation) differs by far more."""
+    return torch.allclose(actual, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def _state_dicts_equal(a, b) -> None:
+    """Every saved tensor loads back exactly (``a``, ``b``: models or state dicts)."""
+    sa = a if isinstance(a, dict) else a.state_dict()
+    sb = b if isinstance(b, dict) else b.state_dict()
+    assert set(sa) == set(sb), sorted(set(sa) ^ set(sb))
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), f"{key} did not load back"
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +155,8 @@ def saved(tmp_path_factory):
     torch.set_num_threads(1)
     torch.manual_seed(0)
     processor = _processor()
-    seg = EmrFuseForSegmentation(tiny_config()).eval()
-    cls = EmrFuseForImageClassification(tiny_config(use_residual=False)).eval()
+    seg = _perturb(EmrFuseForSegmentation(tiny_config()), seed=1).eval()
+    cls = _perturb(EmrFuseForImageClassification(tiny_config(use_residual=False)), seed=2).eval()
     seg_dir, cls_dir = root / "model", root / "model-cls"
     for model, folder in ((seg, seg_dir), (cls, cls_dir)):
         model.save_pretrained(folder)
@@ -205,16 +246,21 @@ def test_in_process_round_trip_identical(saved):
     seg = EmrFuseForSegmentation.from_pretrained(saved["seg_dir"]).eval()
     cls = EmrFuseForImageClassification.from_pretrained(saved["cls_dir"]).eval()
     base = EmrFuseModel.from_pretrained(saved["cls_dir"]).eval()
+    # every saved weight and buffer loads back (the models were perturbed away from their initialisation)
+    _state_dicts_equal(seg, saved["seg"])
+    _state_dicts_equal(cls, saved["cls"])
+    _state_dicts_equal(base, saved["cls"].emrfuse)
     with torch.no_grad():
-        assert torch.equal(seg(**inputs).logits, saved["ref"]["seg"])
-        assert torch.equal(cls(**inputs).logits, saved["ref"]["cls"])
-        assert torch.equal(base(**inputs).case_embeds, saved["ref"]["base"])
+        assert _same_output(seg(**inputs).logits, saved["ref"]["seg"])
+        assert _same_output(cls(**inputs).logits, saved["ref"]["cls"])
+        assert _same_output(base(**inputs).case_embeds, saved["ref"]["base"])
     assert EmrFuseConfig.from_pretrained(saved["cls_dir"]).use_residual is False
     # the Auto classes with remote code, in this process
     assert type(AutoConfig.from_pretrained(saved["seg_dir"], trust_remote_code=True)).__name__ == "EmrFuseConfig"
     auto = AutoModelForSemanticSegmentation.from_pretrained(saved["seg_dir"], trust_remote_code=True).eval()
+    _state_dicts_equal(auto, saved["seg"])
     with torch.no_grad():
-        assert torch.equal(auto(**inputs).logits, saved["ref"]["seg"])
+        assert _same_output(auto(**inputs).logits, saved["ref"]["seg"])
     assert type(AutoModelForImageClassification.from_pretrained(saved["cls_dir"], trust_remote_code=True)).__name__ \
         == "EmrFuseForImageClassification"
     assert type(AutoModel.from_pretrained(saved["cls_dir"], trust_remote_code=True)).__name__ == "EmrFuseModel"
@@ -238,7 +284,11 @@ def test_fresh_process_round_trip_identical(fresh_process, saved, tag):
     assert torch.equal(res["pixel_values"], ref["pixel_values"])
     assert torch.equal(res["input_ids"], ref["input_ids"])
     for name in ("seg", "cls", "base"):
-        assert torch.equal(res[name], ref[name]), name
+        assert _same_output(res[name], ref[name]), name
+    # every weight and buffer loaded back exactly in the fresh process too
+    _state_dicts_equal(res["seg_state"], saved["seg"])
+    _state_dicts_equal(res["cls_state"], saved["cls"])
+    _state_dicts_equal(res["base_state"], saved["cls"].emrfuse)
 
 
 def test_push_to_hub_uploads_model_code_and_processor(saved):

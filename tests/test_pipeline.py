@@ -181,8 +181,9 @@ def test_bad_cases_raise_clear_errors(tmp_path, problem):
         load_case(files)
 
 
-def test_grading_model_in_a_sibling_folder(model_dir, case_dir, tmp_path):
-    """The layout ``train.py --demo`` leaves: outputs/emrfuse-demo + outputs/emrfuse-demo-grading."""
+def test_grading_model_in_a_sibling_folder_only_when_given(model_dir, case_dir, tmp_path):
+    """outputs/emrfuse-demo + outputs/emrfuse-demo-grading: the sibling is outside the model folder, so it is
+    used only when given explicitly (train.py copies the grading model into the folder's grading/)."""
     import shutil
 
     root = tmp_path / "emrfuse-demo"
@@ -192,7 +193,8 @@ def test_grading_model_in_a_sibling_folder(model_dir, case_dir, tmp_path):
     config.pop("grading_model")
     config.pop("custom_pipelines")
     (root / "config.json").write_text(json.dumps(config))
-    sibling = load_pipeline(str(root), device="cpu")
+    assert load_pipeline(str(root), device="cpu").grading_model is None
+    sibling = load_pipeline(str(root), device="cpu", grading_model=str(tmp_path / "emrfuse-demo-grading"))
     out = sibling(str(case_dir), report=REPORT)
     assert out["grading_model_id"].endswith("emrfuse-demo-grading") and out["grade_probabilities"] is not None
 
