@@ -60,11 +60,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
-import torch
+from modeling_emrfuse.cpu_threads import limit_torch_threads, prefer_passive_openmp
 
-from modeling_emrfuse import strict_json
-from modeling_emrfuse.brats_labels import REGIONS
+prefer_passive_openmp()  # before torch loads its OpenMP runtime: waiting threads sleep, they do not spin
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from modeling_emrfuse import strict_json  # noqa: E402
+from modeling_emrfuse.brats_labels import REGIONS  # noqa: E402
 
 logger = logging.getLogger("emrfuse.train")
 
@@ -165,6 +169,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--max_eval_cases", type=int, default=None, help="Evaluate at most this many held-out cases.")
     g.add_argument("--max_train_cases", type=int, default=None, help="Train on at most this many cases.")
     g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes.")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads per process (default: OMP_NUM_THREADS if set, else the cores this "
+                        "process may use, os.sched_getaffinity, shared by the processes of a torchrun/accelerate node).")
 
     g = p.add_argument_group("model")
     g.add_argument("--task", choices=("segmentation", "classification"), default=None,
@@ -1435,6 +1442,10 @@ def setup_logging(accelerator) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Run what the arguments ask for and return its summary (also printed)."""
     args = parse_args(argv)
+    try:
+        limit_torch_threads(args.threads)
+    except ValueError as exc:
+        raise SystemExit(f"train.py: error: --threads: {exc}") from None
     accelerator = make_accelerator(args)
     setup_logging(accelerator)
     t0 = time.perf_counter()

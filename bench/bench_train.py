@@ -14,6 +14,13 @@ slices):
 
     OMP_NUM_THREADS=2 python bench/bench_train.py                 # both models (~5 minutes)
     python bench/bench_train.py --skip-paper                       # demo model only
+    python bench/bench_train.py --load                             # demo s/step alone and beside another job
+
+``--load`` measures the demo model's seconds per training step alone and beside one competing torch
+process (a matrix-multiply loop with torch's default threading), for two threading policies, each in
+a fresh process: "before" (torch loaded with ``OMP_WAIT_POLICY`` unset and its default thread count,
+as train.py ran before :mod:`modeling_emrfuse.cpu_threads`) and "after" (what train.py does now:
+``OMP_WAIT_POLICY=PASSIVE`` set before torch loads, threads limited to the allowed cores).
 
 Figures depend on the machine and on what else runs on it; nothing here is a test.
 """
@@ -22,18 +29,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import train  # noqa: E402
+POLICIES = ("before", "after")
+_pre = argparse.ArgumentParser(add_help=False)
+_pre.add_argument("--child-policy", choices=POLICIES)
+CHILD_POLICY = _pre.parse_known_args()[0].child_policy
+if CHILD_POLICY != "before":  # as train.py does: before torch loads
+    from modeling_emrfuse.cpu_threads import prefer_passive_openmp
+
+    prefer_passive_openmp()
+
+import torch  # noqa: E402
+
+import train  # noqa: E402  (its own prefer_passive_openmp() comes after torch loaded: no effect in "before")
 
 BERT_BASE = {"vocab_size": 1000, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072, "max_position_embeddings": 512}
 
@@ -98,6 +116,8 @@ def measure(argv, text_spec, warmup: int, steps: int, label: str) -> dict:
         "data_wait_share": round(sum(wait_times) / sum(step_times), 3),
         "eval_seconds_per_case": round(sum(float(r["seconds"]) for r in rows) / len(rows), 2),
         "eval_case_grid": "full (240x240x155)" if "full" in argv else "demo small (64x64x48)",
+        "threads": torch.get_num_threads(),
+        "omp_wait_policy": "unset" if CHILD_POLICY == "before" else os.environ.get("OMP_WAIT_POLICY", "unset"),
     }
     return result
 
@@ -132,17 +152,79 @@ class TimedDataset(torch.utils.data.Dataset):
         return seconds
 
 
+COMPETITOR = (
+    "import torch\n"
+    "x = torch.randn(768, 768)\n"
+    "while True:\n"
+    "    y = x @ x\n"
+)
+
+
+def _child_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
+def measure_under_load(steps: int) -> None:
+    """Demo s/step alone and beside a competing torch process, for the "before" and "after" threading policies."""
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        for policy in POLICIES:
+            row = {"policy": policy}
+            for beside in (False, True):
+                competitor = None
+                if beside:
+                    competitor = subprocess.Popen([sys.executable, "-c", COMPETITOR], env=_child_env(),
+                                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    time.sleep(3.0)  # let it start spinning
+                try:
+                    out = subprocess.run(
+                        [sys.executable, __file__, "--child-policy", policy, "--skip-paper", "--demo-steps", str(steps),
+                         "--work-dir", work],
+                        env=_child_env(), capture_output=True, text=True, check=True,
+                    ).stdout
+                finally:
+                    if competitor is not None:
+                        competitor.kill()
+                        competitor.wait()
+                result = json.loads(out[out.index("["):])[0]
+                row["beside" if beside else "alone"] = result["step_seconds"]
+                row["threads"] = result.get("threads")
+                row["omp_wait_policy"] = result.get("omp_wait_policy")
+                print(f"  {policy:6s} {'beside a competitor' if beside else 'alone':20s} {result['step_seconds']} s/step",
+                      file=sys.stderr)
+            row["slowdown"] = round(row["beside"] / row["alone"], 2)
+            rows.append(row)
+    print()
+    print("| threading policy | OMP_WAIT_POLICY at torch load | threads | s/step alone | s/step beside a competing torch process | slowdown |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['policy']} | {r['omp_wait_policy']} | {r['threads']} | {r['alone']} | {r['beside']} | {r['slowdown']}x |")
+    print(json.dumps(rows))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--skip-paper", action="store_true")
     p.add_argument("--skip-demo", action="store_true")
     p.add_argument("--paper-steps", type=int, default=4)
     p.add_argument("--demo-steps", type=int, default=20)
+    p.add_argument("--load", action="store_true",
+                   help="demo s/step alone and beside a competing torch process, before/after train.py's threading policy")
+    p.add_argument("--child-policy", choices=POLICIES, help=argparse.SUPPRESS)
+    p.add_argument("--work-dir", default=None, help=argparse.SUPPRESS)
     opts = p.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
+    if opts.load:
+        measure_under_load(opts.demo_steps)
+        return
+    if opts.child_policy != "before":  # as train.py does
+        from modeling_emrfuse.cpu_threads import limit_torch_threads
+
+        limit_torch_threads()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+        tmp = Path(opts.work_dir or tmp)
         common = ["--demo", "--report_to", "none", "--cache_dir", str(tmp / "cache"), "--logging_steps", "1000"]
         if not opts.skip_demo:
             results.append(measure(

@@ -22,10 +22,14 @@ modality contribution (alpha_text vs alpha_image); the report with words highlig
 token attention; region volumes; metrics against the ground truth; the predicted label map as a
 download.
 
-Privacy and limits: uploads must be NIfTI files of at most ``EMRFUSE_MAX_UPLOAD_MB`` MB each; they
-are deleted as soon as the prediction has read them, and nothing is kept after a session (viewer
-data live in the session's state; result files are removed after ``EMRFUSE_KEEP_OUTPUTS_S``
-seconds). The report text is never logged.
+Privacy and limits: uploads must be NIfTI files of at most ``EMRFUSE_MAX_UPLOAD_MB`` MB each whose
+header declares at most ``EMRFUSE_MAX_VOXELS`` voxels (checked before any voxel is read); they are
+deleted as soon as the prediction has read them; an upload whose request never reaches the prediction
+(rejected, abandoned, queue full) is deleted by Gradio's cache sweep (every 300 s, files older than
+``EMRFUSE_KEEP_OUTPUTS_S`` seconds); everything (uploads, results, examples) lives in one temporary
+folder removed when the app stops (normal exit, Ctrl-C, SIGTERM). At most ``EMRFUSE_QUEUE_MAX_SIZE``
+requests wait in the queue. Error messages name the user's file, never a server path. The report text
+is never logged.
 """
 
 from __future__ import annotations
@@ -33,8 +37,11 @@ from __future__ import annotations
 import atexit
 import csv
 import html
+import math
 import os
+import re
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -48,8 +55,16 @@ for _path in (HERE, REPO):  # the package next to the app (a Space) or the repos
     if (_path / "modeling_emrfuse").is_dir() and str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
+from modeling_emrfuse.cpu_threads import prefer_passive_openmp  # noqa: E402
+
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: no spinning threads on shared vCPUs
+prefer_passive_openmp()  # before torch loads: no spinning threads on shared vCPUs
+
+# Every file the app holds lives under one folder, removed when the app stops (normal exit, Ctrl-C or
+# SIGTERM): the examples, the result files and, unless GRADIO_TEMP_DIR is set, Gradio's uploads.
+_OUTPUT_DIR = Path(tempfile.mkdtemp(prefix="emrfuse-space-", dir=os.environ.get("EMRFUSE_SPACE_TMPDIR") or None))
+atexit.register(shutil.rmtree, _OUTPUT_DIR, True)
+os.environ.setdefault("GRADIO_TEMP_DIR", str(_OUTPUT_DIR / "uploads"))  # before gradio is imported
 
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
@@ -68,6 +83,9 @@ MODEL_ENV = "EMRFUSE_MODEL"
 DEFAULT_MODEL = REPO / "outputs" / "emrfuse-demo"
 REALDATA = REPO.parent / "shared" / "realdata"
 MAX_UPLOAD_MB = float(os.environ.get("EMRFUSE_MAX_UPLOAD_MB", "100"))
+# a compressed upload can expand a lot (an all-zero volume ~230x): the grid size is checked from the header
+MAX_VOXELS = int(float(os.environ.get("EMRFUSE_MAX_VOXELS", str(32 * 2**20))))  # BraTS: 240 x 240 x 155 = 8.9 M
+QUEUE_MAX_SIZE = int(os.environ.get("EMRFUSE_QUEUE_MAX_SIZE", "16"))
 KEEP_OUTPUTS_S = float(os.environ.get("EMRFUSE_KEEP_OUTPUTS_S", "600"))
 DEMO_SIZE = os.environ.get("EMRFUSE_DEMO_SIZE", "medium")
 N_DEMO_CASES = int(os.environ.get("EMRFUSE_DEMO_CASES", "2"))
@@ -87,8 +105,6 @@ ROLE_COLOURS = {
     "other": (40, 120, 255),  # blue: BraTS 2015 non-enhancing tumour
 }
 
-_OUTPUT_DIR = Path(tempfile.mkdtemp(prefix="emrfuse-space-"))
-atexit.register(shutil.rmtree, _OUTPUT_DIR, True)  # examples and results go when the app stops
 _PIPE_LOCK = threading.Lock()
 _PIPE: Dict[str, Any] = {}
 
@@ -127,7 +143,7 @@ def get_pipeline():
         try:
             pipe = load_pipeline(source)
         except Exception as exc:  # an unusable model folder / offline Hub id
-            raise gr.Error(f"Cannot load the model {source}: {exc}", print_exception=False) from exc
+            raise gr.Error(public_message(f"Cannot load the model {source}: {exc}"), print_exception=False) from exc
         _PIPE.update(source=source, pipe=pipe)
         return pipe
 
@@ -217,7 +233,39 @@ def validate_upload(path: Optional[str], what: str) -> Optional[Path]:
         ok = len(head) >= 4 and (int.from_bytes(head[:4], "little") in (348, 540) or int.from_bytes(head[:4], "big") in (348, 540))
     if not ok:
         raise gr.Error(f"{what}: {p.name} does not look like a NIfTI file.", print_exception=False)
+    check_grid_size(p, what)
     return p
+
+
+def check_grid_size(path: Path, what: str) -> None:
+    """Refuse a volume whose grid holds more than ``MAX_VOXELS`` voxels, from its NIfTI header alone (no voxel
+    data is read or decompressed beyond the header)."""
+    import nibabel as nib
+
+    try:
+        header = nib.load(str(path)).header  # lazy: reads the header, not the data
+        shape = tuple(int(v) for v in header.get_data_shape())
+    except Exception:  # an unreadable header: the name only, never a server path
+        raise gr.Error(f"{what}: {path.name} has no readable NIfTI header.", print_exception=False) from None
+    voxels = math.prod(shape) if shape else 0
+    if voxels > MAX_VOXELS:
+        raise gr.Error(
+            f"{what}: {path.name} has a {' x '.join(map(str, shape))} grid ({voxels / 1e6:.1f} million voxels); this Space "
+            f"accepts at most {MAX_VOXELS / 1e6:.1f} million voxels per volume (a BraTS volume, 240 x 240 x 155, has 8.9).",
+            print_exception=False,
+        )
+
+
+def public_message(text: str) -> str:
+    """``text`` with every server path under the app's temporary folders (uploads, results, examples) replaced
+    by the file's own name: an error shown on the page names the user's file, never where the server keeps it."""
+    from gradio.utils import get_upload_folder
+
+    roots = {str(_OUTPUT_DIR), str(Path(get_upload_folder())), str(Path(tempfile.gettempdir()))}
+    for root in sorted(roots, key=len, reverse=True):
+        for variant in {root, os.path.realpath(root)}:
+            text = re.sub(re.escape(variant) + r"""[^\s'"`,;:()\[\]]*""", lambda m: Path(m.group(0)).name or "file", text)
+    return text
 
 
 def _delete_files(paths) -> None:
@@ -441,13 +489,13 @@ def predict(t1, t1ce, t2, flair, example, report, ground_truth, sequence="FLAIR"
             read_s = time.perf_counter() - t_read
             gt = read_label_map(gt_path).array if gt_path else None
         except (ValueError, OSError) as exc:
-            raise gr.Error(f"Cannot read this case: {exc}", print_exception=False) from exc
+            raise gr.Error(public_message(f"Cannot read this case: {exc}"), print_exception=False) from exc
         finally:  # the uploads have been read: delete them now
             _delete_files([p for p in uploaded_paths if p and not str(p).startswith(str(_OUTPUT_DIR))])
         try:
             result = pipe(case, report=report or None, use_case_report=False, allow_missing_sequences=allow_missing)
         except ValueError as exc:
-            raise gr.Error(f"Cannot run this case: {exc}", print_exception=False) from exc
+            raise gr.Error(public_message(f"Cannot run this case: {exc}"), print_exception=False) from exc
         if result["label_map"] is None:
             raise gr.Error("This model folder holds no segmentation model.", print_exception=False)
         if gt is not None:
@@ -463,7 +511,7 @@ def predict(t1, t1ce, t2, flair, example, report, ground_truth, sequence="FLAIR"
                     gt_conv, gt_note = ground_truth_convention(gt, result["label_convention"])
                 check_label_values(gt, gt_conv, where="ground truth")
             except ValueError as exc:
-                raise gr.Error(f"Cannot compare with the ground truth: {exc}", print_exception=False) from exc
+                raise gr.Error(public_message(f"Cannot compare with the ground truth: {exc}"), print_exception=False) from exc
     finally:
         _delete_files([p for p in uploaded_paths if p and not str(p).startswith(str(_OUTPUT_DIR))])
 
@@ -568,7 +616,7 @@ def build_demo() -> gr.Blocks:
                     sequence = gr.Radio([SEQUENCE_LABELS[s] for s in SEQUENCES], value="FLAIR", label="Sequence")
                     plane = gr.Radio(list(PLANES), value="axial", label="Plane")
                     show = gr.Checkbox(value=True, label="Show overlay")
-                index = gr.Slider(0, 154, value=77, step=1, label="Slice")
+                index = gr.Slider(0, 154, value=77, step=1, label="Slice", elem_id="emrfuse-slice")
                 with gr.Row():
                     pred_img = gr.Image(label="Prediction", type="numpy", format="png", elem_id="emrfuse-pred-view",
                                         interactive=False)
@@ -603,13 +651,31 @@ def build_demo() -> gr.Blocks:
         index.change(render_view, inputs=view_inputs, outputs=[pred_img, gt_img], api_name=False,
                      trigger_mode="always_last")
         plane.change(change_plane, inputs=[state, sequence, plane, show], outputs=[index, pred_img, gt_img], api_name=False)
+    # one prediction at a time; at most QUEUE_MAX_SIZE requests wait: the next one gets Gradio's "Queue is full" error
+    demo.queue(default_concurrency_limit=1, max_size=QUEUE_MAX_SIZE)
     return demo
+
+
+def remove_temporary_files() -> None:
+    """Delete the app's temporary folder (examples, results and, by default, uploads)."""
+    shutil.rmtree(_OUTPUT_DIR, ignore_errors=True)
+
+
+def _stop_on_sigterm(signum, frame) -> None:
+    # Gradio's launch() ends on KeyboardInterrupt: the server closes, then the temporary folder goes
+    raise KeyboardInterrupt
 
 
 def main() -> None:
     """Launch the app (``python space/app.py``); host/port from GRADIO_SERVER_NAME / GRADIO_SERVER_PORT."""
-    demo = build_demo()
-    demo.queue(default_concurrency_limit=1).launch(max_file_size=f"{int(MAX_UPLOAD_MB)}mb", show_error=True)
+    from modeling_emrfuse.cpu_threads import limit_torch_threads
+
+    limit_torch_threads()
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)  # a Space or a container stops the app with SIGTERM
+    try:
+        build_demo().launch(max_file_size=f"{int(MAX_UPLOAD_MB)}mb", show_error=True)
+    finally:
+        remove_temporary_files()
 
 
 if __name__ == "__main__":
