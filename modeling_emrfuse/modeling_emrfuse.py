@@ -484,7 +484,9 @@ def _build_vision_tower(config: EmrFuseConfig) -> nn.Module:
 
 
 @dataclass
-class _TextState:
+class TextState:
+    """The reports of a batch, encoded once per case (:meth:`EmrFuseModel.encode_text`)."""
+
     features: torch.Tensor | None  # (B, d_T) after attention/residual/no-report
     tokens: torch.Tensor | None  # (B, L, d_T)
     token_mask: torch.Tensor | None  # (B, L) bool
@@ -493,7 +495,10 @@ class _TextState:
 
 
 @dataclass
-class _Fusion:
+class FusionOutput:
+    """The fusion head's result for paired text/image features (:meth:`EmrFuseModel.fuse`): the (projected) text
+    and image features ``t``/``i``, the dynamic weights ``alpha_t``/``alpha_i`` (None when off) and F19's ``embeds``."""
+
     t: torch.Tensor | None
     i: torch.Tensor
     alpha_t: torch.Tensor | None
@@ -506,6 +511,17 @@ class EmrFuseModel(EmrFusePreTrainedModel):
 
     ``forward(pixel_values, input_ids=None, attention_mask=None, token_type_ids=None, slice_to_case=None,
     has_report=None, return_dict=True)`` -> :class:`EmrFuseModelOutput`.
+
+    Building blocks for task heads (public and stable; :class:`EmrFuseForSegmentation` is built from them):
+
+    1. :meth:`check_inputs` validates a batch and returns ``(slice_to_case, has_report, num_cases)``;
+    2. :meth:`encode_text` runs the text tower once per case -> :class:`TextState`;
+    3. :meth:`slice_chunks` splits the slices into the chunks inference runs at a time, and :meth:`encode_slices`
+       runs the image tower on one chunk (optionally keeping the feature maps a decoder needs);
+    4. :meth:`fuse` applies the fusion head to paired text/image features -> :class:`FusionOutput`;
+    5. :meth:`case_outputs` pools slice features per case (:meth:`pool_cases`), fuses them with the reports and
+       computes the auxiliary losses (:meth:`auxiliary_losses`): the fields of :class:`EmrFuseModelOutput`;
+    6. :meth:`weighted_auxiliary_loss` weighs ``loss_align`` / ``loss_ortho`` for a head's total loss.
     """
 
     def __init__(self, config: EmrFuseConfig, text_model: nn.Module | None = None, vision_model: nn.Module | None = None):
@@ -568,7 +584,9 @@ class EmrFuseModel(EmrFusePreTrainedModel):
         self.post_init()
 
     # ------------------------------------------------------------------ input checks
-    def _resolve_inputs(self, pixel_values, input_ids, attention_mask, slice_to_case, has_report):
+    def check_inputs(self, pixel_values, input_ids, attention_mask, slice_to_case, has_report):
+        """Validate a batch (shapes, channel count, case indices) with clear errors; returns
+        ``(slice_to_case (N,) long, has_report (B,) bool or None, number of cases B)``."""
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4:
             shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
             raise ValueError(f"pixel_values must be a (N, C, H, W) tensor, got {shape}.")
@@ -618,17 +636,17 @@ class EmrFuseModel(EmrFusePreTrainedModel):
         return slice_to_case, has_report, b
 
     # ------------------------------------------------------------------ pieces
-    def encode_text(self, input_ids, attention_mask, token_type_ids, has_report, num_cases: int, device) -> _TextState:
+    def encode_text(self, input_ids, attention_mask, token_type_ids, has_report, num_cases: int, device) -> TextState:
         """Run the text tower once per case with a report (F1-F3, F8-F9, add & norm, no-report state)."""
         if not self.use_text:
             hr = has_report if has_report is not None else torch.zeros(num_cases, dtype=torch.bool, device=device)
-            return _TextState(None, None, None, None, hr)
+            return TextState(None, None, None, None, hr)
         if input_ids is None:
             derived = torch.zeros(num_cases, dtype=torch.bool, device=device)
             if has_report is not None and bool(has_report.any()):
                 raise ValueError("has_report says some cases have a report but no input_ids were given.")
             feats = self.no_report_embedding[None].expand(num_cases, -1)
-            return _TextState(feats, None, None, None, derived)
+            return TextState(feats, None, None, None, derived)
         if attention_mask is None:
             pad = self.config.text_config.pad_token_id
             attention_mask = (input_ids != pad) if pad is not None else torch.ones_like(input_ids)
@@ -658,7 +676,7 @@ class EmrFuseModel(EmrFusePreTrainedModel):
             tokens = tokens.to(hidden.dtype).index_put((idx,), hidden)
             feats = feats.to(cls.dtype).index_put((idx,), cls)
         mask = mask & has_report[:, None]
-        return _TextState(feats, tokens, mask, token_attention, has_report)
+        return TextState(feats, tokens, mask, token_attention, has_report)
 
     def encode_slices(self, pixel_values: torch.Tensor, keep_maps: bool = False):
         """Image tower (F4-F5) + channel attention (F10-F12) + add & norm.
@@ -701,11 +719,11 @@ class EmrFuseModel(EmrFusePreTrainedModel):
         pooled = torch.zeros(num_cases, h.shape[-1], device=h.device).index_add(0, slice_to_case, weights[:, None] * h32)
         return pooled.to(h.dtype), weights
 
-    def fuse(self, text: torch.Tensor | None, image: torch.Tensor) -> _Fusion:
+    def fuse(self, text: torch.Tensor | None, image: torch.Tensor) -> FusionOutput:
         """F6-F7 / F14 projection / F17-F18 / add & norm / F19 on paired unit features."""
         cfg = self.config
         if not self.use_text:
-            return _Fusion(None, image, None, None, self.fusion_dropout(F.relu(self.fusion_fc(image))))
+            return FusionOutput(None, image, None, None, self.fusion_dropout(F.relu(self.fusion_fc(image))))
         t, i = text, image
         if self.text_projection is not None:
             t, i = self.text_projection(t), self.image_projection(i)
@@ -725,9 +743,9 @@ class EmrFuseModel(EmrFusePreTrainedModel):
         else:
             fused = _l2_normalise(torch.cat([t, i], dim=-1))  # F6-F7
         embeds = self.fusion_dropout(F.relu(self.fusion_fc(fused)))  # F19
-        return _Fusion(t, i, alpha_t, alpha_i, embeds)
+        return FusionOutput(t, i, alpha_t, alpha_i, embeds)
 
-    def auxiliary_losses(self, text: _TextState, image_case: torch.Tensor, fusion: _Fusion):
+    def auxiliary_losses(self, text: TextState, image_case: torch.Tensor, fusion: FusionOutput):
         """``(loss_align, loss_ortho)`` at case level over the cases with a report (``None`` when off)."""
         cfg = self.config
         loss_align = loss_ortho = None
@@ -751,17 +769,22 @@ class EmrFuseModel(EmrFusePreTrainedModel):
         return loss_align, loss_ortho
 
     def weighted_auxiliary_loss(self, loss_align, loss_ortho):
+        """``align_loss_weight * loss_align + ortho_loss_weight * loss_ortho`` over the terms that are on (None if none)."""
         total = None
         for value, weight in ((loss_align, self.config.align_loss_weight), (loss_ortho, self.config.ortho_loss_weight)):
             if value is not None and weight > 0:
                 total = weight * value if total is None else total + weight * value
         return total
 
-    def _chunks(self, n: int):
+    def slice_chunks(self, n: int):
+        """``[(start, end), ...]`` over ``n`` slices: one chunk while training (gradients), chunks of
+        ``config.slice_chunk_size`` otherwise (bounded memory on whole volumes)."""
         size = n if torch.is_grad_enabled() else max(1, self.config.slice_chunk_size)
         return [(s, min(n, s + size)) for s in range(0, n, size)] or [(0, 0)]
 
-    def _case_level(self, text: _TextState, slice_feats, slice_to_case, num_cases, return_hidden: bool):
+    def case_outputs(self, text: TextState, slice_feats, slice_to_case, num_cases, return_hidden: bool):
+        """Case pooling, fusion (F6-F19) and auxiliary losses from encoded reports and slice features: a dict of
+        :class:`EmrFuseModelOutput` fields (``text_last_hidden_state`` only with ``return_hidden``)."""
         image_case, pool_weights = self.pool_cases(slice_feats, slice_to_case, num_cases)
         fusion = self.fuse(text.features, image_case)
         loss_align, loss_ortho = self.auxiliary_losses(text, image_case, fusion)
@@ -803,14 +826,14 @@ class EmrFuseModel(EmrFusePreTrainedModel):
                 missing); ``False`` forces the learned no-report state.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        slice_to_case, has_report, b = self._resolve_inputs(pixel_values, input_ids, attention_mask, slice_to_case, has_report)
+        slice_to_case, has_report, b = self.check_inputs(pixel_values, input_ids, attention_mask, slice_to_case, has_report)
         text = self.encode_text(input_ids, attention_mask, token_type_ids, has_report, b, pixel_values.device)
         feats, betas = [], []
-        for s, e in self._chunks(pixel_values.shape[0]):
+        for s, e in self.slice_chunks(pixel_values.shape[0]):
             _, _, h, beta = self.encode_slices(pixel_values[s:e])
             feats.append(h)
             betas.append(beta)
-        out = self._case_level(text, torch.cat(feats), slice_to_case, b, return_hidden=True)
+        out = self.case_outputs(text, torch.cat(feats), slice_to_case, b, return_hidden=True)
         out["channel_attention"] = torch.cat(betas) if betas[0] is not None else None
         output = EmrFuseModelOutput(**out)
         return output if return_dict else output.to_tuple()
@@ -902,7 +925,7 @@ class EmrFuseForSegmentation(EmrFusePreTrainedModel):
         r"""See :meth:`EmrFuseModel.forward`; ``labels`` (`(N, R, H, W)`): region masks (0/1) per slice."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         model = self.emrfuse
-        slice_to_case, has_report, b = model._resolve_inputs(pixel_values, input_ids, attention_mask, slice_to_case, has_report)
+        slice_to_case, has_report, b = model.check_inputs(pixel_values, input_ids, attention_mask, slice_to_case, has_report)
         text = model.encode_text(input_ids, attention_mask, token_type_ids, has_report, b, pixel_values.device)
         kvs = None
         if self.config.use_text:
@@ -913,7 +936,7 @@ class EmrFuseForSegmentation(EmrFusePreTrainedModel):
             kvs = self.decoder.prepare_text(tokens, mask)
         size = pixel_values.shape[-2:]
         feats, betas, logits, slice_embeds = [], [], [], []
-        for s, e in model._chunks(pixel_values.shape[0]):
+        for s, e in model.slice_chunks(pixel_values.shape[0]):
             maps, bottleneck, h, beta = model.encode_slices(pixel_values[s:e], keep_maps=True)
             feats.append(h)
             betas.append(beta)
@@ -924,7 +947,7 @@ class EmrFuseForSegmentation(EmrFusePreTrainedModel):
                 slice_embeds.append(cond)
             logits.append(self.decoder(maps, bottleneck, size, cond, kvs, index))
         logits = torch.cat(logits)
-        out = model._case_level(text, torch.cat(feats), slice_to_case, b, return_hidden=False)
+        out = model.case_outputs(text, torch.cat(feats), slice_to_case, b, return_hidden=False)
         out["channel_attention"] = torch.cat(betas) if betas[0] is not None else None
         loss = loss_dice = loss_bce = None
         if labels is not None:

@@ -569,3 +569,40 @@ def test_mean_pooling_and_context_slices():
     assert torch.allclose(out.image_features[0], out.slice_image_features[:3].mean(0), atol=1e-6)
     with pytest.raises(ValueError, match="12"):
         model(**batch(n_slices=(3, 1), lengths=(2, 4), channels=4))
+
+
+# ------------------------------------------------------------------------------------------ public surface for heads
+def test_task_heads_use_only_the_base_models_public_surface():
+    """The heads drive EmrFuseModel through documented public methods, never its private ones."""
+    import ast
+    import inspect
+
+    import modeling_emrfuse.modeling_emrfuse as mod
+
+    for head in (mod.EmrFuseForSegmentation, mod.EmrFuseForImageClassification):
+        tree = ast.parse(inspect.getsource(head))
+        private = sorted({node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+                          and ast.unparse(node.value) in ("model", "self.emrfuse")
+                          and node.attr.startswith("_") and not node.attr.startswith("__")})
+        assert private == [], (head.__name__, private)
+    for name in ("check_inputs", "encode_text", "slice_chunks", "encode_slices", "fuse", "pool_cases", "case_outputs",
+                 "weighted_auxiliary_loss"):
+        assert getattr(mod.EmrFuseModel, name).__doc__, name  # documented
+        assert name in mod.EmrFuseModel.__doc__  # and listed in the class's guide for head writers
+
+
+def test_building_blocks_reproduce_forward():
+    """A head assembled from the public building blocks gets exactly what EmrFuseModel.forward returns."""
+    torch.manual_seed(0)
+    model = EmrFuseModel(tiny_config()).eval()
+    inputs = batch(n_slices=(3, 2), lengths=(5, 8))
+    with torch.no_grad():
+        ref = model(**inputs)
+        s2c, has_report, b = model.check_inputs(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"],
+                                                inputs["slice_to_case"], None)
+        text = model.encode_text(inputs["input_ids"], inputs["attention_mask"], None, has_report, b,
+                                 inputs["pixel_values"].device)
+        feats = [model.encode_slices(inputs["pixel_values"][s:e])[2] for s, e in model.slice_chunks(5)]
+        out = model.case_outputs(text, torch.cat(feats), s2c, b, return_hidden=False)
+    torch.testing.assert_close(out["case_embeds"], ref.case_embeds)
+    torch.testing.assert_close(out["alpha_text"], ref.alpha_text)
