@@ -81,43 +81,31 @@ CHECKPOINT_PREFIX = "checkpoint-"
 TRAINING_STATE_NAME = "training_state.json"
 SWITCH_FLAGS = ("alignment", "self_attention", "residual", "dynamic_weighting")
 
-# Defaults of the demo (applied only where the user gave no value). Tuned so that
-# `python train.py --demo` reaches the aimed-for held-out metrics well within ~10 minutes on a
-# 2-core CPU (about 1 minute idle; a few minutes when other jobs share the cores). ResNet-18 rather
-# than ResNet-50 and 64 x 64 slices keep it that fast; 96 cases because grading needs more than
-# the 36 training cases of 48 to generalise (segmentation does not).
-DEMO_DEFAULTS: Dict[str, Any] = {
-    "demo_cases": 96,
-    "demo_size": "small",
-    "vision_model": "resnet18",
-    "fusion_dim": 128,
-    "decoder_channels": [128, 64, 32, 16, 16],
-    "cross_attention_heads": 4,
-    "max_steps": 200,
-    "batch_size": 16,
-    "learning_rate": 2e-3,
-    "lr_scheduler": "cosine",
-    "warmup_steps": 20,
-    "grading_max_steps": 120,
-    "grading_learning_rate": 2e-3,
-    "eval_fraction": 0.25,
-    "val_fraction": 0.0,
-}
-# Defaults for real data (paper-size model).
-REAL_DEFAULTS: Dict[str, Any] = {
-    "vision_model": DEFAULT_VISION_MODEL,
-    "fusion_dim": 256,
-    "decoder_channels": None,  # the config's default
-    "cross_attention_heads": 8,
-    "num_epochs": 50,
-    "batch_size": 16,
-    "learning_rate": 1e-4,
-    "lr_scheduler": "cosine",
-    "warmup_steps": 500,
-    "grading_max_steps": None,
-    "grading_learning_rate": 1e-4,
-    "eval_fraction": 0.2,
-    "val_fraction": 0.1,
+# ---------------------------------------------------------------------------------------------
+# Defaults live in two places only, and nowhere else (no fallbacks further down):
+# - an option whose default is the same for every run has it in parse_args;
+# - an option whose default depends on the data has it in DATA_DEFAULTS, one column for the demo
+#   and one for real data, applied by finalize_args where the user gave no value.
+# The demo column is tuned so that `python train.py --demo` reaches its held-out metrics well within
+# ~10 minutes on a 2-core CPU (about 1 minute idle): ResNet-18 rather than ResNet-50 and 64 x 64
+# slices keep it that fast; 96 cases because grading needs more than the 36 training cases of 48 to
+# generalise (segmentation does not). The real-data column is the paper-size model.
+# ---------------------------------------------------------------------------------------------
+DATA_DEFAULTS: Dict[str, Tuple[Any, Any]] = {
+    # option                  (demo,                    real data)
+    "output_dir":             (DEMO_OUTPUT_DIR,         DEFAULT_OUTPUT_DIR),
+    "vision_model":           ("resnet18",              DEFAULT_VISION_MODEL),
+    "fusion_dim":             (128,                     256),
+    "decoder_channels":       ([128, 64, 32, 16, 16],   None),  # None: the config's default
+    "cross_attention_heads":  (4,                       8),
+    "max_steps":              (200,                     None),  # None: --num_epochs decides
+    "num_epochs":             (None,                    50),
+    "learning_rate":          (2e-3,                    1e-4),
+    "warmup_steps":           (20,                      500),
+    "grading_max_steps":      (120,                     None),  # the demo's grading run after segmentation
+    "grading_learning_rate":  (2e-3,                    1e-4),
+    "eval_fraction":          (0.25,                    0.2),
+    "val_fraction":           (0.0,                     0.1),
 }
 NO_EVALUATION_NOTE = (
     "No held-out evaluation: this model was trained on every case given (--eval_fraction 0). Its expected "
@@ -140,7 +128,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--data_dir", type=str, action="append", default=None,
                    help="BraTS folder (any supported layout); repeat for several folders in one run (case ids must be unique).")
     g.add_argument("--reports", type=str, default=None, help="Reports file (CSV/JSONL: case id -> text); default: per-case <case>_flair_text.txt.")
-    g.add_argument("--release", type=str, action="append", default=None,
+    g.add_argument("--release", type=str, action="append", default=None,  # None: ["auto"], set in finalize_args
                    help="BraTS release ('auto' detects it, the default); once for every folder, or once per --data_dir in the same order.")
     g.add_argument("--id_mapping", type=str, action="append", default=None,
                    help="Id table (BraTS 2020 name_mapping.csv, BraTS 2021 BraTS21-17_Mapping.csv; repeatable): reports keyed by "
@@ -157,8 +145,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help=f"The demo text tower's WordPiece vocabulary, learned from the training reports, never keeps a word found in "
                    f"fewer than this many distinct reports (default {MIN_REPORTS_PER_WORD}; at least {MIN_REPORTS_PER_WORD}): rare words "
                    "of patients' reports never reach tokenizer files or the Hub.")
-    g.add_argument("--demo_cases", type=int, default=None, help="Number of demo cases to generate.")
-    g.add_argument("--demo_size", type=str, default=None, help="Demo grid: small (64x64x48), medium (96x96x64), full (240x240x155) or XxYxZ.")
+    g.add_argument("--demo_cases", type=int, default=96, help="Number of demo cases to generate.")
+    g.add_argument("--demo_size", type=str, default="small", help="Demo grid: small (64x64x48), medium (96x96x64), full (240x240x155) or XxYxZ.")
     g.add_argument("--demo_data_dir", type=str, default=None, help="Where demo cases are written (default data/emrfuse-demo-<size>-<n>).")
     g.add_argument("--cache_dir", type=str, default="cache/emrfuse", help="Preprocessed slice cache (rebuilt only when inputs change).")
     g.add_argument("--eval_fraction", type=float, default=None,
@@ -205,13 +193,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g = p.add_argument_group("training")
     g.add_argument("--num_epochs", type=int, default=None)
     g.add_argument("--max_steps", type=int, default=None, help="Optimiser steps (overrides --num_epochs).")
-    g.add_argument("--batch_size", type=int, default=None, help="Slices per batch per process (a multiple of --slices_per_case).")
+    g.add_argument("--batch_size", type=int, default=16, help="Slices per batch per process (a multiple of --slices_per_case).")
     g.add_argument("--slices_per_case", type=int, default=4,
                    help="Consecutive slices drawn from one case: a batch holds batch_size/slices_per_case cases (grading: each case's bag of slices).")
     g.add_argument("--gradient_accumulation_steps", type=int, default=None, help="Default: the accelerate config's, else 1.")
     g.add_argument("--learning_rate", type=float, default=None)
     g.add_argument("--text_learning_rate", type=float, default=None, help="Learning rate of a pretrained text tower (default learning_rate).")
-    g.add_argument("--lr_scheduler", type=str, default=None, help="linear, cosine, constant, constant_with_warmup, ... (transformers.get_scheduler)")
+    g.add_argument("--lr_scheduler", type=str, default="cosine", help="linear, cosine, constant, constant_with_warmup, ... (transformers.get_scheduler)")
     g.add_argument("--warmup_steps", type=int, default=None)
     g.add_argument("--weight_decay", type=float, default=1e-4)
     g.add_argument("--max_grad_norm", type=float, default=1.0)
@@ -271,22 +259,13 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     if not 0.0 <= args.sequence_dropout < 1.0:
         raise SystemExit(f"train.py: --sequence_dropout must be in [0, 1), got {args.sequence_dropout}.")
     args.sequence_presence = bool(args.sequence_presence or args.sequence_dropout > 0)
-    defaults = DEMO_DEFAULTS if args.demo else REAL_DEFAULTS
-    for key, value in defaults.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    args.demo_cases = args.demo_cases or DEMO_DEFAULTS["demo_cases"]
-    args.demo_size = args.demo_size or DEMO_DEFAULTS["demo_size"]
+    if args.output_dir is None and args.ablation:  # keep ablation runs out of the model folder
+        args.output_dir = DATA_DEFAULTS["output_dir"][0 if args.demo else 1] + "-ablations"
+    for key, (demo_value, real_value) in DATA_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, demo_value if args.demo else real_value)
     args.grading_after_segmentation = args.task is None and args.demo and bool(args.grading_max_steps)
     args.task = args.task or "segmentation"
-    if args.output_dir is None:
-        args.output_dir = DEMO_OUTPUT_DIR if args.demo else DEFAULT_OUTPUT_DIR
-        if args.ablation:  # keep ablation runs out of the model folder
-            args.output_dir += "-ablations"
-    if args.lr_scheduler is None:
-        args.lr_scheduler = "cosine"
-    if args.warmup_steps is None:
-        args.warmup_steps = 0
     if args.batch_size % args.slices_per_case:
         raise SystemExit(f"train.py: --batch_size {args.batch_size} must be a multiple of --slices_per_case {args.slices_per_case}.")
     if args.image_size is not None and (args.image_size < 32 or args.image_size % 32):
@@ -778,22 +757,63 @@ def config_kwargs(args: argparse.Namespace, switches: Dict[str, bool]) -> Dict[s
     return kwargs
 
 
-def build_model(args: argparse.Namespace, run: RunData, task: str, switches: Dict[str, bool], init_from: Optional[str] = None):
-    """The task model from the two pretrained towers, or from a saved EmrFuse folder (``init_from``).
+@dataclass
+class WarmStart:
+    """The weights a training run starts from: the one warm-start path for both sources.
 
-    With ``init_from`` (e.g. the segmentation run's folder when training the grading head), every
-    weight the two tasks share (towers, fusion head) is loaded; the task head starts fresh.
+    - a saved EmrFuse folder (``--init_from``): the run takes the folder's config (with this run's switches),
+      its tokenizer and its weights;
+    - the previous stage's weights in memory (the demo's grading run starts from the segmentation run).
+
+    Every weight the model shares with the source (towers, fusion head) is loaded; a task head the source
+    lacks starts fresh. (``--init_vision_from`` is different: it copies image parts across models whose
+    shapes may differ, see :func:`warm_start_image_parts`.)
     """
+
+    source: str  # what the weights are, for the log
+    folder: Optional[Path] = None
+    state: Optional[Dict[str, torch.Tensor]] = None
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "WarmStart":
+        return cls(source=str(folder), folder=Path(folder))
+
+    def weights(self) -> Dict[str, torch.Tensor]:
+        return self.state if self.state is not None else read_saved_weights(self.folder, "--init_from")
+
+    def apply(self, model, desc: str) -> None:
+        try:
+            result = model.load_state_dict(self.weights(), strict=False)
+        except RuntimeError as exc:  # shapes that differ: another model size
+            raise SystemExit(f"train.py: cannot start from {self.source}: its weights do not fit this model ({exc}).") from None
+        logger.info(f"{desc}: started from {self.source} ({len(result.missing_keys)} task-head tensors new)")
+
+
+def read_saved_weights(folder: str | Path, flag: str) -> Dict[str, torch.Tensor]:
+    """Every tensor of a saved model folder's ``*.safetensors`` files (shards included)."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{flag} {folder}: no *.safetensors weights in this folder.")
+    saved: Dict[str, torch.Tensor] = {}
+    for f in files:
+        saved.update(load_file(str(f)))
+    return saved
+
+
+def build_model(args: argparse.Namespace, run: RunData, task: str, switches: Dict[str, bool],
+                config_from: Optional[Path] = None):
+    """The task model: from the two pretrained towers, or (``config_from``) with a saved EmrFuse folder's config
+    and fresh weights, which :meth:`WarmStart.apply` then fills."""
     cls = model_class(task)
-    if init_from:
+    if config_from is not None:
         from modeling_emrfuse.configuration_emrfuse import EmrFuseConfig
 
-        config = EmrFuseConfig.from_pretrained(init_from)
+        config = EmrFuseConfig.from_pretrained(config_from)
         for key, value in switches.items():
             setattr(config, key, value)
-        model, info = cls.from_pretrained(init_from, config=config, output_loading_info=True)
-        logger.info(f"initialised from {init_from}: {len(info.get('missing_keys', []))} new task-head tensors")
-        return model
+        return cls(config)
     model = cls.from_text_vision_pretrained(
         run.text_model, args.vision_model, vision_pretrained=args.vision_pretrained, **config_kwargs(args, switches)
     )
@@ -811,14 +831,7 @@ def warm_start_image_parts(model, folder: str | Path) -> Tuple[int, int]:
     channels and zeros on the new ones, so it starts as the saved model. Returns ``(copied,
     widened)``; raises ``ValueError`` when nothing matches (not an EmrFuse folder of this kind).
     """
-    from safetensors.torch import load_file
-
-    files = sorted(Path(folder).glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"--init_vision_from {folder}: no *.safetensors weights in this folder.")
-    saved: Dict[str, torch.Tensor] = {}
-    for f in files:
-        saved.update(load_file(str(f)))
+    saved = read_saved_weights(folder, "--init_vision_from")
     own = model.state_dict()
     copied = widened = 0
     with torch.no_grad():
@@ -1047,6 +1060,76 @@ def _tracker_config(args: argparse.Namespace, extra: Dict[str, Any]) -> Dict[str
     return cfg
 
 
+@dataclass
+class BestModel:
+    """Model selection: the best evaluation of a run so far and the weights (CPU copies) that made it."""
+
+    metric: Optional[float] = None
+    step: Optional[int] = None
+    summary: Optional[Dict[str, Any]] = None
+    rows: Optional[List[Dict[str, Any]]] = None
+    embeds: Optional[np.ndarray] = None
+    state: Optional[Dict[str, torch.Tensor]] = None
+
+    def is_better(self, metric: float) -> bool:
+        """The first evaluation of this process always wins (weights are needed, also after a resume); later ones
+        when their metric is higher (a NaN metric never beats a number)."""
+        return self.state is None or self.metric is None or (metric == metric and metric > self.metric)
+
+    def keep(self, metric, step, summary, rows, embeds, net) -> None:
+        self.metric, self.step, self.summary, self.rows, self.embeds = metric, step, summary, rows, embeds
+        self.state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+
+
+@dataclass
+class SelectionEvaluation:
+    """Where and how :func:`evaluate_and_select` evaluates during training."""
+
+    cases: list  # the validation cases, or the held-out cases when there is no validation split
+    split: str  # "validation" or "test"
+    output_dir: Path
+    save_best: bool  # keep the best model on disk as training goes (validation split only)
+    use_trackers: bool
+    log: Any  # prints a line above the progress bar
+
+
+def evaluate_and_select(args, accelerator, model, processor, run: RunData, task: str, step: int, max_steps: int,
+                        selection: SelectionEvaluation, best: BestModel) -> float:
+    """Evaluate on the selection cases, log the result (line, trackers, ``eval_history.jsonl``) and keep the model
+    in ``best`` when it is better (:meth:`BestModel.is_better`). Returns the seconds it took."""
+    t_eval = time.perf_counter()
+    net = accelerator.unwrap_model(model)
+    sync_buffers(net, accelerator)
+    rows, summary, embeds = evaluate(args, accelerator, model, processor, selection.cases, run.reports, task, step)
+    summary["split"] = selection.split
+    metric = selection_metric(summary, task)
+    if accelerator.is_main_process:
+        selection.log(eval_log_line(summary, task, step, max_steps, selection.split))
+    if selection.use_trackers and accelerator.trackers:
+        accelerator.log(_summary_scalars(summary, task), step=step)
+    if accelerator.is_main_process:
+        selection.output_dir.mkdir(parents=True, exist_ok=True)
+        with (selection.output_dir / "eval_history.jsonl").open("a") as fh:
+            fh.write(strict_json.dumps({"step": step, "split": selection.split, "metric": metric, "summary": summary}, default=float) + "\n")
+    if best.is_better(metric):
+        best.keep(metric, step, summary, rows, embeds, net)
+        if selection.save_best and accelerator.is_main_process:
+            save_model_folder(net, processor, selection.output_dir)
+    accelerator.wait_for_everyone()
+    return time.perf_counter() - t_eval
+
+
+def stage_schedule(args: argparse.Namespace, stage: str) -> Tuple[Optional[int], float]:
+    """``(max_steps, learning_rate)`` of a training stage: ``"main"`` (--max_steps / --learning_rate; max_steps
+    None means --num_epochs) or ``"grading"``, the demo's grading run after segmentation (--grading_max_steps /
+    --grading_learning_rate)."""
+    if stage == "main":
+        return args.max_steps, args.learning_rate
+    if stage == "grading":
+        return args.grading_max_steps, args.grading_learning_rate
+    raise ValueError(f"unknown training stage {stage!r}")
+
+
 class TrainingStopped(Exception):
     """Raised by ``--stop_after_steps`` (a deliberate interruption, e.g. to test resuming)."""
 
@@ -1060,10 +1143,8 @@ def train_one(
     output_dir: Path,
     switches: Dict[str, bool],
     seed: int,
-    max_steps: Optional[int] = None,
-    learning_rate: Optional[float] = None,
-    init_from: Optional[str] = None,
-    init_state: Optional[Dict[str, torch.Tensor]] = None,
+    stage: str = "main",
+    warm_start: Optional[WarmStart] = None,
     save_model: bool = True,
     use_trackers: bool = True,
     resume: Optional[str] = None,
@@ -1077,20 +1158,21 @@ def train_one(
     for segmentation, balanced accuracy for grading) is kept; at the end it is evaluated on the
     held-out cases and, when ``save_model``, saved with ``save_pretrained`` (+ processor, model
     card, evaluation report) into ``output_dir``. Resumable checkpoints go to
-    ``output_dir/checkpoints``. Returns the final summary and the best weights (CPU tensors).
+    ``output_dir/checkpoints``. ``stage`` picks the schedule (:func:`stage_schedule`), ``warm_start``
+    the initial weights. Returns the final summary and the best weights (CPU tensors).
     """
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
     output_dir = Path(output_dir)
-    learning_rate = learning_rate or args.learning_rate
+    max_steps, learning_rate = stage_schedule(args, stage)
     set_seed(seed)
-    processor = build_processor(args, init_from or run.text_model)  # a saved EmrFuse folder holds its tokenizer
-    model = build_model(args, run, task, switches, init_from=init_from)
-    if init_state is not None:
-        result = model.load_state_dict(init_state, strict=False)
-        logger.info(f"{desc}: started from the segmentation run's weights ({len(result.missing_keys)} task-head tensors new)")
+    folder = warm_start.folder if warm_start is not None else None
+    processor = build_processor(args, str(folder) if folder else run.text_model)  # a saved EmrFuse folder holds its tokenizer
+    model = build_model(args, run, task, switches, config_from=folder)
+    if warm_start is not None:
+        warm_start.apply(model, desc)
     model.train()
     train_loader, _ = build_train_loader(args, run, processor, seed, args.batch_size, accelerator)
     groups = optimizer_groups(model, learning_rate, args.weight_decay, args.text_learning_rate)
@@ -1101,7 +1183,6 @@ def train_one(
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     accum = accelerator.gradient_accumulation_steps
     updates_per_epoch = max(1, math.ceil(len(train_loader) / accum))
-    max_steps = max_steps or args.max_steps
     if max_steps:
         num_epochs = math.ceil(max_steps / updates_per_epoch)
     else:
@@ -1139,7 +1220,7 @@ def train_one(
         f"parts: {'+'.join(k[4:] for k, v in switches.items() if v) or 'image only'}"
     )
     global_step = int(state["global_step"])
-    best: Dict[str, Any] = {"summary": None, "rows": None, "embeds": None, "state": None}
+    best = BestModel(metric=state["best_metric"], step=state["best_step"])  # a resumed run keeps its best metric
     progress = tqdm(total=max_steps, initial=global_step, desc=desc, disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     running_loss = torch.zeros((), device=accelerator.device)
     running_n = 0
@@ -1147,29 +1228,8 @@ def train_one(
     slices_seen = 0
     data_wait = 0.0
     eval_seconds = 0.0
-
-    def run_evaluation(step: int) -> None:
-        nonlocal eval_seconds
-        t_eval = time.perf_counter()
-        sync_buffers(net, accelerator)
-        rows, summary, embeds = evaluate(args, accelerator, model, processor, select_cases, run.reports, task, step)
-        summary["split"] = select_split
-        metric = selection_metric(summary, task)
-        if accelerator.is_main_process:
-            progress.write(eval_log_line(summary, task, step, max_steps, select_split))  # above the bar, own line
-        if use_trackers and accelerator.trackers:
-            accelerator.log(_summary_scalars(summary, task), step=step)
-        if accelerator.is_main_process:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            with (output_dir / "eval_history.jsonl").open("a") as fh:
-                fh.write(strict_json.dumps({"step": step, "split": select_split, "metric": metric, "summary": summary}, default=float) + "\n")
-        if state["best_metric"] is None or (metric == metric and metric > state["best_metric"]) or best["state"] is None:
-            state["best_metric"], state["best_step"] = metric, step
-            best.update(summary=summary, rows=rows, embeds=embeds, state={k: v.detach().cpu().clone() for k, v in net.state_dict().items()})
-            if save_model and run.val_cases and accelerator.is_main_process:  # keep the best model on disk as training goes
-                save_model_folder(net, processor, output_dir)
-        accelerator.wait_for_everyone()
-        eval_seconds += time.perf_counter() - t_eval
+    selection = SelectionEvaluation(cases=select_cases, split=select_split, output_dir=output_dir,
+                                    save_best=save_model and bool(run.val_cases), use_trackers=use_trackers, log=progress.write)
 
     done = global_step >= max_steps
     for epoch in range(int(state["epoch"]), num_epochs):
@@ -1208,8 +1268,10 @@ def train_one(
                     if use_trackers and accelerator.trackers:
                         accelerator.log({"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0]}, step=global_step)
                 if select_cases and (global_step >= max_steps or (args.eval_steps and global_step % args.eval_steps == 0)):
-                    run_evaluation(global_step)
+                    eval_seconds += evaluate_and_select(args, accelerator, model, processor, run, task, global_step, max_steps,
+                                                        selection, best)
                 if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+                    state.update(best_metric=best.metric, best_step=best.step)
                     save_checkpoint(accelerator, output_dir, dict(state), args.checkpoints_total_limit)
                 if global_step >= max_steps:
                     done = True
@@ -1223,23 +1285,21 @@ def train_one(
     progress.close()
     train_seconds = time.perf_counter() - t_train - eval_seconds
     if not select_cases:  # trained on every case: nothing to evaluate, the last weights are the model
-        state["best_step"] = global_step
-        best.update(rows=[], embeds=None, summary={"task": task, "step": global_step, "num_cases": 0, "split": "none"},
-                    state={k: v.detach().cpu().clone() for k, v in net.state_dict().items()})
-    elif best["state"] is None:  # resumed from a checkpoint taken after the last step
-        run_evaluation(global_step)
+        best.keep(None, global_step, {"task": task, "step": global_step, "num_cases": 0, "split": "none"}, [], None, net)
+    elif best.state is None:  # resumed from a checkpoint taken after the last step
+        evaluate_and_select(args, accelerator, model, processor, run, task, global_step, max_steps, selection, best)
 
     # the best model on the held-out cases
-    net.load_state_dict(best["state"])
+    net.load_state_dict(best.state)
     if run.val_cases:
-        rows, summary, embeds = evaluate(args, accelerator, model, processor, run.eval_cases, run.reports, task, state["best_step"])
+        rows, summary, embeds = evaluate(args, accelerator, model, processor, run.eval_cases, run.reports, task, best.step)
         summary["split"] = "test"
-        summary["validation"] = {"metric": state["best_metric"], "num_cases": len(run.val_cases)}
-        accelerator.print(eval_log_line(summary, task, state["best_step"], max_steps, "test (best model)"))
+        summary["validation"] = {"metric": best.metric, "num_cases": len(run.val_cases)}
+        accelerator.print(eval_log_line(summary, task, best.step, max_steps, "test (best model)"))
     else:
-        rows, summary, embeds = best["rows"], best["summary"], best["embeds"]
+        rows, summary, embeds = best.rows, best.summary, best.embeds
     summary.update(
-        best_step=state["best_step"],
+        best_step=best.step,
         train_seconds=round(train_seconds, 1),
         data_wait_share=round(data_wait / max(train_seconds, 1e-9), 3),
         train_slices_per_second=round(slices_seen * accelerator.num_processes / max(train_seconds, 1e-9), 2),
@@ -1249,7 +1309,7 @@ def train_one(
     if accelerator.is_main_process:
         write_run_outputs(args, run, net, processor, output_dir, task, rows, summary, embeds, switches, seed, max_steps, learning_rate, save_model)
     accelerator.wait_for_everyone()
-    best_state = best["state"]
+    best_state = best.state
     accelerator.free_memory()
     return summary, best_state
 
@@ -1333,7 +1393,7 @@ def train_with_grading(args, accelerator, run: RunData, *, output_dir: Path, swi
         return seg
     cls_summary, _ = train_one(
         args, accelerator, run, task="classification", output_dir=Path(str(output_dir) + GRADING_SUFFIX), switches=switches, seed=seed,
-        max_steps=args.grading_max_steps, learning_rate=args.grading_learning_rate, init_state=seg_state,
+        stage="grading", warm_start=WarmStart(source="the segmentation run's weights", state=seg_state),
         save_model=save_model, use_trackers=False, resume=resume, desc=f"{desc}grading",
     )
     merged = dict(seg)
@@ -1477,7 +1537,8 @@ def _train_main(args, accelerator, run: RunData, output_dir: Path, switches: Dic
     if args.grading_after_segmentation:
         summary = train_with_grading(args, accelerator, run, **common)
     else:
-        summary, _ = train_one(args, accelerator, run, task=args.task, init_from=args.init_from, desc=args.task, **common)
+        warm_start = WarmStart.from_folder(args.init_from) if args.init_from else None
+        summary, _ = train_one(args, accelerator, run, task=args.task, warm_start=warm_start, desc=args.task, **common)
     return summary
 
 

@@ -255,3 +255,51 @@ def test_model_switches_from_presets_and_flags():
         train.parse_args(["--demo", "--preset", "nonsense"])
     with pytest.raises(SystemExit):
         train.parse_args([])  # neither data nor --demo
+
+
+# ------------------------------------------------------------------------------------------ defaults, warm start, selection
+def test_defaults_come_from_one_table_and_the_users_value_wins():
+    demo, real = train.parse_args(["--demo"]), train.parse_args(["--data_dir", "x"])
+    for key, (demo_value, real_value) in train.DATA_DEFAULTS.items():
+        assert getattr(demo, key) == demo_value and getattr(real, key) == real_value, key
+    assert train.parse_args(["--demo", "--learning_rate", "0.5", "--max_steps", "7"]).learning_rate == 0.5
+    assert train.stage_schedule(demo, "main") == (200, 2e-3)
+    assert train.stage_schedule(demo, "grading") == (120, 2e-3)
+    assert train.stage_schedule(real, "main") == (None, 1e-4)  # real data: --num_epochs (50) decides
+    assert real.num_epochs == 50 and demo.batch_size == real.batch_size == 16
+    assert train.parse_args(["--demo", "--ablation", "table1"]).output_dir == train.DEMO_OUTPUT_DIR + "-ablations"
+
+
+def test_warm_start_from_a_folder_and_from_memory_load_the_same_shared_weights(tmp_path):
+    from safetensors.torch import load_file
+    from tiny_emrfuse import build_tiny_model_folder
+
+    folder = build_tiny_model_folder(tmp_path / "seg", with_grading=False, with_pipeline=False)
+    saved = load_file(str(folder / "model.safetensors"))
+    args = train.parse_args(["--demo"])
+    switches = train.model_switches(args)
+    from_folder = train.build_model(args, None, "classification", switches, config_from=folder)
+    train.WarmStart.from_folder(folder).apply(from_folder, "test")
+    from_memory = train.build_model(args, None, "classification", switches, config_from=folder)
+    train.WarmStart(source="a state dict", state=saved).apply(from_memory, "test")
+    shared = [k for k in from_folder.state_dict() if k in saved]
+    assert len(shared) > 100 and any(k.startswith("classifier.") for k in from_folder.state_dict())
+    for key in shared:  # towers and fusion head: the saved weights, whichever the source
+        assert torch.equal(from_folder.state_dict()[key], saved[key]), key
+        assert torch.equal(from_memory.state_dict()[key], saved[key]), key
+    other = {k: (v[:1] if v.ndim else v) for k, v in saved.items()}  # another model size
+    with pytest.raises(SystemExit, match="do not fit this model"):
+        train.WarmStart(source="other", state=other).apply(from_memory, "test")
+
+
+def test_best_model_selection():
+    net = torch.nn.Linear(2, 1)
+    best = train.BestModel()
+    assert best.is_better(float("nan"))  # the first evaluation always gives weights
+    best.keep(0.5, 10, {"s": 1}, [], None, net)
+    assert not best.is_better(0.4) and not best.is_better(float("nan")) and best.is_better(0.6)
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    assert not torch.equal(best.state["weight"], net.weight)  # a copy, not a view of the live weights
+    resumed = train.BestModel(metric=0.9, step=30)  # from a checkpoint: metric known, weights not
+    assert resumed.is_better(0.1)
