@@ -107,6 +107,11 @@ DATA_DEFAULTS: Dict[str, Tuple[Any, Any]] = {
     "eval_fraction":          (0.25,                    0.2),
     "val_fraction":           (0.0,                     0.1),
 }
+SELECTION_NEEDS_VALIDATION = (
+    "train.py: --eval_steps chooses the best model during training, which needs a validation split: set "
+    "--val_fraction > 0 (or give a --split_file with validation cases). Without one the model would be chosen on "
+    "the test cases and then scored on them."
+)
 NO_EVALUATION_NOTE = (
     "No held-out evaluation: this model was trained on every case given (--eval_fraction 0). Its expected "
     "quality is what cross-validation of the same recipe measures (e.g. bench/bench_real.py --cv 5)."
@@ -215,7 +220,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
     g = p.add_argument_group("output, evaluation and checkpoints")
     g.add_argument("--output_dir", type=str, default=None, help=f"Model folder (default {DEFAULT_OUTPUT_DIR}; demo {DEMO_OUTPUT_DIR}).")
-    g.add_argument("--eval_steps", type=int, default=None, help="Evaluate every N steps (always at the end).")
+    g.add_argument("--eval_steps", type=int, default=None,
+                   help="Evaluate on the validation split every N steps and keep the best model (needs a validation split: "
+                   "--val_fraction > 0 or a --split_file with one). Without it, the model of the last step is kept.")
     g.add_argument("--checkpointing_steps", type=int, default=None, help="Save a resumable checkpoint every N steps.")
     g.add_argument("--checkpoints_total_limit", type=int, default=2)
     g.add_argument("--stop_after_steps", type=int, default=None,
@@ -264,6 +271,9 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     for key, (demo_value, real_value) in DATA_DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, demo_value if args.demo else real_value)
+    if args.eval_steps is not None and (args.eval_steps < 1 or (args.val_fraction == 0 and args.split_file is None)):
+        raise SystemExit(SELECTION_NEEDS_VALIDATION if args.eval_steps >= 1 else
+                         f"train.py: --eval_steps must be >= 1, got {args.eval_steps}.")
     args.grading_after_segmentation = args.task is None and args.demo and bool(args.grading_max_steps)
     args.task = args.task or "segmentation"
     if args.batch_size % args.slices_per_case:
@@ -1513,6 +1523,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     run = prepare_run_data(args, accelerator)
+    if args.eval_steps and not run.val_cases:  # e.g. a --split_file without validation cases
+        raise SystemExit(SELECTION_NEEDS_VALIDATION)
 
     if args.ablation:
         result = run_ablation(args, accelerator, run)

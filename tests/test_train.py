@@ -303,3 +303,15 @@ def test_best_model_selection():
     assert not torch.equal(best.state["weight"], net.weight)  # a copy, not a view of the live weights
     resumed = train.BestModel(metric=0.9, step=30)  # from a checkpoint: metric known, weights not
     assert resumed.is_better(0.1)
+
+
+def test_eval_steps_needs_a_validation_split():
+    """Best-model selection on the test cases, then scored on them, is refused."""
+    with pytest.raises(SystemExit, match="needs a validation split"):
+        train.parse_args(["--demo", "--eval_steps", "10"])  # the demo has no validation split by default
+    with pytest.raises(SystemExit, match="needs a validation split"):
+        train.parse_args(["--data_dir", "x", "--val_fraction", "0", "--eval_steps", "10"])
+    with pytest.raises(SystemExit, match=">= 1"):
+        train.parse_args(["--data_dir", "x", "--eval_steps", "0"])
+    assert train.parse_args(["--data_dir", "x", "--eval_steps", "10"]).val_fraction == 0.1  # real data: a split
+    assert train.parse_args(["--demo", "--val_fraction", "0.2", "--eval_steps", "10"]).eval_steps == 10
