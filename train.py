@@ -217,6 +217,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--grading_max_steps", type=int, default=None, help="Demo: steps of the grading run after segmentation (0 = skip).")
     g.add_argument("--grading_learning_rate", type=float, default=None)
+    g.add_argument("--grading_sampling", choices=("balanced", "natural"), default="balanced",
+                   help="Grading runs: draw HGG and LGG cases equally often (balanced, the default: a 293:76 cohort otherwise "
+                   "lets the head collapse to HGG) or in proportion to their slices (natural).")
 
     g = p.add_argument_group("output, evaluation and checkpoints")
     g.add_argument("--output_dir", type=str, default=None, help=f"Model folder (default {DEFAULT_OUTPUT_DIR}; demo {DEMO_OUTPUT_DIR}).")
@@ -1007,7 +1010,8 @@ def eval_log_line(summary: Dict[str, Any], task: str, step: int, max_steps: int,
 # =============================================================================================
 # training data
 # =============================================================================================
-def build_train_loader(args: argparse.Namespace, run: RunData, processor, seed: int, batch_size: int, accelerator):
+def build_train_loader(args: argparse.Namespace, run: RunData, processor, seed: int, batch_size: int, accelerator,
+                       balance_grades: bool = False):
     """Slice cache -> :class:`~datasets_scripts.slice_cache.SliceDataset` -> DataLoader (not yet prepared).
 
     Every item depends only on ``(seed, epoch, index)`` (the dataset draws the case, the slice and
@@ -1018,7 +1022,8 @@ def build_train_loader(args: argparse.Namespace, run: RunData, processor, seed: 
     encoded once; for grading, those slices are the case's bag (pooled per case by the model).
     No mirror flips by default (``--flip_axes``): a left-right flip would contradict the side that
     the report names (and an anterior-posterior one the lobe), and every ablation row must see
-    the same augmentation.
+    the same augmentation. ``balance_grades`` (grading runs, ``--grading_sampling balanced``): each grade is
+    drawn equally often.
     """
     from datasets_scripts.slice_cache import SliceDataset, build_cache, collate_slices
 
@@ -1041,6 +1046,7 @@ def build_train_loader(args: argparse.Namespace, run: RunData, processor, seed: 
         seed=seed,
         sequence_dropout=args.sequence_dropout,
         presence_channels=args.sequence_presence,
+        balance_grades=balance_grades,
     )
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -1184,7 +1190,8 @@ def train_one(
     if warm_start is not None:
         warm_start.apply(model, desc)
     model.train()
-    train_loader, _ = build_train_loader(args, run, processor, seed, args.batch_size, accelerator)
+    train_loader, _ = build_train_loader(args, run, processor, seed, args.batch_size, accelerator,
+                                         balance_grades=task == "classification" and args.grading_sampling == "balanced")
     groups = optimizer_groups(model, learning_rate, args.weight_decay, args.text_learning_rate)
     try:  # the fused kernel (one call for all parameters) is markedly faster on CPU
         optimizer = torch.optim.AdamW(groups, fused=True)

@@ -748,6 +748,22 @@ def _centre_fit(x: torch.Tensor, size: Tuple[int, int], offset: Tuple[int, int] 
     return out
 
 
+def case_draw_weights(num_slices: Sequence[int], grades: Optional[Sequence[Optional[str]]] = None) -> np.ndarray:
+    """Probability of drawing each case: proportional to its slices; with ``grades``, every grade present gets an
+    equal share and a case without a grade none (ValueError when no case has a grade)."""
+    n = np.asarray(num_slices, dtype=np.float64)
+    if grades is None:
+        return n / n.sum()
+    names = sorted({g for g in grades if g is not None})
+    if not names:
+        raise ValueError("balance_grades needs cases with a grade; none of these cases has one.")
+    weights = np.zeros_like(n)
+    for name in names:
+        mask = np.array([g == name for g in grades])
+        weights[mask] = n[mask] / n[mask].sum() / len(names)
+    return weights
+
+
 class SliceDataset(Dataset):
     """Axial slices drawn from cached cases, with tumour oversampling and augmentation.
 
@@ -781,6 +797,10 @@ class SliceDataset(Dataset):
         presence_channels: append the four sequence-presence channels (1 present / 0 missing or
             dropped), as ``EmrFuseImageProcessor(sequence_presence=True)`` does; ``None`` takes the
             processor's ``sequence_presence`` when a processor is given, else ``False``.
+        balance_grades: draw cases so that every grade present (HGG, LGG) gets the same share of the drawn
+            cases, each case within its grade proportionally to its slices (training the grading head on
+            293:76-like cohorts otherwise lets it collapse to the majority grade). Cases without a grade are
+            not drawn. ``False``: every case proportionally to its slices.
 
     Items: dict with ``pixel_values`` float32 ``(C, H, W)``, ``labels`` float32 ``(3, H, W)``
     (WT, TC, ET), ``case_index``, ``slice_index``, ``case_id``, ``input_ids``, ``token_type_ids``,
@@ -807,6 +827,7 @@ class SliceDataset(Dataset):
         require_labels: bool = True,
         sequence_dropout: float = 0.0,
         presence_channels: Optional[bool] = None,
+        balance_grades: bool = False,
     ):
         if not cases:
             raise ValueError("SliceDataset needs at least one cached case.")
@@ -849,7 +870,8 @@ class SliceDataset(Dataset):
         self.presence_channels = bool(presence_channels)
         self.epoch = 0
         self._num_slices = np.array([c.num_slices for c in self.cases], dtype=np.int64)
-        self._case_weights = self._num_slices / self._num_slices.sum()
+        self.balance_grades = bool(balance_grades)
+        self._case_weights = case_draw_weights(self._num_slices, [c.grade for c in self.cases] if balance_grades else None)
         self._offsets = np.concatenate([[0], np.cumsum(self._num_slices)])
         self.samples_per_epoch = int(samples_per_epoch) if samples_per_epoch else int(self._offsets[-1])
 

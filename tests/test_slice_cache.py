@@ -311,3 +311,31 @@ def test_real_case_through_the_cache(tmp_path):
     assert np.array_equal(pred, label)
     ds = SliceDataset([case], image_size=(160, 192), tumour_prob=1.0)
     assert ds[0]["pixel_values"].shape == (4, 160, 192) and ds[0]["labels"][0].any()
+
+
+def test_case_draw_weights_balance_grades():
+    from datasets_scripts.slice_cache import case_draw_weights
+
+    slices = [100, 100, 200, 50, 30]
+    np.testing.assert_allclose(case_draw_weights(slices), np.array(slices) / 480)
+    w = case_draw_weights(slices, ["HGG", "HGG", "HGG", "LGG", None])
+    # HGG: 1/2 split 100:100:200; LGG: 1/2 on its one case; no grade: never drawn
+    np.testing.assert_allclose(w, [0.125, 0.125, 0.25, 0.5, 0.0])
+    with pytest.raises(ValueError, match="grade"):
+        case_draw_weights([1, 2], [None, None])
+
+
+def test_balanced_grade_sampling_draws_each_grade_equally(cached):
+    import dataclasses
+
+    cases, _, _ = cached
+    grades = ["HGG", "HGG", "HGG", "LGG"]  # a 3:1 cohort
+    graded = [dataclasses.replace(c, grade=g) for c, g in zip(cases, grades)]
+    counts = {}
+    for balance in (False, True):
+        ds = SliceDataset(graded, tumour_prob=0.0, samples_per_epoch=4000, augment=False, seed=0, balance_grades=balance)
+        drawn = [grades[ds.locate(i)[0]] for i in range(len(ds))]
+        counts[balance] = drawn.count("LGG") / len(drawn)
+    natural = graded[3].num_slices / sum(c.num_slices for c in graded)
+    assert counts[False] == pytest.approx(natural, abs=0.03)
+    assert counts[True] == pytest.approx(0.5, abs=0.03)
