@@ -15,6 +15,7 @@ Checked two ways:
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
 import sys
@@ -24,11 +25,14 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-pytest.importorskip("panoptica", reason="lesion-wise metrics need the optional panoptica package (emrfuse[lesion])")
+from modeling_emrfuse import lesion_metrics as L
+from modeling_emrfuse import metrics as M
+from modeling_emrfuse.brats_labels import REGIONS
 
-from modeling_emrfuse import lesion_metrics as L  # noqa: E402
-from modeling_emrfuse import metrics as M  # noqa: E402
-from modeling_emrfuse.brats_labels import REGIONS  # noqa: E402
+needs_panoptica = pytest.mark.skipif(
+    importlib.util.find_spec("panoptica") is None,
+    reason="lesion-wise metrics need the optional panoptica package (emrfuse[lesion])",
+)
 
 REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
 
@@ -109,6 +113,7 @@ def _same(a, b, tol=1e-9):
     return abs(float(a) - float(b)) <= tol
 
 
+@needs_panoptica
 @pytest.mark.parametrize("convention", ["brats2015", "brats2017", "brats2023"])
 def test_lesion_wise_matches_hand_computation(convention):
     pred, ref = synthetic_pair(convention)
@@ -127,6 +132,7 @@ def test_lesion_wise_matches_hand_computation(convention):
     assert isinstance(row["WT_tp"], int) and "ET_pq_dsc" in row and "TC_sq_hd95" in row
 
 
+@needs_panoptica
 def test_lesion_wise_edge_cases():
     empty = np.zeros((3, 12, 12, 12), bool)
     one = empty.copy()
@@ -175,6 +181,7 @@ def _write(path: Path, array, spacing=(1.0, 1.0, 1.0)):
     return path
 
 
+@needs_panoptica
 def test_score_cli_lesion_wise_columns_and_summary(tmp_path, capsys):
     from modeling_emrfuse.cli import main
 
@@ -208,6 +215,7 @@ def test_score_cli_lesion_wise_columns_and_summary(tmp_path, capsys):
     assert "Lesion-wise" in (tmp_path / "out" / "summary.md").read_text()
 
 
+@needs_panoptica
 def test_evaluate_metric_lesion_wise():
     import evaluate
 
@@ -273,6 +281,7 @@ def official_evaluation():
     return evaluate_single_exam, Panoptica_Evaluator.load_from_config(str(config))
 
 
+@needs_panoptica
 @pytest.mark.parametrize("rel_path, conv, perturbations", REAL_MAPS, ids=[m[1] for m in REAL_MAPS])
 def test_lesion_wise_matches_official_brats_evaluation(rel_path, conv, perturbations, official_evaluation, tmp_path, capsys):
     import nibabel as nib
