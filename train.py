@@ -1000,6 +1000,9 @@ def eval_log_line(summary: Dict[str, Any], task: str, step: int, max_steps: int,
         seg = summary["segmentation"]
         parts.append("Dice " + " ".join(f"{r} {seg[r]['dice']['mean']:.3f}" for r in REGIONS) + f" (mean {seg['mean']['dice']['mean']:.3f})")
         parts.append("HD95 " + " ".join(f"{r} {seg[r]['hd95']['mean']:.1f}" for r in REGIONS) + " mm")
+        et = seg["ET"]  # the ET mean counts ET-absent cases predicted empty as Dice 1: show what it hides
+        present = f"{et['dice_present']['mean']:.3f}" if et["present_cases"] else "n/a"
+        parts.append(f"ET Dice {present} over {et['present_cases']} ET-present, {et['false_positive_cases']}/{et['absent_cases']} ET-absent with ET predicted")
     if summary.get("grading"):
         gr = summary["grading"]
         parts.append(f"grade acc {gr['accuracy']:.3f} bal-acc {gr['balanced_accuracy']:.3f} AUC {gr['roc_auc']:.3f}")
@@ -1360,8 +1363,8 @@ def write_run_outputs(args, run: RunData, net, processor, output_dir: Path, task
 def _summary_scalars(summary: Dict[str, Any], task: str) -> Dict[str, float]:
     out: Dict[str, float] = {}
     for region, metrics in (summary.get("segmentation") or {}).items():
-        for metric, stats in metrics.items():
-            out[f"eval/{region}_{metric}"] = float(stats["mean"])
+        for metric, stats in metrics.items():  # statistics ({"mean", ...}) or case counts (ints)
+            out[f"eval/{region}_{metric}"] = float(stats["mean"] if isinstance(stats, dict) else stats)
     for key in ("accuracy", "balanced_accuracy", "roc_auc", "f1"):
         if key in (summary.get("grading") or {}):
             out[f"eval/grade_{key}"] = float(summary["grading"][key])

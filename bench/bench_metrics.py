@@ -1,13 +1,15 @@
-"""HD95 timing on full-size (240 x 240 x 155) cases: modeling_emrfuse.metrics vs MedPy, same run.
+"""Metric timing on full-size (240 x 240 x 155) cases: HD95 (modeling_emrfuse.metrics vs MedPy, same run)
+and the lesion-wise metrics of BraTS 2023+ (panoptica, per case).
 
-    OMP_NUM_THREADS=1 python bench/bench_metrics.py [--repeats 5] [--medpy-repeats 1]
+    OMP_NUM_THREADS=1 python bench/bench_metrics.py [--repeats 5] [--medpy-repeats 1] [--lesion-repeats 3]
 
-Cases: the real label map ``../shared/realdata/TCGA-DU-7294`` (when present) against a perturbed
-copy, and synthetic full-size cases (a typical glioma, and a very large mask that fills most of
+Cases: the real label maps ``../shared/realdata/TCGA-DU-7294`` and ``BraTS2023/BraTS-GLI-00000-000``
+(expert labels with enhancing tumour in two lesions; when present) against perturbed copies, and synthetic full-size cases (a typical glioma, and a very large mask that fills most of
 the box: the worst case for the bounding-box crop). Prints per-region HD95 times (median over
-repeats), the values of both implementations, and the time of the whole per-case
-``score_label_maps`` (all regions, all metrics, label checks included). Figures only: nothing is
-asserted on time.
+repeats), the values of both implementations, the time of the whole per-case
+``score_label_maps`` (all regions, all metrics, label checks included), and that of the lesion-wise
+metrics (``score_label_maps(..., lesion_wise=True)`` minus the plain call: what ``emrfuse score
+--lesion-wise`` adds per case), with the lesion counts. Figures only: nothing is asserted on time.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from scipy import ndimage
 from modeling_emrfuse.brats_labels import REGIONS, label_map_to_regions
 from modeling_emrfuse.metrics import hd95, score_label_maps
 
-REAL_SEG = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "TCGA-DU-7294" / "TCGA-DU-7294_seg.nii.gz"
+REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
+REAL_SEG = REALDATA / "TCGA-DU-7294" / "TCGA-DU-7294_seg.nii.gz"
+REAL_SEG_2023 = REALDATA / "BraTS2023" / "BraTS-GLI-00000-000" / "BraTS-GLI-00000-000-seg.nii.gz"
 SHAPE = (240, 240, 155)
 
 
@@ -55,14 +59,18 @@ def synthetic_case(seed: int, scale: float) -> Tuple[np.ndarray, np.ndarray]:
     return pred, ref
 
 
-def real_case() -> Tuple[np.ndarray, np.ndarray, Tuple[float, ...]]:
+def real_case(path: Path = REAL_SEG, convention: str = "brats2017") -> Tuple[np.ndarray, np.ndarray, Tuple[float, ...]]:
+    """A real label map as reference and a perturbed copy, both in the brats2017 labels."""
     import nibabel as nib
 
-    img = nib.load(str(REAL_SEG))
-    ref = np.asarray(img.dataobj).astype(np.uint8)
+    from modeling_emrfuse.brats_labels import convert_label_map
+
+    img = nib.load(str(path))
+    ref = convert_label_map(np.asarray(img.dataobj).astype(np.uint8), convention, "brats2017")
     pred = ref.copy()
     pred[ndimage.binary_dilation(ref == 1, iterations=2) & (ref == 2)] = 1
     pred[np.roll(ref == 2, 3, axis=0) & (ref == 0)] = 2
+    pred[np.roll(ref == 4, 2, axis=1) & (ref > 0)] = 4
     return pred, ref, tuple(float(z) for z in img.header.get_zooms()[:3])
 
 
@@ -70,7 +78,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--medpy-repeats", type=int, default=1)
+    parser.add_argument("--lesion-repeats", type=int, default=3)
     args = parser.parse_args()
+    try:
+        from modeling_emrfuse.lesion_metrics import brats_lesion_evaluator
+
+        brats_lesion_evaluator()  # import panoptica once, outside the timings
+        lesion_wise = True
+    except ImportError as exc:
+        lesion_wise = False
+        print(f"lesion-wise timing skipped: {exc}")
     try:
         from medpy.metric.binary import hd95 as medpy_hd95
     except ImportError:  # pragma: no cover - MedPy is a test extra
@@ -82,6 +99,8 @@ def main() -> None:
         cases.append(("TCGA-DU-7294 (real) vs perturbed", *real_case()))
     else:
         print(f"{REAL_SEG} absent: synthetic cases only")
+    if REAL_SEG_2023.exists():
+        cases.append(("BraTS-GLI-00000-000 (real) vs perturbed", *real_case(REAL_SEG_2023, "brats2023")))
     cases.append(("synthetic glioma, 1 mm", *synthetic_case(0, 1.0), (1.0, 1.0, 1.0)))
     cases.append(("synthetic glioma, spacing (0.94, 1.1, 2.5)", *synthetic_case(1, 1.0), (0.94, 1.1, 2.5)))
     cases.append(("synthetic huge mask (worst case)", *synthetic_case(2, 2.6), (1.0, 1.0, 1.0)))
@@ -101,6 +120,11 @@ def main() -> None:
             print(line)
         _, t_case = _timed(lambda: score_label_maps(pred, ref, "brats2017", spacing=spacing), args.repeats)
         print(f"{name:44s} {'all':6s} {'':9s} {t_case * 1e3:9.1f}   score_label_maps (3 regions x 4 metrics)")
+        if lesion_wise:
+            res, t_lesion = _timed(lambda: score_label_maps(pred, ref, "brats2017", spacing=spacing, lesion_wise=True), args.lesion_repeats)
+            counts = ", ".join(f"{r} tp/fp/fn {res[r]['tp']}/{res[r]['fp']}/{res[r]['fn']}" for r in REGIONS)
+            print(f"{name:44s} {'all':6s} {'':9s} {t_lesion * 1e3:9.1f}   with lesion_wise=True: lesion-wise adds "
+                  f"{(t_lesion - t_case) * 1e3:.0f} ms per case ({counts})")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ paper's format (mean ± std over seeds when there are several) and a bar chart.
 The paper's "Dice" of Tables 1 and 3 is one number per configuration; here it is the mean over
 the three regions (WT, TC, ET) of the per-region mean over cases, and the table also gives the
 per-region Dice so that nothing is hidden behind the average. Hausdorff distance is HD95 (mm).
+The ET mean counts every ET-absent case predicted empty as Dice 1, so the tables also give the ET
+Dice over the ET-present cases and the number of ET-absent cases where ET was predicted
+(false-positive cases), from the summary of :mod:`modeling_emrfuse.evaluation_report`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from .brats_labels import REGIONS
+from .metrics import METRICS
 from .strict_json import write_json
 
 TABLE_TITLES = {
@@ -41,6 +45,10 @@ TABLE_COLUMNS: Dict[str, List[Tuple[str, str, float]]] = {
     ],
 }
 REGION_COLUMNS = [(f"dice_{r}", f"Dice {r} (%)", 100.0) for r in REGIONS]
+ET_COLUMNS = [
+    ("dice_ET_present", "Dice ET, ET-present cases (%)", 100.0),
+    ("ET_false_positive_cases", "ET-absent cases with ET predicted", 1.0),
+]
 GRADING_COLUMN = ("accuracy", "Grading accuracy (%)", 100.0)
 
 
@@ -48,13 +56,17 @@ def row_numbers(summary: Mapping[str, Any]) -> Dict[str, float]:
     """The numbers one ablation row needs from one run's summary (region-averaged metrics, per-region Dice)."""
     out: Dict[str, float] = {}
     seg = summary.get("segmentation") or {}
-    for metric in ("dice", "ppv", "sensitivity", "hd95"):
+    for metric in METRICS:
         values = [seg[r][metric]["mean"] for r in REGIONS if r in seg and metric in seg[r]]
         if values:
             out[metric] = float(np.mean(values))
     for region in REGIONS:
         if region in seg and "dice" in seg[region]:
             out[f"dice_{region}"] = float(seg[region]["dice"]["mean"])
+    et = seg.get("ET") or {}
+    if "present_cases" in et:
+        out["dice_ET_present"] = float(et["dice_present"]["mean"])  # NaN when no case has ET
+        out["ET_false_positive_cases"] = float(et["false_positive_cases"])
     grading = summary.get("grading") or {}
     if "accuracy" in grading:
         out["accuracy"] = float(grading["accuracy"])
@@ -80,12 +92,13 @@ def format_ablation_table(
 
     ``rows``: ``(preset, paper row label, [numbers of each seed's run])`` in table order, the numbers
     as :func:`row_numbers` returns them. Cells are ``mean ± std`` (sample std over seeds) when
-    there are several seeds. Columns: the paper's columns of that table, then Dice per region, then
-    the grading accuracy when the runs measured it.
+    there are several seeds. Columns: the paper's columns of that table, then Dice per region, the
+    ET Dice over ET-present cases and the ET false-positive cases, then the grading accuracy when
+    the runs measured it.
     """
     if table not in TABLE_COLUMNS:
         raise ValueError(f"Unknown ablation table {table!r}: use one of {sorted(TABLE_COLUMNS)}.")
-    columns = list(TABLE_COLUMNS[table]) + REGION_COLUMNS
+    columns = list(TABLE_COLUMNS[table]) + REGION_COLUMNS + ET_COLUMNS
     if any("accuracy" in n for _, _, runs in rows for n in runs):
         columns.append(GRADING_COLUMN)
     lines = []

@@ -1,19 +1,37 @@
-"""The evaluation report of a training run: tables, summary and figures.
+"""The evaluation report: one layout, one writer, for ``train.py`` evaluation and ``emrfuse score``.
 
-``train.py`` evaluates whole volumes (image processor slices -> model -> post-processing back to the
-original grid -> 3D metrics from :mod:`modeling_emrfuse.metrics`) and hands the per-case results to
-this module, which writes
+Both hand their per-case rows (flat dicts: ``case_id``, then columns such as ``WT_dice``, as
+:func:`modeling_emrfuse.metrics.metrics_to_row` gives them) to this module, which builds the summary
+with :func:`summarize_segmentation` and writes, with :func:`write_evaluation_report`,
 
-- ``per_case.csv``: one row per case (id, grade, predicted grade, per-region Dice / PPV /
-  sensitivity / HD95),
-- ``summary.json``: mean / std / median per region and metric, grading metrics, run facts,
-- ``results.md``: the markdown table that is also printed and put into the model card,
-- ``embeddings_pca.png``: the fused case embeddings projected to 2D with PCA, coloured by grade
-  (the paper's Fig. 3),
-- ``dice_boxplot.png``: per-case Dice as a box plot per region.
+- ``per_case.csv``: one row per case, in the order given (id, per-region metrics, voxel counts, the
+  lesion-wise metrics when computed, and whatever else the caller put in the rows);
+- ``summary.json``: ``num_cases``, ``segmentation`` (the layout below), ``grading`` when cases were
+  graded, and the caller's run facts (training step, label conventions, missing cases, ...);
+- ``summary.md``: the caller's header lines, then :func:`format_results_markdown` (the tables that
+  are also printed and put into the model card);
+- ``dice_boxplot.png``: per-case Dice as a box plot per region; ``embeddings_pca.png``: the fused
+  case embeddings projected to 2D with PCA, coloured by grade (the paper's Fig. 3; training only).
 
-Per-case rows are plain dicts, so the same writer serves any evaluation loop. Report text never
-appears in any of these files. This module is not part of the code that travels to the Hub.
+``summary["segmentation"]``::
+
+    {region: {metric: {"mean", "std", "median", "n"},      # metrics.METRICS over all cases
+              "dice_present": {"mean", "std", "median", "n"},   # Dice over cases whose reference has the region
+              "present_cases": int, "absent_cases": int,     # reference has / lacks the region
+              "false_positive_cases": int,                   # region absent in the reference, predicted anyway
+              # with lesion-wise metrics (lesion_metrics.LESION_METRICS), over the cases where defined:
+              "tp": {"mean", "std", "median", "n", "total", "undefined", "infinite"}, ...},
+     "mean": {metric: {"mean"}}}                             # region average of each METRICS mean
+
+A region that is absent in the reference and not predicted scores Dice 1 (the BraTS rule), so
+the mean over all cases rises with the number of empty cases (ET in lower-grade gliomas); the Dice
+over region-present cases and the count of false-positive cases show what that mean hides.
+Lesion-wise values are NaN when neither side has a lesion and ``sq_hd95`` is infinite when no
+lesion was matched: their statistics are over the finite values, with the NaN (``undefined``) and
+infinite cases counted beside them.
+
+Report text never appears in any of these files. This module is not part of the code that travels
+to the Hub.
 """
 
 from __future__ import annotations
@@ -26,54 +44,153 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from .brats_labels import GRADES, REGIONS
-from .metrics import aggregate
+from .lesion_metrics import LESION_COUNTS, LESION_METRICS
+from .metrics import METRICS, aggregate
 from .strict_json import write_json
 
-SEGMENTATION_METRICS = ("dice", "ppv", "sensitivity", "hd95")
-"""Per-region metrics, in table order (names as :func:`modeling_emrfuse.metrics.region_metrics` returns them)."""
-
-METRIC_TITLES = {"dice": "Dice", "ppv": "PPV", "sensitivity": "Sensitivity", "hd95": "HD95 (mm)"}
+METRIC_NAMES = {"dice": "Dice", "ppv": "PPV", "sensitivity": "Sensitivity", "hd95": "HD95 (mm)"}
+"""Display names of :data:`modeling_emrfuse.metrics.METRICS` (values as fractions / mm)."""
+PERCENT_METRICS = ("dice", "ppv", "sensitivity", "sq_dsc", "pq_dsc")
+METRIC_TITLES = {m: f"{name} (%)" if m in PERCENT_METRICS else name for m, name in METRIC_NAMES.items()}
+"""Table titles of :data:`modeling_emrfuse.metrics.METRICS` (tables show ratios in percent)."""
+LESION_TITLES = {"sq_dsc": "sq_dsc (%)", "pq_dsc": "pq_dsc (%)", "sq_hd95": "sq_hd95 (mm)"}
 GRADING_METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "f1")
+OUTPUT_FILES = {"per_case": "per_case.csv", "summary": "summary.json", "markdown": "summary.md"}
 
 
 def metric_column(region: str, metric: str) -> str:
-    """Column name of one region metric in the per-case table, e.g. ``WT_dice``."""
+    """Column name of one region metric in the per-case table, e.g. ``WT_dice`` or ``ET_pq_dsc``."""
     return f"{region}_{metric}"
 
 
-def summarize_segmentation(per_case: Sequence[Mapping[str, Any]]) -> Dict[str, Dict[str, Dict[str, float]]]:
-    """Mean / std (sample) / median over cases, per region and metric (:func:`metrics.aggregate`).
+def _number(row: Mapping[str, Any], column: str) -> float:
+    value = row.get(column)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"case {row.get('case_id')!r}: {column} is missing or not a number ({value!r}).") from None
 
-    ``per_case`` rows are flat (``{"case_id": ..., "WT_dice": ...}``, as
-    :func:`metrics.metrics_to_row` gives them). Returns ``{region: {metric: {"mean", "std",
-    "median", "n"}}}`` plus, under ``"mean"``, the per-metric average over the three regions (the
-    single number the paper's tables report).
+
+def _stats(values: Sequence[float]) -> Dict[str, float]:
+    arr = np.asarray(values, dtype=np.float64)
+    n = arr.size
+    return {
+        "mean": float(arr.mean()) if n else math.nan,
+        "std": float(arr.std(ddof=1)) if n > 1 else math.nan,
+        "median": float(np.median(arr)) if n else math.nan,
+        "n": int(n),
+    }
+
+
+def region_presence(per_case: Sequence[Mapping[str, Any]], region: str) -> Dict[str, Any]:
+    """Dice over the cases whose reference holds ``region``, and the false-positive cases.
+
+    Uses the per-case columns ``<region>_ref_voxels`` / ``<region>_pred_voxels`` / ``<region>_dice``.
+    Returns ``{"dice_present": stats, "present_cases", "absent_cases", "false_positive_cases"}``:
+    a false-positive case has no ``region`` voxel in the reference and at least one in the prediction.
     """
-    summary: Dict[str, Dict[str, Dict[str, float]]] = dict(aggregate(per_case, regions=REGIONS, metrics=SEGMENTATION_METRICS))
-    summary["mean"] = {m: {"mean": float(np.mean([summary[r][m]["mean"] for r in REGIONS]))} for m in SEGMENTATION_METRICS}
+    ref = [_number(row, metric_column(region, "ref_voxels")) for row in per_case]
+    pred = [_number(row, metric_column(region, "pred_voxels")) for row in per_case]
+    present = [i for i, v in enumerate(ref) if v > 0]
+    return {
+        "dice_present": _stats([_number(per_case[i], metric_column(region, "dice")) for i in present]),
+        "present_cases": len(present),
+        "absent_cases": len(per_case) - len(present),
+        "false_positive_cases": sum(1 for r, p in zip(ref, pred) if r == 0 and p > 0),
+    }
+
+
+def lesion_stats(values: Sequence[float], count: bool = False) -> Dict[str, float]:
+    """Statistics of one lesion-wise metric over cases: over the finite values, NaN / infinite counted apart."""
+    arr = np.asarray(values, dtype=np.float64)
+    finite = arr[np.isfinite(arr)]
+    out = _stats(finite)
+    out["undefined"] = int(np.isnan(arr).sum())
+    out["infinite"] = int(np.isinf(arr).sum())
+    if count:
+        out["total"] = int(finite.sum())
+    return out
+
+
+def has_lesion_metrics(per_case: Sequence[Mapping[str, Any]]) -> bool:
+    """True when the rows carry the lesion-wise columns (``WT_pq_dsc``, ...)."""
+    return bool(per_case) and all(metric_column(r, m) in row for row in per_case for r in REGIONS for m in LESION_METRICS)
+
+
+def summarize_segmentation(per_case: Sequence[Mapping[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """The ``segmentation`` block of the summary (layout in the module docstring) from flat per-case rows.
+
+    Mean / std (sample) / median per region and metric (:func:`metrics.aggregate`, every value must
+    be finite), the region-present Dice and false-positive cases (:func:`region_presence`), the
+    lesion-wise statistics when the rows carry them, and under ``"mean"`` the per-metric average
+    over the three regions (the single number the paper's tables report).
+    """
+    per_case = list(per_case)
+    summary: Dict[str, Dict[str, Any]] = {r: dict(v) for r, v in aggregate(per_case, regions=REGIONS, metrics=METRICS).items()}
+    lesions = has_lesion_metrics(per_case)
+    for region in REGIONS:
+        summary[region].update(region_presence(per_case, region))
+        if lesions:
+            for metric in LESION_METRICS:
+                values = [_number(row, metric_column(region, metric)) for row in per_case]
+                summary[region][metric] = lesion_stats(values, count=metric in LESION_COUNTS)
+    summary["mean"] = {m: {"mean": float(np.mean([summary[r][m]["mean"] for r in REGIONS]))} for m in METRICS}
     return summary
 
 
-def format_segmentation_table(summary: Mapping[str, Any], *, percent: bool = True) -> str:
-    """Markdown table: one row per region, ``mean ± std (median)`` per metric.
+def _fmt(s: Mapping[str, Any], scale: float, decimals: int = 1) -> str:
+    if not s or s.get("n", 0) == 0:
+        return "n/a"
+    std = s.get("std")
+    spread = f" ± {std * scale:.{decimals}f}" if std is not None and math.isfinite(std) else ""  # one case: mean only
+    return f"{s['mean'] * scale:.{decimals}f}{spread} ({s['median'] * scale:.{decimals}f})"
 
-    Dice, PPV and sensitivity in percent (as the paper reports them), HD95 in millimetres.
+
+def format_segmentation_table(seg: Mapping[str, Any]) -> str:
+    """Markdown table: one row per region, ``mean ± std (median)`` over cases per metric.
+
+    Dice, PPV and sensitivity in percent (as the paper reports them), HD95 in millimetres; then the
+    Dice over the cases whose reference holds the region (``n`` = those cases) and the
+    false-positive cases (region predicted in a case whose reference has none).
     """
-    seg = summary
-    header = "| Region | " + " | ".join(
-        (f"{METRIC_TITLES[m]} (%)" if (percent and m != "hd95") else METRIC_TITLES[m]) for m in SEGMENTATION_METRICS
-    ) + " |"
-    lines = [header, "|" + "---|" * (len(SEGMENTATION_METRICS) + 1)]
+    header = [METRIC_TITLES[m] for m in METRICS] + ["Dice, region-present cases (%)", "False-positive cases"]
+    lines = ["| Region | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
     for region in REGIONS:
-        cells = []
-        for metric in SEGMENTATION_METRICS:
-            s = seg.get(region, {}).get(metric)
-            if not s or s.get("n", 0) == 0:
-                cells.append("n/a")
-                continue
-            scale = 100.0 if (percent and metric != "hd95") else 1.0
-            spread = f" ± {s['std'] * scale:.1f}" if s["std"] == s["std"] else ""  # NaN std (one case): mean only
-            cells.append(f"{s['mean'] * scale:.1f}{spread} ({s['median'] * scale:.1f})")
+        s = seg.get(region, {})
+        cells = [_fmt(s.get(m), 100.0 if m in PERCENT_METRICS else 1.0) for m in METRICS]
+        if "present_cases" in s:
+            present = _fmt(s.get("dice_present"), 100.0)
+            cells.append(f"{present}, n={s['present_cases']}" if s["present_cases"] else "n/a (n=0)")
+            cells.append(f"{s['false_positive_cases']} of {s['absent_cases']} region-absent")
+        else:
+            cells += ["n/a", "n/a"]
+        lines.append(f"| {region} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_lesion_table(seg: Mapping[str, Any]) -> str:
+    """Markdown table of the lesion-wise metrics (BraTS 2023+, panoptica): one row per region.
+
+    Lesion counts are totals over cases; ``sq_dsc`` / ``pq_dsc`` (percent) and ``sq_hd95`` (mm) are
+    ``mean ± std (median)`` over the cases where they are defined, with ``n`` when some are not.
+    """
+    header = ["tp / fp / fn lesions (total)"] + [LESION_TITLES[m] for m in ("sq_dsc", "pq_dsc", "sq_hd95")]
+    lines = ["| Region | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
+    for region in REGIONS:
+        s = seg.get(region, {})
+        cells = [" / ".join(str(s[m]["total"]) for m in LESION_COUNTS)]
+        for metric in ("sq_dsc", "pq_dsc", "sq_hd95"):
+            st = s[metric]
+            cell = _fmt(st, 100.0 if metric in PERCENT_METRICS else 1.0)
+            notes = []
+            if st["undefined"] or st["infinite"]:
+                notes.append(f"n={st['n']}")
+            if st["undefined"]:
+                notes.append(f"{st['undefined']} without lesions")
+            if st["infinite"]:
+                notes.append(f"{st['infinite']} without a matched lesion (inf)")
+            lines_cell = cell + (f" [{'; '.join(notes)}]" if notes else "")
+            cells.append(lines_cell)
         lines.append(f"| {region} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -92,25 +209,35 @@ def format_grading_table(grading: Mapping[str, Any]) -> str:
 
 
 def format_results_markdown(summary: Mapping[str, Any]) -> str:
-    """The run's results as markdown (segmentation table and/or grading table, with the case count)."""
+    """The results as markdown: the segmentation table, the lesion-wise table when computed, the grading table."""
     parts = []
     n = summary.get("num_cases")
-    if summary.get("segmentation"):
+    seg = summary.get("segmentation")
+    if seg:
         parts.append(
-            f"Segmentation on {n} held-out cases (whole volumes, original grid; mean ± std (median)):\n\n"
-            + format_segmentation_table(summary["segmentation"])
+            f"Segmentation on {n} cases (3D, on the reference grid; mean ± std (median) over cases):\n\n"
+            + format_segmentation_table(seg)
         )
+        if all(m in seg.get(r, {}) for r in REGIONS for m in LESION_METRICS):
+            parts.append(
+                "Lesion-wise (BraTS 2023+; panoptica configured as the official BraTS evaluation):\n\n"
+                + format_lesion_table(seg)
+            )
     if summary.get("grading"):
         labels = summary.get("grade_labels", list(GRADES))
         parts.append(
-            f"Grading ({' vs '.join(labels)}) on {summary.get('num_graded_cases', n)} held-out cases (%):\n\n"
+            f"Grading ({' vs '.join(labels)}) on {summary.get('num_graded_cases', n)} cases (%):\n\n"
             + format_grading_table(summary["grading"])
         )
     return "\n\n".join(parts)
 
 
 def write_per_case_csv(per_case: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
-    """Write one row per case; columns are the union of the rows' keys (case_id first)."""
+    """Write one row per case, in the order given; columns are the union of the rows' keys (case_id first).
+
+    Floats are written in full (shortest round-trip form; ``nan`` / ``inf`` where a metric is not
+    defined or infinite), a missing value as an empty cell.
+    """
     path = Path(path)
     columns: List[str] = []
     for row in per_case:
@@ -120,17 +247,19 @@ def write_per_case_csv(per_case: Sequence[Mapping[str, Any]], path: str | Path) 
     if "case_id" in columns:
         columns.remove("case_id")
         columns.insert(0, "case_id")
-    with path.open("w", newline="") as fh:
+    with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
-        for row in sorted(per_case, key=lambda r: str(r.get("case_id", ""))):
+        for row in per_case:
             writer.writerow({k: _csv_value(row.get(k)) for k in columns})
     return path
 
 
 def _csv_value(value: Any) -> Any:
-    if isinstance(value, float):
-        return f"{value:.6g}"
+    if isinstance(value, (float, np.floating)):
+        return repr(float(value))
+    if isinstance(value, np.integer):
+        return int(value)
     return "" if value is None else value
 
 
@@ -218,21 +347,26 @@ def write_evaluation_report(
     per_case: Sequence[Mapping[str, Any]],
     summary: Mapping[str, Any],
     *,
+    title: str = "Evaluation",
+    header_lines: Sequence[str] = (),
     embeddings: Optional[np.ndarray] = None,
     embedding_grades: Optional[Sequence[Optional[str]]] = None,
 ) -> Dict[str, Path]:
-    """Write the per-case CSV, summary JSON, markdown table and the two figures into ``out_dir``.
+    """Write ``per_case.csv``, ``summary.json``, ``summary.md`` and the figures into ``out_dir``.
 
-    Returns the written paths by kind (``per_case``, ``summary``, ``markdown``, ``embeddings``,
-    ``dice_boxplot``); figures that cannot be drawn (too few cases, no segmentation) are left out.
+    ``summary.md`` is ``# <title>``, the caller's ``header_lines`` as a bullet list, then
+    :func:`format_results_markdown`. Returns the written paths by kind (``per_case``, ``summary``,
+    ``markdown``, ``embeddings``, ``dice_boxplot``); figures that cannot be drawn (too few cases, no
+    segmentation, no embeddings) are left out.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: Dict[str, Path] = {}
-    paths["per_case"] = write_per_case_csv(per_case, out_dir / "per_case.csv")
-    paths["summary"] = write_json(out_dir / "summary.json", summary, indent=2, default=_json_default)
-    paths["markdown"] = out_dir / "results.md"
-    paths["markdown"].write_text(format_results_markdown(summary) + "\n")
+    paths["per_case"] = write_per_case_csv(per_case, out_dir / OUTPUT_FILES["per_case"])
+    paths["summary"] = write_json(out_dir / OUTPUT_FILES["summary"], summary, indent=2, default=_json_default)
+    paths["markdown"] = out_dir / OUTPUT_FILES["markdown"]
+    head = [f"# {title}", ""] + [f"- {line}" for line in header_lines] + ([""] if header_lines else [])
+    paths["markdown"].write_text("\n".join(head) + format_results_markdown(summary) + "\n", encoding="utf-8")
     if embeddings is not None and len(embeddings) >= 2:
         p = plot_embeddings_pca(embeddings, embedding_grades or [None] * len(embeddings), out_dir / "embeddings_pca.png")
         if p is not None:

@@ -29,6 +29,17 @@ Segmentation (per case, per region WT / TC / ET, in 3D, at the voxel spacing of 
 
     Masks are any numeric / boolean arrays: non-zero is foreground (as in MedPy).
 
+Region size
+    Each region's result also holds the voxel counts ``ref_voxels`` and ``pred_voxels``, so that a
+    summary can tell cases where the region exists in the reference from cases where it does not
+    (see :mod:`modeling_emrfuse.evaluation_report`: Dice over region-present cases and
+    false-positive cases).
+
+Lesion-wise (BraTS 2023+)
+    With ``lesion_wise=True``, :func:`region_metrics` and :func:`score_label_maps` add the
+    lesion-wise metrics of :mod:`modeling_emrfuse.lesion_metrics` (panoptica, configured as the
+    official BraTS evaluation; an optional dependency) under :data:`LESION_METRICS`.
+
 Cohort summary
     :func:`aggregate` gives mean, standard deviation (sample, ``ddof=1``: NaN for a single case)
     and median per region and metric over the cases; sentinel HD95 values are included, as in
@@ -41,7 +52,8 @@ Grading
     with no true and no predicted case scoring 0, as in scikit-learn) and the confusion matrix
     (rows = true class, columns = predicted class, in ``labels`` order).
 
-This module uses numpy and scipy only and does not travel to the Hub with the model code.
+This module uses numpy and scipy only (panoptica for the optional lesion-wise metrics, imported when asked
+for) and does not travel to the Hub with the model code.
 """
 
 from __future__ import annotations
@@ -55,9 +67,12 @@ from scipy import ndimage
 from scipy.stats import rankdata
 
 from .brats_labels import GRADES, HD95_EMPTY_SENTINEL_MM, REGIONS, get_label_convention, label_map_to_regions
+from .lesion_metrics import LESION_COUNTS, LESION_METRICS, lesion_wise_metrics
 
 __all__ = [
     "METRICS",
+    "VOXEL_COUNTS",
+    "LESION_METRICS",
     "BRATS_METRIC_DIR",
     "dice",
     "ppv",
@@ -74,6 +89,9 @@ __all__ = [
 
 METRICS: Tuple[str, ...] = ("dice", "ppv", "sensitivity", "hd95")
 """Per-region segmentation metrics, in reporting order."""
+
+VOXEL_COUNTS: Tuple[str, ...] = ("ref_voxels", "pred_voxels")
+"""Per-region voxel counts of the reference and the prediction (region presence, volume)."""
 
 BRATS_METRIC_DIR: Path = Path(__file__).resolve().parent / "brats_metric"
 """Folder of the ``evaluate`` metric: ``evaluate.load(str(BRATS_METRIC_DIR))``."""
@@ -226,14 +244,16 @@ def _all_metrics(p: np.ndarray, r: np.ndarray, sp: Tuple[float, ...]) -> Dict[st
     """The four metrics of one region, counting once on the union box (nothing outside it)."""
     p_any, r_any = bool(p.any()), bool(r.any())
     if not p_any and not r_any:
-        return {"dice": 1.0, "ppv": 1.0, "sensitivity": 1.0, "hd95": 0.0}
+        return {"dice": 1.0, "ppv": 1.0, "sensitivity": 1.0, "hd95": 0.0, "ref_voxels": 0, "pred_voxels": 0}
     pc, rc = _crop(p, r)
-    counts = _counts(pc, rc)
+    tp, fp, fn = counts = _counts(pc, rc)
     return {
         "dice": _dice(*counts),
         "ppv": _ppv(*counts),
         "sensitivity": _sensitivity(*counts),
         "hd95": _hd95_cropped(pc, rc, sp) if (p_any and r_any) else float(HD95_EMPTY_SENTINEL_MM),
+        "ref_voxels": tp + fn,
+        "pred_voxels": tp + fp,
     }
 
 
@@ -245,11 +265,14 @@ def region_metrics(
     ref_regions: Any,
     spacing: Optional[SpacingLike] = (1.0, 1.0, 1.0),
     regions: Sequence[str] = REGIONS,
+    lesion_wise: bool = False,
 ) -> Dict[str, Dict[str, float]]:
-    """All metrics for each region: ``{region: {"dice", "ppv", "sensitivity", "hd95"}}``.
+    """All metrics for each region: ``{region: {"dice", "ppv", "sensitivity", "hd95", "ref_voxels", "pred_voxels"}}``.
 
     ``pred_regions`` / ``ref_regions`` are channel-first region masks ``(len(regions), X, Y, Z)``
     in :data:`~.brats_labels.REGIONS` order (WT, TC, ET); ``spacing`` is the voxel size in mm.
+    ``lesion_wise=True`` adds :data:`LESION_METRICS` (needs panoptica; see
+    :mod:`~.lesion_metrics`).
     """
     p = _as_mask(pred_regions, "prediction regions")
     r = _as_mask(ref_regions, "reference regions")
@@ -263,6 +286,9 @@ def region_metrics(
     out: Dict[str, Dict[str, float]] = {}
     for i, region in enumerate(regions):
         out[region] = _all_metrics(p[i], r[i], sp)
+    if lesion_wise:
+        for region, values in lesion_wise_metrics(p, r, sp, regions).items():
+            out[region].update(values)
     return out
 
 
@@ -272,13 +298,15 @@ def score_label_maps(
     pred_convention: str,
     ref_convention: Optional[str] = None,
     spacing: Optional[SpacingLike] = (1.0, 1.0, 1.0),
+    lesion_wise: bool = False,
 ) -> Dict[str, Dict[str, float]]:
     """Score a predicted label map against a reference label map, region by region.
 
     Each map is turned into WT / TC / ET masks with its own label convention (``"brats2015"``,
     ``"brats2017"``, ``"brats2023"`` or a release year; ``ref_convention=None`` means the same as
     the prediction's), so maps in different conventions compare correctly. Label values outside
-    a convention raise ``ValueError``. Returns :func:`region_metrics`'s dict.
+    a convention raise ``ValueError``. Returns :func:`region_metrics`'s dict (with the lesion-wise
+    metrics when ``lesion_wise=True``).
     """
     pred, ref = np.asarray(pred), np.asarray(ref)
     if pred.shape != ref.shape:
@@ -287,17 +315,22 @@ def score_label_maps(
     rconv = pconv if ref_convention is None else get_label_convention(ref_convention)
     p = label_map_to_regions(pred, pconv, where=f"prediction label map ({pconv.name})")
     r = label_map_to_regions(ref, rconv, where=f"reference label map ({rconv.name})")
-    return region_metrics(p, r, spacing)
+    return region_metrics(p, r, spacing, lesion_wise=lesion_wise)
 
 
 def metrics_to_row(result: Mapping[str, Mapping[str, float]]) -> Dict[str, float]:
-    """Flatten ``{region: {metric: v}}`` into ``{"<region>_<metric>": v}`` (CSV / logging order)."""
-    return {
-        f"{region}_{metric}": float(values[metric])
-        for region, values in result.items()
-        for metric in METRICS
-        if metric in values
-    }
+    """Flatten ``{region: {metric: v}}`` into ``{"<region>_<metric>": v}`` (CSV / logging order).
+
+    Columns: :data:`METRICS`, then :data:`VOXEL_COUNTS` (ints), then :data:`LESION_METRICS` when
+    present (counts as ints), region by region.
+    """
+    row: Dict[str, float] = {}
+    for region, values in result.items():
+        for metric in METRICS + VOXEL_COUNTS + LESION_METRICS:
+            if metric in values:
+                v = values[metric]
+                row[f"{region}_{metric}"] = int(v) if metric in VOXEL_COUNTS + LESION_COUNTS else float(v)
+    return row
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,20 +27,22 @@ values of all files of that folder:
 The voxel spacing comes from the reference header (its affine); the prediction must have the same shape
 and spacing. The rest of the affine is compared too (orientation and origin): a prediction whose
 orientation differs or whose origin is shifted gets a warning that names the case and the shift in mm
-(voxels are compared index by index). Outputs in
-``--out``: ``per_case.csv``, ``summary.json`` (mean / std / median per region and metric, the
-conventions used and why, missing / unmatched / skipped cases, warnings) and ``summary.md``.
+(voxels are compared index by index). Outputs in ``--out`` are the evaluation report of
+:mod:`modeling_emrfuse.evaluation_report` (the same layout ``train.py`` writes): ``per_case.csv``,
+``summary.json`` (``segmentation``: mean / std / median per region and metric, Dice over
+region-present cases and false-positive cases; plus the conventions used and why, missing /
+unmatched / skipped cases, warnings), ``summary.md`` and ``dice_boxplot.png``.
 A reference without a prediction is listed as missing and left out of the summary, unless
 ``--missing-as-empty`` scores it as an empty prediction.
 
-Metrics are :mod:`modeling_emrfuse.metrics` (exactly as defined there).
+Metrics are :mod:`modeling_emrfuse.metrics` (exactly as defined there); ``--lesion-wise`` adds the
+BraTS 2023+ lesion-wise metrics of :mod:`modeling_emrfuse.lesion_metrics` (panoptica, an optional
+dependency; about a second per full-size case).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -52,8 +54,10 @@ import numpy as np
 from . import brats_io
 from .brats_io import SEQUENCE_SUFFIX_RE
 from .brats_labels import HD95_EMPTY_SENTINEL_MM, LABEL_CONVENTIONS, REGIONS, get_label_convention
-from .metrics import METRICS, aggregate, metrics_to_row, score_label_maps
-from .strict_json import write_json
+from .evaluation_report import format_lesion_table, format_segmentation_table, has_lesion_metrics, summarize_segmentation
+from .evaluation_report import OUTPUT_FILES, write_evaluation_report
+from .lesion_metrics import LesionMetricsUnavailable, brats_lesion_evaluator
+from .metrics import metrics_to_row, score_label_maps
 
 AUTO = "auto"
 CONVENTION_PREFERENCE: Tuple[str, ...] = ("brats2017", "brats2023", "brats2015")
@@ -65,7 +69,6 @@ LABEL_FILE_SUFFIXES: Tuple[str, ...] = (
     "mask", "gt", "groundtruth", "ground_truth", "ref", "reference", "output",
 )
 _SUFFIX_RE = re.compile(r"[_\-.](" + "|".join(sorted(LABEL_FILE_SUFFIXES, key=len, reverse=True)) + r")$", re.IGNORECASE)
-OUTPUT_FILES = {"csv": "per_case.csv", "json": "summary.json", "markdown": "summary.md"}
 
 
 class ScoreError(ValueError):
@@ -329,13 +332,17 @@ def score_folders(
     missing_as_empty: bool = False,
     skip_invalid: bool = False,
     progress: bool = True,
+    lesion_wise: bool = False,
 ) -> ScoreReport:
     """Score every reference case against its prediction (see the module docstring for the rules).
 
     Raises :class:`ScoreError` for bad input (missing folders, no matching case, ambiguous label
     conventions, shape / spacing mismatches, invalid label values; the last ones are recorded
-    and skipped instead with ``skip_invalid=True``).
+    and skipped instead with ``skip_invalid=True``). ``lesion_wise=True`` adds the lesion-wise
+    metrics (raises :class:`~.lesion_metrics.LesionMetricsUnavailable` at once without panoptica).
     """
+    if lesion_wise:
+        brats_lesion_evaluator()  # fail before reading anything when panoptica is missing
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
     if pred_convention != AUTO:
         pred_convention = get_label_convention(pred_convention).name
@@ -406,7 +413,6 @@ def score_folders(
         pred_choice = ConventionChoice(pred_convention, pred_convention, "given")
 
     rows: List[Dict[str, Any]] = []
-    results: List[Dict[str, Dict[str, float]]] = []
     for case_id, pred_path, ref_path in _progress(matched, "scoring", len(matched), progress):
         if case_id in bad:
             continue
@@ -434,14 +440,15 @@ def score_folders(
                         f"reference grid"
                     )
                 pred_array = pred.array
-            result = score_label_maps(pred_array, ref.array, pred_choice.used, ref_choice.used, ref.spacing)
+            result = score_label_maps(
+                pred_array, ref.array, pred_choice.used, ref_choice.used, ref.spacing, lesion_wise=lesion_wise
+            )
         except ScoreError as exc:
             fail(case_id, str(exc))
             continue
         except ValueError as exc:  # label values outside the convention
             fail(case_id, f"{exc} (prediction {pred_path}, reference {ref_path})")
             continue
-        results.append(result)
         row: Dict[str, Any] = {
             "case_id": case_id,
             "prediction": "" if pred_path is None else str(pred_path),
@@ -459,12 +466,11 @@ def score_folders(
         raise ScoreError("no case could be scored: " + "; ".join(f"{s['case_id']}: {s['reason']}" for s in skipped))
 
     summary: Dict[str, Any] = {
-        "n_cases": len(rows),
+        "num_cases": len(rows),
+        "segmentation": summarize_segmentation(rows),
+        "lesion_wise": bool(lesion_wise),
         "prediction_dir": str(pred_dir),
         "reference_dir": str(ref_dir),
-        "regions": list(REGIONS),
-        "metrics": list(METRICS),
-        "aggregate": aggregate(results),
         "pred_convention": pred_choice.to_dict(),
         "ref_convention": ref_choice.to_dict(),
         "missing_predictions": missing,
@@ -481,65 +487,32 @@ def score_folders(
 # --------------------------------------------------------------------------------------------
 # writing
 # --------------------------------------------------------------------------------------------
-_TITLES = {"dice": "Dice (%)", "ppv": "PPV (%)", "sensitivity": "Sensitivity (%)", "hd95": "HD95 (mm)"}
-
-
-def markdown_table(summary: Mapping[str, Any]) -> str:
-    """The summary as markdown: one row per region, ``mean ± std (median)`` per metric."""
-    agg = summary["aggregate"]
-    lines = [
-        "| Region | " + " | ".join(_TITLES[m] for m in METRICS) + " |",
-        "|---|" + "---|" * len(METRICS),
-    ]
-    for region in REGIONS:
-        cells = []
-        for metric in METRICS:
-            s = agg[region][metric]
-            scale = 1.0 if metric == "hd95" else 100.0
-            std = s["std"]
-            spread = f" ± {std * scale:.2f}" if std is not None and math.isfinite(std) else ""
-            cells.append(f"{s['mean'] * scale:.2f}{spread} ({s['median'] * scale:.2f})")
-        lines.append(f"| {region} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def markdown_report(summary: Mapping[str, Any]) -> str:
-    """``summary.md``: a short header (cases, conventions, missing cases) and :func:`markdown_table`."""
+def header_lines(summary: Mapping[str, Any]) -> List[str]:
+    """The lines above the tables in ``summary.md``: cases, conventions, missing / unmatched / skipped cases."""
     pc, rc = summary["pred_convention"], summary["ref_convention"]
     out = [
-        "# Segmentation scores",
-        "",
-        f"- cases scored: {summary['n_cases']}",
-        f"- prediction labels: {pc['used']} ({pc['note']})",
-        f"- reference labels: {rc['used']} ({rc['note']})",
-        "- values: mean ± std (median) over cases; Dice, PPV and sensitivity in percent; HD95 in mm "
+        f"cases scored: {summary['num_cases']}",
+        f"prediction labels: {pc['used']} ({pc['note']})",
+        f"reference labels: {rc['used']} ({rc['note']})",
+        "values: mean ± std (median) over cases; Dice, PPV and sensitivity in percent; HD95 in mm "
         f"({summary['hd95_empty_sentinel_mm']:.2f} mm when exactly one of prediction / reference is empty)",
     ]
     missing = summary["missing_predictions"]
     if missing:
         how = "scored as empty predictions" if summary["missing_counted_as_empty"] else "not scored"
-        out.append(f"- references without a prediction ({how}): {len(missing)}: {', '.join(missing)}")
+        out.append(f"references without a prediction ({how}): {len(missing)}: {', '.join(missing)}")
     if summary["unmatched_predictions"]:
-        out.append(f"- predictions without a reference (not scored): {', '.join(summary['unmatched_predictions'])}")
+        out.append(f"predictions without a reference (not scored): {', '.join(summary['unmatched_predictions'])}")
     if summary["skipped"]:
-        out.append(f"- skipped (invalid): {', '.join(s['case_id'] for s in summary['skipped'])}")
-    out += ["", markdown_table(summary), ""]
-    return "\n".join(out)
+        out.append(f"skipped (invalid): {', '.join(s['case_id'] for s in summary['skipped'])}")
+    return out
 
 
 def write_report(report: ScoreReport, out_dir: Path | str) -> Dict[str, Path]:
-    """Write ``per_case.csv``, ``summary.json`` and ``summary.md`` into ``out_dir``; return their paths."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {kind: out_dir / name for kind, name in OUTPUT_FILES.items()}
-    fieldnames = list(report.rows[0].keys())
-    with open(paths["csv"], "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=fieldnames)
-        writer.writeheader()
-        writer.writerows(report.rows)
-    write_json(paths["json"], report.summary, indent=2)
-    paths["markdown"].write_text(markdown_report(report.summary), encoding="utf-8")
-    return paths
+    """Write the evaluation report (:func:`~.evaluation_report.write_evaluation_report`) into ``out_dir``."""
+    return write_evaluation_report(
+        out_dir, report.rows, report.summary, title="Segmentation scores", header_lines=header_lines(report.summary)
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -553,7 +526,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="score predicted NIfTI label maps against references (Dice, PPV, sensitivity, HD95 per region)",
         description=(
             "Score a folder of predicted NIfTI label maps against a folder of reference label maps, matched by "
-            "case id, per region (WT, TC, ET). Writes per_case.csv, summary.json and summary.md."
+            "case id, per region (WT, TC, ET). Writes " + ", ".join(OUTPUT_FILES.values()) + " and dice_boxplot.png."
         ),
     )
     parser.add_argument("--pred", required=True, type=Path, metavar="DIR", help="folder of predicted label maps")
@@ -575,6 +548,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--skip-invalid", action="store_true",
         help="skip cases with invalid files (recorded in summary.json) instead of stopping",
     )
+    parser.add_argument(
+        "--lesion-wise", action="store_true",
+        help="also compute the BraTS 2023+ lesion-wise metrics per region (tp, fp, fn, sq_dsc, pq_dsc, sq_hd95; "
+        "panoptica configured as the official BraTS evaluation; needs pip install \"emrfuse[lesion]\"; "
+        "about a second per full-size case)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
     return parser
@@ -591,9 +570,10 @@ def run(args: argparse.Namespace) -> int:
             missing_as_empty=args.missing_as_empty,
             skip_invalid=args.skip_invalid,
             progress=not args.no_progress,
+            lesion_wise=args.lesion_wise,
         )
         paths = write_report(report, args.out)
-    except (ScoreError, ValueError, OSError) as exc:
+    except (ScoreError, ValueError, OSError, LesionMetricsUnavailable) as exc:
         print(f"emrfuse score: error: {exc}", file=sys.stderr)
         return 2
     s = report.summary
@@ -611,6 +591,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: skipped case {skipped['case_id']}: {skipped['reason']}", file=sys.stderr)
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    print(markdown_table(s))
-    print(f"{s['n_cases']} case(s) scored; wrote {', '.join(str(p) for p in paths.values())}")
+    print(format_segmentation_table(s["segmentation"]))
+    if has_lesion_metrics(report.rows):
+        print("\nLesion-wise (BraTS 2023+):\n" + format_lesion_table(s["segmentation"]))
+    print(f"{s['num_cases']} case(s) scored; wrote {', '.join(str(p) for p in paths.values())}")
     return 0

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 from .brats_labels import REGIONS
+from .evaluation_report import METRIC_NAMES
 
 PIPELINE_TAGS = {"segmentation": "image-segmentation", "classification": "image-classification"}
 BASE_TAGS = ["emrfuse", "medical-imaging", "brain-tumor", "glioma", "brats", "mri", "radiology-report", "multimodal", "custom_code"]
@@ -29,7 +30,7 @@ def _eval_results(summary: Mapping[str, Any], task: str, dataset_name: str, data
     split = str(summary.get("split", "test"))
     seg = summary.get("segmentation") or {}
     for region in REGIONS:
-        for metric, title in (("dice", "Dice"), ("ppv", "PPV"), ("sensitivity", "Sensitivity"), ("hd95", "HD95 (mm)")):
+        for metric, title in METRIC_NAMES.items():
             s = seg.get(region, {}).get(metric)
             if s and s.get("n", 0):
                 results.append(

@@ -118,9 +118,10 @@ def test_empty_mask_rules():
     assert (M.dice(full, empty), M.ppv(full, empty), M.sensitivity(full, empty)) == (0.0, 0.0, 1.0)
     assert M.hd95(full, empty) == HD95_EMPTY_SENTINEL_MM
     res = M.region_metrics(np.stack([full, empty, empty]), np.stack([full, full, empty]))
-    assert res["WT"] == {"dice": 1.0, "ppv": 1.0, "sensitivity": 1.0, "hd95": 0.0}
-    assert res["TC"] == {"dice": 0.0, "ppv": 0.0, "sensitivity": 0.0, "hd95": HD95_EMPTY_SENTINEL_MM}
-    assert res["ET"] == {"dice": 1.0, "ppv": 1.0, "sensitivity": 1.0, "hd95": 0.0}
+    n = int(full.sum())
+    assert res["WT"] == {"dice": 1.0, "ppv": 1.0, "sensitivity": 1.0, "hd95": 0.0, "ref_voxels": n, "pred_voxels": n}
+    assert res["TC"] == {"dice": 0.0, "ppv": 0.0, "sensitivity": 0.0, "hd95": HD95_EMPTY_SENTINEL_MM, "ref_voxels": n, "pred_voxels": 0}
+    assert res["ET"] == {"dice": 1.0, "ppv": 1.0, "sensitivity": 1.0, "hd95": 0.0, "ref_voxels": 0, "pred_voxels": 0}
 
 
 def test_region_metrics_shapes():
@@ -130,9 +131,10 @@ def test_region_metrics_shapes():
     with pytest.raises(ValueError, match="differs"):
         M.region_metrics(good, good[:, :3])
     out = M.region_metrics(good, good, spacing=(1, 1, 2))
-    assert list(out) == list(REGIONS) and all(list(v) == list(M.METRICS) for v in out.values())
+    assert list(out) == list(REGIONS) and all(list(v) == list(M.METRICS + M.VOXEL_COUNTS) for v in out.values())
     row = M.metrics_to_row(out)
-    assert list(row)[:4] == ["WT_dice", "WT_ppv", "WT_sensitivity", "WT_hd95"] and len(row) == 12
+    assert list(row)[:6] == ["WT_dice", "WT_ppv", "WT_sensitivity", "WT_hd95", "WT_ref_voxels", "WT_pred_voxels"]
+    assert len(row) == 18 and isinstance(row["ET_ref_voxels"], int)
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,7 +311,8 @@ def test_real_label_map_vs_perturbed_copy_matches_medpy(real_seg):
             assert res[region]["sensitivity"] == pytest.approx(medpy_binary.recall(p, r), abs=1e-12)
             assert res[region]["hd95"] == pytest.approx(medpy_binary.hd95(p, r, voxelspacing=spacing), abs=1e-9)
     # the reference has no enhancing tumour: a predicted ET focus is a false positive case
-    assert res["ET"] == {"dice": 0.0, "ppv": 0.0, "sensitivity": 1.0, "hd95": HD95_EMPTY_SENTINEL_MM}
+    assert res["ET"] == {"dice": 0.0, "ppv": 0.0, "sensitivity": 1.0, "hd95": HD95_EMPTY_SENTINEL_MM,
+                         "ref_voxels": 0, "pred_voxels": 4 * 4 * 3}
     assert 0.8 < res["WT"]["dice"] < 1.0
     # anisotropic spacing on the same masks (as if resampled)
     aniso = (0.94, 1.1, 2.5)
@@ -458,22 +461,22 @@ def test_score_cli_end_to_end(tmp_path, capsys):
     assert rows[0]["reference"].endswith("Case-4-seg.nii.gz") and rows[0]["prediction"].endswith("case-4_seg.nii.gz")
     summary = json.loads((out / "summary.json").read_text())
     agg = M.aggregate(list(expected.values()))
-    assert summary["n_cases"] == 3
-    assert summary["aggregate"]["TC"]["hd95"]["mean"] == pytest.approx(agg["TC"]["hd95"]["mean"])
-    assert summary["aggregate"]["ET"]["dice"]["median"] == pytest.approx(agg["ET"]["dice"]["median"])
+    assert summary["num_cases"] == 3
+    assert summary["segmentation"]["TC"]["hd95"]["mean"] == pytest.approx(agg["TC"]["hd95"]["mean"])
+    assert summary["segmentation"]["ET"]["dice"]["median"] == pytest.approx(agg["ET"]["dice"]["median"])
     assert summary["missing_predictions"] == ["BraTS20_Training_002"] and not summary["missing_counted_as_empty"]
     assert summary["unmatched_predictions"] == ["Unknown"]
     assert summary["ref_convention"]["used"] == "brats2017" and "{0, 1, 2, 4}" in summary["ref_convention"]["note"]
     md = (out / "summary.md").read_text()
     assert "| Region | Dice (%) | PPV (%) | Sensitivity (%) | HD95 (mm) |" in md and "BraTS20_Training_002" in md
     wt = agg["WT"]["dice"]
-    assert f"| WT | {wt['mean'] * 100:.2f} ± {wt['std'] * 100:.2f} ({wt['median'] * 100:.2f})" in md
+    assert f"| WT | {wt['mean'] * 100:.1f} ± {wt['std'] * 100:.1f} ({wt['median'] * 100:.1f})" in md
 
     # missing predictions counted as empty
     rc, _, err = _score(["--pred", pred_dir, "--ref", ref_dir, "--out", out, "--missing-as-empty"], capsys)
     assert rc == 0, err
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["n_cases"] == 4 and summary["missing_counted_as_empty"]
+    assert summary["num_cases"] == 4 and summary["missing_counted_as_empty"]
     with open(out / "per_case.csv", newline="") as f:
         row = next(r for r in csv.DictReader(f) if r["case_id"] == "BraTS20_Training_002")
     assert row["prediction_missing"] == "True" and float(row["WT_dice"]) == 0.0
@@ -494,18 +497,18 @@ def test_score_cli_conventions(tmp_path, capsys):
     rc, _, err = _score(args + ["--ref-convention", "brats2023"], capsys)
     assert rc == 0 and "using the reference convention brats2023" in err
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["pred_convention"]["used"] == "brats2023" and summary["aggregate"]["ET"]["dice"]["mean"] == 1.0
+    assert summary["pred_convention"]["used"] == "brats2023" and summary["segmentation"]["ET"]["dice"]["mean"] == 1.0
     # read as 2015, label 3 is not enhancing: ET is empty in both
     rc, _, _ = _score(args + ["--ref-convention", "2015", "--pred-convention", "brats2015"], capsys)
     assert rc == 0
-    assert json.loads((tmp_path / "out" / "summary.json").read_text())["aggregate"]["ET"]["hd95"]["mean"] == 0.0
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["segmentation"]["ET"]["hd95"]["mean"] == 0.0
     # a prediction in brats2017 labels against brats2023 references: inferred, converted through regions
     _write(tmp_path / "pred" / "c1.nii.gz", convert_label_map(ref23, "brats2023", "brats2017"))
     rc, _, err = _score(args + ["--ref-convention", "brats2023"], capsys)
     assert rc == 0, err
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["pred_convention"]["used"] in ("brats2017", "brats2015")
-    assert all(summary["aggregate"][r]["dice"]["mean"] == 1.0 for r in REGIONS)
+    assert all(summary["segmentation"][r]["dice"]["mean"] == 1.0 for r in REGIONS)
     # unknown convention name: argparse error, exit 2
     with pytest.raises(SystemExit) as exc:
         _score(args + ["--ref-convention", "brats1999"], capsys)
@@ -538,7 +541,7 @@ def test_score_cli_bad_inputs(tmp_path, capsys):
     rc, _, err = _score(args + ["--skip-invalid"], capsys)
     assert rc == 0 and "skipped case c1" in err
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["n_cases"] == 1 and summary["skipped"][0]["case_id"] == "c1"
+    assert summary["num_cases"] == 1 and summary["skipped"][0]["case_id"] == "c1"
 
     _write(pred_dir / "c1.nii.gz", ref, (1.0, 1.0, 1.0))
     rc, _, err = _score(args, capsys)
@@ -580,7 +583,7 @@ def test_score_cli_infers_brats2015_and_nested_prediction_folder(tmp_path, capsy
     rc, _, err = _score(["--pred", tmp_path / "data" / "preds", "--ref", tmp_path / "data", "--out", out], capsys)
     assert rc == 0, err
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["ref_convention"]["used"] == "brats2015" and summary["n_cases"] == 2
+    assert summary["ref_convention"]["used"] == "brats2015" and summary["num_cases"] == 2
     assert summary["ref_convention"]["note"].startswith("inferred")
     assert summary["pred_convention"]["used"] == "brats2015" and not summary["unmatched_predictions"]
     # label 3 is non-enhancing in brats2015: case 2 has no ET in either map

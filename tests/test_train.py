@@ -69,12 +69,19 @@ def seg_run(shared):
 def test_segmentation_run_writes_model_report_and_card(seg_run):
     out, proc = seg_run
     for name in ("config.json", "model.safetensors", "README.md", "processor_config.json", "modeling_emrfuse.py",
-                 "eval/per_case.csv", "eval/summary.json", "eval/results.md", "eval/dice_boxplot.png", "eval/embeddings_pca.png"):
+                 "eval/per_case.csv", "eval/summary.json", "eval/summary.md", "eval/dice_boxplot.png", "eval/embeddings_pca.png"):
         assert (out / name).is_file(), name
     assert (out / "checkpoints" / "checkpoint-2" / "training_state.json").is_file()
     summary = json.loads((out / "eval" / "summary.json").read_text())
     assert summary["split"] == "test" and summary["num_cases"] == 2
     assert set(summary["segmentation"]) >= {"WT", "TC", "ET", "mean"}
+    # the one evaluation report layout (the same as emrfuse score's): ET over ET-present cases, false-positive cases
+    et = summary["segmentation"]["ET"]
+    assert et["present_cases"] + et["absent_cases"] == 2 and 0 <= et["false_positive_cases"] <= et["absent_cases"]
+    header = (out / "eval" / "per_case.csv").read_text().splitlines()[0].split(",")
+    assert {"ET_dice", "ET_ref_voxels", "ET_pred_voxels"} <= set(header)
+    assert "False-positive cases" in (out / "eval" / "summary.md").read_text()
+    assert "ET-present" in proc.stdout
     # one clean line per evaluation and the printed table; report text never printed
     assert proc.stdout.count("eval step 3/3") == 1
     assert "| WT |" in proc.stdout and "Dice" in proc.stdout

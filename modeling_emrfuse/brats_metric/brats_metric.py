@@ -11,6 +11,8 @@ import evaluate
 import numpy as np
 
 from modeling_emrfuse.brats_labels import REGIONS
+from modeling_emrfuse.evaluation_report import lesion_stats
+from modeling_emrfuse.lesion_metrics import LESION_COUNTS, LESION_METRICS
 from modeling_emrfuse.metrics import METRICS, aggregate, region_metrics, score_label_maps
 
 _DESCRIPTION = """\
@@ -20,6 +22,10 @@ Hausdorff distance (MedPy's hd95: 6-connected surfaces, distances in mm at the v
 Empty masks follow the BraTS rules (both empty: Dice/PPV/sensitivity 1, HD95 0; exactly one
 empty: Dice 0, HD95 373.13 mm). Results are averaged over cases (mean; the nested "aggregate"
 entry also holds std and median).
+
+With lesion_wise=True it also gives the BraTS 2023+ lesion-wise metrics per region (tp, fp, fn,
+sq_dsc, pq_dsc, sq_hd95: panoptica configured as the official BraTS evaluation; needs the optional
+panoptica package), averaged over the cases where they are defined.
 
 Configurations: "label_maps" (default): predictions and references are integer label maps
 (X, Y, Z) in a BraTS label convention; "regions": they are boolean region masks (3, X, Y, Z) in
@@ -38,11 +44,16 @@ Args:
     spacing: voxel size in mm (x, y, z) from the image header, one triple for all cases or one
         per case; default (1, 1, 1).
     return_per_case: also return the per-case results (default True).
+    lesion_wise: also compute the lesion-wise metrics (default False; needs panoptica, about a
+        second per full-size case).
 Returns:
     "<region>_<metric>": mean over cases for each region (WT, TC, ET) and metric
         (dice, ppv, sensitivity, hd95);
     "n_cases": number of cases;
     "aggregate": {region: {metric: {"mean", "std", "median", "n"}}};
+    with lesion_wise: "<region>_<tp|fp|fn|sq_dsc|pq_dsc|sq_hd95>": mean over the cases where the
+        value is finite (NaN: no lesion on either side; sq_hd95 infinite: no matched lesion), and
+        "lesion_wise": {region: {metric: {"mean", "std", "median", "n", "undefined", "infinite"}}};
     "per_case": list of {region: {metric: value}} in input order (if return_per_case).
 Examples:
     >>> brats = evaluate.load("path/to/modeling_emrfuse/brats_metric")
@@ -110,6 +121,7 @@ class BratsMetric(evaluate.Metric):
         ref_convention: Any = None,
         spacing: Any = (1.0, 1.0, 1.0),
         return_per_case: bool = True,
+        lesion_wise: bool = False,
     ) -> Dict[str, Any]:
         n = len(predictions)
         if n != len(references):
@@ -119,7 +131,9 @@ class BratsMetric(evaluate.Metric):
         if self.config_name == "regions":
             for i, (pred, ref) in enumerate(zip(predictions, references)):
                 try:
-                    results.append(region_metrics(np.asarray(pred, dtype=bool), np.asarray(ref, dtype=bool), spacings[i]))
+                    results.append(region_metrics(
+                        np.asarray(pred, dtype=bool), np.asarray(ref, dtype=bool), spacings[i], lesion_wise=lesion_wise
+                    ))
                 except ValueError as exc:
                     raise ValueError(f"case {i}: {exc}") from None
         else:
@@ -127,13 +141,22 @@ class BratsMetric(evaluate.Metric):
             rconvs = _per_case(ref_convention, n, "ref_convention")
             for i, (pred, ref) in enumerate(zip(predictions, references)):
                 try:
-                    results.append(score_label_maps(np.asarray(pred), np.asarray(ref), pconvs[i], rconvs[i], spacings[i]))
+                    results.append(score_label_maps(
+                        np.asarray(pred), np.asarray(ref), pconvs[i], rconvs[i], spacings[i], lesion_wise=lesion_wise
+                    ))
                 except ValueError as exc:
                     raise ValueError(f"case {i}: {exc}") from None
         summary = aggregate(results)
         out: Dict[str, Any] = {
             f"{region}_{metric}": summary[region][metric]["mean"] for region in REGIONS for metric in METRICS
         }
+        if lesion_wise:
+            lesions = {
+                region: {m: lesion_stats([r[region][m] for r in results], count=m in LESION_COUNTS) for m in LESION_METRICS}
+                for region in REGIONS
+            }
+            out.update({f"{region}_{m}": lesions[region][m]["mean"] for region in REGIONS for m in LESION_METRICS})
+            out["lesion_wise"] = lesions
         out["n_cases"] = n
         out["aggregate"] = summary
         if return_per_case:
