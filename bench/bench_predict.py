@@ -67,7 +67,7 @@ def build_paper_size_folder(folder: Path, seed: int = 0) -> Path:
 
     from modeling_emrfuse.configuration_emrfuse import EmrFuseConfig
     from modeling_emrfuse.modeling_emrfuse import EmrFuseForImageClassification, EmrFuseForSegmentation
-    from modeling_emrfuse.pipeline_emrfuse import add_pipeline_to_folder
+    from modeling_emrfuse.model_packaging import add_pipeline_to_folder
     from modeling_emrfuse.processing_emrfuse import EmrFuseImageProcessor, EmrFuseProcessor
 
     if (folder / "config.json").is_file() and (folder / "grading" / "config.json").is_file():
@@ -185,7 +185,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from modeling_emrfuse.pipeline_emrfuse import load_case, load_pipeline
+    from modeling_emrfuse.brats_io import load_case
+    from modeling_emrfuse.pipeline_emrfuse import load_pipeline
 
     torch.set_num_threads(args.threads)
     workdir = Path(args.workdir)

@@ -14,14 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from modeling_emrfuse.brats_io import load_case
 from modeling_emrfuse.brats_labels import SEQUENCES, get_label_convention, label_map_to_regions
-from modeling_emrfuse.pipeline_emrfuse import (
-    PIPELINE_TASK,
-    EmrFusePipeline,
-    load_case,
-    load_pipeline,
-    region_volumes_cm3,
-)
+from modeling_emrfuse.pipeline_emrfuse import PIPELINE_TASK, EmrFusePipeline, load_pipeline, region_volumes_cm3
 from tiny_emrfuse import build_tiny_model_folder, write_small_case
 
 REPORT = "Irregular ring enhancing mass in the left frontal lobe with central necrosis and surrounding oedema."
@@ -258,15 +253,15 @@ def test_pipeline_class_is_registered():
 
 
 def test_optimize_for_inference_keeps_the_outputs(model_dir):
-    from modeling_emrfuse.pipeline_emrfuse import _probe_forward, optimize_for_inference
+    from modeling_emrfuse.inference_optim import optimize_for_inference, probe_forward
     from transformers import AutoModelForSemanticSegmentation
 
     model = AutoModelForSemanticSegmentation.from_pretrained(str(model_dir), trust_remote_code=True).eval()
-    before = _probe_forward(model)
+    before = probe_forward(model)
     done = optimize_for_inference(model, precision="fp32")
     assert done["batchnorm_folded"] > 10 and done["dtype"] == "float32"
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
-    assert torch.allclose(_probe_forward(model), before, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(probe_forward(model), before, atol=1e-4, rtol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------ missing sequences
@@ -281,7 +276,7 @@ def _case_without(tmp_path: Path, drop=("t1", "t2"), case_id="Case_003") -> Path
 def _build_presence_model_folder(folder: Path) -> Path:
     """A tiny model folder (segmentation + grading) with sequence-presence channels in config and processor."""
     from modeling_emrfuse.modeling_emrfuse import EmrFuseForImageClassification, EmrFuseForSegmentation
-    from modeling_emrfuse.pipeline_emrfuse import add_pipeline_to_folder
+    from modeling_emrfuse.model_packaging import add_pipeline_to_folder
     from modeling_emrfuse.processing_emrfuse import EmrFuseImageProcessor, EmrFuseProcessor
     from tiny_emrfuse import make_tokenizer, tiny_config
 
