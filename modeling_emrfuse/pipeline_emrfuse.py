@@ -185,8 +185,38 @@ def _head_kind(model: torch.nn.Module) -> Optional[str]:
     return None
 
 
+def _hub_commit(repo_id: str, revision: Optional[str], subfolder: str = "") -> Optional[str]:
+    """The commit that ``revision`` (default: main) of a Hub repository points to, from its cached config.json."""
+    from transformers.utils.hub import cached_file, extract_commit_hash
+
+    try:
+        return extract_commit_hash(cached_file(repo_id, "config.json", revision=revision, subfolder=subfolder), None)
+    except (OSError, ValueError):  # resolved again, with its own error, by from_pretrained
+        return None
+
+
+def _loaded_commit(model: torch.nn.Module) -> Optional[str]:
+    """The Hub commit a model was loaded at: recorded by :func:`_load_head` (``config._commit_hash``, which is
+    not saved), or for a model that ``transformers.pipeline`` loaded, the commit in the name of its remote-code
+    module (``transformers_modules.<repo>.<commit>.modeling_emrfuse``). ``None`` for a local model."""
+    commit = getattr(model.config, "_commit_hash", None)
+    if commit:
+        return commit
+    parts = type(model).__module__.split(".")
+    if parts[0] != "transformers_modules":
+        return None
+    return next((part for part in parts if re.fullmatch(r"[0-9a-f]{40}", part)), None)
+
+
 def _load_head(name_or_path: str, revision: Optional[str] = None, subfolder: str = "", **kwargs) -> PreTrainedModel:
-    """Load an EmrFuse task model with the Auto class that its ``auto_map`` names for its architecture."""
+    """Load an EmrFuse task model with the Auto class that its ``auto_map`` names for its architecture.
+
+    From a Hub repository, ``revision`` is first resolved to a commit, with which everything is loaded and which
+    is recorded in ``config._commit_hash`` (:func:`_loaded_commit`), so that a companion in the same repository
+    is loaded at the same commit."""
+    on_hub = not Path(name_or_path).is_dir()
+    if on_hub:
+        revision = _hub_commit(name_or_path, revision, subfolder) or revision
     hub = {"revision": revision, "trust_remote_code": True}
     if subfolder:
         hub["subfolder"] = subfolder
@@ -206,7 +236,7 @@ def _load_head(name_or_path: str, revision: Optional[str] = None, subfolder: str
         )
     auto_cls = getattr(transformers, auto_name)
     try:
-        return auto_cls.from_pretrained(name_or_path, config=config, **hub, **kwargs)
+        model = auto_cls.from_pretrained(name_or_path, config=config, **hub, **kwargs)
     except Exception as exc:  # safetensors raises its own SafetensorError (no OSError / ValueError) for a bad file
         if type(exc).__name__ != "SafetensorError" and "safetensors" not in type(exc).__module__:
             raise
@@ -215,6 +245,9 @@ def _load_head(name_or_path: str, revision: Optional[str] = None, subfolder: str
             f"{where}: the weights file (model.safetensors) is truncated or corrupted and cannot be read "
             f"({type(exc).__name__}: {exc}); download or save the model again."
         ) from None
+    if on_hub and revision and re.fullmatch(r"[0-9a-f]{40}", str(revision)):
+        model.config._commit_hash = str(revision)
+    return model
 
 
 def _is_local_subfolder(root: Path, spec: str) -> bool:
@@ -269,7 +302,7 @@ def resolve_companion(root_model: PreTrainedModel, role: str, explicit: Any = No
     if os.path.isabs(spec) or ".." in Path(spec).parts:
         raise ValueError(f"{root}: config.json names the {role} model {spec!r}, which is not a sub-folder of the repository.")
     # a sub-folder of the same Hub repository, at the same commit as the root model
-    return _load_head(root, revision=getattr(config, "_commit_hash", None), subfolder=spec)
+    return _load_head(root, revision=_loaded_commit(root_model), subfolder=spec)
 
 
 def _weights_fingerprint(folder: Path) -> Optional[str]:
@@ -288,7 +321,7 @@ def _model_identity(model: PreTrainedModel) -> Tuple[Optional[str], Optional[str
     """(model id or folder, revision): the Hub commit, or a sha256 of a local folder's weights."""
     config = model.config
     name = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None) or None
-    revision = getattr(config, "_commit_hash", None)
+    revision = _loaded_commit(model)
     if name and Path(name).is_dir():
         name = str(Path(name).resolve())
         if revision is None:

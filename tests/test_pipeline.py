@@ -194,6 +194,49 @@ def test_grading_model_in_a_sibling_folder_only_when_given(model_dir, case_dir, 
     assert out["grading_model_id"].endswith("emrfuse-demo-grading") and out["grade_probabilities"] is not None
 
 
+def test_grading_model_of_a_hub_repo_comes_from_the_same_repo_and_revision(model_dir, tmp_path):
+    """A Hub repo (a fake offline cache with two commits): the grading model is its grading/ sub-folder at the
+    commit the root model was loaded at, not at main (load_pipeline and transformers.pipeline); a config that
+    names a folder outside the repo is refused."""
+    import shutil
+
+    repo = tmp_path / "hub" / "models--someone--emrfuse-tiny"
+    old, new = "a" * 40, "b" * 40
+    for commit in (old, new):
+        shutil.copytree(model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(old)
+    outside = repo / "snapshots" / new / "config.json"
+    script = textwrap.dedent(
+        f"""
+        import json, pathlib
+        from modeling_emrfuse.pipeline_emrfuse import load_pipeline
+        pipe = load_pipeline("someone/emrfuse-tiny", revision={new!r}, device="cpu", optimize=False)
+        out = {{"root": pipe.revision, "grading": list(pipe._companion_ids["grading"])}}
+        from transformers import pipeline
+        factory = pipeline(model="someone/emrfuse-tiny", revision={new!r}, trust_remote_code=True, device="cpu")
+        out["factory"] = [factory.revision, *factory._companion_ids["grading"]]
+        config = json.loads(pathlib.Path({str(outside)!r}).read_text())
+        config["grading_model"] = "../elsewhere"
+        pathlib.Path({str(outside)!r}).write_text(json.dumps(config))
+        try:
+            load_pipeline("someone/emrfuse-tiny", revision={new!r}, device="cpu", optimize=False)
+        except ValueError as exc:
+            out["error"] = str(exc)
+        print(json.dumps(out))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HUB_CACHE=str(tmp_path / "hub"), HF_HOME=str(tmp_path / "hf-home"), HF_HUB_OFFLINE="1",
+               HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["root"] == new and out["grading"] == ["someone/emrfuse-tiny", new]
+    assert out["factory"] == [new, "someone/emrfuse-tiny", new]  # transformers.pipeline(..., revision=...) too
+    assert "'../elsewhere'" in out["error"] and "not a sub-folder of the repository" in out["error"]
+
+
 def test_default_model_folder_missing_says_how_to_make_one(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="README's main job"):
