@@ -18,9 +18,8 @@ out), trains a WordPiece tokenizer on the training reports for a small BERT text
 hidden 64, random weights: nothing can be downloaded), trains the full model (all fusion parts
 on, ResNet-18 image tower) for segmentation, then the grading head in a second, short run that
 starts from the segmentation weights, evaluates both on the held-out cases, prints the tables
-and leaves the models in ``outputs/emrfuse-demo`` (segmentation) and
-``outputs/emrfuse-demo-grading`` (grading, also copied into ``outputs/emrfuse-demo/grading``, where
-``emrfuse predict`` and the Space find it).
+and leaves one model folder, ``outputs/emrfuse-demo``: segmentation at its root, grading in its
+``grading/`` sub-folder (named by the root config, where ``emrfuse predict`` and the Space find it).
 
 Real data::
 
@@ -76,7 +75,7 @@ DEFAULT_TEXT_MODEL = "dmis-lab/biobert-base-cased-v1.2"
 DEFAULT_VISION_MODEL = "resnet50"
 DEFAULT_OUTPUT_DIR = "outputs/emrfuse"
 DEMO_OUTPUT_DIR = "outputs/emrfuse-demo"
-GRADING_SUFFIX = "-grading"
+GRADING_SUBFOLDER = "grading"  # the grading run saves into <output_dir>/grading
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINING_STATE_NAME = "training_state.json"
 SWITCH_FLAGS = ("alignment", "self_attention", "residual", "dynamic_weighting")
@@ -1400,7 +1399,7 @@ def _card_config(args, task: str, max_steps: int, learning_rate: float, switches
 def train_with_grading(args, accelerator, run: RunData, *, output_dir: Path, switches, seed: int, save_model=True, use_trackers=True, resume=None, desc="") -> Dict[str, Any]:
     """Segmentation, then (demo default) a short grading run that starts from the segmentation weights.
 
-    The grading model (``<output_dir>-grading``) shares the towers and the fusion head with the
+    The grading model (``<output_dir>/grading``) shares the towers and the fusion head with the
     segmentation model and adds the paper's case-level classification head (F19-F21); a short
     run suffices because the shared parts are already trained. The returned summary holds the
     segmentation metrics and the grading metrics.
@@ -1412,7 +1411,7 @@ def train_with_grading(args, accelerator, run: RunData, *, output_dir: Path, swi
     if not args.grading_after_segmentation:
         return seg
     cls_summary, _ = train_one(
-        args, accelerator, run, task="classification", output_dir=Path(str(output_dir) + GRADING_SUFFIX), switches=switches, seed=seed,
+        args, accelerator, run, task="classification", output_dir=Path(output_dir) / GRADING_SUBFOLDER, switches=switches, seed=seed,
         stage="grading", warm_start=WarmStart(source="the segmentation run's weights", state=seg_state),
         save_model=save_model, use_trackers=False, resume=resume, desc=f"{desc}grading",
     )
@@ -1474,7 +1473,8 @@ def push_folder_to_hub(folder: Path, repo_id: str, token: Optional[str] = None, 
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     api.upload_folder(
         repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
-        ignore_patterns=["checkpoints/**", "logs/**", ".tmp*", ".tmp*/**", "eval_history.jsonl", "ablation-*/**"],
+        ignore_patterns=["checkpoints/**", "logs/**", ".tmp*", ".tmp*/**", "eval_history.jsonl", "ablation-*/**",
+                         *(f"{GRADING_SUBFOLDER}/{p}" for p in ("checkpoints/**", "logs/**", ".tmp*", ".tmp*/**", "eval_history.jsonl"))],
     )
     return repo_id
 
@@ -1588,14 +1588,14 @@ def make_pipeline_ready(args, output_dir: Path) -> None:
     """Make the saved model folder one self-contained unit for ``transformers.pipeline``, the CLI and the Space.
 
     Adds the ``glioma-analysis`` pipeline to the folder's config and code files and, after the demo's
-    two runs, copies the grading model into ``<output_dir>/grading`` (it also stays in
-    ``<output_dir>-grading``), so that one folder or Hub repo serves segmentation and grading.
+    two runs, names the grading model (saved in ``<output_dir>/grading``) in the root config, so that
+    one folder or Hub repo serves segmentation and grading.
     """
-    from modeling_emrfuse.pipeline_emrfuse import add_pipeline_to_folder
+    from modeling_emrfuse.model_packaging import add_pipeline_to_folder
 
     if not (output_dir / "config.json").exists():
         return  # no model was saved (e.g. save disabled)
-    grading = Path(str(output_dir) + GRADING_SUFFIX)
+    grading = output_dir / GRADING_SUBFOLDER
     with_grading = args.grading_after_segmentation and (grading / "config.json").exists()
     add_pipeline_to_folder(output_dir, grading_model=grading if with_grading else None)
 

@@ -18,11 +18,18 @@ What it measures (random weights; figures are speed, not accuracy)
       case as the BraTS bundle infers it: ``sliding_window_inference`` with ``roi_size=(240, 240, 160)``
       (one window: the 155 slices are padded to 160), fp32 (the bundle's setting) and bf16 weights.
 
+Scale-out mode (``--scale-out``): ``emrfuse predict`` on one folder of demo cases (``--scale-out-cases``,
+``--scale-out-size``), as one process and as two (``torchrun --nproc_per_node 2``, CPU processes over
+gloo, each with half the threads), each a fresh command: cases/minute end to end (start, imports, model
+load, every case, summary) and without the model load. Only this is run in that mode.
+
 Usage::
 
     python bench/bench_predict.py                       # the real case ../shared/realdata/TCGA-DU-7294 if present
     python bench/bench_predict.py --case path/to/case --threads 2 --rounds 5
     python bench/bench_predict.py --no-segresnet --precision fp32
+    python bench/bench_predict.py --scale-out           # cases/minute, 1 vs 2 processes (paper-size model)
+    python bench/bench_predict.py --scale-out --scale-out-model outputs/emrfuse-demo --scale-out-cases 24
 
 The cores may be shared with other work: each round runs the EmrFuse case and the SegResNet forwards
 back to back, and ratios are computed within a round (the load average is printed with each).
@@ -35,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -67,7 +75,7 @@ def build_paper_size_folder(folder: Path, seed: int = 0) -> Path:
 
     from modeling_emrfuse.configuration_emrfuse import EmrFuseConfig
     from modeling_emrfuse.modeling_emrfuse import EmrFuseForImageClassification, EmrFuseForSegmentation
-    from modeling_emrfuse.pipeline_emrfuse import add_pipeline_to_folder
+    from modeling_emrfuse.model_packaging import add_pipeline_to_folder
     from modeling_emrfuse.processing_emrfuse import EmrFuseImageProcessor, EmrFuseProcessor
 
     if (folder / "config.json").is_file() and (folder / "grading" / "config.json").is_file():
@@ -162,6 +170,41 @@ def emrfuse_case(pipe, case: Path, tmp: Path):
     return timings, res
 
 
+def scale_out(args, model: Path, workdir: Path) -> dict:
+    """Cases/minute of ``emrfuse predict`` on one folder of cases, with 1 and with 2 processes (torchrun)."""
+    from datasets_scripts.demo_data import write_demo_dataset
+
+    cases = workdir / f"scale_out_{args.scale_out_cases}_{args.scale_out_size}"
+    if not cases.is_dir():
+        write_demo_dataset(cases, n_cases=args.scale_out_cases, size=args.scale_out_size, seed=0)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    figures = {}
+    for n in (1, 2):
+        out = workdir / f"scale_out_pred_{n}"
+        shutil.rmtree(out, ignore_errors=True)
+        threads = max(1, args.threads // n)
+        launcher = [sys.executable] + ([] if n == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)])
+        cmd = launcher + ["-m", "modeling_emrfuse.cli", "predict", str(cases), "--model", str(model), "-o", str(out), "-q",
+                          "--precision", args.precision, "--threads", str(threads), "--grading-slices", str(args.grading_slices)]
+        load_avg = os.getloadavg()[0]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=str(REPO), env={**env, "OMP_NUM_THREADS": str(threads)}, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        summary = json.loads((out / "predict_summary.json").read_text())
+        done = len(summary["predicted"])
+        load = max(json.loads((out / f"{c}.json").read_text())["timings_s"]["model_load_once"] for c in summary["predicted"])
+        figures[n] = {"processes": n, "threads_per_process": threads, "cases": done, "failed": len(summary["failed"]),
+                      "exit_status": proc.returncode, "wall_s": wall, "cases_per_min": 60 * done / wall,
+                      "cases_per_min_without_model_load": 60 * done / (wall - load), "load_avg_before": load_avg}
+        _log(f"{n} process(es) x {threads} thread(s): {done} cases ({len(summary['failed'])} failed) in {wall:.1f} s -> "
+             f"{figures[n]['cases_per_min']:.1f} cases/min end to end, "
+             f"{figures[n]['cases_per_min_without_model_load']:.1f} without the model load ({load:.1f} s); "
+             f"load avg before {load_avg:.2f}")
+    _log(f"2 processes / 1 process: {figures[2]['cases_per_min'] / figures[1]['cases_per_min']:.2f}x end to end")
+    return figures
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "emrfuse-bench"))
@@ -177,6 +220,13 @@ def main(argv=None) -> int:
     ap.add_argument("--no-compare", action="store_true", help="skip the bf16 vs fp32 comparison")
     ap.add_argument("--no-variants", action="store_true", help="skip the 32-slice grading and segmentation-only runs")
     ap.add_argument("--no-cold", action="store_true", help="skip the cold subprocess run")
+    ap.add_argument("--scale-out", action="store_true",
+                    help="only measure cases/minute of emrfuse predict on a folder of cases with 1 and 2 processes")
+    ap.add_argument("--scale-out-cases", type=int, default=16, help="demo cases in the scale-out folder (default 16)")
+    ap.add_argument("--scale-out-size", default="small", choices=("small", "medium", "full"),
+                    help="demo case size for --scale-out (default small: 64 x 64 x 48)")
+    ap.add_argument("--scale-out-model", default=None,
+                    help="model folder for --scale-out (default: the paper-size model this bench builds)")
     ap.add_argument("--omp-wait-policy", default="PASSIVE", choices=("PASSIVE", "ACTIVE", "unset"),
                     help="OpenMP wait policy for this run (emrfuse predict's default is PASSIVE); applies to both models")
     args = ap.parse_args(argv)
@@ -185,7 +235,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from modeling_emrfuse.pipeline_emrfuse import load_case, load_pipeline
+    from modeling_emrfuse.brats_io import load_case
+    from modeling_emrfuse.pipeline_emrfuse import load_pipeline
 
     torch.set_num_threads(args.threads)
     workdir = Path(args.workdir)
@@ -195,8 +246,13 @@ def main(argv=None) -> int:
          f"load average now {os.getloadavg()[0]:.2f} "
          "(other processes share these cores: compare figures within a round)")
     t0 = time.perf_counter()
-    model = build_paper_size_folder(workdir / "paper-size-model")
-    _log(f"paper-size model folder: {model} ({time.perf_counter() - t0:.1f} s to build/find)")
+    model = Path(args.scale_out_model) if args.scale_out_model else build_paper_size_folder(workdir / "paper-size-model")
+    _log(f"model folder: {model} ({time.perf_counter() - t0:.1f} s to build/find)")
+    if args.scale_out:
+        out = workdir / "bench_predict_scale_out.json"
+        out.write_text(json.dumps(scale_out(args, model, workdir), indent=2, default=float))
+        _log(f"\nfigures written to {out}")
+        return 0
     case = full_size_case(workdir, args.case)
     _log(f"case: {case}")
 

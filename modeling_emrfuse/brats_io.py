@@ -16,6 +16,9 @@ The one home of everything that touches BraTS files on disk; the pipeline, ``emr
   (and so its label convention) from file names; :func:`case_id_from_file_names` names a case from
   its sequence files.
 * :func:`read_reports` reads a reports file (CSV / JSONL / JSON, case id -> report text).
+* :func:`load_case` reads one case (a case folder, a dict of sequence files / arrays / images, or a
+  ``(4, X, Y, Z)`` array) into a :class:`LoadedCase`: the four volumes on one checked voxel grid with
+  the affine and header that its outputs are written with (the pipeline's input).
 
 This file travels to the Hub with the model code (the pipeline and the processor import it): at
 module level it imports only the standard library, numpy and its sibling ``brats_labels``; nibabel
@@ -65,6 +68,7 @@ import logging
 import os
 import re
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
@@ -106,6 +110,8 @@ __all__ = [
     "read_reports",
     "affine_spacing",
     "GeometryWarning",
+    "LoadedCase",
+    "load_case",
 ]
 
 KNOWN_RELEASES: Tuple[str, ...] = tuple(sorted(RELEASE_CONVENTION))
@@ -1060,3 +1066,268 @@ def read_reports(path: Path | str) -> Dict[str, str]:
         text = row.get(text_col)
         out[case_id] = "" if text is None else str(text)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# one case read into memory (the pipeline's input)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class LoadedCase:
+    """One case read into memory by :func:`load_case`.
+
+    Attributes:
+        volumes: canonical sequence name -> array ``(X, Y, Z)`` (on-disk dtype).
+        affine: ``4 x 4`` voxel -> world affine of the case (shared by the four sequences).
+        spacing: voxel size in mm along X, Y, Z, from ``affine`` (the sform of a NIfTI file when set,
+            as nibabel reads it; see :func:`affine_spacing`).
+        header: nibabel header of the first sequence when read from NIfTI (``None`` otherwise); used
+            to write outputs "with the input's header".
+        case_id, release, label_convention: from the folder layout when known.
+        sources: sequence -> file path when read from files.
+        report_path: the case's own report file (TextBraTS layout), if any.
+        missing_sequences: canonical names (in :data:`SEQUENCES` order) of the sequences the case
+            lacks (or that are all zero), zero-filled in ``volumes``; only with
+            ``allow_missing_sequences=True``, empty otherwise.
+    """
+
+    volumes: Dict[str, np.ndarray]
+    affine: np.ndarray
+    spacing: Tuple[float, float, float]
+    header: Any = None
+    case_id: Optional[str] = None
+    release: Optional[str] = None
+    label_convention: Optional[str] = None
+    sources: Dict[str, str] = field(default_factory=dict)
+    report_path: Optional[str] = None
+    missing_sequences: List[str] = field(default_factory=list)
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        """Voxel grid ``(X, Y, Z)``."""
+        return tuple(next(iter(self.volumes.values())).shape)
+
+
+_MISSING_HINT = "or pass allow_missing_sequences=True (emrfuse predict --allow-missing-sequences) to zero-fill them"
+
+
+def _missing_error(where: str, missing: Sequence[str], found: Sequence[str]) -> ValueError:
+    return ValueError(
+        f"{where}missing sequence(s) {list(missing)} (found: {', '.join(found) or 'none'}): give all four of "
+        f"{list(SEQUENCES)}, {_MISSING_HINT}."
+    )
+
+
+def _is_tensor(obj: Any) -> bool:
+    """A torch tensor (told by its methods: this module does not import torch)."""
+    return all(hasattr(obj, name) for name in ("detach", "cpu", "numpy"))
+
+
+def _read_sequence_file(path: Path | str, name: str) -> Tuple[np.ndarray, np.ndarray, Any]:
+    """Read one sequence file with :func:`read_volume_and_header`: ``(array, affine, NIfTI header or None)``;
+    ``ValueError`` naming the sequence for a missing, empty or unreadable file."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ValueError(f"Sequence {name!r}: file {path} does not exist.")
+    if not path.is_file():
+        raise ValueError(f"Sequence {name!r}: {path} is not a file.")
+    if path.stat().st_size == 0:
+        raise ValueError(f"Sequence {name!r}: file {path} is empty (0 bytes).")
+    if volume_suffix(path) is None:
+        raise ValueError(f"Sequence {name!r}: {path} is not a NIfTI file (expected a .nii or .nii.gz file, or .mha).")
+    try:
+        (array, affine, _spacing), header = read_volume_and_header(path)
+    except ImportError as err:  # nibabel, or SimpleITK for MetaImage
+        raise ValueError(f"Sequence {name!r}: {err}") from err
+    return array, affine, header
+
+
+def _item_to_volume(item: Any, name: str) -> Tuple[np.ndarray, Optional[np.ndarray], Any, Optional[str]]:
+    """One sequence (path / nibabel image / array / tensor) -> (array, affine or None, header, source)."""
+    if isinstance(item, (str, os.PathLike)):
+        array, affine, header = _read_sequence_file(item, name)
+        return array, affine, header, str(item)
+    if hasattr(item, "dataobj") and hasattr(item, "affine"):  # nibabel image
+        array = np.asanyarray(item.dataobj)
+        return array, np.asarray(item.affine, dtype=np.float64), getattr(item, "header", None), None
+    if _is_tensor(item):
+        item = item.detach().cpu().numpy()
+    array = np.asarray(item)
+    if array.dtype == object:
+        raise ValueError(f"Sequence {name!r}: expected a path, a nibabel image or an array, got {type(item).__name__}.")
+    return array, None, None, None
+
+
+def _case_folder(folder: Path, release: str = "auto", allow_missing_sequences: bool = False) -> Dict[str, Any]:
+    """The files of the one case in ``folder`` (:func:`discover_cases`).
+
+    A folder lacking sequences is an error naming them (and the option) unless
+    ``allow_missing_sequences``; one with no sequence at all is always an error.
+    """
+    # cases lacking sequences are found, then refused below with the option named in the error
+    cases = discover_cases(folder, release=release or "auto", on_error="raise", allow_missing_sequences=True)
+    if len(cases) != 1:
+        raise ValueError(
+            f"{folder} holds {len(cases)} cases; pass a single case folder (emrfuse predict accepts a folder of cases)."
+        )
+    c = cases[0]
+    missing = [s for s in SEQUENCES if s not in c.sequences]
+    if missing and not allow_missing_sequences:
+        found = [f"{k}={Path(v).name}" for k, v in c.sequences.items()]
+        raise _missing_error(f"case {c.case_id}: ", missing, found)
+    return {
+        "case_id": c.case_id,
+        "release": c.release,
+        "label_convention": c.label_convention,
+        "sequences": {k: str(v) for k, v in c.sequences.items()},
+        "report_path": None if c.report_path is None else str(c.report_path),
+    }
+
+
+def _case_items(case: Any, affine: Any, release: str, allow_missing_sequences: bool) -> Tuple[Dict[str, Any], Dict[str, Any], Any]:
+    """What :func:`load_case` was given, as ``(sequence -> item to read, layout facts, affine)``."""
+    meta: Dict[str, Any] = {}
+    if isinstance(case, (str, os.PathLike)):
+        folder = Path(case).expanduser()
+        if not folder.exists():
+            raise ValueError(f"{folder} does not exist.")
+        if not folder.is_dir():
+            raise ValueError(
+                f"{folder} is a file: pass a case folder, or the four sequences as a dict {{sequence: path}}."
+            )
+        meta = _case_folder(folder, release, allow_missing_sequences=allow_missing_sequences)
+        return dict(meta["sequences"]), meta, affine
+    if isinstance(case, Mapping):
+        items: Dict[str, Any] = {}
+        for key, value in case.items():
+            if key in ("report", "case_id", "affine"):
+                continue
+            name = canonical_sequence_name(key)
+            if name in items:
+                raise ValueError(f"Sequence {name!r} given twice.")
+            items[name] = value
+        items = {name: value for name, value in items.items() if value is not None}
+        missing = [s for s in SEQUENCES if s not in items]
+        if not items:
+            raise ValueError(f"No MRI sequence given: got {sorted(map(str, case))}; need at least one of {list(SEQUENCES)}.")
+        if missing and not allow_missing_sequences:
+            raise ValueError(
+                f"Missing sequence(s) {missing}: got {sorted(map(str, case))}; need {list(SEQUENCES)} (or aliases), "
+                f"{_MISSING_HINT}."
+            )
+        meta["case_id"] = case.get("case_id")
+        if affine is None and case.get("affine") is not None:
+            affine = case["affine"]
+        paths = [v for v in items.values() if isinstance(v, (str, os.PathLike))]
+        meta["label_convention"] = label_convention_from_file_names(paths) or label_convention_from_file_names(map(str, case))
+        return items, meta, affine
+    if isinstance(case, np.ndarray) or _is_tensor(case):
+        array = case.detach().cpu().numpy() if _is_tensor(case) else case
+        if array.ndim != 4 or array.shape[0] != len(SEQUENCES):
+            raise ValueError(f"Expected a case array of shape (4, X, Y, Z) in order {list(SEQUENCES)}, got {array.shape}.")
+        return dict(zip(SEQUENCES, array)), meta, affine
+    raise ValueError(
+        f"Cannot read a case from {type(case).__name__}: pass a case folder, a dict {{sequence: path/array/image}} "
+        "or a (4, X, Y, Z) array."
+    )
+
+
+def _one_grid(names: Sequence[str], loaded: Sequence[Tuple[np.ndarray, Optional[np.ndarray], Any, Optional[str]]],
+              affine: Any) -> Tuple[Dict[str, np.ndarray], np.ndarray, Any, Dict[str, str]]:
+    """Check that the read sequences share one voxel grid: ``(volumes, affine, header, sources)``."""
+    volumes: Dict[str, np.ndarray] = {}
+    ref_name, ref_affine, header = None, None, None
+    sources: Dict[str, str] = {}
+    for name, (array, aff, hdr, source) in zip(names, loaded):
+        if array.ndim != 3:
+            raise ValueError(f"Sequence {name!r}: expected a 3-D volume (X, Y, Z), got shape {array.shape}.")
+        if array.size == 0:
+            raise ValueError(f"Sequence {name!r}: the volume is empty (shape {array.shape}).")
+        volumes[name] = array
+        if source is not None:
+            sources[name] = source
+        if aff is not None:
+            if ref_affine is None:
+                ref_name, ref_affine, header = name, aff, hdr
+            elif not np.allclose(aff, ref_affine, rtol=0, atol=1e-3):
+                raise ValueError(
+                    f"Sequences {ref_name!r} and {name!r} have different affines (not on one voxel grid): "
+                    "co-register the sequences first."
+                )
+    shapes = {n: tuple(v.shape) for n, v in volumes.items()}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"Sequences have different shapes: {shapes}.")
+    if ref_affine is None:
+        ref_affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+        if ref_affine.shape != (4, 4):
+            raise ValueError(f"affine must be a 4 x 4 matrix, got shape {ref_affine.shape}.")
+    return volumes, ref_affine, header, sources
+
+
+def _zero_fill_missing(volumes: Dict[str, np.ndarray]) -> List[str]:
+    """Add a zero volume for each absent sequence (on the grid of the present ones), in place; returns the
+    missing sequences, counting an all-zero one as missing."""
+    missing_sequences: List[str] = []
+    shape, dtype = next(iter(volumes.values())).shape, next(iter(volumes.values())).dtype
+    for name in SEQUENCES:
+        if name not in volumes:
+            volumes[name] = np.zeros(shape, dtype=dtype)  # zero-filled on the grid of the present ones
+            missing_sequences.append(name)
+        elif not np.any(volumes[name]):
+            missing_sequences.append(name)  # all zero: as good as missing
+    if len(missing_sequences) == len(SEQUENCES):
+        raise ValueError(f"Every sequence is missing or all zero: need at least one of {list(SEQUENCES)}.")
+    return missing_sequences
+
+
+def load_case(
+    case: Any,
+    affine: Optional[np.ndarray] = None,
+    release: str = "auto",
+    max_workers: Optional[int] = None,
+    allow_missing_sequences: bool = False,
+) -> LoadedCase:
+    """Read one case into a :class:`LoadedCase`: a case folder in any BraTS layout, a dict
+    ``{sequence name (any alias) -> path / array / nibabel image / tensor}``, or a ``(4, X, Y, Z)`` array
+    (tensor) in :data:`SEQUENCES` order (``affine=`` gives its geometry; identity, 1 mm voxels, otherwise).
+    A :class:`LoadedCase` is returned as it is. The files are read in parallel threads.
+
+    ``allow_missing_sequences``: a case folder or a dict may lack sequences (a dict may map them to
+    ``None``), at least one must be present; the present sequences define the grid (shape, affine,
+    header) and each missing one is a zero array of that shape. With the flag, a given sequence that
+    is all zero (also in a ``(4, X, Y, Z)`` array, which must still hold four sequences) counts as
+    missing. The case's ``missing_sequences`` lists them.
+
+    Raises ``ValueError`` naming the sequence / file for: a missing (without
+    ``allow_missing_sequences``) or unknown sequence, a file that does not exist, is empty or is not
+    a readable NIfTI, sequences of different shapes or affines, non-3-D data.
+    """
+    if isinstance(case, LoadedCase):
+        if case.missing_sequences and not allow_missing_sequences:
+            raise _missing_error(
+                f"case {case.case_id}: " if case.case_id else "",
+                case.missing_sequences,
+                [s for s in SEQUENCES if s not in case.missing_sequences],
+            )
+        return case
+    items, meta, affine = _case_items(case, affine, release, allow_missing_sequences)
+    names = list(items)
+    workers = max_workers or min(len(names), max(1, os.cpu_count() or 1))
+    if workers > 1 and any(isinstance(items[n], (str, os.PathLike)) for n in names):
+        with ThreadPoolExecutor(max_workers=workers) as pool:  # zlib and file reads release the GIL
+            loaded = list(pool.map(lambda n: _item_to_volume(items[n], n), names))
+    else:
+        loaded = [_item_to_volume(items[n], n) for n in names]
+    volumes, ref_affine, header, sources = _one_grid(names, loaded, affine)
+    missing_sequences = _zero_fill_missing(volumes) if allow_missing_sequences else []
+    return LoadedCase(
+        volumes={s: volumes[s] for s in SEQUENCES},
+        affine=ref_affine,
+        spacing=affine_spacing(ref_affine),  # the affine the output is written with, never pixdim alone
+        header=header,
+        case_id=meta.get("case_id"),
+        release=meta.get("release"),
+        label_convention=meta.get("label_convention"),
+        sources=sources,
+        report_path=meta.get("report_path"),
+        missing_sequences=missing_sequences,
+    )

@@ -134,6 +134,11 @@ class EmrFuseConfig(PretrainedConfig):
             cases with any non-empty subset of the four sequences. ``in_chans`` grows by 4.
         sequences (`list[str]`): MRI sequence order of the input channels (informative).
         initializer_range (`float`, defaults to 0.02): std of the fusion head's linear layers.
+        grading_model (`str`, *optional*): set on a segmentation model's config when its folder (or Hub
+            repository) also carries the grading model: the sub-folder that holds it (``"grading"``). The
+            pipeline finds the companion only here (or in an explicit argument), never outside the folder
+            or repository.
+        segmentation_model (`str`, *optional*): the same for a grading model's segmentation companion.
     """
 
     model_type = "emrfuse"
@@ -163,6 +168,8 @@ class EmrFuseConfig(PretrainedConfig):
     sequence_presence: bool = False
     sequences: list[str] | tuple[str, ...] = SEQUENCES
     initializer_range: float = 0.02
+    grading_model: str | None = None
+    segmentation_model: str | None = None
 
     def __post_init__(self, **kwargs: Any):
         # default grading labels: HGG / LGG (unless a different number of labels is asked for)

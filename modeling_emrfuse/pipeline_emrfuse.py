@@ -51,8 +51,8 @@ What runs
     2. preprocess: :class:`EmrFuseProcessor` z-scores, crops to the brain, cuts every brain slice, and
        tokenises the report once;
     3. model: one forward per head over all slices of the case, under ``torch.inference_mode``; the
-       models are rewritten once for inference (:func:`optimize_for_inference`: BatchNorm folded into
-       the convolutions, bf16 weights where the CPU / GPU has native bf16, channels-last). The model
+       models are rewritten once for inference (the sibling :mod:`inference_optim`: BatchNorm folded
+       into the convolutions, bf16 weights where the CPU / GPU has native bf16, channels-last). The model
        runs its image tower and decoder in chunks of ``config.slice_chunk_size`` slices and encodes
        the report once per case (``slice_to_case``). The grading model pools 32 evenly spaced brain
        slices by default (``grading_max_slices``; ``None``: all);
@@ -64,39 +64,32 @@ What runs
 
 Both heads in one folder
     A model folder holds ONE task model at its root (``EmrFuseForSegmentation`` or
-    ``EmrFuseForImageClassification``). The other head, when there is one, is a second model
-    found, in this order: the ``grading_model=`` / ``segmentation_model=`` argument (a model, a
-    folder or a Hub id); the root config's ``grading_model`` / ``segmentation_model`` attribute (a
-    sub-folder of the same folder or Hub repository; a missing one is an error); a ``grading/`` or
-    ``classification/`` (resp. ``segmentation/``) sub-folder. Without an explicit argument a companion
-    is only ever looked for inside the model's own folder or repository: never relative to the
+    ``EmrFuseForImageClassification``). The other head, when there is one, is a second model found in
+    one way (:func:`resolve_companion`): the ``grading_model=`` / ``segmentation_model=`` argument (a
+    model, a folder or a Hub id, loaded as given; ``False``: none), or else the root config's
+    ``grading_model`` / ``segmentation_model`` field, which names a sub-folder of the same folder or Hub
+    repository (loaded at the same revision; a missing one is an error). Without an explicit argument a
+    companion is never looked for outside the model's own folder or repository: not relative to the
     working directory, in a sibling folder or in another repository (its code would run).
-    :meth:`EmrFusePipeline.save_pretrained` writes the sub-folder layout (segmentation model at the
-    root with ``config.custom_pipelines`` and ``config.grading_model = "grading"``, grading model in
-    ``grading/``), and :func:`add_pipeline_to_folder` adds the pipeline (and optionally the grading
-    model) to a folder that a model's ``save_pretrained`` wrote. A folder whose root holds
-    no ``config.json`` but whose sub-folders hold a segmentation model (and optionally a classification
-    model) is also accepted by :func:`load_pipeline`; one whose sub-folders hold only a grading model is
-    an error (pass that sub-folder itself for grading only).
+    :meth:`EmrFusePipeline.save_pretrained` writes that layout (segmentation model at the root with
+    ``config.custom_pipelines`` and ``config.grading_model = "grading"``, grading model in
+    ``grading/``); ``model_packaging.add_pipeline_to_folder`` adds the pipeline (and the grading model)
+    to a folder that a model's ``save_pretrained`` wrote.
 
 This file travels to the Hub with the model code: it imports only numpy, torch, transformers and
-its sibling files at module level (``brats_io`` finds and reads the cases; it imports nibabel and
-SimpleITK where a file is read).
+its sibling files at module level (``brats_io`` finds and reads the cases, :class:`LoadedCase`; it
+imports nibabel and SimpleITK where a file is read; ``inference_optim`` rewrites the models for
+inference).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
-import json
 import os
 import re
-import shutil
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -104,27 +97,13 @@ import numpy as np
 import torch
 import transformers
 from transformers import AutoConfig, AutoProcessor, Pipeline, PreTrainedModel
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.utils import logging
 
-from .brats_io import (
-    GeometryWarning,
-    affine_spacing,
-    discover_cases,
-    label_convention_from_file_names,
-    read_volume_and_header,
-    volume_suffix,
-)
-from .brats_labels import (
-    GRADES,
-    REGIONS,
-    SEQUENCES,
-    canonical_sequence_name,
-    get_label_convention,
-    label_map_to_regions,
-    regions_to_label_map,
-)
-from .strict_json import write_json
+from .brats_io import GeometryWarning, LoadedCase, load_case
+from .brats_labels import GRADES, REGIONS, SEQUENCES, get_label_convention, label_map_to_regions, regions_to_label_map
+from .inference_optim import inference_autocast, is_inference_optimized, optimize_for_inference, resolve_precision
 
 logger = logging.get_logger(__name__)
 
@@ -132,12 +111,14 @@ __all__ = [
     "PIPELINE_TASK",
     "DEFAULT_MODEL",
     "DEFAULT_GRADING_SLICES",
-    "LoadedCase",
+    "GRADING_SUBFOLDER",
     "EmrFusePipeline",
+    "LoadedCase",
     "load_case",
     "load_pipeline",
     "optimize_for_inference",
-    "add_pipeline_to_folder",
+    "resolve_companion",
+    "custom_pipelines_entry",
     "region_volumes_cm3",
     "voxel_volume_mm3",
     "resample_to_shape",
@@ -149,255 +130,17 @@ PIPELINE_TASK = "glioma-analysis"
 DEFAULT_MODEL = os.path.join("outputs", "emrfuse-demo")
 """Model folder that the README's main job (``train.py`` on demo data) leaves."""
 
-GRADING_SUBFOLDERS = ("grading", "classification")
-SEGMENTATION_SUBFOLDERS = ("segmentation",)
+GRADING_SUBFOLDER = "grading"
+"""Sub-folder of a model folder (or Hub repository) that holds the grading companion; the root config
+names it in ``grading_model``."""
 DEFAULT_GRADING_SLICES = 32
 """Brain slices (evenly spaced) that the grading model pools by default: on demo cases the grade
 probabilities match pooling over all slices to 1e-3, at a quarter of the grading cost."""
 
 
 # --------------------------------------------------------------------------------------------------
-# reading a case
+# geometry of a case
 # --------------------------------------------------------------------------------------------------
-@dataclass
-class LoadedCase:
-    """One case read into memory.
-
-    Attributes:
-        volumes: canonical sequence name -> array ``(X, Y, Z)`` (on-disk dtype).
-        affine: ``4 x 4`` voxel -> world affine of the case (shared by the four sequences).
-        spacing: voxel size in mm along X, Y, Z, from ``affine`` (the sform of a NIfTI file when set,
-            as nibabel reads it; see :func:`brats_io.affine_spacing`).
-        header: nibabel header of the first sequence when read from NIfTI (``None`` otherwise); used
-            to write outputs "with the input's header".
-        case_id, release, label_convention: from the folder layout when known.
-        sources: sequence -> file path when read from files.
-        report_path: the case's own report file (TextBraTS layout), if any.
-        missing_sequences: canonical names (in :data:`SEQUENCES` order) of the sequences the case
-            lacks (or that are all zero), zero-filled in ``volumes``; only with
-            ``allow_missing_sequences=True``, empty otherwise.
-    """
-
-    volumes: Dict[str, np.ndarray]
-    affine: np.ndarray
-    spacing: Tuple[float, float, float]
-    header: Any = None
-    case_id: Optional[str] = None
-    release: Optional[str] = None
-    label_convention: Optional[str] = None
-    sources: Dict[str, str] = field(default_factory=dict)
-    report_path: Optional[str] = None
-    missing_sequences: List[str] = field(default_factory=list)
-
-    @property
-    def shape(self) -> Tuple[int, int, int]:
-        """Voxel grid ``(X, Y, Z)``."""
-        return tuple(next(iter(self.volumes.values())).shape)
-
-
-def _read_sequence_file(path: Union[str, os.PathLike], name: str) -> Tuple[np.ndarray, np.ndarray, Any]:
-    """Read one sequence file with :func:`brats_io.read_volume_and_header`: ``(array, affine, NIfTI
-    header or None)``; ``ValueError`` naming the sequence for a missing, empty or unreadable file."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise ValueError(f"Sequence {name!r}: file {path} does not exist.")
-    if not path.is_file():
-        raise ValueError(f"Sequence {name!r}: {path} is not a file.")
-    if path.stat().st_size == 0:
-        raise ValueError(f"Sequence {name!r}: file {path} is empty (0 bytes).")
-    if volume_suffix(path) is None:
-        raise ValueError(f"Sequence {name!r}: {path} is not a NIfTI file (expected a .nii or .nii.gz file, or .mha).")
-    try:
-        (array, affine, _spacing), header = read_volume_and_header(path)
-    except ImportError as err:  # nibabel, or SimpleITK for MetaImage
-        raise ValueError(f"Sequence {name!r}: {err}") from err
-    return array, affine, header
-
-
-def _item_to_volume(item: Any, name: str) -> Tuple[np.ndarray, Optional[np.ndarray], Any, Optional[str]]:
-    """One sequence (path / nibabel image / array / tensor) -> (array, affine or None, header, source)."""
-    if isinstance(item, (str, os.PathLike)):
-        array, affine, header = _read_sequence_file(item, name)
-        return array, affine, header, str(item)
-    if hasattr(item, "dataobj") and hasattr(item, "affine"):  # nibabel image
-        array = np.asanyarray(item.dataobj)
-        return array, np.asarray(item.affine, dtype=np.float64), getattr(item, "header", None), None
-    if isinstance(item, torch.Tensor):
-        item = item.detach().cpu().numpy()
-    array = np.asarray(item)
-    if array.dtype == object:
-        raise ValueError(f"Sequence {name!r}: expected a path, a nibabel image or an array, got {type(item).__name__}.")
-    return array, None, None, None
-
-
-_MISSING_HINT = "or pass allow_missing_sequences=True (emrfuse predict --allow-missing-sequences) to zero-fill them"
-
-
-def _missing_error(where: str, missing: Sequence[str], found: Sequence[str]) -> ValueError:
-    return ValueError(
-        f"{where}missing sequence(s) {list(missing)} (found: {', '.join(found) or 'none'}): give all four of "
-        f"{list(SEQUENCES)}, {_MISSING_HINT}."
-    )
-
-
-def _case_folder(folder: Path, release: str = "auto", allow_missing_sequences: bool = False) -> Dict[str, Any]:
-    """The files of the one case in ``folder`` (:func:`brats_io.discover_cases`).
-
-    A folder lacking sequences is an error naming them (and the option) unless
-    ``allow_missing_sequences``; one with no sequence at all is always an error.
-    """
-    # cases lacking sequences are found, then refused below with the option named in the error
-    cases = discover_cases(folder, release=release or "auto", on_error="raise", allow_missing_sequences=True)
-    if len(cases) != 1:
-        raise ValueError(
-            f"{folder} holds {len(cases)} cases; pass a single case folder (emrfuse predict accepts a folder of cases)."
-        )
-    c = cases[0]
-    missing = [s for s in SEQUENCES if s not in c.sequences]
-    if missing and not allow_missing_sequences:
-        found = [f"{k}={Path(v).name}" for k, v in c.sequences.items()]
-        raise _missing_error(f"case {c.case_id}: ", missing, found)
-    return {
-        "case_id": c.case_id,
-        "release": c.release,
-        "label_convention": c.label_convention,
-        "sequences": {k: str(v) for k, v in c.sequences.items()},
-        "report_path": None if c.report_path is None else str(c.report_path),
-    }
-
-
-def load_case(
-    case: Any,
-    affine: Optional[np.ndarray] = None,
-    release: str = "auto",
-    max_workers: Optional[int] = None,
-    allow_missing_sequences: bool = False,
-) -> LoadedCase:
-    """Read one case (see the module docstring for the accepted forms) into a :class:`LoadedCase`.
-
-    ``allow_missing_sequences``: a case folder or a dict may lack sequences (a dict may map them to
-    ``None``), at least one must be present; the present sequences define the grid (shape, affine,
-    header) and each missing one is a zero array of that shape. With the flag, a given sequence that
-    is all zero (also in a ``(4, X, Y, Z)`` array, which must still hold four sequences) counts as
-    missing. The case's ``missing_sequences`` lists them.
-
-    Raises ``ValueError`` naming the sequence / file for: a missing (without
-    ``allow_missing_sequences``) or unknown sequence, a file that does not exist, is empty or is not
-    a readable NIfTI, sequences of different shapes or affines, non-3-D data.
-    """
-    if isinstance(case, LoadedCase):
-        if case.missing_sequences and not allow_missing_sequences:
-            raise _missing_error(
-                f"case {case.case_id}: " if case.case_id else "",
-                case.missing_sequences,
-                [s for s in SEQUENCES if s not in case.missing_sequences],
-            )
-        return case
-    meta: Dict[str, Any] = {}
-    if isinstance(case, (str, os.PathLike)):
-        folder = Path(case).expanduser()
-        if not folder.exists():
-            raise ValueError(f"{folder} does not exist.")
-        if not folder.is_dir():
-            raise ValueError(
-                f"{folder} is a file: pass a case folder, or the four sequences as a dict {{sequence: path}}."
-            )
-        meta = _case_folder(folder, release, allow_missing_sequences=allow_missing_sequences)
-        items: Dict[str, Any] = dict(meta["sequences"])
-    elif isinstance(case, Mapping):
-        items = {}
-        for key, value in case.items():
-            if key in ("report", "case_id", "affine"):
-                continue
-            name = canonical_sequence_name(key)
-            if name in items:
-                raise ValueError(f"Sequence {name!r} given twice.")
-            items[name] = value
-        items = {name: value for name, value in items.items() if value is not None}
-        missing = [s for s in SEQUENCES if s not in items]
-        if not items:
-            raise ValueError(f"No MRI sequence given: got {sorted(map(str, case))}; need at least one of {list(SEQUENCES)}.")
-        if missing and not allow_missing_sequences:
-            raise ValueError(
-                f"Missing sequence(s) {missing}: got {sorted(map(str, case))}; need {list(SEQUENCES)} (or aliases), "
-                f"{_MISSING_HINT}."
-            )
-        meta["case_id"] = case.get("case_id")
-        if affine is None and case.get("affine") is not None:
-            affine = case["affine"]
-        paths = [v for v in items.values() if isinstance(v, (str, os.PathLike))]
-        meta["label_convention"] = label_convention_from_file_names(paths) or label_convention_from_file_names(map(str, case))
-    elif isinstance(case, (np.ndarray, torch.Tensor)):
-        array = case.detach().cpu().numpy() if isinstance(case, torch.Tensor) else case
-        if array.ndim != 4 or array.shape[0] != len(SEQUENCES):
-            raise ValueError(f"Expected a case array of shape (4, X, Y, Z) in order {list(SEQUENCES)}, got {array.shape}.")
-        items = dict(zip(SEQUENCES, array))
-    else:
-        raise ValueError(
-            f"Cannot read a case from {type(case).__name__}: pass a case folder, a dict {{sequence: path/array/image}} "
-            "or a (4, X, Y, Z) array."
-        )
-
-    names = list(items)
-    workers = max_workers or min(len(names), max(1, os.cpu_count() or 1))
-    if workers > 1 and any(isinstance(items[n], (str, os.PathLike)) for n in names):
-        with ThreadPoolExecutor(max_workers=workers) as pool:  # zlib and file reads release the GIL
-            loaded = list(pool.map(lambda n: _item_to_volume(items[n], n), names))
-    else:
-        loaded = [_item_to_volume(items[n], n) for n in names]
-
-    volumes: Dict[str, np.ndarray] = {}
-    ref_name, ref_affine, header = None, None, None
-    sources: Dict[str, str] = {}
-    for name, (array, aff, hdr, source) in zip(names, loaded):
-        if array.ndim != 3:
-            raise ValueError(f"Sequence {name!r}: expected a 3-D volume (X, Y, Z), got shape {array.shape}.")
-        if array.size == 0:
-            raise ValueError(f"Sequence {name!r}: the volume is empty (shape {array.shape}).")
-        volumes[name] = array
-        if source is not None:
-            sources[name] = source
-        if aff is not None:
-            if ref_affine is None:
-                ref_name, ref_affine, header = name, aff, hdr
-            elif not np.allclose(aff, ref_affine, rtol=0, atol=1e-3):
-                raise ValueError(
-                    f"Sequences {ref_name!r} and {name!r} have different affines (not on one voxel grid): "
-                    "co-register the sequences first."
-                )
-    shapes = {n: tuple(v.shape) for n, v in volumes.items()}
-    if len(set(shapes.values())) != 1:
-        raise ValueError(f"Sequences have different shapes: {shapes}.")
-    if ref_affine is None:
-        ref_affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
-        if ref_affine.shape != (4, 4):
-            raise ValueError(f"affine must be a 4 x 4 matrix, got shape {ref_affine.shape}.")
-    missing_sequences: List[str] = []
-    if allow_missing_sequences:
-        shape, dtype = next(iter(volumes.values())).shape, next(iter(volumes.values())).dtype
-        for name in SEQUENCES:
-            if name not in volumes:
-                volumes[name] = np.zeros(shape, dtype=dtype)  # zero-filled on the grid of the present ones
-                missing_sequences.append(name)
-            elif not np.any(volumes[name]):
-                missing_sequences.append(name)  # all zero: as good as missing
-        if len(missing_sequences) == len(SEQUENCES):
-            raise ValueError(f"Every sequence is missing or all zero: need at least one of {list(SEQUENCES)}.")
-    volumes = {s: volumes[s] for s in SEQUENCES}
-    return LoadedCase(
-        volumes=volumes,
-        affine=ref_affine,
-        spacing=affine_spacing(ref_affine),  # the affine the output is written with, never pixdim alone
-        header=header,
-        case_id=meta.get("case_id"),
-        release=meta.get("release"),
-        label_convention=meta.get("label_convention"),
-        sources=sources,
-        report_path=meta.get("report_path"),
-        missing_sequences=missing_sequences,
-    )
-
-
 def voxel_volume_mm3(spacing: Sequence[float]) -> float:
     """Volume of one voxel in mm^3 from the voxel size (mm) of the header."""
     return float(np.prod([float(s) for s in spacing[:3]]))
@@ -432,32 +175,48 @@ def model_grid_shape(shape: Sequence[int], spacing: Sequence[float], target: Seq
 # --------------------------------------------------------------------------------------------------
 # models of a folder
 # --------------------------------------------------------------------------------------------------
-def _head_kind(model_or_config) -> Optional[str]:
-    """``"segmentation"``, ``"grading"`` or ``None`` from a model (class name) or a config (architectures)."""
-    names = []
-    if isinstance(model_or_config, torch.nn.Module):
-        names = [type(model_or_config).__name__]
-    else:
-        names = list(getattr(model_or_config, "architectures", None) or [])
-        if isinstance(model_or_config, Mapping):
-            names = list(model_or_config.get("architectures") or [])
-    for name in names:
-        if "Segmentation" in name:
-            return "segmentation"
-        if "Classification" in name:
-            return "grading"
+def _head_kind(model: torch.nn.Module) -> Optional[str]:
+    """``"segmentation"``, ``"grading"`` or ``None`` from a model's class name."""
+    name = type(model).__name__
+    if "Segmentation" in name:
+        return "segmentation"
+    if "Classification" in name:
+        return "grading"
     return None
 
 
-def _read_config_json(folder: Path) -> Optional[dict]:
+def _hub_commit(repo_id: str, revision: Optional[str], subfolder: str = "") -> Optional[str]:
+    """The commit that ``revision`` (default: main) of a Hub repository points to, from its cached config.json."""
+    from transformers.utils.hub import cached_file, extract_commit_hash
+
     try:
-        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return extract_commit_hash(cached_file(repo_id, "config.json", revision=revision, subfolder=subfolder), None)
+    except (OSError, ValueError):  # resolved again, with its own error, by from_pretrained
         return None
 
 
+def _loaded_commit(model: torch.nn.Module) -> Optional[str]:
+    """The Hub commit a model was loaded at: recorded by :func:`_load_head` (``config._commit_hash``, which is
+    not saved), or for a model that ``transformers.pipeline`` loaded, the commit in the name of its remote-code
+    module (``transformers_modules.<repo>.<commit>.modeling_emrfuse``). ``None`` for a local model."""
+    commit = getattr(model.config, "_commit_hash", None)
+    if commit:
+        return commit
+    parts = type(model).__module__.split(".")
+    if parts[0] != "transformers_modules":
+        return None
+    return next((part for part in parts if re.fullmatch(r"[0-9a-f]{40}", part)), None)
+
+
 def _load_head(name_or_path: str, revision: Optional[str] = None, subfolder: str = "", **kwargs) -> PreTrainedModel:
-    """Load an EmrFuse task model with the Auto class that its ``auto_map`` names for its architecture."""
+    """Load an EmrFuse task model with the Auto class that its ``auto_map`` names for its architecture.
+
+    From a Hub repository, ``revision`` is first resolved to a commit, with which everything is loaded and which
+    is recorded in ``config._commit_hash`` (:func:`_loaded_commit`), so that a companion in the same repository
+    is loaded at the same commit."""
+    on_hub = not Path(name_or_path).is_dir()
+    if on_hub:
+        revision = _hub_commit(name_or_path, revision, subfolder) or revision
     hub = {"revision": revision, "trust_remote_code": True}
     if subfolder:
         hub["subfolder"] = subfolder
@@ -477,7 +236,7 @@ def _load_head(name_or_path: str, revision: Optional[str] = None, subfolder: str
         )
     auto_cls = getattr(transformers, auto_name)
     try:
-        return auto_cls.from_pretrained(name_or_path, config=config, **hub, **kwargs)
+        model = auto_cls.from_pretrained(name_or_path, config=config, **hub, **kwargs)
     except Exception as exc:  # safetensors raises its own SafetensorError (no OSError / ValueError) for a bad file
         if type(exc).__name__ != "SafetensorError" and "safetensors" not in type(exc).__module__:
             raise
@@ -486,6 +245,9 @@ def _load_head(name_or_path: str, revision: Optional[str] = None, subfolder: str
             f"{where}: the weights file (model.safetensors) is truncated or corrupted and cannot be read "
             f"({type(exc).__name__}: {exc}); download or save the model again."
         ) from None
+    if on_hub and revision and re.fullmatch(r"[0-9a-f]{40}", str(revision)):
+        model.config._commit_hash = str(revision)
+    return model
 
 
 def _is_local_subfolder(root: Path, spec: str) -> bool:
@@ -499,66 +261,48 @@ def _is_local_subfolder(root: Path, spec: str) -> bool:
     return True
 
 
-def _resolve_companion(spec: Any, root: Optional[str], revision: Optional[str], explicit: bool = True,
-                       role: str = "grading") -> Optional[PreTrainedModel]:
-    """A companion model from an instance, a sub-folder name of ``root``, a folder or a Hub id.
+def resolve_companion(root_model: PreTrainedModel, role: str, explicit: Any = None) -> Optional[PreTrainedModel]:
+    """The other head of ``root_model`` (``role``: ``"grading"`` or ``"segmentation"``), found in one way.
 
-    ``explicit=False`` (the name comes from the root model's config): only ever a sub-folder of the root
-    model's own folder or Hub repository, never a path relative to the working directory or another repo;
-    a named sub-folder that is missing is an error. ``explicit=True`` (given by the caller): a sub-folder
-    of the root first, then the folder or Hub id as given.
+    * ``explicit`` given (the pipeline's ``grading_model=`` / ``segmentation_model=``, ``emrfuse predict
+      --grading-model``): a model, or a folder / Hub id loaded as given; ``False``: no companion.
+    * otherwise the root config's ``grading_model`` / ``segmentation_model`` field names a sub-folder of
+      the root model's own folder, or of its Hub repository (loaded at the root's revision). A named
+      sub-folder that is missing, or a name that leads outside the folder or repository, is an error.
+      Nothing is looked for in the working directory, a sibling folder or another repository (whose code
+      would run).
+    * neither: no companion.
     """
-    if spec is None:
+    if explicit is False:
         return None
-    if isinstance(spec, torch.nn.Module):
-        return spec
+    if explicit is not None:
+        return explicit if isinstance(explicit, torch.nn.Module) else _load_head(os.fspath(explicit))
+    config = root_model.config
+    spec = getattr(config, f"{role}_model", None)
+    if not spec:
+        return None
     spec = str(spec)
-    local_root = Path(root) if root else None
-    if local_root is not None and local_root.is_dir():
-        if _is_local_subfolder(local_root, spec) and (local_root / spec / "config.json").is_file():
-            return _load_head(str(local_root / spec))
-        if not explicit:
-            cli = " (emrfuse predict --grading-model / --no-grading)" if role == "grading" else ""
-            raise ValueError(
-                f"{local_root}: config.json names the {role} model {spec!r}, but {local_root / spec} holds no "
-                f"config.json (a {role} model is only looked for inside the model folder); restore that "
-                f"sub-folder, or pass the {role} model explicitly ({role}_model=...) or run without it "
-                f"({role}_model=False){cli}."
-            )
-    elif root and not explicit:
-        if os.path.isabs(spec) or ".." in Path(spec).parts:
-            raise ValueError(f"{root}: config.json names the {role} model {spec!r}, which is not a sub-folder of the repository.")
-        return _load_head(root, revision=revision, subfolder=spec)  # a sub-folder of the same Hub repo
-    elif not explicit:
+    root = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
+    if not root:
         raise ValueError(
             f"the model's config names the {role} model {spec!r}, but the model was not loaded from a folder or Hub "
             f"repository to look in; pass {role}_model=... or {role}_model=False."
         )
-    elif root and not os.path.isabs(spec) and "/" not in spec.strip("/") and not (Path(spec) / "config.json").is_file():
-        return _load_head(root, revision=revision, subfolder=spec)  # explicit sub-folder name of the Hub repo
-    return _load_head(spec)
-
-
-def _find_companion(root_model: PreTrainedModel, want: str) -> Optional[PreTrainedModel]:
-    """Look for the other head inside ``root_model``'s folder or Hub repo (config attribute, then sub-folders).
-
-    Never outside it: not in the working directory, not in a sibling folder, not in another repository.
-    """
-    config = root_model.config
-    attr = "grading_model" if want == "grading" else "segmentation_model"
-    root = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
-    revision = getattr(config, "_commit_hash", None)
-    spec = getattr(config, attr, None)
-    if spec:
-        return _resolve_companion(spec, root, revision, explicit=False, role=want)
-    if root and Path(root).is_dir():
-        root_path = Path(root)
-        subs = GRADING_SUBFOLDERS if want == "grading" else SEGMENTATION_SUBFOLDERS
-        for folder in (root_path / sub for sub in subs):
-            cfg = _read_config_json(folder)
-            if cfg is not None and _head_kind(cfg) == want:
-                return _load_head(str(folder))
-    return None
+    local_root = Path(root)
+    if local_root.is_dir():
+        if _is_local_subfolder(local_root, spec) and (local_root / spec / "config.json").is_file():
+            return _load_head(str(local_root / spec))
+        cli = " (emrfuse predict --grading-model / --no-grading)" if role == "grading" else ""
+        raise ValueError(
+            f"{local_root}: config.json names the {role} model {spec!r}, but {local_root / spec} holds no "
+            f"config.json (a {role} model is only looked for inside the model folder); restore that "
+            f"sub-folder, or pass the {role} model explicitly ({role}_model=...) or run without it "
+            f"({role}_model=False){cli}."
+        )
+    if os.path.isabs(spec) or ".." in Path(spec).parts:
+        raise ValueError(f"{root}: config.json names the {role} model {spec!r}, which is not a sub-folder of the repository.")
+    # a sub-folder of the same Hub repository, at the same commit as the root model
+    return _load_head(root, revision=_loaded_commit(root_model), subfolder=spec)
 
 
 def _weights_fingerprint(folder: Path) -> Optional[str]:
@@ -577,7 +321,7 @@ def _model_identity(model: PreTrainedModel) -> Tuple[Optional[str], Optional[str
     """(model id or folder, revision): the Hub commit, or a sha256 of a local folder's weights."""
     config = model.config
     name = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None) or None
-    revision = getattr(config, "_commit_hash", None)
+    revision = _loaded_commit(model)
     if name and Path(name).is_dir():
         name = str(Path(name).resolve())
         if revision is None:
@@ -626,89 +370,6 @@ def _text_towers(model: torch.nn.Module) -> List[torch.nn.Module]:
             continue
         towers.append((name, module))
     return [m for _, m in towers]
-
-
-def _cpu_supports_bf16() -> bool:
-    checker = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    try:
-        return bool((checker and checker()) or (amx and amx()))
-    except Exception:  # pragma: no cover - private helpers may change
-        return False
-
-
-def _fold_batchnorm(model: torch.nn.Module) -> int:
-    """Fold every eval-mode ``BatchNorm2d`` that directly follows a ``Conv2d`` into that convolution.
-
-    Pairs are found among the children of each module in registration order (timm ResNets and
-    ``Sequential`` conv-BN-ReLU blocks register the layers in the order they run). The folded model
-    is checked against the original on a small random input; if the outputs differ, every fold is
-    undone. Returns the number of folded pairs. For inference only: the folded model cannot be saved
-    as the original architecture.
-    """
-    undo = []
-    with torch.no_grad():
-        for parent in list(model.modules()):
-            names = list(parent._modules)
-            for a, b in zip(names, names[1:]):
-                conv, bn = parent._modules[a], parent._modules[b]
-                if not (isinstance(conv, torch.nn.Conv2d) and type(bn) is torch.nn.BatchNorm2d) or bn.training:
-                    continue
-                if not bn.track_running_stats or bn.running_var is None or conv.out_channels != bn.num_features:
-                    continue
-                scale = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
-                shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
-                old_weight, old_bias = conv.weight, conv.bias
-                bias = old_bias if old_bias is not None else torch.zeros_like(bn.running_mean)
-                conv.weight = torch.nn.Parameter(old_weight * scale.reshape(-1, 1, 1, 1), requires_grad=False)
-                conv.bias = torch.nn.Parameter((bias - bn.running_mean) * scale + shift, requires_grad=False)
-                parent._modules[b] = torch.nn.Identity()
-                undo.append((parent, conv, b, bn, old_weight, old_bias))
-    return len(undo), undo
-
-
-def _undo_folds(undo) -> None:
-    for parent, conv, name, bn, weight, bias in undo:
-        conv.weight, conv.bias = weight, bias
-        parent._modules[name] = bn
-
-
-def _probe_forward(model: torch.nn.Module) -> torch.Tensor:
-    """Region / grade logits of a tiny random case (no report), to check an inference rewrite."""
-    config = model.config
-    gen = torch.Generator().manual_seed(0)
-    device = next(model.parameters()).device
-    x = torch.randn(2, config.in_channels, 64, 64, generator=gen).to(device)
-    with torch.inference_mode():
-        out = model(pixel_values=x, slice_to_case=torch.zeros(2, dtype=torch.long, device=device),
-                    has_report=torch.zeros(1, dtype=torch.bool, device=device))
-    return out.logits.float()
-
-
-def optimize_for_inference(model: PreTrainedModel, precision: str = "bf16", channels_last: bool = True) -> Dict[str, Any]:
-    """Rewrite an EmrFuse task model, in place, for fast inference; returns what was done.
-
-    * BatchNorm folded into the preceding convolutions (checked on a probe input, undone if the
-      outputs change by more than 1e-3 relative);
-    * ``precision="bf16"``: every parameter and buffer cast to bfloat16 (plain bf16 runs faster than
-      fp32 weights under autocast on CPU, which re-casts the weights at every call);
-    * channels-last memory format for the convolutions.
-    """
-    model.eval()
-    before = _probe_forward(model)
-    folded, undo = _fold_batchnorm(model)
-    if folded:
-        after = _probe_forward(model)
-        if (after - before).abs().max() > 1e-3 * max(1.0, float(before.abs().max())):
-            _undo_folds(undo)
-            folded = 0
-    if precision == "bf16":
-        model.to(torch.bfloat16)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    model._emrfuse_inference_optimized = True
-    return {"batchnorm_folded": folded, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-            "channels_last": channels_last}
 
 
 def check_finite_weights(model: torch.nn.Module, name: Optional[str] = None) -> None:
@@ -806,46 +467,10 @@ class EmrFusePipeline(Pipeline):
             self.processor = AutoProcessor.from_pretrained(name, trust_remote_code=True)
             self.tokenizer = getattr(self.processor, "tokenizer", None)
             self.image_processor = getattr(self.processor, "image_processor", None)
-        kind = _head_kind(self.model)
-        if kind is None:
-            raise ValueError(
-                f"{type(self.model).__name__} has no task head: the pipeline needs EmrFuseForSegmentation "
-                "and/or EmrFuseForImageClassification."
-            )
-        self.segmentation_model = self.model if kind == "segmentation" else None
-        self.grading_model = self.model if kind == "grading" else None
-        if kind == "segmentation" and grading_model is False:
-            self.grading_model = None  # explicitly: segmentation only
-        elif kind == "segmentation":
-            self.grading_model = (
-                _resolve_companion(grading_model, getattr(self.model.config, "_name_or_path", None), None)
-                if grading_model is not None
-                else _find_companion(self.model, "grading")
-            )
-        elif segmentation_model is False:
-            self.segmentation_model = None
-        else:
-            self.segmentation_model = (
-                _resolve_companion(segmentation_model, getattr(self.model.config, "_name_or_path", None), None)
-                if segmentation_model is not None
-                else _find_companion(self.model, "segmentation")
-            )
-        for extra in (self.segmentation_model, self.grading_model):
-            if extra is not None and extra is not self.model:
-                extra.to(self.device)
+        self._set_task_models(grading_model, segmentation_model)
         for m in self.models:
             check_finite_weights(m)
-        precision = str(precision).lower()
-        if precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {precision!r}.")
-        if precision == "auto":
-            if self.device.type == "cuda":
-                precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-            elif self.device.type == "cpu":
-                precision = "bf16" if _cpu_supports_bf16() else "fp32"
-            else:
-                precision = "fp32"
-        self.precision = precision
+        self.precision = resolve_precision(precision, self.device)
         self.optimizations: List[Dict[str, Any]] = []
         for m in self.models:
             m.eval()
@@ -853,8 +478,8 @@ class EmrFusePipeline(Pipeline):
                 if int(chunk_size) < 1:
                     raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
                 m.config.slice_chunk_size = int(chunk_size)
-            if optimize and not getattr(m, "_emrfuse_inference_optimized", False):
-                self.optimizations.append(optimize_for_inference(m, precision, channels_last))
+            if optimize and not is_inference_optimized(m):
+                self.optimizations.append(optimize_for_inference(m, self.precision, channels_last))
             elif channels_last:
                 m.to(memory_format=torch.channels_last)
         self.optimized = bool(optimize)
@@ -866,6 +491,24 @@ class EmrFusePipeline(Pipeline):
             if m is not None and m is not self.model:
                 self._companion_ids[role] = _model_identity(m)  # hashed once, not per case
         self.load_seconds: Optional[float] = None  # set by load_pipeline
+
+    def _set_task_models(self, grading_model, segmentation_model) -> None:
+        """The root model's head, and the other head from :func:`resolve_companion` (on this device)."""
+        kind = _head_kind(self.model)
+        if kind is None:
+            raise ValueError(
+                f"{type(self.model).__name__} has no task head: the pipeline needs EmrFuseForSegmentation "
+                "and/or EmrFuseForImageClassification."
+            )
+        if kind == "segmentation":
+            self.segmentation_model = self.model
+            self.grading_model = resolve_companion(self.model, "grading", grading_model)
+        else:
+            self.grading_model = self.model
+            self.segmentation_model = resolve_companion(self.model, "segmentation", segmentation_model)
+        for extra in (self.segmentation_model, self.grading_model):
+            if extra is not None and extra is not self.model:
+                extra.to(self.device)
 
     # ------------------------------------------------------------------------------ helpers
     @property
@@ -919,10 +562,7 @@ class EmrFusePipeline(Pipeline):
         return pre, {}, post
 
     def _autocast(self):
-        weights_dtype = next(self.models[0].parameters()).dtype
-        if self.precision == "bf16" and weights_dtype != torch.bfloat16 and self.device.type in ("cpu", "cuda"):
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return inference_autocast(self.precision, next(self.models[0].parameters()).dtype, self.device)
 
     def get_inference_context(self):
         return torch.inference_mode
@@ -1233,7 +873,7 @@ class EmrFusePipeline(Pipeline):
         """Save a folder that ``transformers.pipeline(model=folder, trust_remote_code=True)`` runs:
         the root model (segmentation when there is one) with ``config.custom_pipelines``, this file and
         its relative imports, the processor, and the other head in ``grading/`` (or ``segmentation/``)."""
-        if any(getattr(m, "_emrfuse_inference_optimized", False) for m in self.models):
+        if any(is_inference_optimized(m) for m in self.models):
             raise ValueError(
                 "This pipeline's models were rewritten for inference (BatchNorm folded, maybe bf16) and cannot be "
                 "saved as EmrFuse checkpoints; build the pipeline with optimize=False to save it."
@@ -1243,15 +883,14 @@ class EmrFusePipeline(Pipeline):
         root = self.segmentation_model if self.segmentation_model is not None else self.grading_model
         other = self.grading_model if root is self.segmentation_model else None
         if other is not None:
-            other.save_pretrained(save_directory / GRADING_SUBFOLDERS[0], **kwargs)
-            root.config.grading_model = GRADING_SUBFOLDERS[0]
-        root.config.custom_pipelines = _custom_pipelines_entry()
+            other.save_pretrained(save_directory / GRADING_SUBFOLDER, **kwargs)
+            root.config.grading_model = GRADING_SUBFOLDER
+        root.config.custom_pipelines = custom_pipelines_entry()
         root.save_pretrained(save_directory, **kwargs)
         self.processor.save_pretrained(save_directory, **kwargs)
-        _copy_pipeline_code(save_directory)
-
-
-def _custom_pipelines_entry() -> Dict[str, Dict[str, Any]]:
+        custom_object_save(self, save_directory)  # this file and the files it imports relatively
+def custom_pipelines_entry() -> Dict[str, Dict[str, Any]]:
+    """The ``custom_pipelines`` entry of a model folder's ``config.json`` that names this pipeline."""
     return {
         PIPELINE_TASK: {
             "impl": f"{Path(__file__).stem}.{EmrFusePipeline.__name__}",
@@ -1261,56 +900,33 @@ def _custom_pipelines_entry() -> Dict[str, Dict[str, Any]]:
     }
 
 
-def _copy_pipeline_code(folder: Path) -> List[Path]:
-    """Copy this file and the files it imports relatively into ``folder`` (as custom_object_save does)."""
-    from transformers.dynamic_module_utils import get_relative_import_files
-
-    copied = []
-    for source in [__file__] + list(get_relative_import_files(__file__)):
-        dest = Path(folder) / Path(source).name
-        if Path(source).resolve() != dest.resolve():
-            shutil.copyfile(source, dest)
-        copied.append(dest)
-    return copied
-
-
-def add_pipeline_to_folder(folder: Union[str, os.PathLike], grading_model: Optional[Union[str, os.PathLike]] = None) -> Path:
-    """Make a saved model folder runnable with ``transformers.pipeline(model=folder, trust_remote_code=True)``.
-
-    Adds ``custom_pipelines`` to the folder's ``config.json`` and copies this file (and its relative
-    imports) next to the model code. ``grading_model``: a folder holding the grading model
-    (``save_pretrained`` output), copied into ``folder/grading`` and recorded in the config.
-    Returns the folder.
-    """
-    folder = Path(folder)
-    config_path = folder / "config.json"
-    config = _read_config_json(folder)
-    if config is None:
-        raise ValueError(f"{folder}: no readable config.json (not a saved model folder).")
-    if grading_model is not None:
-        source = Path(grading_model)
-        if _read_config_json(source) is None:
-            raise ValueError(f"{source}: no readable config.json (not a saved model folder).")
-        target = folder / GRADING_SUBFOLDERS[0]
-        if source.resolve() != target.resolve():
-            if target.exists():
-                shutil.rmtree(target)
-            shutil.copytree(source, target)
-        config["grading_model"] = GRADING_SUBFOLDERS[0]
-    config["custom_pipelines"] = _custom_pipelines_entry()
-    write_json(config_path, config, indent=2, sort_keys=True)
-    _copy_pipeline_code(folder)
-    return folder
-
-
-def _find_heads_in_subfolders(folder: Path) -> Dict[str, Path]:
-    heads: Dict[str, Path] = {}
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-        cfg = _read_config_json(sub)
-        kind = _head_kind(cfg) if cfg else None
-        if kind and kind not in heads:
-            heads[kind] = sub
-    return heads
+def _check_model_source(model: str, revision: Optional[str]) -> Optional[str]:
+    """Refuse a model folder that is not there or holds no ``config.json`` (``FileNotFoundError`` saying how to
+    make the demo one); returns the revision to use (``None`` for a local folder, with a warning if one was given)."""
+    path = Path(model).expanduser()
+    is_default = os.path.normpath(model) == os.path.normpath(DEFAULT_MODEL)
+    looks_like_hub_id = re.fullmatch(r"[\w.\-]+/[\w.\-]+", model) is not None and not model.startswith(".")
+    if not path.exists() and (is_default or not looks_like_hub_id):
+        hint = (
+            " Make the demo model with the README's main job (python train.py --demo, which leaves "
+            f"{DEFAULT_MODEL}), or pass a model folder / Hub id."
+        )
+        raise FileNotFoundError(f"No model folder at {path}.{hint}")
+    if not path.is_dir():
+        return revision
+    if revision is not None:
+        warnings.warn(
+            f"revision={revision!r} is ignored: {path} is a local folder (a revision selects a Hub commit).",
+            UserWarning,
+            stacklevel=3,
+        )
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path}: no config.json, so not a saved EmrFuse model folder (its root holds the segmentation or the "
+            f"grading model, saved with save_pretrained; a grading model in {GRADING_SUBFOLDER}/ is named by the "
+            "root's config)."
+        )
+    return None
 
 
 def load_pipeline(
@@ -1328,47 +944,17 @@ def load_pipeline(
 ) -> EmrFusePipeline:
     """Build an :class:`EmrFusePipeline` from a model folder or Hub id (``trust_remote_code``).
 
-    Works on any EmrFuse model folder, whether or not ``custom_pipelines`` was saved in it. A local
-    folder without ``config.json`` whose sub-folders hold a segmentation model (and a grading model) is
-    accepted; one without a segmentation model is a ``FileNotFoundError``. Raises ``FileNotFoundError``
-    (with how to make one) when the default demo model folder does not exist, ``ValueError`` for a
-    truncated or corrupted weights file and for weights that are not finite. ``revision`` applies to
-    Hub ids; for a local folder it is ignored with a warning.
+    Works on any EmrFuse model folder, whether or not ``custom_pipelines`` was saved in it; the other head
+    comes from :func:`resolve_companion` (``grading_model`` / ``segmentation_model``, or the root config).
+    Raises ``FileNotFoundError`` for a local folder without ``config.json`` and (with how to make one) when
+    the default demo model folder does not exist, ``ValueError`` for a truncated or corrupted weights file
+    and for weights that are not finite. ``revision`` applies to Hub ids; for a local folder it is ignored
+    with a warning.
     """
     t0 = time.perf_counter()
-    processor_source = None
     if isinstance(model, (str, os.PathLike)):
         model = os.fspath(model)
-        path = Path(model).expanduser()
-        is_default = os.path.normpath(model) == os.path.normpath(DEFAULT_MODEL)
-        looks_like_hub_id = re.fullmatch(r"[\w.\-]+/[\w.\-]+", model) is not None and not model.startswith(".")
-        if not path.exists() and (is_default or not looks_like_hub_id):
-            hint = (
-                " Make the demo model with the README's main job (python train.py --demo, which leaves "
-                f"{DEFAULT_MODEL}), or pass a model folder / Hub id."
-            )
-            raise FileNotFoundError(f"No model folder at {path}.{hint}")
-        if path.is_dir() and revision is not None:
-            warnings.warn(
-                f"revision={revision!r} is ignored: {path} is a local folder (a revision selects a Hub commit).",
-                UserWarning,
-                stacklevel=2,
-            )
-            revision = None
-        if path.is_dir() and not (path / "config.json").is_file():
-            heads = _find_heads_in_subfolders(path)
-            if not heads:
-                raise FileNotFoundError(f"{path}: no config.json and no sub-folder holding an EmrFuse model.")
-            if "segmentation" not in heads:
-                raise FileNotFoundError(
-                    f"{path}: no config.json at the top of the model folder and no segmentation model in its "
-                    f"sub-folders (only a grading model, in {heads['grading']}); for grading only, pass that "
-                    "sub-folder as the model."
-                )
-            root = heads["segmentation"]
-            if "grading" in heads and grading_model is None:
-                grading_model = str(heads["grading"])
-            model = str(root)
+        revision = _check_model_source(model, revision)
         processor_source = model
         root_model = _load_head(model, revision=revision)
     else:

@@ -32,10 +32,17 @@ with native bf16, channels-last), the report is encoded once per model and case,
 wait passively (``OMP_WAIT_POLICY=PASSIVE`` unless set), which keeps whole-case inference fast on
 cores shared with other work.
 
+Several processes: a folder of cases scales out under ``torchrun`` or ``accelerate launch`` (on CPU:
+``ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 -m modeling_emrfuse.cli predict cases/ -o out/``;
+on GPUs, one process per GPU). Each process loads the model once and predicts its own share of the cases
+and writes their outputs; the main process writes the one ``predict_summary.json`` after gathering every
+process's records (:class:`ProcessShare`). The outputs are those of a single process.
+
 Exit status: 0 when every case was predicted, 1 when some cases of a folder failed (the others are
 written and a summary says which failed and why), 2 for bad input, an output location that cannot be
 written (checked before the model is loaded) or an unusable model (truncated, corrupted or non-finite
-weights): a one-line message, no traceback. Every JSON written is strict JSON (no bare ``NaN``).
+weights): a one-line message, no traceback. Every JSON written is strict JSON (no bare ``NaN``). (Under
+``torchrun`` every process returns that status; the launcher itself exits with 1 when it is not 0.)
 """
 
 from __future__ import annotations
@@ -259,6 +266,23 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    cases, skipped, single, reports, out = _prepare(args)
+    processes = ProcessShare.from_environment(args.device)
+    pipe = _load_pipeline(args, processes)
+    mine = processes.share(cases)
+    written, failures = _predict_cases(pipe, mine, args, reports, out, single, show_progress=processes.is_main)
+    if not single:
+        written, failures = processes.gather(cases, written, failures)
+        failures = list(skipped) + failures
+        if processes.is_main:
+            _write_summary(out, written, failures)
+    processes.finish()
+    return EXIT_SOME_FAILED if failures else EXIT_OK
+
+
+def _prepare(args: argparse.Namespace):
+    """Check the arguments, find the cases and check the output location, before any model is loaded:
+    ``(cases, skipped, single, reports, output path)``."""
     if args.report is not None and args.report_file is not None:
         raise PredictError("give either --report or --report-file, not both.")
     if args.label_convention is not None:
@@ -284,6 +308,11 @@ def _run(args: argparse.Namespace) -> int:
                            "(CSV/JSONL case id -> text) or per-case <case>_flair_text.txt files.")
     out = Path(args.output).expanduser()
     check_output_location(out, single)  # before the model is loaded and any case computed
+    return cases, skipped, single, reports, out
+
+
+def _load_pipeline(args: argparse.Namespace, processes: "ProcessShare"):
+    """The pipeline, on ``--device`` or this process's device (one GPU per process under a launcher)."""
     revision = args.revision
     if revision is not None and Path(args.model).expanduser().is_dir():
         print(f"emrfuse predict: warning: --revision {revision} is ignored: {args.model} is a local folder "
@@ -300,11 +329,11 @@ def _run(args: argparse.Namespace) -> int:
 
     hf_logging.disable_progress_bar()  # weight-loading bars; the per-case bar below stays
     try:
-        pipe = load_pipeline(
+        return load_pipeline(
             args.model,
             grading_model=False if args.no_grading else args.grading_model,
             revision=revision,
-            device=args.device,
+            device=args.device or processes.device,
             precision=args.precision,
             chunk_size=args.chunk_size,
             grading_max_slices=args.grading_slices or None,
@@ -312,52 +341,23 @@ def _run(args: argparse.Namespace) -> int:
     except (OSError, ValueError, ImportError) as exc:  # missing folder, offline Hub, not an EmrFuse model
         raise PredictError(f"cannot load the model {args.model!r}: {exc}") from exc
 
-    failures: List[Dict[str, str]] = list(skipped)
+
+def _predict_cases(pipe, cases, args, reports, out: Path, single: bool, show_progress: bool = True):
+    """Predict and write each case: ``(case ids written, failures)``. In a folder of cases a failing case is
+    recorded with its reason and the others go on; a single case's failure is raised."""
+    failures: List[Dict[str, str]] = []
     written: List[str] = []
     progress = None
     iterator = cases
     if not single:
         from tqdm.auto import tqdm
 
-        progress = tqdm(cases, desc="emrfuse predict", unit="case", disable=args.quiet or None)
+        progress = tqdm(cases, desc="emrfuse predict", unit="case", disable=args.quiet or not show_progress or None)
         iterator = progress
     for case in iterator:
         try:
-            report, source = _report_for(case, args, reports)
-            conv = args.label_convention or case.get("label_convention") or "brats2017"
-            result = pipe(
-                case["input"],
-                report=report,
-                label_convention=conv,
-                release=case.get("release") or args.release,
-                use_case_report=not args.ignore_case_reports,
-                threshold=args.threshold,
-                allow_missing_sequences=bool(getattr(args, "allow_missing_sequences", False)),
-                resample=bool(getattr(args, "resample", False)),
-            )
-            if source is not None and result.get("has_report"):
-                result["report_source"] = source
-            result["case_id"] = case["case_id"]
-            t0 = time.perf_counter()
-            nifti_path, json_path = _output_paths(case["case_id"], out, single)
-            if result["label_map"] is not None:
-                write_label_map(nifti_path, result["label_map"], result["affine"], result["header"])
-                label_file = nifti_path.name
-            else:
-                label_file = None
-            extra: Dict[str, Any] = {"precision": pipe.precision}
-            if args.save_attention:
-                extra["words"] = result.get("words")
-                extra["tokens"] = result.get("tokens")
-                extra["token_attention"] = result.get("token_attention")
-            record = prediction_record(result, label_file, case["files"], extra)
-            record["timings_s"]["write"] = round(time.perf_counter() - t0, 4)
-            record["timings_s"]["model_load_once"] = round(pipe.load_seconds or 0.0, 4)
-            json_path.parent.mkdir(parents=True, exist_ok=True)
-            write_json(json_path, record, indent=2)
+            _predict_one(pipe, case, args, reports, out, single)
             written.append(case["case_id"])
-            if single and not args.quiet:
-                _print_case(record, nifti_path if label_file else None, json_path)
         except (ValueError, OSError, ImportError) as exc:
             if single:
                 raise PredictError(f"case {case['case_id']}: {exc}") from exc
@@ -368,14 +368,123 @@ def _run(args: argparse.Namespace) -> int:
             failures.append({"case_id": case["case_id"], "reason": f"unexpected {type(exc).__name__}: {exc}"})
     if progress is not None:
         progress.close()
-    if not single:
-        summary = {"predicted": written, "failed": failures, "output_dir": str(out)}
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "predict_summary.json", summary, indent=2)
-        print(f"emrfuse predict: {len(written)} case(s) predicted into {out}, {len(failures)} failed.", file=sys.stderr)
-        for f in failures:
-            print(f"  failed {f['case_id']}: {f['reason']}", file=sys.stderr)
-    return EXIT_SOME_FAILED if failures else EXIT_OK
+    return written, failures
+
+
+def _predict_one(pipe, case: Dict[str, Any], args, reports, out: Path, single: bool) -> None:
+    """One case through the pipeline; writes its label map and JSON."""
+    report, source = _report_for(case, args, reports)
+    conv = args.label_convention or case.get("label_convention") or "brats2017"
+    result = pipe(
+        case["input"],
+        report=report,
+        label_convention=conv,
+        release=case.get("release") or args.release,
+        use_case_report=not args.ignore_case_reports,
+        threshold=args.threshold,
+        allow_missing_sequences=bool(getattr(args, "allow_missing_sequences", False)),
+        resample=bool(getattr(args, "resample", False)),
+    )
+    if source is not None and result.get("has_report"):
+        result["report_source"] = source
+    result["case_id"] = case["case_id"]
+    t0 = time.perf_counter()
+    nifti_path, json_path = _output_paths(case["case_id"], out, single)
+    if result["label_map"] is not None:
+        write_label_map(nifti_path, result["label_map"], result["affine"], result["header"])
+        label_file = nifti_path.name
+    else:
+        label_file = None
+    extra: Dict[str, Any] = {"precision": pipe.precision}
+    if args.save_attention:
+        extra["words"] = result.get("words")
+        extra["tokens"] = result.get("tokens")
+        extra["token_attention"] = result.get("token_attention")
+    record = prediction_record(result, label_file, case["files"], extra)
+    record["timings_s"]["write"] = round(time.perf_counter() - t0, 4)
+    record["timings_s"]["model_load_once"] = round(pipe.load_seconds or 0.0, 4)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(json_path, record, indent=2)
+    if single and not args.quiet:
+        _print_case(record, nifti_path if label_file else None, json_path)
+
+
+def _write_summary(out: Path, written: List[str], failures: List[Dict[str, str]]) -> None:
+    """``predict_summary.json`` of a folder of cases, and the one-line account on stderr."""
+    summary = {"predicted": written, "failed": failures, "output_dir": str(out)}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "predict_summary.json", summary, indent=2)
+    print(f"emrfuse predict: {len(written)} case(s) predicted into {out}, {len(failures)} failed.", file=sys.stderr)
+    for f in failures:
+        print(f"  failed {f['case_id']}: {f['reason']}", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------ processes
+class ProcessShare:
+    """This process's share of the cases when ``emrfuse predict`` runs under ``torchrun`` or ``accelerate
+    launch`` (``WORLD_SIZE`` > 1), through accelerate's :class:`~accelerate.PartialState`; one process
+    otherwise, with no process group and nothing changed.
+
+    Each process predicts and writes its own contiguous share of the cases
+    (``PartialState.split_between_processes``); the per-case records are then gathered
+    (``accelerate.utils.gather_object``: ``all_gather_object``, gloo on CPU) so that the main process writes
+    the one summary, in the order of the cases, and every process returns the same exit status.
+    """
+
+    def __init__(self, state=None):
+        self.state = state
+
+    @classmethod
+    def from_environment(cls, device: Optional[str] = None) -> "ProcessShare":
+        """One process, or under a launcher accelerate's state: on the CPU (gloo) with
+        ``ACCELERATE_USE_CPU=true``, ``--device cpu`` or no GPU, otherwise one GPU per process."""
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size <= 1:
+            return cls()
+        import torch
+        from accelerate import PartialState
+        from accelerate.utils import parse_flag_from_env
+
+        has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+        cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or str(device or "").startswith("cpu") or not has_accelerator
+        state = PartialState(cpu=cpu)
+        if state.num_processes != world_size:  # each process would predict every case
+            raise PredictError(f"launched as {world_size} processes, but accelerate set up {state.num_processes}; on "
+                               "CPU set ACCELERATE_USE_CPU=true.")
+        return cls(state)
+
+    @property
+    def is_main(self) -> bool:
+        return self.state is None or self.state.is_main_process
+
+    @property
+    def device(self) -> Optional[str]:
+        """This process's device under a launcher (its own GPU, or the CPU); ``None`` (the default) otherwise."""
+        return None if self.state is None else str(self.state.device)
+
+    def share(self, cases: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        if self.state is None:
+            return cases
+        with self.state.split_between_processes(cases) as mine:
+            return list(mine)
+
+    def gather(self, cases, written: List[str], failures: List[Dict[str, str]]) -> Tuple[List[str], List[Dict[str, str]]]:
+        """Every process's written case ids and failures, in the order of ``cases``."""
+        if self.state is None:
+            return written, failures
+        from accelerate.utils import gather_object
+
+        parts = gather_object([{"written": written, "failures": failures}])
+        order = {c["case_id"]: i for i, c in enumerate(cases)}
+        all_written = sorted((w for part in parts for w in part["written"]), key=order.__getitem__)
+        all_failures = sorted((f for part in parts for f in part["failures"]), key=lambda f: order[f["case_id"]])
+        return all_written, all_failures
+
+    def finish(self) -> None:
+        """Wait until the main process has written the summary, then leave the process group."""
+        if self.state is not None:
+            self.state.wait_for_everyone()
+            self.state.destroy_process_group()
 
 
 def _print_case(record: Dict[str, Any], nifti: Optional[Path], json_path: Path) -> None:

@@ -481,7 +481,7 @@ def predict(t1, t1ce, t2, flair, example, report, ground_truth, sequence="FLAIR"
         if ground_truth:
             gt_path, gt_conv = str(validate_upload(ground_truth, "Ground truth")), None
         pipe = get_pipeline()
-        from modeling_emrfuse.pipeline_emrfuse import load_case
+        from modeling_emrfuse.brats_io import load_case
 
         t_read = time.perf_counter()
         try:

@@ -26,7 +26,7 @@ from modeling_emrfuse.brats_io import (
 PACKAGE = Path(brats_io.__file__).resolve().parent
 # the files of modeling_emrfuse/ that travel to the Hub (copied next to the weights by save_pretrained)
 HUB_FILES = ("configuration_emrfuse.py", "modeling_emrfuse.py", "brats_labels.py", "processing_emrfuse.py",
-             "pipeline_emrfuse.py", "brats_io.py")
+             "pipeline_emrfuse.py", "brats_io.py", "inference_optim.py")
 
 
 def _imports(tree: ast.AST):
@@ -76,12 +76,17 @@ def test_hub_files_need_only_the_model_stack():
 
 
 def test_saved_pipeline_folder_carries_brats_io(tmp_path):
-    """``add_pipeline_to_folder`` (and the pipeline's save_pretrained) copy the relative imports: brats_io too."""
-    from modeling_emrfuse.pipeline_emrfuse import _copy_pipeline_code
+    """``add_pipeline_to_folder`` (like the pipeline's save_pretrained) copies the pipeline's relative imports:
+    brats_io and inference_optim too."""
+    from modeling_emrfuse.model_packaging import add_pipeline_to_folder
 
-    copied = {p.name for p in _copy_pipeline_code(tmp_path)}
-    assert {"pipeline_emrfuse.py", "brats_io.py", "brats_labels.py"} <= copied
-    assert (tmp_path / "brats_io.py").read_bytes() == (PACKAGE / "brats_io.py").read_bytes()
+    (tmp_path / "config.json").write_text('{"architectures": ["EmrFuseForSegmentation"]}')
+    add_pipeline_to_folder(tmp_path)
+    copied = {p.name for p in tmp_path.iterdir()}
+    assert {"pipeline_emrfuse.py", "brats_io.py", "brats_labels.py", "inference_optim.py"} <= copied
+    for name in ("brats_io.py", "inference_optim.py"):
+        assert (tmp_path / name).read_bytes() == (PACKAGE / name).read_bytes()
+    assert "model_packaging.py" not in copied  # packaging stays local
 
 
 def test_processor_save_pretrained_carries_brats_io(tmp_path):
@@ -127,7 +132,7 @@ def _write_case(folder: Path, names) -> Path:
 
 
 def test_every_caller_uses_the_one_rule(tmp_path):
-    from modeling_emrfuse.pipeline_emrfuse import load_case
+    from modeling_emrfuse.brats_io import load_case
 
     new = _write_case(tmp_path / "new" / "BraTS-GLI-00001-000",
                       [f"BraTS-GLI-00001-000-{s}.nii.gz" for s in ("t1n", "t1c", "t2w", "t2f")])

@@ -14,14 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from modeling_emrfuse.brats_io import load_case
 from modeling_emrfuse.brats_labels import SEQUENCES, get_label_convention, label_map_to_regions
-from modeling_emrfuse.pipeline_emrfuse import (
-    PIPELINE_TASK,
-    EmrFusePipeline,
-    load_case,
-    load_pipeline,
-    region_volumes_cm3,
-)
+from modeling_emrfuse.pipeline_emrfuse import PIPELINE_TASK, EmrFusePipeline, load_pipeline, region_volumes_cm3
 from tiny_emrfuse import build_tiny_model_folder, write_small_case
 
 REPORT = "Irregular ring enhancing mass in the left frontal lobe with central necrosis and surrounding oedema."
@@ -199,6 +194,49 @@ def test_grading_model_in_a_sibling_folder_only_when_given(model_dir, case_dir, 
     assert out["grading_model_id"].endswith("emrfuse-demo-grading") and out["grade_probabilities"] is not None
 
 
+def test_grading_model_of_a_hub_repo_comes_from_the_same_repo_and_revision(model_dir, tmp_path):
+    """A Hub repo (a fake offline cache with two commits): the grading model is its grading/ sub-folder at the
+    commit the root model was loaded at, not at main (load_pipeline and transformers.pipeline); a config that
+    names a folder outside the repo is refused."""
+    import shutil
+
+    repo = tmp_path / "hub" / "models--someone--emrfuse-tiny"
+    old, new = "a" * 40, "b" * 40
+    for commit in (old, new):
+        shutil.copytree(model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(old)
+    outside = repo / "snapshots" / new / "config.json"
+    script = textwrap.dedent(
+        f"""
+        import json, pathlib
+        from modeling_emrfuse.pipeline_emrfuse import load_pipeline
+        pipe = load_pipeline("someone/emrfuse-tiny", revision={new!r}, device="cpu", optimize=False)
+        out = {{"root": pipe.revision, "grading": list(pipe._companion_ids["grading"])}}
+        from transformers import pipeline
+        factory = pipeline(model="someone/emrfuse-tiny", revision={new!r}, trust_remote_code=True, device="cpu")
+        out["factory"] = [factory.revision, *factory._companion_ids["grading"]]
+        config = json.loads(pathlib.Path({str(outside)!r}).read_text())
+        config["grading_model"] = "../elsewhere"
+        pathlib.Path({str(outside)!r}).write_text(json.dumps(config))
+        try:
+            load_pipeline("someone/emrfuse-tiny", revision={new!r}, device="cpu", optimize=False)
+        except ValueError as exc:
+            out["error"] = str(exc)
+        print(json.dumps(out))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HUB_CACHE=str(tmp_path / "hub"), HF_HOME=str(tmp_path / "hf-home"), HF_HUB_OFFLINE="1",
+               HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["root"] == new and out["grading"] == ["someone/emrfuse-tiny", new]
+    assert out["factory"] == [new, "someone/emrfuse-tiny", new]  # transformers.pipeline(..., revision=...) too
+    assert "'../elsewhere'" in out["error"] and "not a sub-folder of the repository" in out["error"]
+
+
 def test_default_model_folder_missing_says_how_to_make_one(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="README's main job"):
@@ -258,15 +296,15 @@ def test_pipeline_class_is_registered():
 
 
 def test_optimize_for_inference_keeps_the_outputs(model_dir):
-    from modeling_emrfuse.pipeline_emrfuse import _probe_forward, optimize_for_inference
+    from modeling_emrfuse.inference_optim import optimize_for_inference, probe_forward
     from transformers import AutoModelForSemanticSegmentation
 
     model = AutoModelForSemanticSegmentation.from_pretrained(str(model_dir), trust_remote_code=True).eval()
-    before = _probe_forward(model)
+    before = probe_forward(model)
     done = optimize_for_inference(model, precision="fp32")
     assert done["batchnorm_folded"] > 10 and done["dtype"] == "float32"
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
-    assert torch.allclose(_probe_forward(model), before, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(probe_forward(model), before, atol=1e-4, rtol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------ missing sequences
@@ -281,7 +319,7 @@ def _case_without(tmp_path: Path, drop=("t1", "t2"), case_id="Case_003") -> Path
 def _build_presence_model_folder(folder: Path) -> Path:
     """A tiny model folder (segmentation + grading) with sequence-presence channels in config and processor."""
     from modeling_emrfuse.modeling_emrfuse import EmrFuseForImageClassification, EmrFuseForSegmentation
-    from modeling_emrfuse.pipeline_emrfuse import add_pipeline_to_folder
+    from modeling_emrfuse.model_packaging import add_pipeline_to_folder
     from modeling_emrfuse.processing_emrfuse import EmrFuseImageProcessor, EmrFuseProcessor
     from tiny_emrfuse import make_tokenizer, tiny_config
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -224,3 +225,83 @@ def test_predict_case_folder_with_missing_sequences(model_dir, tmp_path, capsys)
                  "--allow-missing-sequences"]) == 0
     record = json.loads((tmp_path / "out2" / "Case_002.json").read_text())
     assert record["missing_sequences"] == [] and record["warnings"] == []
+
+
+# ------------------------------------------------------------------------------------------ several processes
+ROOT = Path(__file__).resolve().parents[1]
+SPY = """
+import os, sys
+from modeling_emrfuse import predict_cli
+
+log = os.environ["EMRFUSE_TEST_SPY_DIR"]
+rank = os.environ.get("RANK", "single")
+predict_one, write_summary = predict_cli._predict_one, predict_cli._write_summary
+
+def spy_one(pipe, case, *args, **kwargs):
+    with open(os.path.join(log, f"cases-{rank}.txt"), "a") as f:
+        f.write(case["case_id"] + "\\n")
+    return predict_one(pipe, case, *args, **kwargs)
+
+def spy_summary(*args, **kwargs):
+    with open(os.path.join(log, "summaries.txt"), "a") as f:
+        f.write(rank + "\\n")
+    return write_summary(*args, **kwargs)
+
+predict_cli._predict_one, predict_cli._write_summary = spy_one, spy_summary
+from modeling_emrfuse.cli import main
+sys.exit(main())
+"""
+
+
+def _outputs(folder: Path):
+    """Label maps (array, affine) and JSON records without timings, per case file."""
+    maps = {p.name: (np.asanyarray(nib.load(str(p)).dataobj), nib.load(str(p)).affine) for p in folder.glob("*.nii.gz")}
+    records = {}
+    for p in folder.glob("*.json"):
+        record = json.loads(p.read_text())
+        record.pop("timings_s", None)
+        records[p.name] = record
+    return maps, records
+
+
+def test_predict_folder_of_cases_with_two_processes(model_dir, tmp_path):
+    """torchrun --nproc_per_node 2 on CPU: each case predicted once by one process, one summary (written by the
+    main process) that reports the broken case, outputs identical to a single-process run."""
+    data = tmp_path / "data"
+    ids = [f"Case_{i:03d}" for i in range(1, 6)]
+    for i, case_id in enumerate(ids):
+        write_small_case(data, shape=(24, 24, 12), seed=i, case_id=case_id)
+    (data / "Case_004" / "Case_004_t2.nii.gz").write_bytes(b"not a nifti file")  # fails while it is read
+    spy = tmp_path / "spy.py"
+    spy.write_text(SPY)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    args = ["predict", str(data), "--model", str(model_dir), "-q", "--threads", "1", "--precision", "fp32"]
+    runs = {}
+    for name, launcher in (("single", [sys.executable]),
+                           ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])):
+        logs = tmp_path / f"spy-{name}"
+        logs.mkdir()
+        proc = subprocess.run(launcher + [str(spy), *args, "-o", str(tmp_path / name)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300, env={**env, "EMRFUSE_TEST_SPY_DIR": str(logs)})
+        runs[name] = (proc, logs)
+    single, two = runs["single"][0], runs["two"][0]
+    assert single.returncode == 1, single.stderr[-3000:]  # one case failed, the others were written
+    assert two.returncode == 1, two.stderr[-3000:]  # (torchrun exits with 1 when a process does)
+    assert "4 case(s) predicted" in two.stderr and "Case_004" in two.stderr
+    logs = runs["two"][1]
+    per_rank = {r: (logs / f"cases-{r}.txt").read_text().split() for r in ("0", "1")}
+    assert per_rank["0"] and per_rank["1"]  # both processes took a share
+    assert sorted(per_rank["0"] + per_rank["1"]) == ids  # every case exactly once
+    assert (logs / "summaries.txt").read_text().split() == ["0"]  # one summary, by the main process
+    summary = json.loads((tmp_path / "two" / "predict_summary.json").read_text())
+    assert summary["predicted"] == [i for i in ids if i != "Case_004"]
+    assert [f["case_id"] for f in summary["failed"]] == ["Case_004"] and "t2" in summary["failed"][0]["reason"]
+    expected = json.loads((tmp_path / "single" / "predict_summary.json").read_text())
+    assert {k: v for k, v in summary.items() if k != "output_dir"} == {k: v for k, v in expected.items() if k != "output_dir"}
+    (maps_1, records_1), (maps_2, records_2) = _outputs(tmp_path / "single"), _outputs(tmp_path / "two")
+    assert sorted(maps_2) == sorted(maps_1) == [f"{i}.nii.gz" for i in ids if i != "Case_004"]
+    for name, (array, affine) in maps_1.items():
+        assert np.array_equal(maps_2[name][0], array) and np.array_equal(maps_2[name][1], affine)
+    records_1.pop("predict_summary.json"), records_2.pop("predict_summary.json")
+    assert records_2 == records_1

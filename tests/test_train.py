@@ -190,8 +190,9 @@ def test_demo_default_trains_segmentation_then_grading_and_pushes(shared):
         api.create_repo.side_effect = lambda repo_id, **kw: mock.Mock(repo_id=repo_id)
         summary = train.main(args)
     assert summary["grading"] is not None and "segmentation" in summary
-    grading = Path(str(out) + "-grading")
+    grading = out / "grading"  # written once, inside the model folder: no <out>-grading copy
     assert json.loads((grading / "config.json").read_text())["architectures"] == ["EmrFuseForImageClassification"]
+    assert not Path(str(out) + "-grading").exists()
     pushed = {c.kwargs["repo_id"]: c.kwargs for c in api.upload_folder.call_args_list}
     # one repo serves both heads: the grading model travels in grading/, with the pipeline
     assert set(pushed) == {"someone/emrfuse-tiny"}
@@ -199,7 +200,7 @@ def test_demo_default_trains_segmentation_then_grading_and_pushes(shared):
     assert config["grading_model"] == "grading" and "glioma-analysis" in config["custom_pipelines"]
     assert (out / "grading" / "config.json").exists() and (out / "pipeline_emrfuse.py").exists()
     assert pushed["someone/emrfuse-tiny"]["folder_path"] == str(out)
-    assert "checkpoints/**" in pushed["someone/emrfuse-tiny"]["ignore_patterns"]
+    assert {"checkpoints/**", "grading/checkpoints/**"} <= set(pushed["someone/emrfuse-tiny"]["ignore_patterns"])
 
 
 def test_ablation_writes_table_and_chart(shared):

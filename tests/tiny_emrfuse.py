@@ -68,7 +68,7 @@ def tiny_config(**overrides):
 def build_tiny_model_folder(folder: Path, with_grading: bool = True, with_pipeline: bool = True, seed: int = 0) -> Path:
     """Save a tiny segmentation model (+ grading model in ``grading/``) and its processor in ``folder``."""
     from modeling_emrfuse.modeling_emrfuse import EmrFuseForImageClassification, EmrFuseForSegmentation
-    from modeling_emrfuse.pipeline_emrfuse import add_pipeline_to_folder
+    from modeling_emrfuse.model_packaging import add_pipeline_to_folder
     from modeling_emrfuse.processing_emrfuse import EmrFuseImageProcessor, EmrFuseProcessor
 
     folder = Path(folder)
