@@ -63,6 +63,7 @@ from .brats_io import (
     write_label_map,
 )
 from .brats_labels import LABEL_CONVENTIONS, SEQUENCES, get_label_convention
+from .cpu_threads import limit_torch_threads, prefer_passive_openmp
 from .strict_json import write_json
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -257,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
     # OpenMP threads that sleep instead of spinning while they wait: on cores shared with other work
     # (laptops, CI, shared servers) spinning threads steal the time their siblings need (measured here:
     # 1.5-3.7x slower under load, no gain when idle). Set before torch is imported; the user's value wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    prefer_passive_openmp()
     try:
         return _run(args)
     except PredictError as exc:
@@ -318,10 +319,10 @@ def _load_pipeline(args: argparse.Namespace, processes: "ProcessShare"):
         print(f"emrfuse predict: warning: --revision {revision} is ignored: {args.model} is a local folder "
               "(a revision selects a Hub commit).", file=sys.stderr)
         revision = None
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(int(args.threads))
+    try:  # --threads, else OMP_NUM_THREADS, else the allowed cores shared by this node's processes
+        limit_torch_threads(args.threads)
+    except ValueError as exc:
+        raise PredictError(f"--threads: {exc}") from exc
 
     from transformers.utils import logging as hf_logging
 
@@ -570,7 +571,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--grading-slices", type=int, default=DEFAULT_GRADING_SLICES,
                    help=f"the grading model pools at most this many brain slices, evenly spaced "
                         f"(default {DEFAULT_GRADING_SLICES}; 0: all slices)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads per process (default: OMP_NUM_THREADS if set, else the cores this process may "
+                   "use, shared by the processes of a torchrun / accelerate launch)")
     p.add_argument("--save-attention", action="store_true",
                    help="also write the report's words and their attention weights into the JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or per-case summary")

@@ -505,8 +505,8 @@ def test_browser_runs_an_example_and_shows_the_prediction_overlay(app, running_a
         shown = np.asarray(Image.open(__import__("io").BytesIO(_fetch(driver, "#emrfuse-pred-view img", "src"))).convert("RGB"))
         label_file = tmp_path / "downloaded_labels.nii.gz"
         label_file.write_bytes(_fetch(driver, "#emrfuse-download a[href]", "href"))
-        gt_loaded = driver.execute_script(
-            "const i = document.querySelector('#emrfuse-gt-view img'); return !!(i && i.naturalWidth > 0);")
+        gt_loaded = _wait_for(driver, "const i = document.querySelector('#emrfuse-gt-view img'); "
+                              "return !!(i && i.complete && i.naturalWidth > 0);", 60, "the ground-truth image")
         shot = Path(os.environ.get("EMRFUSE_SCREENSHOT_DIR", tmp_path)) / "emrfuse_space.png"
         shot.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(shot))
