@@ -22,7 +22,7 @@ from transformers import BertTokenizerFast
 
 from modeling_emrfuse.configuration_emrfuse import EmrFuseConfig
 from modeling_emrfuse.modeling_emrfuse import EmrFuseForImageClassification, EmrFuseForSegmentation, EmrFuseModel
-from model_fixtures import tiny_config
+from conftest import tiny_config
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -23,7 +23,7 @@ from modeling_emrfuse.modeling_emrfuse import (
     EmrFuseModel,
     EmrFuseSegmenterOutput,
 )
-from model_fixtures import TINY_TEXT, batch, tiny_config, tokens
+from conftest import TINY_TEXT, batch, tiny_config, tokens
 
 
 

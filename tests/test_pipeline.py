@@ -17,7 +17,7 @@ import torch
 from modeling_emrfuse.brats_io import load_case
 from modeling_emrfuse.brats_labels import SEQUENCES, get_label_convention, label_map_to_regions
 from modeling_emrfuse.pipeline_emrfuse import PIPELINE_TASK, EmrFusePipeline, load_pipeline, region_volumes_cm3
-from tiny_emrfuse import build_tiny_model_folder, write_small_case
+from conftest import build_tiny_model_folder, write_small_case
 
 REPORT = "Irregular ring enhancing mass in the left frontal lobe with central necrosis and surrounding oedema."
 
@@ -316,29 +316,6 @@ def _case_without(tmp_path: Path, drop=("t1", "t2"), case_id="Case_003") -> Path
     return folder
 
 
-def _build_presence_model_folder(folder: Path) -> Path:
-    """A tiny model folder (segmentation + grading) with sequence-presence channels in config and processor."""
-    from modeling_emrfuse.modeling_emrfuse import EmrFuseForImageClassification, EmrFuseForSegmentation
-    from modeling_emrfuse.model_packaging import add_pipeline_to_folder
-    from modeling_emrfuse.processing_emrfuse import EmrFuseImageProcessor, EmrFuseProcessor
-    from tiny_emrfuse import make_tokenizer, tiny_config
-
-    tokenizer = make_tokenizer(folder.parent / f"{folder.name}-vocab")
-    text_config = {**tiny_config().text_config.to_dict(), "vocab_size": len(tokenizer)}
-    config = tiny_config(text_config=text_config, sequence_presence=True)
-    assert config.in_channels == 8  # 4 sequences (context_slices=0) + 4 presence channels
-    image_processor = EmrFuseImageProcessor(context_slices=0, sequence_presence=True)
-    assert image_processor.in_channels == 8
-    processor = EmrFuseProcessor(image_processor, tokenizer)
-    torch.manual_seed(0)
-    EmrFuseForSegmentation(config).eval().save_pretrained(folder)
-    processor.save_pretrained(folder)
-    torch.manual_seed(1)
-    EmrFuseForImageClassification(config).eval().save_pretrained(folder / "grading")
-    processor.save_pretrained(folder / "grading")
-    return add_pipeline_to_folder(folder, grading_model=folder / "grading")
-
-
 def test_missing_sequences_need_the_option(pipe, tmp_path):
     folder = _case_without(tmp_path)
     for call in (lambda: load_case(str(folder)), lambda: pipe(str(folder))):
@@ -376,7 +353,7 @@ def test_complete_case_has_no_missing_sequences(pipe, case_dir):
 
 
 def test_model_with_presence_channels_sees_them_and_gives_no_warning(tmp_path):
-    presence_pipe = load_pipeline(str(_build_presence_model_folder(tmp_path / "presence-model")), device="cpu")
+    presence_pipe = load_pipeline(str(build_tiny_model_folder(tmp_path / "presence-model", sequence_presence=True)), device="cpu")
     assert presence_pipe.grading_model is not None
     seen = []
 

@@ -15,7 +15,7 @@ import pytest
 
 from modeling_emrfuse.brats_labels import get_label_convention
 from modeling_emrfuse.cli import main
-from tiny_emrfuse import REALDATA, build_tiny_model_folder, write_small_case
+from conftest import REALDATA, build_tiny_model_folder, write_small_case
 
 REPORT = "Ring enhancing mass in the right temporal lobe with necrosis and surrounding oedema."
 JSON_FIELDS = {

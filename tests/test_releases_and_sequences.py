@@ -32,8 +32,7 @@ from modeling_emrfuse.brats_labels import label_map_to_regions
 from modeling_emrfuse.configuration_emrfuse import EmrFuseConfig
 from modeling_emrfuse.metrics import bootstrap_mean_ci
 from modeling_emrfuse.processing_emrfuse import EmrFuseImageProcessor
-from model_fixtures import tiny_config
-from tiny_emrfuse import REALDATA, make_tokenizer
+from conftest import REALDATA, make_tokenizer, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_realdata = pytest.mark.skipif(not (REALDATA / "meta").is_dir(), reason=f"real data not present ({REALDATA})")

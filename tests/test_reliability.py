@@ -19,7 +19,7 @@ import pytest
 
 from modeling_emrfuse.brats_io import GeometryWarning, read_reports, read_volume, write_label_map
 from modeling_emrfuse.cli import main
-from tiny_emrfuse import build_tiny_model_folder, write_small_case
+from conftest import build_tiny_model_folder, write_small_case
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "Zanzibarian patient Quaxley"  # stands for report text: it must never reach stderr, stdout or an error

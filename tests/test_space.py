@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tiny_emrfuse import build_tiny_model_folder, write_small_case
+from conftest import build_tiny_model_folder, write_small_case
 
 REPO = Path(__file__).resolve().parents[1]
 SPACE = REPO / "space"

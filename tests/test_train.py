@@ -280,7 +280,7 @@ def test_defaults_come_from_one_table_and_the_users_value_wins():
 
 def test_warm_start_from_a_folder_and_from_memory_load_the_same_shared_weights(tmp_path):
     from safetensors.torch import load_file
-    from tiny_emrfuse import build_tiny_model_folder
+    from conftest import build_tiny_model_folder
 
     folder = build_tiny_model_folder(tmp_path / "seg", with_grading=False, with_pipeline=False)
     saved = load_file(str(folder / "model.safetensors"))
