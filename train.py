@@ -895,9 +895,15 @@ def evaluate_case(model, processor, case, report: Optional[str], args, device, t
 
     from modeling_emrfuse.metrics import metrics_to_row, score_label_maps
 
+    from modeling_emrfuse.brats_io import reorientation, reoriented_image, to_nifti_image
+
     t0 = time.perf_counter()
     ip = processor.image_processor
-    prepared = ip.prepare_volume({name: str(path) for name, path in case.sequences.items()}, allow_missing_sequences=bool(case.missing_sequences))
+    images = {name: to_nifti_image(path) for name, path in case.sequences.items()}
+    first = next(iter(images.values()))
+    turn = reorientation(first.affine, first.shape)  # the model sees BraTS's orientation, as in training
+    images = {name: reoriented_image(img) for name, img in images.items()}
+    prepared = ip.prepare_volume(images, allow_missing_sequences=bool(case.missing_sequences))
     text = processor.encode_reports([report], max_length=args.max_report_tokens)
     text_inputs = {k: text[k].to(device) for k in MODEL_TEXT_KEYS if k in text}
     depth = prepared.num_slices
@@ -912,8 +918,8 @@ def evaluate_case(model, processor, case, report: Optional[str], args, device, t
     logits = out.logits.float().cpu()
     embedding = out.case_embeds[0].float().cpu().numpy() if getattr(out, "case_embeds", None) is not None else None
     if task == "segmentation":
-        label_map = ip.post_process_segmentation(logits.numpy(), prepared.crop, label_convention=case.label_convention)
-        ref = read_volume(case.label)
+        label_map = turn.undo(ip.post_process_segmentation(logits.numpy(), prepared.crop, label_convention=case.label_convention))
+        ref = read_volume(case.label)  # scored on the files' own grid
         result = score_label_maps(label_map, np.asarray(ref.array), pred_convention=case.label_convention, spacing=ref.spacing)
         row.update(metrics_to_row(result))
     else:

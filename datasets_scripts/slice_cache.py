@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from modeling_emrfuse.brats_io import to_nifti_image
+from modeling_emrfuse.brats_io import REFERENCE_AXCODES, reoriented_image, to_nifti_image
 from modeling_emrfuse.brats_labels import GRADES, REGIONS, SEQUENCES, label_map_to_regions
 from modeling_emrfuse.processing_emrfuse import CropInfo, EmrFuseImageProcessor, EmrFuseProcessor, PreparedVolume
 from modeling_emrfuse.strict_json import write_json
@@ -335,6 +335,11 @@ def _read_image(value: Any, where: str):
     return value  # nibabel image or array
 
 
+def _oriented(image: Any) -> Any:
+    """A nibabel image in :data:`REFERENCE_AXCODES` (arrays without an affine are taken as they are)."""
+    return reoriented_image(image) if hasattr(image, "affine") and hasattr(image, "as_reoriented") else image
+
+
 def _as_array(value: Any) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     if hasattr(value, "dataobj") and hasattr(value, "affine"):
         return np.asarray(value.dataobj), np.asarray(value.affine)
@@ -380,6 +385,7 @@ def cache_settings(image_processor: EmrFuseImageProcessor, tokenizer, max_length
     return _jsonable(
         {
             "format_version": CACHE_FORMAT_VERSION,
+            "orientation": "".join(REFERENCE_AXCODES),  # volumes and label maps are cached in BraTS's orientation
             "image_processor": proc,
             "tokenizer": _tokenizer_fingerprint(tokenizer),
             "max_length": processor.text_max_length(max_length),
@@ -418,7 +424,8 @@ def _atomic_json(obj: Any, path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 def _process_volumes(src: _Source, case_dir: Path, image_processor: EmrFuseImageProcessor) -> Dict[str, Any]:
     """Read, preprocess and write one case's arrays; returns the array-related metadata."""
-    images = {s: _read_image(v, f"case {src.case_id} sequence {s}") for s, v in src.sequences.items()}
+    # in BraTS's orientation (REFERENCE_AXCODES): the one every model is trained on, whatever the files' own
+    images = {s: _oriented(_read_image(v, f"case {src.case_id} sequence {s}")) for s, v in src.sequences.items()}
     try:
         prepared = image_processor.prepare_volume(images, allow_missing_sequences=len(images) < len(SEQUENCES))
     except ValueError as exc:
@@ -435,7 +442,7 @@ def _process_volumes(src: _Source, case_dir: Path, image_processor: EmrFuseImage
     d, h, w = vol.shape[3], vol.shape[1], vol.shape[2]
     has_label = src.label is not None
     if has_label:
-        label_img = _read_image(src.label, f"case {src.case_id} label")
+        label_img = _oriented(_read_image(src.label, f"case {src.case_id} label"))
         label, _ = _as_array(label_img)
         if tuple(label.shape) != tuple(prepared.crop.original_shape):
             raise ValueError(

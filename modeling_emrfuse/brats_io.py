@@ -1331,3 +1331,95 @@ def load_case(
         report_path=meta.get("report_path"),
         missing_sequences=missing_sequences,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# orientation
+# --------------------------------------------------------------------------------------------
+REFERENCE_AXCODES: Tuple[str, str, str] = ("L", "P", "S")
+"""The orientation of every BraTS release (nibabel axis codes: array axes 0, 1, 2 run towards the patient's Left,
+Posterior and Superior; the affine ``diag(-1, -1, 1)``). Models are trained on it; any other orientation is brought
+to it before slicing and back after prediction."""
+
+
+@dataclass(frozen=True)
+class Reorientation:
+    """The axis permutation / flips that bring an array from its own orientation to :data:`REFERENCE_AXCODES`.
+
+    ``apply`` (input -> reference) and ``undo`` (reference -> input) act on the first three axes of an array
+    (extra trailing axes, e.g. region probabilities ``(X, Y, Z, R)``, are carried along); ``affine`` gives the
+    reoriented array's affine. Only 90-degree axis permutations and flips: no voxel is interpolated, so
+    ``undo(apply(a))`` is ``a`` exactly.
+    """
+
+    transform: Any  # nibabel ornt (3, 2): input -> reference
+    inverse: Any  # reference -> input
+    input_shape: Tuple[int, int, int]
+    input_axcodes: Tuple[str, str, str]
+
+    @property
+    def is_identity(self) -> bool:
+        t = np.asarray(self.transform)
+        return bool(np.array_equal(t[:, 0], [0, 1, 2]) and np.all(t[:, 1] == 1))
+
+    def apply(self, array: np.ndarray) -> np.ndarray:
+        if self.is_identity:
+            return array
+        from nibabel.orientations import apply_orientation
+
+        return np.ascontiguousarray(apply_orientation(array, self.transform))
+
+    def undo(self, array: np.ndarray) -> np.ndarray:
+        if self.is_identity:
+            return array
+        from nibabel.orientations import apply_orientation
+
+        return np.ascontiguousarray(apply_orientation(array, self.inverse))
+
+    def affine(self, affine: np.ndarray) -> np.ndarray:
+        """The affine of the reoriented array (same world positions for the same voxels)."""
+        if self.is_identity:
+            return np.asarray(affine)
+        from nibabel.orientations import inv_ornt_aff
+
+        return np.asarray(affine) @ inv_ornt_aff(self.transform, self.input_shape)
+
+
+def reorientation(affine: np.ndarray, shape: Sequence[int], target: Sequence[str] = REFERENCE_AXCODES) -> Reorientation:
+    """How to bring an array of ``shape`` with ``affine`` to the ``target`` orientation (closest axes of the affine,
+    as ``nibabel.io_orientation`` finds them; an oblique affine is taken to its nearest axis-aligned orientation)."""
+    from nibabel.orientations import axcodes2ornt, io_orientation, ornt2axcodes, ornt_transform
+
+    own = io_orientation(np.asarray(affine))
+    goal = axcodes2ornt(tuple(target))
+    return Reorientation(
+        transform=ornt_transform(own, goal),
+        inverse=ornt_transform(goal, own),
+        input_shape=tuple(int(v) for v in shape[:3]),
+        input_axcodes=tuple(ornt2axcodes(own)),
+    )
+
+
+def to_reference_orientation(case: "LoadedCase") -> Tuple["LoadedCase", Reorientation]:
+    """A loaded case in :data:`REFERENCE_AXCODES` (volumes, affine and spacing reordered), and the
+    :class:`Reorientation` that maps a prediction on it back to the input's grid (:meth:`Reorientation.undo`).
+    A case already in the reference orientation is returned as it is."""
+    import dataclasses
+
+    turn = reorientation(case.affine, case.shape)
+    if turn.is_identity:
+        return case, turn
+    affine = turn.affine(case.affine)
+    oriented = dataclasses.replace(
+        case,
+        volumes={name: turn.apply(np.asarray(v)) for name, v in case.volumes.items()},
+        affine=affine,
+        spacing=affine_spacing(affine),
+    )
+    return oriented, turn
+
+
+def reoriented_image(img: Any, target: Sequence[str] = REFERENCE_AXCODES) -> Any:
+    """A nibabel image in the ``target`` orientation (the image itself when it already is)."""
+    turn = reorientation(img.affine, img.shape)
+    return img if turn.is_identity else img.as_reoriented(turn.transform)

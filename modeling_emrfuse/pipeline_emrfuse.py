@@ -101,7 +101,7 @@ from transformers.dynamic_module_utils import custom_object_save
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.utils import logging
 
-from .brats_io import GeometryWarning, LoadedCase, load_case
+from .brats_io import GeometryWarning, LoadedCase, load_case, to_reference_orientation
 from .brats_labels import GRADES, REGIONS, SEQUENCES, get_label_convention, label_map_to_regions, regions_to_label_map
 from .inference_optim import inference_autocast, is_inference_optimized, optimize_for_inference, resolve_precision
 
@@ -602,7 +602,8 @@ class EmrFusePipeline(Pipeline):
         if report is not None and not isinstance(report, str):
             raise ValueError(f"report must be a string or None, got {type(report).__name__}.")
         t1 = time.perf_counter()
-        model_case, resampling = self._on_model_grid(case, resample)
+        oriented, turn = to_reference_orientation(case)  # BraTS's orientation, which the model was trained on
+        model_case, resampling = self._on_model_grid(oriented, resample)
         prepared = self._prepare_volume(model_case, allow_missing_sequences)
         enc = self.processor(volumes=[prepared], text=[report], max_length=max_length, return_tensors="pt")
         convention = label_convention or case.label_convention or "brats2017"
@@ -625,6 +626,8 @@ class EmrFusePipeline(Pipeline):
             "missing_sequences": missing,
             "warnings": list(dict.fromkeys(geometry_warnings)) + self._missing_sequence_warnings(missing),
             "resampling": resampling,
+            "reorientation": turn,
+            "oriented_shape": oriented.shape,
             "timings": {"load": t1 - t0, "preprocess": t2 - t1},
         }
 
@@ -762,19 +765,28 @@ class EmrFusePipeline(Pipeline):
         logits = model_outputs["seg_logits"]
         resampling = model_outputs.get("resampling")
         result["resampling"] = resampling
+        turn = model_outputs.get("reorientation")  # the model ran on the case in BraTS's orientation
+        if turn is not None and not turn.is_identity:
+            result["reoriented_from"] = "".join(turn.input_axcodes)
+        oriented_shape = model_outputs.get("oriented_shape", case.shape)
         probs = None
         if logits is not None and resampling is not None:
             # probabilities on the model's grid -> back onto the input grid, then thresholded (nnU-Net style)
             on_model_grid = self.image_processor.uncrop(
                 torch.sigmoid(logits).permute(1, 2, 3, 0).numpy(), model_outputs["crop_info"], fill=0
             )
-            probs = resample_to_shape(on_model_grid, case.shape)
+            probs = resample_to_shape(on_model_grid, oriented_shape)
+            if turn is not None and not turn.is_identity:  # (R, X, Y, Z): back to the input's orientation
+                probs = np.stack([turn.undo(p) for p in probs])
             regions = probs > threshold
             label_map = regions_to_label_map(regions, get_label_convention(convention))
         elif logits is not None:
             label_map, regions = self.image_processor.post_process_segmentation(
                 logits, model_outputs["crop_info"], label_convention=convention, threshold=threshold, return_regions=True
             )
+            if turn is not None and not turn.is_identity:  # back to the input's grid and orientation
+                label_map = turn.undo(label_map)
+                regions = np.stack([turn.undo(r) for r in regions])
         if logits is not None:
             if mask_background:  # skull-stripped input: no tumour where all four (given) sequences are 0
                 background = np.ones(case.shape, dtype=bool)
@@ -795,7 +807,10 @@ class EmrFusePipeline(Pipeline):
                 result["region_probabilities"] = probs.astype(np.float16)
             elif return_probabilities:
                 probs = torch.sigmoid(logits).permute(1, 2, 3, 0).numpy().astype(np.float16)
-                result["region_probabilities"] = self.image_processor.uncrop(probs, model_outputs["crop_info"], fill=0)
+                probs = self.image_processor.uncrop(probs, model_outputs["crop_info"], fill=0)
+                if turn is not None and not turn.is_identity:
+                    probs = np.stack([turn.undo(p) for p in probs])
+                result["region_probabilities"] = probs
         grade_logits = model_outputs["grade_logits"]
         result["grade"] = None
         result["grade_probabilities"] = None

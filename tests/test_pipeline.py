@@ -381,3 +381,56 @@ def test_model_with_presence_channels_sees_them_and_gives_no_warning(tmp_path):
     finally:
         for h in handles:
             h.remove()
+
+
+# ------------------------------------------------------------------------------------------ orientation
+# nibabel orientation transforms of the array axes (same world geometry): axes 0 and 1 swapped; axis 0 mirrored;
+# both, plus axis 2 mirrored (an RAS-like file of a BraTS case)
+REORIENTATIONS = {
+    "transposed": [[1, 1], [0, 1], [2, 1]],
+    "flipped": [[0, -1], [1, 1], [2, 1]],
+    "transposed_and_flipped": [[1, -1], [0, 1], [2, -1]],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(REORIENTATIONS))
+def test_a_reoriented_input_gives_the_same_label_map(pipe, case_dir, tmp_path, kind):
+    """The model runs on BraTS's orientation whatever the file's: a transposed / flipped copy of a case (same
+    voxels, same world positions) gives the original's label map, reoriented the same way, written on the copy's
+    own grid and affine."""
+    from modeling_emrfuse.brats_io import REFERENCE_AXCODES
+
+    ornt = np.asarray(REORIENTATIONS[kind], dtype=float)
+    copy = tmp_path / "Case_001"
+    copy.mkdir()
+    for path in sorted(case_dir.glob("*.nii.gz")):
+        nib.save(nib.load(str(path)).as_reoriented(ornt), str(copy / path.name))
+    assert nib.aff2axcodes(nib.load(str(copy / "Case_001_t1.nii.gz")).affine) != REFERENCE_AXCODES
+    original = pipe(_paths(case_dir), report=None)
+    turned = pipe(_paths(copy), report=None)
+    assert original["label_map"].any()
+    expected = nib.Nifti1Image(original["label_map"], original["affine"]).as_reoriented(ornt)
+    np.testing.assert_array_equal(turned["label_map"], np.asarray(expected.dataobj))
+    np.testing.assert_allclose(turned["affine"], nib.load(str(copy / "Case_001_t1.nii.gz")).affine)
+    assert turned["reoriented_from"] == "".join(nib.aff2axcodes(turned["affine"]))
+    assert "reoriented_from" not in original  # a BraTS-oriented case is used as it is
+    assert turned["region_volumes_cm3"] == pytest.approx(original["region_volumes_cm3"])
+    assert turned["grade_probabilities"] == pytest.approx(original["grade_probabilities"], abs=1e-5)
+
+
+def test_reorientation_round_trip_is_exact():
+    from modeling_emrfuse.brats_io import REFERENCE_AXCODES, reorientation
+
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 5, size=(5, 6, 7)).astype(np.uint8)
+    affine = np.diag([1.0, 2.0, 3.0, 1.0])  # RAS, anisotropic
+    turn = reorientation(affine, array.shape)
+    assert turn.input_axcodes == ("R", "A", "S") and not turn.is_identity
+    oriented = turn.apply(array)
+    assert nib.aff2axcodes(turn.affine(affine)) == REFERENCE_AXCODES
+    np.testing.assert_array_equal(turn.undo(oriented), array)
+    # a voxel keeps its world position
+    i, j, k = 1, 2, 3
+    world = affine @ [i, j, k, 1]
+    ijk = np.linalg.solve(turn.affine(affine), world).round().astype(int)[:3]
+    assert oriented[tuple(ijk)] == array[i, j, k]

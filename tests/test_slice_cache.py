@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -339,3 +340,30 @@ def test_balanced_grade_sampling_draws_each_grade_equally(cached):
     natural = graded[3].num_slices / sum(c.num_slices for c in graded)
     assert counts[False] == pytest.approx(natural, abs=0.03)
     assert counts[True] == pytest.approx(0.5, abs=0.03)
+
+
+def test_cache_holds_every_case_in_bratss_orientation(demo, tmp_path):
+    """A case whose files are transposed and mirrored (same world geometry) caches exactly the arrays of the
+    original: training sees BraTS's orientation whatever the files' own."""
+    import shutil
+
+    from datasets_scripts.slice_cache import _CacheReader
+
+    _, cases = demo
+    case = cases[0]
+    folder = tmp_path / "turned" / case.case_id
+    folder.mkdir(parents=True)
+    ornt = np.array([[1, -1], [0, 1], [2, 1]], dtype=float)
+    for path in sorted(Path(case.sequences["flair"]).parent.iterdir()):
+        if path.name.endswith(".nii.gz"):
+            nib.save(nib.load(str(path)).as_reoriented(ornt), str(folder / path.name))
+        else:
+            shutil.copy(path, folder / path.name)
+    turned = discover_cases(folder.parent)[0]
+    assert nib.aff2axcodes(nib.load(str(turned.sequences["flair"])).affine) != ("L", "P", "S")
+    tok, ip = make_tokenizer(), EmrFuseImageProcessor()
+    original = build_cache([case], tmp_path / "c1", ip, tok, progress=False)
+    copy = build_cache([turned], tmp_path / "c2", ip, tok, progress=False)
+    (img_a, lab_a), (img_b, lab_b) = _CacheReader(original).arrays(0), _CacheReader(copy).arrays(0)
+    np.testing.assert_array_equal(img_a, img_b)
+    np.testing.assert_array_equal(lab_a, lab_b)
