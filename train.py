@@ -370,11 +370,12 @@ def demo_grid(size: str):
 
 def ensure_demo_data(args: argparse.Namespace, accelerator) -> Path:
     """Generate the demo cases once (main process; the others wait); reuse them when complete."""
-    from datasets_scripts.demo_data import write_demo_dataset
+    from datasets_scripts.demo_data import DEMO_DATA_VERSION, write_demo_dataset
 
     out = demo_data_dir(args)
     marker = out / ".complete.json"
-    spec = {"n_cases": args.demo_cases, "size": args.demo_size, "seed": 0}
+    # the generator's version too: a folder written by an older generator is regenerated, not reused
+    spec = {"n_cases": args.demo_cases, "size": args.demo_size, "seed": 0, "version": DEMO_DATA_VERSION}
     if accelerator.is_main_process:
         if not (marker.exists() and json.loads(marker.read_text()) == spec):
             if marker.exists():  # our own demo folder, written with other settings: start afresh

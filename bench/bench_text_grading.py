@@ -52,7 +52,11 @@ What the numbers mean
     ``--demo_reports FOLDER`` also runs the TF-IDF row on a demo data folder (``name_mapping.csv`` grades,
     ``<case>/<case>_flair_text.txt`` reports, found with ``discover_cases``) and prints
     ``demo - real`` balanced accuracy: far above 0 means the synthetic reports give the grade away more than
-    real reports do.
+    real reports do; the demo reports are calibrated when it is within +-0.05. It also applies the phrase
+    rule (:func:`phrase_grade_association`: does any word 1-3-gram split the grades more than chance
+    allows?) to the demo reports and prints only counts. A fold-mean balanced accuracy on n reports has a
+    chance spread of its own (about +-0.05 for the 96 cases of ``train.py --demo``), so calibrate on a set
+    of the real set's size and grade mix, e.g. ``emrfuse demo-data DIR --n-cases 369 --hgg-fraction 0.794``.
 
 Output: a markdown table; the LAST printed line is one JSON object
 ``{row: {"balanced_accuracy": mean, "roc_auc": mean, "f1": mean}}`` (strict JSON, ``null`` for undefined).
@@ -92,6 +96,7 @@ DEFAULT_DATA = ROOT.parent / "shared" / "realdata"
 REPORTS_FILE = "textbrats_reports.jsonl"
 MAPPING_FILE = Path("meta") / "name_mapping.csv"
 N_FOLDS = 5
+CALIBRATION_TOLERANCE = 0.05  # demo reports: TF-IDF balanced accuracy within +-5 points of the real reports' figure
 FOLD_SEED = 0
 MIN_REPORTS_PER_WORD = 5
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -256,6 +261,53 @@ def run_tfidf(data: GradedReports, folds) -> List[Dict[str, Any]]:
                         **fold_metrics(data.labels[te], p)})
         del clf  # the fitted vocabulary stays in memory only
     return results
+
+
+# ================================================================================================ phrase rule
+PHRASE_NGRAMS = (1, 3)
+PHRASE_MIN_REPORTS = 5
+PHRASE_ALPHA = 0.01
+
+
+def phrase_grade_association(texts: Sequence[str], labels: Sequence[int], ngram_range: Tuple[int, int] = PHRASE_NGRAMS,
+                             min_reports: int = PHRASE_MIN_REPORTS, alpha: float = PHRASE_ALPHA) -> Dict[str, Any]:
+    """Does any single phrase separate the grades? The rule the demo reports are held to.
+
+    Every word n-gram (``ngram_range``, scikit-learn's default word tokens, lower-cased) that occurs in at
+    least ``min_reports`` reports is tested: the 2 x 2 table (report contains it or not) x (HGG or LGG)
+    gets a two-sided Fisher exact test. Under "reports say nothing about the grade" (grades exchangeable
+    across reports) the chance that ANY of the m tested phrases has p < alpha / m is at most ``alpha``
+    (Bonferroni), whatever the class ratio and however the phrases overlap. A phrase with p below that
+    bound is one whose grade split is more lopsided than chance allows: it separates the grades.
+
+    Returns ``{"n_phrases", "threshold", "min_p", "n_flagged", "flagged"}``; ``flagged`` lists
+    ``(p, n_hgg_with, n_lgg_with)`` of the flagged phrases only, never the phrases themselves (real
+    reports must not leak through the output; the test on synthetic reports can ask for them with
+    ``return_phrases``).
+    """
+    return _phrase_rule(texts, labels, ngram_range, min_reports, alpha, return_phrases=False)
+
+
+def _phrase_rule(texts, labels, ngram_range, min_reports, alpha, return_phrases: bool) -> Dict[str, Any]:
+    from scipy.stats import fisher_exact
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    y = np.asarray(labels).astype(bool)
+    vec = CountVectorizer(ngram_range=tuple(ngram_range), binary=True, min_df=min_reports)
+    x = vec.fit_transform(list(texts)).tocsc()
+    n_lgg, n_hgg = int(y.sum()), int((~y).sum())
+    with_lgg = np.asarray(x[y].sum(axis=0)).ravel()
+    with_hgg = np.asarray(x[~y].sum(axis=0)).ravel()
+    m = x.shape[1]
+    threshold = alpha / max(m, 1)
+    pvalues = np.array([fisher_exact([[h, n_hgg - h], [g, n_lgg - g]])[1] for h, g in zip(with_hgg, with_lgg)])
+    order = np.argsort(pvalues)
+    flagged_idx = [int(i) for i in order if pvalues[i] < threshold]
+    names = vec.get_feature_names_out() if return_phrases else None
+    flagged = [((str(names[i]),) if return_phrases else ()) + (float(pvalues[i]), int(with_hgg[i]), int(with_lgg[i]))
+               for i in flagged_idx]
+    return {"n_phrases": int(m), "threshold": float(threshold), "min_p": float(pvalues.min()) if m else None,
+            "n_flagged": len(flagged_idx), "flagged": flagged}
 
 
 # ================================================================================================ tokenizer
@@ -518,9 +570,17 @@ def _main(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
         rows[DEMO_ROW] = _run_row(DEMO_ROW, lambda: run_tfidf(demo, demo_folds), demo)
         real_ba = rows["tfidf_logreg"]["summary"]["balanced_accuracy"]["mean"]
         demo_ba = rows[DEMO_ROW]["summary"]["balanced_accuracy"]["mean"]
-        rows[DEMO_ROW]["delta_balanced_accuracy"] = demo_ba - real_ba
+        delta = demo_ba - real_ba
+        rows[DEMO_ROW]["delta_balanced_accuracy"] = delta
+        rows[DEMO_ROW]["calibrated"] = abs(delta) <= CALIBRATION_TOLERANCE
+        phrases = phrase_grade_association(demo.texts, demo.labels)
+        rows[DEMO_ROW]["phrase_rule"] = phrases
         notes.append(f"calibration: TF-IDF balanced accuracy on demo reports {demo_ba:.3f} vs real reports {real_ba:.3f}: "
-                     f"difference (demo - real) {demo_ba - real_ba:+.3f}")
+                     f"difference (demo - real) {delta:+.3f}, "
+                     f"{'within' if rows[DEMO_ROW]['calibrated'] else 'OUTSIDE'} the +-{CALIBRATION_TOLERANCE:.2f} tolerance")
+        notes.append(f"phrase rule on demo reports: {phrases['n_phrases']} word 1-3-grams in >= {PHRASE_MIN_REPORTS} reports, "
+                     f"smallest Fisher p {phrases['min_p']:.2g} (bound {phrases['threshold']:.2g}): "
+                     f"{phrases['n_flagged']} phrase(s) separate the grades")
 
     print()
     print(f"HGG vs LGG from the report alone: mean ± std over {len(folds)} stratified folds "

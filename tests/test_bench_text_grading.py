@@ -194,7 +194,9 @@ def test_demo_reports_calibration_row(tmp_path, capsys):
     obj = json.loads(out.strip().splitlines()[-1])
     assert list(obj) == ["tfidf_logreg", bench.DEMO_ROW]
     assert rows[bench.DEMO_ROW]["n_cases"] == 20
-    assert "difference (demo - real)" in out
+    assert "difference (demo - real)" in out and "phrase rule on demo reports" in out
+    assert rows[bench.DEMO_ROW]["calibrated"] == (abs(rows[bench.DEMO_ROW]["delta_balanced_accuracy"]) <= 0.05)
+    assert "necrosis" not in out and "homogeneous" not in out  # no report words in the output
     delta = rows[bench.DEMO_ROW]["delta_balanced_accuracy"]
     assert delta == pytest.approx(obj[bench.DEMO_ROW]["balanced_accuracy"] - obj["tfidf_logreg"]["balanced_accuracy"])
 
@@ -211,3 +213,26 @@ def test_real_reports_load_with_grades():
     assert int(data.labels.sum()) == 76  # LGG
     folds = bench.make_folds(data.labels)
     assert all(abs(int(data.labels[te].sum()) - 76 / 5) <= 1 for _, te in folds)
+
+
+@needs_real
+def test_no_phrase_of_the_real_reports_separates_the_grades():
+    """The phrase rule the demo reports are held to passes on the real reports (only counts are read)."""
+    data = bench.load_real_reports(REALDATA)
+    result = bench.phrase_grade_association(data.texts, data.labels)
+    assert result["n_phrases"] > 500 and result["n_flagged"] == 0
+    assert result["min_p"] > result["threshold"]
+
+
+# ------------------------------------------------------------------------------------------- phrase rule
+def test_phrase_rule_flags_a_grade_phrase_and_returns_no_text():
+    texts, grades = synthetic_reports(n=60, n_lgg=30, seed=4)  # LGG/HGG words drawn from disjoint lists
+    labels = [int(grades[c] == "LGG") for c in texts]
+    result = bench.phrase_grade_association(list(texts.values()), labels)
+    assert result["n_flagged"] > 0 and result["min_p"] < result["threshold"]
+    assert result["threshold"] == pytest.approx(0.01 / result["n_phrases"])
+    assert all(len(f) == 3 and all(isinstance(v, (int, float)) for v in f) for f in result["flagged"])
+    # the same reports with shuffled grades: nothing separates them
+    shuffled = np.random.default_rng(0).permutation(labels)
+    neutral = [" ".join(np.random.default_rng(i).choice(COMMON, size=25)) for i in range(60)]
+    assert bench.phrase_grade_association(neutral, shuffled)["n_flagged"] == 0
