@@ -39,6 +39,9 @@ The paper's ablations (every row trained and evaluated on the same data, seeds a
 
     python train.py --demo --ablation table1 --ablation_seeds 0 1 2
 
+Both tables end with a control row: the complete model with every case's report swapped with another
+case's of its split (:func:`shuffled_reports_run`); if it matches the complete model, the report is not used.
+
 Evaluation runs on whole volumes: the image processor's slices -> the model ->
 ``post_process_segmentation`` back to the original grid -> 3D metrics
 (:mod:`modeling_emrfuse.metrics`); each held-out case is evaluated exactly once, by one process,
@@ -55,7 +58,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace as dataclass_replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -238,7 +241,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--hub_private", action="store_true")
 
     g = p.add_argument_group("ablations")
-    g.add_argument("--ablation", choices=("table1", "table3"), default=None, help="Train + evaluate every row of the paper's Table 1 / Table 3.")
+    g.add_argument("--ablation", choices=("table1", "table3"), default=None, help="Train + evaluate every row of the paper's Table 1 / Table 3, plus the shuffled-reports control row.")
     g.add_argument("--ablation_seeds", type=int, nargs="+", default=None, help="Seeds per row (mean ± std); default: --seed.")
 
     args = p.parse_args(argv)
@@ -368,11 +371,12 @@ def demo_grid(size: str):
 
 def ensure_demo_data(args: argparse.Namespace, accelerator) -> Path:
     """Generate the demo cases once (main process; the others wait); reuse them when complete."""
-    from datasets_scripts.demo_data import write_demo_dataset
+    from datasets_scripts.demo_data import DEMO_DATA_VERSION, write_demo_dataset
 
     out = demo_data_dir(args)
     marker = out / ".complete.json"
-    spec = {"n_cases": args.demo_cases, "size": args.demo_size, "seed": 0}
+    # the generator's version too: a folder written by an older generator is regenerated, not reused
+    spec = {"n_cases": args.demo_cases, "size": args.demo_size, "seed": 0, "version": DEMO_DATA_VERSION}
     if accelerator.is_main_process:
         if not (marker.exists() and json.loads(marker.read_text()) == spec):
             if marker.exists():  # our own demo folder, written with other settings: start afresh
@@ -1428,6 +1432,14 @@ def train_with_grading(args, accelerator, run: RunData, *, output_dir: Path, swi
     return merged
 
 
+def shuffled_reports_run(run: RunData, seed: int = 0) -> RunData:
+    """The run's data with every case's report swapped with another case's of the same split (a derangement)."""
+    from datasets_scripts.brats_text import derange_reports
+
+    splits = [[c.case_id for c in cases] for cases in (run.train_cases, run.val_cases, run.eval_cases)]
+    return dataclass_replace(run, reports=derange_reports(run.reports, splits, seed=seed, patients=run.patients))
+
+
 def run_ablation(args: argparse.Namespace, accelerator, run: RunData) -> Dict[str, Any]:
     """Train + evaluate every row of the paper's Table 1 or Table 3 (same data, seeds, budget).
 
@@ -1435,20 +1447,30 @@ def run_ablation(args: argparse.Namespace, accelerator, run: RunData) -> Dict[st
     ``<table>.png`` (bar chart) and ``<table>.json`` (every run's numbers); each run's evaluation
     report goes to ``<output_dir>/ablation-<table>/<preset>-seed<seed>/eval``.
     """
-    from modeling_emrfuse.ablation_report import TABLE_TITLES, format_ablation_table, row_numbers, write_ablation_report
+    from modeling_emrfuse.ablation_report import (
+        SHUFFLED_REPORTS_PRESET,
+        SHUFFLED_REPORTS_ROW,
+        TABLE_TITLES,
+        format_ablation_table,
+        row_numbers,
+        write_ablation_report,
+    )
     from modeling_emrfuse.configuration_emrfuse import ABLATION_PRESETS, TABLE1_ROWS, TABLE3_ROWS
 
     table_rows = TABLE1_ROWS if args.ablation == "table1" else TABLE3_ROWS
     out_dir = Path(args.output_dir) / f"ablation-{args.ablation}"
     rows = []
     t0 = time.perf_counter()
-    for preset, label in table_rows:
+    for preset, label in list(table_rows) + [SHUFFLED_REPORTS_ROW]:
         # the paper's row names its tower; name the one this run really used
         label = label.replace("(ResNet-50)", f"({args.vision_model})")
+        row_run, switches = run, ABLATION_PRESETS.get(preset)
+        if preset == SHUFFLED_REPORTS_ROW[0]:
+            row_run, switches = shuffled_reports_run(run), ABLATION_PRESETS[SHUFFLED_REPORTS_PRESET]
         runs = []
         for seed in args.ablation_seeds:
             summary = train_with_grading(
-                args, accelerator, run, output_dir=out_dir / f"{preset}-seed{seed}", switches=dict(ABLATION_PRESETS[preset]), seed=seed,
+                args, accelerator, row_run, output_dir=out_dir / f"{preset}-seed{seed}", switches=dict(switches), seed=seed,
                 save_model=False, use_trackers=False, desc=f"{preset} seed {seed}: ",
             )
             runs.append(row_numbers(summary))

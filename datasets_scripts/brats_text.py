@@ -99,6 +99,7 @@ __all__ = [
     "brats_text_features",
     "load_id_mapping",
     "check_case",
+    "derange_reports",
     "format_summary",
     "input_fingerprint",
     "load_brats_text",
@@ -634,6 +635,51 @@ def make_splits(
 # --------------------------------------------------------------------------------------------
 # the builder
 # --------------------------------------------------------------------------------------------
+def derange_reports(
+    reports: Mapping[str, Optional[str]],
+    groups: Sequence[Sequence[str]],
+    seed: int = 0,
+    patients: Optional[Mapping[str, str]] = None,
+    max_tries: int = 10_000,
+) -> Dict[str, Optional[str]]:
+    """The shuffled-report control: every case gets the report of another case of its group.
+
+    Within each group (e.g. the train, validation and test splits, so that every split keeps its own
+    reports), the cases with a report get those same reports back in a random order in which no case
+    keeps its own: a uniformly drawn derangement (permutations drawn until none is left fixed), in which
+    no case receives a report of its own patient (``patients``: case id -> patient id) nor a text
+    identical to its own. Each group keeps its multiset of reports, hence its grade mix. Cases without a
+    report (``None``) keep ``None``; cases in no group keep their own. Deterministic by ``seed``.
+
+    Raises ``ValueError`` (naming the group by its size, never a report) when a group has a single case with
+    a report, a case id that is not in ``reports``, or no valid derangement turns up in ``max_tries`` draws
+    (e.g. one patient holds more than half of a group's reports).
+    """
+    patients = patients or {}
+    out: Dict[str, Optional[str]] = dict(reports)
+    rng = np.random.default_rng([int(seed), 52711])
+    for g, group in enumerate(groups):
+        missing = [c for c in group if c not in reports]
+        if missing:
+            raise ValueError(f"derange_reports: group {g} names {len(missing)} case(s) without an entry in reports: {missing[:5]}")
+        ids = [c for c in group if reports[c] is not None]
+        if not ids:
+            continue
+        if len(ids) == 1:
+            raise ValueError(f"derange_reports: group {g} has a single case with a report ({ids[0]}); it cannot be swapped.")
+        who = [patients.get(c, c) for c in ids]
+        for _ in range(max_tries):
+            perm = rng.permutation(len(ids))
+            if all(who[j] != who[i] and reports[ids[j]] != reports[ids[i]] for i, j in enumerate(perm)):
+                break
+        else:
+            raise ValueError(f"derange_reports: no derangement of group {g} ({len(ids)} cases with a report) in {max_tries} "
+                             "draws in which every case gets another patient's, different report.")
+        for i, j in enumerate(perm):
+            out[ids[i]] = reports[ids[j]]
+    return out
+
+
 def brats_text_features() -> datasets.Features:
     """The features of one example (see the module docstring)."""
     return datasets.Features(

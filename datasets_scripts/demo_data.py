@@ -42,21 +42,26 @@ Tumours (labels in the BraTS 2017-2021 convention: 1 NCR/NET, 2 oedema, 4 enhanc
     High grade: an irregular core with a necrotic centre (label 1; dark on T1/T1ce, bright on
     T2), an enhancing rim of varying thickness (label 4; bright on T1ce) and surrounding oedema
     (label 2), which spreads preferentially in white matter and spares CSF. Some cases have a
-    small necrosis (mostly solid enhancing tumour).
+    small necrosis, and ``HGG_NO_NECROSIS_FRACTION`` (15 %) none at all (solid enhancing tumour).
     Low grade: a mostly non-enhancing mass (label 1; T1 dark, T2/FLAIR bright, a little darker
-    on FLAIR than the oedema) with a narrower oedema rim; a minority (``lgg_enhancing_fraction``)
-    carries a small enhancing nodule, and none has necrosis.
-    Size, shape, position (lobe, depth) and hemisphere vary; the tumour stays in its hemisphere.
+    on FLAIR than the oedema) with a somewhat narrower oedema; ``lgg_enhancing_fraction`` (default
+    50 %) carry a small enhancing nodule and ``LGG_NECROSIS_FRACTION`` (10 %) a small necrotic focus,
+    so neither enhancement nor necrosis decides the grade. Core sizes are drawn alike for both
+    grades. Size, shape, position (lobe, depth) and hemisphere vary; the tumour stays in its hemisphere.
 
 Reports
-    Four sentences in the TextBraTS order (lesion location and signal pattern, oedema,
-    necrosis, ventricular compression), each derived from the generated tumour itself
-    (hemisphere from the affine, lobes from where the lesion voxels lie, oedema extent from the
-    oedema/core volume ratio, necrosis from the necrotic fraction, compression from the
-    ventricles actually left on each side), with several phrasings per finding; sometimes a
-    post-contrast sentence and, optionally, a clinical-history line (age, sex, presenting
-    symptom consistent with the lesion's side and lobe). No report names the grade or a
-    diagnosis.
+    Four sentences in the TextBraTS order (lesion location and signal pattern, oedema, necrosis,
+    ventricular compression), written like the real TextBraTS reports from what a reader sees on
+    FLAIR: no contrast sentence and no grade or diagnosis. Each sentence is derived from the generated
+    label map through a noisy reader (:data:`READER_NOISE`): lobes dropped or added, the oedema extent
+    and the ventricular compression misjudged by log-normal factors, necrosis (the NCR/NET label)
+    sometimes missed, often over-called when absent and often hedged, at rates taken from the real
+    reports. The writer never receives the grade, and no sentence depends on the enhancing label, so
+    the reports tell the grade about as (un)reliably as the real ones (checked by
+    ``bench/bench_text_grading.py --demo_reports``). The noise has its own random stream (seed and case
+    number). Optionally a clinical-history line (age, sex, presenting symptom consistent with the
+    lesion's side and lobe) comes first; its age follows the grade as in real cohorts, and real
+    TextBraTS reports have none, so it is off by default.
 
 Orientation
     The files carry the affine of the real BraTS files (``diag(-1, -1, 1)``, LPS): the first
@@ -91,6 +96,8 @@ __all__ = [
     "write_demo_dataset",
     "demo_case_ids",
     "DEMO_MARKER",
+    "DEMO_DATA_VERSION",
+    "READER_NOISE",
     "add_parser",
 ]
 
@@ -98,6 +105,9 @@ DEMO_MARKER = "emrfuse_demo_data.json"
 """File that :func:`write_demo_dataset` leaves in its output folder, listing the cases it generated, so that
 ``train.py --demo`` can tell demo data from data it did not generate."""
 DEMO_GENERATOR = "datasets_scripts.demo_data"
+DEMO_DATA_VERSION = 2
+"""Bumped whenever the same seed would give different cases (2: reports written through the calibrated noisy
+reader, tumours departing from the textbook picture); ``train.py --demo`` regenerates a folder of another version."""
 
 DEMO_SIZES: Dict[str, Tuple[int, int, int]] = {
     "small": (64, 64, 48),
@@ -130,6 +140,15 @@ _INTENSITY = {
 }
 
 _LOBES = ("frontal", "parietal", "temporal", "occipital")
+
+# How often the tumour model departs from the textbook picture, as real cohorts do (BraTS "HGG" includes
+# grade III tumours without necrosis; many BraTS "LGG" cases carry some enhancing tumour, some a necrosis).
+HGG_NO_NECROSIS_FRACTION = 0.15
+"""Share of high-grade tumours drawn without necrosis (solid enhancing tumour, no label 1)."""
+LGG_ENHANCING_FRACTION = 0.5
+"""Default share of low-grade tumours with a small enhancing nodule (label 4)."""
+LGG_NECROSIS_FRACTION = 0.1
+"""Share of low-grade tumours with a small necrotic focus inside the mass."""
 
 
 def brats_affine(shape: Sequence[int]) -> np.ndarray:
@@ -227,20 +246,30 @@ def _pick_tumour(rng: np.random.Generator, grade: str, semi: np.ndarray, mm: flo
     side = 1.0 if rng.random() < 0.5 else -1.0  # sign of the first-axis offset from the midline
     hgg = grade == "HGG"
     min_vox = 2.0
+    necrotic_focus = False
     if hgg:
         radius = max(rng.uniform(13.0, 27.0) * mm, 5.0)
         rim = max(rng.uniform(3.0, 7.0) * mm, min_vox)
-        necrosis_scale = 1.0 if rng.random() > 0.15 else rng.uniform(0.0, 0.45)
+        u = rng.random()
+        if u < HGG_NO_NECROSIS_FRACTION:  # solid enhancing tumour, no necrosis (e.g. anaplastic, grade III)
+            necrosis_scale = 0.0
+        elif u < HGG_NO_NECROSIS_FRACTION + 0.12:  # a small necrosis
+            necrosis_scale = rng.uniform(0.15, 0.45)
+        else:
+            necrosis_scale = 1.0
         oedema_factor = rng.uniform(1.35, 2.5)
         heterogeneity = rng.uniform(0.08, 0.20)
         enhancing_nodule = False
     else:
-        radius = max(rng.uniform(12.0, 28.0) * mm, 5.0)
+        # the same core sizes as high grade and a FLAIR abnormality only a little narrower: the whole-tumour
+        # volumes of the two grades overlap widely, as in BraTS; size and position say little of the grade
+        radius = max(rng.uniform(13.0, 27.0) * mm, 5.0)
         rim = 0.0
         necrosis_scale = 0.0
-        oedema_factor = rng.uniform(1.15, 1.6)
-        heterogeneity = rng.uniform(0.03, 0.12)
+        oedema_factor = rng.uniform(1.3, 2.4)
+        heterogeneity = rng.uniform(0.05, 0.16)
         enhancing_nodule = None  # decided by the caller (lgg_enhancing_fraction)
+        necrotic_focus = bool(rng.random() < LGG_NECROSIS_FRACTION)
     mean_semi = float(np.mean(semi))
     r_norm = radius / mean_semi
     for _ in range(200):
@@ -259,6 +288,7 @@ def _pick_tumour(rng: np.random.Generator, grade: str, semi: np.ndarray, mm: flo
         oedema_factor=float(oedema_factor),
         heterogeneity=float(heterogeneity),
         enhancing_nodule=enhancing_nodule,
+        necrotic_focus=necrotic_focus,
         mass_effect=float(rng.uniform(0.25, 0.6) * min(1.0, radius / (22.0 * mm))),
     )
 
@@ -279,7 +309,7 @@ def generate_case(
     size: Union[str, Sequence[int]] = "small",
     seed: int = 0,
     with_history: bool = False,
-    lgg_enhancing_fraction: float = 0.2,
+    lgg_enhancing_fraction: float = LGG_ENHANCING_FRACTION,
 ) -> DemoCase:
     """Generate one synthetic case in memory (see the module docstring for the model).
 
@@ -399,6 +429,10 @@ def generate_case(
             nr = max(2.2 / float(np.mean(semi)), 0.22 * r_core)
             nd = np.sqrt((bx - nc[0]) ** 2 + (by - nc[1]) ** 2 + (bz - nc[2]) ** 2)
             new[core & (nd < nr)] = _ENHANCING
+        if t["necrotic_focus"]:
+            # a small necrotic focus inside the mass (label 1 like the mass; dark on T1ce, bright on T2)
+            nr = max(2.0 / float(np.mean(semi)), 0.3 * r_core)
+            new[core & (dist < nr) & (new == _MASS)] = _NECROSIS
     tissue[box] = new
 
     # ---- images ----------------------------------------------------------------------------
@@ -429,10 +463,10 @@ def generate_case(
     # ---- findings read back from the generated volumes -------------------------------------
     affine = brats_affine(shape)
     findings = _findings(
-        grade=grade,
         label=label,
         tissue=tissue,
         ventricles=ventricles & brain & (tissue == _CSF),
+        brain_voxels=int(brain.sum()),
         gx=gx,
         gy=gy,
         gz=gz,
@@ -441,7 +475,11 @@ def generate_case(
         mass_effect=t["mass_effect"],
         heterogeneity=t["heterogeneity"],
     )
-    report = _write_report(findings, rng, with_history=with_history)
+    # the report's noise has its own stream, drawn from the seed and the case number only
+    report_rng = np.random.default_rng([int(seed), int(index), 2])
+    report = _write_report(findings, report_rng)
+    if with_history:
+        report = _history_line(grade, findings, report_rng) + " " + report
     return DemoCase(
         case_id=demo_case_id(index),
         grade=grade,
@@ -471,11 +509,17 @@ def _lobes_of_mask(mask: np.ndarray, gx, gy, gz, min_share: float = 0.15) -> Lis
     return lobes or [_LOBES[int(order[0])]]
 
 
-def _findings(*, grade, label, tissue, ventricles, gx, gy, gz, centre, affine, mass_effect, heterogeneity) -> Dict[str, object]:
+def _findings(*, label, tissue, ventricles, brain_voxels, gx, gy, gz, centre, affine, mass_effect, heterogeneity) -> Dict[str, object]:
+    """What can be read back from the generated label map (no grade: the report writer never sees it).
+
+    The tissue map is used only for the necrosis volume that is stored for tests; the report itself reads
+    the label map, as a reader of the FLAIR image would: the whole abnormality (labels 1, 2, 4), the
+    NCR/NET core (label 1, necrosis and non-enhancing tumour alike) and the ventricles.
+    """
     wt = label > 0
     core = (label == 1) | (label == 4)
+    ncr = label == 1
     enh = label == 4
-    nec = tissue == _NECROSIS
     oed = label == 2
     idx = np.argwhere(wt)
     centroid = idx.mean(axis=0)
@@ -488,46 +532,21 @@ def _findings(*, grade, label, tissue, ventricles, gx, gy, gz, centre, affine, m
     ipsi = int(np.sum(vidx < centre[0])) if tumour_side_low else int(np.sum(vidx > centre[0]))
     contra = int(vidx.size - ipsi)
     ratio = ipsi / max(contra, 1)
-    if ratio > 0.9:
-        compression = "none"
-    elif ratio > 0.65:
-        compression = "mild"
-    else:
-        compression = "marked"
-    n_core, n_oed, n_nec, n_enh = int(core.sum()), int(oed.sum()), int(nec.sum()), int(enh.sum())
-    oed_ratio = n_oed / max(n_core, 1)
-    extent = "mild" if oed_ratio < 0.9 else ("moderate" if oed_ratio < 2.6 else "extensive")
-    nec_frac = n_nec / max(n_core, 1)
-    if n_nec == 0:
-        necrosis = "none"
-    elif nec_frac < 0.12:
-        necrosis = "small"
-    elif nec_frac < 0.4:
-        necrosis = "central"
-    else:
-        necrosis = "large"
-    enh_frac = n_enh / max(n_core, 1)
-    if n_enh == 0:
-        enhancement = "none"
-    elif enh_frac < 0.2:
-        enhancement = "focal"
-    else:
-        enhancement = "rim" if n_nec > 0 else "solid"
-    # periventricular if the core comes within a few voxels of a (virtual) ventricle region
+    n_core, n_oed, n_ncr, n_enh = int(core.sum()), int(oed.sum()), int(ncr.sum()), int(enh.sum())
+    n_ncr_parts = int(ndimage.label(ncr)[1]) if n_ncr else 0
     lesion_lobes = _lobes_of_mask(core if n_core else wt, gx, gy, gz)
     oedema_lobes = _lobes_of_mask(oed, gx, gy, gz) if n_oed else []
     return dict(
-        grade=grade,
         hemisphere=hemisphere,
         lesion_lobes=lesion_lobes,
         oedema_lobes=oedema_lobes,
-        oedema_extent=extent,
-        necrosis=necrosis,
-        enhancement=enhancement,
-        ventricular_compression=compression,
+        tumour_share=round(float(wt.sum()) / max(int(brain_voxels), 1), 4),
+        ncr_share=round(n_ncr / max(int(wt.sum()), 1), 4),
+        ncr_parts=n_ncr_parts,
         ventricle_ratio=round(float(ratio), 3),
         heterogeneity=round(float(heterogeneity), 3),
-        volumes=dict(wt=int(wt.sum()), core=n_core, oedema=n_oed, necrosis=n_nec, enhancing=n_enh),
+        volumes=dict(wt=int(wt.sum()), core=n_core, oedema=n_oed, ncr=n_ncr, necrosis=int((tissue == _NECROSIS).sum()),
+                     enhancing=n_enh),
         centroid_index=[round(float(c), 1) for c in centroid],
         mass_effect=round(float(mass_effect), 3),
     )
@@ -560,186 +579,140 @@ def _pick(rng, options: Sequence[str]) -> str:
     return options[int(rng.integers(len(options)))]
 
 
-def _write_report(f: Dict[str, object], rng: np.random.Generator, with_history: bool) -> str:
+# How the report writer reads a tumour: the TextBraTS reports describe the FLAIR image (no contrast
+# sentence, no grade), and their descriptions are noisy. Rates are those of the 369 real TextBraTS
+# reports (counts of report phrases over the whole set; no report text is stored here):
+#   necrosis described as present in 96 %, hedged ("may", "possibly", ...) in 35 %;
+#   oedema "significant" in ~70 %, "extensive"/"large" in ~25 %, "mild"/"slight" in ~3 %;
+#   ventricular compression said to be absent in 16 %, the compressed side named in ~45 %;
+#   the lesion pattern heterogeneous / mixed in almost every report.
+# The writer sees the label map only through these noisy readings; `bench/bench_text_grading.py
+# --demo_reports` checks that the result tells the grade no better than the real reports do.
+READER_NOISE: Dict[str, float] = {
+    "necrosis_seen": 0.96,  # P(necrosis described as present | NCR/NET voxels exist)
+    "necrosis_overcalled": 0.75,  # P(described as present | none): low-signal areas read as necrosis
+    "necrosis_hedged": 0.35,  # P(a described necrosis is hedged)
+    "extent_log_sd": 0.6,  # sd of log(perceived / true) share of the brain taken by the FLAIR abnormality
+    "ratio_log_sd": 0.25,  # sd of log(perceived / true) ratio of ipsilateral to contralateral ventricle
+    "lobe_dropped": 0.3,  # P(a secondary lobe goes unmentioned)
+    "lobe_added": 0.15,  # P(a neighbouring lobe is named although the lesion barely reaches it)
+    "side_named": 0.5,  # P(the compression sentence names the ventricle's side)
+}
+_EXTENT_REFERENCE = 0.09  # the median share of the brain taken by the whole tumour in this generator
+_NEIGHBOUR_LOBES = {"frontal": ("parietal", "temporal"), "parietal": ("frontal", "occipital", "temporal"),
+                    "temporal": ("parietal", "occipital", "frontal"), "occipital": ("parietal", "temporal")}
+
+
+def _read_lobes(rng, lobes: Sequence[str]) -> List[str]:
+    """The lobes a reader names: the main one always, secondary ones sometimes dropped, a neighbour sometimes added."""
+    read = [lobes[0]] + [lobe for lobe in lobes[1:] if rng.random() >= READER_NOISE["lobe_dropped"]]
+    if rng.random() < READER_NOISE["lobe_added"]:
+        extra = [lobe for lobe in _NEIGHBOUR_LOBES[lobes[0]] if lobe not in read]
+        if extra:
+            read.append(_pick(rng, extra))
+    return read
+
+
+def _write_report(f: Dict[str, object], rng: np.random.Generator) -> str:
+    """Four sentences in the TextBraTS order (lesion, oedema, necrosis, ventricles) from noisy readings of ``f``.
+
+    ``f`` holds what :func:`_findings` reads from the label map; it has no grade, and no sentence depends on
+    the enhancing label: every reading goes through the noise of :data:`READER_NOISE`.
+    """
+    noise = READER_NOISE
     side = str(f["hemisphere"])
-    lesion_loc = _location(rng, side, f["lesion_lobes"])  # type: ignore[arg-type]
-    hetero = f["necrosis"] != "none" or float(f["heterogeneity"]) > 0.1  # type: ignore[arg-type]
-    if hetero:
-        pattern = _pick(
-            rng,
-            [
-                "a mixed pattern of high and low signals with speckled high signal regions",
-                "heterogeneous mixed signals and spotted areas of high signal",
-                "uneven high and low signal intensities with patchy high signal areas",
-                "a mixture of heterogeneous high and low signal areas",
-            ],
-        )
-    else:
-        pattern = _pick(
-            rng,
-            [
-                "a relatively homogeneous high signal",
-                "a mostly uniform high signal with slightly uneven intensity",
-                "high signal of fairly even intensity and relatively well-defined margins",
-                "a largely homogeneous hyperintense signal",
-            ],
-        )
-    sentences = [f"The lesion area is in {lesion_loc} with {pattern}."]
+    lobes = _read_lobes(rng, f["lesion_lobes"])  # type: ignore[arg-type]
+    pattern = _pick(
+        rng,
+        [
+            "a mixed pattern of high and low signals with speckled high signal regions",
+            "heterogeneous mixed signals and spotted areas of high signal",
+            "uneven high and low signal intensities with patchy high signal areas",
+            "a mixture of heterogeneous high and low signal areas",
+            "heterogeneous signal, mainly high signal with patchy low signal areas",
+            "mixed signal intensity with irregular margins",
+        ],
+    )
+    multiple = " involving multiple regions" if len(lobes) > 1 and rng.random() < 0.5 else ""
+    sentences = [f"The lesion area is in {_location(rng, side, lobes)}{multiple} with {pattern}."]
 
-    # oedema
-    oed_lobes = f["oedema_lobes"] or f["lesion_lobes"]
-    oed_loc = _location(rng, side, oed_lobes)  # type: ignore[arg-type]
-    extent = f["oedema_extent"]
-    if extent == "extensive":
-        s = _pick(
-            rng,
-            [
-                f"Edema is extensive, mainly located in {oed_loc}, with high signal indicating marked swelling of the surrounding tissue.",
-                f"Edema is significant with high signals spreading widely through {oed_loc}, covering a large area of white matter.",
-                f"Edema is a prominent high signal area in {oed_loc}, extending well beyond the lesion margins.",
-            ],
-        )
-    elif extent == "moderate":
-        s = _pick(
-            rng,
-            [
-                f"Edema is moderate, seen as high signal around the lesion in {oed_loc}.",
-                f"Edema is present with high signal in the vicinity of the lesion in {oed_loc}, indicating a certain degree of swelling.",
-                f"Edema is observed as a high signal band surrounding the lesion, mainly in {oed_loc}.",
-            ],
-        )
+    # oedema: the extent of the FLAIR abnormality, misjudged by a log-normal factor
+    oed_lobes = _read_lobes(rng, f["oedema_lobes"] or f["lesion_lobes"])  # type: ignore[arg-type]
+    oed_loc = _location(rng, side, oed_lobes)
+    perceived = np.log(float(f["tumour_share"]) / _EXTENT_REFERENCE) + rng.normal(0.0, noise["extent_log_sd"])
+    if perceived > 0.7:
+        s = _pick(rng, [
+            f"Edema is extensive, mainly located in {oed_loc}, with high signal indicating marked swelling of the surrounding tissue.",
+            f"Edema is significant with high signals spreading widely through {oed_loc}, covering a large area.",
+            f"Edema is a large area of high signal in {oed_loc}, extending well beyond the lesion margins.",
+        ])
+    elif perceived > -1.8:
+        s = _pick(rng, [
+            f"Edema is significant, seen as high signal around the lesion in {oed_loc}.",
+            f"Edema is significant with high signal in the vicinity of the lesion in {oed_loc}, indicating a certain degree of swelling.",
+            f"Edema is observed as a significant high signal area surrounding the lesion, mainly in {oed_loc}.",
+            f"Edema is significant, with high signal extending into {oed_loc}.",
+        ])
     else:
-        s = _pick(
-            rng,
-            [
-                f"Edema is mild, limited to a thin high signal rim around the lesion in {oed_loc}.",
-                f"Edema is slight, confined to the tissue immediately surrounding the lesion.",
-                f"Edema is minimal, with only a narrow band of high signal at the lesion margins.",
-            ],
-        )
+        s = _pick(rng, [
+            f"Edema is mild, limited to a thin high signal rim around the lesion in {oed_loc}.",
+            "Edema is slight, confined to the tissue immediately surrounding the lesion.",
+        ])
     sentences.append(s)
 
-    # necrosis
-    nec = f["necrosis"]
-    lesion_short = f"{side} {f['lesion_lobes'][0]} lobe"  # type: ignore[index]
-    if nec == "large":
-        s = _pick(
-            rng,
-            [
-                "Necrosis is a large low signal area occupying the centre of the lesion, with irregular margins.",
-                f"Necrosis is extensive, appearing as a central region of very low signal within the lesion in the {lesion_short}.",
-                "Necrosis is observed as a wide central area of low signal surrounded by a thick irregular wall.",
-            ],
-        )
-    elif nec == "central":
-        s = _pick(
-            rng,
-            [
-                "Necrosis is in the central region of the lesion, where areas with low signal suggest necrotic change.",
-                f"Necrosis is suggested by low signal areas in the centre of the lesion in the {lesion_short}.",
-                "Necrosis is seen as a low signal core with uneven intensity, concentrated at the centre of the lesion.",
-            ],
-        )
-    elif nec == "small":
-        s = _pick(
-            rng,
-            [
-                "Necrosis is limited to a small low signal focus within the lesion.",
-                "Necrosis is possible in a small central area of slightly low signal.",
-                "Necrosis is minor, with only a few scattered low signal spots inside the lesion.",
-            ],
-        )
-    elif hetero:
-        s = _pick(
-            rng,
-            [
-                "Necrosis is not observed.",
-                "Necrosis is not evident; the low signal areas appear to be solid tissue.",
-                "Necrosis is not clearly observed within the lesion.",
-            ],
-        )
-    else:
-        s = _pick(
-            rng,
-            [
-                "Necrosis is not observed.",
-                "Necrosis is not evident within the lesion.",
-                "Necrosis is not clearly observed, the lesion signal being relatively uniform.",
-            ],
-        )
-    sentences.append(s)
-
-    # ventricles
-    comp = f["ventricular_compression"]
-    if comp == "marked":
-        s = _pick(
-            rng,
-            [
-                f"Ventricular compression is marked, with the {side} lateral ventricle compressed and deformed.",
-                f"Ventricular compression is significant, the {side} lateral ventricle being narrowed and displaced by the lesion.",
-                f"Ventricular compression is observed with noticeable reduction and deformation of the {side} ventricle.",
-            ],
-        )
-    elif comp == "mild":
-        s = _pick(
-            rng,
-            [
-                f"Ventricular compression is mild, with slight narrowing of the {side} lateral ventricle.",
-                f"Ventricular compression is minor deformation of the {side} ventricle, suggesting a certain degree of compression.",
-                f"Ventricular compression is slight, the {side} lateral ventricle appearing somewhat smaller.",
-            ],
-        )
-    else:
-        s = _pick(
-            rng,
-            [
-                "Ventricular compression is not observed.",
-                "Ventricular compression is not evident.",
-                "Ventricular compression is absent, the ventricles appearing symmetric.",
-            ],
-        )
-    sentences.append(s)
-
-    # optional post-contrast sentence (a finding, not a diagnosis)
-    if rng.random() < 0.5:
-        enh = f["enhancement"]
-        if enh == "rim":
-            s = _pick(
-                rng,
-                [
-                    "After contrast, the lesion shows irregular ring-like enhancement.",
-                    "Post-contrast images show a thick enhancing wall around the low signal centre.",
-                ],
-            )
-        elif enh == "solid":
-            s = "After contrast, the lesion shows heterogeneous solid enhancement."
-        elif enh == "focal":
-            s = _pick(
-                rng,
-                [
-                    "After contrast, a small nodular focus of enhancement is seen.",
-                    "Post-contrast images show a single small enhancing focus.",
-                ],
-            )
+    # necrosis: the NCR/NET core (label 1) on FLAIR; seen or missed, over-called when absent, often hedged
+    has_ncr = float(f["ncr_share"]) > 0
+    described = rng.random() < (noise["necrosis_seen"] if has_ncr else noise["necrosis_overcalled"])
+    if described:
+        scattered = int(f["ncr_parts"]) > 1
+        where = _pick(rng, ["in the central region of the lesion", "within the lesion", "in the centre of the lesion",
+                            "scattered within the lesion" if scattered else "in the inner part of the lesion"])
+        if rng.random() < noise["necrosis_hedged"]:
+            s = _pick(rng, [
+                f"Necrosis may be present {where}, where areas of low signal suggest necrotic change.",
+                f"Necrosis is possibly present {where}, with uneven low signal areas.",
+                f"Necrosis is suspected {where}, where the signal is uneven.",
+            ])
         else:
-            s = _pick(
-                rng,
-                [
-                    "After contrast, no significant enhancement is seen.",
-                    "Post-contrast images show no appreciable enhancement.",
-                ],
-            )
-        sentences.append(s)
+            s = _pick(rng, [
+                f"Necrosis is observed {where} as areas of low signal.",
+                f"Necrosis is seen {where}, with low signal and uneven intensity.",
+                f"Necrosis is present {where}, showing mixed high and low signal.",
+                f"Necrosis is indicated by patchy low signal areas {where}.",
+            ])
+    else:
+        s = _pick(rng, ["Necrosis is not observed.", "Necrosis is not clearly observed within the lesion."])
+    sentences.append(s)
 
-    text = " ".join(sentences)
-    if with_history:
-        text = _history_line(f, rng) + " " + text
-    return text
+    # ventricles: the ipsilateral / contralateral ventricle ratio, misjudged by a log-normal factor
+    ratio = float(f["ventricle_ratio"]) * float(np.exp(rng.normal(0.0, noise["ratio_log_sd"])))
+    ventricle = f"the {side} lateral ventricle" if rng.random() < noise["side_named"] else "the adjacent ventricle"
+    if ratio > 1.0:
+        s = _pick(rng, ["Ventricular compression is not observed.", "Ventricular compression is not evident.",
+                        "Ventricular compression is not obvious."])
+    elif ratio > 0.7:
+        s = _pick(rng, [
+            f"Ventricular compression is slight, with mild deformation of {ventricle}.",
+            f"Ventricular compression is mild, {ventricle} appearing somewhat narrowed.",
+            f"Ventricular compression is present, with slight deformation of {ventricle}.",
+        ])
+    else:
+        s = _pick(rng, [
+            f"Ventricular compression is significant, with {ventricle} compressed and deformed.",
+            f"Ventricular compression is observed with noticeable deformation of {ventricle}.",
+            f"Ventricular compression is evident, {ventricle} being narrowed and displaced by the lesion.",
+        ])
+    sentences.append(s)
+    return " ".join(sentences)
 
 
-def _history_line(f: Dict[str, object], rng: np.random.Generator) -> str:
-    """A clinical-history line consistent with the lesion (age, sex, a presenting symptom)."""
-    if f["grade"] == "HGG":
+def _history_line(grade: str, f: Dict[str, object], rng: np.random.Generator) -> str:
+    """A clinical-history line consistent with the lesion (age, sex, a presenting symptom).
+
+    The age follows the grade as in real cohorts (high grade older on average), so a history line tells
+    something about the grade that TextBraTS reports do not: it is off by default.
+    """
+    if grade == "HGG":
         age = int(np.clip(rng.normal(60, 11), 22, 86))
     else:
         age = int(np.clip(rng.normal(41, 12), 18, 78))
@@ -782,8 +755,8 @@ def write_demo_dataset(
     size: Union[str, Sequence[int]] = "small",
     seed: int = 0,
     hgg_fraction: float = 0.5,
-    with_history: Union[bool, float] = 0.5,
-    lgg_enhancing_fraction: float = 0.2,
+    with_history: Union[bool, float] = 0.0,
+    lgg_enhancing_fraction: float = LGG_ENHANCING_FRACTION,
     start_index: int = 1,
 ) -> Path:
     """Write ``n_cases`` synthetic cases in the BraTS 2020 training layout under ``out_dir``.
@@ -798,7 +771,8 @@ def write_demo_dataset(
         hgg_fraction: share of high-grade cases (``round(hgg_fraction * n_cases)`` of them, in an
             order shuffled by ``seed``).
         with_history: ``True``/``False``, or the probability that a report starts with a
-            clinical-history line.
+            clinical-history line (default 0: the TextBraTS reports have none, and the age in it
+            follows the grade).
         lgg_enhancing_fraction: probability that a low-grade tumour carries a small enhancing nodule.
         start_index: number of the first case.
 
@@ -860,7 +834,7 @@ def write_demo_dataset(
         for key in sorted(existing):
             writer.writerow(existing[key])
     generated = (demo_case_ids(out) or set()) | {row[-1] for row in rows}
-    write_json(out / DEMO_MARKER, {"generator": DEMO_GENERATOR, "seed": int(seed), "size": list(shape),
+    write_json(out / DEMO_MARKER, {"generator": DEMO_GENERATOR, "version": DEMO_DATA_VERSION, "seed": int(seed), "size": list(shape),
                                    "case_ids": sorted(generated)}, indent=1)
     return out
 
@@ -926,8 +900,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--size", type=_size_arg, default="small", help="small (64x64x48), medium (96x96x64), full (240x240x155) or XxYxZ")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hgg-fraction", type=float, default=0.5, help="share of high-grade cases (default 0.5)")
-    p.add_argument("--history", type=float, default=0.5, help="probability of a clinical-history line (default 0.5)")
-    p.add_argument("--lgg-enhancing-fraction", type=float, default=0.2, help="share of low-grade tumours with a small enhancing nodule")
+    p.add_argument("--history", type=float, default=0.0,
+                   help="probability of a clinical-history line (default 0: real TextBraTS reports have none; its age follows the grade)")
+    p.add_argument("--lgg-enhancing-fraction", type=float, default=LGG_ENHANCING_FRACTION,
+                   help=f"share of low-grade tumours with a small enhancing nodule (default {LGG_ENHANCING_FRACTION})")
     p.add_argument("--start-index", type=int, default=1, help="number of the first case id")
     p.set_defaults(func=_run)
     return p

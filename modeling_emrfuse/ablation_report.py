@@ -5,6 +5,9 @@ budget and hands each run's summary (the ``summary.json`` structure of
 :mod:`modeling_emrfuse.evaluation_report`) to this module, which writes the markdown table in the
 paper's format (mean ± std over seeds when there are several) and a bar chart.
 
+Both tables end with a control row the paper does not have, :data:`SHUFFLED_REPORTS_ROW`: the complete
+model with the reports shuffled across cases.
+
 The paper's "Dice" of Tables 1 and 3 is one number per configuration; here it is the mean over
 the three regions (WT, TC, ET) of the per-region mean over cases, and the table also gives the
 per-region Dice so that nothing is hidden behind the average. Hausdorff distance is HD95 (mm).
@@ -44,6 +47,12 @@ TABLE_COLUMNS: Dict[str, List[Tuple[str, str, float]]] = {
         ("sensitivity", "Sensitivity (%)", 100.0),
     ],
 }
+SHUFFLED_REPORTS_ROW: Tuple[str, str] = ("shuffled_reports", "Complete model, reports shuffled across cases (control)")
+"""(row key, label) of the control row that closes both tables: the complete model trained and evaluated with every
+case's report swapped with another case's of its split (``datasets_scripts.brats_text.derange_reports``). When it
+matches the complete model, the model is not using what the report says about its own case."""
+SHUFFLED_REPORTS_PRESET = "full"
+"""The switches of the control row."""
 REGION_COLUMNS = [(f"dice_{r}", f"Dice {r} (%)", 100.0) for r in REGIONS]
 ET_COLUMNS = [
     ("dice_ET_present", "Dice ET, ET-present cases (%)", 100.0),

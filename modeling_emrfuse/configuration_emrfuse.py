@@ -11,8 +11,11 @@
 The paper's four fusion parts are switches (``use_alignment``, ``use_self_attention``,
 ``use_residual``, ``use_dynamic_weighting``); ``use_text=False`` is the image-only ResNet baseline of
 Table 1 and switches all four off (they all act on the text side or on the fusion of the two
-modalities). :data:`ABLATION_PRESETS` names the rows of the paper's Table 1 and Table 3;
-:meth:`EmrFuseConfig.from_preset` builds a config from one of them.
+modalities). ``use_image=False`` is its mirror image, the "Single-modality Text" model: no image
+tower at all, the report's text tower feature H_T goes straight into F19-F21 (grading only); it
+also switches the four fusion parts off. :data:`ABLATION_PRESETS` names the rows of the paper's
+Table 1 and Table 3 plus ``"text_only"``; :meth:`EmrFuseConfig.from_preset` builds a config from
+one of them.
 
 This file travels to the Hub with the model code: it imports only transformers, timm and the
 package's own files (relatively).
@@ -45,6 +48,11 @@ def _preset(text: bool, align: bool, attn: bool, residual: bool, weighting: bool
     return dict(zip(SWITCHES, (text, align, attn, residual, weighting)))
 
 
+MODALITY_SWITCH = "use_image"
+"""The one switch besides :data:`SWITCHES`: ``False`` builds no image tower (the text-only preset). Presets that
+do not name it keep the image tower (``use_image=True``)."""
+
+
 ABLATION_PRESETS: dict[str, dict[str, bool]] = {
     # Table 1 (BraTS 2018): components added one by one
     "image_only": _preset(False, False, False, False, False),
@@ -58,9 +66,11 @@ ABLATION_PRESETS: dict[str, dict[str, bool]] = {
     "no_self_attention": _preset(True, True, False, True, True),
     "no_residual": _preset(True, True, True, False, True),
     "no_dynamic_weighting": _preset(True, True, True, True, False),
+    # "Single-modality Text": the text tower + F19-F21, no image tower (grading from the report alone)
+    "text_only": {**_preset(True, False, False, False, False), MODALITY_SWITCH: False},
 }
 """Preset name -> the five switches (``use_text``, ``use_alignment``, ``use_self_attention``,
-``use_residual``, ``use_dynamic_weighting``)."""
+``use_residual``, ``use_dynamic_weighting``); ``"text_only"`` also sets ``use_image=False``."""
 
 TABLE1_ROWS: list[tuple[str, str]] = [
     ("image_only", "Single-modality Image (ResNet-50)"),
@@ -117,6 +127,10 @@ class EmrFuseConfig(PretrainedConfig):
             cross-attention from image positions to report tokens (0 disables it).
         use_text, use_alignment, use_self_attention, use_residual, use_dynamic_weighting (`bool`):
             the ablation switches (see :data:`ABLATION_PRESETS`).
+        use_image (`bool`, defaults to True): ``False`` is the "Single-modality Text" model (preset
+            ``"text_only"``): no image tower is built, the model grades from the report alone (``pixel_values``
+            is not an input) and cannot segment; it needs ``use_text=True`` and switches the four fusion
+            parts off. ``vision_config`` is then kept but unused.
         align_loss_weight (`float`, defaults to 0.1): weight of L_align (F16); 0 disables the term.
         ortho_loss_weight (`float`, defaults to 0.01): weight of L_ortho (F13); 0 disables the term.
         dice_loss_weight, bce_loss_weight (`float`, default 1.0): segmentation loss weights.
@@ -156,6 +170,7 @@ class EmrFuseConfig(PretrainedConfig):
     use_self_attention: bool = True
     use_residual: bool = True
     use_dynamic_weighting: bool = True
+    use_image: bool = True
     align_loss_weight: float = 0.1
     ortho_loss_weight: float = 0.01
     dice_loss_weight: float = 1.0
@@ -189,9 +204,17 @@ class EmrFuseConfig(PretrainedConfig):
 
     # ------------------------------------------------------------------ validation
     def _normalise_and_validate(self) -> None:
-        for name in SWITCHES:
+        for name in SWITCHES + (MODALITY_SWITCH,):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}.")
+        if not self.use_image:
+            if not self.use_text:
+                raise ValueError("use_image=False and use_text=False: the model needs at least one modality.")
+            dropped = [n for n in SWITCHES[1:] if getattr(self, n)]
+            if dropped:
+                logger.info(f"use_image=False (text-only model): switching off {dropped}.")
+            for name in SWITCHES[1:]:
+                setattr(self, name, False)
         if not self.use_text:
             dropped = [n for n in SWITCHES[1:] if getattr(self, n)]
             if dropped:
@@ -311,9 +334,9 @@ class EmrFuseConfig(PretrainedConfig):
     @property
     def active_preset(self) -> str | None:
         """Name of the :data:`ABLATION_PRESETS` entry the switches match (``None`` if no preset matches)."""
-        current = {name: getattr(self, name) for name in SWITCHES}
+        current = {name: getattr(self, name) for name in SWITCHES + (MODALITY_SWITCH,)}
         for name, switches in ABLATION_PRESETS.items():
-            if switches == current:
+            if {MODALITY_SWITCH: True, **switches} == current:
                 return name
         return None
 
@@ -332,7 +355,7 @@ def apply_preset(name: str, kwargs: dict[str, Any] | None = None) -> dict[str, A
     if name not in ABLATION_PRESETS:
         raise ValueError(f"Unknown ablation preset {name!r}: use one of {sorted(ABLATION_PRESETS)}.")
     out = dict(kwargs or {})
-    for switch, value in ABLATION_PRESETS[name].items():
+    for switch, value in {MODALITY_SWITCH: True, **ABLATION_PRESETS[name]}.items():
         if switch in out and out[switch] != value:
             raise ValueError(f"{switch}={out[switch]!r} contradicts preset {name!r} ({switch}={value}).")
         out[switch] = value
@@ -345,6 +368,7 @@ __all__ = [
     "ABLATION_PRESETS",
     "CASE_POOLING_MODES",
     "EmrFuseConfig",
+    "MODALITY_SWITCH",
     "SWITCHES",
     "TABLE1_ROWS",
     "TABLE3_ROWS",

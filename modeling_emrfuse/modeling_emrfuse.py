@@ -43,6 +43,9 @@ Architecture (formula numbers refer to the paper; ``paper/NOTES.md`` resolves it
   ``fusion_dim``); **F20-F21**: the grading head ``softmax(W_c H_final + b_c)``, argmax.
 * **Image only** (``use_text=False``): no text tower, no fusion parts: ``H = H_I``; the classification
   model is ResNet + F19-F20 and the segmentation model is a plain ResNet U-Net.
+* **Text only** (``use_image=False``, preset ``"text_only"``, the "Single-modality Text" model): no image tower,
+  no fusion parts: ``H = H_T`` (the [CLS] feature, F3), then F19-F21. It grades from ``input_ids`` alone
+  (``pixel_values`` is not an input; one report per case) and has no segmentation model.
 
 Segmentation (:class:`EmrFuseForSegmentation`)
     A U-Net decoder over the tower's multi-scale features (``features_only``), coarse to fine, one stage per
@@ -451,7 +454,8 @@ class EmrFusePreTrainedModel(PreTrainedModel):
             text_name_or_path: a Hub id or local folder loadable by ``BertModel.from_pretrained`` (ignored, may be
                 ``None``, when ``use_text=False`` is in ``config_kwargs``).
             vision_name: a timm model name (``"resnet50"``, ``"resnet50.a1_in1k"``, ...). timm adapts the first
-                convolution of the pre-trained weights to ``in_chans``.
+                convolution of the pre-trained weights to ``in_chans``. Ignored, may be ``None``, when
+                ``use_image=False`` is in ``config_kwargs`` (the text-only model builds no image tower).
             vision_pretrained: load timm's pre-trained weights (``False``: timm's random init).
             text_kwargs: extra arguments for ``BertModel.from_pretrained`` (e.g. ``{"local_files_only": True}``).
             vision_kwargs: extra arguments for ``timm.create_model`` that are **not** stored in the config (e.g.
@@ -460,8 +464,10 @@ class EmrFusePreTrainedModel(PreTrainedModel):
                 ``vision_config`` dict here is merged with ``{"architecture": vision_name}``.
         """
         use_text = config_kwargs.get("use_text", True)
+        use_image = config_kwargs.get("use_image", True)
         vision_config = dict(config_kwargs.pop("vision_config", None) or {})
-        vision_config["architecture"] = vision_name
+        if use_image or vision_name is not None:
+            vision_config["architecture"] = vision_name
         text_model = None
         if use_text:
             if text_name_or_path is None:
@@ -469,6 +475,8 @@ class EmrFusePreTrainedModel(PreTrainedModel):
             text_model = BertModel.from_pretrained(text_name_or_path, add_pooling_layer=False, **(text_kwargs or {}))
             config_kwargs["text_config"] = text_model.config
         config = EmrFuseConfig(vision_config=vision_config, **config_kwargs)
+        if not config.use_image:
+            return cls(config, text_model=text_model)
         vc = dict(config.vision_config)
         arch = vc.pop("architecture")
         vision_model = timm.create_model(
@@ -500,7 +508,7 @@ class FusionOutput:
     and image features ``t``/``i``, the dynamic weights ``alpha_t``/``alpha_i`` (None when off) and F19's ``embeds``."""
 
     t: torch.Tensor | None
-    i: torch.Tensor
+    i: torch.Tensor | None
     alpha_t: torch.Tensor | None
     alpha_i: torch.Tensor | None
     embeds: torch.Tensor
@@ -527,13 +535,21 @@ class EmrFuseModel(EmrFusePreTrainedModel):
     def __init__(self, config: EmrFuseConfig, text_model: nn.Module | None = None, vision_model: nn.Module | None = None):
         super().__init__(config)
         self.use_text = config.use_text
-        # --- image tower
-        if vision_model is None:
-            vision_model = _build_vision_tower(config)
-        self.vision_model = vision_model
-        self._mark_initialised(self.vision_model)
-        self.feature_channels = list(self.vision_model.feature_info.channels())
-        d_i = self.feature_channels[-1]
+        self.use_image = config.use_image
+        # --- image tower (none in the text-only model)
+        if not config.use_image:
+            if vision_model is not None:
+                raise ValueError("A vision_model was given but config.use_image=False (text-only model).")
+            self.vision_model = None
+            self.feature_channels = []
+            d_i = 0
+        else:
+            if vision_model is None:
+                vision_model = _build_vision_tower(config)
+            self.vision_model = vision_model
+            self._mark_initialised(self.vision_model)
+            self.feature_channels = list(self.vision_model.feature_info.channels())
+            d_i = self.feature_channels[-1]
         # --- text tower
         if config.use_text:
             if text_model is None:
@@ -558,7 +574,7 @@ class EmrFuseModel(EmrFusePreTrainedModel):
         self.text_attention_norm = nn.LayerNorm(d_t) if sa and res else None
         self.image_attention_norm = nn.LayerNorm(d_i) if sa and res else None
         # --- case pooling of slice features
-        if config.case_pooling == "attention":
+        if config.case_pooling == "attention" and config.use_image:
             self.pool_score = nn.Sequential(nn.Linear(d_i, config.case_pooling_dim), nn.Tanh(),
                                             nn.Linear(config.case_pooling_dim, 1))
         else:
@@ -573,6 +589,8 @@ class EmrFuseModel(EmrFusePreTrainedModel):
         self.image_gate = nn.Linear(dim_i, 1) if dw else None
         if not config.use_text:
             fused_dim = d_i
+        elif not config.use_image:
+            fused_dim = d_t
         elif dw and al:
             fused_dim = D
         else:
@@ -584,9 +602,30 @@ class EmrFuseModel(EmrFusePreTrainedModel):
         self.post_init()
 
     # ------------------------------------------------------------------ input checks
+    def _check_text_only_inputs(self, pixel_values, input_ids, attention_mask, slice_to_case, has_report):
+        """Checks of the text-only model: one report per case, nothing image-side."""
+        if pixel_values is not None or slice_to_case is not None:
+            given = "pixel_values" if pixel_values is not None else "slice_to_case"
+            raise ValueError(f"{given} was given to a text-only model (use_image=False), which has no image tower: "
+                             "pass only input_ids / attention_mask (one report per case).")
+        if input_ids is None:
+            raise ValueError("A text-only model (use_image=False) needs input_ids (one report per case).")
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be (B, L), got shape {tuple(input_ids.shape)}.")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}.")
+        b = input_ids.shape[0]
+        if has_report is not None:
+            has_report = torch.as_tensor(has_report, device=input_ids.device).bool()
+            if has_report.shape != (b,):
+                raise ValueError(f"has_report must have shape ({b},), got {tuple(has_report.shape)}.")
+        return None, has_report, b
+
     def check_inputs(self, pixel_values, input_ids, attention_mask, slice_to_case, has_report):
         """Validate a batch (shapes, channel count, case indices) with clear errors; returns
-        ``(slice_to_case (N,) long, has_report (B,) bool or None, number of cases B)``."""
+        ``(slice_to_case (N,) long or None for a text-only model, has_report (B,) bool or None, number of cases B)``."""
+        if not self.use_image:
+            return self._check_text_only_inputs(pixel_values, input_ids, attention_mask, slice_to_case, has_report)
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4:
             shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
             raise ValueError(f"pixel_values must be a (N, C, H, W) tensor, got {shape}.")
@@ -724,6 +763,8 @@ class EmrFuseModel(EmrFusePreTrainedModel):
         cfg = self.config
         if not self.use_text:
             return FusionOutput(None, image, None, None, self.fusion_dropout(F.relu(self.fusion_fc(image))))
+        if not self.use_image:  # Single-modality Text: H = H_T, then F19
+            return FusionOutput(text, None, None, None, self.fusion_dropout(F.relu(self.fusion_fc(text))))
         t, i = text, image
         if self.text_projection is not None:
             t, i = self.text_projection(t), self.image_projection(i)
@@ -749,7 +790,7 @@ class EmrFuseModel(EmrFusePreTrainedModel):
         """``(loss_align, loss_ortho)`` at case level over the cases with a report (``None`` when off)."""
         cfg = self.config
         loss_align = loss_ortho = None
-        if not self.use_text:
+        if not self.use_text or not self.use_image:
             return None, None
         keep = text.has_report
         if not bool(keep.any()):
@@ -783,9 +824,13 @@ class EmrFuseModel(EmrFusePreTrainedModel):
         return [(s, min(n, s + size)) for s in range(0, n, size)] or [(0, 0)]
 
     def case_outputs(self, text: TextState, slice_feats, slice_to_case, num_cases, return_hidden: bool):
-        """Case pooling, fusion (F6-F19) and auxiliary losses from encoded reports and slice features: a dict of
-        :class:`EmrFuseModelOutput` fields (``text_last_hidden_state`` only with ``return_hidden``)."""
-        image_case, pool_weights = self.pool_cases(slice_feats, slice_to_case, num_cases)
+        """Case pooling, fusion (F6-F19) and auxiliary losses from encoded reports and slice features (``None`` for a
+        text-only model): a dict of :class:`EmrFuseModelOutput` fields (``text_last_hidden_state`` only with
+        ``return_hidden``)."""
+        if slice_feats is None:  # text-only model
+            image_case = pool_weights = None
+        else:
+            image_case, pool_weights = self.pool_cases(slice_feats, slice_to_case, num_cases)
         fusion = self.fuse(text.features, image_case)
         loss_align, loss_ortho = self.auxiliary_losses(text, image_case, fusion)
         return dict(
@@ -807,7 +852,7 @@ class EmrFuseModel(EmrFusePreTrainedModel):
 
     def forward(
         self,
-        pixel_values: torch.FloatTensor,
+        pixel_values: torch.FloatTensor | None = None,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.LongTensor | None = None,
         token_type_ids: torch.LongTensor | None = None,
@@ -819,7 +864,8 @@ class EmrFuseModel(EmrFusePreTrainedModel):
         r"""Encode the slices and (once per case) the reports, pool slices per case and fuse.
 
         Args:
-            pixel_values (`(N, C, H, W)` float): slices, ``C = 4 * (2 * context_slices + 1)``.
+            pixel_values (`(N, C, H, W)` float): slices, ``C = 4 * (2 * context_slices + 1)``; not an input of the
+                text-only model (``use_image=False``), whose case count is the number of reports.
             input_ids, attention_mask, token_type_ids (`(B, L)`): one tokenised report per case.
             slice_to_case (`(N,)` long): case/report index of each slice in ``0..B-1``; ``None`` means ``N == B``.
             has_report (`(B,)` bool): ``None`` derives it (a report without any token besides [CLS]/[SEP] is
@@ -827,6 +873,10 @@ class EmrFuseModel(EmrFusePreTrainedModel):
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         slice_to_case, has_report, b = self.check_inputs(pixel_values, input_ids, attention_mask, slice_to_case, has_report)
+        if not self.use_image:
+            text = self.encode_text(input_ids, attention_mask, token_type_ids, has_report, b, input_ids.device)
+            output = EmrFuseModelOutput(**self.case_outputs(text, None, None, b, return_hidden=True))
+            return output if return_dict else output.to_tuple()
         text = self.encode_text(input_ids, attention_mask, token_type_ids, has_report, b, pixel_values.device)
         feats, betas = [], []
         for s, e in self.slice_chunks(pixel_values.shape[0]):
@@ -855,7 +905,7 @@ class EmrFuseForImageClassification(EmrFusePreTrainedModel):
 
     def forward(
         self,
-        pixel_values: torch.FloatTensor,
+        pixel_values: torch.FloatTensor | None = None,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.LongTensor | None = None,
         token_type_ids: torch.LongTensor | None = None,
@@ -886,7 +936,11 @@ class EmrFuseForImageClassification(EmrFusePreTrainedModel):
         """Grade one case from all its slices (N, C, H, W) and its report (1, L): returns probabilities (num_labels,).
 
         Slices go through the image tower in chunks of ``config.slice_chunk_size``; the report is encoded once.
+        The text-only model (``use_image=False``) takes ``pixel_values=None`` and the report alone.
         """
+        if not self.config.use_image:
+            out = self(None, input_ids, attention_mask, token_type_ids, None, has_report)
+            return torch.softmax(out.logits.float(), dim=-1)[0]
         n = pixel_values.shape[0]
         s2c = torch.zeros(n, dtype=torch.long, device=pixel_values.device)
         out = self(pixel_values, input_ids, attention_mask, token_type_ids, s2c, has_report)
@@ -903,6 +957,9 @@ class EmrFuseForSegmentation(EmrFusePreTrainedModel):
     """
 
     def __init__(self, config: EmrFuseConfig, text_model: nn.Module | None = None, vision_model: nn.Module | None = None):
+        if not config.use_image:
+            raise ValueError("EmrFuseForSegmentation needs the image tower: config.use_image=False is the text-only "
+                             "grading model (use EmrFuseForImageClassification).")
         super().__init__(config)
         self.emrfuse = EmrFuseModel(config, text_model=text_model, vision_model=vision_model)
         self.decoder = EmrFuseSegmentationDecoder(
@@ -912,7 +969,7 @@ class EmrFuseForSegmentation(EmrFusePreTrainedModel):
 
     def forward(
         self,
-        pixel_values: torch.FloatTensor,
+        pixel_values: torch.FloatTensor | None = None,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.LongTensor | None = None,
         token_type_ids: torch.LongTensor | None = None,

@@ -719,3 +719,45 @@ def test_real_textbrats_reports(tmp_path):
         digest = hashlib.sha256(rows[cid]["report"].encode()).hexdigest()
         assert rows[cid]["has_report"] and digest == hashlib.sha256(reports[cid].encode()).hexdigest()
     assert len(summary["reports"]["orphan_reports"]) == 366
+
+
+# ------------------------------------------------------------------------------------------- shuffled-report control
+def test_derange_reports_permutes_within_groups_and_no_case_keeps_its_own():
+    from datasets_scripts.brats_text import derange_reports
+
+    ids = [f"BraTS20_Training_{i:03d}" for i in range(1, 31)]
+    reports = {c: f"synthetic report number {i}" for i, c in enumerate(ids)}
+    reports[ids[5]] = None  # a case without report keeps none
+    groups = [ids[:20], ids[20:27], ids[27:]]
+    for seed in range(20):
+        out = derange_reports(reports, groups, seed=seed)
+        assert set(out) == set(reports)
+        assert out[ids[5]] is None
+        for group in groups:
+            with_report = [c for c in group if reports[c] is not None]
+            # the same reports within the group (same grade mix), each moved to another case
+            assert Counter(out[c] for c in with_report) == Counter(reports[c] for c in with_report)
+            assert all(out[c] != reports[c] for c in with_report)
+    assert derange_reports(reports, groups, seed=3) == derange_reports(reports, groups, seed=3)
+    assert derange_reports(reports, groups, seed=3) != derange_reports(reports, groups, seed=4)
+    # over seeds, a case receives reports from many different cases (not a fixed rotation)
+    received = {derange_reports(reports, groups, seed=s)[ids[0]] for s in range(40)}
+    assert len(received) > 8
+
+
+def test_derange_reports_respects_patients_and_identical_texts():
+    from datasets_scripts.brats_text import derange_reports
+
+    ids = ["a1", "a2", "b1", "c1", "d1", "e1"]
+    reports = {"a1": "x", "a2": "x", "b1": "y", "c1": "z", "d1": "w", "e1": "v"}
+    patients = {"a1": "A", "a2": "A"}
+    for seed in range(20):
+        out = derange_reports(reports, [ids], seed=seed, patients=patients)
+        assert out["a1"] != "x" and out["a2"] != "x"  # not its own text, not its own patient's
+        assert Counter(out.values()) == Counter(reports.values())
+    with pytest.raises(ValueError, match="single case"):
+        derange_reports({"a": "x", "b": None}, [["a", "b"]])
+    with pytest.raises(ValueError, match="no derangement"):
+        derange_reports({"a": "x", "b": "x", "c": "y"}, [["a", "b", "c"]], max_tries=50)
+    with pytest.raises(ValueError, match="without an entry"):
+        derange_reports({"a": "x"}, [["a", "zz"]])

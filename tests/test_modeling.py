@@ -606,3 +606,80 @@ def test_building_blocks_reproduce_forward():
         out = model.case_outputs(text, torch.cat(feats), s2c, b, return_hidden=False)
     torch.testing.assert_close(out["case_embeds"], ref.case_embeds)
     torch.testing.assert_close(out["alpha_text"], ref.alpha_text)
+
+
+# ------------------------------------------------------------------------------------------- text-only model
+def test_text_only_preset_config():
+    cfg = EmrFuseConfig.from_preset("text_only", **{k: v for k, v in tiny_config().to_dict().items()
+                                                   if k in ("fusion_dim", "vision_config")}, text_config=TINY_TEXT)
+    assert cfg.use_image is False and cfg.use_text is True
+    assert not any(getattr(cfg, k) for k in SWITCHES[1:])
+    assert cfg.active_preset == "text_only"
+    # switches the fusion parts off like image-only does; an image preset keeps the image tower
+    assert not tiny_config(use_image=False, use_alignment=True).use_alignment
+    assert tiny_config(use_image=False).active_preset == "text_only"
+    assert tiny_config().use_image and tiny_config().active_preset == "full"
+    assert EmrFuseConfig.from_preset("concat", text_config=TINY_TEXT).active_preset == "concat"
+    with pytest.raises(ValueError, match="use_image"):
+        apply_preset("concat", {"use_image": False})
+    with pytest.raises(ValueError, match="at least one modality"):
+        tiny_config(use_image=False, use_text=False)
+    with pytest.raises(ValueError, match="use_image"):
+        tiny_config(use_image="no")
+
+
+def test_text_only_model_grades_from_the_report_alone(tmp_path):
+    torch.manual_seed(0)
+    model = EmrFuseForImageClassification(tiny_config(use_image=False)).eval()
+    base = model.emrfuse
+    assert base.vision_model is None and base.pool_score is None and base.channel_attention is None
+    assert not any(n.startswith("emrfuse.vision_model") for n, _ in model.named_parameters())
+    assert base.fusion_fc.in_features == 32  # H = H_T (text hidden size) -> F19
+    ids, mask, tt = tokens((5, 8, 3))
+    labels = torch.tensor([0, 1, 1])
+    out = model(input_ids=ids, attention_mask=mask, token_type_ids=tt, labels=labels)
+    assert out.logits.shape == (3, 2) and out.image_embeds is None and out.case_pooling_weights is None
+    assert out.loss_align is None and out.loss_ortho is None
+    # the head is exactly F19-F21 on the [CLS] feature of the text tower
+    cls = base.text_model(input_ids=ids, attention_mask=mask, token_type_ids=tt).last_hidden_state[:, 0]
+    expected = model.classifier(F.relu(base.fusion_fc(cls)))
+    assert torch.allclose(out.logits, expected, atol=1e-5)
+    assert torch.allclose(out.loss, F.cross_entropy(expected, labels), atol=1e-5)
+    # one case at a time gives the same probabilities; grade_case takes the report alone
+    p0 = model.grade_case(None, ids[:1, :7], mask[:1, :7], tt[:1, :7])
+    assert torch.allclose(p0, torch.softmax(out.logits[0], -1), atol=1e-5)
+    # gradients reach the text tower and the head
+    model.train()
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    assert base.text_model.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+    assert model.classifier.weight.grad.abs().sum() > 0
+    # save / load round trip keeps it text-only
+    model.save_pretrained(tmp_path)
+    back = EmrFuseForImageClassification.from_pretrained(tmp_path).eval()
+    assert back.config.active_preset == "text_only" and back.emrfuse.vision_model is None
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(back(input_ids=ids, attention_mask=mask).logits, model(input_ids=ids, attention_mask=mask).logits)
+
+
+def test_text_only_model_refuses_image_inputs_and_segmentation():
+    model = EmrFuseForImageClassification(tiny_config(use_image=False)).eval()
+    b = batch()
+    with pytest.raises(ValueError, match="pixel_values"):
+        model(**b)
+    with pytest.raises(ValueError, match="input_ids"):
+        model()
+    with pytest.raises(ValueError, match="image tower"):
+        EmrFuseForSegmentation(tiny_config(use_image=False))
+
+
+def test_from_text_vision_pretrained_text_only(pretrained_towers):
+    root, bert_sd, _ = pretrained_towers
+    model = EmrFuseForImageClassification.from_text_vision_pretrained(
+        str(root / "bert"), None, **apply_preset("text_only", dict(fusion_dim=16)))
+    assert model.emrfuse.vision_model is None and model.config.use_image is False
+    text_sd = model.emrfuse.text_model.state_dict()
+    assert all(torch.equal(text_sd[k], v) for k, v in bert_sd.items())
+    ids, mask, _ = tokens((4, 6))
+    with torch.no_grad():
+        assert model.eval()(input_ids=ids, attention_mask=mask).logits.shape == (2, 2)

@@ -157,8 +157,11 @@ def test_augmentation_is_applied_identically_to_image_and_label(cached, tmp_path
         for ch, region in ((0, 0), (1, 2)):
             img_mask = (x[ch] > 0.5).numpy()
             lab = (y[region] > 0.5).numpy()
-            # bilinear (image) and nearest (label) may only disagree next to the region's border
-            border = ndimage.binary_dilation(lab, np.ones((3, 3))) & ~ndimage.binary_erosion(lab, np.ones((3, 3)))
+            # bilinear (image) and nearest (label) may only disagree next to the region's border, as either
+            # resampling draws it (a region of a pixel or two may survive in one and vanish from the other)
+            border = np.zeros_like(lab)
+            for mask in (lab, img_mask):
+                border |= ndimage.binary_dilation(mask, np.ones((3, 3))) & ~ndimage.binary_erosion(mask, np.ones((3, 3)))
             assert not ((img_mask ^ lab) & ~border).any(), (i, ch)
             union = (img_mask | lab).sum()
             if union > 150:

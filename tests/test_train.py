@@ -207,12 +207,14 @@ def test_ablation_writes_table_and_chart(shared):
     out = shared["base"] / "ablation"
     proc = run_train(tiny_args(shared, out, "--ablation", "table3", "--ablation_seeds", "0", "1", "--max_steps", "1", "--grading_max_steps", "0"))
     table = (out / "ablation-table3" / "table3.md").read_text()
-    for label in ("Complete model", "Without modality alignment", "Without self-attention", "Without residual connection", "Without dynamic feature weighting"):
+    for label in ("Complete model", "Without modality alignment", "Without self-attention", "Without residual connection",
+                  "Without dynamic feature weighting", "Complete model, reports shuffled across cases (control)"):
         assert label in table
     assert "±" in table and "SYNTHETIC DEMO DATA" in table
     assert (out / "ablation-table3" / "table3.png").stat().st_size > 1000
     data = json.loads((out / "ablation-table3" / "table3.json").read_text())
-    assert [len(r["runs"]) for r in data["rows"]] == [2] * 5
+    assert [len(r["runs"]) for r in data["rows"]] == [2] * 6
+    assert data["rows"][-1]["preset"] == "shuffled_reports"
     assert "Complete model" in proc.stdout
 
 
@@ -323,3 +325,19 @@ def test_eval_steps_needs_a_validation_split():
         train.parse_args(["--data_dir", "x", "--eval_steps", "0"])
     assert train.parse_args(["--data_dir", "x", "--eval_steps", "10"]).val_fraction == 0.1  # real data: a split
     assert train.parse_args(["--demo", "--val_fraction", "0.2", "--eval_steps", "10"]).eval_steps == 10
+
+
+def test_shuffled_reports_run_swaps_reports_within_each_split():
+    from types import SimpleNamespace
+
+    cases = [SimpleNamespace(case_id=f"BraTS20_Training_{i:03d}") for i in range(1, 13)]
+    reports = {c.case_id: f"synthetic report {i}" for i, c in enumerate(cases)}
+    run = train.RunData(data_dir=Path("."), train_cases=cases[:8], eval_cases=cases[8:], val_cases=[], reports=reports,
+                        synthetic=True, release="2020", text_model=None)
+    shuffled = train.shuffled_reports_run(run)
+    assert shuffled.reports is not run.reports and run.reports == reports  # the run itself is untouched
+    assert shuffled.train_cases == run.train_cases and shuffled.eval_cases == run.eval_cases
+    for split in (run.train_cases, run.eval_cases):
+        ids = [c.case_id for c in split]
+        assert sorted(shuffled.reports[i] for i in ids) == sorted(reports[i] for i in ids)
+        assert all(shuffled.reports[i] != reports[i] for i in ids)
