@@ -51,26 +51,66 @@ and the results are gathered. Report text is never logged.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
 import os
 import shutil
 import sys
+import tempfile
 import time
+import warnings
+from collections import Counter
 from dataclasses import dataclass, field, replace as dataclass_replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from modeling_emrfuse.cpu_threads import limit_torch_threads, prefer_passive_openmp
 
-prefer_passive_openmp()  # before torch loads its OpenMP runtime: waiting threads sleep, they do not spin
+prefer_passive_openmp()  # before torch (and everything that imports it) loads OpenMP: waiting threads sleep
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+# ruff: noqa: E402  (the imports below must follow prefer_passive_openmp)
+import huggingface_hub
+import numpy as np
+import torch
+import transformers
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import ProjectConfiguration, gather_object, set_seed
+from safetensors.torch import load_file
+from tokenizers import BertWordPieceTokenizer
+from tokenizers.normalizers import BertNormalizer
+from tokenizers.pre_tokenizers import BertPreTokenizer
+from tqdm.auto import tqdm
+from transformers import BertConfig, BertModel, BertTokenizer, get_scheduler
 
-from modeling_emrfuse import strict_json  # noqa: E402
-from modeling_emrfuse.brats_labels import REGIONS  # noqa: E402
+from datasets_scripts.brats_text import (
+    attach_reports_and_grades,
+    derange_reports,
+    load_id_mapping,
+    make_splits,
+    read_reports,
+)
+from datasets_scripts.demo_data import DEMO_DATA_VERSION, demo_case_ids, write_demo_dataset
+from datasets_scripts.slice_cache import SliceDataset, build_cache, collate_slices
+from modeling_emrfuse import strict_json
+from modeling_emrfuse.ablation_report import (
+    SHUFFLED_REPORTS_PRESET,
+    SHUFFLED_REPORTS_ROW,
+    TABLE_TITLES,
+    format_ablation_table,
+    row_numbers,
+    write_ablation_report,
+)
+from modeling_emrfuse.brats_io import discover_folders, read_volume, reorientation, reoriented_image, to_nifti_image
+from modeling_emrfuse.brats_labels import REGIONS
+from modeling_emrfuse.configuration_emrfuse import ABLATION_PRESETS, TABLE1_ROWS, TABLE3_ROWS, EmrFuseConfig
+from modeling_emrfuse.evaluation_report import format_results_markdown, summarize_segmentation, write_evaluation_report
+from modeling_emrfuse.metrics import classification_metrics, metrics_to_row, score_label_maps
+from modeling_emrfuse.model_card import build_model_card, training_config_for_card
+from modeling_emrfuse.model_packaging import add_pipeline_to_folder
+from modeling_emrfuse.modeling_emrfuse import EmrFuseForImageClassification, EmrFuseForSegmentation
+from modeling_emrfuse.processing_emrfuse import EmrFuseImageProcessor, EmrFuseProcessor
 
 logger = logging.getLogger("emrfuse.train")
 
@@ -286,7 +326,6 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.image_size is not None and (args.image_size < 32 or args.image_size % 32):
         raise SystemExit(f"train.py: --image_size must be a multiple of 32 (>= 32), got {args.image_size}.")
     if args.preset is not None:
-        from modeling_emrfuse.configuration_emrfuse import ABLATION_PRESETS
 
         if args.preset not in ABLATION_PRESETS:
             raise SystemExit(f"train.py: unknown --preset {args.preset!r}; use one of {sorted(ABLATION_PRESETS)}.")
@@ -299,8 +338,6 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
 
 def model_switches(args: argparse.Namespace) -> Dict[str, bool]:
     """The five fusion switches: the preset's (default ``full``), then any ``--no_*`` flag switched off."""
-    from modeling_emrfuse.configuration_emrfuse import ABLATION_PRESETS
-
     switches = dict(ABLATION_PRESETS[args.preset or "full"])
     if args.no_text:
         switches = {k: False for k in switches}
@@ -333,15 +370,11 @@ class RunData:
 
 def is_demo_data_folder(folder: str | Path) -> bool:
     """``folder`` was written by the demo generator (its marker) or by :func:`ensure_demo_data` (``.complete.json``)."""
-    from datasets_scripts.demo_data import demo_case_ids
-
     return demo_case_ids(folder) is not None or (Path(folder) / ".complete.json").is_file()
 
 
 def _cases_not_generated(cases, data_dirs: Sequence[Path]) -> int:
     """How many of ``cases`` the demo generator did not write (not in a demo folder's list of generated cases)."""
-    from datasets_scripts.demo_data import demo_case_ids
-
     generated: set = set()
     for folder in data_dirs:
         ids = demo_case_ids(folder)
@@ -371,8 +404,6 @@ def demo_grid(size: str):
 
 def ensure_demo_data(args: argparse.Namespace, accelerator) -> Path:
     """Generate the demo cases once (main process; the others wait); reuse them when complete."""
-    from datasets_scripts.demo_data import DEMO_DATA_VERSION, write_demo_dataset
-
     out = demo_data_dir(args)
     marker = out / ".complete.json"
     # the generator's version too: a folder written by an older generator is regenerated, not reused
@@ -397,8 +428,6 @@ def read_case_reports(cases, reports_file: Optional[str], id_mapping=None):
     tables), else the case's own report file. ``attachment`` (:class:`ReportAttachment`) holds the
     cases with the grades the id tables give, the patients and the counts.
     """
-    from datasets_scripts.brats_text import attach_reports_and_grades, read_reports
-
     by_id = read_reports(reports_file) if reports_file else {}
     attached = attach_reports_and_grades(cases, by_id, id_mapping, read_case_files=not reports_file)
     unknown = sorted(set(by_id) - attached.used_report_ids)
@@ -415,9 +444,7 @@ def split_run_cases(cases, args: argparse.Namespace, patients: Optional[Dict[str
     training patients as validation (model selection). Deterministic (seed 0), so every run and
     every ablation row sees the same cases.
     """
-    import warnings
 
-    from datasets_scripts.brats_text import make_splits
 
     if args.split_file is None and args.eval_fraction == 0:
         if args.val_fraction:
@@ -444,9 +471,6 @@ def split_run_cases(cases, args: argparse.Namespace, patients: Optional[Dict[str
 
 def prepare_run_data(args: argparse.Namespace, accelerator) -> RunData:
     """Find the cases (generating demo data if asked), read reports, split, build the demo text tower."""
-    from datasets_scripts.brats_layouts import discover_folders
-    from datasets_scripts.brats_text import load_id_mapping
-
     data_dirs = [Path(d) for d in args.data_dir] if args.data_dir else [ensure_demo_data(args, accelerator)]
     data_dir = data_dirs[0]
     found = discover_folders(data_dirs, args.release, allow_missing_sequences=args.sequence_presence)
@@ -528,10 +552,7 @@ def report_vocabulary_corpus(texts: Sequence[str], min_reports: int = MIN_REPORT
     spaces and punctuation); every other word is removed from every report. Returns ``(texts, reports per word)``
     (the counts are for the caller's checks; words are never logged).
     """
-    from collections import Counter
 
-    from tokenizers.normalizers import BertNormalizer
-    from tokenizers.pre_tokenizers import BertPreTokenizer
 
     normalizer, pre_tokenizer = BertNormalizer(lowercase=True), BertPreTokenizer()
     words = [[w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(t))] for t in texts]
@@ -555,16 +576,12 @@ def build_demo_text_tower(texts: Sequence[str], folder: Path, accelerator, spec:
     up in ``vocab.txt`` / ``tokenizer.json``, which are saved with the model and pushed with
     ``--push_to_hub``. With fewer than k reports nothing is learned (every word becomes ``[UNK]``).
     """
-    import hashlib
-
     if int(min_reports_per_word) < MIN_REPORTS_PER_WORD:
         raise ValueError(f"min_reports_per_word must be >= {MIN_REPORTS_PER_WORD}, got {min_reports_per_word}.")
     spec = dict(spec or DEMO_TEXT_TOWER)
     key = hashlib.sha256(json.dumps([spec, int(min_reports_per_word), "rare-words-removed", list(texts)]).encode()).hexdigest()[:16]
     marker = folder / "emrfuse_tower.json"
     if accelerator.is_main_process and not (marker.exists() and json.loads(marker.read_text()).get("key") == key):
-        from tokenizers import BertWordPieceTokenizer
-        from transformers import BertConfig, BertModel, BertTokenizer
 
         if not texts:
             raise ValueError("No training reports to train the demo tokenizer on.")
@@ -717,8 +734,6 @@ def save_model_folder(model, processor, folder: Path, card=None) -> None:
 def build_processor(args: argparse.Namespace, text_model: Optional[str]):
     """Image processor (brain crop, z-score, context slices, sequence presence) + the text tower's
     tokenizer (image-only runs: a placeholder tokenizer built here, see :func:`placeholder_tokenizer`)."""
-    from modeling_emrfuse.processing_emrfuse import EmrFuseImageProcessor, EmrFuseProcessor
-
     image_processor = EmrFuseImageProcessor(context_slices=args.context_slices, sequence_presence=bool(getattr(args, "sequence_presence", False)))
     tokenizer = placeholder_tokenizer() if text_model is None else load_tokenizer(text_model)
     return EmrFuseProcessor(image_processor=image_processor, tokenizer=tokenizer)
@@ -731,9 +746,7 @@ def placeholder_tokenizer():
     pipeline keep one shape for every model; this tokenizer is built in code (nothing is downloaded),
     saved with the model, and learns nothing from any report.
     """
-    import tempfile
 
-    from transformers import BertTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         vocab = Path(tmp) / "vocab.txt"
@@ -745,8 +758,6 @@ def load_tokenizer(name_or_path: str):
     """The text tower's tokenizer. In a saved EmrFuse folder, the class named in its
     ``tokenizer_config.json`` is used directly (``AutoTokenizer`` would ask to run the folder's
     model code just to read the config)."""
-    import transformers
-
     cfg = Path(name_or_path) / "tokenizer_config.json"
     if (Path(name_or_path) / "processor_config.json").is_file() and cfg.is_file():
         cls = getattr(transformers, json.loads(cfg.read_text()).get("tokenizer_class") or "", None)
@@ -756,7 +767,6 @@ def load_tokenizer(name_or_path: str):
 
 
 def model_class(task: str):
-    from modeling_emrfuse.modeling_emrfuse import EmrFuseForImageClassification, EmrFuseForSegmentation
 
     return EmrFuseForSegmentation if task == "segmentation" else EmrFuseForImageClassification
 
@@ -807,8 +817,6 @@ class WarmStart:
 
 def read_saved_weights(folder: str | Path, flag: str) -> Dict[str, torch.Tensor]:
     """Every tensor of a saved model folder's ``*.safetensors`` files (shards included)."""
-    from safetensors.torch import load_file
-
     files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
         raise ValueError(f"{flag} {folder}: no *.safetensors weights in this folder.")
@@ -824,7 +832,6 @@ def build_model(args: argparse.Namespace, run: RunData, task: str, switches: Dic
     and fresh weights, which :meth:`WarmStart.apply` then fills."""
     cls = model_class(task)
     if config_from is not None:
-        from modeling_emrfuse.configuration_emrfuse import EmrFuseConfig
 
         config = EmrFuseConfig.from_pretrained(config_from)
         for key, value in switches.items():
@@ -895,11 +902,8 @@ def evaluate_case(model, processor, case, report: Optional[str], args, device, t
     Returns the per-case row (id, grade, metrics / grade probabilities, timing) and the fused case
     embedding (``case_embeds``) for the embedding plot.
     """
-    from datasets_scripts.brats_layouts import read_volume
 
-    from modeling_emrfuse.metrics import metrics_to_row, score_label_maps
 
-    from modeling_emrfuse.brats_io import reorientation, reoriented_image, to_nifti_image
 
     t0 = time.perf_counter()
     ip = processor.image_processor
@@ -944,10 +948,7 @@ def evaluate(args, accelerator, model, processor, cases, reports, task: str, ste
     per region and metric; grading: accuracy, balanced accuracy, ROC AUC, F1, confusion matrix)
     and the case embeddings in row order.
     """
-    from accelerate.utils import gather_object
 
-    from modeling_emrfuse.evaluation_report import summarize_segmentation
-    from modeling_emrfuse.metrics import classification_metrics
 
     t0 = time.perf_counter()
     net = accelerator.unwrap_model(model)
@@ -1037,8 +1038,6 @@ def build_train_loader(args: argparse.Namespace, run: RunData, processor, seed: 
     the same augmentation. ``balance_grades`` (grading runs, ``--grading_sampling balanced``): each grade is
     drawn equally often.
     """
-    from datasets_scripts.slice_cache import SliceDataset, build_cache, collate_slices
-
     with accelerator.main_process_first():  # the main process builds the cache, the others then find it up to date
         cached = build_cache(
             run.train_cases, Path(args.cache_dir) / "slices", processor.image_processor, processor.tokenizer,
@@ -1189,10 +1188,6 @@ def train_one(
     ``output_dir/checkpoints``. ``stage`` picks the schedule (:func:`stage_schedule`), ``warm_start``
     the initial weights. Returns the final summary and the best weights (CPU tensors).
     """
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-    from transformers import get_scheduler
-
     output_dir = Path(output_dir)
     max_steps, learning_rate = stage_schedule(args, stage)
     set_seed(seed)
@@ -1345,9 +1340,6 @@ def train_one(
 
 def write_run_outputs(args, run: RunData, net, processor, output_dir: Path, task: str, rows, summary, embeds, switches, seed, max_steps, learning_rate, save_model: bool) -> None:
     """Evaluation report (per-case CSV, summary JSON, markdown, figures) and, if asked, the model folder + card."""
-    from modeling_emrfuse.evaluation_report import format_results_markdown, write_evaluation_report
-    from modeling_emrfuse.model_card import build_model_card, training_config_for_card
-
     if rows:
         write_evaluation_report(output_dir / "eval", rows, summary, embeddings=embeds, embedding_grades=[r.get("grade") for r in rows])
     if not save_model:
@@ -1434,8 +1426,6 @@ def train_with_grading(args, accelerator, run: RunData, *, output_dir: Path, swi
 
 def shuffled_reports_run(run: RunData, seed: int = 0) -> RunData:
     """The run's data with every case's report swapped with another case's of the same split (a derangement)."""
-    from datasets_scripts.brats_text import derange_reports
-
     splits = [[c.case_id for c in cases] for cases in (run.train_cases, run.val_cases, run.eval_cases)]
     return dataclass_replace(run, reports=derange_reports(run.reports, splits, seed=seed, patients=run.patients))
 
@@ -1447,16 +1437,6 @@ def run_ablation(args: argparse.Namespace, accelerator, run: RunData) -> Dict[st
     ``<table>.png`` (bar chart) and ``<table>.json`` (every run's numbers); each run's evaluation
     report goes to ``<output_dir>/ablation-<table>/<preset>-seed<seed>/eval``.
     """
-    from modeling_emrfuse.ablation_report import (
-        SHUFFLED_REPORTS_PRESET,
-        SHUFFLED_REPORTS_ROW,
-        TABLE_TITLES,
-        format_ablation_table,
-        row_numbers,
-        write_ablation_report,
-    )
-    from modeling_emrfuse.configuration_emrfuse import ABLATION_PRESETS, TABLE1_ROWS, TABLE3_ROWS
-
     table_rows = TABLE1_ROWS if args.ablation == "table1" else TABLE3_ROWS
     out_dir = Path(args.output_dir) / f"ablation-{args.ablation}"
     rows = []
@@ -1495,9 +1475,7 @@ def push_folder_to_hub(folder: Path, repo_id: str, token: Optional[str] = None, 
 
     Checkpoints, tracker logs and temporary folders stay local.
     """
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
+    api = huggingface_hub.HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     api.upload_folder(
         repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
@@ -1512,9 +1490,6 @@ def push_folder_to_hub(folder: Path, repo_id: str, token: Optional[str] = None, 
 # =============================================================================================
 def make_accelerator(args: argparse.Namespace):
     """The ``Accelerator``: mixed precision and accumulation from the flags or the accelerate config."""
-    from accelerate import Accelerator, DistributedDataParallelKwargs
-    from accelerate.utils import ProjectConfiguration
-
     report_to = args.report_to
     if report_to == "auto":
         try:
@@ -1539,8 +1514,6 @@ def setup_logging(accelerator) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO if accelerator.is_main_process else logging.WARNING)
     for noisy in ("httpx", "urllib3", "filelock", "PIL", "matplotlib", "timm", "huggingface_hub", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    import huggingface_hub
-    import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -1594,8 +1567,6 @@ def _train_main(args, accelerator, run: RunData, output_dir: Path, switches: Dic
 
 def report_main(args, accelerator, run: RunData, output_dir: Path, summary: Dict[str, Any]) -> None:
     """Print the results table, write ``eval/run_summary.json``, push to the Hub if asked (main process)."""
-    from modeling_emrfuse.evaluation_report import format_results_markdown
-
     if accelerator.is_main_process:
         (output_dir / "eval").mkdir(parents=True, exist_ok=True)
         strict_json.write_json(output_dir / "eval" / "run_summary.json", summary, indent=2, default=float)
@@ -1619,8 +1590,6 @@ def make_pipeline_ready(args, output_dir: Path) -> None:
     two runs, names the grading model (saved in ``<output_dir>/grading``) in the root config, so that
     one folder or Hub repo serves segmentation and grading.
     """
-    from modeling_emrfuse.model_packaging import add_pipeline_to_folder
-
     if not (output_dir / "config.json").exists():
         return  # no model was saved (e.g. save disabled)
     grading = output_dir / GRADING_SUBFOLDER
