@@ -104,7 +104,7 @@ from modeling_emrfuse.ablation_report import (
 )
 from modeling_emrfuse.brats_io import discover_folders, read_volume, reorientation, reoriented_image, to_nifti_image
 from modeling_emrfuse.brats_labels import REGIONS
-from modeling_emrfuse.configuration_emrfuse import ABLATION_PRESETS, TABLE1_ROWS, TABLE3_ROWS, EmrFuseConfig
+from modeling_emrfuse.configuration_emrfuse import ABLATION_PRESETS, TABLE1_ROWS, TABLE3_ROWS, EmrFuseConfig, preset_parts
 from modeling_emrfuse.evaluation_report import format_results_markdown, summarize_segmentation, write_evaluation_report
 from modeling_emrfuse.metrics import classification_metrics, metrics_to_row, score_label_maps
 from modeling_emrfuse.model_card import build_model_card, training_config_for_card
@@ -227,6 +227,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    "(e.g. the demo model: synthetic pretraining); extra input channels start at zero, the text tower is untouched.")
     for name in SWITCH_FLAGS:
         g.add_argument(f"--no_{name}", action="store_true", help=f"Switch off {name.replace('_', ' ')}.")
+    g.add_argument("--cross_attention", action="store_true",
+                   help="Add the decoder's cross-attention to the report tokens (an extension; the paper's model, and "
+                   "every preset of its tables, reaches the decoder through FiLM only). Same as --preset full_cross_attention.")
     g.add_argument("--fusion_dim", type=int, default=None)
     g.add_argument("--decoder_channels", type=int, nargs="+", default=None)
     g.add_argument("--cross_attention_heads", type=int, default=None)
@@ -337,13 +340,15 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def model_switches(args: argparse.Namespace) -> Dict[str, bool]:
-    """The five fusion switches: the preset's (default ``full``), then any ``--no_*`` flag switched off."""
+    """The preset's switches (default ``full``), then any ``--no_*`` flag switched off and ``--cross_attention`` on."""
     switches = dict(ABLATION_PRESETS[args.preset or "full"])
     if args.no_text:
         switches = {k: False for k in switches}
     for name in SWITCH_FLAGS:
         if getattr(args, f"no_{name}"):
             switches[f"use_{name}"] = False
+    if getattr(args, "cross_attention", False) and switches["use_text"]:
+        switches["use_cross_attention"] = True
     return switches
 
 
@@ -1459,7 +1464,13 @@ def run_ablation(args: argparse.Namespace, accelerator, run: RunData) -> Dict[st
     caption = (
         f"{TABLE_TITLES[args.ablation]} on {'SYNTHETIC DEMO DATA' if run.synthetic else run.description['name']}: "
         f"{len(run.train_cases)} training / {len(run.eval_cases)} held-out cases, {args.max_steps or args.num_epochs} "
-        f"{'steps' if args.max_steps else 'epochs'} per run, seeds {args.ablation_seeds}, vision {args.vision_model}."
+        f"{'steps' if args.max_steps else 'epochs'} per run, seeds {args.ablation_seeds}, vision {args.vision_model}. "
+        "Parts of each row: " + "; ".join(
+            f"{label.replace('(ResNet-50)', f'({args.vision_model})')}: "
+            f"{preset_parts(SHUFFLED_REPORTS_PRESET if preset == SHUFFLED_REPORTS_ROW[0] else preset)}"
+            + (", reports shuffled across cases" if preset == SHUFFLED_REPORTS_ROW[0] else "")
+            for preset, label in list(table_rows) + [SHUFFLED_REPORTS_ROW]
+        ) + "."
     )
     result = {"table": args.ablation, "markdown": format_ablation_table(args.ablation, rows, caption=caption), "seconds": round(time.perf_counter() - t0, 1)}
     if accelerator.is_main_process:

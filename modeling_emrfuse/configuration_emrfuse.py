@@ -49,28 +49,60 @@ def _preset(text: bool, align: bool, attn: bool, residual: bool, weighting: bool
 
 
 MODALITY_SWITCH = "use_image"
-"""The one switch besides :data:`SWITCHES`: ``False`` builds no image tower (the text-only preset). Presets that
+"""A switch besides :data:`SWITCHES`: ``False`` builds no image tower (the text-only preset). Presets that
 do not name it keep the image tower (``use_image=True``)."""
 
+CROSS_ATTENTION_SWITCH = "use_cross_attention"
+"""A switch besides :data:`SWITCHES`: cross-attention from the segmentation decoder's image positions to the report
+tokens, an extension of this implementation. The paper's route from the report to the decoder is the fused
+representation alone (FiLM conditioning), so every preset that reproduces a row of the paper's tables switches it
+off; ``"full_cross_attention"`` is the complete model with it. The config's default (on) keeps the models saved
+before the switch existed."""
+
+
+_PAPER = {CROSS_ATTENTION_SWITCH: False}  # the paper's rows: the report reaches the decoder through FiLM only
 
 ABLATION_PRESETS: dict[str, dict[str, bool]] = {
     # Table 1 (BraTS 2018): components added one by one
-    "image_only": _preset(False, False, False, False, False),
-    "concat": _preset(True, False, False, False, False),
-    "plus_alignment": _preset(True, True, False, False, False),
-    "plus_self_attention": _preset(True, True, True, False, False),
-    "plus_residual": _preset(True, True, True, True, False),
-    "full": _preset(True, True, True, True, True),
+    "image_only": {**_preset(False, False, False, False, False), **_PAPER},
+    "concat": {**_preset(True, False, False, False, False), **_PAPER},
+    "plus_alignment": {**_preset(True, True, False, False, False), **_PAPER},
+    "plus_self_attention": {**_preset(True, True, True, False, False), **_PAPER},
+    "plus_residual": {**_preset(True, True, True, True, False), **_PAPER},
+    "full": {**_preset(True, True, True, True, True), **_PAPER},
     # Table 3 (ablation): one component removed from the full model
-    "no_alignment": _preset(True, False, True, True, True),
-    "no_self_attention": _preset(True, True, False, True, True),
-    "no_residual": _preset(True, True, True, False, True),
-    "no_dynamic_weighting": _preset(True, True, True, True, False),
+    "no_alignment": {**_preset(True, False, True, True, True), **_PAPER},
+    "no_self_attention": {**_preset(True, True, False, True, True), **_PAPER},
+    "no_residual": {**_preset(True, True, True, False, True), **_PAPER},
+    "no_dynamic_weighting": {**_preset(True, True, True, True, False), **_PAPER},
+    # this implementation's extension: the complete model + decoder cross-attention to the report tokens
+    "full_cross_attention": {**_preset(True, True, True, True, True), CROSS_ATTENTION_SWITCH: True},
     # "Single-modality Text": the text tower + F19-F21, no image tower (grading from the report alone)
-    "text_only": {**_preset(True, False, False, False, False), MODALITY_SWITCH: False},
+    "text_only": {**_preset(True, False, False, False, False), **_PAPER, MODALITY_SWITCH: False},
 }
 """Preset name -> the five switches (``use_text``, ``use_alignment``, ``use_self_attention``,
-``use_residual``, ``use_dynamic_weighting``); ``"text_only"`` also sets ``use_image=False``."""
+``use_residual``, ``use_dynamic_weighting``) and ``use_cross_attention``; ``"text_only"`` also sets
+``use_image=False``."""
+
+PRESET_PARTS: dict[str, str] = {
+    CROSS_ATTENTION_SWITCH: "decoder cross-attention to the report tokens",
+    "use_text": "report (text tower, FiLM conditioning of the decoder)",
+    "use_alignment": "modality alignment",
+    "use_self_attention": "self-attention",
+    "use_residual": "residual connections",
+    "use_dynamic_weighting": "dynamic feature weighting",
+}
+"""How a table caption names each switch that is on."""
+
+
+def preset_parts(name: str) -> str:
+    """The parts a preset switches on, in words (for table captions): e.g. ``"image; report (...); alignment"``."""
+    switches = ABLATION_PRESETS[name]
+    parts = ["image"] if switches.get(MODALITY_SWITCH, True) else []
+    order = ("use_text", "use_alignment", "use_self_attention", "use_residual", "use_dynamic_weighting",
+             CROSS_ATTENTION_SWITCH)
+    parts += [PRESET_PARTS[k] for k in order if switches.get(k)]
+    return "; ".join(parts)
 
 TABLE1_ROWS: list[tuple[str, str]] = [
     ("image_only", "Single-modality Image (ResNet-50)"),
@@ -79,8 +111,9 @@ TABLE1_ROWS: list[tuple[str, str]] = [
     ("plus_self_attention", "+ Self-attention"),
     ("plus_residual", "+ Residual connection"),
     ("full", "+ Dynamic feature weighting"),
+    ("full_cross_attention", "Full + decoder cross-attention to the report (extension, not in the paper)"),
 ]
-"""(preset, row label) in the order of the paper's Table 1."""
+"""(preset, row label) in the order of the paper's Table 1, then this implementation's extension."""
 
 TABLE3_ROWS: list[tuple[str, str]] = [
     ("full", "Complete model"),
@@ -124,7 +157,10 @@ class EmrFuseConfig(PretrainedConfig):
         decoder_channels (`list[int]`, defaults to ``(256, 128, 64, 32, 16)``): channels of the
             segmentation decoder stages, coarse to fine; one per feature level of the image tower.
         cross_attention_scales (`int`, defaults to 2): number of coarsest decoder stages with
-            cross-attention from image positions to report tokens (0 disables it).
+            cross-attention from image positions to report tokens when ``use_cross_attention`` (0 disables it).
+        use_cross_attention (`bool`, defaults to True): the decoder's cross-attention to the report tokens, an
+            extension of this implementation (:data:`CROSS_ATTENTION_SWITCH`); the presets of the paper's rows
+            switch it off. Off whenever ``use_text`` is.
         use_text, use_alignment, use_self_attention, use_residual, use_dynamic_weighting (`bool`):
             the ablation switches (see :data:`ABLATION_PRESETS`).
         use_image (`bool`, defaults to True): ``False`` is the "Single-modality Text" model (preset
@@ -171,6 +207,7 @@ class EmrFuseConfig(PretrainedConfig):
     use_residual: bool = True
     use_dynamic_weighting: bool = True
     use_image: bool = True
+    use_cross_attention: bool = True
     align_loss_weight: float = 0.1
     ortho_loss_weight: float = 0.01
     dice_loss_weight: float = 1.0
@@ -204,7 +241,7 @@ class EmrFuseConfig(PretrainedConfig):
 
     # ------------------------------------------------------------------ validation
     def _normalise_and_validate(self) -> None:
-        for name in SWITCHES + (MODALITY_SWITCH,):
+        for name in SWITCHES + (MODALITY_SWITCH, CROSS_ATTENTION_SWITCH):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}.")
         if not self.use_image:
@@ -215,12 +252,14 @@ class EmrFuseConfig(PretrainedConfig):
                 logger.info(f"use_image=False (text-only model): switching off {dropped}.")
             for name in SWITCHES[1:]:
                 setattr(self, name, False)
+            self.use_cross_attention = False  # no decoder
         if not self.use_text:
             dropped = [n for n in SWITCHES[1:] if getattr(self, n)]
             if dropped:
                 logger.info(f"use_text=False (image-only baseline): switching off {dropped}.")
             for name in SWITCHES[1:]:
                 setattr(self, name, False)
+            self.use_cross_attention = False  # no report tokens to attend to
 
         if not isinstance(self.context_slices, int) or isinstance(self.context_slices, bool) or self.context_slices < 0:
             raise ValueError(f"context_slices must be an integer >= 0, got {self.context_slices!r}.")
@@ -292,7 +331,7 @@ class EmrFuseConfig(PretrainedConfig):
                 f"cross_attention_scales={self.cross_attention_scales} exceeds the number of decoder stages "
                 f"({len(self.decoder_channels)})."
             )
-        if self.use_text:
+        if self.use_text and self.use_cross_attention:
             for stage in range(self.cross_attention_scales):
                 if self.decoder_channels[stage] % self.cross_attention_heads:
                     raise ValueError(
@@ -334,7 +373,7 @@ class EmrFuseConfig(PretrainedConfig):
     @property
     def active_preset(self) -> str | None:
         """Name of the :data:`ABLATION_PRESETS` entry the switches match (``None`` if no preset matches)."""
-        current = {name: getattr(self, name) for name in SWITCHES + (MODALITY_SWITCH,)}
+        current = {name: getattr(self, name) for name in SWITCHES + (MODALITY_SWITCH, CROSS_ATTENTION_SWITCH)}
         for name, switches in ABLATION_PRESETS.items():
             if {MODALITY_SWITCH: True, **switches} == current:
                 return name
@@ -369,6 +408,9 @@ __all__ = [
     "CASE_POOLING_MODES",
     "EmrFuseConfig",
     "MODALITY_SWITCH",
+    "CROSS_ATTENTION_SWITCH",
+    "PRESET_PARTS",
+    "preset_parts",
     "SWITCHES",
     "TABLE1_ROWS",
     "TABLE3_ROWS",

@@ -51,9 +51,10 @@ Segmentation (:class:`EmrFuseForSegmentation`)
     A U-Net decoder over the tower's multi-scale features (``features_only``), coarse to fine, one stage per
     feature level (``config.decoder_channels``): upsample, concatenate the skip, two conv-BN-ReLU. With text,
     every stage is FiLM-conditioned (``x * (1 + gamma) + beta``) on the slice's fused representation (the
-    fusion head applied to the slice's own feature and its case's report), and the ``cross_attention_scales``
-    coarsest stages add cross-attention from every image position to the report's token states (a learned
-    "null" token is always attendable, so slices of cases without report attend to it). FiLM and
+    fusion head applied to the slice's own feature and its case's report): the paper's route from the report to
+    the decoder. With ``use_cross_attention`` (an extension; off in the presets of the paper's rows), the
+    ``cross_attention_scales`` coarsest stages also add cross-attention from every image position to the report's
+    token states (a learned "null" token is always attendable, so slices of cases without report attend to it). FiLM and
     cross-attention outputs start at zero: at init the model is the plain U-Net. The last stage works at input
     resolution; a 1x1 conv gives one logit per region (WT, TC, ET; sigmoid per region).
     Loss: ``dice_loss_weight * soft Dice + bce_loss_weight * BCE`` per region (batch-level soft Dice averaged over
@@ -353,7 +354,7 @@ class EmrFuseSegmentationDecoder(nn.Module):
                     cond_dim=config.fusion_dim if use_text else None,
                     text_dim=text_dim,
                     heads=config.cross_attention_heads,
-                    cross_attention=use_text and j < config.cross_attention_scales,
+                    cross_attention=use_text and config.use_cross_attention and j < config.cross_attention_scales,
                 )
             )
             in_ch = out_ch
@@ -985,7 +986,7 @@ class EmrFuseForSegmentation(EmrFusePreTrainedModel):
         slice_to_case, has_report, b = model.check_inputs(pixel_values, input_ids, attention_mask, slice_to_case, has_report)
         text = model.encode_text(input_ids, attention_mask, token_type_ids, has_report, b, pixel_values.device)
         kvs = None
-        if self.config.use_text:
+        if self.config.use_text and self.config.use_cross_attention:  # the report tokens, for the decoder to attend to
             tokens, mask = text.tokens, text.token_mask
             if tokens is None:  # no input_ids at all: only the null token
                 tokens = torch.zeros(b, 0, model.text_dim, device=pixel_values.device, dtype=model.no_report_embedding.dtype)

@@ -51,16 +51,17 @@ def combo_id(c):
 # ------------------------------------------------------------------------------------------- config
 def test_presets_and_table_rows():
     assert [p for p, _ in TABLE1_ROWS] == ["image_only", "concat", "plus_alignment", "plus_self_attention",
-                                           "plus_residual", "full"]
+                                           "plus_residual", "full", "full_cross_attention"]
     assert TABLE1_ROWS[0][1] == "Single-modality Image (ResNet-50)"
     assert TABLE1_ROWS[1][1] == "Image + Text (no alignment, no attention)"
     assert [p for p, _ in TABLE3_ROWS] == ["full", "no_alignment", "no_self_attention", "no_residual",
                                            "no_dynamic_weighting"]
     assert TABLE3_ROWS[1][1] == "Without modality alignment"
     for name, _ in TABLE1_ROWS + TABLE3_ROWS:
-        assert set(ABLATION_PRESETS[name]) == set(SWITCHES)
-    # Table 1 adds one component per row
-    for (a, _), (b, _) in zip(TABLE1_ROWS[1:], TABLE1_ROWS[2:]):
+        assert set(ABLATION_PRESETS[name]) == set(SWITCHES) | {"use_cross_attention"}
+    # Table 1 adds one component per row (the paper's six rows)
+    paper_rows = TABLE1_ROWS[:6]
+    for (a, _), (b, _) in zip(paper_rows[1:], paper_rows[2:]):
         diff = [k for k in SWITCHES if ABLATION_PRESETS[a][k] != ABLATION_PRESETS[b][k]]
         assert len(diff) == 1 and ABLATION_PRESETS[b][diff[0]]
     # Table 3 removes one component from the full model
@@ -618,7 +619,8 @@ def test_text_only_preset_config():
     # switches the fusion parts off like image-only does; an image preset keeps the image tower
     assert not tiny_config(use_image=False, use_alignment=True).use_alignment
     assert tiny_config(use_image=False).active_preset == "text_only"
-    assert tiny_config().use_image and tiny_config().active_preset == "full"
+    assert tiny_config().use_image and tiny_config().active_preset == "full_cross_attention"  # the config default
+    assert tiny_config(use_cross_attention=False).active_preset == "full"
     assert EmrFuseConfig.from_preset("concat", text_config=TINY_TEXT).active_preset == "concat"
     with pytest.raises(ValueError, match="use_image"):
         apply_preset("concat", {"use_image": False})
@@ -683,3 +685,61 @@ def test_from_text_vision_pretrained_text_only(pretrained_towers):
     ids, mask, _ = tokens((4, 6))
     with torch.no_grad():
         assert model.eval()(input_ids=ids, attention_mask=mask).logits.shape == (2, 2)
+
+
+
+# ------------------------------------------------------------------------------------------ decoder cross-attention
+def test_cross_attention_is_its_own_switch_off_in_the_papers_rows():
+    from modeling_emrfuse.configuration_emrfuse import preset_parts
+
+    paper = [p for p, _ in TABLE1_ROWS[:6] + TABLE3_ROWS]
+    assert all(ABLATION_PRESETS[p]["use_cross_attention"] is False for p in paper)
+    extension = ABLATION_PRESETS["full_cross_attention"]
+    assert extension["use_cross_attention"] and {k: v for k, v in extension.items() if k != "use_cross_attention"} == {
+        k: v for k, v in ABLATION_PRESETS["full"].items() if k != "use_cross_attention"}
+    assert "cross-attention" not in preset_parts("full") and "cross-attention" in preset_parts("full_cross_attention")
+    assert preset_parts("image_only") == "image"
+    assert EmrFuseConfig().use_cross_attention  # the default keeps models saved before the switch
+    assert not EmrFuseConfig(use_text=False).use_cross_attention
+    with_cross = EmrFuseForSegmentation(tiny_config(**apply_preset("full_cross_attention")))
+    without = EmrFuseForSegmentation(tiny_config(**apply_preset("full")))
+    assert any(".cross_attention." in n for n, _ in with_cross.named_parameters())
+    assert not any(".cross_attention." in n for n, _ in without.named_parameters())
+    assert any(".film" in n or "cond" in n for n, _ in without.named_parameters())  # FiLM stays: the paper's route
+    assert without.config.active_preset == "full" and with_cross.config.active_preset == "full_cross_attention"
+
+
+def _logits_with_other_token_states(model, inputs):
+    """Segmentation logits as they are, and with the report's token states replaced (its [CLS] feature kept)."""
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        text = model.emrfuse.encode_text(inputs["input_ids"], inputs["attention_mask"], None, None, 1,
+                                         inputs["input_ids"].device)
+        changed = type(text)(text.features, torch.randn_like(text.tokens), text.token_mask, text.token_attention,
+                             text.has_report)
+        model.emrfuse.encode_text = lambda *a, **k: changed
+        try:
+            out = model(**inputs).logits
+        finally:
+            del model.emrfuse.encode_text
+    return ref, out
+
+
+@pytest.mark.parametrize("preset", ["concat", "full"])
+def test_without_cross_attention_the_decoder_sees_the_report_only_through_the_fused_vector(preset):
+    """The paper's rows: the token states reach the decoder only through the fused representation (FiLM), so other
+    token states with the same [CLS] feature give the same segmentation; with cross-attention they do not."""
+    inputs = batch(n_slices=(2,), lengths=(6,))
+    torch.manual_seed(0)
+    model = EmrFuseForSegmentation(tiny_config(**apply_preset(preset))).eval()
+    ref, out = _logits_with_other_token_states(model, inputs)
+    torch.testing.assert_close(out, ref)
+    torch.manual_seed(0)
+    extended = EmrFuseForSegmentation(tiny_config(**apply_preset("full_cross_attention"))).eval()
+    with torch.no_grad():  # cross-attention outputs start at zero: give them weight so that they act
+        for stage in extended.decoder.stages:
+            if stage.cross_attention is not None:
+                for param in stage.cross_attention.parameters():
+                    param.normal_(0, 0.5)
+    ref, out = _logits_with_other_token_states(extended, inputs)
+    assert not torch.allclose(out, ref)

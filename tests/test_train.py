@@ -211,6 +211,7 @@ def test_ablation_writes_table_and_chart(shared):
                   "Without dynamic feature weighting", "Complete model, reports shuffled across cases (control)"):
         assert label in table
     assert "±" in table and "SYNTHETIC DEMO DATA" in table
+    assert "Parts of each row: Complete model: image; report" in table and "cross-attention" not in table
     assert (out / "ablation-table3" / "table3.png").stat().st_size > 1000
     data = json.loads((out / "ablation-table3" / "table3.json").read_text())
     assert [len(r["runs"]) for r in data["rows"]] == [2] * 6
@@ -256,7 +257,8 @@ def test_checkpoints_are_atomic_and_latest_skips_incomplete(tmp_path):
 
 def test_model_switches_from_presets_and_flags():
     args = train.parse_args(["--demo", "--preset", "plus_alignment"])
-    assert train.model_switches(args) == {"use_text": True, "use_alignment": True, "use_self_attention": False, "use_residual": False, "use_dynamic_weighting": False}
+    assert train.model_switches(args) == {"use_text": True, "use_alignment": True, "use_self_attention": False, "use_residual": False,
+                                          "use_dynamic_weighting": False, "use_cross_attention": False}
     args = train.parse_args(["--demo", "--no_residual"])
     assert train.model_switches(args)["use_residual"] is False and train.model_switches(args)["use_alignment"] is True
     args = train.parse_args(["--demo", "--no_text"])
@@ -341,3 +343,10 @@ def test_shuffled_reports_run_swaps_reports_within_each_split():
         ids = [c.case_id for c in split]
         assert sorted(shuffled.reports[i] for i in ids) == sorted(reports[i] for i in ids)
         assert all(shuffled.reports[i] != reports[i] for i in ids)
+
+
+def test_cross_attention_flag():
+    assert train.model_switches(train.parse_args(["--demo"]))["use_cross_attention"] is False  # the paper's model
+    assert train.model_switches(train.parse_args(["--demo", "--cross_attention"]))["use_cross_attention"] is True
+    assert train.model_switches(train.parse_args(["--demo", "--preset", "full_cross_attention"]))["use_cross_attention"]
+    assert not train.model_switches(train.parse_args(["--demo", "--no_text", "--cross_attention"]))["use_cross_attention"]
