@@ -98,6 +98,7 @@ from modeling_emrfuse.ablation_report import (
     SHUFFLED_REPORTS_PRESET,
     SHUFFLED_REPORTS_ROW,
     TABLE_TITLES,
+    case_values,
     format_ablation_table,
     row_numbers,
     write_ablation_report,
@@ -285,7 +286,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
     g = p.add_argument_group("ablations")
     g.add_argument("--ablation", choices=("table1", "table3"), default=None, help="Train + evaluate every row of the paper's Table 1 / Table 3, plus the shuffled-reports control row.")
-    g.add_argument("--ablation_seeds", type=int, nargs="+", default=None, help="Seeds per row (mean ± std); default: --seed.")
+    g.add_argument("--ablation_seeds", type=int, nargs="+", default=None,
+                   help="Seeds per row (cells: mean ± 95 %% confidence interval over seeds); default: 0 1 2.")
 
     args = p.parse_args(argv)
     finalize_args(args)
@@ -335,7 +337,7 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.push_to_hub and not args.hub_model_id:
         args.hub_model_id = Path(args.output_dir).name
     if args.ablation_seeds is None:
-        args.ablation_seeds = [args.seed]
+        args.ablation_seeds = [0, 1, 2]  # a confidence interval needs several training runs per row
     return args
 
 
@@ -1438,9 +1440,11 @@ def shuffled_reports_run(run: RunData, seed: int = 0) -> RunData:
 def run_ablation(args: argparse.Namespace, accelerator, run: RunData) -> Dict[str, Any]:
     """Train + evaluate every row of the paper's Table 1 or Table 3 (same data, seeds, budget).
 
-    Writes ``<output_dir>/ablation-<table>/<table>.md`` (paper format, mean ± std over seeds),
-    ``<table>.png`` (bar chart) and ``<table>.json`` (every run's numbers); each run's evaluation
-    report goes to ``<output_dir>/ablation-<table>/<preset>-seed<seed>/eval``.
+    Writes ``<output_dir>/ablation-<table>/<table>.md`` (paper format, mean ± 95 % confidence interval
+    over seeds, and each row's paired per-case difference to the complete model with its bootstrap
+    interval), ``<table>.png`` (bar chart) and ``<table>.json`` (every run's numbers, per-seed grading
+    accuracies, intervals, differences); each run's evaluation report goes to
+    ``<output_dir>/ablation-<table>/<preset>-seed<seed>/eval``.
     """
     table_rows = TABLE1_ROWS if args.ablation == "table1" else TABLE3_ROWS
     out_dir = Path(args.output_dir) / f"ablation-{args.ablation}"
@@ -1452,15 +1456,17 @@ def run_ablation(args: argparse.Namespace, accelerator, run: RunData) -> Dict[st
         row_run, switches = run, ABLATION_PRESETS.get(preset)
         if preset == SHUFFLED_REPORTS_ROW[0]:
             row_run, switches = shuffled_reports_run(run), ABLATION_PRESETS[SHUFFLED_REPORTS_PRESET]
-        runs = []
+        runs, per_case = [], []
         for seed in args.ablation_seeds:
+            run_dir = out_dir / f"{preset}-seed{seed}"
             summary = train_with_grading(
-                args, accelerator, row_run, output_dir=out_dir / f"{preset}-seed{seed}", switches=dict(switches), seed=seed,
+                args, accelerator, row_run, output_dir=run_dir, switches=dict(switches), seed=seed,
                 save_model=False, use_trackers=False, desc=f"{preset} seed {seed}: ",
             )
             runs.append(row_numbers(summary))
+            per_case.append(case_values(run_dir))  # for the paired differences to the complete model
             accelerator.print(f"ablation {args.ablation} | {label} | seed {seed} | " + ", ".join(f"{k} {v:.3f}" for k, v in runs[-1].items()))
-        rows.append((preset, label, runs))
+        rows.append((preset, label, runs, per_case))
     caption = (
         f"{TABLE_TITLES[args.ablation]} on {'SYNTHETIC DEMO DATA' if run.synthetic else run.description['name']}: "
         f"{len(run.train_cases)} training / {len(run.eval_cases)} held-out cases, {args.max_steps or args.num_epochs} "

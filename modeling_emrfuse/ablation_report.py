@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .ablation_stats import format_difference, paired_difference, seed_mean_ci
 from .brats_labels import REGIONS
 from .metrics import METRICS
 from .strict_json import write_json
@@ -59,6 +60,66 @@ ET_COLUMNS = [
     ("ET_false_positive_cases", "ET-absent cases with ET predicted", 1.0),
 ]
 GRADING_COLUMN = ("accuracy", "Grading accuracy (%)", 100.0)
+REFERENCE_PRESET = "full"
+"""The complete model: every row's paired per-case differences are taken against it."""
+DIFFERENCE_COLUMNS = [(f"dice_{r}", f"Δ Dice {r} vs complete (pts)", 100.0) for r in REGIONS] + [
+    ("grading", "Δ Grading vs complete (pts)", 100.0)]
+"""Per-case values compared between a row and the complete model (``case_values`` keys, title, scale)."""
+
+
+def case_values(run_dir: str | Path) -> Dict[str, Dict[str, float]]:
+    """One run's per-case values from its evaluation reports: ``{"dice_WT": {case id: Dice}, ..., "grading":
+    {case id: 1.0 if graded correctly else 0.0}}`` (``eval/per_case.csv``; grading from ``grading/eval`` when the
+    demo's grading run follows segmentation). Missing files give empty mappings."""
+    import csv
+
+    run_dir = Path(run_dir)
+    out: Dict[str, Dict[str, float]] = {key: {} for key, _, _ in DIFFERENCE_COLUMNS}
+    for folder in (run_dir / "eval", run_dir / "grading" / "eval"):
+        path = folder / "per_case.csv"
+        if not path.is_file():
+            continue
+        with path.open(newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                case = row.get("case_id")
+                for region in REGIONS:
+                    value = row.get(f"{region}_dice")
+                    if value not in (None, ""):
+                        out[f"dice_{region}"][case] = float(value)
+                if row.get("pred_grade") and row.get("grade"):
+                    out["grading"][case] = 1.0 if row["pred_grade"] == row["grade"] else 0.0
+    return out
+
+
+def row_differences(rows: Sequence[Tuple], reference: str = REFERENCE_PRESET) -> Dict[str, Dict[str, Any]]:
+    """``{preset: {key: PairedDifference}}``: each row's paired per-case difference to the ``reference`` row, for
+    the rows that carry per-case values (a 4th tuple item: one :func:`case_values` per seed)."""
+    ref = next((r for r in rows if r[0] == reference and len(r) > 3), None)
+    if ref is None:
+        return {}
+    out: Dict[str, Dict[str, Any]] = {}
+    for row in rows:
+        if len(row) < 4 or row[0] == reference:
+            continue
+        out[row[0]] = {key: paired_difference([c[key] for c in row[3]], [c[key] for c in ref[3]])
+                       for key, _, _ in DIFFERENCE_COLUMNS}
+    return out
+
+
+def differences_sentence(rows: Sequence[Tuple], differences: Mapping[str, Mapping[str, Any]]) -> str:
+    """One sentence saying what the paired differences show (including "no measurable difference")."""
+    if not differences:
+        return ""
+    labels = {r[0]: r[1] for r in rows}
+    titles = {key: title.split(" vs ")[0].replace("Δ ", "") for key, title, _ in DIFFERENCE_COLUMNS}
+    found = [f"{labels[p]} ({titles[k]} {d.mean * 100:+.1f} pts)" for p, ds in differences.items()
+             for k, d in ds.items() if d.excludes_zero]
+    if not found:
+        return ("No row differs measurably from the complete model: every paired 95 % interval over cases (Δ columns) "
+                "includes zero.")
+    return ("Differences to the complete model whose paired 95 % interval over cases excludes zero (*): "
+            + "; ".join(found) + ". Every other difference is within what the choice of cases explains "
+            "(no correction for the number of comparisons).")
 
 
 def row_numbers(summary: Mapping[str, Any]) -> Dict[str, float]:
@@ -83,12 +144,14 @@ def row_numbers(summary: Mapping[str, Any]) -> Dict[str, float]:
 
 
 def _cell(values: Sequence[float], scale: float) -> str:
+    """``mean ± half-width of the 95 % confidence interval over seeds`` (Student t); the value alone for one seed."""
     vals = [v * scale for v in values if v is not None and not math.isnan(v)]
     if not vals:
         return "n/a"
-    if len(vals) == 1:
-        return f"{vals[0]:.1f}"
-    return f"{np.mean(vals):.1f} ± {np.std(vals, ddof=1):.1f}"
+    interval = seed_mean_ci(vals)
+    if interval.n == 1:
+        return f"{interval.mean:.1f}"
+    return f"{interval.mean:.1f} ± {interval.half_width:.1f}"
 
 
 def format_ablation_table(
@@ -99,25 +162,38 @@ def format_ablation_table(
 ) -> str:
     """Markdown table in the paper's format.
 
-    ``rows``: ``(preset, paper row label, [numbers of each seed's run])`` in table order, the numbers
-    as :func:`row_numbers` returns them. Cells are ``mean ± std`` (sample std over seeds) when
-    there are several seeds. Columns: the paper's columns of that table, then Dice per region, the
-    ET Dice over ET-present cases and the ET false-positive cases, then the grading accuracy when
-    the runs measured it.
+    ``rows``: ``(preset, paper row label, [numbers of each seed's run][, [case_values of each seed's run]])`` in
+    table order, the numbers as :func:`row_numbers` returns them. Cells are ``mean ± half-width of the 95 %
+    confidence interval over seeds`` (Student t) when there are several seeds. Columns: the paper's columns of
+    that table, then Dice per region, the ET Dice over ET-present cases and the ET false-positive cases, the
+    grading accuracy when the runs measured it, and, when the rows carry per-case values, each row's paired
+    per-case difference to the complete model (mean [95 % bootstrap interval over cases], ``*`` when it excludes
+    zero), followed by one sentence saying what the differences show.
     """
     if table not in TABLE_COLUMNS:
         raise ValueError(f"Unknown ablation table {table!r}: use one of {sorted(TABLE_COLUMNS)}.")
     columns = list(TABLE_COLUMNS[table]) + REGION_COLUMNS + ET_COLUMNS
-    if any("accuracy" in n for _, _, runs in rows for n in runs):
+    if any("accuracy" in n for _, _, runs, *_ in rows for n in runs):
         columns.append(GRADING_COLUMN)
     lines = []
     if caption:
         lines += [caption, ""]
-    lines.append("| Model configuration | " + " | ".join(title for _, title, _ in columns) + " |")
-    lines.append("|---|" + "---|" * len(columns))
-    for _preset, label, runs in rows:
+    differences = row_differences(rows)
+    diff_columns = DIFFERENCE_COLUMNS if differences else []
+    if diff_columns and not any("accuracy" in n for _, _, runs, *_ in rows for n in runs):
+        diff_columns = [c for c in diff_columns if c[0] != "grading"]
+    titles = [title for _, title, _ in columns] + [title for _, title, _ in diff_columns]
+    lines.append("| Model configuration | " + " | ".join(titles) + " |")
+    lines.append("|---|" + "---|" * len(titles))
+    for preset, label, runs, *_ in rows:
         cells = [_cell([n.get(key, float("nan")) for n in runs], scale) for key, _, scale in columns]
+        for key, _, scale in diff_columns:
+            cells.append("(reference)" if preset == REFERENCE_PRESET else
+                         format_difference(differences.get(preset, {}).get(key), scale=scale))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    sentence = differences_sentence(rows, differences)
+    if sentence:
+        lines += ["", sentence]
     return "\n".join(lines)
 
 
@@ -128,7 +204,7 @@ def plot_ablation_bars(
     *,
     title: Optional[str] = None,
 ) -> Path:
-    """Grouped bar chart: per configuration, Dice for WT / TC / ET and the region mean (error bars = std over seeds)."""
+    """Grouped bar chart: per configuration, Dice for WT / TC / ET and the region mean (error bars: 95 % CI over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,12 +218,12 @@ def plot_ablation_bars(
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * n_rows), 4.5), dpi=120)
     for j, (key, name) in enumerate(zip(keys, names)):
         means, stds = [], []
-        for _, _, runs in rows:
-            vals = [100 * n[key] for n in runs if key in n and not math.isnan(n[key])]
-            means.append(np.mean(vals) if vals else 0.0)
-            stds.append(np.std(vals, ddof=1) if len(vals) > 1 else 0.0)
+        for _, _, runs, *_ in rows:
+            interval = seed_mean_ci([100 * n[key] for n in runs if key in n])
+            means.append(interval.mean if interval.n else 0.0)
+            stds.append(interval.half_width if interval.n > 1 else 0.0)
         ax.bar(x + (j - (len(keys) - 1) / 2) * width, means, width, yerr=stds, capsize=2, label=name)
-    ax.set_xticks(x, [_wrap(label) for _, label, _ in rows], fontsize=8)
+    ax.set_xticks(x, [_wrap(label) for _, label, *_ in rows], fontsize=8)
     ax.set_ylabel("Dice (%)")
     ax.set_ylim(0, 100)
     ax.set_title(title or TABLE_TITLES.get(table, table))
@@ -187,6 +263,16 @@ def write_ablation_report(
     md.write_text(format_ablation_table(table, rows, caption=caption) + "\n")
     png = plot_ablation_bars(table, rows, out_dir / f"{table}.png")
     js = out_dir / f"{table}.json"
-    write_json(js, {"table": table, **(dict(extra) if extra else {}),
-                    "rows": [{"preset": p, "label": l, "runs": list(r)} for p, l, r in rows]}, indent=2)
+    differences = row_differences(rows)
+    json_rows = []
+    for preset, label, runs, *rest in rows:
+        entry: Dict[str, Any] = {"preset": preset, "label": label, "runs": list(runs)}
+        keys = sorted({k for n in runs for k in n})
+        entry["ci95"] = {k: seed_mean_ci([n.get(k, float("nan")) for n in runs]).to_dict() for k in keys}
+        if "accuracy" in keys:
+            entry["grading_accuracy_per_seed"] = [n.get("accuracy") for n in runs]
+        if preset in differences:
+            entry["paired_difference_to_complete"] = {k: d.to_dict() for k, d in differences[preset].items()}
+        json_rows.append(entry)
+    write_json(js, {"table": table, **(dict(extra) if extra else {}), "rows": json_rows}, indent=2)
     return {"markdown": md, "chart": png, "json": js}

@@ -156,8 +156,10 @@ def test_ablation_table_has_et_present_and_false_positive_columns(cases):
     titles = [c.strip() for c in header.strip("|").split("|")]
     et_cell = cells[titles.index("Dice ET, ET-present cases (%)")]
     vals = [100 * statistics.mean(present), 50.0]
-    assert et_cell == f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}"
-    assert cells[titles.index("ET-absent cases with ET predicted")] == f"{statistics.mean([fp, 0]):.1f} ± {statistics.stdev([fp, 0]):.1f}"
+    t = 12.706204736  # Student t, 97.5 % quantile, 1 degree of freedom: cells are mean ± 95 % CI over the 2 seeds
+    half = lambda v: t * statistics.stdev(v) / len(v) ** 0.5  # noqa: E731
+    assert et_cell == f"{statistics.mean(vals):.1f} ± {half(vals):.1f}"
+    assert cells[titles.index("ET-absent cases with ET predicted")] == f"{statistics.mean([fp, 0]):.1f} ± {half([fp, 0]):.1f}"
     assert all(r in nums for r in ("dice_WT", "dice_TC", "dice_ET")) and set(REGIONS) <= set(summary["segmentation"])
 
 

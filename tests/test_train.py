@@ -215,6 +215,8 @@ def test_ablation_writes_table_and_chart(shared):
     assert (out / "ablation-table3" / "table3.png").stat().st_size > 1000
     data = json.loads((out / "ablation-table3" / "table3.json").read_text())
     assert [len(r["runs"]) for r in data["rows"]] == [2] * 6
+    assert "Δ Dice WT vs complete (pts)" in table and "(reference)" in table  # paired differences to the complete model
+    assert data["rows"][1]["paired_difference_to_complete"]["dice_WT"]["n_cases"] == 2  # the 2 held-out cases
     assert data["rows"][-1]["preset"] == "shuffled_reports"
     assert "Complete model" in proc.stdout
 
