@@ -1168,6 +1168,42 @@ class TrainingStopped(Exception):
     """Raised by ``--stop_after_steps`` (a deliberate interruption, e.g. to test resuming)."""
 
 
+def make_optimizer(model, args: argparse.Namespace, learning_rate: float) -> torch.optim.Optimizer:
+    """AdamW over :func:`optimizer_groups` (fused kernel where available: one call for all parameters, markedly
+    faster on CPU)."""
+    groups = optimizer_groups(model, learning_rate, args.weight_decay, args.text_learning_rate)
+    try:
+        return torch.optim.AdamW(groups, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups)
+
+
+def training_length(args: argparse.Namespace, max_steps: Optional[int], batches_per_epoch: int, accum: int) -> Tuple[int, int]:
+    """``(max_steps, num_epochs)``: from the stage's ``max_steps`` when set, else from ``--num_epochs``."""
+    updates_per_epoch = max(1, math.ceil(batches_per_epoch / accum))
+    if max_steps:
+        return max_steps, math.ceil(max_steps / updates_per_epoch)
+    return args.num_epochs * updates_per_epoch, args.num_epochs
+
+
+def start_or_resume(accelerator, resume: Optional[str], output_dir: Path, task: str, desc: str) -> Dict[str, Any]:
+    """The loop's state: fresh (step 0; the evaluation history starts afresh), or from the checkpoint ``resume``
+    names (a folder or ``latest``; model, optimizer, scheduler and RNG states are restored by accelerate)."""
+    state: Dict[str, Any] = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "best_metric": None, "best_step": None, "task": task}
+    checkpoint = resolve_checkpoint(resume, output_dir)
+    if checkpoint is not None:
+        state = load_checkpoint(accelerator, checkpoint)
+        if state.get("task", task) != task:
+            raise ValueError(f"{checkpoint}: a {state.get('task')} checkpoint cannot resume a {task} run.")
+        logger.info(f"{desc}: resumed from {checkpoint} (step {state['global_step']}, epoch {state['epoch']}, batch {state['batches_in_epoch']})")
+        return state
+    if resume:
+        logger.info(f"{desc}: no checkpoint in {checkpoint_root(output_dir)}; starting from step 0")
+    if accelerator.is_main_process:
+        (output_dir / "eval_history.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh history
+    return state
+
+
 def train_one(
     args: argparse.Namespace,
     accelerator,
@@ -1206,37 +1242,16 @@ def train_one(
     model.train()
     train_loader, _ = build_train_loader(args, run, processor, seed, args.batch_size, accelerator,
                                          balance_grades=task == "classification" and args.grading_sampling == "balanced")
-    groups = optimizer_groups(model, learning_rate, args.weight_decay, args.text_learning_rate)
-    try:  # the fused kernel (one call for all parameters) is markedly faster on CPU
-        optimizer = torch.optim.AdamW(groups, fused=True)
-    except (RuntimeError, TypeError):
-        optimizer = torch.optim.AdamW(groups)
+    optimizer = make_optimizer(model, args, learning_rate)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     accum = accelerator.gradient_accumulation_steps
-    updates_per_epoch = max(1, math.ceil(len(train_loader) / accum))
-    if max_steps:
-        num_epochs = math.ceil(max_steps / updates_per_epoch)
-    else:
-        num_epochs = args.num_epochs
-        max_steps = num_epochs * updates_per_epoch
-    scheduler = get_scheduler(
+    max_steps, num_epochs = training_length(args, max_steps, len(train_loader), accum)
+    scheduler = accelerator.prepare(get_scheduler(
         args.lr_scheduler, optimizer,
         num_warmup_steps=min(args.warmup_steps, max_steps // 2) * accelerator.num_processes,
         num_training_steps=max_steps * accelerator.num_processes,
-    )
-    scheduler = accelerator.prepare(scheduler)
-
-    state: Dict[str, Any] = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "best_metric": None, "best_step": None, "task": task}
-    checkpoint = resolve_checkpoint(resume, output_dir)
-    if checkpoint is not None:
-        state = load_checkpoint(accelerator, checkpoint)
-        if state.get("task", task) != task:
-            raise ValueError(f"{checkpoint}: a {state.get('task')} checkpoint cannot resume a {task} run.")
-        logger.info(f"{desc}: resumed from {checkpoint} (step {state['global_step']}, epoch {state['epoch']}, batch {state['batches_in_epoch']})")
-    elif resume:
-        logger.info(f"{desc}: no checkpoint in {checkpoint_root(output_dir)}; starting from step 0")
-    if checkpoint is None and accelerator.is_main_process:
-        (output_dir / "eval_history.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh history
+    ))
+    state = start_or_resume(accelerator, resume, output_dir, task, desc)
 
     if use_trackers and not accelerator.trackers and args.report_to != "none":
         accelerator.init_trackers("emrfuse", config=_tracker_config(args, {"task": task, "max_steps": max_steps, "switches": str(switches)}))
@@ -1320,15 +1335,7 @@ def train_one(
     elif best.state is None:  # resumed from a checkpoint taken after the last step
         evaluate_and_select(args, accelerator, model, processor, run, task, global_step, max_steps, selection, best)
 
-    # the best model on the held-out cases
-    net.load_state_dict(best.state)
-    if run.val_cases:
-        rows, summary, embeds = evaluate(args, accelerator, model, processor, run.eval_cases, run.reports, task, best.step)
-        summary["split"] = "test"
-        summary["validation"] = {"metric": best.metric, "num_cases": len(run.val_cases)}
-        accelerator.print(eval_log_line(summary, task, best.step, max_steps, "test (best model)"))
-    else:
-        rows, summary, embeds = best.rows, best.summary, best.embeds
+    rows, summary, embeds = score_best_model(args, accelerator, model, processor, run, task, best, max_steps)
     summary.update(
         best_step=best.step,
         train_seconds=round(train_seconds, 1),
@@ -1343,6 +1350,20 @@ def train_one(
     best_state = best.state
     accelerator.free_memory()
     return summary, best_state
+
+
+def score_best_model(args, accelerator, model, processor, run: RunData, task: str, best: BestModel, max_steps: int):
+    """Load the selected weights and give ``(rows, summary, embeddings)`` on the held-out test cases: a fresh
+    evaluation when a validation split chose the model, else the selection evaluation itself (which ran on the
+    test cases at the last step and chose nothing)."""
+    accelerator.unwrap_model(model).load_state_dict(best.state)
+    if not run.val_cases:
+        return best.rows, best.summary, best.embeds
+    rows, summary, embeds = evaluate(args, accelerator, model, processor, run.eval_cases, run.reports, task, best.step)
+    summary["split"] = "test"
+    summary["validation"] = {"metric": best.metric, "num_cases": len(run.val_cases)}
+    accelerator.print(eval_log_line(summary, task, best.step, max_steps, "test (best model)"))
+    return rows, summary, embeds
 
 
 def write_run_outputs(args, run: RunData, net, processor, output_dir: Path, task: str, rows, summary, embeds, switches, seed, max_steps, learning_rate, save_model: bool) -> None:
