@@ -1342,6 +1342,14 @@ Posterior and Superior; the affine ``diag(-1, -1, 1)``). Models are trained on i
 to it before slicing and back after prediction."""
 
 
+def _orientations():
+    try:  # inside try: transformers does not make nibabel a requirement of the Hub code
+        import nibabel.orientations as orientations
+    except ImportError as exc:  # pragma: no cover
+        raise ImportError("Reorienting a volume needs nibabel: pip install nibabel") from exc
+    return orientations
+
+
 @dataclass(frozen=True)
 class Reorientation:
     """The axis permutation / flips that bring an array from its own orientation to :data:`REFERENCE_AXCODES`.
@@ -1365,38 +1373,31 @@ class Reorientation:
     def apply(self, array: np.ndarray) -> np.ndarray:
         if self.is_identity:
             return array
-        from nibabel.orientations import apply_orientation
-
-        return np.ascontiguousarray(apply_orientation(array, self.transform))
+        return np.ascontiguousarray(_orientations().apply_orientation(array, self.transform))
 
     def undo(self, array: np.ndarray) -> np.ndarray:
         if self.is_identity:
             return array
-        from nibabel.orientations import apply_orientation
-
-        return np.ascontiguousarray(apply_orientation(array, self.inverse))
+        return np.ascontiguousarray(_orientations().apply_orientation(array, self.inverse))
 
     def affine(self, affine: np.ndarray) -> np.ndarray:
         """The affine of the reoriented array (same world positions for the same voxels)."""
         if self.is_identity:
             return np.asarray(affine)
-        from nibabel.orientations import inv_ornt_aff
-
-        return np.asarray(affine) @ inv_ornt_aff(self.transform, self.input_shape)
+        return np.asarray(affine) @ _orientations().inv_ornt_aff(self.transform, self.input_shape)
 
 
 def reorientation(affine: np.ndarray, shape: Sequence[int], target: Sequence[str] = REFERENCE_AXCODES) -> Reorientation:
     """How to bring an array of ``shape`` with ``affine`` to the ``target`` orientation (closest axes of the affine,
     as ``nibabel.io_orientation`` finds them; an oblique affine is taken to its nearest axis-aligned orientation)."""
-    from nibabel.orientations import axcodes2ornt, io_orientation, ornt2axcodes, ornt_transform
-
-    own = io_orientation(np.asarray(affine))
-    goal = axcodes2ornt(tuple(target))
+    ornt = _orientations()
+    own = ornt.io_orientation(np.asarray(affine))
+    goal = ornt.axcodes2ornt(tuple(target))
     return Reorientation(
-        transform=ornt_transform(own, goal),
-        inverse=ornt_transform(goal, own),
+        transform=ornt.ornt_transform(own, goal),
+        inverse=ornt.ornt_transform(goal, own),
         input_shape=tuple(int(v) for v in shape[:3]),
-        input_axcodes=tuple(ornt2axcodes(own)),
+        input_axcodes=tuple(ornt.ornt2axcodes(own)),
     )
 
 
