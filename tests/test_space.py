@@ -498,15 +498,15 @@ def test_browser_runs_an_example_and_shows_the_prediction_overlay(app, running_a
             "const b = document.querySelector('#emrfuse-run'); (b.tagName === 'BUTTON' ? b : b.querySelector('button')).click();")
         _wait_for(driver, "return document.body.innerText.includes('Prediction done')", 180, "a finished prediction")
         _wait_for(driver, "const i = document.querySelector('#emrfuse-pred-view img'); return !!(i && i.complete && i.naturalWidth > 0);",
-                  60, "the prediction image")
-        _wait_for(driver, "return !!document.querySelector('#emrfuse-download a[href]')", 60, "the label map download")
+                  180, "the prediction image")
+        _wait_for(driver, "return !!document.querySelector('#emrfuse-download a[href]')", 180, "the label map download")
         text = driver.execute_script("return document.body.innerText")
         index = int(float(driver.execute_script("return document.querySelector('#emrfuse-slice input[type=number]').value")))
         shown = np.asarray(Image.open(__import__("io").BytesIO(_fetch(driver, "#emrfuse-pred-view img", "src"))).convert("RGB"))
         label_file = tmp_path / "downloaded_labels.nii.gz"
         label_file.write_bytes(_fetch(driver, "#emrfuse-download a[href]", "href"))
         gt_loaded = _wait_for(driver, "const i = document.querySelector('#emrfuse-gt-view img'); "
-                              "return !!(i && i.complete && i.naturalWidth > 0);", 60, "the ground-truth image")
+                              "return !!(i && i.complete && i.naturalWidth > 0);", 180, "the ground-truth image")
         shot = Path(os.environ.get("EMRFUSE_SCREENSHOT_DIR", tmp_path)) / "emrfuse_space.png"
         shot.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(shot))
