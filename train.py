@@ -111,7 +111,7 @@ from modeling_emrfuse.metrics import classification_metrics, metrics_to_row, sco
 from modeling_emrfuse.model_card import build_model_card, training_config_for_card
 from modeling_emrfuse.model_packaging import add_pipeline_to_folder
 from modeling_emrfuse.modeling_emrfuse import EmrFuseForImageClassification, EmrFuseForSegmentation
-from modeling_emrfuse.processing_emrfuse import EmrFuseImageProcessor, EmrFuseProcessor
+from modeling_emrfuse.processing_emrfuse import EmrFuseImageProcessor, EmrFuseProcessor, grading_slice_indices
 
 logger = logging.getLogger("emrfuse.train")
 
@@ -263,6 +263,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--grading_max_steps", type=int, default=None, help="Demo: steps of the grading run after segmentation (0 = skip).")
     g.add_argument("--grading_learning_rate", type=float, default=None)
+    g.add_argument("--grading_slices", type=int, default=32,
+                   help="The grading bag policy (config.grading_slices): a case is graded from at most this many evenly "
+                   "spaced brain slices, in training (bags drawn from them), evaluation, emrfuse predict and the Space "
+                   "alike; 0: every slice.")
     g.add_argument("--grading_sampling", choices=("balanced", "natural"), default="balanced",
                    help="Grading runs: draw HGG and LGG cases equally often (balanced, the default: a 293:76 cohort otherwise "
                    "lets the head collapse to HGG) or in proportion to their slices (natural).")
@@ -321,6 +325,8 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     for key, (demo_value, real_value) in DATA_DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, demo_value if args.demo else real_value)
+    if args.grading_slices < 0:
+        raise SystemExit(f"train.py: --grading_slices must be >= 0 (0: every slice), got {args.grading_slices}.")
     if args.eval_steps is not None and (args.eval_steps < 1 or (args.val_fraction == 0 and args.split_file is None)):
         raise SystemExit(SELECTION_NEEDS_VALIDATION if args.eval_steps >= 1 else
                          f"train.py: --eval_steps must be >= 1, got {args.eval_steps}.")
@@ -783,6 +789,7 @@ def config_kwargs(args: argparse.Namespace, switches: Dict[str, bool]) -> Dict[s
     kwargs: Dict[str, Any] = dict(switches)
     kwargs["context_slices"] = args.context_slices
     kwargs["sequence_presence"] = bool(getattr(args, "sequence_presence", False))
+    kwargs["grading_slices"] = (getattr(args, "grading_slices", 32) or None)  # the one grading bag policy
     for name in ("fusion_dim", "decoder_channels", "cross_attention_heads", "align_loss_weight", "ortho_loss_weight"):
         value = getattr(args, name, None)
         if value is not None:
@@ -843,6 +850,7 @@ def build_model(args: argparse.Namespace, run: RunData, task: str, switches: Dic
         config = EmrFuseConfig.from_pretrained(config_from)
         for key, value in switches.items():
             setattr(config, key, value)
+        config.grading_slices = args.grading_slices or None  # this run's grading bag policy
         return cls(config)
     model = cls.from_text_vision_pretrained(
         run.text_model, args.vision_model, vision_pretrained=args.vision_pretrained, **config_kwargs(args, switches)
@@ -927,9 +935,14 @@ def evaluate_case(model, processor, case, report: Optional[str], args, device, t
         "missing_sequences": ",".join(case.missing_sequences),
     }
     # one forward for the whole case: the model runs the image tower in chunks of config.slice_chunk_size
-    # without gradients and encodes the report once; case_embeds pools every slice of the case
+    # without gradients and encodes the report once; case_embeds pools the case's slices (grading: the
+    # slices of the grading bag policy, config.grading_slices, exactly as the pipeline pools them)
     pixel_values = torch.from_numpy(ip.slices(prepared)).to(device)
-    out = model(pixel_values=pixel_values, slice_to_case=torch.zeros(depth, dtype=torch.long, device=device), **text_inputs)
+    if task == "classification":
+        keep = grading_slice_indices(depth, getattr(model.config, "grading_slices", None))
+        pixel_values = pixel_values[torch.from_numpy(keep).to(device)]
+    out = model(pixel_values=pixel_values, slice_to_case=torch.zeros(pixel_values.shape[0], dtype=torch.long, device=device),
+                **text_inputs)
     logits = out.logits.float().cpu()
     embedding = out.case_embeds[0].float().cpu().numpy() if getattr(out, "case_embeds", None) is not None else None
     if task == "segmentation":
@@ -1031,7 +1044,7 @@ def eval_log_line(summary: Dict[str, Any], task: str, step: int, max_steps: int,
 # training data
 # =============================================================================================
 def build_train_loader(args: argparse.Namespace, run: RunData, processor, seed: int, batch_size: int, accelerator,
-                       balance_grades: bool = False):
+                       balance_grades: bool = False, grading_bag: bool = False):
     """Slice cache -> :class:`~datasets_scripts.slice_cache.SliceDataset` -> DataLoader (not yet prepared).
 
     Every item depends only on ``(seed, epoch, index)`` (the dataset draws the case, the slice and
@@ -1043,7 +1056,8 @@ def build_train_loader(args: argparse.Namespace, run: RunData, processor, seed: 
     No mirror flips by default (``--flip_axes``): a left-right flip would contradict the side that
     the report names (and an anterior-posterior one the lobe), and every ablation row must see
     the same augmentation. ``balance_grades`` (grading runs, ``--grading_sampling balanced``): each grade is
-    drawn equally often.
+    drawn equally often. ``grading_bag`` (grading runs): slices are drawn among the positions the grading bag
+    policy (``--grading_slices``, stored as ``config.grading_slices``) pools in evaluation and inference.
     """
     with accelerator.main_process_first():  # the main process builds the cache, the others then find it up to date
         cached = build_cache(
@@ -1065,6 +1079,8 @@ def build_train_loader(args: argparse.Namespace, run: RunData, processor, seed: 
         sequence_dropout=args.sequence_dropout,
         presence_channels=args.sequence_presence,
         balance_grades=balance_grades,
+        grading_bag=grading_bag,
+        grading_slices=args.grading_slices or None,
     )
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -1240,8 +1256,9 @@ def train_one(
     if warm_start is not None:
         warm_start.apply(model, desc)
     model.train()
+    grading = task == "classification"
     train_loader, _ = build_train_loader(args, run, processor, seed, args.batch_size, accelerator,
-                                         balance_grades=task == "classification" and args.grading_sampling == "balanced")
+                                         balance_grades=grading and args.grading_sampling == "balanced", grading_bag=grading)
     optimizer = make_optimizer(model, args, learning_rate)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     accum = accelerator.gradient_accumulation_steps

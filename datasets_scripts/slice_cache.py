@@ -67,7 +67,13 @@ from tqdm.auto import tqdm
 
 from modeling_emrfuse.brats_io import REFERENCE_AXCODES, reoriented_image, to_nifti_image
 from modeling_emrfuse.brats_labels import GRADES, REGIONS, SEQUENCES, label_map_to_regions
-from modeling_emrfuse.processing_emrfuse import CropInfo, EmrFuseImageProcessor, EmrFuseProcessor, PreparedVolume
+from modeling_emrfuse.processing_emrfuse import (
+    CropInfo,
+    EmrFuseImageProcessor,
+    EmrFuseProcessor,
+    PreparedVolume,
+    grading_slice_indices,
+)
 from modeling_emrfuse.strict_json import write_json
 
 __all__ = [
@@ -808,6 +814,10 @@ class SliceDataset(Dataset):
             cases, each case within its grade proportionally to its slices (training the grading head on
             293:76-like cohorts otherwise lets it collapse to the majority grade). Cases without a grade are
             not drawn. ``False``: every case proportionally to its slices.
+        grading_bag: draw each slice among the positions the grading bag policy pools at inference
+            (:func:`~modeling_emrfuse.processing_emrfuse.grading_slice_indices` with ``grading_slices``), uniformly,
+            instead of the tumour-weighted draw: a grading model then trains on the slices it is evaluated on.
+        grading_slices: the policy's number of slices (``config.grading_slices``; None: every slice).
 
     Items: dict with ``pixel_values`` float32 ``(C, H, W)``, ``labels`` float32 ``(3, H, W)``
     (WT, TC, ET), ``case_index``, ``slice_index``, ``case_id``, ``input_ids``, ``token_type_ids``,
@@ -835,6 +845,8 @@ class SliceDataset(Dataset):
         sequence_dropout: float = 0.0,
         presence_channels: Optional[bool] = None,
         balance_grades: bool = False,
+        grading_bag: bool = False,
+        grading_slices: Optional[int] = None,
     ):
         if not cases:
             raise ValueError("SliceDataset needs at least one cached case.")
@@ -878,6 +890,8 @@ class SliceDataset(Dataset):
         self.epoch = 0
         self._num_slices = np.array([c.num_slices for c in self.cases], dtype=np.int64)
         self.balance_grades = bool(balance_grades)
+        self.grading_bag = bool(grading_bag)
+        self.grading_slices = grading_slices
         self._case_weights = case_draw_weights(self._num_slices, [c.grade for c in self.cases] if balance_grades else None)
         self._offsets = np.concatenate([[0], np.cumsum(self._num_slices)])
         self.samples_per_epoch = int(samples_per_epoch) if samples_per_epoch else int(self._offsets[-1])
@@ -907,6 +921,9 @@ class SliceDataset(Dataset):
         case_rng = np.random.default_rng([self.seed, self.epoch, group, 0])
         ci = int(case_rng.choice(len(self.cases), p=self._case_weights))
         rng = np.random.default_rng([self.seed, self.epoch, index, 1])
+        if self.grading_bag:  # the grading bag policy's positions, as evaluation and inference pool them
+            positions = grading_slice_indices(self.cases[ci].num_slices, self.grading_slices)
+            return ci, int(positions[rng.integers(positions.size)]), rng
         tumour = self.cases[ci].tumour_slices
         if tumour.size and rng.random() < self.tumour_prob:
             z = int(tumour[rng.integers(tumour.size)])

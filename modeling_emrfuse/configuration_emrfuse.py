@@ -167,6 +167,10 @@ class EmrFuseConfig(PretrainedConfig):
             ``"text_only"``): no image tower is built, the model grades from the report alone (``pixel_values``
             is not an input) and cannot segment; it needs ``use_text=True`` and switches the four fusion
             parts off. ``vision_config`` is then kept but unused.
+        grading_slices (`int` or `None`, defaults to 32): the grading bag policy, one for training, evaluation
+            and inference: a case is graded from at most this many of its (brain-cropped) slices, evenly spaced
+            (:func:`~processing_emrfuse.grading_slice_indices`); training draws each case's bag of slices from the
+            same positions. ``None``: every slice.
         align_loss_weight (`float`, defaults to 0.1): weight of L_align (F16); 0 disables the term.
         ortho_loss_weight (`float`, defaults to 0.01): weight of L_ortho (F13); 0 disables the term.
         dice_loss_weight, bce_loss_weight (`float`, default 1.0): segmentation loss weights.
@@ -215,6 +219,7 @@ class EmrFuseConfig(PretrainedConfig):
     case_pooling: str = "attention"
     case_pooling_dim: int = 128
     slice_chunk_size: int = 32
+    grading_slices: int | None = 32
     regions: list[str] | tuple[str, ...] = REGIONS
     context_slices: int = 0
     sequence_presence: bool = False
@@ -339,6 +344,10 @@ class EmrFuseConfig(PretrainedConfig):
                         f"cross_attention_heads={self.cross_attention_heads} (cross-attention stage)."
                     )
 
+        if self.grading_slices is not None and (
+            not isinstance(self.grading_slices, int) or isinstance(self.grading_slices, bool) or self.grading_slices < 1
+        ):
+            raise ValueError(f"grading_slices must be None (every slice) or an integer >= 1, got {self.grading_slices!r}.")
         if self.case_pooling not in CASE_POOLING_MODES:
             raise ValueError(f"case_pooling must be one of {CASE_POOLING_MODES}, got {self.case_pooling!r}.")
 

@@ -54,8 +54,9 @@ What runs
        models are rewritten once for inference (the sibling :mod:`inference_optim`: BatchNorm folded
        into the convolutions, bf16 weights where the CPU / GPU has native bf16, channels-last). The model
        runs its image tower and decoder in chunks of ``config.slice_chunk_size`` slices and encodes
-       the report once per case (``slice_to_case``). The grading model pools 32 evenly spaced brain
-       slices by default (``grading_max_slices``; ``None``: all);
+       the report once per case (``slice_to_case``). The grading model pools the slices its own
+       ``config.grading_slices`` names (the one grading bag policy of training, evaluation and inference:
+       32 evenly spaced brain slices by default), unless ``grading_max_slices`` overrides it;
     4. postprocess: region logits -> label map on the original grid (the processor's
        ``post_process_segmentation``, or the probabilities resampled back with ``resample=True``; voxels
        outside the skull-stripped brain set to 0; non-finite logits or weights are an error), region
@@ -104,6 +105,7 @@ from transformers.utils import logging
 from .brats_io import GeometryWarning, LoadedCase, load_case, to_reference_orientation
 from .brats_labels import GRADES, REGIONS, SEQUENCES, get_label_convention, label_map_to_regions, regions_to_label_map
 from .inference_optim import inference_autocast, is_inference_optimized, optimize_for_inference, resolve_precision
+from .processing_emrfuse import grading_slice_indices
 
 logger = logging.get_logger(__name__)
 
@@ -133,7 +135,9 @@ DEFAULT_MODEL = os.path.join("outputs", "emrfuse-demo")
 GRADING_SUBFOLDER = "grading"
 """Sub-folder of a model folder (or Hub repository) that holds the grading companion; the root config
 names it in ``grading_model``."""
-DEFAULT_GRADING_SLICES = 32
+DEFAULT_GRADING_SLICES = "config"
+"""``grading_max_slices`` default: the grading model's ``config.grading_slices`` (the policy it was trained and
+evaluated with)."""
 """Brain slices (evenly spaced) that the grading model pools by default: on demo cases the grade
 probabilities match pooling over all slices to 1e-3, at a quarter of the grading cost."""
 
@@ -422,8 +426,9 @@ class EmrFusePipeline(Pipeline):
             untouched (bf16 then runs under autocast).
         chunk_size: slices per image-tower call (sets ``config.slice_chunk_size``).
         channels_last: run the convolutions in channels-last memory format (default True).
-        grading_max_slices: the grading model pools at most this many of the case's brain slices,
-            evenly spaced (default :data:`DEFAULT_GRADING_SLICES` = 32; ``None``: all slices).
+        grading_max_slices: the grading model pools at most this many of the case's brain slices, evenly
+            spaced (:func:`~processing_emrfuse.grading_slice_indices`; ``None``: all slices). Default ``"config"``:
+            the grading model's ``config.grading_slices``, the policy its reported accuracy was measured with.
 
     Returns (per case) a dict with ``label_map`` (``uint8 (X, Y, Z)`` on the input's grid or None
     without a segmentation head), ``affine``, ``header``, ``spacing``, ``label_convention``,
@@ -452,14 +457,17 @@ class EmrFusePipeline(Pipeline):
         precision: str = "auto",
         chunk_size: Optional[int] = None,
         channels_last: bool = True,
-        grading_max_slices: Optional[int] = DEFAULT_GRADING_SLICES,
+        grading_max_slices: Union[int, str, None] = DEFAULT_GRADING_SLICES,
         optimize: bool = True,
         **kwargs,
     ):
         super().__init__(model, *args, **kwargs)
-        if grading_max_slices is not None and int(grading_max_slices) < 1:
-            raise ValueError(f"grading_max_slices must be >= 1, got {grading_max_slices}.")
-        self.grading_max_slices = None if grading_max_slices is None else int(grading_max_slices)
+        if grading_max_slices == DEFAULT_GRADING_SLICES:
+            self.grading_max_slices = grading_max_slices  # resolved from the grading model's config when it grades
+        elif grading_max_slices is not None and (isinstance(grading_max_slices, str) or int(grading_max_slices) < 1):
+            raise ValueError(f"grading_max_slices must be >= 1, None (all slices) or 'config', got {grading_max_slices!r}.")
+        else:
+            self.grading_max_slices = None if grading_max_slices is None else int(grading_max_slices)
         if self.processor is None:
             name = getattr(self.model.config, "_name_or_path", None)
             if not name:
@@ -698,9 +706,12 @@ class EmrFusePipeline(Pipeline):
 
     def _grading_inputs(self, inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         n = inputs["pixel_values"].shape[0]
-        if self.grading_max_slices is None or n <= self.grading_max_slices:
+        limit = self.grading_max_slices
+        if limit == DEFAULT_GRADING_SLICES:  # the policy the grading model was trained and evaluated with
+            limit = getattr(self.grading_model.config, "grading_slices", 32)
+        if limit is None or n <= limit:
             return inputs
-        keep = torch.from_numpy(np.unique(np.linspace(0, n - 1, self.grading_max_slices).round().astype(np.int64)))
+        keep = torch.from_numpy(grading_slice_indices(n, limit))
         out = dict(inputs)
         out["pixel_values"] = inputs["pixel_values"][keep]
         out["slice_to_case"] = inputs["slice_to_case"][keep]
@@ -954,7 +965,7 @@ def load_pipeline(
     precision: str = "auto",
     chunk_size: Optional[int] = None,
     channels_last: bool = True,
-    grading_max_slices: Optional[int] = DEFAULT_GRADING_SLICES,
+    grading_max_slices: Union[int, str, None] = DEFAULT_GRADING_SLICES,
     optimize: bool = True,
 ) -> EmrFusePipeline:
     """Build an :class:`EmrFusePipeline` from a model folder or Hub id (``trust_remote_code``).

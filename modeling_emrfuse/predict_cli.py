@@ -326,7 +326,7 @@ def _load_pipeline(args: argparse.Namespace, processes: "ProcessShare"):
 
     from transformers.utils import logging as hf_logging
 
-    from .pipeline_emrfuse import load_pipeline
+    from .pipeline_emrfuse import DEFAULT_GRADING_SLICES, load_pipeline
 
     hf_logging.disable_progress_bar()  # weight-loading bars; the per-case bar below stays
     try:
@@ -337,7 +337,7 @@ def _load_pipeline(args: argparse.Namespace, processes: "ProcessShare"):
             device=args.device or processes.device,
             precision=args.precision,
             chunk_size=args.chunk_size,
-            grading_max_slices=args.grading_slices or None,
+            grading_max_slices=DEFAULT_GRADING_SLICES if args.grading_slices is None else (args.grading_slices or None),
         )
     except (OSError, ValueError, ImportError) as exc:  # missing folder, offline Hub, not an EmrFuse model
         raise PredictError(f"cannot load the model {args.model!r}: {exc}") from exc
@@ -511,7 +511,7 @@ def _print_case(record: Dict[str, Any], nifti: Optional[Path], json_path: Path) 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``emrfuse predict`` on the ``emrfuse`` CLI's sub-parsers."""
-    from .pipeline_emrfuse import DEFAULT_GRADING_SLICES, DEFAULT_MODEL
+    from .pipeline_emrfuse import DEFAULT_MODEL
 
     p = subparsers.add_parser(
         "predict",
@@ -568,9 +568,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="auto (default): bf16 weights where the CPU/GPU has native bf16, fp32 otherwise")
     p.add_argument("--chunk-size", type=int, default=None, help="slices per image-tower call (default: the model's)")
-    p.add_argument("--grading-slices", type=int, default=DEFAULT_GRADING_SLICES,
-                   help=f"the grading model pools at most this many brain slices, evenly spaced "
-                        f"(default {DEFAULT_GRADING_SLICES}; 0: all slices)")
+    p.add_argument("--grading-slices", type=int, default=None,
+                   help="grade from at most this many evenly spaced brain slices (default: the grading model's "
+                        "config.grading_slices, the policy its accuracy was measured with; 0: all slices)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads per process (default: OMP_NUM_THREADS if set, else the cores this process may "
                    "use, shared by the processes of a torchrun / accelerate launch)")

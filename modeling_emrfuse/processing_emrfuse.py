@@ -52,7 +52,7 @@ from transformers.processing_utils import ImagesKwargs, ProcessorMixin
 from .brats_io import affine_spacing, to_nifti_image, volume_suffix
 from .brats_labels import REGIONS, SEQUENCES, canonical_sequence_name, get_label_convention, regions_to_label_map
 
-__all__ = ["CropInfo", "PreparedVolume", "EmrFuseImageProcessor", "EmrFuseProcessor"]
+__all__ = ["CropInfo", "PreparedVolume", "EmrFuseImageProcessor", "EmrFuseProcessor", "grading_slice_indices"]
 
 # BERT-family towers have 512 learned positions; used when a tokenizer does not state its maximum length.
 _DEFAULT_TEXT_MAX_LENGTH = 512
@@ -153,6 +153,17 @@ class EmrFuseImageProcessorKwargs(ImagesKwargs, total=False):
     expected_spacing: Optional[Tuple[float, float, float]]
     spacing_tolerance: float
     sequence_presence: bool
+
+
+def grading_slice_indices(num_slices: int, max_slices: Optional[int]) -> np.ndarray:
+    """The slices a case is graded from (the one grading bag policy, ``config.grading_slices``): at most
+    ``max_slices`` of its ``num_slices`` (brain-cropped) slices, evenly spaced from the first to the last;
+    all of them when ``max_slices`` is None or not smaller. Training draws each case's bag from these positions,
+    evaluation and inference pool exactly them."""
+    n = int(num_slices)
+    if max_slices is None or n <= int(max_slices):
+        return np.arange(n, dtype=np.int64)
+    return np.unique(np.linspace(0, n - 1, int(max_slices)).round().astype(np.int64))
 
 
 def _to_numpy(x) -> np.ndarray:

@@ -434,3 +434,81 @@ def test_reorientation_round_trip_is_exact():
     world = affine @ [i, j, k, 1]
     ijk = np.linalg.solve(turn.affine(affine), world).round().astype(int)[:3]
     assert oriented[tuple(ijk)] == array[i, j, k]
+
+
+# ------------------------------------------------------------------------------------------ one grading bag policy
+def test_grading_slice_indices():
+    from modeling_emrfuse.processing_emrfuse import grading_slice_indices
+
+    assert grading_slice_indices(10, 4).tolist() == [0, 3, 6, 9]
+    assert grading_slice_indices(10, None).tolist() == list(range(10))
+    assert grading_slice_indices(3, 8).tolist() == [0, 1, 2]
+    assert grading_slice_indices(41, 5).tolist() == [0, 10, 20, 30, 40]
+    with pytest.raises(ValueError, match="grading_slices"):
+        from conftest import tiny_config
+
+        tiny_config(grading_slices=0)
+
+
+def _record_pixel_values(model, store):
+    def hook(module, args, kwargs):
+        store.append((kwargs.get("pixel_values") if "pixel_values" in kwargs else args[0]).detach().float().clone())
+    return model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_pipeline_train_evaluation_and_training_pool_the_same_slices(tmp_path, case_dir):
+    """The grading bag policy is the grading model's config: the pipeline (so the CLI and the Space), train.py's
+    evaluation and the training draws all use the slices grading_slice_indices gives for config.grading_slices."""
+    import json
+
+    import torch
+
+    import train
+    from datasets_scripts.slice_cache import SliceDataset
+    from modeling_emrfuse.brats_io import discover_cases
+    from modeling_emrfuse.modeling_emrfuse import EmrFuseForImageClassification
+    from modeling_emrfuse.processing_emrfuse import grading_slice_indices
+
+    folder = build_tiny_model_folder(tmp_path / "model")
+    config_path = folder / "grading" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["grading_slices"] = 5
+    config_path.write_text(json.dumps(config))
+    pipe = load_pipeline(str(folder), device="cpu", precision="fp32", optimize=False)
+    seen_by_pipeline: list = []
+    handle = _record_pixel_values(pipe.grading_model, seen_by_pipeline)
+    pipe(str(case_dir), report=None)
+    handle.remove()
+
+    # the case's slices as the processor prepares them, and the policy's positions
+    ip = pipe.image_processor
+    slices = torch.from_numpy(ip.slices(ip.prepare_volume(_paths(case_dir))))
+    keep = grading_slice_indices(slices.shape[0], 5)
+    assert len(keep) == 5 < slices.shape[0]
+    torch.testing.assert_close(seen_by_pipeline[0], slices[torch.from_numpy(keep)])
+    with pytest.raises(ValueError, match="grading_max_slices"):
+        load_pipeline(str(folder), device="cpu", grading_max_slices="all")
+
+    # train.py's evaluation pools the same slices
+    model = EmrFuseForImageClassification.from_pretrained(folder / "grading").eval()
+    assert model.config.grading_slices == 5
+    seen_by_evaluation: list = []
+    handle = _record_pixel_values(model, seen_by_evaluation)
+    case = discover_cases(case_dir.parent)[0]
+    with torch.no_grad():  # as train.evaluate calls it
+        row, _ = train.evaluate_case(model, pipe.processor, case, None, train.parse_args(["--demo"]), torch.device("cpu"),
+                                     "classification")
+    handle.remove()
+    torch.testing.assert_close(seen_by_evaluation[0], slices[torch.from_numpy(keep)])
+    assert row["num_slices"] == slices.shape[0]
+
+    # training: every drawn slice is one of the policy's positions
+    class _Case:
+        num_slices, tumour_slices, grade = 37, np.arange(10, 20), "HGG"
+
+    ds = SliceDataset.__new__(SliceDataset)  # only the drawing logic
+    ds.cases, ds.seed, ds.epoch, ds.slices_per_case, ds.tumour_prob = [_Case()], 0, 0, 4, 1.0
+    ds._case_weights, ds.grading_bag, ds.grading_slices = np.array([1.0]), True, 5
+    drawn = {ds._draw(i)[1] for i in range(200)}
+    assert drawn == set(grading_slice_indices(37, 5).tolist())
+    assert train.config_kwargs(train.parse_args(["--demo", "--grading_slices", "0"]), {})["grading_slices"] is None
