@@ -3,7 +3,8 @@
 ``train.py --ablation table1|table3`` trains and evaluates every row on the same data, seeds and
 budget and hands each run's summary (the ``summary.json`` structure of
 :mod:`modeling_emrfuse.evaluation_report`) to this module, which writes the markdown table in the
-paper's format (mean ± std over seeds when there are several) and a bar chart.
+paper's format (mean ± 95 % confidence interval over seeds when there are several, and each row's paired
+per-case difference to the complete model, :mod:`modeling_emrfuse.ablation_stats`) and a bar chart.
 
 Both tables end with a control row the paper does not have, :data:`SHUFFLED_REPORTS_ROW`: the complete
 model with the reports shuffled across cases.
