@@ -676,8 +676,13 @@ class EmrFuseModel(EmrFusePreTrainedModel):
         return slice_to_case, has_report, b
 
     # ------------------------------------------------------------------ pieces
-    def encode_text(self, input_ids, attention_mask, token_type_ids, has_report, num_cases: int, device) -> TextState:
-        """Run the text tower once per case with a report (F1-F3, F8-F9, add & norm, no-report state)."""
+    def encode_text(self, input_ids, attention_mask, token_type_ids, has_report, num_cases: int, device,
+                    tower_hidden: torch.Tensor | None = None) -> TextState:
+        """Run the text tower once per case with a report (F1-F3, F8-F9, add & norm, no-report state).
+
+        ``tower_hidden`` (`(B, L, d_T)`): the text tower's last hidden state for every case, computed beforehand
+        (:meth:`tower_features`); the tower is then not run (rows of cases without a report are ignored).
+        """
         if not self.use_text:
             hr = has_report if has_report is not None else torch.zeros(num_cases, dtype=torch.bool, device=device)
             return TextState(None, None, None, None, hr)
@@ -702,12 +707,14 @@ class EmrFuseModel(EmrFusePreTrainedModel):
         token_attention = torch.zeros(b, length, device=input_ids.device) if self.token_attention is not None else None
         idx = torch.nonzero(has_report).flatten()
         if idx.numel():
-            out = self.text_model(
-                input_ids=input_ids[idx],
-                attention_mask=attention_mask[idx],
-                token_type_ids=token_type_ids[idx] if token_type_ids is not None else None,
-            )
-            hidden = out.last_hidden_state
+            if tower_hidden is not None:
+                hidden = tower_hidden[idx]
+            else:
+                hidden = self.text_model(
+                    input_ids=input_ids[idx],
+                    attention_mask=attention_mask[idx],
+                    token_type_ids=token_type_ids[idx] if token_type_ids is not None else None,
+                ).last_hidden_state
             cls = hidden[:, 0]  # F3
             if self.token_attention is not None:
                 att, weights = self.token_attention(cls, hidden, mask[idx])  # F8-F9
@@ -718,19 +725,27 @@ class EmrFuseModel(EmrFusePreTrainedModel):
         mask = mask & has_report[:, None]
         return TextState(feats, tokens, mask, token_attention, has_report)
 
-    def encode_slices(self, pixel_values: torch.Tensor, keep_maps: bool = False):
+    def encode_slices(self, pixel_values: torch.Tensor | None, keep_maps: bool = False, gap: torch.Tensor | None = None):
         """Image tower (F4-F5) + channel attention (F10-F12) + add & norm.
 
+        ``gap`` (`(N, d_I)`): the tower's pooled last feature map, computed beforehand (:meth:`tower_features`);
+        the tower is then not run (``keep_maps`` must be False).
         Returns ``(feature_maps or None, bottleneck map or None, slice features (N, d_I), channel weights or None)``.
         """
-        maps = self.vision_model(pixel_values)
-        x = maps[-1]
-        z = x.mean(dim=(2, 3))  # F10 / F5 (GAP)
+        if gap is not None:
+            if keep_maps:
+                raise ValueError("encode_slices: keep_maps needs the feature maps, not precomputed pooled features.")
+            maps = x = None
+            z = gap
+        else:
+            maps = self.vision_model(pixel_values)
+            x = maps[-1]
+            z = x.mean(dim=(2, 3))  # F10 / F5 (GAP)
         beta = None
         bottleneck = x if keep_maps else None
         if self.channel_attention is not None:
             beta = self.channel_attention.weights(z)  # F11
-            scale = (beta * beta.shape[-1]).to(x.dtype)  # mean weight 1 (re-weights, keeps C channels)
+            scale = (beta * beta.shape[-1]).to(z.dtype)  # mean weight 1 (re-weights, keeps C channels)
             if self.image_attention_norm is not None:
                 h = self.image_attention_norm(z + scale * z)  # GAP(X + X_att), add & norm
                 if keep_maps:
@@ -817,6 +832,32 @@ class EmrFuseModel(EmrFusePreTrainedModel):
             if value is not None and weight > 0:
                 total = weight * value if total is None else total + weight * value
         return total
+
+    @torch.no_grad()
+    def tower_features(self, pixel_values, input_ids=None, attention_mask=None, token_type_ids=None):
+        """What the two towers compute for one case, for training the rest of the model on frozen towers:
+        ``(gap (N, d_I) or None, text hidden state (1, L, d_T) or None)``. The image tower runs in chunks of
+        ``config.slice_chunk_size`` slices; the text tower once (``None`` without a report or a text tower)."""
+        gap = None
+        if self.use_image:
+            gap = torch.cat([self.vision_model(pixel_values[s:e])[-1].mean(dim=(2, 3))
+                             for s, e in self.slice_chunks(pixel_values.shape[0])])
+        hidden = None
+        if self.use_text and input_ids is not None:
+            hidden = self.text_model(input_ids=input_ids, attention_mask=attention_mask,
+                                     token_type_ids=token_type_ids).last_hidden_state
+        return gap, hidden
+
+    def outputs_from_tower_features(self, gap, slice_to_case, num_cases: int, input_ids=None, attention_mask=None,
+                                    text_hidden=None, has_report=None) -> EmrFuseModelOutput:
+        """The model's outputs from the towers' precomputed features (:meth:`tower_features`): everything after the
+        towers (self-attention, case pooling, fusion, auxiliary losses) runs as in :meth:`forward`."""
+        device = gap.device if gap is not None else text_hidden.device
+        if self.use_text and input_ids is not None and text_hidden is None:
+            raise ValueError("outputs_from_tower_features: input_ids were given without the text tower's hidden states.")
+        text = self.encode_text(input_ids, attention_mask, None, has_report, num_cases, device, tower_hidden=text_hidden)
+        h = self.encode_slices(None, gap=gap)[2] if self.use_image else None
+        return EmrFuseModelOutput(**self.case_outputs(text, h, slice_to_case, num_cases, return_hidden=False))
 
     def slice_chunks(self, n: int):
         """``[(start, end), ...]`` over ``n`` slices: one chunk while training (gradients), chunks of
@@ -931,6 +972,16 @@ class EmrFuseForImageClassification(EmrFusePreTrainedModel):
             loss = loss_cls if aux is None else loss_cls + aux
         output = EmrFuseImageClassifierOutput(loss=loss, logits=logits, loss_classification=loss_cls, **dict(base.items()))
         return output if return_dict else output.to_tuple()
+
+    def forward_from_tower_features(self, gap, slice_to_case, num_cases: int, input_ids=None, attention_mask=None,
+                                    text_hidden=None, has_report=None) -> EmrFuseImageClassifierOutput:
+        """Logits from the towers' precomputed features (:meth:`EmrFuseModel.tower_features`), for fitting the
+        grading head on frozen towers; ``loss`` holds only the auxiliary losses (the caller weighs the cases)."""
+        base = self.emrfuse.outputs_from_tower_features(gap, slice_to_case, num_cases, input_ids, attention_mask,
+                                                        text_hidden, has_report)
+        logits = self.classifier(base.case_embeds)
+        aux = self.emrfuse.weighted_auxiliary_loss(base.loss_align, base.loss_ortho)
+        return EmrFuseImageClassifierOutput(loss=aux, logits=logits, **dict(base.items()))
 
     @torch.no_grad()
     def grade_case(self, pixel_values, input_ids=None, attention_mask=None, token_type_ids=None, has_report=None):

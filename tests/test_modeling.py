@@ -743,3 +743,52 @@ def test_without_cross_attention_the_decoder_sees_the_report_only_through_the_fu
                     param.normal_(0, 0.5)
     ref, out = _logits_with_other_token_states(extended, inputs)
     assert not torch.allclose(out, ref)
+
+
+# ------------------------------------------------------------------------------------------ frozen-tower features
+@pytest.mark.parametrize("switches", [{}, {"use_text": False}, {"use_self_attention": False, "use_alignment": False},
+                                      {"use_residual": False, "use_dynamic_weighting": False}])
+def test_outputs_from_tower_features_equal_the_full_forward(switches):
+    """The grading head fitted on frozen towers sees exactly what the full model computes after its towers."""
+    from modeling_emrfuse.modeling_emrfuse import EmrFuseForImageClassification
+
+    torch.manual_seed(0)
+    model = EmrFuseForImageClassification(tiny_config(**switches)).eval()
+    b = batch(n_slices=(3, 2), lengths=(5, 0))  # the second case has no report
+    text_keys = ("input_ids", "attention_mask", "token_type_ids") if model.config.use_text else ()
+    with torch.no_grad():
+        full = model(pixel_values=b["pixel_values"], slice_to_case=b["slice_to_case"], **{k: b[k] for k in text_keys})
+        gaps, hiddens = [], []
+        for case in range(2):
+            px = b["pixel_values"][b["slice_to_case"] == case]
+            has = case == 0 and model.config.use_text
+            gap, hidden = model.emrfuse.tower_features(px, b["input_ids"][case : case + 1] if has else None,
+                                                       b["attention_mask"][case : case + 1] if has else None)
+            gaps.append(gap)
+            hiddens.append(hidden)
+        text_hidden = None
+        if model.config.use_text:
+            text_hidden = torch.zeros(2, b["input_ids"].shape[1], model.config.text_config.hidden_size)
+            text_hidden[0, : hiddens[0].shape[1]] = hiddens[0][0]
+            assert hiddens[1] is None
+        extra = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"], text_hidden=text_hidden) if model.config.use_text else {}
+        part = model.forward_from_tower_features(torch.cat(gaps), b["slice_to_case"], 2, **extra)
+    torch.testing.assert_close(part.logits, full.logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(part.case_embeds, full.case_embeds, rtol=1e-4, atol=1e-5)
+    aux = model.emrfuse.weighted_auxiliary_loss(full.loss_align, full.loss_ortho)
+    if aux is None:
+        assert part.loss is None
+    else:
+        torch.testing.assert_close(part.loss, aux)
+
+
+def test_tower_features_need_the_text_hidden_state_with_input_ids():
+    from modeling_emrfuse.modeling_emrfuse import EmrFuseForImageClassification
+
+    model = EmrFuseForImageClassification(tiny_config()).eval()
+    b = batch()
+    gap, _ = model.emrfuse.tower_features(b["pixel_values"])
+    with pytest.raises(ValueError, match="hidden states"):
+        model.forward_from_tower_features(gap, b["slice_to_case"], 2, input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    with pytest.raises(ValueError, match="keep_maps"):
+        model.emrfuse.encode_slices(None, keep_maps=True, gap=gap)

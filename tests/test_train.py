@@ -352,3 +352,68 @@ def test_cross_attention_flag():
     assert train.model_switches(train.parse_args(["--demo", "--cross_attention"]))["use_cross_attention"] is True
     assert train.model_switches(train.parse_args(["--demo", "--preset", "full_cross_attention"]))["use_cross_attention"]
     assert not train.model_switches(train.parse_args(["--demo", "--no_text", "--cross_attention"]))["use_cross_attention"]
+
+
+# ------------------------------------------------------------------------------------------ --grading_fit head
+def test_grading_fit_head_keeps_the_towers_and_fits_the_rest(shared):
+    """`--grading_fit head`: the grading model's towers are the segmentation run's, bit for bit; the rest moved."""
+    out = shared["base"] / "head-fit"
+    summary = train.main(tiny_args(shared, out, "--max_steps", "2", "--grading_max_steps", "5", "--grading_fit", "head"))
+    assert summary["grading"] is not None and summary["grading_run"]["steps"] == 5
+    seg, grading = weights(out), weights(out / "grading")
+    towers = [k for k in seg if k.startswith(("emrfuse.vision_model.", "emrfuse.text_model."))]
+    assert towers and all(torch.equal(seg[k], grading[k]) for k in towers)
+    head = [k for k in seg if k.startswith("emrfuse.") and k not in towers]
+    assert any(not torch.equal(seg[k], grading[k]) for k in head)
+    assert "classifier.weight" in grading
+    assert json.loads((out / "grading" / "eval" / "summary.json").read_text())["grading_fit"] == "head"
+
+
+def test_grading_fit_finetune_trains_the_whole_model(shared):
+    """`--grading_fit finetune`: the earlier recipe, every part of the model trained on slice bags."""
+    out = shared["base"] / "finetune-fit"
+    summary = train.main(tiny_args(shared, out, "--max_steps", "2", "--grading_max_steps", "2", "--grading_fit", "finetune"))
+    assert summary["grading"] is not None and summary["grading_run"]["steps"] == 2
+    seg, grading = weights(out), weights(out / "grading")
+    assert any(not torch.equal(seg[k], grading[k]) for k in seg if k.startswith("emrfuse.vision_model.") and k.endswith(".weight"))
+
+
+def test_fit_grading_head_learns_a_grade_that_the_tower_features_carry():
+    """Full-batch steps on frozen features: a grade written into the pooled image features is learnt (training
+    accuracy 1), the towers are left untouched, and the same seed gives the same weights."""
+    import argparse
+    from types import SimpleNamespace
+
+    from conftest import tiny_config
+    from modeling_emrfuse.modeling_emrfuse import EmrFuseForImageClassification
+
+    args = argparse.Namespace(grading_sampling="balanced", batch_size=8, slices_per_case=4, weight_decay=1e-4,
+                              text_learning_rate=None, lr_scheduler="cosine", warmup_steps=5, max_grad_norm=1.0, logging_steps=10)
+    acc = SimpleNamespace(device=torch.device("cpu"), is_local_main_process=False)
+
+    def fitted(seed):
+        torch.manual_seed(0)
+        net = EmrFuseForImageClassification(tiny_config())
+        d_i, d_t = net.emrfuse.image_dim, net.emrfuse.text_dim
+        gen = torch.Generator().manual_seed(1)
+        direction = torch.randn(d_i, generator=gen)
+        feats = []
+        for k in range(12):
+            label = k % 2
+            gap = torch.randn(4, d_i, generator=gen) + 2.0 * (1 if label else -1) * direction
+            ids = torch.tensor([2, 5, 6, 7, 3])
+            feats.append(train.CaseTowerFeatures(case_id=f"c{k:02d}", label=label, gap=gap, input_ids=ids,
+                                                 attention_mask=torch.ones(5, dtype=torch.long), has_report=True,
+                                                 text_hidden=torch.randn(5, d_t, generator=gen)))
+        before = {k: v.clone() for k, v in net.state_dict().items() if ".vision_model." in f".{k}" or ".text_model." in f".{k}"}
+        train.fit_grading_head(args, acc, net, feats, max_steps=60, learning_rate=5e-3, seed=seed, desc="test")
+        assert all(torch.equal(before[k], net.state_dict()[k]) for k in before)
+        net.eval()
+        with torch.no_grad():
+            logits = net.forward_from_tower_features(**train.tower_feature_batch(feats, "cpu")).logits
+        return net, (logits.argmax(-1) == torch.tensor([f.label for f in feats])).float().mean().item()
+
+    net_a, accuracy = fitted(0)
+    assert accuracy == 1.0
+    net_b, _ = fitted(0)
+    assert all(torch.equal(v, net_b.state_dict()[k]) for k, v in net_a.state_dict().items())
