@@ -125,7 +125,11 @@ def build_model_card(
             "and reference is empty), then aggregated over the held-out cases (mean ± std (median))."
         )
     else:
-        metrics_note = "Grading metrics are per case: every brain slice of a case is pooled into one prediction."
+        metrics_note = (
+            "Grading metrics are per case: the slices of the grading bag policy (`grading_slices` in config.json,\n"
+            "evenly spaced brain slices; every slice when it is null) are pooled into one prediction, as `emrfuse\n"
+            "predict` and the pipeline pool them."
+        )
     cls = MODEL_CLASSES[task]
     auto_cls = AUTO_CLASSES[task]
     title = f"{model_name}" + (" (trained on synthetic demo data)" if synthetic else "")

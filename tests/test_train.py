@@ -367,6 +367,8 @@ def test_grading_fit_head_keeps_the_towers_and_fits_the_rest(shared):
     assert any(not torch.equal(seg[k], grading[k]) for k in head)
     assert "classifier.weight" in grading
     assert json.loads((out / "grading" / "eval" / "summary.json").read_text())["grading_fit"] == "head"
+    card = (out / "grading" / "README.md").read_text()
+    assert "| `grading_fit` | `head` |" in card and "grading bag policy" in card  # the card says how it was fitted and graded
 
 
 def test_grading_fit_finetune_trains_the_whole_model(shared):
