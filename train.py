@@ -273,7 +273,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    "frozen and fits the rest of the model (self-attention, case pooling, fusion, classifier) on their "
                    "features of every training case's grading slices, --grading_max_steps full-batch steps; 'finetune' "
                    "trains the whole model on augmented slice bags, --grading_max_steps steps of --batch_size slices "
-                   "(on the demo its grading accuracy varied by 17 points between seeds, against 4 for 'head').")
+                   "(README: 'Results on demo data' compares the two).")
     g.add_argument("--grading_sampling", choices=("balanced", "natural"), default="balanced",
                    help="Grading runs: draw HGG and LGG cases equally often (balanced, the default: a 293:76 cohort otherwise "
                    "lets the head collapse to HGG) or in proportion to their slices (natural).")
@@ -1327,6 +1327,7 @@ def fit_grading_head(args, accelerator, net, feats: List[CaseTowerFeatures], max
     auxiliary losses averaged over groups of ``batch_size / slices_per_case`` cases, the size they act on in
     segmentation training (L_align compares the cases of one group). Returns the number of steps."""
     towers = [m for m in (net.emrfuse.vision_model, net.emrfuse.text_model) if m is not None]
+    trainable = {p: p.requires_grad for tower in towers for p in tower.parameters()}
     for tower in towers:
         tower.requires_grad_(False)
     net.train()
@@ -1354,8 +1355,9 @@ def fit_grading_head(args, accelerator, net, feats: List[CaseTowerFeatures], max
             out = net.forward_from_tower_features(**tower_feature_batch([feats[k] for k in idx], device))
             y = labels[idx]
             loss_cls = loss_cls + (F.cross_entropy(out.logits.float(), y, reduction="none") * weights[y]).sum()
-            if out.loss is not None:
-                aux_terms.append(out.loss)
+            aux = net.emrfuse.weighted_auxiliary_loss(out.loss_align, out.loss_ortho)
+            if aux is not None:
+                aux_terms.append(aux)
         loss = loss_cls / len(feats) + (torch.stack(aux_terms).mean() if aux_terms else 0.0)
         loss.backward()
         if args.max_grad_norm:
@@ -1367,15 +1369,16 @@ def fit_grading_head(args, accelerator, net, feats: List[CaseTowerFeatures], max
         if step % args.logging_steps == 0 or step == max_steps:
             progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
     progress.close()
-    for tower in towers:
-        tower.requires_grad_(True)
+    for p, flag in trainable.items():  # the towers as they were
+        p.requires_grad_(flag)
     return max_steps
 
 
 def train_grading_head(args, accelerator, run: RunData, *, output_dir: Path, switches: Dict[str, bool], seed: int,
                        warm_start: WarmStart, save_model: bool, desc: str) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
     """The demo's grading run with ``--grading_fit head``: the towers of the warm start stay frozen, the grading head
-    is fitted on their features (:func:`fit_grading_head`), then evaluated and saved like every other run."""
+    is fitted on their features (:func:`fit_grading_head`), then evaluated and saved like every other run. It takes
+    seconds, so it writes no resumable checkpoints: a resumed demo run resumes segmentation and fits the head anew."""
     output_dir = Path(output_dir)
     max_steps, learning_rate = stage_schedule(args, "grading")
     set_seed(seed)

@@ -976,12 +976,11 @@ class EmrFuseForImageClassification(EmrFusePreTrainedModel):
     def forward_from_tower_features(self, gap, slice_to_case, num_cases: int, input_ids=None, attention_mask=None,
                                     text_hidden=None, has_report=None) -> EmrFuseImageClassifierOutput:
         """Logits from the towers' precomputed features (:meth:`EmrFuseModel.tower_features`), for fitting the
-        grading head on frozen towers; ``loss`` holds only the auxiliary losses (the caller weighs the cases)."""
+        grading head on frozen towers. No ``loss``: the caller weighs the cases' cross-entropy itself and adds
+        ``emrfuse.weighted_auxiliary_loss(loss_align, loss_ortho)``."""
         base = self.emrfuse.outputs_from_tower_features(gap, slice_to_case, num_cases, input_ids, attention_mask,
                                                         text_hidden, has_report)
-        logits = self.classifier(base.case_embeds)
-        aux = self.emrfuse.weighted_auxiliary_loss(base.loss_align, base.loss_ortho)
-        return EmrFuseImageClassifierOutput(loss=aux, logits=logits, **dict(base.items()))
+        return EmrFuseImageClassifierOutput(logits=self.classifier(base.case_embeds), **dict(base.items()))
 
     @torch.no_grad()
     def grade_case(self, pixel_values, input_ids=None, attention_mask=None, token_type_ids=None, has_report=None):

@@ -408,8 +408,11 @@ def test_fit_grading_head_learns_a_grade_that_the_tower_features_carry():
                                                  attention_mask=torch.ones(5, dtype=torch.long), has_report=True,
                                                  text_hidden=torch.randn(5, d_t, generator=gen)))
         before = {k: v.clone() for k, v in net.state_dict().items() if ".vision_model." in f".{k}" or ".text_model." in f".{k}"}
+        user_frozen = next(net.emrfuse.vision_model.parameters())
+        user_frozen.requires_grad_(False)  # a tower parameter the caller had frozen stays frozen afterwards
         train.fit_grading_head(args, acc, net, feats, max_steps=60, learning_rate=5e-3, seed=seed, desc="test")
         assert all(torch.equal(before[k], net.state_dict()[k]) for k in before)
+        assert not user_frozen.requires_grad and all(p.requires_grad for p in net.emrfuse.text_model.parameters())
         net.eval()
         with torch.no_grad():
             logits = net.forward_from_tower_features(**train.tower_feature_batch(feats, "cpu")).logits
