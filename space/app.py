@@ -648,8 +648,11 @@ def build_demo() -> gr.Blocks:
         view_inputs = [state, sequence, plane, index, show]
         for control in (sequence, show):
             control.change(render_view, inputs=view_inputs, outputs=[pred_img, gt_img], api_name=False)
-        index.change(render_view, inputs=view_inputs, outputs=[pred_img, gt_img], api_name=False,
-                     trigger_mode="always_last")
+        # the user's slider moves only: the value a prediction or a plane change sets comes with its images. Rendering
+        # them again would rewrite the same cached image files (Gradio names them by content) while the browser is
+        # still fetching them, and the browser would get a truncated image.
+        index.input(render_view, inputs=view_inputs, outputs=[pred_img, gt_img], api_name=False,
+                    trigger_mode="always_last")
         plane.change(change_plane, inputs=[state, sequence, plane, show], outputs=[index, pred_img, gt_img], api_name=False)
     # one prediction at a time; at most QUEUE_MAX_SIZE requests wait: the next one gets Gradio's "Queue is full" error
     demo.queue(default_concurrency_limit=1, max_size=QUEUE_MAX_SIZE)

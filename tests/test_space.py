@@ -231,6 +231,23 @@ def test_error_messages_name_the_file_not_the_server_path(app, tmp_path):
     assert app.public_message(f"{folder}/t1/Case_001_t1.nii.gz: bad") == "Case_001_t1.nii.gz: bad"
 
 
+def test_no_event_re_renders_the_images_of_the_event_that_set_its_trigger(app):
+    """The viewer's images are cached by content: rendering them a second time rewrites the file the browser is
+    fetching. So a value that an event sets together with its images (the slice after a prediction or a plane change)
+    must not start a second render through a ``change`` listener; the user's own moves use ``input``."""
+    demo = app.build_demo()
+    fns = list(demo.fns.values())
+    views = {c._id for f in fns for c in f.outputs if getattr(c, "elem_id", None) in ("emrfuse-pred-view", "emrfuse-gt-view")}
+    assert len(views) == 2
+    set_with_images = {c._id for f in fns if views & {o._id for o in f.outputs} for c in f.outputs}
+    renders = [f for f in fns if views & {o._id for o in f.outputs}]
+    slider = next(c._id for f in fns for c in f.inputs if getattr(c, "elem_id", None) == "emrfuse-slice")
+    assert any((slider, "input") in f.targets for f in renders)  # moving the slider still renders the slice
+    for f in renders:
+        for target, event in f.targets:
+            assert not (event == "change" and target in set_with_images), (f.name, target, event)
+
+
 def test_queue_is_bounded_and_a_full_queue_turns_requests_away(app, monkeypatch):
     import threading
 
@@ -507,6 +524,14 @@ def test_browser_runs_an_example_and_shows_the_prediction_overlay(app, running_a
         label_file.write_bytes(_fetch(driver, "#emrfuse-download a[href]", "href"))
         gt_loaded = _wait_for(driver, "const i = document.querySelector('#emrfuse-gt-view img'); "
                               "return !!(i && i.complete && i.naturalWidth > 0);", 180, "the ground-truth image")
+        # the user moves the slider: the view follows
+        before = driver.execute_script("return document.querySelector('#emrfuse-pred-view img').src")
+        driver.execute_script(
+            "const r = document.querySelector('#emrfuse-slice input[type=range]'); r.value = String(Number(r.value) - 1); "
+            "r.dispatchEvent(new Event('input', {bubbles: true})); r.dispatchEvent(new Event('pointerup', {bubbles: true}));")
+        moved = _wait_for(driver, "const i = document.querySelector('#emrfuse-pred-view img'); "
+                          f"return !!(i && i.src !== {before!r} && i.complete && i.naturalWidth > 0);", 60,
+                          "the next slice after moving the slider")
         shot = Path(os.environ.get("EMRFUSE_SCREENSHOT_DIR", tmp_path)) / "emrfuse_space.png"
         shot.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(shot))
@@ -516,6 +541,7 @@ def test_browser_runs_an_example_and_shows_the_prediction_overlay(app, running_a
                    "enhancing tumour", "cm³", "Dice", "Overlay (brats2017 labels)"):
         assert needle in text, needle
     assert gt_loaded  # the example's ground truth is shown beside the prediction
+    assert moved
     label_map = np.asarray(nib.load(str(label_file)).dataobj)
     expected = np.rot90(label_map[:, :, index])  # axial slice, displayed as the viewer shows it
     scale = shown.shape[0] // expected.shape[0]
