@@ -55,6 +55,7 @@ METRIC_TITLES = {m: f"{name} (%)" if m in PERCENT_METRICS else name for m, name 
 """Table titles of :data:`modeling_emrfuse.metrics.METRICS` (tables show ratios in percent)."""
 LESION_TITLES = {"sq_dsc": "sq_dsc (%)", "pq_dsc": "pq_dsc (%)", "sq_hd95": "sq_hd95 (mm)"}
 GRADING_METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "f1")
+GRADING_CALIBRATION_METRICS = ("log_loss", "brier")  # not percentages
 OUTPUT_FILES = {"per_case": "per_case.csv", "summary": "summary.json", "markdown": "summary.md"}
 
 
@@ -196,12 +197,17 @@ def format_lesion_table(seg: Mapping[str, Any]) -> str:
 
 
 def format_grading_table(grading: Mapping[str, Any]) -> str:
-    """Markdown table of the grading metrics (accuracy, balanced accuracy, ROC AUC, F1, confusion matrix)."""
-    lines = ["| Accuracy | Balanced accuracy | ROC AUC | F1 | Confusion matrix (rows true, cols pred) |", "|---|---|---|---|---|"]
+    """Markdown table of the grading metrics (accuracy, balanced accuracy, ROC AUC, F1 in %; log loss and Brier score,
+    lower is better, of the predicted probabilities; confusion matrix)."""
+    lines = ["| Accuracy | Balanced accuracy | ROC AUC | F1 | Log loss | Brier | Confusion matrix (rows true, cols pred) |",
+             "|---|---|---|---|---|---|---|"]
     cells = []
-    for metric in GRADING_METRICS:
+    for metric in GRADING_METRICS + GRADING_CALIBRATION_METRICS:
         value = grading.get(metric)
-        cells.append("n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * float(value):.1f}")
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            cells.append("n/a")
+        else:
+            cells.append(f"{float(value):.3f}" if metric in GRADING_CALIBRATION_METRICS else f"{100 * float(value):.1f}")
     cm = grading.get("confusion_matrix")
     cells.append(str(np.asarray(cm).tolist()) if cm is not None else "n/a")
     lines.append("| " + " | ".join(cells) + " |")

@@ -473,11 +473,16 @@ def classification_metrics(
 
     Returns:
         ``{"n", "labels", "accuracy", "balanced_accuracy", "roc_auc", "f1", "f1_per_class",
-        "confusion_matrix"}``. ``roc_auc`` is binary AUC of the class-1 score (symmetric in the
+        "confusion_matrix", "log_loss", "brier"}``. ``roc_auc`` is binary AUC of the class-1 score (symmetric in the
         choice of positive class), or with ``(N, K)`` scores and ``K > 2`` the macro one-vs-rest
         AUC over the classes present in ``y_true``; it is NaN (not an error) when ``y_true`` holds
         a single class, because AUC is undefined there. ``f1`` is the macro F1.
         ``confusion_matrix[i][j]`` counts cases of true class ``i`` predicted as ``j``.
+        ``log_loss`` (mean negative log-probability of the true class, probabilities clipped to
+        ``[1e-15, 1]``) and ``brier`` (mean over cases of ``0.5 * sum_k (p_k - [k = y])^2``, for two
+        classes the usual ``(p - y)^2``) say how well calibrated the probabilities are; they are NaN for
+        hard predictions and for scores that are not probabilities (values outside ``[0, 1]``, or
+        ``(N, K)`` rows that do not sum to 1).
     """
     labels = tuple(str(lab) for lab in labels)
     k = len(labels)
@@ -532,6 +537,7 @@ def classification_metrics(
         elif present.sum() >= 2:
             aucs = [_binary_auc(true == c, scores[:, c]) for c in range(k) if present[c]]
             roc_auc = float(np.mean(aucs))
+    log_loss, brier = _calibration_scores(true, scores, k)
     return {
         "n": int(n),
         "labels": list(labels),
@@ -541,4 +547,19 @@ def classification_metrics(
         "f1": float(f1.mean()),
         "f1_per_class": {lab: float(v) for lab, v in zip(labels, f1)},
         "confusion_matrix": cm.tolist(),
+        "log_loss": log_loss,
+        "brier": brier,
     }
+
+
+def _calibration_scores(true: np.ndarray, scores: Optional[np.ndarray], k: int) -> Tuple[float, float]:
+    """(log loss, Brier score) of probabilities; NaN for both when ``scores`` are not probabilities."""
+    if scores is None or scores.min() < 0 or scores.max() > 1:
+        return math.nan, math.nan
+    prob = np.stack([1 - scores, scores], axis=1) if scores.ndim == 1 else scores
+    if not np.allclose(prob.sum(axis=1), 1.0, atol=1e-4):
+        return math.nan, math.nan
+    onehot = np.eye(k)[true]
+    log_loss = float(-np.mean(np.log(np.clip(prob[np.arange(true.size), true], 1e-15, 1.0))))
+    brier = float(np.mean(0.5 * ((prob - onehot) ** 2).sum(axis=1)))
+    return log_loss, brier

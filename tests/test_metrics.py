@@ -244,9 +244,18 @@ def test_classification_metrics_match_sklearn():
     out2 = M.classification_metrics(list(names), np.stack([1 - p1, p1], axis=1))
     assert out2["roc_auc"] == pytest.approx(out["roc_auc"])
     assert out2["confusion_matrix"] == sk.confusion_matrix(y, np.argmax(np.stack([1 - p1, p1], 1), 1)).tolist()
-    # hard predictions: no AUC
+    # calibration: log loss and Brier score
+    assert out["log_loss"] == pytest.approx(sk.log_loss(y, p1))
+    assert out["brier"] == pytest.approx(sk.brier_score_loss(y, p1))
+    assert out2["log_loss"] == pytest.approx(out["log_loss"]) and out2["brier"] == pytest.approx(out["brier"])
+    # hard predictions: no AUC, no calibration
     hard = M.classification_metrics(y, y_pred=pred)
     assert math.isnan(hard["roc_auc"]) and hard["accuracy"] == out["accuracy"]
+    assert math.isnan(hard["log_loss"]) and math.isnan(hard["brier"])
+    # scores that are not probabilities rank cases (AUC) but have no calibration
+    logits = M.classification_metrics(y, np.stack([-3 * p1, 3 * p1], axis=1))
+    assert logits["roc_auc"] == pytest.approx(out["roc_auc"]) and math.isnan(logits["log_loss"])
+    assert math.isnan(M.classification_metrics(y, np.stack([p1, p1], axis=1))["brier"])  # rows do not sum to 1
     assert M.classification_metrics(y, pred)["confusion_matrix"] == out["confusion_matrix"]  # int array = hard
 
 
@@ -268,6 +277,8 @@ def test_classification_metrics_edge_cases():
     assert out3["roc_auc"] == pytest.approx(sk.roc_auc_score(y, prob, multi_class="ovr", average="macro"))
     assert out3["balanced_accuracy"] == pytest.approx(sk.balanced_accuracy_score(y, prob.argmax(1)))
     assert out3["f1"] == pytest.approx(sk.f1_score(y, prob.argmax(1), average="macro"))
+    assert out3["log_loss"] == pytest.approx(sk.log_loss(y, prob))
+    assert out3["brier"] == pytest.approx(0.5 * np.mean(((prob - np.eye(3)[y]) ** 2).sum(1)))
     with pytest.raises(ValueError, match="unknown class names"):
         M.classification_metrics(["HGG", "GBM"], [0.1, 0.2])
     with pytest.raises(ValueError, match="outside"):
