@@ -274,6 +274,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    "features of every training case's grading slices, --grading_max_steps full-batch steps; 'finetune' "
                    "trains the whole model on augmented slice bags, --grading_max_steps steps of --batch_size slices "
                    "(README: 'Results on demo data' compares the two).")
+    g.add_argument("--grading_calibration_folds", type=int, default=3,
+                   help="With --grading_fit head: the grade probabilities are temperature-scaled on out-of-fold "
+                   "predictions of this many heads, each fitted without one fold of the training cases (the grades "
+                   "themselves do not change); 0: no calibration.")
     g.add_argument("--grading_sampling", choices=("balanced", "natural"), default="balanced",
                    help="Grading runs: draw HGG and LGG cases equally often (balanced, the default: a 293:76 cohort otherwise "
                    "lets the head collapse to HGG) or in proportion to their slices (natural).")
@@ -334,6 +338,8 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, key, demo_value if args.demo else real_value)
     if args.grading_slices < 0:
         raise SystemExit(f"train.py: --grading_slices must be >= 0 (0: every slice), got {args.grading_slices}.")
+    if args.grading_calibration_folds < 0 or args.grading_calibration_folds == 1:
+        raise SystemExit(f"train.py: --grading_calibration_folds must be 0 (no calibration) or >= 2, got {args.grading_calibration_folds}.")
     if args.eval_steps is not None and (args.eval_steps < 1 or (args.val_fraction == 0 and args.split_file is None)):
         raise SystemExit(SELECTION_NEEDS_VALIDATION if args.eval_steps >= 1 else
                          f"train.py: --eval_steps must be >= 1, got {args.eval_steps}.")
@@ -1374,6 +1380,84 @@ def fit_grading_head(args, accelerator, net, feats: List[CaseTowerFeatures], max
     return max_steps
 
 
+TOWER_PREFIXES = ("emrfuse.vision_model.", "emrfuse.text_model.")
+
+
+def _head_state(net) -> Dict[str, torch.Tensor]:
+    """A copy of every weight after the towers (what :func:`fit_grading_head` trains)."""
+    return {k: v.detach().clone() for k, v in net.state_dict().items() if not k.startswith(TOWER_PREFIXES)}
+
+
+def grading_folds(labels: Sequence[int], folds: int, seed: int) -> List[List[int]]:
+    """Stratified folds of case indices: each grade's cases shuffled (seeded) and dealt out in turn, so every fold
+    holds about the same share of each grade."""
+    generator = torch.Generator().manual_seed(int(seed))
+    out: List[List[int]] = [[] for _ in range(folds)]
+    dealt = 0
+    for label in sorted(set(labels)):
+        idx = [i for i, y in enumerate(labels) if y == label]
+        for j in torch.randperm(len(idx), generator=generator).tolist():
+            out[dealt % folds].append(idx[j])
+            dealt += 1
+    return [sorted(f) for f in out]
+
+
+@torch.no_grad()
+def head_logits(net, feats: List[CaseTowerFeatures], device) -> torch.Tensor:
+    """(N, num_labels) logits of cases from their tower features, one case at a time as evaluation grades them."""
+    net.eval()
+    return torch.cat([net.forward_from_tower_features(**tower_feature_batch([f], device)).logits.float().cpu() for f in feats])
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature ``T`` that minimises the log loss of ``softmax(logits / T)`` (temperature scaling, Guo et al.
+    2017), searched on a grid of 1001 log-spaced values from 0.05 to 50 (steps of 0.7 %). Dividing logits by a positive
+    ``T`` leaves every argmax, so every predicted grade, as it was."""
+    grid = torch.logspace(math.log10(0.05), math.log10(50.0), 1001, dtype=torch.float64)
+    logits, labels = logits.double(), labels.long()
+    nll = torch.stack([F.cross_entropy(logits / t, labels) for t in grid])
+    return float(grid[int(torch.argmin(nll))])
+
+
+def calibrate_grading_head(args, accelerator, net, feats: List[CaseTowerFeatures], initial: Dict[str, torch.Tensor],
+                           max_steps: int, learning_rate: float, seed: int, desc: str) -> Optional[Dict[str, Any]]:
+    """Temperature scaling of the fitted grading head without a validation split: ``--grading_calibration_folds`` K
+    heads are fitted from ``initial`` as the final head was, each without one stratified fold of the training cases,
+    and grade that fold. The temperature that best fits these out-of-fold logits divides the final head's logits
+    (its classifier weights are scaled by ``1 / T``): the grades, accuracy and AUC stay as they were, the probabilities
+    get the confidence that held-out cases support. Returns ``{"temperature", "folds", "out_of_fold_log_loss"
+    (before, after)}``, or None when there are too few cases of a grade for K folds."""
+    folds = int(args.grading_calibration_folds)
+    labels = [f.label for f in feats]
+    counts = Counter(labels)
+    if folds < 2:
+        return None
+    if len(counts) < 2 or min(counts.values()) < folds:
+        logger.warning(f"{desc}: grade probabilities left uncalibrated: {folds}-fold cross-fitting needs at least {folds} "
+                       f"training cases of every grade, there are {dict(sorted(counts.items()))} (by grade id).")
+        return None
+    fitted = _head_state(net)
+    rng = torch.get_rng_state()
+    oof = torch.zeros(len(feats), net.config.num_labels)
+    for k, held in enumerate(grading_folds(labels, folds, seed)):
+        net.load_state_dict(initial, strict=False)
+        rest = [f for i, f in enumerate(feats) if i not in set(held)]
+        fit_grading_head(args, accelerator, net, rest, max_steps, learning_rate, seed, f"{desc}: calibration fold {k + 1}/{folds}")
+        oof[held] = head_logits(net, [feats[i] for i in held], accelerator.device)
+    torch.set_rng_state(rng)  # the cross-fitting leaves the random state as the final fit left it
+    net.load_state_dict(fitted, strict=False)
+    y = torch.tensor(labels)
+    temperature = fit_temperature(oof, y)
+    with torch.no_grad():
+        net.classifier.weight.div_(temperature)
+        net.classifier.bias.div_(temperature)
+    before, after = F.cross_entropy(oof.double(), y).item(), F.cross_entropy(oof.double() / temperature, y).item()
+    logger.info(f"{desc}: grade probabilities temperature-scaled, T = {temperature:.3g} (out-of-fold log loss of the "
+                f"training cases {before:.3f} -> {after:.3f}, {folds} folds)")
+    return {"temperature": round(temperature, 4), "folds": folds,
+            "out_of_fold_log_loss": [round(before, 4), round(after, 4)]}
+
+
 def train_grading_head(args, accelerator, run: RunData, *, output_dir: Path, switches: Dict[str, bool], seed: int,
                        warm_start: WarmStart, save_model: bool, desc: str) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
     """The demo's grading run with ``--grading_fit head``: the towers of the warm start stay frozen, the grading head
@@ -1390,7 +1474,9 @@ def train_grading_head(args, accelerator, run: RunData, *, output_dir: Path, swi
     feats = training_tower_features(args, accelerator, model, processor, run, desc)
     logger.info(f"{desc}: grading head fitted on the frozen towers' features of {len(feats)} training cases, "
                 f"{max_steps} full-batch steps")
+    initial = _head_state(model)
     steps = fit_grading_head(args, accelerator, model, feats, max_steps, learning_rate, seed, desc)
+    calibration = calibrate_grading_head(args, accelerator, model, feats, initial, max_steps, learning_rate, seed, desc)
     train_seconds = time.perf_counter() - t_train
     if accelerator.is_main_process:
         (output_dir / "eval_history.jsonl").unlink(missing_ok=True)
@@ -1404,7 +1490,7 @@ def train_grading_head(args, accelerator, run: RunData, *, output_dir: Path, swi
         best.keep(None, steps, {"task": "classification", "step": steps, "num_cases": 0, "split": "none"}, [], None, model)
     rows, summary, embeds = score_best_model(args, accelerator, model, processor, run, "classification", best, max_steps)
     summary.update(best_step=best.step, train_seconds=round(train_seconds, 1), steps=steps, output_dir=str(output_dir),
-                   grading_fit="head")
+                   grading_fit="head", calibration=calibration)
     if accelerator.is_main_process:
         write_run_outputs(args, run, model, processor, output_dir, "classification", rows, summary, embeds, switches, seed,
                           max_steps, learning_rate, save_model)
@@ -1606,7 +1692,7 @@ def _summary_scalars(summary: Dict[str, Any], task: str) -> Dict[str, float]:
     for region, metrics in (summary.get("segmentation") or {}).items():
         for metric, stats in metrics.items():  # statistics ({"mean", ...}) or case counts (ints)
             out[f"eval/{region}_{metric}"] = float(stats["mean"] if isinstance(stats, dict) else stats)
-    for key in ("accuracy", "balanced_accuracy", "roc_auc", "f1"):
+    for key in ("accuracy", "balanced_accuracy", "roc_auc", "f1", "log_loss", "brier"):
         if key in (summary.get("grading") or {}):
             out[f"eval/grade_{key}"] = float(summary["grading"][key])
     return out
@@ -1633,6 +1719,8 @@ def _card_config(args, task: str, max_steps: int, learning_rate: float, switches
     }
     if task == "classification" and getattr(args, "grading_after_segmentation", False):
         cfg["grading_fit"] = args.grading_fit  # head: frozen towers, full-batch steps (batch_size, augmentation unused)
+        if args.grading_fit == "head":
+            cfg["grading_calibration_folds"] = args.grading_calibration_folds
     cfg.update(switches)
     return cfg
 
@@ -1662,7 +1750,7 @@ def train_with_grading(args, accelerator, run: RunData, *, output_dir: Path, swi
     merged = dict(seg)
     for key in ("grading", "grade_labels", "num_graded_cases"):
         merged[key] = cls_summary.get(key)
-    merged["grading_run"] = {k: cls_summary.get(k) for k in ("output_dir", "train_seconds", "steps", "best_step")}
+    merged["grading_run"] = {k: cls_summary.get(k) for k in ("output_dir", "train_seconds", "steps", "best_step", "calibration")}
     return merged
 
 
@@ -1683,6 +1771,9 @@ def run_ablation(args: argparse.Namespace, accelerator, run: RunData) -> Dict[st
     """
     table_rows = TABLE1_ROWS if args.ablation == "table1" else TABLE3_ROWS
     out_dir = Path(args.output_dir) / f"ablation-{args.ablation}"
+    # the tables report grades (accuracy), which calibrating the probabilities leaves as they are, and the runs keep
+    # no model: the cross-fitting would only cost time
+    args = argparse.Namespace(**{**vars(args), "grading_calibration_folds": 0})
     rows = []
     t0 = time.perf_counter()
     for preset, label in list(table_rows) + [SHUFFLED_REPORTS_ROW]:

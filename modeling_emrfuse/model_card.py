@@ -130,6 +130,15 @@ def build_model_card(
             "evenly spaced brain slices; every slice when it is null) are pooled into one prediction, as `emrfuse\n"
             "predict` and the pipeline pool them."
         )
+        calibration = summary.get("calibration") or {}
+        if calibration.get("temperature"):
+            metrics_note += (
+                f"\nThe grade probabilities are temperature-scaled (T = {float(calibration['temperature']):.3g}, fitted on the\n"
+                f"out-of-fold predictions of {calibration.get('folds')} heads, each trained without one fold of the training\n"
+                "cases); this changes no predicted grade. Log loss and Brier score say how well calibrated they are."
+            )
+        else:
+            metrics_note += "\nThe grade probabilities are not calibrated: read them as scores, not as frequencies."
     cls = MODEL_CLASSES[task]
     auto_cls = AUTO_CLASSES[task]
     title = f"{model_name}" + (" (trained on synthetic demo data)" if synthetic else "")

@@ -8,6 +8,7 @@ through ``python train.py`` / ``torchrun`` in a subprocess, exactly as a user st
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -269,6 +271,10 @@ def test_model_switches_from_presets_and_flags():
         train.parse_args(["--demo", "--preset", "nonsense"])
     with pytest.raises(SystemExit):
         train.parse_args([])  # neither data nor --demo
+    for folds in ("1", "-2"):
+        with pytest.raises(SystemExit, match="--grading_calibration_folds must be 0"):
+            train.parse_args(["--demo", "--grading_calibration_folds", folds])
+    assert train.parse_args(["--demo"]).grading_calibration_folds == 3
 
 
 # ------------------------------------------------------------------------------------------ defaults, warm start, selection
@@ -358,7 +364,8 @@ def test_cross_attention_flag():
 def test_grading_fit_head_keeps_the_towers_and_fits_the_rest(shared):
     """`--grading_fit head`: the grading model's towers are the segmentation run's, bit for bit; the rest moved."""
     out = shared["base"] / "head-fit"
-    summary = train.main(tiny_args(shared, out, "--max_steps", "2", "--grading_max_steps", "5", "--grading_fit", "head"))
+    summary = train.main(tiny_args(shared, out, "--max_steps", "2", "--grading_max_steps", "5", "--grading_fit", "head",
+                                   "--grading_calibration_folds", "2"))  # 2 training cases of each grade
     assert summary["grading"] is not None and summary["grading_run"]["steps"] == 5
     seg, grading = weights(out), weights(out / "grading")
     towers = [k for k in seg if k.startswith(("emrfuse.vision_model.", "emrfuse.text_model."))]
@@ -369,6 +376,11 @@ def test_grading_fit_head_keeps_the_towers_and_fits_the_rest(shared):
     assert json.loads((out / "grading" / "eval" / "summary.json").read_text())["grading_fit"] == "head"
     card = (out / "grading" / "README.md").read_text()
     assert "| `grading_fit` | `head` |" in card and "grading bag policy" in card  # the card says how it was fitted and graded
+    calibration = summary["grading_run"]["calibration"]
+    assert calibration["folds"] == 2 and calibration["temperature"] > 0
+    assert f"temperature-scaled (T = {calibration['temperature']:.3g}" in card
+    grading_summary = json.loads((out / "grading" / "eval" / "summary.json").read_text())["grading"]
+    assert 0 < grading_summary["log_loss"] and 0 <= grading_summary["brier"] <= 1
 
 
 def test_grading_fit_finetune_trains_the_whole_model(shared):
@@ -422,3 +434,76 @@ def test_fit_grading_head_learns_a_grade_that_the_tower_features_carry():
     assert accuracy == 1.0
     net_b, _ = fitted(0)
     assert all(torch.equal(v, net_b.state_dict()[k]) for k, v in net_a.state_dict().items())
+
+
+def test_grading_folds_are_a_stratified_seeded_partition():
+    labels = [0] * 10 + [1] * 5
+    folds = train.grading_folds(labels, 3, seed=4)
+    assert sorted(i for f in folds for i in f) == list(range(15))  # every case in exactly one fold
+    assert [sum(labels[i] for i in f) for f in folds] in ([2, 2, 1], [2, 1, 2], [1, 2, 2])  # each fold 1-2 of the 5 LGG
+    assert all(len(f) == 5 for f in folds)
+    assert folds == train.grading_folds(labels, 3, seed=4) and folds != train.grading_folds(labels, 3, seed=5)
+
+
+def test_fit_temperature_minimises_the_log_loss():
+    from scipy.optimize import minimize_scalar
+
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 2, (60,), generator=gen)
+    logits = torch.randn(60, 2, generator=gen) * 6 + 2.0 * torch.nn.functional.one_hot(labels, 2)  # overconfident
+    t = train.fit_temperature(logits, labels)
+
+    def nll(log_t):
+        return torch.nn.functional.cross_entropy(logits.double() / math.exp(log_t), labels).item()
+
+    best = math.exp(minimize_scalar(nll, bounds=(math.log(0.05), math.log(50)), method="bounded").x)
+    assert t > 1 and t == pytest.approx(best, rel=0.01)
+
+
+def test_calibration_scales_the_head_without_changing_a_grade_and_helps_held_out_cases():
+    """An over-fitted head on a weak planted grade: cross-fitted temperature scaling divides its logits by T > 1
+    (every predicted grade stays), and held-out cases that played no part get a lower log loss."""
+    import argparse
+    from types import SimpleNamespace
+
+    from conftest import tiny_config
+    from modeling_emrfuse.modeling_emrfuse import EmrFuseForImageClassification
+
+    acc = SimpleNamespace(device=torch.device("cpu"), is_local_main_process=False)
+    torch.manual_seed(0)
+    net = EmrFuseForImageClassification(tiny_config())
+    d_i, d_t = net.emrfuse.image_dim, net.emrfuse.text_dim
+    gen = torch.Generator().manual_seed(1)
+    direction = torch.randn(d_i, generator=gen)
+
+    def cases(n, prefix):
+        out = []
+        for k in range(n):
+            label = k % 2
+            gap = torch.randn(4, d_i, generator=gen) + 0.15 * (1 if label else -1) * direction
+            out.append(train.CaseTowerFeatures(case_id=f"{prefix}{k:02d}", label=label, gap=gap, input_ids=torch.tensor([2, 5, 3]),
+                                               attention_mask=torch.ones(3, dtype=torch.long), has_report=True,
+                                               text_hidden=torch.randn(3, d_t, generator=gen)))
+        return out
+
+    feats, held_out = cases(24, "t"), cases(40, "h")
+    args = argparse.Namespace(grading_sampling="balanced", batch_size=24, slices_per_case=4, weight_decay=1e-4, text_learning_rate=None,
+                              lr_scheduler="cosine", warmup_steps=5, max_grad_norm=1.0, logging_steps=10, grading_calibration_folds=3)
+    initial = train._head_state(net)
+    train.fit_grading_head(args, acc, net, feats, max_steps=200, learning_rate=2e-2, seed=0, desc="test")
+    raw = train.head_logits(net, held_out, "cpu")
+    towers = {k: v.clone() for k, v in net.state_dict().items() if k.startswith(train.TOWER_PREFIXES)}
+    result = train.calibrate_grading_head(args, acc, net, feats, initial, 200, 2e-2, 0, "test")
+    scaled = train.head_logits(net, held_out, "cpu")
+    t = result["temperature"]
+    assert t > 1 and result["folds"] == 3
+    torch.testing.assert_close(scaled, raw / t, rtol=1e-4, atol=1e-5)  # the same head, its logits divided by T
+    assert torch.equal(scaled.argmax(-1), raw.argmax(-1))
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in towers.items())
+    y = torch.tensor([f.label for f in held_out])
+    assert F.cross_entropy(scaled, y) < F.cross_entropy(raw, y)
+    assert result["out_of_fold_log_loss"][1] <= result["out_of_fold_log_loss"][0]
+    # too few cases of a grade for the folds: no calibration, and the head is left as it was
+    args.grading_calibration_folds = 13
+    assert train.calibrate_grading_head(args, acc, net, feats, initial, 200, 2e-2, 0, "test") is None
+    torch.testing.assert_close(train.head_logits(net, held_out, "cpu"), scaled)
