@@ -1437,14 +1437,16 @@ def calibrate_grading_head(args, accelerator, net, feats: List[CaseTowerFeatures
                        f"training cases of every grade, there are {dict(sorted(counts.items()))} (by grade id).")
         return None
     fitted = _head_state(net)
-    rng = torch.get_rng_state()
     oof = torch.zeros(len(feats), net.config.num_labels)
-    for k, held in enumerate(grading_folds(labels, folds, seed)):
-        net.load_state_dict(initial, strict=False)
-        rest = [f for i, f in enumerate(feats) if i not in set(held)]
-        fit_grading_head(args, accelerator, net, rest, max_steps, learning_rate, seed, f"{desc}: calibration fold {k + 1}/{folds}")
-        oof[held] = head_logits(net, [feats[i] for i in held], accelerator.device)
-    torch.set_rng_state(rng)  # the cross-fitting leaves the random state as the final fit left it
+    device = torch.device(accelerator.device)
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):  # the random state stays as the final fit left it
+        for k, held in enumerate(grading_folds(labels, folds, seed)):
+            net.load_state_dict(initial, strict=False)
+            held_set = set(held)
+            rest = [f for i, f in enumerate(feats) if i not in held_set]
+            fit_grading_head(args, accelerator, net, rest, max_steps, learning_rate, seed, f"{desc}: calibration fold {k + 1}/{folds}")
+            oof[held] = head_logits(net, [feats[i] for i in held], device)
     net.load_state_dict(fitted, strict=False)
     y = torch.tensor(labels)
     temperature = fit_temperature(oof, y)

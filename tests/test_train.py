@@ -493,7 +493,9 @@ def test_calibration_scales_the_head_without_changing_a_grade_and_helps_held_out
     train.fit_grading_head(args, acc, net, feats, max_steps=200, learning_rate=2e-2, seed=0, desc="test")
     raw = train.head_logits(net, held_out, "cpu")
     towers = {k: v.clone() for k, v in net.state_dict().items() if k.startswith(train.TOWER_PREFIXES)}
+    rng = torch.get_rng_state()
     result = train.calibrate_grading_head(args, acc, net, feats, initial, 200, 2e-2, 0, "test")
+    assert torch.equal(torch.get_rng_state(), rng)  # what runs next draws the same numbers as without calibration
     scaled = train.head_logits(net, held_out, "cpu")
     t = result["temperature"]
     assert t > 1 and result["folds"] == 3
