@@ -959,9 +959,6 @@ def evaluate_case(model, processor, case, report: Optional[str], args, device, t
     Returns the per-case row (id, grade, metrics / grade probabilities, timing) and the fused case
     embedding (``case_embeds``) for the embedding plot.
     """
-
-
-
     t0 = time.perf_counter()
     ip = processor.image_processor
     inputs = case_model_inputs(model, processor, case, report, args, device, task)
