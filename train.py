@@ -44,7 +44,7 @@ case's of its split (:func:`shuffled_reports_run`); if it matches the complete m
 
 Evaluation runs on whole volumes: the image processor's slices -> the model ->
 ``post_process_segmentation`` back to the original grid -> 3D metrics
-(:mod:`modeling_emrfuse.metrics`); each held-out case is evaluated exactly once, by one process,
+(:mod:`modeling_emrfuse.evaluation.metrics`); each held-out case is evaluated exactly once, by one process,
 and the results are gathered. Report text is never logged.
 """
 
@@ -66,7 +66,7 @@ from dataclasses import dataclass, field, replace as dataclass_replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from modeling_emrfuse.cpu_threads import limit_torch_threads, prefer_passive_openmp
+from modeling_emrfuse.runtime.cpu_threads import limit_torch_threads, prefer_passive_openmp
 
 prefer_passive_openmp()  # before torch (and everything that imports it) loads OpenMP: waiting threads sleep
 
@@ -94,8 +94,8 @@ from datasets_scripts.brats_text import (
 )
 from datasets_scripts.demo_data import DEMO_DATA_VERSION, demo_case_ids, write_demo_dataset
 from datasets_scripts.slice_cache import SliceDataset, build_cache, collate_slices
-from modeling_emrfuse import strict_json
-from modeling_emrfuse.ablation_report import (
+from modeling_emrfuse.runtime import strict_json
+from modeling_emrfuse.evaluation.ablation_report import (
     SHUFFLED_REPORTS_PRESET,
     SHUFFLED_REPORTS_ROW,
     TABLE_TITLES,
@@ -107,10 +107,10 @@ from modeling_emrfuse.ablation_report import (
 from modeling_emrfuse.brats_io import discover_folders, read_volume, reorientation, reoriented_image, to_nifti_image
 from modeling_emrfuse.brats_labels import REGIONS
 from modeling_emrfuse.configuration_emrfuse import ABLATION_PRESETS, TABLE1_ROWS, TABLE3_ROWS, EmrFuseConfig, preset_parts
-from modeling_emrfuse.evaluation_report import format_results_markdown, summarize_segmentation, write_evaluation_report
-from modeling_emrfuse.metrics import classification_metrics, metrics_to_row, score_label_maps
-from modeling_emrfuse.model_card import build_model_card, training_config_for_card
-from modeling_emrfuse.model_packaging import add_pipeline_to_folder
+from modeling_emrfuse.evaluation.report import format_results_markdown, summarize_segmentation, write_evaluation_report
+from modeling_emrfuse.evaluation.metrics import classification_metrics, metrics_to_row, score_label_maps
+from modeling_emrfuse.hub.model_card import build_model_card, training_config_for_card
+from modeling_emrfuse.hub.packaging import add_pipeline_to_folder
 from modeling_emrfuse.modeling_emrfuse import EmrFuseForImageClassification, EmrFuseForSegmentation
 from modeling_emrfuse.processing_emrfuse import EmrFuseImageProcessor, EmrFuseProcessor, grading_slice_indices
 

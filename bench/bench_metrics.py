@@ -1,4 +1,4 @@
-"""Metric timing on full-size (240 x 240 x 155) cases: HD95 (modeling_emrfuse.metrics vs MedPy, same run)
+"""Metric timing on full-size (240 x 240 x 155) cases: HD95 (modeling_emrfuse.evaluation.metrics vs MedPy, same run)
 and the lesion-wise metrics of BraTS 2023+ (panoptica, per case).
 
     OMP_NUM_THREADS=1 python bench/bench_metrics.py [--repeats 5] [--medpy-repeats 1] [--lesion-repeats 3]
@@ -24,7 +24,7 @@ import numpy as np
 from scipy import ndimage
 
 from modeling_emrfuse.brats_labels import REGIONS, label_map_to_regions
-from modeling_emrfuse.metrics import hd95, score_label_maps
+from modeling_emrfuse.evaluation.metrics import hd95, score_label_maps
 
 REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
 REAL_SEG = REALDATA / "TCGA-DU-7294" / "TCGA-DU-7294_seg.nii.gz"
@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--lesion-repeats", type=int, default=3)
     args = parser.parse_args()
     try:
-        from modeling_emrfuse.lesion_metrics import brats_lesion_evaluator
+        from modeling_emrfuse.evaluation.lesion_metrics import brats_lesion_evaluator
 
         brats_lesion_evaluator()  # import panoptica once, outside the timings
         lesion_wise = True
@@ -92,7 +92,7 @@ def main() -> None:
         from medpy.metric.binary import hd95 as medpy_hd95
     except ImportError:  # pragma: no cover - MedPy is a test extra
         medpy_hd95 = None
-        print("MedPy not installed: timing modeling_emrfuse.metrics only")
+        print("MedPy not installed: timing modeling_emrfuse.evaluation.metrics only")
 
     cases: List[Tuple[str, np.ndarray, np.ndarray, Tuple[float, ...]]] = []
     if REAL_SEG.exists():

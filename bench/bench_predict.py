@@ -75,7 +75,7 @@ def build_paper_size_folder(folder: Path, seed: int = 0) -> Path:
 
     from modeling_emrfuse.configuration_emrfuse import EmrFuseConfig
     from modeling_emrfuse.modeling_emrfuse import EmrFuseForImageClassification, EmrFuseForSegmentation
-    from modeling_emrfuse.model_packaging import add_pipeline_to_folder
+    from modeling_emrfuse.hub.packaging import add_pipeline_to_folder
     from modeling_emrfuse.processing_emrfuse import EmrFuseImageProcessor, EmrFuseProcessor
 
     if (folder / "config.json").is_file() and (folder / "grading" / "config.json").is_file():
@@ -156,7 +156,7 @@ def segresnet_forward(net, volume: np.ndarray) -> float:
 
 def emrfuse_case(pipe, case: Path, tmp: Path):
     """One case through the pipeline + writing its NIfTI and JSON (what ``emrfuse predict`` does per case)."""
-    from modeling_emrfuse.predict_cli import prediction_record, write_label_map
+    from modeling_emrfuse.commands.predict import prediction_record, write_label_map
 
     t0 = time.perf_counter()
     res = pipe(str(case), report=REPORT_100_WORDS)
@@ -185,7 +185,7 @@ def scale_out(args, model: Path, workdir: Path) -> dict:
         shutil.rmtree(out, ignore_errors=True)
         threads = max(1, args.threads // n)
         launcher = [sys.executable] + ([] if n == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)])
-        cmd = launcher + ["-m", "modeling_emrfuse.cli", "predict", str(cases), "--model", str(model), "-o", str(out), "-q",
+        cmd = launcher + ["-m", "modeling_emrfuse.commands.cli", "predict", str(cases), "--model", str(model), "-o", str(out), "-q",
                           "--precision", args.precision, "--threads", str(threads), "--grading-slices", str(args.grading_slices)]
         load_avg = os.getloadavg()[0]
         t0 = time.perf_counter()
@@ -328,7 +328,7 @@ def main(argv=None) -> int:
 
     if not args.no_cold:
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, "-m", "modeling_emrfuse.cli", "predict", str(case), "--model", str(model), "-o", tmp,
+            cmd = [sys.executable, "-m", "modeling_emrfuse.commands.cli", "predict", str(case), "--model", str(model), "-o", tmp,
                    "--precision", args.precision, "--threads", str(args.threads), "--report", REPORT_100_WORDS, "-q"]
             cmd += ["--grading-slices", str(args.grading_slices)]
             t0 = time.perf_counter()

@@ -52,7 +52,7 @@ if str(ROOT) not in sys.path:
 from datasets_scripts.brats_layouts import CaseFiles, discover_cases  # noqa: E402
 from datasets_scripts.brats_text import attach_reports_and_grades, load_id_mapping, make_splits, read_reports  # noqa: E402
 from modeling_emrfuse.brats_labels import REGIONS  # noqa: E402
-from modeling_emrfuse.metrics import bootstrap_mean_ci  # noqa: E402
+from modeling_emrfuse.evaluation.metrics import bootstrap_mean_ci  # noqa: E402
 
 RECIPES = ("image", "image+demo", "image+report")
 DEFAULT_PSEUDO = ("TCGA-DU-7294",)
@@ -296,7 +296,7 @@ def main(argv=None) -> Dict[str, Any]:
     text_model: Optional[str] = None
     recipes = list(args.recipes)
     if "image+report" in recipes or args.final == "image+report":
-        from modeling_emrfuse.offline_text_tower import minilm_available, minilm_folder
+        from modeling_emrfuse.training.offline_text_tower import minilm_available, minilm_folder
 
         if minilm_available():
             text_model = str(minilm_folder(out / "towers"))

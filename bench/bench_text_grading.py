@@ -47,7 +47,7 @@ What the numbers mean
     Per row: balanced accuracy (mean recall of HGG and LGG; chance = 0.5 whatever the class ratio),
     ROC AUC of P(LGG) (chance = 0.5), F1 of the LGG class (LGG is the positive, minority class; a constant
     "LGG" predictor scores 2p/(1+p) = 0.34 with p = 76/369), each as mean +- std (ddof 0) over the 5 test
-    folds, from ``modeling_emrfuse.metrics.classification_metrics`` (prediction: P(LGG) > 0.5), and the row's
+    folds, from ``modeling_emrfuse.evaluation.metrics.classification_metrics`` (prediction: P(LGG) > 0.5), and the row's
     wall time. A row whose balanced accuracy is near 0.5 learned nothing usable from the reports.
     ``--demo_reports FOLDER`` also runs the TF-IDF row on a demo data folder (``name_mapping.csv`` grades,
     ``<case>/<case>_flair_text.txt`` reports, found with ``discover_cases``) and prints
@@ -86,7 +86,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from modeling_emrfuse.brats_labels import GRADES  # noqa: E402
-from modeling_emrfuse.metrics import classification_metrics  # noqa: E402
+from modeling_emrfuse.evaluation.metrics import classification_metrics  # noqa: E402
 
 ROWS: Tuple[str, ...] = ("tfidf_logreg", "emrfuse_text_scratch", "emrfuse_text_minilm")
 DEMO_ROW = "tfidf_logreg_demo"
@@ -551,7 +551,7 @@ def _main(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
         elif name == "emrfuse_text_scratch":
             rows[name] = _run_row(name, lambda: run_emrfuse(name, data, folds, args.quick), data)
         elif name == "emrfuse_text_minilm":
-            from modeling_emrfuse.offline_text_tower import minilm_available, minilm_folder
+            from modeling_emrfuse.training.offline_text_tower import minilm_available, minilm_folder
 
             if not minilm_available():
                 notes.append("emrfuse_text_minilm skipped: all-MiniLM-L6-v2 is not installed "

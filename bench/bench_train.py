@@ -19,7 +19,7 @@ slices):
 ``--load`` measures the demo model's seconds per training step alone and beside one competing torch
 process (a matrix-multiply loop with torch's default threading), for two threading policies, each in
 a fresh process: "before" (torch loaded with ``OMP_WAIT_POLICY`` unset and its default thread count,
-as train.py ran before :mod:`modeling_emrfuse.cpu_threads`) and "after" (what train.py does now:
+as train.py ran before :mod:`modeling_emrfuse.runtime.cpu_threads`) and "after" (what train.py does now:
 ``OMP_WAIT_POLICY=PASSIVE`` set before torch loads, threads limited to the allowed cores).
 
 Figures depend on the machine and on what else runs on it; nothing here is a test.
@@ -45,7 +45,7 @@ _pre = argparse.ArgumentParser(add_help=False)
 _pre.add_argument("--child-policy", choices=POLICIES)
 CHILD_POLICY = _pre.parse_known_args()[0].child_policy
 if CHILD_POLICY != "before":  # as train.py does: before torch loads
-    from modeling_emrfuse.cpu_threads import prefer_passive_openmp
+    from modeling_emrfuse.runtime.cpu_threads import prefer_passive_openmp
 
     prefer_passive_openmp()
 
@@ -219,7 +219,7 @@ def main() -> None:
         measure_under_load(opts.demo_steps)
         return
     if opts.child_policy != "before":  # as train.py does
-        from modeling_emrfuse.cpu_threads import limit_torch_threads
+        from modeling_emrfuse.runtime.cpu_threads import limit_torch_threads
 
         limit_torch_threads()
     results = []

@@ -82,7 +82,7 @@ from modeling_emrfuse.brats_io import (
     volume_suffix,
 )
 from modeling_emrfuse.brats_labels import GRADES, SEQUENCES, check_label_values, get_label_convention
-from modeling_emrfuse.strict_json import write_json
+from modeling_emrfuse.runtime.strict_json import write_json
 
 from .brats_ids import IdMapping, find_id_tables
 

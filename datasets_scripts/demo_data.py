@@ -84,7 +84,7 @@ import numpy as np
 from scipy import ndimage
 
 from modeling_emrfuse.brats_labels import GRADES, SEQUENCES, check_label_values
-from modeling_emrfuse.strict_json import write_json
+from modeling_emrfuse.runtime.strict_json import write_json
 
 __all__ = [
     "DEMO_SIZES",

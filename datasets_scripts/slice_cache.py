@@ -74,7 +74,7 @@ from modeling_emrfuse.processing_emrfuse import (
     PreparedVolume,
     grading_slice_indices,
 )
-from modeling_emrfuse.strict_json import write_json
+from modeling_emrfuse.runtime.strict_json import write_json
 
 __all__ = [
     "CACHE_FORMAT_VERSION",

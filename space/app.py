@@ -55,7 +55,7 @@ for _path in (HERE, REPO):  # the package next to the app (a Space) or the repos
     if (_path / "modeling_emrfuse").is_dir() and str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from modeling_emrfuse.cpu_threads import prefer_passive_openmp  # noqa: E402
+from modeling_emrfuse.runtime.cpu_threads import prefer_passive_openmp  # noqa: E402
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 prefer_passive_openmp()  # before torch loads: no spinning threads on shared vCPUs
@@ -290,11 +290,11 @@ def _sweep_outputs() -> None:
 
 def ground_truth_convention(gt: np.ndarray, pred_conv: str) -> Tuple[str, str]:
     """``(convention, why)`` of a ground-truth label map, inferred from its label values exactly as
-    ``emrfuse score`` infers a reference folder's (:func:`modeling_emrfuse.metrics_cli.resolve_convention`);
+    ``emrfuse score`` infers a reference folder's (:func:`modeling_emrfuse.commands.score.resolve_convention`);
     the prediction's convention settles values that several conventions fit. ``ValueError`` (naming the
     "Ground-truth labels" control) when the values fit no convention, or fit several that read them
     differently and the prediction's convention is not one of them: never a silent guess."""
-    from modeling_emrfuse.metrics_cli import label_values, resolve_convention
+    from modeling_emrfuse.commands.score import label_values, resolve_convention
 
     choice = resolve_convention(
         [label_values(gt)], "ground truth", f"a convention under '{GT_LABELS_CONTROL}'", pred_conv, "prediction"
@@ -431,7 +431,7 @@ def highlight_report(report: str, words: Optional[List[Dict[str, Any]]]) -> List
 
 def metrics_table(pred: np.ndarray, pred_conv: str, gt: np.ndarray, gt_conv: str, spacing) -> List[List[Any]]:
     """Rows (region, Dice, PPV, sensitivity, HD95 mm) of the prediction against the ground truth."""
-    from modeling_emrfuse.metrics import score_label_maps
+    from modeling_emrfuse.evaluation.metrics import score_label_maps
 
     scores = score_label_maps(pred, gt, pred_conv, gt_conv, spacing=spacing)
     return [[f"{REGION_NAMES[r]} ({r})", round(s["dice"], 4), round(s["ppv"], 4), round(s["sensitivity"], 4), round(s["hd95"], 2)]
@@ -671,7 +671,7 @@ def _stop_on_sigterm(signum, frame) -> None:
 
 def main() -> None:
     """Launch the app (``python space/app.py``); host/port from GRADIO_SERVER_NAME / GRADIO_SERVER_PORT."""
-    from modeling_emrfuse.cpu_threads import limit_torch_threads
+    from modeling_emrfuse.runtime.cpu_threads import limit_torch_threads
 
     limit_torch_threads()
     signal.signal(signal.SIGTERM, _stop_on_sigterm)  # a Space or a container stops the app with SIGTERM

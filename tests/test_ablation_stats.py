@@ -1,4 +1,4 @@
-"""Ablation statistics (modeling_emrfuse/ablation_stats.py) against independent computations."""
+"""Ablation statistics (modeling_emrfuse/evaluation/ablation_stats.py) against independent computations."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from modeling_emrfuse.ablation_stats import (
+from modeling_emrfuse.evaluation.ablation_stats import (
     PairedDifference,
     format_difference,
     format_interval,
@@ -85,7 +85,7 @@ def _case_values(rng, shift=0.0, wrong=()):
 def test_tables_give_intervals_paired_differences_and_a_sentence(tmp_path):
     import json
 
-    from modeling_emrfuse.ablation_report import format_ablation_table, write_ablation_report
+    from modeling_emrfuse.evaluation.ablation_report import format_ablation_table, write_ablation_report
 
     rng = np.random.default_rng(0)
     numbers = lambda d: {"dice": d, "ppv": d, "sensitivity": d, "dice_WT": d, "dice_TC": d, "dice_ET": d,  # noqa: E731
@@ -118,7 +118,7 @@ def test_tables_give_intervals_paired_differences_and_a_sentence(tmp_path):
 
 
 def test_case_values_read_the_runs_evaluation_reports(tmp_path):
-    from modeling_emrfuse.ablation_report import case_values
+    from modeling_emrfuse.evaluation.ablation_report import case_values
 
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "per_case.csv").write_text("case_id,WT_dice,TC_dice,ET_dice\na,0.9,0.8,\nb,0.5,0.4,0.3\n")

@@ -169,7 +169,7 @@ def test_quick_run_on_synthetic_reports(tmp_path, capsys):
 
 
 def test_quick_run_minilm_row(tmp_path, capsys):
-    from modeling_emrfuse.offline_text_tower import minilm_available
+    from modeling_emrfuse.training.offline_text_tower import minilm_available
 
     if not minilm_available():
         rows = bench.main(["--data", str(write_real_like(tmp_path / "realdata")), "--quick", "--rows", "emrfuse_text_minilm"])

@@ -78,7 +78,7 @@ def test_hub_files_need_only_the_model_stack():
 def test_saved_pipeline_folder_carries_brats_io(tmp_path):
     """``add_pipeline_to_folder`` (like the pipeline's save_pretrained) copies the pipeline's relative imports:
     brats_io and inference_optim too."""
-    from modeling_emrfuse.model_packaging import add_pipeline_to_folder
+    from modeling_emrfuse.hub.packaging import add_pipeline_to_folder
 
     (tmp_path / "config.json").write_text('{"architectures": ["EmrFuseForSegmentation"]}')
     add_pipeline_to_folder(tmp_path)

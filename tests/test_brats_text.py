@@ -595,7 +595,7 @@ def test_header_only_mode_skips_voxel_checks(tmp_path):
 # CLI
 # =============================================================================================
 def test_prepare_cli_save_to_disk_is_self_contained(tmp_path, capsys):
-    from modeling_emrfuse.cli import main
+    from modeling_emrfuse.commands.cli import main
 
     root = tmp_path / "b20"
     write_2020_release(root, grades_2020(5))
@@ -614,7 +614,7 @@ def test_prepare_cli_save_to_disk_is_self_contained(tmp_path, capsys):
 
 
 def test_prepare_cli_parquet_and_errors(tmp_path, capsys):
-    from modeling_emrfuse.cli import main
+    from modeling_emrfuse.commands.cli import main
 
     root = tmp_path / "b20"
     write_2020_release(root, grades_2020(3))

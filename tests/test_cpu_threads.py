@@ -1,4 +1,4 @@
-"""CPU threading of the torch entry points (modeling_emrfuse/cpu_threads.py): OpenMP threads that sleep instead of
+"""CPU threading of the torch entry points (modeling_emrfuse/runtime/cpu_threads.py): OpenMP threads that sleep instead of
 spinning, set before torch loads, and no more threads than the cores a process may use."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modeling_emrfuse import cpu_threads
+from modeling_emrfuse.runtime import cpu_threads
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -225,7 +225,7 @@ def test_bad_arguments(tmp_path):
 
 
 def test_cli_writes_cases(tmp_path):
-    from modeling_emrfuse.cli import main
+    from modeling_emrfuse.commands.cli import main
 
     assert main(["demo-data", str(tmp_path / "cli"), "--n-cases", "2", "--size", "small", "--seed", "1"]) == 0
     assert (tmp_path / "cli" / "BraTS20_Training_002" / "BraTS20_Training_002_seg.nii.gz").exists()

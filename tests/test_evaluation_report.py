@@ -1,4 +1,4 @@
-"""The one evaluation report (modeling_emrfuse.evaluation_report) shared by train.py and ``emrfuse score``,
+"""The one evaluation report (modeling_emrfuse.evaluation.report) shared by train.py and ``emrfuse score``,
 and the ET metrics that do not hide behind empty cases (Dice over ET-present cases, false-positive cases).
 
 Expected values are computed here independently: ET masks straight from the label values, Dice by its
@@ -14,10 +14,10 @@ import statistics
 import numpy as np
 import pytest
 
-from modeling_emrfuse import metrics as M
-from modeling_emrfuse.ablation_report import format_ablation_table, row_numbers
+from modeling_emrfuse.evaluation import metrics as M
+from modeling_emrfuse.evaluation.ablation_report import format_ablation_table, row_numbers
 from modeling_emrfuse.brats_labels import REGIONS
-from modeling_emrfuse.evaluation_report import (
+from modeling_emrfuse.evaluation.report import (
     format_results_markdown,
     region_presence,
     summarize_segmentation,
@@ -122,7 +122,7 @@ def test_report_tables_show_et_present_and_false_positives(cases, tmp_path):
 def test_score_cli_summary_has_et_present_and_false_positive_cases(cases, tmp_path, capsys):
     import nibabel as nib
 
-    from modeling_emrfuse.cli import main
+    from modeling_emrfuse.commands.cli import main
 
     for cid, (pred, ref) in cases.items():
         for folder, arr in (("ref", ref), ("pred", pred)):

@@ -1,4 +1,4 @@
-"""Lesion-wise metrics of BraTS 2023+ (modeling_emrfuse.lesion_metrics), in ``emrfuse score`` and the evaluate metric.
+"""Lesion-wise metrics of BraTS 2023+ (modeling_emrfuse.evaluation.lesion_metrics), in ``emrfuse score`` and the evaluate metric.
 
 Checked two ways:
 
@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from modeling_emrfuse import lesion_metrics as L
-from modeling_emrfuse import metrics as M
+from modeling_emrfuse.evaluation import lesion_metrics as L
+from modeling_emrfuse.evaluation import metrics as M
 from modeling_emrfuse.brats_labels import REGIONS
 
 needs_panoptica = pytest.mark.skipif(
@@ -158,7 +158,7 @@ def test_lesion_wise_without_panoptica_is_a_clear_error(monkeypatch, tmp_path, c
             M.score_label_maps(np.zeros((4, 4, 4), np.uint8), np.zeros((4, 4, 4), np.uint8), "brats2017", lesion_wise=True)
         # without the flag nothing needs panoptica
         assert M.score_label_maps(np.zeros((4, 4, 4), np.uint8), np.zeros((4, 4, 4), np.uint8), "brats2017")["WT"]["dice"] == 1.0
-        from modeling_emrfuse.cli import main
+        from modeling_emrfuse.commands.cli import main
 
         for folder in ("ref", "pred"):
             _write(tmp_path / folder / "c1_seg.nii.gz", synthetic_pair("brats2017")[1])
@@ -183,7 +183,7 @@ def _write(path: Path, array, spacing=(1.0, 1.0, 1.0)):
 
 @needs_panoptica
 def test_score_cli_lesion_wise_columns_and_summary(tmp_path, capsys):
-    from modeling_emrfuse.cli import main
+    from modeling_emrfuse.commands.cli import main
 
     spacing = (1.0, 1.0, 2.0)
     pred, ref = synthetic_pair("brats2017")
@@ -286,7 +286,7 @@ def official_evaluation():
 def test_lesion_wise_matches_official_brats_evaluation(rel_path, conv, perturbations, official_evaluation, tmp_path, capsys):
     import nibabel as nib
 
-    from modeling_emrfuse.cli import main
+    from modeling_emrfuse.commands.cli import main
 
     path = REALDATA / rel_path
     if not path.exists():

@@ -1,4 +1,4 @@
-"""Metrics (modeling_emrfuse.metrics), the evaluate metric folder and ``emrfuse score``.
+"""Metrics (modeling_emrfuse.evaluation.metrics), the evaluate metric folder and ``emrfuse score``.
 
 Segmentation metrics are checked against MedPy (an independent implementation) on random masks
 with anisotropic spacing and on the real label map in ``../shared/realdata`` (skipped when absent);
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from modeling_emrfuse import metrics as M
+from modeling_emrfuse.evaluation import metrics as M
 from modeling_emrfuse.brats_labels import (
     GRADES,
     HD95_EMPTY_SENTINEL_MM,
@@ -392,7 +392,7 @@ def _write(path: Path, array, spacing=(1.0, 1.0, 1.0), affine=None):
 
 
 def _score(args, capsys):
-    from modeling_emrfuse.cli import main
+    from modeling_emrfuse.commands.cli import main
 
     rc = main(["score", "--no-progress", *[str(a) for a in args]])
     captured = capsys.readouterr()
@@ -417,7 +417,7 @@ def _score(args, capsys):
     ],
 )
 def test_case_id_from_path(name, expected):
-    from modeling_emrfuse.metrics_cli import case_id_from_path
+    from modeling_emrfuse.commands.score import case_id_from_path
 
     assert case_id_from_path(Path("/data") / name) == expected
     if expected is None:

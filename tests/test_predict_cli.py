@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from modeling_emrfuse.brats_labels import get_label_convention
-from modeling_emrfuse.cli import main
+from modeling_emrfuse.commands.cli import main
 from conftest import REALDATA, build_tiny_model_folder, write_small_case
 
 REPORT = "Ring enhancing mass in the right temporal lobe with necrosis and surrounding oedema."
@@ -178,7 +178,7 @@ def test_bad_input_gives_a_message_and_exit_2(model_dir, tmp_path, capsys, probl
 
 
 def test_bad_input_in_a_fresh_process_has_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "modeling_emrfuse.cli", "predict", str(tmp_path / "nothing")],
+    proc = subprocess.run([sys.executable, "-m", "modeling_emrfuse.commands.cli", "predict", str(tmp_path / "nothing")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
@@ -231,7 +231,7 @@ def test_predict_case_folder_with_missing_sequences(model_dir, tmp_path, capsys)
 ROOT = Path(__file__).resolve().parents[1]
 SPY = """
 import os, sys
-from modeling_emrfuse import predict_cli
+from modeling_emrfuse.commands import predict as predict_cli
 
 log = os.environ["EMRFUSE_TEST_SPY_DIR"]
 rank = os.environ.get("RANK", "single")
@@ -248,7 +248,7 @@ def spy_summary(*args, **kwargs):
     return write_summary(*args, **kwargs)
 
 predict_cli._predict_one, predict_cli._write_summary = spy_one, spy_summary
-from modeling_emrfuse.cli import main
+from modeling_emrfuse.commands.cli import main
 sys.exit(main())
 """
 

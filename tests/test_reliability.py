@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from modeling_emrfuse.brats_io import GeometryWarning, read_reports, read_volume, write_label_map
-from modeling_emrfuse.cli import main
+from modeling_emrfuse.commands.cli import main
 from conftest import build_tiny_model_folder, write_small_case
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,9 +195,9 @@ def test_item3_non_finite_logits_are_an_error(model_dir, case_dir):
 
 
 def test_item3_json_is_strict_and_undefined_is_null(tmp_path):
-    from modeling_emrfuse.ablation_report import write_ablation_report
-    from modeling_emrfuse.evaluation_report import write_evaluation_report
-    from modeling_emrfuse.strict_json import dumps
+    from modeling_emrfuse.evaluation.ablation_report import write_ablation_report
+    from modeling_emrfuse.evaluation.report import write_evaluation_report
+    from modeling_emrfuse.runtime.strict_json import dumps
 
     assert dumps({"a": float("nan"), "b": [np.float32("inf"), np.int64(3)], "c": np.array([1.0, np.nan])}) == \
         '{"a": null, "b": [null, 3], "c": [1.0, null]}'

@@ -28,15 +28,15 @@ The voxel spacing comes from the reference header (its affine); the prediction m
 and spacing. The rest of the affine is compared too (orientation and origin): a prediction whose
 orientation differs or whose origin is shifted gets a warning that names the case and the shift in mm
 (voxels are compared index by index). Outputs in ``--out`` are the evaluation report of
-:mod:`modeling_emrfuse.evaluation_report` (the same layout ``train.py`` writes): ``per_case.csv``,
+:mod:`modeling_emrfuse.evaluation.report` (the same layout ``train.py`` writes): ``per_case.csv``,
 ``summary.json`` (``segmentation``: mean / std / median per region and metric, Dice over
 region-present cases and false-positive cases; plus the conventions used and why, missing /
 unmatched / skipped cases, warnings), ``summary.md`` and ``dice_boxplot.png``.
 A reference without a prediction is listed as missing and left out of the summary, unless
 ``--missing-as-empty`` scores it as an empty prediction.
 
-Metrics are :mod:`modeling_emrfuse.metrics` (exactly as defined there); ``--lesion-wise`` adds the
-BraTS 2023+ lesion-wise metrics of :mod:`modeling_emrfuse.lesion_metrics` (panoptica, an optional
+Metrics are :mod:`modeling_emrfuse.evaluation.metrics` (exactly as defined there); ``--lesion-wise`` adds the
+BraTS 2023+ lesion-wise metrics of :mod:`modeling_emrfuse.evaluation.lesion_metrics` (panoptica, an optional
 dependency; about a second per full-size case).
 """
 
@@ -51,13 +51,13 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, 
 
 import numpy as np
 
-from . import brats_io
-from .brats_io import SEQUENCE_SUFFIX_RE
-from .brats_labels import HD95_EMPTY_SENTINEL_MM, LABEL_CONVENTIONS, REGIONS, get_label_convention
-from .evaluation_report import format_lesion_table, format_segmentation_table, has_lesion_metrics, summarize_segmentation
-from .evaluation_report import OUTPUT_FILES, write_evaluation_report
-from .lesion_metrics import LesionMetricsUnavailable, brats_lesion_evaluator
-from .metrics import metrics_to_row, score_label_maps
+from .. import brats_io
+from ..brats_io import SEQUENCE_SUFFIX_RE
+from ..brats_labels import HD95_EMPTY_SENTINEL_MM, LABEL_CONVENTIONS, REGIONS, get_label_convention
+from ..evaluation.report import format_lesion_table, format_segmentation_table, has_lesion_metrics, summarize_segmentation
+from ..evaluation.report import OUTPUT_FILES, write_evaluation_report
+from ..evaluation.lesion_metrics import LesionMetricsUnavailable, brats_lesion_evaluator
+from ..evaluation.metrics import metrics_to_row, score_label_maps
 
 AUTO = "auto"
 CONVENTION_PREFERENCE: Tuple[str, ...] = ("brats2017", "brats2023", "brats2015")

@@ -8,7 +8,7 @@ Two questions, two tools:
 - *Is a row better or worse than the complete model on the same cases?* Rows are evaluated on the same held-out
   cases, so the comparison is paired (:func:`paired_difference`): each case's value is first averaged over the
   seeds of a row, then the per-case differences (row - reference) are averaged, with a percentile bootstrap
-  interval over cases (:func:`modeling_emrfuse.metrics.bootstrap_mean_ci`). A difference whose interval excludes
+  interval over cases (:func:`modeling_emrfuse.evaluation.metrics.bootstrap_mean_ci`). A difference whose interval excludes
   zero is marked: it is larger than what the choice of cases explains. Neither tool corrects for the number of
   comparisons in a table; read a single marked cell among many with that in mind.
 """

@@ -32,12 +32,12 @@ Segmentation (per case, per region WT / TC / ET, in 3D, at the voxel spacing of 
 Region size
     Each region's result also holds the voxel counts ``ref_voxels`` and ``pred_voxels``, so that a
     summary can tell cases where the region exists in the reference from cases where it does not
-    (see :mod:`modeling_emrfuse.evaluation_report`: Dice over region-present cases and
+    (see :mod:`modeling_emrfuse.evaluation.report`: Dice over region-present cases and
     false-positive cases).
 
 Lesion-wise (BraTS 2023+)
     With ``lesion_wise=True``, :func:`region_metrics` and :func:`score_label_maps` add the
-    lesion-wise metrics of :mod:`modeling_emrfuse.lesion_metrics` (panoptica, configured as the
+    lesion-wise metrics of :mod:`modeling_emrfuse.evaluation.lesion_metrics` (panoptica, configured as the
     official BraTS evaluation; an optional dependency) under :data:`LESION_METRICS`.
 
 Cohort summary
@@ -66,7 +66,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.stats import rankdata
 
-from .brats_labels import GRADES, HD95_EMPTY_SENTINEL_MM, REGIONS, get_label_convention, label_map_to_regions
+from ..brats_labels import GRADES, HD95_EMPTY_SENTINEL_MM, REGIONS, get_label_convention, label_map_to_regions
 from .lesion_metrics import LESION_COUNTS, LESION_METRICS, lesion_wise_metrics
 
 __all__ = [

@@ -24,7 +24,7 @@ directly with the challenge's output):
 ``pq_dsc`` panoptic quality: ``sq_dsc * tp / (tp + fp/2 + fn/2)``, i.e. unmatched lesions score 0
 ``sq_hd95`` mean HD95 (mm) of the matched lesions (infinity when there is none; NaN when
            neither side has a lesion). Panoptica computes its own surfaces; this is not the
-           whole-volume ``hd95`` of :mod:`modeling_emrfuse.metrics`.
+           whole-volume ``hd95`` of :mod:`modeling_emrfuse.evaluation.metrics`.
 =========  =============================================================================
 
 Regions come from :func:`modeling_emrfuse.brats_labels.label_map_to_regions`, so all label
@@ -44,7 +44,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .brats_labels import REGIONS
+from ..brats_labels import REGIONS
 
 __all__ = ["LESION_METRICS", "LESION_COUNTS", "LesionMetricsUnavailable", "brats_lesion_evaluator", "lesion_wise_metrics"]
 

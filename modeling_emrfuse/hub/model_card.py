@@ -13,8 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
-from .brats_labels import REGIONS
-from .evaluation_report import METRIC_NAMES
+from ..brats_labels import REGIONS
+from ..evaluation.report import METRIC_NAMES
 
 PIPELINE_TAGS = {"segmentation": "image-segmentation", "classification": "image-classification"}
 BASE_TAGS = ["emrfuse", "medical-imaging", "brain-tumor", "glioma", "brats", "mri", "radiology-report", "multimodal", "custom_code"]

@@ -1,6 +1,6 @@
 """BraTS tumour sub-region metrics (Dice, PPV, sensitivity, HD95 for WT / TC / ET) as an ``evaluate`` metric.
 
-The numbers come from :mod:`modeling_emrfuse.metrics` (the project's single implementation); this
+The numbers come from :mod:`modeling_emrfuse.evaluation.metrics` (the project's single implementation); this
 file only adapts its inputs and outputs to the ``evaluate.Metric`` API.
 """
 
@@ -11,9 +11,9 @@ import evaluate
 import numpy as np
 
 from modeling_emrfuse.brats_labels import REGIONS
-from modeling_emrfuse.evaluation_report import lesion_stats
-from modeling_emrfuse.lesion_metrics import LESION_COUNTS, LESION_METRICS
-from modeling_emrfuse.metrics import METRICS, aggregate, region_metrics, score_label_maps
+from modeling_emrfuse.evaluation.report import lesion_stats
+from modeling_emrfuse.evaluation.lesion_metrics import LESION_COUNTS, LESION_METRICS
+from modeling_emrfuse.evaluation.metrics import METRICS, aggregate, region_metrics, score_label_maps
 
 _DESCRIPTION = """\
 Per-case BraTS segmentation metrics on 3D volumes, for the whole tumour (WT), tumour core (TC)
@@ -56,7 +56,7 @@ Returns:
         "lesion_wise": {region: {metric: {"mean", "std", "median", "n", "undefined", "infinite"}}};
     "per_case": list of {region: {metric: value}} in input order (if return_per_case).
 Examples:
-    >>> brats = evaluate.load("path/to/modeling_emrfuse/brats_metric")
+    >>> brats = evaluate.load("path/to/modeling_emrfuse/evaluation/brats_metric")
     >>> ref = np.zeros((8, 8, 8), dtype=np.uint8); ref[2:5, 2:5, 2:5] = 4
     >>> out = brats.compute(predictions=[ref], references=[ref], pred_convention="brats2017")
     >>> out["ET_dice"], out["WT_hd95"]

@@ -33,7 +33,7 @@ wait passively (``OMP_WAIT_POLICY=PASSIVE`` unless set), which keeps whole-case 
 cores shared with other work.
 
 Several processes: a folder of cases scales out under ``torchrun`` or ``accelerate launch`` (on CPU:
-``ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 -m modeling_emrfuse.cli predict cases/ -o out/``;
+``ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 -m modeling_emrfuse.commands.cli predict cases/ -o out/``;
 on GPUs, one process per GPU). Each process loads the model once and predicts its own share of the cases
 and writes their outputs; the main process writes the one ``predict_summary.json`` after gathering every
 process's records (:class:`ProcessShare`). The outputs are those of a single process.
@@ -55,16 +55,16 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from .brats_io import (
+from ..brats_io import (
     case_id_from_file_names,
     discover_cases,
     label_convention_from_file_names,
     read_reports,
     write_label_map,
 )
-from .brats_labels import LABEL_CONVENTIONS, SEQUENCES, get_label_convention
-from .cpu_threads import limit_torch_threads, prefer_passive_openmp
-from .strict_json import write_json
+from ..brats_labels import LABEL_CONVENTIONS, SEQUENCES, get_label_convention
+from ..runtime.cpu_threads import limit_torch_threads, prefer_passive_openmp
+from ..runtime.strict_json import write_json
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 DEFAULT_OUTPUT_DIR = "predictions"
@@ -326,7 +326,7 @@ def _load_pipeline(args: argparse.Namespace, processes: "ProcessShare"):
 
     from transformers.utils import logging as hf_logging
 
-    from .pipeline_emrfuse import DEFAULT_GRADING_SLICES, load_pipeline
+    from ..pipeline_emrfuse import DEFAULT_GRADING_SLICES, load_pipeline
 
     hf_logging.disable_progress_bar()  # weight-loading bars; the per-case bar below stays
     try:
@@ -511,7 +511,7 @@ def _print_case(record: Dict[str, Any], nifti: Optional[Path], json_path: Path) 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``emrfuse predict`` on the ``emrfuse`` CLI's sub-parsers."""
-    from .pipeline_emrfuse import DEFAULT_MODEL
+    from ..pipeline_emrfuse import DEFAULT_MODEL
 
     p = subparsers.add_parser(
         "predict",

@@ -2,9 +2,9 @@
 
 ``train.py --ablation table1|table3`` trains and evaluates every row on the same data, seeds and
 budget and hands each run's summary (the ``summary.json`` structure of
-:mod:`modeling_emrfuse.evaluation_report`) to this module, which writes the markdown table in the
+:mod:`modeling_emrfuse.evaluation.report`) to this module, which writes the markdown table in the
 paper's format (mean ± 95 % confidence interval over seeds when there are several, and each row's paired
-per-case difference to the complete model, :mod:`modeling_emrfuse.ablation_stats`) and a bar chart.
+per-case difference to the complete model, :mod:`modeling_emrfuse.evaluation.ablation_stats`) and a bar chart.
 
 Both tables end with a control row the paper does not have, :data:`SHUFFLED_REPORTS_ROW`: the complete
 model with the reports shuffled across cases.
@@ -14,7 +14,7 @@ the three regions (WT, TC, ET) of the per-region mean over cases, and the table 
 per-region Dice so that nothing is hidden behind the average. Hausdorff distance is HD95 (mm).
 The ET mean counts every ET-absent case predicted empty as Dice 1, so the tables also give the ET
 Dice over the ET-present cases and the number of ET-absent cases where ET was predicted
-(false-positive cases), from the summary of :mod:`modeling_emrfuse.evaluation_report`.
+(false-positive cases), from the summary of :mod:`modeling_emrfuse.evaluation.report`.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from .ablation_stats import format_difference, paired_difference, seed_mean_ci
-from .brats_labels import REGIONS
+from ..brats_labels import REGIONS
 from .metrics import METRICS
-from .strict_json import write_json
+from ..runtime.strict_json import write_json
 
 TABLE_TITLES = {
     "table1": "Table 1 (adding each part)",

@@ -23,8 +23,8 @@ from typing import Optional, Union
 
 from transformers.dynamic_module_utils import custom_object_save
 
-from .pipeline_emrfuse import GRADING_SUBFOLDER, EmrFusePipeline, custom_pipelines_entry
-from .strict_json import write_json
+from ..pipeline_emrfuse import GRADING_SUBFOLDER, EmrFusePipeline, custom_pipelines_entry
+from ..runtime.strict_json import write_json
 
 __all__ = ["add_pipeline_to_folder"]
 

@@ -1,7 +1,7 @@
 """The evaluation report: one layout, one writer, for ``train.py`` evaluation and ``emrfuse score``.
 
 Both hand their per-case rows (flat dicts: ``case_id``, then columns such as ``WT_dice``, as
-:func:`modeling_emrfuse.metrics.metrics_to_row` gives them) to this module, which builds the summary
+:func:`modeling_emrfuse.evaluation.metrics.metrics_to_row` gives them) to this module, which builds the summary
 with :func:`summarize_segmentation` and writes, with :func:`write_evaluation_report`,
 
 - ``per_case.csv``: one row per case, in the order given (id, per-region metrics, voxel counts, the
@@ -43,16 +43,16 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .brats_labels import GRADES, REGIONS
+from ..brats_labels import GRADES, REGIONS
 from .lesion_metrics import LESION_COUNTS, LESION_METRICS
 from .metrics import METRICS, aggregate
-from .strict_json import write_json
+from ..runtime.strict_json import write_json
 
 METRIC_NAMES = {"dice": "Dice", "ppv": "PPV", "sensitivity": "Sensitivity", "hd95": "HD95 (mm)"}
-"""Display names of :data:`modeling_emrfuse.metrics.METRICS` (values as fractions / mm)."""
+"""Display names of :data:`modeling_emrfuse.evaluation.metrics.METRICS` (values as fractions / mm)."""
 PERCENT_METRICS = ("dice", "ppv", "sensitivity", "sq_dsc", "pq_dsc")
 METRIC_TITLES = {m: f"{name} (%)" if m in PERCENT_METRICS else name for m, name in METRIC_NAMES.items()}
-"""Table titles of :data:`modeling_emrfuse.metrics.METRICS` (tables show ratios in percent)."""
+"""Table titles of :data:`modeling_emrfuse.evaluation.metrics.METRICS` (tables show ratios in percent)."""
 LESION_TITLES = {"sq_dsc": "sq_dsc (%)", "pq_dsc": "pq_dsc (%)", "sq_hd95": "sq_hd95 (mm)"}
 GRADING_METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "f1")
 GRADING_CALIBRATION_METRICS = ("log_loss", "brier")  # not percentages

@@ -1,0 +1,1 @@
+"""The ``emrfuse`` command line: one module per sub-command, loaded lazily by :mod:`.cli`."""

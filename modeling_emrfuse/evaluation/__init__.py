@@ -1,0 +1,1 @@
+"""Scoring: metrics (MedPy-exact), lesion-wise metrics (panoptica), evaluation and ablation reports."""

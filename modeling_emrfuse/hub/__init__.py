@@ -1,0 +1,1 @@
+"""Publishing a model folder: the model card and the packaging of segmentation + grading models."""

@@ -1,0 +1,1 @@
+"""Process-level helpers of the local tools: CPU thread policy and strict JSON files."""

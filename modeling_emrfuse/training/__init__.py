@@ -1,0 +1,1 @@
+"""Training: the loop, the grading-head fit and calibration, ablations and run plans."""
