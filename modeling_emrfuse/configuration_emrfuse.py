@@ -56,8 +56,8 @@ CROSS_ATTENTION_SWITCH = "use_cross_attention"
 """A switch besides :data:`SWITCHES`: cross-attention from the segmentation decoder's image positions to the report
 tokens, an extension of this implementation. The paper's route from the report to the decoder is the fused
 representation alone (FiLM conditioning), so every preset that reproduces a row of the paper's tables switches it
-off; ``"full_cross_attention"`` is the complete model with it. The config's default (on) keeps the models saved
-before the switch existed."""
+off; ``"full_cross_attention"`` is the complete model with it. The config's default is on: a ``config.json``
+without the key loads with the decoder cross-attention that its weights hold."""
 
 
 _PAPER = {CROSS_ATTENTION_SWITCH: False}  # the paper's rows: the report reaches the decoder through FiLM only
@@ -83,46 +83,6 @@ ABLATION_PRESETS: dict[str, dict[str, bool]] = {
 """Preset name -> the five switches (``use_text``, ``use_alignment``, ``use_self_attention``,
 ``use_residual``, ``use_dynamic_weighting``) and ``use_cross_attention``; ``"text_only"`` also sets
 ``use_image=False``."""
-
-PRESET_PARTS: dict[str, str] = {
-    CROSS_ATTENTION_SWITCH: "decoder cross-attention to the report tokens",
-    "use_text": "report (text tower, FiLM conditioning of the decoder)",
-    "use_alignment": "modality alignment",
-    "use_self_attention": "self-attention",
-    "use_residual": "residual connections",
-    "use_dynamic_weighting": "dynamic feature weighting",
-}
-"""How a table caption names each switch that is on."""
-
-
-def preset_parts(name: str) -> str:
-    """The parts a preset switches on, in words (for table captions): e.g. ``"image; report (...); alignment"``."""
-    switches = ABLATION_PRESETS[name]
-    parts = ["image"] if switches.get(MODALITY_SWITCH, True) else []
-    order = ("use_text", "use_alignment", "use_self_attention", "use_residual", "use_dynamic_weighting",
-             CROSS_ATTENTION_SWITCH)
-    parts += [PRESET_PARTS[k] for k in order if switches.get(k)]
-    return "; ".join(parts)
-
-TABLE1_ROWS: list[tuple[str, str]] = [
-    ("image_only", "Single-modality Image (ResNet-50)"),
-    ("concat", "Image + Text (no alignment, no attention)"),
-    ("plus_alignment", "+ Modality alignment"),
-    ("plus_self_attention", "+ Self-attention"),
-    ("plus_residual", "+ Residual connection"),
-    ("full", "+ Dynamic feature weighting"),
-    ("full_cross_attention", "Full + decoder cross-attention to the report (extension, not in the paper)"),
-]
-"""(preset, row label) in the order of the paper's Table 1, then this implementation's extension."""
-
-TABLE3_ROWS: list[tuple[str, str]] = [
-    ("full", "Complete model"),
-    ("no_alignment", "Without modality alignment"),
-    ("no_self_attention", "Without self-attention"),
-    ("no_residual", "Without residual connection"),
-    ("no_dynamic_weighting", "Without dynamic feature weighting"),
-]
-"""(preset, row label) in the order of the paper's Table 3."""
 
 CASE_POOLING_MODES: tuple[str, ...] = ("attention", "mean")
 
@@ -418,10 +378,6 @@ __all__ = [
     "EmrFuseConfig",
     "MODALITY_SWITCH",
     "CROSS_ATTENTION_SWITCH",
-    "PRESET_PARTS",
-    "preset_parts",
     "SWITCHES",
-    "TABLE1_ROWS",
-    "TABLE3_ROWS",
     "apply_preset",
 ]

@@ -12,11 +12,10 @@ from transformers import BertConfig, BertModel
 from modeling_emrfuse.configuration_emrfuse import (
     ABLATION_PRESETS,
     SWITCHES,
-    TABLE1_ROWS,
-    TABLE3_ROWS,
     EmrFuseConfig,
     apply_preset,
 )
+from modeling_emrfuse.evaluation.ablation_report import TABLE1_ROWS, TABLE3_ROWS
 from modeling_emrfuse.modeling_emrfuse import (
     EmrFuseForImageClassification,
     EmrFuseForSegmentation,
@@ -690,7 +689,7 @@ def test_from_text_vision_pretrained_text_only(pretrained_towers):
 
 # ------------------------------------------------------------------------------------------ decoder cross-attention
 def test_cross_attention_is_its_own_switch_off_in_the_papers_rows():
-    from modeling_emrfuse.configuration_emrfuse import preset_parts
+    from modeling_emrfuse.evaluation.ablation_report import preset_parts
 
     paper = [p for p, _ in TABLE1_ROWS[:6] + TABLE3_ROWS]
     assert all(ABLATION_PRESETS[p]["use_cross_attention"] is False for p in paper)
