@@ -135,9 +135,7 @@ SELECTION_NEEDS_VALIDATION = (
 # =============================================================================================
 # arguments
 # =============================================================================================
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Command-line arguments (see ``python train.py --help``)."""
-    p = argparse.ArgumentParser(description="Train and evaluate EmrFuse (brain MRI + radiology report).")
+def _add_data_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data_dir", type=str, action="append", default=None,
                    help="BraTS folder (any supported layout); repeat for several folders in one run (case ids must be unique).")
@@ -175,6 +173,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="torch intra-op threads per process (default: OMP_NUM_THREADS if set, else the cores this "
                         "process may use, os.sched_getaffinity, shared by the processes of a torchrun/accelerate node).")
 
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--task", choices=("segmentation", "classification"), default=None,
                    help="What to train. Default: segmentation; with --demo, segmentation then a short grading run.")
@@ -207,6 +207,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="In-plane training crop (pixels, multiple of 32); default: the whole padded slice. Evaluation always uses whole slices.")
     g.add_argument("--max_report_tokens", type=int, default=None, help="Truncate reports to this many tokens (default: the tower's limit).")
 
+
+def _add_training_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--num_epochs", type=int, default=None)
     g.add_argument("--max_steps", type=int, default=None, help="Optimiser steps (overrides --num_epochs).")
@@ -247,6 +249,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="Grading runs: draw HGG and LGG cases equally often (balanced, the default: a 293:76 cohort otherwise "
                    "lets the head collapse to HGG) or in proportion to their slices (natural).")
 
+
+def _add_output_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output, evaluation and checkpoints")
     g.add_argument("--output_dir", type=str, default=None, help=f"Model folder (default {DEFAULT_OUTPUT_DIR}; demo {DEMO_OUTPUT_DIR}).")
     g.add_argument("--eval_steps", type=int, default=None,
@@ -264,11 +268,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--hub_token", type=str, default=None)
     g.add_argument("--hub_private", action="store_true")
 
+
+def _add_ablations_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("ablations")
     g.add_argument("--ablation", choices=("table1", "table3"), default=None, help="Train + evaluate every row of the paper's Table 1 / Table 3, plus the shuffled-reports control row.")
     g.add_argument("--ablation_seeds", type=int, nargs="+", default=None,
                    help="Seeds per row (cells: mean ± 95 %% confidence interval over seeds); default: 0 1 2.")
 
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Command-line arguments (see ``python train.py --help``)."""
+    p = argparse.ArgumentParser(description="Train and evaluate EmrFuse (brain MRI + radiology report).")
+    _add_data_options(p)
+    _add_model_options(p)
+    _add_training_options(p)
+    _add_output_options(p)
+    _add_ablations_options(p)
     args = p.parse_args(argv)
     finalize_args(args)
     return args

@@ -514,3 +514,38 @@ def test_calibration_scales_the_head_without_changing_a_grade_and_helps_held_out
     args = dataclasses.replace(args, calibration_folds=13)
     assert grading_head.calibrate_grading_head(args, acc, net, feats, initial, 200, 2e-2, 0, "test") is None
     torch.testing.assert_close(grading_head.head_logits(net, held_out, "cpu"), scaled)
+
+
+# ------------------------------------------------------------------------------------------ data that cannot make a run
+class _OneProcess:
+    is_main_process = True
+
+    def wait_for_everyone(self):
+        pass
+
+
+def test_single_case_that_cannot_be_split_is_a_clear_error(tmp_path):
+    from datasets_scripts.demo_data import write_demo_dataset
+    from modeling_emrfuse.training.data import RunDataError, SplitSettings, prepare_run_data, split_run_cases
+
+    folder = write_demo_dataset(tmp_path / "one", n_cases=1, size=(16, 16, 16))
+    settings = train.data_settings(train.parse_args(["--demo", "--data_dir", str(folder), "--no_text", "--cache_dir", str(tmp_path / "c")]))
+    with pytest.raises(RunDataError, match="cannot be split into training and held-out cases.*--eval_fraction 0"):
+        prepare_run_data(settings, _OneProcess())
+    run = prepare_run_data(dataclasses.replace(settings, split=SplitSettings(eval_fraction=0.0)), _OneProcess())
+    assert len(run.train_cases) == 1 and not run.eval_cases  # --eval_fraction 0: trains on the one case
+    two_scans = [mock.Mock(case_id="a"), mock.Mock(case_id="b")]  # two scans of one patient stay together
+    with pytest.raises(RunDataError, match="2 case\\(s\\) of one patient"):
+        split_run_cases(two_scans, SplitSettings(eval_fraction=0.5), patients={"a": "P1", "b": "P1"})
+
+
+def test_empty_data_folder_is_one_line_and_exit_code_2(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cmd = [sys.executable, str(ROOT / "train.py"), "--data_dir", str(empty), "--no_text", "--report_to", "none",
+           "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("train.py: error: ") and str(empty) in last and "no BraTS cases found" in last and "--data_dir" in last
