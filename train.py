@@ -40,7 +40,11 @@ The paper's ablations (every row trained and evaluated on the same data, seeds a
     python train.py --demo --ablation table1 --ablation_seeds 0 1 2
 
 Both tables end with a control row: the complete model with every case's report swapped with another
-case's of its split (:func:`shuffled_reports_run`); if it matches the complete model, the report is not used.
+case's of its split (``training.ablations.shuffled_reports_run``); if it matches the complete model, the report
+is not used.
+
+This file holds the options, ``DATA_DEFAULTS`` and ``main()``; what they run is importable from
+``modeling_emrfuse.training`` (one module per job, listed in its ``__init__``).
 
 Evaluation runs on whole volumes: the image processor's slices -> the model ->
 ``post_process_segmentation`` back to the original grid -> 3D metrics

@@ -40,8 +40,6 @@ def report_vocabulary_corpus(texts: Sequence[str], min_reports: int = MIN_REPORT
     spaces and punctuation); every other word is removed from every report. Returns ``(texts, reports per word)``
     (the counts are for the caller's checks; words are never logged).
     """
-
-
     normalizer, pre_tokenizer = BertNormalizer(lowercase=True), BertPreTokenizer()
     words = [[w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(t))] for t in texts]
     reports_per_word = Counter(w for ws in words for w in set(ws))
@@ -70,7 +68,6 @@ def build_demo_text_tower(texts: Sequence[str], folder: Path, accelerator, spec:
     key = hashlib.sha256(json.dumps([spec, int(min_reports_per_word), "rare-words-removed", list(texts)]).encode()).hexdigest()[:16]
     marker = folder / "emrfuse_tower.json"
     if accelerator.is_main_process and not (marker.exists() and json.loads(marker.read_text()).get("key") == key):
-
         if not texts:
             raise ValueError("No training reports to train the demo tokenizer on.")
         corpus, reports_per_word = report_vocabulary_corpus(texts, int(min_reports_per_word))
@@ -118,8 +115,6 @@ def placeholder_tokenizer():
     pipeline keep one shape for every model; this tokenizer is built in code (nothing is downloaded),
     saved with the model, and learns nothing from any report.
     """
-
-
     with tempfile.TemporaryDirectory() as tmp:
         vocab = Path(tmp) / "vocab.txt"
         vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]) + "\n", encoding="utf-8")
