@@ -31,9 +31,6 @@ import torch
 from torch.utils.data import DataLoader
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 from datasets_scripts.brats_layouts import discover_cases  # noqa: E402
 from datasets_scripts.demo_data import write_demo_dataset  # noqa: E402
 from datasets_scripts.slice_cache import SliceDataset, build_cache, collate_slices  # noqa: E402

@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import gc
 import resource
-import sys
 import threading
 import time
 from pathlib import Path
@@ -37,8 +36,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 from modeling_emrfuse.configuration_emrfuse import EmrFuseConfig  # noqa: E402
 from modeling_emrfuse.modeling_emrfuse import EmrFuseForImageClassification, EmrFuseForSegmentation  # noqa: E402
 

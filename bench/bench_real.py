@@ -46,9 +46,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 from datasets_scripts.brats_layouts import CaseFiles, discover_cases  # noqa: E402
 from datasets_scripts.brats_text import attach_reports_and_grades, load_id_mapping, make_splits, read_reports  # noqa: E402
 from modeling_emrfuse.brats_labels import REGIONS  # noqa: E402

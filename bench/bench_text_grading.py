@@ -72,7 +72,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -82,9 +81,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 from modeling_emrfuse.brats_labels import GRADES  # noqa: E402
 from modeling_emrfuse.evaluation.metrics import classification_metrics  # noqa: E402
 

@@ -28,6 +28,7 @@ Figures depend on the machine and on what else runs on it; nothing here is a tes
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -37,8 +38,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 POLICIES = ("before", "after")
 _pre = argparse.ArgumentParser(add_help=False)
@@ -51,7 +50,22 @@ if CHILD_POLICY != "before":  # as train.py does: before torch loads
 
 import torch  # noqa: E402
 
-import train  # noqa: E402  (its own prefer_passive_openmp() comes after torch loaded: no effect in "before")
+from modeling_emrfuse.training import loop  # noqa: E402
+from modeling_emrfuse.training.data import prepare_run_data  # noqa: E402
+from modeling_emrfuse.training.settings import TrainingSettings  # noqa: E402
+from modeling_emrfuse.training.text_tower import build_demo_text_tower  # noqa: E402
+
+
+def load_train_script():
+    """train.py (its parse_args, make_accelerator, setup_logging), loaded from its file; its own
+    prefer_passive_openmp() comes after torch loaded: no effect in "before"."""
+    spec = importlib.util.spec_from_file_location("emrfuse_train_script", ROOT / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train = load_train_script()
 
 BERT_BASE = {"vocab_size": 1000, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072, "max_position_embeddings": 512}
 
@@ -60,14 +74,14 @@ def measure(argv, text_spec, warmup: int, steps: int, label: str) -> dict:
     args = train.parse_args(argv + ["--max_steps", str(warmup + steps)])
     accelerator = train.make_accelerator(args)
     train.setup_logging(accelerator)
-    run = train.prepare_run_data(args, accelerator)
+    run = prepare_run_data(train.data_settings(args), accelerator)
     if text_spec is not None:
         texts = [run.reports[c.case_id] for c in run.train_cases if run.reports.get(c.case_id)]
-        run.text_model = train.build_demo_text_tower(texts, Path(args.cache_dir) / f"bench-tower-{text_spec['hidden_size']}", accelerator, spec=text_spec)
+        run.text_model = build_demo_text_tower(texts, Path(args.cache_dir) / f"bench-tower-{text_spec['hidden_size']}", accelerator, spec=text_spec)
     # time every step: the dataset's __getitem__ and the collate run in this process (num_workers=0),
     # so their time is the time the step waits for data; successive collate calls mark the steps
     step_times, wait_times = [], []
-    orig_build = train.build_train_loader
+    orig_build = loop.build_train_loader
 
     def timed_build(*a, **k):
         loader, dataset = orig_build(*a, **k)
@@ -93,14 +107,14 @@ def measure(argv, text_spec, warmup: int, steps: int, label: str) -> dict:
         )
         return new_loader, dataset
 
-    train.build_train_loader = timed_build
+    loop.build_train_loader = timed_build
     try:
-        summary, _ = train.train_one(
-            args, accelerator, run, task="segmentation", output_dir=Path(args.output_dir), switches=train.model_switches(args),
-            seed=0, save_model=False, use_trackers=False, desc=label,
+        summary, _ = loop.train_one(
+            TrainingSettings.from_args(args), accelerator, run, task="segmentation", output_dir=Path(args.output_dir),
+            switches=train.model_switches(args), seed=0, save_model=False, use_trackers=False, desc=label,
         )
     finally:
-        train.build_train_loader = orig_build
+        loop.build_train_loader = orig_build
     step_times, wait_times = step_times[warmup:], wait_times[warmup:]
     per_case = Path(args.output_dir) / "eval" / "per_case.csv"
     import csv

@@ -12,8 +12,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "EmrFuseConfig": "configuration_emrfuse",
     "ABLATION_PRESETS": "configuration_emrfuse",
-    "TABLE1_ROWS": "configuration_emrfuse",
-    "TABLE3_ROWS": "configuration_emrfuse",
+    "TABLE1_ROWS": "evaluation.ablation_report",
+    "TABLE3_ROWS": "evaluation.ablation_report",
     "EmrFusePreTrainedModel": "modeling_emrfuse",
     "EmrFuseModel": "modeling_emrfuse",
     "EmrFuseForImageClassification": "modeling_emrfuse",

@@ -11,9 +11,9 @@
 The paper's four fusion parts are switches (``use_alignment``, ``use_self_attention``,
 ``use_residual``, ``use_dynamic_weighting``); ``use_text=False`` is the image-only ResNet baseline of
 Table 1 and switches all four off (they all act on the text side or on the fusion of the two
-modalities). ``use_image=False`` is its mirror image, the "Single-modality Text" model: no image
-tower at all, the report's text tower feature H_T goes straight into F19-F21 (grading only); it
-also switches the four fusion parts off. :data:`ABLATION_PRESETS` names the rows of the paper's
+modalities; a warning names any that the caller set on). ``use_image=False`` is its mirror image, the
+"Single-modality Text" model: no image tower at all, the report's text tower feature H_T goes straight
+into F19-F21 (grading only); it also switches the four fusion parts off. :data:`ABLATION_PRESETS` names the rows of the paper's
 Table 1 and Table 3 plus ``"text_only"``; :meth:`EmrFuseConfig.from_preset` builds a config from
 one of them.
 
@@ -43,6 +43,9 @@ SWITCHES: tuple[str, ...] = (
 )
 """The five ablation switches, in the order in which the paper's Table 1 adds them."""
 
+FUSION_SWITCHES: tuple[str, ...] = SWITCHES[1:]
+"""The four fusion parts: they act on the report and the image together, so a model without one of them has none."""
+
 
 def _preset(text: bool, align: bool, attn: bool, residual: bool, weighting: bool) -> dict[str, bool]:
     return dict(zip(SWITCHES, (text, align, attn, residual, weighting)))
@@ -56,8 +59,8 @@ CROSS_ATTENTION_SWITCH = "use_cross_attention"
 """A switch besides :data:`SWITCHES`: cross-attention from the segmentation decoder's image positions to the report
 tokens, an extension of this implementation. The paper's route from the report to the decoder is the fused
 representation alone (FiLM conditioning), so every preset that reproduces a row of the paper's tables switches it
-off; ``"full_cross_attention"`` is the complete model with it. The config's default (on) keeps the models saved
-before the switch existed."""
+off; ``"full_cross_attention"`` is the complete model with it. The config's default is on: a ``config.json``
+without the key loads with the decoder cross-attention that its weights hold."""
 
 
 _PAPER = {CROSS_ATTENTION_SWITCH: False}  # the paper's rows: the report reaches the decoder through FiLM only
@@ -83,46 +86,6 @@ ABLATION_PRESETS: dict[str, dict[str, bool]] = {
 """Preset name -> the five switches (``use_text``, ``use_alignment``, ``use_self_attention``,
 ``use_residual``, ``use_dynamic_weighting``) and ``use_cross_attention``; ``"text_only"`` also sets
 ``use_image=False``."""
-
-PRESET_PARTS: dict[str, str] = {
-    CROSS_ATTENTION_SWITCH: "decoder cross-attention to the report tokens",
-    "use_text": "report (text tower, FiLM conditioning of the decoder)",
-    "use_alignment": "modality alignment",
-    "use_self_attention": "self-attention",
-    "use_residual": "residual connections",
-    "use_dynamic_weighting": "dynamic feature weighting",
-}
-"""How a table caption names each switch that is on."""
-
-
-def preset_parts(name: str) -> str:
-    """The parts a preset switches on, in words (for table captions): e.g. ``"image; report (...); alignment"``."""
-    switches = ABLATION_PRESETS[name]
-    parts = ["image"] if switches.get(MODALITY_SWITCH, True) else []
-    order = ("use_text", "use_alignment", "use_self_attention", "use_residual", "use_dynamic_weighting",
-             CROSS_ATTENTION_SWITCH)
-    parts += [PRESET_PARTS[k] for k in order if switches.get(k)]
-    return "; ".join(parts)
-
-TABLE1_ROWS: list[tuple[str, str]] = [
-    ("image_only", "Single-modality Image (ResNet-50)"),
-    ("concat", "Image + Text (no alignment, no attention)"),
-    ("plus_alignment", "+ Modality alignment"),
-    ("plus_self_attention", "+ Self-attention"),
-    ("plus_residual", "+ Residual connection"),
-    ("full", "+ Dynamic feature weighting"),
-    ("full_cross_attention", "Full + decoder cross-attention to the report (extension, not in the paper)"),
-]
-"""(preset, row label) in the order of the paper's Table 1, then this implementation's extension."""
-
-TABLE3_ROWS: list[tuple[str, str]] = [
-    ("full", "Complete model"),
-    ("no_alignment", "Without modality alignment"),
-    ("no_self_attention", "Without self-attention"),
-    ("no_residual", "Without residual connection"),
-    ("no_dynamic_weighting", "Without dynamic feature weighting"),
-]
-"""(preset, row label) in the order of the paper's Table 3."""
 
 CASE_POOLING_MODES: tuple[str, ...] = ("attention", "mean")
 
@@ -158,11 +121,13 @@ class EmrFuseConfig(PretrainedConfig):
             segmentation decoder stages, coarse to fine; one per feature level of the image tower.
         cross_attention_scales (`int`, defaults to 2): number of coarsest decoder stages with
             cross-attention from image positions to report tokens when ``use_cross_attention`` (0 disables it).
-        use_cross_attention (`bool`, defaults to True): the decoder's cross-attention to the report tokens, an
+        use_cross_attention (`bool`, *optional*): the decoder's cross-attention to the report tokens, an
             extension of this implementation (:data:`CROSS_ATTENTION_SWITCH`); the presets of the paper's rows
-            switch it off. Off whenever ``use_text`` is.
-        use_text, use_alignment, use_self_attention, use_residual, use_dynamic_weighting (`bool`):
-            the ablation switches (see :data:`ABLATION_PRESETS`).
+            switch it off. Unset: on with image and report.
+        use_text (`bool`, defaults to True), use_alignment, use_self_attention, use_residual, use_dynamic_weighting
+            (`bool`, *optional*): the ablation switches (see :data:`ABLATION_PRESETS`). A fusion switch left unset
+            is on with image and report and off without one of them; one set on for a model without the report or
+            the image is switched off with a warning (it has no part to act on).
         use_image (`bool`, defaults to True): ``False`` is the "Single-modality Text" model (preset
             ``"text_only"``): no image tower is built, the model grades from the report alone (``pixel_values``
             is not an input) and cannot segment; it needs ``use_text=True`` and switches the four fusion
@@ -206,12 +171,12 @@ class EmrFuseConfig(PretrainedConfig):
     decoder_channels: list[int] | tuple[int, ...] = (256, 128, 64, 32, 16)
     cross_attention_scales: int = 2
     use_text: bool = True
-    use_alignment: bool = True
-    use_self_attention: bool = True
-    use_residual: bool = True
-    use_dynamic_weighting: bool = True
+    use_alignment: bool | None = None  # None: on with image and report, off without one of them
+    use_self_attention: bool | None = None
+    use_residual: bool | None = None
+    use_dynamic_weighting: bool | None = None
     use_image: bool = True
-    use_cross_attention: bool = True
+    use_cross_attention: bool | None = None
     align_loss_weight: float = 0.1
     ortho_loss_weight: float = 0.01
     dice_loss_weight: float = 1.0
@@ -246,35 +211,49 @@ class EmrFuseConfig(PretrainedConfig):
 
     # ------------------------------------------------------------------ validation
     def _normalise_and_validate(self) -> None:
-        for name in SWITCHES + (MODALITY_SWITCH, CROSS_ATTENTION_SWITCH):
+        """Fill the switches a modality implies, then check every field, one concern at a time."""
+        self._normalise_switches()
+        self._normalise_vision_config()
+        self._validate_sizes()
+        self._validate_decoder()
+        self._validate_outputs()
+        self._validate_text_config()
+
+    def _normalise_switches(self) -> None:
+        """Each fusion switch and ``use_cross_attention`` left unset (None) follows the modalities: on with image and
+        report, off without one of them. A switch set on for a model without the report (``use_text=False``) or without
+        the image (``use_image=False``) has no part to act on: it is switched off with a warning."""
+        for name in (MODALITY_SWITCH, "use_text"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}.")
-        if not self.use_image:
-            if not self.use_text:
-                raise ValueError("use_image=False and use_text=False: the model needs at least one modality.")
-            dropped = [n for n in SWITCHES[1:] if getattr(self, n)]
-            if dropped:
-                logger.info(f"use_image=False (text-only model): switching off {dropped}.")
-            for name in SWITCHES[1:]:
-                setattr(self, name, False)
-            self.use_cross_attention = False  # no decoder
-        if not self.use_text:
-            dropped = [n for n in SWITCHES[1:] if getattr(self, n)]
-            if dropped:
-                logger.info(f"use_text=False (image-only baseline): switching off {dropped}.")
-            for name in SWITCHES[1:]:
-                setattr(self, name, False)
-            self.use_cross_attention = False  # no report tokens to attend to
+        if not self.use_image and not self.use_text:
+            raise ValueError("use_image=False and use_text=False: the model needs at least one modality.")
+        both = self.use_text and self.use_image
+        reason = "use_image=False (text-only model)" if not self.use_image else "use_text=False (image-only baseline)"
+        conflicting = []
+        for name in FUSION_SWITCHES + (CROSS_ATTENTION_SWITCH,):
+            value = getattr(self, name)
+            if value is None:
+                value = both
+            elif not isinstance(value, bool):
+                raise ValueError(f"{name} must be a bool, got {value!r}.")
+            elif value and not both:
+                conflicting.append(name)
+                value = False
+            setattr(self, name, value)
+        if conflicting:
+            logger.warning(f"{reason}: {', '.join(f'{n}=True' for n in conflicting)} switched off (no part to act on).")
 
+    def _normalise_vision_config(self) -> None:
+        """The timm tower's arguments: architecture (default resnet50) and input channels from the slices' layout."""
         if not isinstance(self.context_slices, int) or isinstance(self.context_slices, bool) or self.context_slices < 0:
             raise ValueError(f"context_slices must be an integer >= 0, got {self.context_slices!r}.")
         if not isinstance(self.sequence_presence, bool):
             raise ValueError(f"sequence_presence must be a bool, got {self.sequence_presence!r}.")
         expected_chans = len(SEQUENCES) * (2 * self.context_slices + 1) + (len(SEQUENCES) if self.sequence_presence else 0)
-
-        vision = dict(self.vision_config) if self.vision_config is not None else {}
         if not isinstance(self.vision_config, (dict, type(None))):
             raise ValueError(f"vision_config must be a dict, got {type(self.vision_config).__name__}.")
+        vision = dict(self.vision_config) if self.vision_config is not None else {}
         vision.setdefault("architecture", "resnet50")
         vision.setdefault("in_chans", expected_chans)
         arch = vision["architecture"]
@@ -293,36 +272,35 @@ class EmrFuseConfig(PretrainedConfig):
             )
         for reserved in ("pretrained", "features_only", "num_classes"):
             if reserved in vision:
-                raise ValueError(
-                    f"vision_config[{reserved!r}] is set by the model and cannot be given in the config."
-                )
+                raise ValueError(f"vision_config[{reserved!r}] is set by the model and cannot be given in the config.")
         self.vision_config = vision
 
-        def _positive_int(name: str, minimum: int = 1) -> None:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    def _positive_int(self, name: str, minimum: int = 1) -> None:
+        value = getattr(self, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
 
-        _positive_int("fusion_dim")
-        _positive_int("cross_attention_heads")
-        _positive_int("case_pooling_dim")
-        _positive_int("slice_chunk_size")
-        _positive_int("cross_attention_scales", minimum=0)
+    def _finite_number(self, name: str) -> float:
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}.")
+        return float(value)
 
-        def _finite_number(name: str) -> float:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}.")
-            return float(value)
-
-        if not 0.0 <= _finite_number("fusion_dropout") < 1.0:
+    def _validate_sizes(self) -> None:
+        """Layer sizes, dropout, loss weights, initialisation."""
+        for name in ("fusion_dim", "cross_attention_heads", "case_pooling_dim", "slice_chunk_size"):
+            self._positive_int(name)
+        self._positive_int("cross_attention_scales", minimum=0)
+        if not 0.0 <= self._finite_number("fusion_dropout") < 1.0:
             raise ValueError(f"fusion_dropout must be in [0, 1), got {self.fusion_dropout!r}.")
         for name in ("align_loss_weight", "ortho_loss_weight", "dice_loss_weight", "bce_loss_weight"):
-            if _finite_number(name) < 0:
+            if self._finite_number(name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}.")
-        if _finite_number("initializer_range") <= 0:
+        if self._finite_number("initializer_range") <= 0:
             raise ValueError(f"initializer_range must be > 0, got {self.initializer_range!r}.")
 
+    def _validate_decoder(self) -> None:
+        """Decoder stages, and the heads of its cross-attention stages."""
         channels = self.decoder_channels
         if (
             not isinstance(channels, (list, tuple))
@@ -344,13 +322,14 @@ class EmrFuseConfig(PretrainedConfig):
                         f"cross_attention_heads={self.cross_attention_heads} (cross-attention stage)."
                     )
 
+    def _validate_outputs(self) -> None:
+        """Grading (bag policy, pooling, labels), segmentation regions, input sequence order."""
         if self.grading_slices is not None and (
             not isinstance(self.grading_slices, int) or isinstance(self.grading_slices, bool) or self.grading_slices < 1
         ):
             raise ValueError(f"grading_slices must be None (every slice) or an integer >= 1, got {self.grading_slices!r}.")
         if self.case_pooling not in CASE_POOLING_MODES:
             raise ValueError(f"case_pooling must be one of {CASE_POOLING_MODES}, got {self.case_pooling!r}.")
-
         regions = list(self.regions)
         if not regions or len(set(regions)) != len(regions) or not all(r in REGIONS for r in regions):
             raise ValueError(f"regions must be distinct names out of {REGIONS}, got {self.regions!r}.")
@@ -359,19 +338,20 @@ class EmrFuseConfig(PretrainedConfig):
         if sorted(sequences) != sorted(SEQUENCES):
             raise ValueError(f"sequences must be an ordering of {SEQUENCES}, got {self.sequences!r}.")
         self.sequences = sequences
-
         if self.num_labels is None or self.num_labels < 2:
             raise ValueError(f"num_labels (id2label) must give at least 2 grading labels, got {self.id2label!r}.")
 
-        if self.use_text:
-            text = self.text_config
-            if not isinstance(text, BertConfig):
-                raise ValueError(f"text_config must be a BertConfig, got {type(text).__name__}.")
-            if text.hidden_size % text.num_attention_heads:
-                raise ValueError(
-                    f"text_config.hidden_size={text.hidden_size} is not divisible by "
-                    f"text_config.num_attention_heads={text.num_attention_heads}."
-                )
+    def _validate_text_config(self) -> None:
+        if not self.use_text:
+            return
+        text = self.text_config
+        if not isinstance(text, BertConfig):
+            raise ValueError(f"text_config must be a BertConfig, got {type(text).__name__}.")
+        if text.hidden_size % text.num_attention_heads:
+            raise ValueError(
+                f"text_config.hidden_size={text.hidden_size} is not divisible by "
+                f"text_config.num_attention_heads={text.num_attention_heads}."
+            )
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -418,10 +398,6 @@ __all__ = [
     "EmrFuseConfig",
     "MODALITY_SWITCH",
     "CROSS_ATTENTION_SWITCH",
-    "PRESET_PARTS",
-    "preset_parts",
     "SWITCHES",
-    "TABLE1_ROWS",
-    "TABLE3_ROWS",
     "apply_preset",
 ]

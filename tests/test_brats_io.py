@@ -41,12 +41,23 @@ def _imports(tree: ast.AST):
 
 # ------------------------------------------------------------------------------------------ layers
 def test_modeling_emrfuse_imports_no_datasets_scripts():
+    """The data side builds on the model package, not the other way round; only ``training/`` (what train.py runs,
+    a tool above both: it trains on the data side's slice cache) imports it, and the data side never imports
+    ``training/``."""
     offenders = []
     for path in sorted(PACKAGE.rglob("*.py")):
+        if path.relative_to(PACKAGE).parts[0] == "training":
+            continue
         for node, top in _imports(ast.parse(path.read_text(encoding="utf-8"))):
             if top == "datasets_scripts":
                 offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
     assert not offenders, f"modeling_emrfuse must not import datasets_scripts: {offenders}"
+    data_side = PACKAGE.parent / "datasets_scripts"
+    for path in sorted(data_side.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.startswith("modeling_emrfuse.training") for n in names), f"{path.name}:{node.lineno}"
 
 
 def test_brats_io_module_level_imports_are_stdlib_numpy_and_siblings():

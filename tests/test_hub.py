@@ -59,13 +59,12 @@ def _volume(seed=0):
     return vol
 
 
-# The fresh interpreter: -I (isolated: no PYTHONPATH, no cwd, no user site) and -S (no site: the editable
-# install's .pth finder is not run); only the environment's site-packages directories are added by hand.
+# The fresh interpreter: -S (no site: the editable install's .pth finder is not run), -s (no user site), -P (no
+# script folder or cwd on the path); its PYTHONPATH names only the environment's site-packages directories.
 CHILD = textwrap.dedent(
     """
     import importlib.util, json, sys
-    paths, out_path, folders = json.loads(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
-    sys.path.extend(paths)
+    out_path, folders = sys.argv[1], json.loads(sys.argv[2])
     result = {"package_importable": importlib.util.find_spec("modeling_emrfuse") is not None}
     try:
         import modeling_emrfuse  # noqa: F401
@@ -201,10 +200,10 @@ def fresh_process(saved):
                "inputs": str(root / "inputs.pt"), "volume": str(root / "volume.npy")}
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "PYTHON", "TRANSFORMERS_"))}
     env.update(HF_HUB_CACHE=str(cache), HF_HOME=str(root / "hf-home"), HF_MODULES_CACHE=str(root / "modules"),
-               HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", HF_HUB_DISABLE_TELEMETRY="1")
+               HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", HF_HUB_DISABLE_TELEMETRY="1", PYTHONPATH=os.pathsep.join(paths))
     out = root / "child-out.pt"
     proc = subprocess.run(
-        [sys.executable, "-I", "-S", str(script), json.dumps(paths), str(out), json.dumps(folders)],
+        [sys.executable, "-S", "-s", "-P", str(script), str(out), json.dumps(folders)],
         cwd=root, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -12,11 +12,10 @@ from transformers import BertConfig, BertModel
 from modeling_emrfuse.configuration_emrfuse import (
     ABLATION_PRESETS,
     SWITCHES,
-    TABLE1_ROWS,
-    TABLE3_ROWS,
     EmrFuseConfig,
     apply_preset,
 )
+from modeling_emrfuse.evaluation.ablation_report import TABLE1_ROWS, TABLE3_ROWS
 from modeling_emrfuse.modeling_emrfuse import (
     EmrFuseForImageClassification,
     EmrFuseForSegmentation,
@@ -690,7 +689,7 @@ def test_from_text_vision_pretrained_text_only(pretrained_towers):
 
 # ------------------------------------------------------------------------------------------ decoder cross-attention
 def test_cross_attention_is_its_own_switch_off_in_the_papers_rows():
-    from modeling_emrfuse.configuration_emrfuse import preset_parts
+    from modeling_emrfuse.evaluation.ablation_report import preset_parts
 
     paper = [p for p, _ in TABLE1_ROWS[:6] + TABLE3_ROWS]
     assert all(ABLATION_PRESETS[p]["use_cross_attention"] is False for p in paper)
@@ -699,7 +698,7 @@ def test_cross_attention_is_its_own_switch_off_in_the_papers_rows():
         k: v for k, v in ABLATION_PRESETS["full"].items() if k != "use_cross_attention"}
     assert "cross-attention" not in preset_parts("full") and "cross-attention" in preset_parts("full_cross_attention")
     assert preset_parts("image_only") == "image"
-    assert EmrFuseConfig().use_cross_attention  # the default keeps models saved before the switch
+    assert EmrFuseConfig().use_cross_attention  # unset: on with image and report
     assert not EmrFuseConfig(use_text=False).use_cross_attention
     with_cross = EmrFuseForSegmentation(tiny_config(**apply_preset("full_cross_attention")))
     without = EmrFuseForSegmentation(tiny_config(**apply_preset("full")))
@@ -794,3 +793,27 @@ def test_tower_features_need_the_text_hidden_state_with_input_ids():
         model.forward_from_tower_features(gap, b["slice_to_case"], 2, input_ids=b["input_ids"], attention_mask=b["attention_mask"])
     with pytest.raises(ValueError, match="keep_maps"):
         model.emrfuse.encode_slices(None, keep_maps=True, gap=gap)
+
+
+def test_switches_a_modality_rules_out_are_switched_off_with_a_warning(caplog):
+    """Unset fusion switches follow the modalities quietly; one set on for a model that lacks a modality is
+    switched off with a warning that names it; a saved config loads back without a warning."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        image_only = tiny_config(use_text=False)
+        text_only = tiny_config(use_image=False)
+    assert not caplog.records
+    assert not any(getattr(image_only, k) for k in SWITCHES[1:]) and not image_only.use_cross_attention
+    assert not any(getattr(text_only, k) for k in SWITCHES[1:]) and not text_only.use_cross_attention
+    with caplog.at_level(logging.WARNING):
+        cfg = tiny_config(use_text=False, use_alignment=True, use_cross_attention=True)
+    assert not cfg.use_alignment and not cfg.use_cross_attention
+    assert "use_text=False" in caplog.text and "use_alignment=True" in caplog.text and "use_cross_attention=True" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        reloaded = EmrFuseConfig.from_dict(cfg.to_dict())
+        full = EmrFuseConfig.from_dict(tiny_config().to_dict())
+    assert not caplog.records
+    assert {k: getattr(reloaded, k) for k in SWITCHES} == {k: getattr(cfg, k) for k in SWITCHES}
+    assert full.active_preset == "full_cross_attention"

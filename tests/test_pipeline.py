@@ -463,11 +463,13 @@ def test_pipeline_train_evaluation_and_training_pool_the_same_slices(tmp_path, c
 
     import torch
 
-    import train
     from datasets_scripts.slice_cache import SliceDataset
     from modeling_emrfuse.brats_io import discover_cases
     from modeling_emrfuse.modeling_emrfuse import EmrFuseForImageClassification
     from modeling_emrfuse.processing_emrfuse import grading_slice_indices
+    from modeling_emrfuse.training.evaluation import evaluate_case
+    from modeling_emrfuse.training.model_setup import config_kwargs
+    from modeling_emrfuse.training.settings import ModelSettings
 
     folder = build_tiny_model_folder(tmp_path / "model")
     config_path = folder / "grading" / "config.json"
@@ -495,9 +497,8 @@ def test_pipeline_train_evaluation_and_training_pool_the_same_slices(tmp_path, c
     seen_by_evaluation: list = []
     handle = _record_pixel_values(model, seen_by_evaluation)
     case = discover_cases(case_dir.parent)[0]
-    with torch.no_grad():  # as train.evaluate calls it
-        row, _ = train.evaluate_case(model, pipe.processor, case, None, train.parse_args(["--demo"]), torch.device("cpu"),
-                                     "classification")
+    with torch.no_grad():  # as train.py's evaluation calls it
+        row, _ = evaluate_case(model, pipe.processor, case, None, torch.device("cpu"), "classification")
     handle.remove()
     torch.testing.assert_close(seen_by_evaluation[0], slices[torch.from_numpy(keep)])
     assert row["num_slices"] == slices.shape[0]
@@ -511,4 +512,4 @@ def test_pipeline_train_evaluation_and_training_pool_the_same_slices(tmp_path, c
     ds._case_weights, ds.grading_bag, ds.grading_slices = np.array([1.0]), True, 5
     drawn = {ds._draw(i)[1] for i in range(200)}
     assert drawn == set(grading_slice_indices(37, 5).tolist())
-    assert train.config_kwargs(train.parse_args(["--demo", "--grading_slices", "0"]), {})["grading_slices"] is None
+    assert config_kwargs(ModelSettings(vision_model="resnet18", grading_slices=0), {})["grading_slices"] is None

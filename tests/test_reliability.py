@@ -19,6 +19,8 @@ import pytest
 
 from modeling_emrfuse.brats_io import GeometryWarning, read_reports, read_volume, write_label_map
 from modeling_emrfuse.commands.cli import main
+from modeling_emrfuse.training.data import prepare_run_data
+from modeling_emrfuse.training.text_tower import MIN_REPORTS_PER_WORD, build_demo_text_tower
 from conftest import build_tiny_model_folder, write_small_case
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,13 +94,6 @@ def test_item1_headerless_reports_csv_names_no_cell_value(tmp_path, model_dir, c
 # ---------------------------------------------------------------------------------------------------------
 # 2. train.py --demo on data it did not generate; the demo vocabulary keeps no rare word
 # ---------------------------------------------------------------------------------------------------------
-def _train_module():
-    sys.path.insert(0, str(ROOT))
-    import train
-
-    return train
-
-
 class _MainProcess:
     is_main_process = True
 
@@ -107,7 +102,9 @@ class _MainProcess:
 
 
 def test_item2_demo_refuses_data_it_did_not_generate(tmp_path):
-    train = _train_module()
+    from train_script import load_train_script
+
+    train = load_train_script()
     from brats_fixtures import write_2020_release
     from datasets_scripts.demo_data import write_demo_dataset
 
@@ -123,20 +120,19 @@ def test_item2_demo_refuses_data_it_did_not_generate(tmp_path):
     # allowed on real data: the run is not described as synthetic (model card, tags, evaluation labels)
     args = train.parse_args(["--demo", "--data_dir", str(real), "--allow_demo_on_other_data", "--cache_dir",
                              str(tmp_path / "cache"), "--eval_fraction", "0.34", "--no_text"])
-    run = train.prepare_run_data(args, _MainProcess())
+    run = prepare_run_data(train.data_settings(args), _MainProcess())
     assert run.synthetic is False and "synthetic" not in run.description["name"].lower()
     assert run.description["synthetic"] is False
 
 
 def test_item2_demo_vocabulary_keeps_no_word_of_fewer_than_k_reports(tmp_path):
-    train = _train_module()
-    k = train.MIN_REPORTS_PER_WORD
-    assert k >= 5 and f"{k}" in train.build_demo_text_tower.__doc__
+    k = MIN_REPORTS_PER_WORD
+    assert k >= 5 and f"{k}" in build_demo_text_tower.__doc__
     common = "irregular enhancing mass in the left frontal lobe with surrounding oedema"
     reports = [f"{common} case {i}." for i in range(2 * k)]
     for i in range(k - 1):  # a rare word, repeated many times, in k - 1 distinct reports
         reports[i] += (" quaxleyoma" * 20) + " zanzibarian"
-    folder = Path(train.build_demo_text_tower(reports, tmp_path / "tower", _MainProcess()))
+    folder = Path(build_demo_text_tower(reports, tmp_path / "tower", _MainProcess()))
     from transformers import AutoTokenizer
 
     vocab = set(AutoTokenizer.from_pretrained(str(folder)).get_vocab())
@@ -148,7 +144,7 @@ def test_item2_demo_vocabulary_keeps_no_word_of_fewer_than_k_reports(tmp_path):
             text = (folder / name).read_text(encoding="utf-8")
             assert "quaxleyoma" not in text and "zanzibarian" not in text, name
     with pytest.raises(ValueError, match=">= 5"):
-        train.build_demo_text_tower(reports, tmp_path / "tower2", _MainProcess(), min_reports_per_word=2)
+        build_demo_text_tower(reports, tmp_path / "tower2", _MainProcess(), min_reports_per_word=2)
     # the same rule is in --help
     import subprocess
 
@@ -212,7 +208,7 @@ def test_item3_json_is_strict_and_undefined_is_null(tmp_path):
 
 def test_item3_every_json_written_goes_through_strict_json():
     """No module writes JSON with a bare ``json.dump(s)``: only ``strict_json`` does (hashes of JSON are fine)."""
-    files = sorted((ROOT / "modeling_emrfuse").glob("*.py")) + sorted((ROOT / "datasets_scripts").glob("*.py"))
+    files = sorted((ROOT / "modeling_emrfuse").rglob("*.py")) + sorted((ROOT / "datasets_scripts").glob("*.py"))
     files.append(ROOT / "train.py")
     offenders = []
     for path in files:

@@ -7,6 +7,7 @@ through ``python train.py`` / ``torchrun`` in a subprocess, exactly as a user st
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -20,10 +21,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from modeling_emrfuse.training import checkpoints, grading_head
+from modeling_emrfuse.training.ablations import shuffled_reports_run
+from modeling_emrfuse.training.data import RunData
+from modeling_emrfuse.training.model_setup import WarmStart, build_model
+from modeling_emrfuse.training.selection import BestModel
+from modeling_emrfuse.training.settings import OptimizerSettings, TrainingSettings
+from train_script import load_train_script
 
-import train  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+train = load_train_script()  # parse_args, DATA_DEFAULTS, main
 
 TINY = [
     "--demo", "--demo_cases", "6", "--demo_size", "32x32x24", "--eval_fraction", "0.34",
@@ -155,18 +162,17 @@ def test_two_processes_synchronise_and_gather_each_case_once(shared, tmp_path):
     out = shared["base"] / "ddp"
     probe = tmp_path / "probe_train.py"
     probe.write_text(
-        "import hashlib, os, sys, torch\n"
-        f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "import train\n"
+        "import hashlib, os, runpy, sys\n"
+        "from modeling_emrfuse.training import plan\n"
         "probe_dir = sys.argv.pop()\n"
-        "orig = train.train_one\n"
+        "orig = plan.train_one\n"
         "def spy(*a, **k):\n"
         "    summary, state = orig(*a, **k)\n"
         "    h = hashlib.sha256(b''.join(state[n].float().numpy().tobytes() for n in sorted(state))).hexdigest()\n"
         "    open(os.path.join(probe_dir, f\"rank{os.environ['RANK']}.txt\"), 'w').write(h)\n"
         "    return summary, state\n"
-        "train.train_one = spy\n"
-        "train.main()\n"
+        "plan.train_one = spy\n"
+        f"runpy.run_path({str(ROOT / 'train.py')!r}, run_name='__main__')\n"
     )
     env = {**ENV, "ACCELERATE_USE_CPU": "true"}
     args = tiny_args(shared, out, "--task", "segmentation", "--max_steps", "2", "--demo_cases", "7", "--demo_data_dir", str(tmp_path / "data7"))
@@ -244,19 +250,19 @@ class _FakeAccelerator:
 def test_checkpoints_are_atomic_and_latest_skips_incomplete(tmp_path):
     acc = _FakeAccelerator()
     for step in (2, 4, 6):
-        train.save_checkpoint(acc, tmp_path, {"global_step": step}, total_limit=2)
+        checkpoints.save_checkpoint(acc, tmp_path, {"global_step": step}, total_limit=2)
     root = tmp_path / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["checkpoint-4", "checkpoint-6"]
     # a save killed half-way leaves a temp folder; a folder without training_state.json is incomplete
     (root / ".tmp-checkpoint-8").mkdir()
     (root / "checkpoint-9").mkdir()
-    assert train.resolve_checkpoint("latest", tmp_path) == root / "checkpoint-6"
+    assert checkpoints.resolve_checkpoint("latest", tmp_path) == root / "checkpoint-6"
     with pytest.raises(ValueError, match="not a complete checkpoint"):
-        train.resolve_checkpoint(str(root / "checkpoint-9"), tmp_path)
-    train.save_checkpoint(acc, tmp_path, {"global_step": 10}, total_limit=2)
+        checkpoints.resolve_checkpoint(str(root / "checkpoint-9"), tmp_path)
+    checkpoints.save_checkpoint(acc, tmp_path, {"global_step": 10}, total_limit=2)
     assert not (root / ".tmp-checkpoint-8").exists()
-    assert train.resolve_checkpoint("latest", tmp_path) == root / "checkpoint-10"
-    assert train.resolve_checkpoint("latest", tmp_path / "nothing-here") is None
+    assert checkpoints.resolve_checkpoint("latest", tmp_path) == root / "checkpoint-10"
+    assert checkpoints.resolve_checkpoint("latest", tmp_path / "nothing-here") is None
 
 
 def test_model_switches_from_presets_and_flags():
@@ -283,9 +289,10 @@ def test_defaults_come_from_one_table_and_the_users_value_wins():
     for key, (demo_value, real_value) in train.DATA_DEFAULTS.items():
         assert getattr(demo, key) == demo_value and getattr(real, key) == real_value, key
     assert train.parse_args(["--demo", "--learning_rate", "0.5", "--max_steps", "7"]).learning_rate == 0.5
-    assert train.stage_schedule(demo, "main") == (200, 2e-3)
-    assert train.stage_schedule(demo, "grading") == (120, 2e-3)
-    assert train.stage_schedule(real, "main") == (None, 1e-4)  # real data: --num_epochs (50) decides
+    demo_schedule, real_schedule = TrainingSettings.from_args(demo).schedule, TrainingSettings.from_args(real).schedule
+    assert demo_schedule.stage("main") == (200, 2e-3)
+    assert demo_schedule.stage("grading") == (120, 2e-3)
+    assert real_schedule.stage("main") == (None, 1e-4)  # real data: --num_epochs (50) decides
     assert real.num_epochs == 50 and demo.batch_size == real.batch_size == 16
     assert train.parse_args(["--demo", "--ablation", "table1"]).output_dir == train.DEMO_OUTPUT_DIR + "-ablations"
 
@@ -298,10 +305,10 @@ def test_warm_start_from_a_folder_and_from_memory_load_the_same_shared_weights(t
     saved = load_file(str(folder / "model.safetensors"))
     args = train.parse_args(["--demo"])
     switches = train.model_switches(args)
-    from_folder = train.build_model(args, None, "classification", switches, config_from=folder)
-    train.WarmStart.from_folder(folder).apply(from_folder, "test")
-    from_memory = train.build_model(args, None, "classification", switches, config_from=folder)
-    train.WarmStart(source="a state dict", state=saved).apply(from_memory, "test")
+    from_folder = build_model(TrainingSettings.from_args(args).model, None, "classification", switches, config_from=folder)
+    WarmStart.from_folder(folder).apply(from_folder, "test")
+    from_memory = build_model(TrainingSettings.from_args(args).model, None, "classification", switches, config_from=folder)
+    WarmStart(source="a state dict", state=saved).apply(from_memory, "test")
     shared = [k for k in from_folder.state_dict() if k in saved]
     assert len(shared) > 100 and any(k.startswith("classifier.") for k in from_folder.state_dict())
     for key in shared:  # towers and fusion head: the saved weights, whichever the source
@@ -309,19 +316,19 @@ def test_warm_start_from_a_folder_and_from_memory_load_the_same_shared_weights(t
         assert torch.equal(from_memory.state_dict()[key], saved[key]), key
     other = {k: (v[:1] if v.ndim else v) for k, v in saved.items()}  # another model size
     with pytest.raises(SystemExit, match="do not fit this model"):
-        train.WarmStart(source="other", state=other).apply(from_memory, "test")
+        WarmStart(source="other", state=other).apply(from_memory, "test")
 
 
 def test_best_model_selection():
     net = torch.nn.Linear(2, 1)
-    best = train.BestModel()
+    best = BestModel()
     assert best.is_better(float("nan"))  # the first evaluation always gives weights
     best.keep(0.5, 10, {"s": 1}, [], None, net)
     assert not best.is_better(0.4) and not best.is_better(float("nan")) and best.is_better(0.6)
     with torch.no_grad():
         net.weight.add_(1.0)
     assert not torch.equal(best.state["weight"], net.weight)  # a copy, not a view of the live weights
-    resumed = train.BestModel(metric=0.9, step=30)  # from a checkpoint: metric known, weights not
+    resumed = BestModel(metric=0.9, step=30)  # from a checkpoint: metric known, weights not
     assert resumed.is_better(0.1)
 
 
@@ -342,9 +349,9 @@ def test_shuffled_reports_run_swaps_reports_within_each_split():
 
     cases = [SimpleNamespace(case_id=f"BraTS20_Training_{i:03d}") for i in range(1, 13)]
     reports = {c.case_id: f"synthetic report {i}" for i, c in enumerate(cases)}
-    run = train.RunData(data_dir=Path("."), train_cases=cases[:8], eval_cases=cases[8:], val_cases=[], reports=reports,
+    run = RunData(data_dir=Path("."), train_cases=cases[:8], eval_cases=cases[8:], val_cases=[], reports=reports,
                         synthetic=True, release="2020", text_model=None)
-    shuffled = train.shuffled_reports_run(run)
+    shuffled = shuffled_reports_run(run)
     assert shuffled.reports is not run.reports and run.reports == reports  # the run itself is untouched
     assert shuffled.train_cases == run.train_cases and shuffled.eval_cases == run.eval_cases
     for split in (run.train_cases, run.eval_cases):
@@ -395,14 +402,13 @@ def test_grading_fit_finetune_trains_the_whole_model(shared):
 def test_fit_grading_head_learns_a_grade_that_the_tower_features_carry():
     """Full-batch steps on frozen features: a grade written into the pooled image features is learnt (training
     accuracy 1), the towers are left untouched, and the same seed gives the same weights."""
-    import argparse
     from types import SimpleNamespace
 
     from conftest import tiny_config
     from modeling_emrfuse.modeling_emrfuse import EmrFuseForImageClassification
 
-    args = argparse.Namespace(grading_sampling="balanced", batch_size=8, slices_per_case=4, weight_decay=1e-4,
-                              text_learning_rate=None, lr_scheduler="cosine", warmup_steps=5, max_grad_norm=1.0, logging_steps=10)
+    args = grading_head.HeadFitSettings(OptimizerSettings(weight_decay=1e-4, lr_scheduler="cosine", warmup_steps=5, max_grad_norm=1.0),
+                                        grading_sampling="balanced", cases_per_group=2, logging_steps=10)
     acc = SimpleNamespace(device=torch.device("cpu"), is_local_main_process=False)
 
     def fitted(seed):
@@ -416,18 +422,18 @@ def test_fit_grading_head_learns_a_grade_that_the_tower_features_carry():
             label = k % 2
             gap = torch.randn(4, d_i, generator=gen) + 2.0 * (1 if label else -1) * direction
             ids = torch.tensor([2, 5, 6, 7, 3])
-            feats.append(train.CaseTowerFeatures(case_id=f"c{k:02d}", label=label, gap=gap, input_ids=ids,
+            feats.append(grading_head.CaseTowerFeatures(case_id=f"c{k:02d}", label=label, gap=gap, input_ids=ids,
                                                  attention_mask=torch.ones(5, dtype=torch.long), has_report=True,
                                                  text_hidden=torch.randn(5, d_t, generator=gen)))
         before = {k: v.clone() for k, v in net.state_dict().items() if ".vision_model." in f".{k}" or ".text_model." in f".{k}"}
         user_frozen = next(net.emrfuse.vision_model.parameters())
         user_frozen.requires_grad_(False)  # a tower parameter the caller had frozen stays frozen afterwards
-        train.fit_grading_head(args, acc, net, feats, max_steps=60, learning_rate=5e-3, seed=seed, desc="test")
+        grading_head.fit_grading_head(args, acc, net, feats, max_steps=60, learning_rate=5e-3, seed=seed, desc="test")
         assert all(torch.equal(before[k], net.state_dict()[k]) for k in before)
         assert not user_frozen.requires_grad and all(p.requires_grad for p in net.emrfuse.text_model.parameters())
         net.eval()
         with torch.no_grad():
-            logits = net.forward_from_tower_features(**train.tower_feature_batch(feats, "cpu")).logits
+            logits = net.forward_from_tower_features(**grading_head.tower_feature_batch(feats, "cpu")).logits
         return net, (logits.argmax(-1) == torch.tensor([f.label for f in feats])).float().mean().item()
 
     net_a, accuracy = fitted(0)
@@ -438,11 +444,11 @@ def test_fit_grading_head_learns_a_grade_that_the_tower_features_carry():
 
 def test_grading_folds_are_a_stratified_seeded_partition():
     labels = [0] * 10 + [1] * 5
-    folds = train.grading_folds(labels, 3, seed=4)
+    folds = grading_head.grading_folds(labels, 3, seed=4)
     assert sorted(i for f in folds for i in f) == list(range(15))  # every case in exactly one fold
     assert [sum(labels[i] for i in f) for f in folds] in ([2, 2, 1], [2, 1, 2], [1, 2, 2])  # each fold 1-2 of the 5 LGG
     assert all(len(f) == 5 for f in folds)
-    assert folds == train.grading_folds(labels, 3, seed=4) and folds != train.grading_folds(labels, 3, seed=5)
+    assert folds == grading_head.grading_folds(labels, 3, seed=4) and folds != grading_head.grading_folds(labels, 3, seed=5)
 
 
 def test_fit_temperature_minimises_the_log_loss():
@@ -451,7 +457,7 @@ def test_fit_temperature_minimises_the_log_loss():
     gen = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 2, (60,), generator=gen)
     logits = torch.randn(60, 2, generator=gen) * 6 + 2.0 * torch.nn.functional.one_hot(labels, 2)  # overconfident
-    t = train.fit_temperature(logits, labels)
+    t = grading_head.fit_temperature(logits, labels)
 
     def nll(log_t):
         return torch.nn.functional.cross_entropy(logits.double() / math.exp(log_t), labels).item()
@@ -463,7 +469,6 @@ def test_fit_temperature_minimises_the_log_loss():
 def test_calibration_scales_the_head_without_changing_a_grade_and_helps_held_out_cases():
     """An over-fitted head on a weak planted grade: cross-fitted temperature scaling divides its logits by T > 1
     (every predicted grade stays), and held-out cases that played no part get a lower log loss."""
-    import argparse
     from types import SimpleNamespace
 
     from conftest import tiny_config
@@ -481,22 +486,22 @@ def test_calibration_scales_the_head_without_changing_a_grade_and_helps_held_out
         for k in range(n):
             label = k % 2
             gap = torch.randn(4, d_i, generator=gen) + 0.15 * (1 if label else -1) * direction
-            out.append(train.CaseTowerFeatures(case_id=f"{prefix}{k:02d}", label=label, gap=gap, input_ids=torch.tensor([2, 5, 3]),
+            out.append(grading_head.CaseTowerFeatures(case_id=f"{prefix}{k:02d}", label=label, gap=gap, input_ids=torch.tensor([2, 5, 3]),
                                                attention_mask=torch.ones(3, dtype=torch.long), has_report=True,
                                                text_hidden=torch.randn(3, d_t, generator=gen)))
         return out
 
     feats, held_out = cases(24, "t"), cases(40, "h")
-    args = argparse.Namespace(grading_sampling="balanced", batch_size=24, slices_per_case=4, weight_decay=1e-4, text_learning_rate=None,
-                              lr_scheduler="cosine", warmup_steps=5, max_grad_norm=1.0, logging_steps=10, grading_calibration_folds=3)
-    initial = train._head_state(net)
-    train.fit_grading_head(args, acc, net, feats, max_steps=200, learning_rate=2e-2, seed=0, desc="test")
-    raw = train.head_logits(net, held_out, "cpu")
-    towers = {k: v.clone() for k, v in net.state_dict().items() if k.startswith(train.TOWER_PREFIXES)}
+    args = grading_head.HeadFitSettings(OptimizerSettings(weight_decay=1e-4, lr_scheduler="cosine", warmup_steps=5, max_grad_norm=1.0),
+                                        grading_sampling="balanced", cases_per_group=6, logging_steps=10, calibration_folds=3)
+    initial = grading_head._head_state(net)
+    grading_head.fit_grading_head(args, acc, net, feats, max_steps=200, learning_rate=2e-2, seed=0, desc="test")
+    raw = grading_head.head_logits(net, held_out, "cpu")
+    towers = {k: v.clone() for k, v in net.state_dict().items() if k.startswith(grading_head.TOWER_PREFIXES)}
     rng = torch.get_rng_state()
-    result = train.calibrate_grading_head(args, acc, net, feats, initial, 200, 2e-2, 0, "test")
+    result = grading_head.calibrate_grading_head(args, acc, net, feats, initial, 200, 2e-2, 0, "test")
     assert torch.equal(torch.get_rng_state(), rng)  # what runs next draws the same numbers as without calibration
-    scaled = train.head_logits(net, held_out, "cpu")
+    scaled = grading_head.head_logits(net, held_out, "cpu")
     t = result["temperature"]
     assert t > 1 and result["folds"] == 3
     torch.testing.assert_close(scaled, raw / t, rtol=1e-4, atol=1e-5)  # the same head, its logits divided by T
@@ -506,6 +511,41 @@ def test_calibration_scales_the_head_without_changing_a_grade_and_helps_held_out
     assert F.cross_entropy(scaled, y) < F.cross_entropy(raw, y)
     assert result["out_of_fold_log_loss"][1] <= result["out_of_fold_log_loss"][0]
     # too few cases of a grade for the folds: no calibration, and the head is left as it was
-    args.grading_calibration_folds = 13
-    assert train.calibrate_grading_head(args, acc, net, feats, initial, 200, 2e-2, 0, "test") is None
-    torch.testing.assert_close(train.head_logits(net, held_out, "cpu"), scaled)
+    args = dataclasses.replace(args, calibration_folds=13)
+    assert grading_head.calibrate_grading_head(args, acc, net, feats, initial, 200, 2e-2, 0, "test") is None
+    torch.testing.assert_close(grading_head.head_logits(net, held_out, "cpu"), scaled)
+
+
+# ------------------------------------------------------------------------------------------ data that cannot make a run
+class _OneProcess:
+    is_main_process = True
+
+    def wait_for_everyone(self):
+        pass
+
+
+def test_single_case_that_cannot_be_split_is_a_clear_error(tmp_path):
+    from datasets_scripts.demo_data import write_demo_dataset
+    from modeling_emrfuse.training.data import RunDataError, SplitSettings, prepare_run_data, split_run_cases
+
+    folder = write_demo_dataset(tmp_path / "one", n_cases=1, size=(16, 16, 16))
+    settings = train.data_settings(train.parse_args(["--demo", "--data_dir", str(folder), "--no_text", "--cache_dir", str(tmp_path / "c")]))
+    with pytest.raises(RunDataError, match="cannot be split into training and held-out cases.*--eval_fraction 0"):
+        prepare_run_data(settings, _OneProcess())
+    run = prepare_run_data(dataclasses.replace(settings, split=SplitSettings(eval_fraction=0.0)), _OneProcess())
+    assert len(run.train_cases) == 1 and not run.eval_cases  # --eval_fraction 0: trains on the one case
+    two_scans = [mock.Mock(case_id="a"), mock.Mock(case_id="b")]  # two scans of one patient stay together
+    with pytest.raises(RunDataError, match="2 case\\(s\\) of one patient"):
+        split_run_cases(two_scans, SplitSettings(eval_fraction=0.5), patients={"a": "P1", "b": "P1"})
+
+
+def test_empty_data_folder_is_one_line_and_exit_code_2(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cmd = [sys.executable, str(ROOT / "train.py"), "--data_dir", str(empty), "--no_text", "--report_to", "none",
+           "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("train.py: error: ") and str(empty) in last and "no BraTS cases found" in last and "--data_dir" in last

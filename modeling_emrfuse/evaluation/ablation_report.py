@@ -28,7 +28,48 @@ import numpy as np
 from .ablation_stats import format_difference, paired_difference, seed_mean_ci
 from ..brats_labels import REGIONS
 from .metrics import METRICS
+from ..configuration_emrfuse import ABLATION_PRESETS, CROSS_ATTENTION_SWITCH, MODALITY_SWITCH
 from ..runtime.strict_json import write_json
+
+PRESET_PARTS: dict[str, str] = {
+    CROSS_ATTENTION_SWITCH: "decoder cross-attention to the report tokens",
+    "use_text": "report (text tower, FiLM conditioning of the decoder)",
+    "use_alignment": "modality alignment",
+    "use_self_attention": "self-attention",
+    "use_residual": "residual connections",
+    "use_dynamic_weighting": "dynamic feature weighting",
+}
+"""How a table caption names each switch that is on."""
+
+
+def preset_parts(name: str) -> str:
+    """The parts a preset switches on, in words (for table captions): e.g. ``"image; report (...); alignment"``."""
+    switches = ABLATION_PRESETS[name]
+    parts = ["image"] if switches.get(MODALITY_SWITCH, True) else []
+    order = ("use_text", "use_alignment", "use_self_attention", "use_residual", "use_dynamic_weighting",
+             CROSS_ATTENTION_SWITCH)
+    parts += [PRESET_PARTS[k] for k in order if switches.get(k)]
+    return "; ".join(parts)
+
+TABLE1_ROWS: list[tuple[str, str]] = [
+    ("image_only", "Single-modality Image (ResNet-50)"),
+    ("concat", "Image + Text (no alignment, no attention)"),
+    ("plus_alignment", "+ Modality alignment"),
+    ("plus_self_attention", "+ Self-attention"),
+    ("plus_residual", "+ Residual connection"),
+    ("full", "+ Dynamic feature weighting"),
+    ("full_cross_attention", "Full + decoder cross-attention to the report (extension, not in the paper)"),
+]
+"""(preset, row label) in the order of the paper's Table 1, then this implementation's extension."""
+
+TABLE3_ROWS: list[tuple[str, str]] = [
+    ("full", "Complete model"),
+    ("no_alignment", "Without modality alignment"),
+    ("no_self_attention", "Without self-attention"),
+    ("no_residual", "Without residual connection"),
+    ("no_dynamic_weighting", "Without dynamic feature weighting"),
+]
+"""(preset, row label) in the order of the paper's Table 3."""
 
 TABLE_TITLES = {
     "table1": "Table 1 (adding each part)",

@@ -1,0 +1,146 @@
+"""The settings of a training run, one small frozen dataclass per concern.
+
+``train.py`` parses the options; :meth:`TrainingSettings.from_args` picks each concern's values by option name,
+and every function of this package takes the part it uses (never the whole argument namespace).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, List, Optional, Tuple, Type, TypeVar
+
+T = TypeVar("T")
+
+
+def from_options(cls: Type[T], options: Any, **overrides: Any) -> T:
+    """``cls`` with every field read from the attribute of ``options`` of the same name (``overrides`` win)."""
+    values = {f.name: getattr(options, f.name) for f in fields(cls) if f.name not in overrides and hasattr(options, f.name)}
+    return cls(**values, **overrides)
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """What builds the model and its processor (towers, sizes, input channels, report length)."""
+
+    vision_model: str
+    vision_pretrained: bool = False
+    context_slices: int = 0
+    sequence_presence: bool = False
+    grading_slices: int = 32  # 0: every slice (stored as None in the config)
+    fusion_dim: Optional[int] = None
+    decoder_channels: Optional[List[int]] = None
+    cross_attention_heads: Optional[int] = None
+    align_loss_weight: Optional[float] = None
+    ortho_loss_weight: Optional[float] = None
+    init_vision_from: Optional[str] = None
+    max_report_tokens: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    """The slice cache and the training slices drawn from it (augmentation, sampling, workers)."""
+
+    cache_dir: str
+    max_report_tokens: Optional[int] = None
+    sequence_presence: bool = False
+    sequence_dropout: float = 0.0
+    image_size: Optional[int] = None
+    context_slices: int = 0
+    samples_per_epoch: Optional[int] = None
+    tumour_prob: float = 0.7
+    slices_per_case: int = 4
+    no_augmentation: bool = False
+    flip_axes: Tuple[int, ...] = ()
+    grading_slices: int = 32
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """AdamW and its learning-rate schedule."""
+
+    weight_decay: float = 1e-4
+    text_learning_rate: Optional[float] = None
+    lr_scheduler: str = "cosine"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+
+
+@dataclass(frozen=True)
+class ScheduleSettings:
+    """How long each stage trains: ``main`` (max_steps or num_epochs) and the demo's ``grading`` stage."""
+
+    max_steps: Optional[int] = None
+    learning_rate: float = 1e-4
+    num_epochs: Optional[int] = None
+    grading_max_steps: Optional[int] = None
+    grading_learning_rate: float = 1e-4
+
+    def stage(self, name: str) -> Tuple[Optional[int], float]:
+        """``(max_steps, learning_rate)`` of a stage (``max_steps`` None: ``num_epochs`` decides)."""
+        if name == "main":
+            return self.max_steps, self.learning_rate
+        if name == "grading":
+            return self.grading_max_steps, self.grading_learning_rate
+        raise ValueError(f"unknown training stage {name!r}")
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """The training loop: batches, logging, evaluations, checkpoints, interruption."""
+
+    batch_size: int = 16
+    slices_per_case: int = 4
+    logging_steps: int = 10
+    eval_steps: Optional[int] = None
+    checkpointing_steps: Optional[int] = None
+    checkpoints_total_limit: Optional[int] = 2
+    stop_after_steps: Optional[int] = None
+    report_to: str = "none"
+
+
+@dataclass(frozen=True)
+class GradingSettings:
+    """The grading stage: how the head is fitted, calibrated and sampled."""
+
+    grading_fit: str = "head"
+    grading_calibration_folds: int = 3
+    grading_sampling: str = "balanced"
+    grading_after_segmentation: bool = False
+
+
+@dataclass(frozen=True)
+class CardSettings:
+    """What the model card and the trackers record about the run."""
+
+    hub_model_id: Optional[str] = None
+    vocab_min_reports: int = 5
+    tracker_config: Dict[str, Any] = field(default_factory=dict)  # every plain option except the Hub token
+    train_command: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """Everything a training stage needs, by concern."""
+
+    model: ModelSettings
+    loader: LoaderSettings
+    optimizer: OptimizerSettings
+    schedule: ScheduleSettings
+    loop: LoopSettings
+    grading: GradingSettings
+    card: CardSettings
+
+    @classmethod
+    def from_args(cls, args: Any, train_command: Optional[str] = None) -> "TrainingSettings":
+        """The settings of a parsed ``train.py`` command line."""
+        tracker = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"}
+        return cls(
+            model=from_options(ModelSettings, args),
+            loader=from_options(LoaderSettings, args, flip_axes=tuple(args.flip_axes)),
+            optimizer=from_options(OptimizerSettings, args),
+            schedule=from_options(ScheduleSettings, args),
+            loop=from_options(LoopSettings, args),
+            grading=from_options(GradingSettings, args),
+            card=from_options(CardSettings, args, tracker_config=tracker, train_command=train_command),
+        )
