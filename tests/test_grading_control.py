@@ -87,6 +87,17 @@ def test_grading_control_on_label_maps():
     assert out["predictions"][2] == "HGG" and out["metrics"]["accuracy"] == pytest.approx(2 / 3)
 
 
+def test_control_from_features_equals_the_label_map_path():
+    from modeling_emrfuse.evaluation.grading_control import control_from_features
+
+    train = [_label_map(25, 10, 65), _label_map(1, 45, 54), _label_map(30, 5, 65), _label_map(0, 50, 50)]
+    test = [_label_map(20, 10, 70), _label_map(2, 40, 58)]
+    grades = ["HGG", "LGG", "HGG", "LGG"]
+    a = grading_control(train, grades, test, ["HGG", "LGG"])
+    b = control_from_features([enhancing_fraction(m) for m in train], grades, [enhancing_fraction(m) for m in test], ["HGG", "LGG"])
+    assert a["rule"] == b["rule"] and a["predictions"] == b["predictions"] and a["scores"] == b["scores"]
+
+
 def test_errors():
     with pytest.raises(ValueError, match="both grades"):
         fit_threshold([0.1, 0.2], ["HGG", "HGG"])

@@ -12,7 +12,8 @@ The control, in three steps:
 3. :meth:`ThresholdControl.predict`: labels and P-like LGG scores for held-out cases.
 
 :func:`grading_control` runs all three on lists of label maps and grades (training and held-out) and
-scores the held-out predictions with :func:`~modeling_emrfuse.evaluation.metrics.classification_metrics`.
+scores the held-out predictions with :func:`~modeling_emrfuse.evaluation.metrics.classification_metrics`;
+:func:`control_from_features` does the same from enhancing fractions computed case by case.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 
 from ..brats_labels import GRADES, get_label_convention
 
-__all__ = ["enhancing_fraction", "ThresholdControl", "fit_threshold", "grading_control", "FEATURE"]
+__all__ = ["enhancing_fraction", "ThresholdControl", "fit_threshold", "grading_control", "control_from_features", "FEATURE"]
 
 FEATURE = "enhancing_fraction"
 """Name of the control's feature in reports: ET voxels / whole-tumour voxels."""
@@ -158,10 +159,24 @@ def grading_control(
         so log loss and Brier are NaN: the scores are not probabilities) with ``roc_auc`` of the scores
         (``None`` without ``test_grades``).
     """
-    from .metrics import classification_metrics
-
     train_x = [enhancing_fraction(m, convention) for m in train_label_maps]
     test_x = [enhancing_fraction(m, convention) for m in test_label_maps]
+    return control_from_features(train_x, train_grades, test_x, test_grades, labels=labels)
+
+
+def control_from_features(
+    train_features: Sequence[float],
+    train_grades: Sequence[Any],
+    test_features: Sequence[float],
+    test_grades: Optional[Sequence[Any]] = None,
+    *,
+    labels: Sequence[str] = GRADES,
+) -> Dict[str, Any]:
+    """:func:`grading_control` on enhancing fractions already computed (e.g. per case during an evaluation)."""
+    from .metrics import classification_metrics
+
+    train_x = [float(v) for v in train_features]
+    test_x = [float(v) for v in test_features]
     rule = fit_threshold(train_x, train_grades, labels)
     pred, scores = rule.predict(test_x)
     metrics = None
