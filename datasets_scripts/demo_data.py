@@ -58,8 +58,8 @@ Tumours (labels in the BraTS 2017-2021 convention: 1 NCR/NET, 2 oedema, 4 enhanc
     Each compartment takes the voxels nearest the tumour centre in a smoothly deformed distance, so the
     drawn counts hold up to rounding: the core (ET + NCR/NET, anywhere in the brain of the tumour's
     hemisphere), the oedema around it (preferring white matter, sparing CSF), and inside the core the
-    enhancing part. High grade: an enhancing rim of varying thickness around a necrotic centre (label 1;
-    dark on T1/T1ce, bright on T2); in ``HGG_NO_NECROSIS_FRACTION`` (15 %) of cases the label-1 core is
+    enhancing part. High grade: an enhancing rim around a necrotic centre (label 1; dark on T1/T1ce, bright
+    on T2), whole, or in patches where a whole rim of that volume would be thinner than two voxels; in ``HGG_NO_NECROSIS_FRACTION`` (15 %) of cases the label-1 core is
     non-enhancing tumour instead (no necrosis, e.g. grade III). Low grade: a mostly non-enhancing mass
     (label 1; T1 dark, T2/FLAIR bright, a little darker on FLAIR than the oedema); ``lgg_enhancing_fraction``
     (default 50 %) carry an enhancing nodule at the edge of the mass (the table's LGG ET fraction) and
@@ -488,7 +488,7 @@ def _draw_tumour(g: _Grid, t: Dict[str, object], tissue: np.ndarray, wx: np.ndar
     b_tissue = tissue[box]
     inside = g.brain[box] & (float(t["side"]) * wx[box] > fissure_half * 1.5)  # the tumour stays in its hemisphere
     core = _nearest(inside, rho_core, int(t["n_core"]))
-    # oedema prefers white matter: grey matter joins only nearer the core (the old 0.8-radius rule as a rank)
+    # oedema prefers white matter: grey matter counts at 1.25 times its distance, so it joins only nearer the core
     oed_rank = rho_oed * np.where(b_tissue == _WM, np.float32(1.0), np.float32(1.25))
     oedema = _nearest(inside & ~core & (b_tissue != _CSF), oed_rank, int(t["n_wt"]) - int(t["n_core"]))
     new = b_tissue.copy()

@@ -97,7 +97,7 @@ def _set_cublas(torch, notes: List[str]) -> str:
 
 def _set_threads(torch, threads: Optional[int], interop_threads: Optional[int], notes: List[str]) -> None:
     if threads is None:
-        notes.append(f"thread count: not fixed by the caller ({torch.get_num_threads()} intra-op threads now); "
+        notes.append(f"thread count: not fixed by the caller ({torch.get_num_threads()} intra-op threads in use); "
                      "the same figures need the same count")
     else:
         if int(threads) < 1:
