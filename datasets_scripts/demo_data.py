@@ -39,15 +39,32 @@ Anatomy (all vectorised numpy, deterministic by seed)
     noise; background is exactly 0 like skull-stripped BraTS images.
 
 Tumours (labels in the BraTS 2017-2021 convention: 1 NCR/NET, 2 oedema, 4 enhancing)
-    High grade: an irregular core with a necrotic centre (label 1; dark on T1/T1ce, bright on
-    T2), an enhancing rim of varying thickness (label 4; bright on T1ce) and surrounding oedema
-    (label 2), which spreads preferentially in white matter and spares CSF. Some cases have a
-    small necrosis, and ``HGG_NO_NECROSIS_FRACTION`` (15 %) none at all (solid enhancing tumour).
-    Low grade: a mostly non-enhancing mass (label 1; T1 dark, T2/FLAIR bright, a little darker
-    on FLAIR than the oedema) with a somewhat narrower oedema; ``lgg_enhancing_fraction`` (default
-    50 %) carry a small enhancing nodule and ``LGG_NECROSIS_FRACTION`` (10 %) a small necrotic focus,
-    so neither enhancement nor necrosis decides the grade. Core sizes are drawn alike for both
-    grades. Size, shape, position (lobe, depth) and hemisphere vary; the tumour stays in its hemisphere.
+    Each case draws its composition from the grade's row of :data:`TUMOUR_COMPOSITION`: the enhancing
+    (ET) and necrotic / non-enhancing (NCR/NET) fractions of the whole tumour (the oedema is the rest) and
+    the whole-tumour volume, as a share of a real brain (:data:`REFERENCE_BRAIN_CM3`) so that small grids
+    hold miniatures of real proportions. Each value is a two-piece log-normal draw with the table's median
+    that stays within its range. Where the table's numbers come from:
+
+    - medians of all four measures, and the ET ranges: the 45 BraTS 2018 expert label maps counted in
+      issue 21 (41 HGG, 4 LGG): ET 23 % (4-49 %) in HGG, 1 % (0.6-2 %) in LGG; NCR/NET 10 % vs 46 %;
+      whole tumour 91 vs 201 cm^3 (oedema medians: the rest, 67 % and 53 %);
+    - the HGG ranges of NCR/NET, oedema and volume: ``python bench/demo_tumour_calibration.py`` on the 14
+      expert label maps of ``../shared/realdata`` (12 HGG, 2 LGG, all among the 45; it lists the cases it
+      skipped and why): HGG NCR/NET 4.4-47.8 %, oedema 37.5-85.9 %, whole tumour 32.1-162.4 cm^3;
+    - the LGG ranges of NCR/NET (30-62 %), oedema (35-70 %) and volume (70.8-358.7 cm^3, the HGG range's
+      ratios to its median): assumed, since 2 expert LGG give no range (they measure NCR/NET 39.4 and
+      43.1 %, oedema 59.9 and 54.9 %, ET 0.7 and 2.0 %, 232 cm^3 each).
+
+    Each compartment takes the voxels nearest the tumour centre in a smoothly deformed distance, so the
+    drawn counts hold up to rounding: the core (ET + NCR/NET, anywhere in the brain of the tumour's
+    hemisphere), the oedema around it (preferring white matter, sparing CSF), and inside the core the
+    enhancing part. High grade: an enhancing rim around a necrotic centre (label 1; dark on T1/T1ce, bright
+    on T2), whole, or in patches where a whole rim of that volume would be thinner than two voxels; in ``HGG_NO_NECROSIS_FRACTION`` (15 %) of cases the label-1 core is
+    non-enhancing tumour instead (no necrosis, e.g. grade III). Low grade: a mostly non-enhancing mass
+    (label 1; T1 dark, T2/FLAIR bright, a little darker on FLAIR than the oedema); ``lgg_enhancing_fraction``
+    (default 50 %) carry an enhancing nodule at the edge of the mass (the table's LGG ET fraction) and
+    ``LGG_NECROSIS_FRACTION`` (10 %) a small necrotic focus. Position (lobe, depth, hemisphere), shape and
+    mass effect are drawn alike for both grades; the tumour stays in its hemisphere.
 
 Reports
     Four sentences in the TextBraTS order (lesion location and signal pattern, oedema, necrosis,
@@ -58,7 +75,10 @@ Reports
     sometimes missed, often over-called when absent and often hedged, at rates taken from the real
     reports. The writer never receives the grade, and no sentence depends on the enhancing label, so
     the reports tell the grade about as (un)reliably as the real ones (checked by
-    ``bench/bench_text_grading.py --demo_reports``). The noise has its own random stream (seed and case
+    ``bench/bench_text_grading.py --demo_reports``). Readings that would follow the tumour's size, which
+    differs by grade, are size-free as a reader's are: the oedema's reach beyond the lesion (not its volume),
+    the lobes around the lesion's centre (not every lobe a large lesion touches) and the displaced
+    ventricles' outline (not what the tumour covers). The noise has its own random stream (seed and case
     number). Optionally a clinical-history line (age, sex, presenting symptom consistent with the
     lesion's side and lobe) comes first; its age follows the grade as in real cohorts, and real
     TextBraTS reports have none, so it is off by default.
@@ -98,6 +118,8 @@ __all__ = [
     "DEMO_MARKER",
     "DEMO_DATA_VERSION",
     "READER_NOISE",
+    "TUMOUR_COMPOSITION",
+    "REFERENCE_BRAIN_CM3",
     "add_parser",
 ]
 
@@ -105,9 +127,10 @@ DEMO_MARKER = "emrfuse_demo_data.json"
 """File that :func:`write_demo_dataset` leaves in its output folder, listing the cases it generated, so that
 ``train.py --demo`` can tell demo data from data it did not generate."""
 DEMO_GENERATOR = "datasets_scripts.demo_data"
-DEMO_DATA_VERSION = 2
+DEMO_DATA_VERSION = 3
 """Bumped whenever the same seed would give different cases (2: reports written through the calibrated noisy
-reader, tumours departing from the textbook picture); ``train.py --demo`` regenerates a folder of another version."""
+reader, tumours departing from the textbook picture; 3: tumour composition and size drawn by grade from
+:data:`TUMOUR_COMPOSITION`); ``train.py --demo`` regenerates a folder of another version."""
 
 DEMO_SIZES: Dict[str, Tuple[int, int, int]] = {
     "small": (64, 64, 48),
@@ -141,12 +164,39 @@ _INTENSITY = {
 
 _LOBES = ("frontal", "parietal", "temporal", "occipital")
 
+# The tumour composition by grade: median, min, max of each fraction of the whole tumour (WT) and of the WT
+# volume in cm^3. Where each number comes from (see the module docstring, "Tumours"):
+#   [45]  the 45 BraTS 2018 expert label maps counted in issue 21 (41 HGG, 4 LGG): medians of all four
+#         measures, and the ET ranges;
+#   [14]  `python bench/demo_tumour_calibration.py` on the 14 expert label maps of ../shared/realdata (12 HGG,
+#         2 LGG; 14 of the 45): the HGG ranges of NCR/NET, oedema and WT volume;
+#   [A]   assumed, because 2 expert LGG cannot give a range: the LGG ranges of NCR/NET, oedema and volume.
+TUMOUR_COMPOSITION: Dict[str, Dict[str, Tuple[float, float, float]]] = {
+    "HGG": {
+        "et_fraction": (0.23, 0.04, 0.49),  # [45]; [14]: 20.8 % (7.2-41.0)
+        "ncr_net_fraction": (0.10, 0.044, 0.478),  # median [45]; range [14]: median 9.4 %
+        "oedema_fraction": (0.67, 0.375, 0.859),  # median [45] (the rest of 23 % + 10 %); range [14]: median 57.3 %
+        "wt_cm3": (91.0, 32.1, 162.4),  # median [45]; range [14]: median 110.8
+    },
+    "LGG": {
+        "et_fraction": (0.01, 0.006, 0.02),  # [45]; [14]: 0.7 % and 2.0 %
+        "ncr_net_fraction": (0.46, 0.30, 0.62),  # median [45]; range [A] around [14]: 39.4 % and 43.1 %
+        "oedema_fraction": (0.53, 0.35, 0.70),  # median [45] (the rest of 1 % + 46 %); range [A]; [14]: 59.9 %, 54.9 %
+        "wt_cm3": (201.0, 70.8, 358.7),  # median [45]; range [A]: the HGG range's ratios to its median (0.35x-1.78x)
+    },
+}
+"""Per grade and measure ``(median, min, max)``; the generator draws each case's composition from these."""
+REFERENCE_BRAIN_CM3 = 1440.0
+"""Brain volume (cm^3) that a WT volume is a share of: the median of the 14 expert cases here ([14]: 1,245-1,625)."""
+
 # How often the tumour model departs from the textbook picture, as real cohorts do (BraTS "HGG" includes
-# grade III tumours without necrosis; many BraTS "LGG" cases carry some enhancing tumour, some a necrosis).
+# grade III tumours without necrosis; many BraTS "LGG" cases carry no enhancing tumour, some a necrosis).
 HGG_NO_NECROSIS_FRACTION = 0.15
-"""Share of high-grade tumours drawn without necrosis (solid enhancing tumour, no label 1)."""
+"""Share of high-grade tumours whose label-1 core is non-enhancing tumour rather than necrosis (no necrosis)."""
 LGG_ENHANCING_FRACTION = 0.5
-"""Default share of low-grade tumours with a small enhancing nodule (label 4)."""
+"""Default share of low-grade tumours with an enhancing nodule (label 4) of the table's LGG ET fraction; the
+others have no label 4 (the 2 expert LGG here and the 4 of issue 21 all have some, BraTS LGG cohorts also
+hold cases without any)."""
 LGG_NECROSIS_FRACTION = 0.1
 """Share of low-grade tumours with a small necrotic focus inside the mass."""
 
@@ -241,55 +291,71 @@ def _brain_geometry(shape: Tuple[int, int, int]) -> Tuple[np.ndarray, np.ndarray
     return centre, frac * np.array(shape)
 
 
-def _pick_tumour(rng: np.random.Generator, grade: str, semi: np.ndarray, mm: float) -> Dict[str, object]:
-    """Draw the tumour's parameters (normalised brain coordinates, radii in voxels)."""
+def _draw_between(rng: np.random.Generator, stat: Tuple[float, float, float]) -> float:
+    """A draw whose median is ``stat[0]`` and which stays in ``[stat[1], stat[2]]``.
+
+    A two-piece log-normal: below the median its spread is a quarter of ``log(median / min)``, above it a
+    quarter of ``log(max / median)``, so the range spans about +-2 standard deviations on each side (the
+    few draws beyond are clipped).
+    """
+    median, lo, hi = stat
+    z = float(rng.standard_normal())
+    spread = np.log(hi / median) if z > 0 else np.log(median / lo)
+    return float(np.clip(median * np.exp(0.5 * z * spread), lo, hi))
+
+
+def _draw_composition(rng: np.random.Generator, grade: str, lgg_enhancing_fraction: float) -> Dict[str, float]:
+    """Enhancing, NCR/NET and oedema fractions of the whole tumour and its share of the brain, from
+    :data:`TUMOUR_COMPOSITION` (oedema is the rest; draws whose oedema leaves the table's range are redrawn)."""
+    table = TUMOUR_COMPOSITION[grade]
+    has_et = grade == "HGG" or bool(rng.random() < lgg_enhancing_fraction)
+    for _ in range(50):
+        et = _draw_between(rng, table["et_fraction"]) if has_et else 0.0
+        ncr = _draw_between(rng, table["ncr_net_fraction"])
+        if table["oedema_fraction"][1] <= 1.0 - et - ncr <= table["oedema_fraction"][2]:
+            break
+    wt_share = _draw_between(rng, table["wt_cm3"]) / REFERENCE_BRAIN_CM3
+    return dict(et=et, ncr=ncr, oedema=1.0 - et - ncr, wt_share=wt_share)
+
+
+def _pick_tumour(rng: np.random.Generator, grade: str, semi: np.ndarray, mm: float, comp: Dict[str, float],
+                 brain_voxels: int) -> Dict[str, object]:
+    """The tumour's parameters: target voxel counts from the drawn composition, position (normalised brain
+    coordinates), the equivalent-sphere radii of the core and the whole tumour (normalised) and the look."""
     side = 1.0 if rng.random() < 0.5 else -1.0  # sign of the first-axis offset from the midline
-    hgg = grade == "HGG"
-    min_vox = 2.0
-    necrotic_focus = False
-    if hgg:
-        radius = max(rng.uniform(13.0, 27.0) * mm, 5.0)
-        rim = max(rng.uniform(3.0, 7.0) * mm, min_vox)
-        u = rng.random()
-        if u < HGG_NO_NECROSIS_FRACTION:  # solid enhancing tumour, no necrosis (e.g. anaplastic, grade III)
-            necrosis_scale = 0.0
-        elif u < HGG_NO_NECROSIS_FRACTION + 0.12:  # a small necrosis
-            necrosis_scale = rng.uniform(0.15, 0.45)
-        else:
-            necrosis_scale = 1.0
-        oedema_factor = rng.uniform(1.35, 2.5)
-        heterogeneity = rng.uniform(0.08, 0.20)
-        enhancing_nodule = False
-    else:
-        # the same core sizes as high grade and a FLAIR abnormality only a little narrower: the whole-tumour
-        # volumes of the two grades overlap widely, as in BraTS; size and position say little of the grade
-        radius = max(rng.uniform(13.0, 27.0) * mm, 5.0)
-        rim = 0.0
-        necrosis_scale = 0.0
-        oedema_factor = rng.uniform(1.3, 2.4)
-        heterogeneity = rng.uniform(0.05, 0.16)
-        enhancing_nodule = None  # decided by the caller (lgg_enhancing_fraction)
-        necrotic_focus = bool(rng.random() < LGG_NECROSIS_FRACTION)
+    n_wt = max(int(round(comp["wt_share"] * brain_voxels)), 8)
+    n_et = int(round(comp["et"] * n_wt))
+    n_et = max(n_et, 2) if comp["et"] > 0 else 0
+    n_core = max(n_et + int(round(comp["ncr"] * n_wt)), n_et + 1)
     mean_semi = float(np.mean(semi))
-    r_norm = radius / mean_semi
+    r_core = (3.0 * n_core / (4.0 * np.pi)) ** (1.0 / 3.0) / mean_semi
+    r_wt = (3.0 * n_wt / (4.0 * np.pi)) ** (1.0 / 3.0) / mean_semi
+    # the position is drawn alike for both grades (a core radius of 13-27 mm keeps the centre off the edge);
+    # a larger tumour fills the brain around it, within its hemisphere
+    r_place = rng.uniform(13.0, 27.0) * mm / mean_semi
     for _ in range(200):
         c = np.array([side * rng.uniform(0.22, 0.62), rng.uniform(-0.65, 0.72), rng.uniform(-0.45, 0.55)])
-        if np.linalg.norm(c) + r_norm < 0.92 and abs(c[0]) - r_norm > 0.02:
+        if np.linalg.norm(c) + r_place < 0.92 and abs(c[0]) - r_place > 0.02:
             break
-    else:  # a very large tumour on a small grid: place it centrally in its hemisphere
+    else:  # not reached in practice: place it centrally in its hemisphere
         c = np.array([side * 0.45, 0.0, 0.1])
-        radius = min(radius, 0.4 * mean_semi)
+    hgg = grade == "HGG"
     return dict(
         side=side,
         centre_norm=c,
-        radius=float(radius),
-        rim=float(rim),
-        necrosis_scale=float(necrosis_scale),
-        oedema_factor=float(oedema_factor),
-        heterogeneity=float(heterogeneity),
-        enhancing_nodule=enhancing_nodule,
-        necrotic_focus=necrotic_focus,
-        mass_effect=float(rng.uniform(0.25, 0.6) * min(1.0, radius / (22.0 * mm))),
+        n_wt=n_wt,
+        n_core=n_core,
+        n_et=n_et,
+        r_core=float(r_core),
+        r_wt=float(r_wt),
+        # HGG: label 1 is non-enhancing tumour rather than necrosis in a share of cases (e.g. grade III)
+        core_tissue=_MASS if (not hgg or rng.random() < HGG_NO_NECROSIS_FRACTION) else _NECROSIS,
+        necrotic_focus=bool(not hgg and rng.random() < LGG_NECROSIS_FRACTION),
+        heterogeneity=float(rng.uniform(0.08, 0.20) if hgg else rng.uniform(0.05, 0.16)),
+        # the mass effect (strength, reach) is drawn alike for both grades: the ventricles, which the report
+        # reads, say no more of the grade than in real reports
+        mass_effect=float(rng.uniform(0.25, 0.6) * min(1.0, rng.uniform(13.0, 27.0) / 22.0)),
+        mass_effect_reach=float(1.2 * rng.uniform(13.0, 27.0) * mm * rng.uniform(1.35, 2.5) / mean_semi),
     )
 
 
@@ -301,6 +367,171 @@ def _lobe_of(ux: np.ndarray, uy: np.ndarray, uz: np.ndarray) -> np.ndarray:
     temporal = (uz < -0.15) & (np.abs(ux) > 0.35) & (uy > -0.45) & (uy < 0.5)
     lobe[temporal] = 2
     return lobe
+
+
+@dataclass
+class _Grid:
+    """Normalised voxel coordinates of one case (broadcast views), the brain outline and its geometry."""
+
+    shape: Tuple[int, int, int]
+    centre: np.ndarray
+    semi: np.ndarray
+    gx: np.ndarray
+    gy: np.ndarray
+    gz: np.ndarray
+    f_brain: np.ndarray
+    brain: np.ndarray
+
+
+def _make_grid(shape: Tuple[int, int, int], rng: np.random.Generator) -> _Grid:
+    centre, semi = _brain_geometry(shape)
+    X, Y, Z = shape
+    gx = ((np.arange(X, dtype=np.float32) - centre[0]) / semi[0])[:, None, None]
+    gy = ((np.arange(Y, dtype=np.float32) - centre[1]) / semi[1])[None, :, None]
+    gz = ((np.arange(Z, dtype=np.float32) - centre[2]) / semi[2])[None, None, :]
+    f_brain = _smooth_field(shape, rng, (5, 5, 4))
+    # the outline is fixed (the skull); the inner anatomy is displaced by the tumour
+    rb = np.sqrt(gx * gx + (gy * (1.0 - 0.06 * gy)) ** 2 + gz * gz) / (1.0 + 0.04 * f_brain)
+    return _Grid(shape, centre, semi, gx, gy, gz, f_brain, rb < 1.0)
+
+
+def _anatomy(g: _Grid, t: Dict[str, object], rng: np.random.Generator):
+    """Tissue map of the healthy brain displaced by the tumour's mass effect.
+
+    Returns ``(tissue, ventricles, fissure_half, warped)``; ``warped`` holds the displaced coordinates.
+    """
+    shape, semi, brain = g.shape, g.semi, g.brain
+    tc = np.asarray(t["centre_norm"], dtype=np.float32)
+    # mass effect: anatomy is sampled at x - d(x), d pushing radially away from the tumour centre
+    dx, dy, dz = g.gx - tc[0], g.gy - tc[1], g.gz - tc[2]
+    d2 = dx * dx + dy * dy + dz * dz
+    k = np.float32(t["mass_effect"]) * np.exp(-d2 / np.float32(2.0 * float(t["mass_effect_reach"]) ** 2))
+    wx, wy, wz = g.gx - k * dx, g.gy - k * dy, g.gz - k * dz
+    rb = np.sqrt(g.gx * g.gx + (g.gy * (1.0 - 0.06 * g.gy)) ** 2 + g.gz * g.gz) / (1.0 + 0.04 * g.f_brain)
+    rw = np.sqrt(wx * wx + (wy * (1.0 - 0.06 * wy)) ** 2 + wz * wz) / (1.0 + 0.04 * g.f_brain)
+    tissue = np.where(brain, np.uint8(_WM), np.uint8(_BG))
+
+    # cortex: an outer ribbon of varying thickness, folded inwards along the sulci
+    f_gyri = _smooth_field(shape, rng, (9, 9, 7))
+    gm_thick = np.float32(max(0.09, 2.2 / float(np.min(semi)))) * (1.0 + 0.35 * f_gyri)
+    n_sulci = (24, 26, 18) if min(shape) >= 100 else (13, 14, 10)
+    f_sulci = np.abs(_smooth_field(shape, rng, n_sulci))
+    tissue[brain & ((rb > 1.0 - gm_thick) | ((f_sulci < 0.5) & (rw > 0.7)))] = _GM
+    for s in (-1.0, 1.0):  # deep grey matter (basal ganglia / thalamus)
+        deep = ((wx - 0.24 * s) / 0.13) ** 2 + ((wy - 0.02) / 0.24) ** 2 + ((wz + 0.05) / 0.15) ** 2 < 1.0
+        tissue[deep] = _GM
+
+    csf = (f_sulci < 0.14) & (rw > 0.76)
+    csf |= rb > 0.975
+    fissure_half = np.float32(max(0.018, 0.7 / float(semi[0])))
+    csf |= (np.abs(wx) < fissure_half) & (wz > -0.15) & (rw > 0.42)
+    vent_scale = rng.uniform(0.85, 1.3)
+    ventricles = np.zeros(shape, dtype=bool)
+    for s in (-1.0, 1.0):  # lateral ventricles, curving down posteriorly
+        ventricles |= (
+            ((wx - 0.14 * s + 0.05 * s * wy) / (0.1 * vent_scale)) ** 2
+            + ((wy + 0.04) / 0.45) ** 2
+            + ((wz - 0.1 + 0.45 * wy * wy) / (0.13 * vent_scale)) ** 2
+        ) < 1.0
+    ventricles |= (np.abs(wx) < max(0.022, 0.6 / float(semi[0]))) & (np.abs(wy) < 0.14) & (np.abs(wz + 0.05) < 0.12)
+    csf |= ventricles
+    tissue[csf & brain] = _CSF
+    return tissue, ventricles, fissure_half, wx
+
+
+def _nearest(candidates: np.ndarray, rank: np.ndarray, n: int) -> np.ndarray:
+    """Mask of the ``n`` candidate voxels of lowest ``rank`` (all of them when there are fewer)."""
+    idx = np.flatnonzero(candidates)
+    out = np.zeros(candidates.shape, dtype=bool)
+    if n >= idx.size:
+        out.flat[idx] = True
+    elif n > 0:
+        out.flat[idx[np.argpartition(rank.flat[idx], n - 1)[:n]]] = True
+    return out
+
+
+def _enhancing_rim(core: np.ndarray, f_rim: np.ndarray, n_et: int, min_thickness: float = 2.0) -> np.ndarray:
+    """``n_et`` voxels of the core's outer rim. A rim of at least ``min_thickness`` voxels keeps thin enhancement
+    visible after partial-volume blur: when ``n_et`` voxels cannot cover the whole surface that thick, they form
+    patches of the rim where the smooth field ``f_rim`` is highest (an incomplete ring, as often seen)."""
+    depth = ndimage.distance_transform_edt(core)  # 1 on the core's outer layer
+    shell = core & (depth <= min_thickness)
+    if n_et < int(shell.sum()):
+        return _nearest(shell, -f_rim, n_et)
+    return _nearest(core, depth, n_et)
+
+
+def _tumour_box(g: _Grid, t: Dict[str, object]):
+    """The tumour's bounding box (slices) and the voxel offsets from the tumour centre inside it."""
+    tc = np.asarray(t["centre_norm"], dtype=np.float32)
+    ext = 1.9 * float(t["r_wt"]) + 0.05
+    lo = np.maximum(np.floor(g.centre + (tc - ext) * g.semi).astype(int), 0)
+    hi = np.minimum(np.ceil(g.centre + (tc + ext) * g.semi).astype(int) + 1, g.shape)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    return box, (g.gx[box[0]] - tc[0], g.gy[:, box[1]] - tc[1], g.gz[:, :, box[2]] - tc[2])
+
+
+def _draw_tumour(g: _Grid, t: Dict[str, object], tissue: np.ndarray, wx: np.ndarray, fissure_half, rng) -> Tuple:
+    """Write the tumour into ``tissue`` (in its box) with the target voxel counts of ``t``.
+
+    Each compartment takes the candidate voxels nearest the centre in a deformed distance, so the drawn
+    fractions hold up to rounding: the core (``n_core``: enhancing + NCR/NET), then the oedema around it
+    (the rest of ``n_wt``, preferring white matter, sparing CSF), then inside the core the enhancing part:
+    the outer rim (HGG) or a nodule at the edge of the mass (LGG). Returns ``(box, box tissue)``.
+    """
+    box, (bx, by, bz) = _tumour_box(g, t)
+    bshape = tuple(s.stop - s.start for s in box)
+    dist = np.sqrt(bx * bx + by * by + bz * bz)  # unwarped distance to the tumour centre
+    f_core, f_oed, f_rim = (_smooth_field(bshape, rng, grid) for grid in ((5, 5, 5), (7, 7, 7), (4, 4, 4)))
+    rho_core = dist / np.clip(1.0 + 0.22 * (f_core - f_core.mean()), 0.5, None)
+    rho_oed = dist / np.clip(1.0 + 0.3 * (f_oed - f_oed.mean()), 0.45, None)
+    b_tissue = tissue[box]
+    inside = g.brain[box] & (float(t["side"]) * wx[box] > fissure_half * 1.5)  # the tumour stays in its hemisphere
+    core = _nearest(inside, rho_core, int(t["n_core"]))
+    # oedema prefers white matter: grey matter counts at 1.25 times its distance, so it joins only nearer the core
+    oed_rank = rho_oed * np.where(b_tissue == _WM, np.float32(1.0), np.float32(1.25))
+    oedema = _nearest(inside & ~core & (b_tissue != _CSF), oed_rank, int(t["n_wt"]) - int(t["n_core"]))
+    new = b_tissue.copy()
+    new[oedema] = _OEDEMA
+    new[core] = t["core_tissue"]
+    n_et = int(t["n_et"])
+    r_core = float(t["r_core"])
+    if n_et and t["grade"] == "HGG":  # the outer rim of the core: whole, or in patches when it would be thin
+        new[_enhancing_rim(core, f_rim, n_et)] = _ENHANCING
+    elif n_et:  # a small nodule near the edge of the mass
+        direction = rng.standard_normal(3)
+        nc = direction / np.linalg.norm(direction) * 0.6 * r_core
+        nd = (bx - nc[0]) ** 2 + (by - nc[1]) ** 2 + (bz - nc[2]) ** 2
+        new[_nearest(core, nd, n_et)] = _ENHANCING
+    if t["necrotic_focus"]:  # a small necrotic focus inside the mass (label 1 like the mass; dark on T1ce)
+        new[core & (dist < max(2.0 / float(np.mean(g.semi)), 0.3 * r_core)) & (new == _MASS)] = _NECROSIS
+    tissue[box] = new
+    return box, new
+
+
+def _render_images(g: _Grid, tissue: np.ndarray, box, new: np.ndarray, heterogeneity: float, rng) -> Dict[str, np.ndarray]:
+    """The four int16 sequences: tissue intensities with jitter and gain, tumour texture, partial-volume blur,
+    a smooth bias field and Rician noise; background exactly 0."""
+    shape = g.shape
+    blur = 0.55 if min(shape) < 100 else 0.7
+    tumour_box = np.isin(new, (_NECROSIS, _ENHANCING, _MASS, _OEDEMA))
+    f_tex = _smooth_field(new.shape, rng, (7, 7, 7))
+    images: Dict[str, np.ndarray] = {}
+    for seq in SEQUENCES:
+        lut = _INTENSITY[seq] * rng.normal(1.0, 0.04, size=8).astype(np.float32)
+        lut *= np.float32(rng.uniform(0.8, 1.25))  # scanner gain
+        img = lut[tissue]
+        texture = 1.0 + np.float32(heterogeneity) * f_tex
+        sub = img[box]
+        sub[tumour_box] *= texture[tumour_box]
+        img = ndimage.gaussian_filter(img, sigma=blur, mode="nearest")
+        img *= np.exp(np.float32(0.12) * _smooth_field(shape, rng, (3, 3, 3)))
+        sd = np.float32(0.03 * lut[_WM])
+        n1 = rng.standard_normal(shape, dtype=np.float32)
+        n2 = rng.standard_normal(shape, dtype=np.float32)
+        img = np.sqrt((img + sd * n1) ** 2 + (sd * n2) ** 2)
+        images[seq] = np.where(g.brain, np.clip(np.rint(img), 1, 32767), 0).astype(np.int16)
+    return images
 
 
 def generate_case(
@@ -328,151 +559,24 @@ def generate_case(
         raise ValueError(f"Demo case {index}: grade must be one of {GRADES}, got {grade!r}.")
     shape = _resolve_size(size)
     rng = np.random.default_rng([int(seed), int(index), 0 if grade == "HGG" else 1])
-    X, Y, Z = shape
-    centre, semi = _brain_geometry(shape)
-    mm = float(np.mean(semi)) / 70.0  # voxels per "millimetre of a real brain"
-
-    # voxel coordinates, normalised by the brain's semi-axes (broadcast views, no full copies)
-    gx = ((np.arange(X, dtype=np.float32) - centre[0]) / semi[0])[:, None, None]
-    gy = ((np.arange(Y, dtype=np.float32) - centre[1]) / semi[1])[None, :, None]
-    gz = ((np.arange(Z, dtype=np.float32) - centre[2]) / semi[2])[None, None, :]
-
-    t = _pick_tumour(rng, grade, semi, mm)
-    if grade == "LGG":
-        t["enhancing_nodule"] = bool(rng.random() < lgg_enhancing_fraction)
-    tc = np.asarray(t["centre_norm"], dtype=np.float32)
-    r_core = t["radius"] / float(np.mean(semi))  # normalised core radius
-    r_oed = r_core * t["oedema_factor"]
-
-    # mass effect: anatomy is sampled at x - d(x), d pushing radially away from the tumour centre
-    dx, dy, dz = gx - tc[0], gy - tc[1], gz - tc[2]
-    d2 = dx * dx + dy * dy + dz * dz
-    sigma_me = 1.2 * r_oed
-    k = np.float32(t["mass_effect"]) * np.exp(-d2 / np.float32(2.0 * sigma_me**2))
-    wx, wy, wz = gx - k * dx, gy - k * dy, gz - k * dz
-
-    # ---- anatomy -------------------------------------------------------------------------
-    f_brain = _smooth_field(shape, rng, (5, 5, 4))
-    # the outline is fixed (the skull); the inner anatomy is displaced by the tumour
-    rb = np.sqrt(gx * gx + (gy * (1.0 - 0.06 * gy)) ** 2 + gz * gz) / (1.0 + 0.04 * f_brain)
-    rw = np.sqrt(wx * wx + (wy * (1.0 - 0.06 * wy)) ** 2 + wz * wz) / (1.0 + 0.04 * f_brain)
-    brain = rb < 1.0
-    tissue = np.where(brain, np.uint8(_WM), np.uint8(_BG))
-
-    # cortex: an outer ribbon of varying thickness, folded inwards along the sulci
-    f_gyri = _smooth_field(shape, rng, (9, 9, 7))
-    gm_thick = np.float32(max(0.09, 2.2 / float(np.min(semi)))) * (1.0 + 0.35 * f_gyri)
-    n_sulci = (24, 26, 18) if min(shape) >= 100 else (13, 14, 10)
-    f_sulci = np.abs(_smooth_field(shape, rng, n_sulci))
-    cortex = brain & ((rb > 1.0 - gm_thick) | ((f_sulci < 0.5) & (rw > 0.7)))
-    tissue[cortex] = _GM
-    for s in (-1.0, 1.0):  # deep grey matter (basal ganglia / thalamus)
-        deep = ((wx - 0.24 * s) / 0.13) ** 2 + ((wy - 0.02) / 0.24) ** 2 + ((wz + 0.05) / 0.15) ** 2 < 1.0
-        tissue[deep] = _GM
-
-    csf = (f_sulci < 0.14) & (rw > 0.76)
-    csf |= rb > 0.975
-    fissure_half = np.float32(max(0.018, 0.7 / float(semi[0])))
-    csf |= (np.abs(wx) < fissure_half) & (wz > -0.15) & (rw > 0.42)
-    vent_scale = rng.uniform(0.85, 1.3)
-    ventricles = np.zeros(shape, dtype=bool)
-    for s in (-1.0, 1.0):  # lateral ventricles, curving down posteriorly
-        ventricles |= (
-            ((wx - 0.14 * s + 0.05 * s * wy) / (0.1 * vent_scale)) ** 2
-            + ((wy + 0.04) / 0.45) ** 2
-            + ((wz - 0.1 + 0.45 * wy * wy) / (0.13 * vent_scale)) ** 2
-        ) < 1.0
-    ventricles |= (np.abs(wx) < max(0.022, 0.6 / float(semi[0]))) & (np.abs(wy) < 0.14) & (np.abs(wz + 0.05) < 0.12)
-    csf |= ventricles
-    tissue[csf & brain] = _CSF
-
-    # ---- tumour (computed in its bounding box only) --------------------------------------
-    side = t["side"]
-    ext = r_oed * 1.35 + 0.05
-    lo = np.maximum(np.floor(centre + (tc - ext) * semi).astype(int), 0)
-    hi = np.minimum(np.ceil(centre + (tc + ext) * semi).astype(int) + 1, shape)
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    bshape = tuple(int(b - a) for a, b in zip(lo, hi))
-    bx, by, bz = dx[box[0]], dy[:, box[1]], dz[:, :, box[2]]
-    dist = np.sqrt(bx * bx + by * by + bz * bz)  # unwarped distance to the tumour centre
-    # shape fields deform the outline only: centred, so the drawn radius sets the size
-    f_core = _smooth_field(bshape, rng, (5, 5, 5))
-    f_core -= f_core.mean()
-    f_oed = _smooth_field(bshape, rng, (7, 7, 7))
-    f_oed -= f_oed.mean()
-    rho_core = dist / (r_core * np.clip(1.0 + 0.22 * f_core, 0.5, None))
-    rho_oed = dist / (r_oed * np.clip(1.0 + 0.3 * f_oed, 0.45, None))
-    b_tissue = tissue[box]
-    b_brain = brain[box]
-    hemi = side * wx[box] > fissure_half * 1.5  # the tumour stays in its hemisphere
-    inside = b_brain & hemi
-
-    core = inside & (rho_core < 1.0)
-    oedema = inside & (rho_oed < 1.0) & (b_tissue != _CSF) & ((b_tissue == _WM) | (rho_oed < 0.8))
-    new = b_tissue.copy()
-    new[oedema] = _OEDEMA
-    if grade == "HGG":
-        f_rim = _smooth_field(bshape, rng, (4, 4, 4))
-        f_rim -= f_rim.mean()
-        rim_norm = (t["rim"] / float(np.mean(semi))) * np.clip(1.0 + 0.3 * f_rim, 0.6, None)
-        inner = np.clip(r_core - rim_norm, 0.0, None) * t["necrosis_scale"]
-        necrotic = core & (dist < inner * np.clip(1.0 + 0.22 * f_core, 0.5, None))
-        new[core] = _ENHANCING
-        new[necrotic] = _NECROSIS
-    else:
-        new[core] = _MASS
-        if t["enhancing_nodule"]:
-            # a small nodule near the edge of the mass
-            direction = rng.standard_normal(3)
-            direction /= np.linalg.norm(direction)
-            nc = direction * 0.6 * r_core
-            nr = max(2.2 / float(np.mean(semi)), 0.22 * r_core)
-            nd = np.sqrt((bx - nc[0]) ** 2 + (by - nc[1]) ** 2 + (bz - nc[2]) ** 2)
-            new[core & (nd < nr)] = _ENHANCING
-        if t["necrotic_focus"]:
-            # a small necrotic focus inside the mass (label 1 like the mass; dark on T1ce, bright on T2)
-            nr = max(2.0 / float(np.mean(semi)), 0.3 * r_core)
-            new[core & (dist < nr) & (new == _MASS)] = _NECROSIS
-    tissue[box] = new
-
-    # ---- images ----------------------------------------------------------------------------
-    blur = 0.55 if min(shape) < 100 else 0.7
-    tumour_box = np.isin(new, (_NECROSIS, _ENHANCING, _MASS, _OEDEMA))
-    f_tex = _smooth_field(bshape, rng, (7, 7, 7))
-    images: Dict[str, np.ndarray] = {}
-    for seq in SEQUENCES:
-        lut = _INTENSITY[seq] * rng.normal(1.0, 0.04, size=8).astype(np.float32)
-        lut *= np.float32(rng.uniform(0.8, 1.25))  # scanner gain
-        img = lut[tissue]
-        texture = 1.0 + np.float32(t["heterogeneity"]) * f_tex
-        sub = img[box]
-        sub[tumour_box] *= texture[tumour_box]
-        img = ndimage.gaussian_filter(img, sigma=blur, mode="nearest")
-        img *= np.exp(np.float32(0.12) * _smooth_field(shape, rng, (3, 3, 3)))
-        sd = np.float32(0.03 * lut[_WM])
-        n1 = rng.standard_normal(shape, dtype=np.float32)
-        n2 = rng.standard_normal(shape, dtype=np.float32)
-        img = np.sqrt((img + sd * n1) ** 2 + (sd * n2) ** 2)
-        img = np.where(brain, np.clip(np.rint(img), 1, 32767), 0).astype(np.int16)
-        images[seq] = img
+    g = _make_grid(shape, rng)
+    mm = float(np.mean(g.semi)) / 70.0  # voxels per "millimetre of a real brain"
+    comp = _draw_composition(rng, grade, lgg_enhancing_fraction)
+    t = _pick_tumour(rng, grade, g.semi, mm, comp, int(g.brain.sum()))
+    t["grade"] = grade
+    tissue, ventricles, fissure_half, wx = _anatomy(g, t, rng)
+    box, new = _draw_tumour(g, t, tissue, wx, fissure_half, rng)
+    images = _render_images(g, tissue, box, new, float(t["heterogeneity"]), rng)
 
     label = _TISSUE_TO_LABEL[tissue]
-    label[~brain] = 0
+    label[~g.brain] = 0
     check_label_values(label, "brats2017", where=f"demo case {demo_case_id(index)}")
 
-    # ---- findings read back from the generated volumes -------------------------------------
+    # findings read back from the generated volumes
     affine = brats_affine(shape)
     findings = _findings(
-        label=label,
-        tissue=tissue,
-        ventricles=ventricles & brain & (tissue == _CSF),
-        brain_voxels=int(brain.sum()),
-        gx=gx,
-        gy=gy,
-        gz=gz,
-        centre=centre,
-        affine=affine,
-        mass_effect=t["mass_effect"],
+        label=label, tissue=tissue, ventricles=ventricles & g.brain, brain_voxels=int(g.brain.sum()),
+        gx=g.gx, gy=g.gy, gz=g.gz, centre=g.centre, affine=affine, mass_effect=t["mass_effect"],
         heterogeneity=t["heterogeneity"],
     )
     # the report's noise has its own stream, drawn from the seed and the case number only
@@ -480,20 +584,32 @@ def generate_case(
     report = _write_report(findings, report_rng)
     if with_history:
         report = _history_line(grade, findings, report_rng) + " " + report
-    return DemoCase(
-        case_id=demo_case_id(index),
-        grade=grade,
-        images=images,
-        label=label,
-        report=report,
-        affine=affine,
-        findings=findings,
-    )
+    return DemoCase(case_id=demo_case_id(index), grade=grade, images=images, label=label, report=report,
+                    affine=affine, findings=findings)
 
 
 # --------------------------------------------------------------------------------------------
 # findings and the report
 # --------------------------------------------------------------------------------------------
+_LOBE_READING_SHARE = (0.02, 0.04)
+"""Volumes (shares of the brain) of the central parts of the core and of the oedema whose lobes a report names:
+about the median HGG core and oedema. A reader names where the lesion lies; counting every lobe that a large
+lesion reaches would tell its size, and with it the grade, more than real reports do."""
+
+
+def _central_part(mask: np.ndarray, n_max: float) -> np.ndarray:
+    """The (at most) ``n_max`` voxels of ``mask`` nearest its centroid."""
+    idx = np.argwhere(mask)
+    n = max(int(round(n_max)), 1)
+    if idx.shape[0] <= n:
+        return mask
+    d2 = ((idx - idx.mean(axis=0)) ** 2).sum(axis=1)
+    keep = idx[np.argpartition(d2, n - 1)[:n]]
+    out = np.zeros(mask.shape, dtype=bool)
+    out[tuple(keep.T)] = True
+    return out
+
+
 def _lobes_of_mask(mask: np.ndarray, gx, gy, gz, min_share: float = 0.15) -> List[str]:
     """Lobes holding at least ``min_share`` of the mask's voxels, largest share first."""
     idx = np.nonzero(mask)
@@ -526,7 +642,8 @@ def _findings(*, label, tissue, ventricles, brain_voxels, gx, gy, gz, centre, af
     # hemisphere from the affine: world +x is the patient's right (RAS)
     world_dx = float(affine[0, 0] * (centroid[0] - centre[0]))
     hemisphere = "right" if world_dx > 0 else "left"
-    # ventricles left on each side of the brain's midline (first axis)
+    # ventricles on each side of the brain's midline (first axis), displaced by the mass effect (their outline as a
+    # reader judges it, not what the tumour itself covers: a larger tumour is not a more compressive one)
     vidx = np.nonzero(ventricles)[0]
     tumour_side_low = centroid[0] < centre[0]
     ipsi = int(np.sum(vidx < centre[0])) if tumour_side_low else int(np.sum(vidx > centre[0]))
@@ -534,13 +651,14 @@ def _findings(*, label, tissue, ventricles, brain_voxels, gx, gy, gz, centre, af
     ratio = ipsi / max(contra, 1)
     n_core, n_oed, n_ncr, n_enh = int(core.sum()), int(oed.sum()), int(ncr.sum()), int(enh.sum())
     n_ncr_parts = int(ndimage.label(ncr)[1]) if n_ncr else 0
-    lesion_lobes = _lobes_of_mask(core if n_core else wt, gx, gy, gz)
-    oedema_lobes = _lobes_of_mask(oed, gx, gy, gz) if n_oed else []
+    lesion_lobes = _lobes_of_mask(_central_part(core if n_core else wt, _LOBE_READING_SHARE[0] * brain_voxels), gx, gy, gz)
+    oedema_lobes = _lobes_of_mask(_central_part(oed, _LOBE_READING_SHARE[1] * brain_voxels), gx, gy, gz) if n_oed else []
     return dict(
         hemisphere=hemisphere,
         lesion_lobes=lesion_lobes,
         oedema_lobes=oedema_lobes,
         tumour_share=round(float(wt.sum()) / max(int(brain_voxels), 1), 4),
+        oedema_reach=round(_oedema_reach(int(wt.sum()), n_core, int(brain_voxels)), 4),
         ncr_share=round(n_ncr / max(int(wt.sum()), 1), 4),
         ncr_parts=n_ncr_parts,
         ventricle_ratio=round(float(ratio), 3),
@@ -550,6 +668,12 @@ def _findings(*, label, tissue, ventricles, brain_voxels, gx, gy, gz, centre, af
         centroid_index=[round(float(c), 1) for c in centroid],
         mass_effect=round(float(mass_effect), 3),
     )
+
+
+def _oedema_reach(n_wt: int, n_core: int, brain_voxels: int) -> float:
+    """How far the FLAIR abnormality reaches beyond the lesion core: the difference of the equivalent-sphere
+    radii of the whole tumour and the core, as a fraction of the brain's equivalent radius."""
+    return (n_wt ** (1.0 / 3.0) - n_core ** (1.0 / 3.0)) / max(brain_voxels, 1) ** (1.0 / 3.0)
 
 
 def _join(words: Sequence[str]) -> str:
@@ -598,7 +722,7 @@ READER_NOISE: Dict[str, float] = {
     "lobe_added": 0.15,  # P(a neighbouring lobe is named although the lesion barely reaches it)
     "side_named": 0.5,  # P(the compression sentence names the ventricle's side)
 }
-_EXTENT_REFERENCE = 0.09  # the median share of the brain taken by the whole tumour in this generator
+_EXTENT_REFERENCE = 0.105  # oedema reach (:func:`_oedema_reach`) read as neither large nor small; the median is 0.118
 _NEIGHBOUR_LOBES = {"frontal": ("parietal", "temporal"), "parietal": ("frontal", "occipital", "temporal"),
                     "temporal": ("parietal", "occipital", "frontal"), "occipital": ("parietal", "temporal")}
 
@@ -619,7 +743,6 @@ def _write_report(f: Dict[str, object], rng: np.random.Generator) -> str:
     ``f`` holds what :func:`_findings` reads from the label map; it has no grade, and no sentence depends on
     the enhancing label: every reading goes through the noise of :data:`READER_NOISE`.
     """
-    noise = READER_NOISE
     side = str(f["hemisphere"])
     lobes = _read_lobes(rng, f["lesion_lobes"])  # type: ignore[arg-type]
     pattern = _pick(
@@ -635,11 +758,22 @@ def _write_report(f: Dict[str, object], rng: np.random.Generator) -> str:
     )
     multiple = " involving multiple regions" if len(lobes) > 1 and rng.random() < 0.5 else ""
     sentences = [f"The lesion area is in {_location(rng, side, lobes)}{multiple} with {pattern}."]
+    sentences.append(_oedema_sentence(f, rng))
+    sentences.append(_necrosis_sentence(f, rng))
+    sentences.append(_ventricle_sentence(f, rng))
+    return " ".join(sentences)
 
-    # oedema: the extent of the FLAIR abnormality, misjudged by a log-normal factor
+
+def _oedema_sentence(f: Dict[str, object], rng: np.random.Generator) -> str:
+    """The oedema sentence: its extent and lobes as a reader perceives them."""
+    noise = READER_NOISE
+    side = str(f["hemisphere"])
+    # oedema: how far the FLAIR abnormality reaches beyond the lesion, misjudged by a log-normal factor. The
+    # reach, unlike the whole-tumour volume, is about the same in both grades (larger LGG have larger cores);
+    # cubed, it spreads like a volume
     oed_lobes = _read_lobes(rng, f["oedema_lobes"] or f["lesion_lobes"])  # type: ignore[arg-type]
     oed_loc = _location(rng, side, oed_lobes)
-    perceived = np.log(float(f["tumour_share"]) / _EXTENT_REFERENCE) + rng.normal(0.0, noise["extent_log_sd"])
+    perceived = 3.0 * np.log(float(f["oedema_reach"]) / _EXTENT_REFERENCE) + rng.normal(0.0, noise["extent_log_sd"])
     if perceived > 0.7:
         s = _pick(rng, [
             f"Edema is extensive, mainly located in {oed_loc}, with high signal indicating marked swelling of the surrounding tissue.",
@@ -658,8 +792,12 @@ def _write_report(f: Dict[str, object], rng: np.random.Generator) -> str:
             f"Edema is mild, limited to a thin high signal rim around the lesion in {oed_loc}.",
             "Edema is slight, confined to the tissue immediately surrounding the lesion.",
         ])
-    sentences.append(s)
+    return s
 
+
+def _necrosis_sentence(f: Dict[str, object], rng: np.random.Generator) -> str:
+    """The necrosis sentence: the NCR/NET core seen or missed, over-called when absent, often hedged."""
+    noise = READER_NOISE
     # necrosis: the NCR/NET core (label 1) on FLAIR; seen or missed, over-called when absent, often hedged
     has_ncr = float(f["ncr_share"]) > 0
     described = rng.random() < (noise["necrosis_seen"] if has_ncr else noise["necrosis_overcalled"])
@@ -682,8 +820,13 @@ def _write_report(f: Dict[str, object], rng: np.random.Generator) -> str:
             ])
     else:
         s = _pick(rng, ["Necrosis is not observed.", "Necrosis is not clearly observed within the lesion."])
-    sentences.append(s)
+    return s
 
+
+def _ventricle_sentence(f: Dict[str, object], rng: np.random.Generator) -> str:
+    """The ventricular-compression sentence from a misjudged ventricle ratio."""
+    noise = READER_NOISE
+    side = str(f["hemisphere"])
     # ventricles: the ipsilateral / contralateral ventricle ratio, misjudged by a log-normal factor
     ratio = float(f["ventricle_ratio"]) * float(np.exp(rng.normal(0.0, noise["ratio_log_sd"])))
     ventricle = f"the {side} lateral ventricle" if rng.random() < noise["side_named"] else "the adjacent ventricle"
@@ -702,8 +845,7 @@ def _write_report(f: Dict[str, object], rng: np.random.Generator) -> str:
             f"Ventricular compression is observed with noticeable deformation of {ventricle}.",
             f"Ventricular compression is evident, {ventricle} being narrowed and displaced by the lesion.",
         ])
-    sentences.append(s)
-    return " ".join(sentences)
+    return s
 
 
 def _history_line(grade: str, f: Dict[str, object], rng: np.random.Generator) -> str:

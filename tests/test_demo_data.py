@@ -86,8 +86,14 @@ def test_tumour_model_by_grade():
             brain = case.images["t1"] > 0
             assert not (case.label > 0)[~brain].any()  # tumour only inside the brain
         hv, lv = hgg.findings["volumes"], lgg.findings["volumes"]
-        assert hv["enhancing"] > 0.15 * hv["core"]
+        assert hv["enhancing"] > 0.05 * hv["core"]
         assert lv["enhancing"] < 0.1 * lv["core"] and lv["ncr"] > 0.9 * (lv["core"] - lv["enhancing"])
+        # the enhancing rim surrounds the NCR/NET centre: ET voxels lie farther from the core's centroid
+        core = np.argwhere((hgg.label == 1) | (hgg.label == 4))
+        mid = core.mean(axis=0)
+        r_et = np.linalg.norm(np.argwhere(hgg.label == 4) - mid, axis=1).mean()
+        r_ncr = np.linalg.norm(np.argwhere(hgg.label == 1) - mid, axis=1).mean()
+        assert r_et > r_ncr
         # enhancement is bright on T1ce relative to the rest of the brain
         et = hgg.label == 4
         t1ce = hgg.images["t1ce"].astype(float)
@@ -120,6 +126,54 @@ def test_grades_depart_from_the_textbook_as_real_cohorts_do(cohort):
     assert abs(lgg_necrosis - LGG_NECROSIS_FRACTION) < 0.1
     # the enhancing label does not decide the grade: some LGG have it, so "no ET" is not "LGG"
     assert 0 < lgg_et < 1
+
+
+def _fractions(case):
+    """ET, NCR/NET and oedema fractions of the whole tumour, and its share of the brain, counted on the label map."""
+    label = case.label
+    wt = np.count_nonzero(label)
+    brain = np.count_nonzero(case.images["t1"])
+    return np.array([np.sum(label == 4) / wt, np.sum(label == 1) / wt, np.sum(label == 2) / wt, wt / brain])
+
+
+def test_tumour_composition_follows_the_calibration_table(cohort):
+    """Per grade, the medians of the generated fractions and volumes lie in the table's ranges, near its medians,
+    and the enhancing fraction separates the grades as on the real label maps."""
+    from datasets_scripts.demo_data import LGG_ENHANCING_FRACTION, REFERENCE_BRAIN_CM3, TUMOUR_COMPOSITION
+
+    by_grade = {g: np.array([_fractions(c) for c in cohort if c.grade == g]) for g in ("HGG", "LGG")}
+    for grade, values in by_grade.items():
+        table = TUMOUR_COMPOSITION[grade]
+        with_et = values[values[:, 0] > 0]
+        assert len(with_et) >= 0.3 * len(values)
+        medians = {"et_fraction": np.median(with_et[:, 0]), "ncr_net_fraction": np.median(values[:, 1]),
+                   "oedema_fraction": np.median(values[:, 2]),
+                   "wt_cm3": np.median(values[:, 3]) * REFERENCE_BRAIN_CM3}
+        for key, median in medians.items():
+            mid, lo, hi = table[key]
+            assert lo <= median <= hi, (grade, key, median)
+            assert abs(np.log(median / mid)) < 0.25, (grade, key, median, mid)  # within about 25 % of the table's median
+        # every case within the ranges (two voxels of rounding on the 32 x 32 x 24 grid)
+        slack = 2.0 / np.array([np.count_nonzero(c.label) for c in cohort if c.grade == grade])
+        assert np.all(with_et[:, 0] <= table["et_fraction"][2] + slack[values[:, 0] > 0])
+        assert np.all(values[:, 1] >= table["ncr_net_fraction"][1] - slack)
+        assert np.all(values[:, 1] <= table["ncr_net_fraction"][2] + slack)
+    hgg, lgg = by_grade["HGG"], by_grade["LGG"]
+    assert np.all(hgg[:, 0] > 0)
+    assert abs(np.mean(lgg[:, 0] > 0) - LGG_ENHANCING_FRACTION) < 0.16
+    assert hgg[:, 0].min() > lgg[:, 0].max()  # ET fraction alone separates the grades
+    assert np.median(lgg[:, 1]) > 2 * np.median(hgg[:, 1])  # NCR/NET: 46 % vs 10 %
+    assert np.median(lgg[:, 3]) > 1.5 * np.median(hgg[:, 3])  # WT volume: 201 vs 91 cm^3
+
+
+def test_report_readings_do_not_follow_the_size(cohort):
+    """The size differs by grade; what the report reads of the tumour (oedema reach, ventricles) does not."""
+    for key in ("oedema_reach", "ventricle_ratio"):
+        h = np.median([c.findings[key] for c in cohort if c.grade == "HGG"])
+        lo = np.median([c.findings[key] for c in cohort if c.grade == "LGG"])
+        assert abs(np.log(h / lo)) < 0.15, (key, h, lo)
+    n_lobes = {g: np.mean([len(c.findings["lesion_lobes"]) for c in cohort if c.grade == g]) for g in ("HGG", "LGG")}
+    assert abs(n_lobes["HGG"] - n_lobes["LGG"]) < 0.3, n_lobes
 
 
 def test_report_writer_never_sees_the_grade_or_the_enhancement(cohort):
