@@ -45,7 +45,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PretrainedConfig
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ImagesKwargs, ProcessorMixin
 
@@ -420,6 +420,11 @@ class EmrFuseImageProcessor(BaseImageProcessor):
                 raise ValueError(f"Sequence {name!r} contains NaN or infinite values.")
             if not out[i].any() and not allow_missing_sequences:
                 raise ValueError(f"Sequence {name!r} is all zero.")
+            if out[i].any() and out[i].min() == out[i].max():
+                raise ValueError(
+                    f"Sequence {name!r} has one intensity ({float(out[i].flat[0]):g}) in every voxel: an image of a "
+                    "constant, not of a brain; check the file."
+                )
         for i in range(len(SEQUENCES)):
             _zero_constant_background(out[i])
         if not out.any():
@@ -705,8 +710,12 @@ class EmrFuseProcessor(ProcessorMixin):
     @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
         """Load the image processor with this module's own class (so that ``EmrFuseProcessor.from_pretrained``
-        needs no remote-code lookup) and the tokenizer with ``AutoTokenizer`` (any BERT-family tokenizer)."""
+        needs no remote-code lookup) and the tokenizer with ``AutoTokenizer`` (any BERT-family tokenizer). The
+        tokenizer's class comes from ``tokenizer_config.json``: without ``trust_remote_code`` a neutral config is
+        passed, so that the folder's ``config.json`` (whose ``auto_map`` names the folder's code) is not read."""
         image_processor = EmrFuseImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if not kwargs.get("trust_remote_code"):
+            kwargs.setdefault("config", PretrainedConfig())
         tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
         return [image_processor, tokenizer]
 
