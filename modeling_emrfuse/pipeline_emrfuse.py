@@ -121,6 +121,7 @@ __all__ = [
     "EmrFusePipeline",
     "LoadedCase",
     "load_case",
+    "load_case_with_warnings",
     "load_pipeline",
     "optimize_for_inference",
     "resolve_companion",
@@ -511,7 +512,8 @@ def _scalar(x) -> Optional[float]:
     return float(t[0]) if t.numel() else None
 
 
-def _load_case_with_warnings(inputs, affine, release, allow_missing_sequences) -> Tuple[LoadedCase, List[str]]:
+def load_case_with_warnings(inputs, affine=None, release: str = "auto",
+                            allow_missing_sequences: bool = False) -> Tuple[LoadedCase, List[str]]:
     """:func:`load_case`, with the header's geometry warnings (no orientation, shear, qform/sform disagreement)
     returned for the result's ``warnings`` (and left out of the process's warning output)."""
     with warnings.catch_warnings(record=True) as caught:
@@ -737,7 +739,7 @@ class EmrFusePipeline(Pipeline):
         t0 = time.perf_counter()
         if isinstance(inputs, Mapping) and "report" in inputs and report is None:
             report = inputs["report"]
-        case, geometry_warnings = _load_case_with_warnings(inputs, affine, release, allow_missing_sequences)
+        case, geometry_warnings = load_case_with_warnings(inputs, affine, release, allow_missing_sequences)
         report, report_source, capped = _case_report(case, report, use_case_report, max_report_chars)
         if capped:
             geometry_warnings.append(
