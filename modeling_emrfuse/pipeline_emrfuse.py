@@ -33,7 +33,17 @@ case's release, ``brats2017`` when unknown), ``release``, ``affine``, ``threshol
 ``max_length`` (report tokens), ``return_probabilities``, ``mask_background`` (default True: no
 tumour label where all four sequences are 0, i.e. outside the skull-stripped brain),
 ``allow_missing_sequences`` (default False; see "Missing sequences" above), ``resample`` (default
-False; see "Voxel spacing" below).
+False; see "Voxel spacing" below), ``max_report_chars`` (default :data:`DEFAULT_MAX_REPORT_CHARS`: a longer
+report is cut, a case folder's report file read no further, and the result's ``report_capped`` and
+``warnings`` say so).
+
+Loading (:func:`load_pipeline`, ``emrfuse predict``, the Space)
+    A model folder or Hub repository is loaded with the classes of this package (``EmrFuseConfig``,
+    ``EmrFuseForSegmentation`` / ``EmrFuseForImageClassification``, ``EmrFuseProcessor``) after its
+    ``config.json`` is checked to say ``model_type: emrfuse``; nothing named by its ``auto_map`` is imported.
+    ``trust_remote_code=True`` (``emrfuse predict --trust-remote-code``, ``EMRFUSE_TRUST_REMOTE_CODE=1`` in the
+    Space) runs the folder's own code instead. Weights are read from safetensors only: a pickled
+    ``pytorch_model.bin`` is refused, never unpickled.
 
 Voxel spacing (``resample=True``; ``emrfuse predict --resample``)
     The model works at the voxel size its image processor expects (``expected_spacing``, 1 mm isotropic
@@ -60,8 +70,9 @@ What runs
     4. postprocess: region logits -> label map on the original grid (the processor's
        ``post_process_segmentation``, or the probabilities resampled back with ``resample=True``; voxels
        outside the skull-stripped brain set to 0; non-finite logits or weights are an error), region
-       volumes in cm^3 from the voxel size of the header, grade probabilities, alpha_text /
-       alpha_image and token attention.
+       volumes in cm^3 at ``|det|`` of the affine per voxel, grade probabilities, alpha_text /
+       alpha_image and token attention. Assumptions about the header (no orientation set, a sheared
+       affine, qform and sform that disagree) are listed in the result's ``warnings``.
 
 Both heads in one folder
     A model folder holds ONE task model at its root (``EmrFuseForSegmentation`` or
@@ -512,6 +523,16 @@ def _scalar(x) -> Optional[float]:
     return float(t[0]) if t.numel() else None
 
 
+def _nested_region_volumes(regions: np.ndarray, affine: np.ndarray) -> Dict[str, float]:
+    """cm^3 of each region of a painted label map (nested: WT > TC > ET), from its ``(3, X, Y, Z)`` region masks,
+    at ``|det|`` of the affine per voxel (right for a sheared affine too)."""
+    voxel = voxel_volume_mm3(affine) / 1000.0
+    et = regions[2]
+    tc = regions[1] | et
+    wt = regions[0] | tc
+    return {r: float(m.sum(dtype=np.int64)) * voxel for r, m in zip(REGIONS, (wt, tc, et))}
+
+
 def load_case_with_warnings(inputs, affine=None, release: str = "auto",
                             allow_missing_sequences: bool = False) -> Tuple[LoadedCase, List[str]]:
     """:func:`load_case`, with the header's geometry warnings (no orientation, shear, qform/sform disagreement)
@@ -559,6 +580,8 @@ class EmrFusePipeline(Pipeline):
             the model when not given (see the module docstring); ``False``: do not use one.
         precision: ``"auto"`` (bf16 on a CPU with native bf16 instructions and on CUDA with bf16,
             fp32 elsewhere), ``"bf16"`` or ``"fp32"``.
+        trust_remote_code: load a companion given as a folder or Hub id (and a missing processor) with the code
+            its folder names (``auto_map``) instead of this package's classes (default False).
         optimize: rewrite the models in place for inference (default True; see
             :func:`optimize_for_inference`: BatchNorm folded into the convolutions, bf16 weights when
             ``precision`` is bf16, channels-last). Pass ``optimize=False`` to leave a model you hold
@@ -573,7 +596,9 @@ class EmrFusePipeline(Pipeline):
     without a segmentation head), ``affine``, ``header``, ``spacing``, ``label_convention``,
     ``region_volumes_cm3``, ``grade`` and ``grade_probabilities`` (None without a grading head),
     ``alpha_text`` / ``alpha_image``, ``tokens`` / ``token_attention`` / ``token_offsets`` /
-    ``words`` (report highlighting), ``has_report``, ``report_truncated``, ``report_source``,
+    ``words`` (report highlighting), ``has_report``, ``report_truncated``, ``report_source``, ``report_capped``
+    (the report was cut to ``max_report_chars``), ``reoriented_from`` (the input's orientation when it was not
+    BraTS's LPS, else ``None``),
     ``case_id``, ``model_id`` / ``revision`` (and ``grading_model_id`` / ``grading_revision``),
     ``missing_sequences`` (zero-filled sequences, only with ``allow_missing_sequences=True``; ``[]``
     for a complete case), ``resampling`` (``None``, or the input and model grids and spacings when
@@ -916,26 +941,8 @@ class EmrFusePipeline(Pipeline):
         result["resampling"] = resampling
         turn = model_outputs.get("reorientation")  # the model ran on the case in BraTS's orientation
         result["reoriented_from"] = None if turn is None or turn.is_identity else "".join(turn.input_axcodes)
-        oriented_shape = model_outputs.get("oriented_shape", case.shape)
-        probs = None
-        if logits is not None and resampling is not None:
-            # probabilities on the model's grid -> back onto the input grid, then thresholded (nnU-Net style)
-            on_model_grid = self.image_processor.uncrop(
-                torch.sigmoid(logits).permute(1, 2, 3, 0).numpy(), model_outputs["crop_info"], fill=0
-            )
-            probs = resample_to_shape(on_model_grid, oriented_shape)
-            if turn is not None and not turn.is_identity:  # (R, X, Y, Z): back to the input's orientation
-                probs = np.stack([turn.undo(p) for p in probs])
-            regions = probs > threshold
-            label_map = regions_to_label_map(regions, get_label_convention(convention))
-        elif logits is not None:
-            label_map, regions = self.image_processor.post_process_segmentation(
-                logits, model_outputs["crop_info"], label_convention=convention, threshold=threshold, return_regions=True
-            )
-            if turn is not None and not turn.is_identity:  # back to the input's grid and orientation
-                label_map = turn.undo(label_map)
-                regions = np.stack([turn.undo(r) for r in regions])
         if logits is not None:
+            label_map, regions, probs = self._label_map_on_input_grid(model_outputs, convention, threshold)
             if mask_background:  # skull-stripped input: no tumour where all four (given) sequences are 0
                 background = np.ones(case.shape, dtype=bool)
                 for volume in case.volumes.values():
@@ -943,14 +950,7 @@ class EmrFusePipeline(Pipeline):
                 label_map[background] = 0
                 regions &= ~background
             result["label_map"] = label_map.astype(np.uint8, copy=False)
-            # regions of the painted label map (nested: WT > TC > ET), without re-reading the map
-            voxel = voxel_volume_mm3(case.affine) / 1000.0  # |det|: right for a sheared affine too
-            et = regions[2]
-            tc = regions[1] | et
-            wt = regions[0] | tc
-            result["region_volumes_cm3"] = {
-                r: float(m.sum(dtype=np.int64)) * voxel for r, m in zip(REGIONS, (wt, tc, et))
-            }
+            result["region_volumes_cm3"] = _nested_region_volumes(regions, case.affine)
             if return_probabilities and probs is not None:
                 result["region_probabilities"] = probs.astype(np.float16)
             elif return_probabilities:
@@ -985,6 +985,29 @@ class EmrFusePipeline(Pipeline):
         timings["postprocess"] = time.perf_counter() - t0
         result["timings"] = timings
         return result
+
+    def _label_map_on_input_grid(self, model_outputs, convention: str, threshold: float):
+        """``(label map, region masks (3, X, Y, Z), probabilities or None)`` on the input's grid and orientation:
+        uncropped, and reoriented back (and with ``resample=True`` the probabilities resampled back onto the input
+        grid, then thresholded, nnU-Net style)."""
+        logits, crop_info = model_outputs["seg_logits"], model_outputs["crop_info"]
+        turn = model_outputs.get("reorientation")
+        turned = turn is not None and not turn.is_identity
+        if model_outputs.get("resampling") is not None:
+            on_model_grid = self.image_processor.uncrop(torch.sigmoid(logits).permute(1, 2, 3, 0).numpy(), crop_info,
+                                                        fill=0)
+            probs = resample_to_shape(on_model_grid, model_outputs.get("oriented_shape", model_outputs["case"].shape))
+            if turned:  # (R, X, Y, Z): back to the input's orientation
+                probs = np.stack([turn.undo(p) for p in probs])
+            regions = probs > threshold
+            return regions_to_label_map(regions, get_label_convention(convention)), regions, probs
+        label_map, regions = self.image_processor.post_process_segmentation(
+            logits, crop_info, label_convention=convention, threshold=threshold, return_regions=True
+        )
+        if turned:  # back to the input's grid and orientation
+            label_map = turn.undo(label_map)
+            regions = np.stack([turn.undo(r) for r in regions])
+        return label_map, regions, None
 
     # ------------------------------------------------------------------------------ explanation
     def _token_explanation(self, model_outputs) -> Dict[str, Any]:

@@ -215,6 +215,21 @@ def _zero_constant_background(volume: np.ndarray, min_fraction: float = 0.05) ->
 # --------------------------------------------------------------------------------------------------
 # Image processor
 # --------------------------------------------------------------------------------------------------
+def _check_sequence_values(volume: np.ndarray, name: str, allow_missing_sequences: bool) -> None:
+    """``ValueError`` naming the sequence for NaN / infinity, an all-zero volume (unless missing sequences are
+    allowed) and a volume of one constant non-zero intensity (which is not called all zero)."""
+    if not np.isfinite(volume).all():
+        raise ValueError(f"Sequence {name!r} contains NaN or infinite values.")
+    if not volume.any():
+        if not allow_missing_sequences:
+            raise ValueError(f"Sequence {name!r} is all zero.")
+    elif volume.min() == volume.max():
+        raise ValueError(
+            f"Sequence {name!r} has one intensity ({float(volume.flat[0]):g}) in every voxel: an image of a "
+            "constant, not of a brain; check the file."
+        )
+
+
 class EmrFuseImageProcessor(BaseImageProcessor):
     r"""Four-sequence brain MRI volume <-> model-ready axial slices (see the module docstring).
 
@@ -416,15 +431,7 @@ class EmrFuseImageProcessor(BaseImageProcessor):
             if name not in arrays:
                 continue
             out[i] = arrays[name]
-            if not np.isfinite(out[i]).all():
-                raise ValueError(f"Sequence {name!r} contains NaN or infinite values.")
-            if not out[i].any() and not allow_missing_sequences:
-                raise ValueError(f"Sequence {name!r} is all zero.")
-            if out[i].any() and out[i].min() == out[i].max():
-                raise ValueError(
-                    f"Sequence {name!r} has one intensity ({float(out[i].flat[0]):g}) in every voxel: an image of a "
-                    "constant, not of a brain; check the file."
-                )
+            _check_sequence_values(out[i], name, allow_missing_sequences)
         for i in range(len(SEQUENCES)):
             _zero_constant_background(out[i])
         if not out.any():

@@ -741,10 +741,7 @@ def build_demo() -> gr.Blocks:
                                            elem_id="emrfuse-metrics", interactive=False)
                 download = gr.File(label="Predicted label map (NIfTI)", elem_id="emrfuse-download", interactive=False)
 
-        # the report box holds one case's report: uploading sequences empties it, an example fills in its own
-        for upload in (f_t1, f_t1ce, f_t2, f_flair):
-            upload.upload(clear_report, outputs=report, api_name=False)
-        example.change(report_for_example, inputs=[example, f_t1, f_t1ce, f_t2, f_flair], outputs=report, api_name=False)
+        _wire_report_box([f_t1, f_t1ce, f_t2, f_flair], example, report)
         run.click(
             predict,
             inputs=[f_t1, f_t1ce, f_t2, f_flair, example, report, gt_file, sequence, plane, allow_missing, gt_labels],
@@ -753,18 +750,31 @@ def build_demo() -> gr.Blocks:
             api_name="predict",
             concurrency_limit=1,
         )
-        view_inputs = [state, sequence, plane, index, show]
-        for control in (sequence, show):
-            control.change(render_view, inputs=view_inputs, outputs=[pred_img, gt_img], api_name=False)
-        # the user's slider moves only: the value a prediction or a plane change sets comes with its images. Rendering
-        # them again would rewrite the same cached image files (Gradio names them by content) while the browser is
-        # still fetching them, and the browser would get a truncated image.
-        index.input(render_view, inputs=view_inputs, outputs=[pred_img, gt_img], api_name=False,
-                    trigger_mode="always_last")
-        plane.change(change_plane, inputs=[state, sequence, plane, show], outputs=[index, pred_img, gt_img], api_name=False)
+        _wire_viewer(state, sequence, plane, index, show, pred_img, gt_img)
     # one prediction at a time; at most QUEUE_MAX_SIZE requests wait: the next one gets Gradio's "Queue is full" error
     demo.queue(default_concurrency_limit=1, max_size=QUEUE_MAX_SIZE)
     return demo
+
+
+def _wire_report_box(uploads, example, report) -> None:
+    """The report box holds one case's report: uploading a sequence empties it, an example fills in its own
+    (nothing while sequences are uploaded)."""
+    for upload in uploads:
+        upload.upload(clear_report, outputs=report, api_name=False)
+    example.change(report_for_example, inputs=[example, *uploads], outputs=report, api_name=False)
+
+
+def _wire_viewer(state, sequence, plane, index, show, pred_img, gt_img) -> None:
+    """The viewer's controls: sequence, overlay, slider and plane re-render the images."""
+    view_inputs = [state, sequence, plane, index, show]
+    for control in (sequence, show):
+        control.change(render_view, inputs=view_inputs, outputs=[pred_img, gt_img], api_name=False)
+    # the user's slider moves only: the value a prediction or a plane change sets comes with its images. Rendering
+    # them again would rewrite the same cached image files (Gradio names them by content) while the browser is
+    # still fetching them, and the browser would get a truncated image.
+    index.input(render_view, inputs=view_inputs, outputs=[pred_img, gt_img], api_name=False,
+                trigger_mode="always_last")
+    plane.change(change_plane, inputs=[state, sequence, plane, show], outputs=[index, pred_img, gt_img], api_name=False)
 
 
 def remove_temporary_files() -> None:

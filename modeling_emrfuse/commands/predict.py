@@ -38,11 +38,19 @@ on GPUs, one process per GPU). Each process loads the model once and predicts it
 and writes their outputs; the main process writes the one ``predict_summary.json`` after gathering every
 process's records (:class:`ProcessShare`). The outputs are those of a single process.
 
+Security: the model folder is loaded with the installed emrfuse classes (``model_type`` checked) and
+nothing from it runs, unless ``--trust-remote-code`` is given; weights are read from safetensors only
+(a pickled ``pytorch_model.bin`` is refused unread); a case id must be a plain file name (no ``/``,
+a backslash or ``..``), so nothing is written outside ``-o``; a report is read no further than
+``--max-report-chars`` characters (the JSON's ``report_capped`` and ``warnings`` say when it was cut).
+
 Exit status: 0 when every case was predicted, 1 when some cases of a folder failed (the others are
 written and a summary says which failed and why), 2 for bad input, an output location that cannot be
-written (checked before the model is loaded) or an unusable model (truncated, corrupted or non-finite
-weights): a one-line message, no traceback. Every JSON written is strict JSON (no bare ``NaN``). (Under
-``torchrun`` every process returns that status; the launcher itself exits with 1 when it is not 0.)
+written (checked before the model is loaded) or an unusable model (not an EmrFuse folder, pickled,
+truncated, corrupted or non-finite weights, a corrupt tokenizer file): a one-line message naming the
+file, no traceback. Every JSON written is strict JSON (no bare ``NaN``); label maps and JSONs are
+written under a temporary name and renamed. (Under ``torchrun`` every process returns that status; the
+launcher itself exits with 1 when it is not 0.)
 """
 
 from __future__ import annotations
