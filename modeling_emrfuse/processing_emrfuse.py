@@ -721,7 +721,8 @@ class EmrFuseProcessor(ProcessorMixin):
         tokenizer's class comes from ``tokenizer_config.json``: without ``trust_remote_code`` a neutral config is
         passed, so that the folder's ``config.json`` (whose ``auto_map`` names the folder's code) is not read."""
         image_processor = EmrFuseImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
-        if not kwargs.get("trust_remote_code"):
+        if not kwargs.get("trust_remote_code"):  # never a prompt, never the folder's tokenizer code
+            kwargs = {**kwargs, "trust_remote_code": False}
             kwargs.setdefault("config", PretrainedConfig())
         tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
         return [image_processor, tokenizer]

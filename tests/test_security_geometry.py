@@ -53,16 +53,20 @@ def _evil_copy(model_dir: Path, folder: Path, marker: Path) -> Path:
     (folder / "evil_cfg.py").write_text(
         "from pathlib import Path\n"
         f"Path({str(marker)!r}).write_text('ran')\n"
+        "from transformers import BertTokenizer\n"
         "from .configuration_emrfuse import EmrFuseConfig\n"
-        "from .processing_emrfuse import EmrFuseProcessor\n",
+        "from .processing_emrfuse import EmrFuseProcessor\n"
+        "class EvilTokenizer(BertTokenizer):\n"
+        "    pass\n",
         encoding="utf-8",
     )
-    for name, key, cls in (("config.json", "AutoConfig", "EmrFuseConfig"),
-                           ("processor_config.json", "AutoProcessor", "EmrFuseProcessor")):
+    for name, key, target in (("config.json", "AutoConfig", "evil_cfg.EmrFuseConfig"),
+                              ("processor_config.json", "AutoProcessor", "evil_cfg.EmrFuseProcessor"),
+                              ("tokenizer_config.json", "AutoTokenizer", ["evil_cfg.EvilTokenizer", None])):
         path = folder / name
         if path.is_file():
             data = json.loads(path.read_text(encoding="utf-8"))
-            data.setdefault("auto_map", {})[key] = f"evil_cfg.{cls}"
+            data.setdefault("auto_map", {})[key] = target
             path.write_text(json.dumps(data), encoding="utf-8")
     return folder
 
