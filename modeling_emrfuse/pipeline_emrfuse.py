@@ -115,8 +115,8 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.utils import logging
 
 from .brats_io import GeometryWarning, LoadedCase, affine_voxel_volume, load_case, to_reference_orientation
-from .configuration_emrfuse import EmrFuseConfig
 from .brats_labels import GRADES, REGIONS, SEQUENCES, get_label_convention, label_map_to_regions, regions_to_label_map
+from .configuration_emrfuse import EmrFuseConfig
 from .inference_optim import inference_autocast, is_inference_optimized, optimize_for_inference, resolve_precision
 from .modeling_emrfuse import EmrFuseForImageClassification, EmrFuseForSegmentation
 from .processing_emrfuse import EmrFuseProcessor, grading_slice_indices
@@ -244,19 +244,26 @@ def _where(name_or_path: str, subfolder: str = "") -> str:
 _HEAD_CLASSES = {cls.__name__: cls for cls in (EmrFuseForSegmentation, EmrFuseForImageClassification)}
 """The task models an EmrFuse folder may hold (``architectures`` in its ``config.json``), by class name."""
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_JSON_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "preprocessor_config.json", "processor_config.json")
 
 
-def _check_local_files(folder: Path) -> None:
-    """Refuse a local model folder whose weights are only pickles (never unpickled: unpickling can run code),
-    or whose JSON files (config, tokenizer, processor) are not valid JSON; each error names the file."""
-    if folder.is_dir() and not any(folder.glob("*.safetensors")) and not (folder / "model.safetensors.index.json").is_file():
-        pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES)
-        if pickles:
-            raise ValueError(
-                f"{folder / pickles[0]}: pickled weights are never loaded (unpickling a file can run code); convert the "
-                "model to model.safetensors (save_pretrained writes safetensors) or get a safetensors copy."
-            )
-        raise FileNotFoundError(f"{folder}: no model.safetensors, so no weights to load; save the model again.")
+def _check_weight_files(folder: Path) -> None:
+    """Refuse a local model folder whose weights are only pickles (never unpickled: unpickling can run code), or
+    that holds no weights; the error names the file."""
+    if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file():
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(
+            f"{folder / pickles[0]}: pickled weights are never loaded (unpickling a file can run code); convert the "
+            "model to model.safetensors (save_pretrained writes safetensors) or get a safetensors copy."
+        )
+    raise FileNotFoundError(f"{folder}: no model.safetensors, so no weights to load; save the model again.")
+
+
+def _check_json_files(folder: Path) -> None:
+    """Refuse a local folder whose JSON files (config, tokenizer, processor) are not valid JSON, naming the file."""
     for name in _JSON_FILES:
         path = folder / name
         if path.is_file():
@@ -264,10 +271,6 @@ def _check_local_files(folder: Path) -> None:
                 json.loads(path.read_text(encoding="utf-8"))
             except (ValueError, UnicodeDecodeError) as exc:
                 raise ValueError(f"{path}: not valid JSON ({exc}); download or save the model again.") from None
-
-
-_JSON_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-               "preprocessor_config.json", "processor_config.json")
 
 
 def _emrfuse_head_class(name_or_path: str, revision: Optional[str], subfolder: str) -> type:
@@ -291,7 +294,7 @@ def _emrfuse_head_class(name_or_path: str, revision: Optional[str], subfolder: s
     )
 
 
-def _remote_head_class(name_or_path: str, config: Any, where: str) -> type:
+def _remote_head_class(config: Any, where: str) -> type:
     """The Auto class that a folder's ``auto_map`` names for its architecture (the folder's own code)."""
     auto_map = getattr(config, "auto_map", None) or {}
     architectures = list(getattr(config, "architectures", None) or [])
@@ -319,13 +322,14 @@ def _load_head(name_or_path: str, revision: Optional[str] = None, subfolder: str
     if on_hub:
         revision = _hub_commit(name_or_path, revision, subfolder) or revision
     else:
-        _check_local_files(Path(name_or_path) / subfolder)
+        _check_json_files(Path(name_or_path) / subfolder)
+        _check_weight_files(Path(name_or_path) / subfolder)
     hub: Dict[str, Any] = {"revision": revision}
     if subfolder:
         hub["subfolder"] = subfolder
     if trust_remote_code:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=True, **hub)
-        model_cls = _remote_head_class(name_or_path, config, where)
+        model_cls = _remote_head_class(config, where)
         hub["trust_remote_code"] = True
     else:
         model_cls = _emrfuse_head_class(name_or_path, revision, subfolder)
@@ -352,7 +356,7 @@ def load_processor(source: str, revision: Optional[str] = None, trust_remote_cod
         raise ValueError("EmrFusePipeline needs the model's EmrFuseProcessor (processor=...): the model was not "
                          "loaded from a folder or Hub repository to read it from.")
     if Path(source).is_dir():
-        _check_local_files(Path(source))
+        _check_json_files(Path(source))
     try:
         if trust_remote_code:
             return AutoProcessor.from_pretrained(source, revision=revision, trust_remote_code=True)
@@ -390,12 +394,15 @@ def resolve_companion(root_model: PreTrainedModel, role: str, explicit: Any = No
       would run).
     * neither: no companion.
 
-    A folder or Hub id is loaded with the installed package's classes unless ``trust_remote_code`` (:func:`_load_head`).
+    A folder or Hub id is loaded with the installed package's classes unless ``trust_remote_code``
+    (:func:`_load_head`).
     """
     if explicit is False:
         return None
     if explicit is not None:
-        return explicit if isinstance(explicit, torch.nn.Module) else _load_head(os.fspath(explicit), trust_remote_code=trust_remote_code)
+        if isinstance(explicit, torch.nn.Module):
+            return explicit
+        return _load_head(os.fspath(explicit), trust_remote_code=trust_remote_code)
     config = root_model.config
     spec = getattr(config, f"{role}_model", None)
     if not spec:
