@@ -1174,8 +1174,23 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _output_problem(output: Path) -> Optional[str]:
+    """Why ``emrfuse prepare -o`` cannot be the output folder (a file, or below a file), or ``None``."""
+    existing = output
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is a file" if existing == output else f"is below {existing}, which is a file"
+        return f"output {output} {where}: give a folder (-o)."
+    return None
+
+
 def _run_prepare(args: argparse.Namespace) -> int:
     output = Path(args.output)
+    problem = _output_problem(output)
+    if problem is not None:
+        print(f"emrfuse prepare: {problem}", file=sys.stderr)
+        return 2
     if output.exists() and any(output.iterdir()) and not args.overwrite:
         print(f"emrfuse prepare: {output} exists and is not empty (use --overwrite).", file=sys.stderr)
         return 2

@@ -94,10 +94,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import nibabel as nib
 import numpy as np
@@ -1009,18 +1010,41 @@ def _size_arg(value: str):
         raise argparse.ArgumentTypeError(f"size must be one of {sorted(DEMO_SIZES)} or XxYxZ, got {value!r}") from None
 
 
+def _argument_problem(args: argparse.Namespace) -> Optional[str]:
+    """What is wrong with ``emrfuse demo-data``'s arguments (one line), or ``None``."""
+    if args.n_cases < 1:
+        return f"--n-cases must be >= 1, got {args.n_cases}."
+    if not 0.0 <= args.hgg_fraction <= 1.0:
+        return f"--hgg-fraction must be in [0, 1], got {args.hgg_fraction}."
+    existing = Path(args.out)
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is a file" if existing == Path(args.out) else f"is below {existing}, which is a file"
+        return f"output {args.out} {where}: give a folder."
+    return None
+
+
 def _run(args: argparse.Namespace) -> int:
+    problem = _argument_problem(args)
+    if problem is not None:
+        print(f"emrfuse demo-data: error: {problem}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
-    out = write_demo_dataset(
-        args.out,
-        n_cases=args.n_cases,
-        size=args.size,
-        seed=args.seed,
-        hgg_fraction=args.hgg_fraction,
-        with_history=args.history,
-        lgg_enhancing_fraction=args.lgg_enhancing_fraction,
-        start_index=args.start_index,
-    )
+    try:
+        out = write_demo_dataset(
+            args.out,
+            n_cases=args.n_cases,
+            size=args.size,
+            seed=args.seed,
+            hgg_fraction=args.hgg_fraction,
+            with_history=args.history,
+            lgg_enhancing_fraction=args.lgg_enhancing_fraction,
+            start_index=args.start_index,
+        )
+    except (ValueError, OSError) as exc:  # e.g. a size too small for a tumour, a folder that cannot be written
+        print(f"emrfuse demo-data: error: {exc}", file=sys.stderr)
+        return 2
     shape = _resolve_size(args.size)
     print(
         f"wrote {args.n_cases} demo cases ({shape[0]}x{shape[1]}x{shape[2]}, seed {args.seed}) "

@@ -67,6 +67,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -318,6 +319,45 @@ def affine_spacing(affine: np.ndarray) -> Tuple[float, float, float]:
     return tuple(float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))  # type: ignore[return-value]
 
 
+SHEAR_TOLERANCE_DEGREES = 0.5
+"""Largest angle (degrees) by which two voxel axes of an affine may depart from perpendicular before a case is
+reported as sheared (:func:`affine_shear_degrees`); float32 headers of BraTS scans stay below 1e-4 degrees."""
+
+
+def affine_voxel_volume(affine: np.ndarray) -> float:
+    """Volume of one voxel in mm^3: ``|det|`` of the affine's 3 x 3 part (exact also for a sheared affine, where the
+    product of the column lengths, :func:`affine_spacing`, overstates it)."""
+    return float(abs(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3])))
+
+
+def affine_shear_degrees(affine: np.ndarray) -> float:
+    """How far (degrees) the most skewed pair of voxel axes of a 4 x 4 affine is from perpendicular (0 for any
+    rotation, flip or scaling)."""
+    columns = np.asarray(affine, dtype=np.float64)[:3, :3]
+    norms = np.linalg.norm(columns, axis=0)
+    if np.any(norms == 0):
+        return 90.0
+    unit = columns / norms
+    cosines = [abs(float(unit[:, i] @ unit[:, j])) for i, j in ((0, 1), (0, 2), (1, 2))]
+    return float(np.degrees(np.arcsin(min(1.0, max(cosines)))))
+
+
+def check_shear(affine: np.ndarray, where: str, tolerance: float = SHEAR_TOLERANCE_DEGREES) -> None:
+    """A :class:`GeometryWarning` naming ``where`` when the affine's voxel axes are sheared beyond ``tolerance``
+    degrees: volumes use ``|det|`` (:func:`affine_voxel_volume`), and the model sees the voxels unsheared."""
+    degrees = affine_shear_degrees(affine)
+    if degrees > tolerance:
+        product = float(np.prod(affine_spacing(affine)))
+        warnings.warn(
+            f"{where}: the affine is sheared (voxel axes {degrees:.2f} degrees from perpendicular, more than "
+            f"{tolerance} degrees): region volumes use its determinant ({affine_voxel_volume(affine):.4g} mm^3 per "
+            f"voxel, not the {product:.4g} of the voxel sizes), and the model sees the voxels as if unsheared; "
+            "resample the scan to an unsheared grid for a reliable segmentation.",
+            GeometryWarning,
+            stacklevel=3,
+        )
+
+
 def _nifti_spacing(img: Any, affine: np.ndarray, path: Path) -> Tuple[float, float, float]:
     """The voxel size of a NIfTI image: from ``affine`` (``img.affine``, the one outputs are written with).
 
@@ -334,6 +374,15 @@ def _nifti_spacing(img: Any, affine: np.ndarray, path: Path) -> Tuple[float, flo
         qform = header.get_qform()
     except (TypeError, KeyError, ValueError, AttributeError):  # not a NIfTI-1/2 header
         return spacing
+    if qcode == 0 and scode == 0:
+        warnings.warn(
+            f"{path}: the header sets no orientation (qform_code = sform_code = 0); assumed nibabel's default, "
+            f"{''.join(_orientations().aff2axcodes(affine))} axes with the pixdim voxel sizes, and reoriented from "
+            "that. If the scan is in another orientation the label map is mirrored: fix the header (set its qform or "
+            "sform, e.g. copied from the original scan).",
+            GeometryWarning,
+            stacklevel=3,
+        )
     if qcode > 0 and scode > 0 and not np.allclose(qform, affine, rtol=0, atol=1e-3):
         warnings.warn(
             f"{path}: the qform (voxel size {tuple(round(z, 4) for z in affine_spacing(qform))} mm) and the sform "
@@ -472,7 +521,8 @@ def write_label_map(path: Path | str, label_map: np.ndarray, affine: np.ndarray,
     ``header``: the input's ``nibabel`` NIfTI-1 header (:func:`read_volume_and_header`), or ``None``
     (MetaImage input, arrays): a fresh header in mm. The copied header's qform / sform (and so its
     ``pixdim`` voxel sizes) are set to ``affine`` where they disagree with it, so that the written file
-    has one geometry. Creates the parent folder; returns the path.
+    has one geometry. Creates the parent folder; written under a temporary name and renamed, so that the final
+    name never holds a half-written file. Returns the path.
     """
     path = Path(path)
     nib = _import_nibabel(path)
@@ -494,8 +544,24 @@ def write_label_map(path: Path | str, label_map: np.ndarray, affine: np.ndarray,
     img.header["cal_max"] = int(label_map.max()) if label_map.size else 0
     img.header["descrip"] = b"EmrFuse predicted label map"
     path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(img, str(path))
+    _save_atomically(nib, img, path)
     return path
+
+
+def _save_atomically(nib: Any, img: Any, path: Path) -> None:
+    """``nib.save`` to a temporary name in the same folder (same suffix, so the same compression), then renamed
+    onto ``path``: a run killed while writing leaves no half-written file under the final name."""
+    suffix = volume_suffix(path) or path.suffix
+    tmp = str(path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp{suffix}"))
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -1318,6 +1384,7 @@ def load_case(
     else:
         loaded = [_item_to_volume(items[n], n) for n in names]
     volumes, ref_affine, header, sources = _one_grid(names, loaded, affine)
+    check_shear(ref_affine, f"case {meta['case_id']}" if meta.get("case_id") else next(iter(sources.values()), "the case"))
     missing_sequences = _zero_fill_missing(volumes) if allow_missing_sequences else []
     return LoadedCase(
         volumes={s: volumes[s] for s in SEQUENCES},

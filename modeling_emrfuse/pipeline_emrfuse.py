@@ -33,7 +33,17 @@ case's release, ``brats2017`` when unknown), ``release``, ``affine``, ``threshol
 ``max_length`` (report tokens), ``return_probabilities``, ``mask_background`` (default True: no
 tumour label where all four sequences are 0, i.e. outside the skull-stripped brain),
 ``allow_missing_sequences`` (default False; see "Missing sequences" above), ``resample`` (default
-False; see "Voxel spacing" below).
+False; see "Voxel spacing" below), ``max_report_chars`` (default :data:`DEFAULT_MAX_REPORT_CHARS`: a longer
+report is cut, a case folder's report file read no further, and the result's ``report_capped`` and
+``warnings`` say so).
+
+Loading (:func:`load_pipeline`, ``emrfuse predict``, the Space)
+    A model folder or Hub repository is loaded with the classes of this package (``EmrFuseConfig``,
+    ``EmrFuseForSegmentation`` / ``EmrFuseForImageClassification``, ``EmrFuseProcessor``) after its
+    ``config.json`` is checked to say ``model_type: emrfuse``; nothing named by its ``auto_map`` is imported.
+    ``trust_remote_code=True`` (``emrfuse predict --trust-remote-code``, ``EMRFUSE_TRUST_REMOTE_CODE=1`` in the
+    Space) runs the folder's own code instead. Weights are read from safetensors only: a pickled
+    ``pytorch_model.bin`` is refused, never unpickled.
 
 Voxel spacing (``resample=True``; ``emrfuse predict --resample``)
     The model works at the voxel size its image processor expects (``expected_spacing``, 1 mm isotropic
@@ -60,8 +70,9 @@ What runs
     4. postprocess: region logits -> label map on the original grid (the processor's
        ``post_process_segmentation``, or the probabilities resampled back with ``resample=True``; voxels
        outside the skull-stripped brain set to 0; non-finite logits or weights are an error), region
-       volumes in cm^3 from the voxel size of the header, grade probabilities, alpha_text /
-       alpha_image and token attention.
+       volumes in cm^3 at ``|det|`` of the affine per voxel, grade probabilities, alpha_text /
+       alpha_image and token attention. Assumptions about the header (no orientation set, a sheared
+       affine, qform and sform that disagree) are listed in the result's ``warnings``.
 
 Both heads in one folder
     A model folder holds ONE task model at its root (``EmrFuseForSegmentation`` or
@@ -87,6 +98,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import re
 import time
@@ -102,10 +114,12 @@ from transformers.dynamic_module_utils import custom_object_save
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.utils import logging
 
-from .brats_io import GeometryWarning, LoadedCase, load_case, to_reference_orientation
+from .brats_io import GeometryWarning, LoadedCase, affine_voxel_volume, load_case, to_reference_orientation
 from .brats_labels import GRADES, REGIONS, SEQUENCES, get_label_convention, label_map_to_regions, regions_to_label_map
+from .configuration_emrfuse import EmrFuseConfig
 from .inference_optim import inference_autocast, is_inference_optimized, optimize_for_inference, resolve_precision
-from .processing_emrfuse import grading_slice_indices
+from .modeling_emrfuse import EmrFuseForImageClassification, EmrFuseForSegmentation
+from .processing_emrfuse import EmrFuseProcessor, grading_slice_indices
 
 logger = logging.get_logger(__name__)
 
@@ -113,10 +127,12 @@ __all__ = [
     "PIPELINE_TASK",
     "DEFAULT_MODEL",
     "DEFAULT_GRADING_SLICES",
+    "DEFAULT_MAX_REPORT_CHARS",
     "GRADING_SUBFOLDER",
     "EmrFusePipeline",
     "LoadedCase",
     "load_case",
+    "load_case_with_warnings",
     "load_pipeline",
     "optimize_for_inference",
     "resolve_companion",
@@ -135,6 +151,9 @@ DEFAULT_MODEL = os.path.join("outputs", "emrfuse-demo")
 GRADING_SUBFOLDER = "grading"
 """Sub-folder of a model folder (or Hub repository) that holds the grading companion; the root config
 names it in ``grading_model``."""
+DEFAULT_MAX_REPORT_CHARS = 65536
+"""Characters of a report read by default (``max_report_chars``): far above a radiology report (the real
+TextBraTS reports have 53-156 words), low enough that a huge text cannot stall a run or the Space's worker."""
 DEFAULT_GRADING_SLICES = "config"
 """``grading_max_slices`` default: the grading model's ``config.grading_slices`` (the policy it was trained and
 evaluated with)."""
@@ -145,13 +164,19 @@ probabilities match pooling over all slices to 1e-3, at a quarter of the grading
 # --------------------------------------------------------------------------------------------------
 # geometry of a case
 # --------------------------------------------------------------------------------------------------
-def voxel_volume_mm3(spacing: Sequence[float]) -> float:
-    """Volume of one voxel in mm^3 from the voxel size (mm) of the header."""
-    return float(np.prod([float(s) for s in spacing[:3]]))
+def voxel_volume_mm3(geometry: Union[Sequence[float], np.ndarray]) -> float:
+    """Volume of one voxel in mm^3: ``|det|`` of a 4 x 4 affine's 3 x 3 part (right also for a sheared affine), or
+    the product of a voxel size ``(sx, sy, sz)`` in mm."""
+    array = np.asarray(geometry, dtype=np.float64)
+    if array.shape in ((4, 4), (3, 3)):
+        return affine_voxel_volume(array[:3, :3])
+    return float(np.prod(array.reshape(-1)[:3]))
 
 
-def region_volumes_cm3(label_map: np.ndarray, label_convention: str, spacing: Sequence[float]) -> Dict[str, float]:
-    """Volume in cm^3 of each region (WT, TC, ET) of a label map, at the header's voxel size."""
+def region_volumes_cm3(label_map: np.ndarray, label_convention: str,
+                       spacing: Union[Sequence[float], np.ndarray]) -> Dict[str, float]:
+    """Volume in cm^3 of each region (WT, TC, ET) of a label map, at the voxel volume of ``spacing``: the case's
+    4 x 4 affine (``|det|``, right for a sheared affine too) or its voxel size (:func:`voxel_volume_mm3`)."""
     regions = label_map_to_regions(label_map, label_convention)
     voxel = voxel_volume_mm3(spacing)
     return {region: float(regions[i].sum(dtype=np.int64)) * voxel / 1000.0 for i, region in enumerate(REGIONS)}
@@ -212,39 +237,108 @@ def _loaded_commit(model: torch.nn.Module) -> Optional[str]:
     return next((part for part in parts if re.fullmatch(r"[0-9a-f]{40}", part)), None)
 
 
-def _load_head(name_or_path: str, revision: Optional[str] = None, subfolder: str = "", **kwargs) -> PreTrainedModel:
-    """Load an EmrFuse task model with the Auto class that its ``auto_map`` names for its architecture.
+def _where(name_or_path: str, subfolder: str = "") -> str:
+    return f"{name_or_path}{'/' + subfolder if subfolder else ''}"
+
+
+_HEAD_CLASSES = {cls.__name__: cls for cls in (EmrFuseForSegmentation, EmrFuseForImageClassification)}
+"""The task models an EmrFuse folder may hold (``architectures`` in its ``config.json``), by class name."""
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_JSON_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "preprocessor_config.json", "processor_config.json")
+
+
+def _check_weight_files(folder: Path) -> None:
+    """Refuse a local model folder whose weights are only pickles (never unpickled: unpickling can run code), or
+    that holds no weights; the error names the file."""
+    if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file():
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(
+            f"{folder / pickles[0]}: pickled weights are never loaded (unpickling a file can run code); convert the "
+            "model to model.safetensors (save_pretrained writes safetensors) or get a safetensors copy."
+        )
+    raise FileNotFoundError(f"{folder}: no model.safetensors, so no weights to load; save the model again.")
+
+
+def _check_json_files(folder: Path) -> None:
+    """Refuse a local folder whose JSON files (config, tokenizer, processor) are not valid JSON, naming the file."""
+    for name in _JSON_FILES:
+        path = folder / name
+        if path.is_file():
+            try:
+                json.loads(path.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise ValueError(f"{path}: not valid JSON ({exc}); download or save the model again.") from None
+
+
+def _emrfuse_head_class(name_or_path: str, revision: Optional[str], subfolder: str) -> type:
+    """The installed task-model class that a folder's ``config.json`` names (``model_type`` must be EmrFuse's); its
+    ``auto_map`` is not followed, so nothing from the folder is imported."""
+    where = _where(name_or_path, subfolder)
+    config_dict, _ = EmrFuseConfig.get_config_dict(name_or_path, revision=revision, subfolder=subfolder)
+    model_type = config_dict.get("model_type")
+    if model_type != EmrFuseConfig.model_type:
+        raise ValueError(
+            f"{where}/config.json: model_type {model_type!r} is not an EmrFuse model ({EmrFuseConfig.model_type!r}); "
+            "give an EmrFuse model folder (or pass trust_remote_code to run the folder's own code)."
+        )
+    architectures = list(config_dict.get("architectures") or [])
+    for name in architectures:
+        if name in _HEAD_CLASSES:
+            return _HEAD_CLASSES[name]
+    raise ValueError(
+        f"{where}/config.json: architectures {architectures} name no EmrFuse task model "
+        f"({', '.join(_HEAD_CLASSES)}); save the task model with save_pretrained."
+    )
+
+
+def _remote_head_class(config: Any, where: str) -> type:
+    """The Auto class that a folder's ``auto_map`` names for its architecture (the folder's own code)."""
+    auto_map = getattr(config, "auto_map", None) or {}
+    architectures = list(getattr(config, "architectures", None) or [])
+    for key, value in auto_map.items():
+        target = value[-1] if isinstance(value, (list, tuple)) else value
+        if key.startswith("AutoModel") and any(str(target).endswith("." + a) for a in architectures):
+            return getattr(transformers, key)
+    raise ValueError(
+        f"{where}: the config's auto_map names no Auto class for {architectures}; save the model with "
+        "save_pretrained after register_for_auto_class."
+    )
+
+
+def _load_head(name_or_path: str, revision: Optional[str] = None, subfolder: str = "",
+               trust_remote_code: bool = False, **kwargs) -> PreTrainedModel:
+    """Load an EmrFuse task model: with the installed package's classes (``model_type`` checked, nothing from the
+    folder imported), or with ``trust_remote_code`` through the Auto class that the folder's ``auto_map`` names.
+    Weights are read from safetensors only (a pickled ``pytorch_model.bin`` is refused, never unpickled).
 
     From a Hub repository, ``revision`` is first resolved to a commit, with which everything is loaded and which
     is recorded in ``config._commit_hash`` (:func:`_loaded_commit`), so that a companion in the same repository
     is loaded at the same commit."""
+    where = _where(name_or_path, subfolder)
     on_hub = not Path(name_or_path).is_dir()
     if on_hub:
         revision = _hub_commit(name_or_path, revision, subfolder) or revision
-    hub = {"revision": revision, "trust_remote_code": True}
+    else:
+        _check_json_files(Path(name_or_path) / subfolder)
+        _check_weight_files(Path(name_or_path) / subfolder)
+    hub: Dict[str, Any] = {"revision": revision}
     if subfolder:
         hub["subfolder"] = subfolder
-    config = AutoConfig.from_pretrained(name_or_path, **hub)
-    auto_map = getattr(config, "auto_map", None) or {}
-    architectures = list(getattr(config, "architectures", None) or [])
-    auto_name = None
-    for key, value in auto_map.items():
-        target = value[-1] if isinstance(value, (list, tuple)) else value
-        if key.startswith("AutoModel") and any(str(target).endswith("." + a) for a in architectures):
-            auto_name = key
-            break
-    if auto_name is None:
-        raise ValueError(
-            f"{name_or_path}{'/' + subfolder if subfolder else ''}: the config's auto_map names no Auto class for "
-            f"{architectures}; save the model with save_pretrained after register_for_auto_class."
-        )
-    auto_cls = getattr(transformers, auto_name)
+    if trust_remote_code:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=True, **hub)
+        model_cls = _remote_head_class(config, where)
+        hub["trust_remote_code"] = True
+    else:
+        model_cls = _emrfuse_head_class(name_or_path, revision, subfolder)
+        config = EmrFuseConfig.from_pretrained(name_or_path, **hub)
     try:
-        model = auto_cls.from_pretrained(name_or_path, config=config, **hub, **kwargs)
+        model = model_cls.from_pretrained(name_or_path, config=config, use_safetensors=True, **hub, **kwargs)
     except Exception as exc:  # safetensors raises its own SafetensorError (no OSError / ValueError) for a bad file
         if type(exc).__name__ != "SafetensorError" and "safetensors" not in type(exc).__module__:
             raise
-        where = f"{name_or_path}{'/' + subfolder if subfolder else ''}"
         raise ValueError(
             f"{where}: the weights file (model.safetensors) is truncated or corrupted and cannot be read "
             f"({type(exc).__name__}: {exc}); download or save the model again."
@@ -252,6 +346,28 @@ def _load_head(name_or_path: str, revision: Optional[str] = None, subfolder: str
     if on_hub and revision and re.fullmatch(r"[0-9a-f]{40}", str(revision)):
         model.config._commit_hash = str(revision)
     return model
+
+
+def load_processor(source: str, revision: Optional[str] = None, trust_remote_code: bool = False):
+    """The processor of a model folder or Hub id: the installed :class:`EmrFuseProcessor` (tokenizer through
+    ``AutoTokenizer``), or with ``trust_remote_code`` the class that the folder's ``auto_map`` names. A file that
+    cannot be read is a ``ValueError`` naming it."""
+    if not source:
+        raise ValueError("EmrFusePipeline needs the model's EmrFuseProcessor (processor=...): the model was not "
+                         "loaded from a folder or Hub repository to read it from.")
+    if Path(source).is_dir():
+        _check_json_files(Path(source))
+    try:
+        if trust_remote_code:
+            return AutoProcessor.from_pretrained(source, revision=revision, trust_remote_code=True)
+        return EmrFuseProcessor.from_pretrained(source, revision=revision)
+    except (OSError, ImportError):
+        raise
+    except Exception as exc:  # the tokenizers library raises a bare Exception for a corrupt tokenizer.json
+        raise ValueError(
+            f"{source}: the processor files (tokenizer.json, tokenizer_config.json, preprocessor_config.json) cannot "
+            f"be loaded ({type(exc).__name__}: {exc}); download or save the model again."
+        ) from None
 
 
 def _is_local_subfolder(root: Path, spec: str) -> bool:
@@ -265,7 +381,8 @@ def _is_local_subfolder(root: Path, spec: str) -> bool:
     return True
 
 
-def resolve_companion(root_model: PreTrainedModel, role: str, explicit: Any = None) -> Optional[PreTrainedModel]:
+def resolve_companion(root_model: PreTrainedModel, role: str, explicit: Any = None,
+                      trust_remote_code: bool = False) -> Optional[PreTrainedModel]:
     """The other head of ``root_model`` (``role``: ``"grading"`` or ``"segmentation"``), found in one way.
 
     * ``explicit`` given (the pipeline's ``grading_model=`` / ``segmentation_model=``, ``emrfuse predict
@@ -276,11 +393,16 @@ def resolve_companion(root_model: PreTrainedModel, role: str, explicit: Any = No
       Nothing is looked for in the working directory, a sibling folder or another repository (whose code
       would run).
     * neither: no companion.
+
+    A folder or Hub id is loaded with the installed package's classes unless ``trust_remote_code``
+    (:func:`_load_head`).
     """
     if explicit is False:
         return None
     if explicit is not None:
-        return explicit if isinstance(explicit, torch.nn.Module) else _load_head(os.fspath(explicit))
+        if isinstance(explicit, torch.nn.Module):
+            return explicit
+        return _load_head(os.fspath(explicit), trust_remote_code=trust_remote_code)
     config = root_model.config
     spec = getattr(config, f"{role}_model", None)
     if not spec:
@@ -295,7 +417,7 @@ def resolve_companion(root_model: PreTrainedModel, role: str, explicit: Any = No
     local_root = Path(root)
     if local_root.is_dir():
         if _is_local_subfolder(local_root, spec) and (local_root / spec / "config.json").is_file():
-            return _load_head(str(local_root / spec))
+            return _load_head(str(local_root / spec), trust_remote_code=trust_remote_code)
         cli = " (emrfuse predict --grading-model / --no-grading)" if role == "grading" else ""
         raise ValueError(
             f"{local_root}: config.json names the {role} model {spec!r}, but {local_root / spec} holds no "
@@ -306,7 +428,7 @@ def resolve_companion(root_model: PreTrainedModel, role: str, explicit: Any = No
     if os.path.isabs(spec) or ".." in Path(spec).parts:
         raise ValueError(f"{root}: config.json names the {role} model {spec!r}, which is not a sub-folder of the repository.")
     # a sub-folder of the same Hub repository, at the same commit as the root model
-    return _load_head(root, revision=_loaded_commit(root_model), subfolder=spec)
+    return _load_head(root, revision=_loaded_commit(root_model), subfolder=spec, trust_remote_code=trust_remote_code)
 
 
 def _weights_fingerprint(folder: Path) -> Optional[str]:
@@ -408,6 +530,51 @@ def _scalar(x) -> Optional[float]:
     return float(t[0]) if t.numel() else None
 
 
+def _nested_region_volumes(regions: np.ndarray, affine: np.ndarray) -> Dict[str, float]:
+    """cm^3 of each region of a painted label map (nested: WT > TC > ET), from its ``(3, X, Y, Z)`` region masks,
+    at ``|det|`` of the affine per voxel (right for a sheared affine too)."""
+    voxel = voxel_volume_mm3(affine) / 1000.0
+    et = regions[2]
+    tc = regions[1] | et
+    wt = regions[0] | tc
+    return {r: float(m.sum(dtype=np.int64)) * voxel for r, m in zip(REGIONS, (wt, tc, et))}
+
+
+def load_case_with_warnings(inputs, affine=None, release: str = "auto",
+                            allow_missing_sequences: bool = False) -> Tuple[LoadedCase, List[str]]:
+    """:func:`load_case`, with the header's geometry warnings (no orientation, shear, qform/sform disagreement)
+    returned for the result's ``warnings`` (and left out of the process's warning output)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", GeometryWarning)
+        case = load_case(inputs, affine=affine, release=release, allow_missing_sequences=allow_missing_sequences)
+    geometry_warnings = []
+    for w in caught:
+        if issubclass(w.category, GeometryWarning):
+            geometry_warnings.append(str(w.message))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return case, list(dict.fromkeys(geometry_warnings))
+
+
+def _case_report(case: LoadedCase, report: Optional[str], use_case_report: bool,
+                 max_chars: int) -> Tuple[Optional[str], Optional[str], bool]:
+    """``(report, source, capped)``: the given report, else the case folder's own report file, cut to
+    ``max_chars`` characters (a report file is read no further than that)."""
+    source = "argument" if report is not None else None
+    if report is None and use_case_report and case.report_path:
+        try:
+            with open(case.report_path, encoding="utf-8") as fh:
+                report = fh.read(max_chars + 1)
+            source = "case folder"
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"Case {case.case_id}: cannot read its report file {case.report_path} "
+                             f"({type(exc).__name__}).") from None
+    if report is not None and not isinstance(report, str):
+        raise ValueError(f"report must be a string or None, got {type(report).__name__}.")
+    capped = report is not None and len(report) > max_chars
+    return (report[:max_chars] if capped else report), source, capped
+
+
 class EmrFusePipeline(Pipeline):
     """Whole-case EmrFuse inference: four MRI sequences (+ report) -> label map, grade, explanations.
 
@@ -420,6 +587,8 @@ class EmrFusePipeline(Pipeline):
             the model when not given (see the module docstring); ``False``: do not use one.
         precision: ``"auto"`` (bf16 on a CPU with native bf16 instructions and on CUDA with bf16,
             fp32 elsewhere), ``"bf16"`` or ``"fp32"``.
+        trust_remote_code: load a companion given as a folder or Hub id (and a missing processor) with the code
+            its folder names (``auto_map``) instead of this package's classes (default False).
         optimize: rewrite the models in place for inference (default True; see
             :func:`optimize_for_inference`: BatchNorm folded into the convolutions, bf16 weights when
             ``precision`` is bf16, channels-last). Pass ``optimize=False`` to leave a model you hold
@@ -434,7 +603,9 @@ class EmrFusePipeline(Pipeline):
     without a segmentation head), ``affine``, ``header``, ``spacing``, ``label_convention``,
     ``region_volumes_cm3``, ``grade`` and ``grade_probabilities`` (None without a grading head),
     ``alpha_text`` / ``alpha_image``, ``tokens`` / ``token_attention`` / ``token_offsets`` /
-    ``words`` (report highlighting), ``has_report``, ``report_truncated``, ``report_source``,
+    ``words`` (report highlighting), ``has_report``, ``report_truncated``, ``report_source``, ``report_capped``
+    (the report was cut to ``max_report_chars``), ``reoriented_from`` (the input's orientation when it was not
+    BraTS's LPS, else ``None``),
     ``case_id``, ``model_id`` / ``revision`` (and ``grading_model_id`` / ``grading_revision``),
     ``missing_sequences`` (zero-filled sequences, only with ``allow_missing_sequences=True``; ``[]``
     for a complete case), ``resampling`` (``None``, or the input and model grids and spacings when
@@ -459,9 +630,11 @@ class EmrFusePipeline(Pipeline):
         channels_last: bool = True,
         grading_max_slices: Union[int, str, None] = DEFAULT_GRADING_SLICES,
         optimize: bool = True,
+        trust_remote_code: bool = False,
         **kwargs,
     ):
         super().__init__(model, *args, **kwargs)
+        self.trust_remote_code = bool(trust_remote_code)
         if grading_max_slices == DEFAULT_GRADING_SLICES:
             self.grading_max_slices = grading_max_slices  # resolved from the grading model's config when it grades
         elif grading_max_slices is not None and (isinstance(grading_max_slices, str) or int(grading_max_slices) < 1):
@@ -472,7 +645,7 @@ class EmrFusePipeline(Pipeline):
             name = getattr(self.model.config, "_name_or_path", None)
             if not name:
                 raise ValueError("EmrFusePipeline needs the model's EmrFuseProcessor (processor=...).")
-            self.processor = AutoProcessor.from_pretrained(name, trust_remote_code=True)
+            self.processor = load_processor(name, trust_remote_code=self.trust_remote_code)
             self.tokenizer = getattr(self.processor, "tokenizer", None)
             self.image_processor = getattr(self.processor, "image_processor", None)
         self._set_task_models(grading_model, segmentation_model)
@@ -510,10 +683,11 @@ class EmrFusePipeline(Pipeline):
             )
         if kind == "segmentation":
             self.segmentation_model = self.model
-            self.grading_model = resolve_companion(self.model, "grading", grading_model)
+            self.grading_model = resolve_companion(self.model, "grading", grading_model, self.trust_remote_code)
         else:
             self.grading_model = self.model
-            self.segmentation_model = resolve_companion(self.model, "segmentation", segmentation_model)
+            self.segmentation_model = resolve_companion(self.model, "segmentation", segmentation_model,
+                                                        self.trust_remote_code)
         for extra in (self.segmentation_model, self.grading_model):
             if extra is not None and extra is not self.model:
                 extra.to(self.device)
@@ -537,6 +711,7 @@ class EmrFusePipeline(Pipeline):
         mask_background=None,
         allow_missing_sequences=None,
         resample=None,
+        max_report_chars=None,
         **kwargs,
     ):
         if kwargs:
@@ -557,6 +732,10 @@ class EmrFusePipeline(Pipeline):
             pre["allow_missing_sequences"] = bool(allow_missing_sequences)
         if resample is not None:
             pre["resample"] = bool(resample)
+        if max_report_chars is not None:
+            if int(max_report_chars) < 1:
+                raise ValueError(f"max_report_chars must be >= 1, got {max_report_chars}.")
+            pre["max_report_chars"] = int(max_report_chars)
         if threshold is not None:
             if not 0.0 < float(threshold) < 1.0:
                 raise ValueError(f"threshold must be in (0, 1), got {threshold}.")
@@ -587,28 +766,18 @@ class EmrFusePipeline(Pipeline):
         max_length: Optional[int] = None,
         allow_missing_sequences: bool = False,
         resample: bool = False,
+        max_report_chars: int = DEFAULT_MAX_REPORT_CHARS,
     ):
         t0 = time.perf_counter()
         if isinstance(inputs, Mapping) and "report" in inputs and report is None:
             report = inputs["report"]
-        with warnings.catch_warnings(record=True) as caught:  # header ambiguities go into the result's warnings
-            warnings.simplefilter("always", GeometryWarning)
-            case = load_case(inputs, affine=affine, release=release, allow_missing_sequences=allow_missing_sequences)
-        geometry_warnings = []
-        for w in caught:
-            if issubclass(w.category, GeometryWarning):
-                geometry_warnings.append(str(w.message))
-            else:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        report_source = "argument" if report is not None else None
-        if report is None and use_case_report and case.report_path:
-            try:
-                report = Path(case.report_path).read_text(encoding="utf-8")
-                report_source = "case folder"
-            except (OSError, UnicodeDecodeError) as exc:
-                raise ValueError(f"Case {case.case_id}: cannot read its report file {case.report_path} ({exc}).") from exc
-        if report is not None and not isinstance(report, str):
-            raise ValueError(f"report must be a string or None, got {type(report).__name__}.")
+        case, geometry_warnings = load_case_with_warnings(inputs, affine, release, allow_missing_sequences)
+        report, report_source, capped = _case_report(case, report, use_case_report, max_report_chars)
+        if capped:
+            geometry_warnings.append(
+                f"The report is longer than {max_report_chars} characters: only its first {max_report_chars} were "
+                "read (max_report_chars; emrfuse predict --max-report-chars)."
+            )
         t1 = time.perf_counter()
         oriented, turn = to_reference_orientation(case)  # BraTS's orientation, which the model was trained on
         model_case, resampling = self._on_model_grid(oriented, resample)
@@ -625,14 +794,15 @@ class EmrFusePipeline(Pipeline):
                 if k in enc
             },
             "crop_info": enc["crop_info"][0],
-            "report_truncated": bool(enc["report_truncated"][0]),
+            "report_truncated": bool(enc["report_truncated"][0]) or capped,
+            "report_capped": capped,
             "has_report": bool(enc["has_report"][0]),
             "report": report,
             "report_source": report_source if bool(enc["has_report"][0]) else None,
             "case": case,
             "label_convention": get_label_convention(convention).name,
             "missing_sequences": missing,
-            "warnings": list(dict.fromkeys(geometry_warnings)) + self._missing_sequence_warnings(missing),
+            "warnings": geometry_warnings + self._missing_sequence_warnings(missing),
             "resampling": resampling,
             "reorientation": turn,
             "oriented_shape": oriented.shape,
@@ -777,28 +947,9 @@ class EmrFusePipeline(Pipeline):
         resampling = model_outputs.get("resampling")
         result["resampling"] = resampling
         turn = model_outputs.get("reorientation")  # the model ran on the case in BraTS's orientation
-        if turn is not None and not turn.is_identity:
-            result["reoriented_from"] = "".join(turn.input_axcodes)
-        oriented_shape = model_outputs.get("oriented_shape", case.shape)
-        probs = None
-        if logits is not None and resampling is not None:
-            # probabilities on the model's grid -> back onto the input grid, then thresholded (nnU-Net style)
-            on_model_grid = self.image_processor.uncrop(
-                torch.sigmoid(logits).permute(1, 2, 3, 0).numpy(), model_outputs["crop_info"], fill=0
-            )
-            probs = resample_to_shape(on_model_grid, oriented_shape)
-            if turn is not None and not turn.is_identity:  # (R, X, Y, Z): back to the input's orientation
-                probs = np.stack([turn.undo(p) for p in probs])
-            regions = probs > threshold
-            label_map = regions_to_label_map(regions, get_label_convention(convention))
-        elif logits is not None:
-            label_map, regions = self.image_processor.post_process_segmentation(
-                logits, model_outputs["crop_info"], label_convention=convention, threshold=threshold, return_regions=True
-            )
-            if turn is not None and not turn.is_identity:  # back to the input's grid and orientation
-                label_map = turn.undo(label_map)
-                regions = np.stack([turn.undo(r) for r in regions])
+        result["reoriented_from"] = None if turn is None or turn.is_identity else "".join(turn.input_axcodes)
         if logits is not None:
+            label_map, regions, probs = self._label_map_on_input_grid(model_outputs, convention, threshold)
             if mask_background:  # skull-stripped input: no tumour where all four (given) sequences are 0
                 background = np.ones(case.shape, dtype=bool)
                 for volume in case.volumes.values():
@@ -806,14 +957,7 @@ class EmrFusePipeline(Pipeline):
                 label_map[background] = 0
                 regions &= ~background
             result["label_map"] = label_map.astype(np.uint8, copy=False)
-            # regions of the painted label map (nested: WT > TC > ET), without re-reading the map
-            voxel = voxel_volume_mm3(case.spacing) / 1000.0
-            et = regions[2]
-            tc = regions[1] | et
-            wt = regions[0] | tc
-            result["region_volumes_cm3"] = {
-                r: float(m.sum(dtype=np.int64)) * voxel for r, m in zip(REGIONS, (wt, tc, et))
-            }
+            result["region_volumes_cm3"] = _nested_region_volumes(regions, case.affine)
             if return_probabilities and probs is not None:
                 result["region_probabilities"] = probs.astype(np.float16)
             elif return_probabilities:
@@ -837,6 +981,7 @@ class EmrFusePipeline(Pipeline):
         result["alpha_image"] = model_outputs["alpha_image"]
         result["has_report"] = model_outputs["has_report"]
         result["report_truncated"] = model_outputs["report_truncated"]
+        result["report_capped"] = bool(model_outputs.get("report_capped"))
         result["report_source"] = model_outputs["report_source"]
         result.update(self._token_explanation(model_outputs))
         result["model_id"] = self.model_id
@@ -847,6 +992,29 @@ class EmrFusePipeline(Pipeline):
         timings["postprocess"] = time.perf_counter() - t0
         result["timings"] = timings
         return result
+
+    def _label_map_on_input_grid(self, model_outputs, convention: str, threshold: float):
+        """``(label map, region masks (3, X, Y, Z), probabilities or None)`` on the input's grid and orientation:
+        uncropped, and reoriented back (and with ``resample=True`` the probabilities resampled back onto the input
+        grid, then thresholded, nnU-Net style)."""
+        logits, crop_info = model_outputs["seg_logits"], model_outputs["crop_info"]
+        turn = model_outputs.get("reorientation")
+        turned = turn is not None and not turn.is_identity
+        if model_outputs.get("resampling") is not None:
+            on_model_grid = self.image_processor.uncrop(torch.sigmoid(logits).permute(1, 2, 3, 0).numpy(), crop_info,
+                                                        fill=0)
+            probs = resample_to_shape(on_model_grid, model_outputs.get("oriented_shape", model_outputs["case"].shape))
+            if turned:  # (R, X, Y, Z): back to the input's orientation
+                probs = np.stack([turn.undo(p) for p in probs])
+            regions = probs > threshold
+            return regions_to_label_map(regions, get_label_convention(convention)), regions, probs
+        label_map, regions = self.image_processor.post_process_segmentation(
+            logits, crop_info, label_convention=convention, threshold=threshold, return_regions=True
+        )
+        if turned:  # back to the input's grid and orientation
+            label_map = turn.undo(label_map)
+            regions = np.stack([turn.undo(r) for r in regions])
+        return label_map, regions, None
 
     # ------------------------------------------------------------------------------ explanation
     def _token_explanation(self, model_outputs) -> Dict[str, Any]:
@@ -967,8 +1135,14 @@ def load_pipeline(
     channels_last: bool = True,
     grading_max_slices: Union[int, str, None] = DEFAULT_GRADING_SLICES,
     optimize: bool = True,
+    trust_remote_code: bool = False,
 ) -> EmrFusePipeline:
-    """Build an :class:`EmrFusePipeline` from a model folder or Hub id (``trust_remote_code``).
+    """Build an :class:`EmrFusePipeline` from a model folder or Hub id.
+
+    The folder's models and processor are loaded with the installed package's classes (its ``config.json`` must
+    say ``model_type: emrfuse``) and nothing from the folder is imported; ``trust_remote_code=True`` runs the
+    folder's own code instead (its ``auto_map``), which only a folder you trust should get. Weights are read from
+    safetensors only: a folder holding only a pickled ``pytorch_model.bin`` is a ``ValueError`` naming the file.
 
     Works on any EmrFuse model folder, whether or not ``custom_pipelines`` was saved in it; the other head
     comes from :func:`resolve_companion` (``grading_model`` / ``segmentation_model``, or the root config).
@@ -982,11 +1156,11 @@ def load_pipeline(
         model = os.fspath(model)
         revision = _check_model_source(model, revision)
         processor_source = model
-        root_model = _load_head(model, revision=revision)
+        root_model = _load_head(model, revision=revision, trust_remote_code=trust_remote_code)
     else:
         root_model = model
         processor_source = getattr(model.config, "_name_or_path", None)
-    processor = AutoProcessor.from_pretrained(processor_source, revision=revision, trust_remote_code=True)
+    processor = load_processor(processor_source, revision=revision, trust_remote_code=trust_remote_code)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = EmrFusePipeline(
@@ -1001,6 +1175,7 @@ def load_pipeline(
         channels_last=channels_last,
         grading_max_slices=grading_max_slices,
         optimize=optimize,
+        trust_remote_code=trust_remote_code,
     )
     pipe.load_seconds = time.perf_counter() - t0
     return pipe

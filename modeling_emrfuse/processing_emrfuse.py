@@ -45,7 +45,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PretrainedConfig
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ImagesKwargs, ProcessorMixin
 
@@ -215,6 +215,21 @@ def _zero_constant_background(volume: np.ndarray, min_fraction: float = 0.05) ->
 # --------------------------------------------------------------------------------------------------
 # Image processor
 # --------------------------------------------------------------------------------------------------
+def _check_sequence_values(volume: np.ndarray, name: str, allow_missing_sequences: bool) -> None:
+    """``ValueError`` naming the sequence for NaN / infinity, an all-zero volume (unless missing sequences are
+    allowed) and a volume of one constant non-zero intensity (which is not called all zero)."""
+    if not np.isfinite(volume).all():
+        raise ValueError(f"Sequence {name!r} contains NaN or infinite values.")
+    if not volume.any():
+        if not allow_missing_sequences:
+            raise ValueError(f"Sequence {name!r} is all zero.")
+    elif volume.min() == volume.max():
+        raise ValueError(
+            f"Sequence {name!r} has one intensity ({float(volume.flat[0]):g}) in every voxel: an image of a "
+            "constant, not of a brain; check the file."
+        )
+
+
 class EmrFuseImageProcessor(BaseImageProcessor):
     r"""Four-sequence brain MRI volume <-> model-ready axial slices (see the module docstring).
 
@@ -416,10 +431,7 @@ class EmrFuseImageProcessor(BaseImageProcessor):
             if name not in arrays:
                 continue
             out[i] = arrays[name]
-            if not np.isfinite(out[i]).all():
-                raise ValueError(f"Sequence {name!r} contains NaN or infinite values.")
-            if not out[i].any() and not allow_missing_sequences:
-                raise ValueError(f"Sequence {name!r} is all zero.")
+            _check_sequence_values(out[i], name, allow_missing_sequences)
         for i in range(len(SEQUENCES)):
             _zero_constant_background(out[i])
         if not out.any():
@@ -705,8 +717,13 @@ class EmrFuseProcessor(ProcessorMixin):
     @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
         """Load the image processor with this module's own class (so that ``EmrFuseProcessor.from_pretrained``
-        needs no remote-code lookup) and the tokenizer with ``AutoTokenizer`` (any BERT-family tokenizer)."""
+        needs no remote-code lookup) and the tokenizer with ``AutoTokenizer`` (any BERT-family tokenizer). The
+        tokenizer's class comes from ``tokenizer_config.json``: without ``trust_remote_code`` a neutral config is
+        passed, so that the folder's ``config.json`` (whose ``auto_map`` names the folder's code) is not read."""
         image_processor = EmrFuseImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if not kwargs.get("trust_remote_code"):  # never a prompt, never the folder's tokenizer code
+            kwargs = {**kwargs, "trust_remote_code": False}
+            kwargs.setdefault("config", PretrainedConfig())
         tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
         return [image_processor, tokenizer]
 

@@ -5,7 +5,8 @@ A thin layer over :class:`modeling_emrfuse.pipeline_emrfuse.EmrFusePipeline` (th
 
 Model: the environment variable ``EMRFUSE_MODEL`` (a Hub id or a local folder); by default the demo
 model folder ``outputs/emrfuse-demo`` that the README's main job leaves. Without a model the page
-says how to make one.
+says how to make one. The model is loaded with the installed classes (nothing from its folder runs)
+unless ``EMRFUSE_TRUST_REMOTE_CODE=1``.
 
 Inputs: the four sequences as NIfTI uploads (``.nii`` / ``.nii.gz``), or a bundled example case
 (synthetic demo cases generated on the fly, and the real TCGA-DU-7294 case when
@@ -20,7 +21,8 @@ Outputs: an MRI viewer (slice slider, sequence and plane) with the predicted reg
 distinct colours and a legend, the ground truth side by side when given; grade probabilities; the
 modality contribution (alpha_text vs alpha_image); the report with words highlighted by the model's
 token attention; region volumes; metrics against the ground truth; the predicted label map as a
-download.
+download. The report box holds one case's report: uploading a sequence empties it, and the status
+names whose report was read (or that the model reads none); a folder without a grading model says so.
 
 Privacy and limits: uploads must be NIfTI files of at most ``EMRFUSE_MAX_UPLOAD_MB`` MB each whose
 header declares at most ``EMRFUSE_MAX_VOXELS`` voxels (checked before any voxel is read); they are
@@ -87,10 +89,17 @@ MAX_UPLOAD_MB = float(os.environ.get("EMRFUSE_MAX_UPLOAD_MB", "100"))
 MAX_VOXELS = int(float(os.environ.get("EMRFUSE_MAX_VOXELS", str(32 * 2**20))))  # BraTS: 240 x 240 x 155 = 8.9 M
 QUEUE_MAX_SIZE = int(os.environ.get("EMRFUSE_QUEUE_MAX_SIZE", "16"))
 KEEP_OUTPUTS_S = float(os.environ.get("EMRFUSE_KEEP_OUTPUTS_S", "600"))
+MAX_REPORT_CHARS = int(os.environ.get("EMRFUSE_MAX_REPORT_CHARS", "65536"))  # characters of a report read
+MIN_SIDE = 4  # voxels along each axis: the viewer's slider needs a range, the model a few slices
+TRUST_ENV = "EMRFUSE_TRUST_REMOTE_CODE"  # "1": run the model folder's own code (auto_map), for a trusted source only
 DEMO_SIZE = os.environ.get("EMRFUSE_DEMO_SIZE", "medium")
 N_DEMO_CASES = int(os.environ.get("EMRFUSE_DEMO_CASES", "2"))
 
 SEQUENCE_LABELS = {"t1": "T1", "t1ce": "T1ce", "t2": "T2", "flair": "FLAIR"}
+GRADE_LABEL = "Grade probabilities"
+NO_GRADING_LABEL = "Grade: this model folder has no grading model"
+ATTENTION_LABEL = "Report, words shaded by the model's token attention"
+NO_TEXT_LABEL = "Report: this model does not read reports (image-only model)"
 GT_LABELS_AUTO = "auto"
 GT_LABELS_CHOICES = (GT_LABELS_AUTO,) + tuple(sorted(LABEL_CONVENTIONS))
 GT_LABELS_CONTROL = "Ground-truth labels"
@@ -129,9 +138,15 @@ def model_missing_message() -> Optional[str]:
     )
 
 
+def trust_remote_code() -> bool:
+    """``$EMRFUSE_TRUST_REMOTE_CODE`` is set to 1 / true / yes: the model folder's own code (its ``auto_map``) runs
+    instead of the installed classes. Off by default: nothing from the model folder is executed."""
+    return os.environ.get(TRUST_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
 def get_pipeline():
     """The (cached) :class:`EmrFusePipeline` of :func:`model_source`; ``gr.Error`` when there is none."""
-    source = model_source()
+    source = (model_source(), trust_remote_code())
     with _PIPE_LOCK:
         if _PIPE.get("source") == source:
             return _PIPE["pipe"]
@@ -141,11 +156,16 @@ def get_pipeline():
         from modeling_emrfuse.pipeline_emrfuse import load_pipeline
 
         try:
-            pipe = load_pipeline(source)
+            pipe = load_pipeline(source[0], trust_remote_code=source[1])
         except Exception as exc:  # an unusable model folder / offline Hub id
-            raise gr.Error(public_message(f"Cannot load the model {source}: {exc}"), print_exception=False) from exc
+            raise gr.Error(public_message(f"Cannot load the model {source[0]}: {exc}"), print_exception=False) from exc
         _PIPE.update(source=source, pipe=pipe)
         return pipe
+
+
+def reads_reports(pipe) -> bool:
+    """Whether any model of the pipeline has a text tower (an image-only model ignores the report)."""
+    return any(getattr(m.config, "use_text", True) for m in pipe.models)
 
 
 # ------------------------------------------------------------------------------------------ examples
@@ -207,6 +227,17 @@ def example_report(name: Optional[str]) -> str:
     return (example_cases().get(name) or {}).get("report", "") if name else ""
 
 
+def report_for_example(name: Optional[str], *uploads) -> str:
+    """The report box when the example changes: the example's own report, or empty while sequences are uploaded
+    (the uploads, not the example, are what runs, and another case's report must not go with them)."""
+    return "" if any(uploads) else example_report(name)
+
+
+def clear_report() -> str:
+    """The report box after a sequence is uploaded: empty (the report shown belonged to the example)."""
+    return ""
+
+
 # ------------------------------------------------------------------------------------------ uploads
 def validate_upload(path: Optional[str], what: str) -> Optional[Path]:
     """Check an uploaded file: NIfTI name, not empty, at most ``MAX_UPLOAD_MB``, NIfTI/gzip magic bytes."""
@@ -248,10 +279,22 @@ def check_grid_size(path: Path, what: str) -> None:
     except Exception:  # an unreadable header: the name only, never a server path
         raise gr.Error(f"{what}: {path.name} has no readable NIfTI header.", print_exception=False) from None
     voxels = math.prod(shape) if shape else 0
+    check_min_side(shape[:3], f"{what}: {path.name}")
     if voxels > MAX_VOXELS:
         raise gr.Error(
             f"{what}: {path.name} has a {' x '.join(map(str, shape))} grid ({voxels / 1e6:.1f} million voxels); this Space "
             f"accepts at most {MAX_VOXELS / 1e6:.1f} million voxels per volume (a BraTS volume, 240 x 240 x 155, has 8.9).",
+            print_exception=False,
+        )
+
+
+def check_min_side(shape, what: str) -> None:
+    """Refuse a volume with fewer than ``MIN_SIDE`` voxels along an axis (e.g. a single slice), which the viewer
+    cannot page through."""
+    if len(shape) < 3 or min(int(v) for v in shape[:3]) < MIN_SIDE:
+        raise gr.Error(
+            f"{what} has a {' x '.join(map(str, shape))} grid; this Space needs at least {MIN_SIDE} voxels along each "
+            "axis (a BraTS volume is 240 x 240 x 155): upload the whole 3-D volume, not a slice.",
             print_exception=False,
         )
 
@@ -445,6 +488,104 @@ def _write_label_map(result: Dict[str, Any], case_id: str) -> str:
     return str(path)
 
 
+def _case_source(uploads, given, example, report, allow_missing: bool) -> Dict[str, Any]:
+    """What runs: the uploaded sequences, or else the example; ``gr.Error`` for an incomplete upload, an unknown
+    example, or an example's report left in the box for uploaded sequences (another case's report)."""
+    if any(given):
+        if not all(given) and not allow_missing:
+            missing = [SEQUENCE_LABELS[s] for s, g in zip(SEQUENCES, given) if not g]
+            raise gr.Error(f"Upload all four sequences (missing: {', '.join(missing)}), or clear them to use an example.",
+                           print_exception=False)
+        if report and example and report.strip() == example_report(example).strip():
+            raise gr.Error(f"The report box holds the report of the example {example!r}, not of the uploaded case: "
+                           "clear it, or paste the uploaded case's own report.", print_exception=False)
+        case_input = {s: str(validate_upload(u, SEQUENCE_LABELS[s])) for s, u, g in zip(SEQUENCES, uploads, given) if g}
+        return {"input": case_input, "case_id": case_id_from_file_names(case_input.values()), "example": None,
+                "gt_path": None, "gt_conv": None, "note": ""}
+    if not example:
+        raise gr.Error("Upload the four sequences (T1, T1ce, T2, FLAIR) or pick an example case.", print_exception=False)
+    spec = example_cases().get(example)
+    if spec is None:
+        raise gr.Error(f"Unknown example {example!r}.", print_exception=False)
+    return {"input": spec["input"], "case_id": Path(spec["input"]).name, "example": example,
+            "gt_path": spec.get("ground_truth"), "gt_conv": spec.get("gt_convention"), "note": spec.get("note", "")}
+
+
+def _read_case(source: Dict[str, Any], allow_missing: bool):
+    """``(case, its geometry warnings, ground truth or None, seconds)``: the case read once, for the model and the
+    viewer; ``gr.Error`` naming the user's file for an unreadable one or a volume too thin to view."""
+    from modeling_emrfuse.pipeline_emrfuse import load_case_with_warnings
+
+    t_read = time.perf_counter()
+    try:
+        case, geometry = load_case_with_warnings(source["input"], None, "auto", allow_missing)
+        read_s = time.perf_counter() - t_read
+        gt = read_label_map(source["gt_path"]).array if source["gt_path"] else None
+    except (ValueError, OSError) as exc:
+        raise gr.Error(public_message(f"Cannot read this case: {exc}"), print_exception=False) from exc
+    check_min_side(case.shape, f"The case {source['case_id']}")
+    return case, geometry, gt, read_s
+
+
+def _ground_truth_convention(gt, source: Dict[str, Any], result: Dict[str, Any], gt_labels: str) -> Tuple[str, str]:
+    """``(convention, why)`` of the ground truth shown beside the prediction; ``gr.Error`` when it cannot be used."""
+    if gt.shape != result["label_map"].shape:
+        raise gr.Error(f"Ground truth shape {gt.shape} differs from the case's {result['label_map'].shape}.",
+                       print_exception=False)
+    try:
+        if gt_labels and gt_labels != GT_LABELS_AUTO:
+            gt_conv, gt_note = get_label_convention(gt_labels).name, f"as chosen under {GT_LABELS_CONTROL}"
+        elif source["gt_conv"]:
+            gt_conv, gt_note = source["gt_conv"], "as given with the example"
+        else:
+            gt_conv, gt_note = ground_truth_convention(gt, result["label_convention"])
+        check_label_values(gt, gt_conv, where="ground truth")
+    except ValueError as exc:
+        raise gr.Error(public_message(f"Cannot compare with the ground truth: {exc}"), print_exception=False) from exc
+    return gt_conv, gt_note
+
+
+def report_status(result: Dict[str, Any], source: Dict[str, Any], report: str, reads: bool) -> str:
+    """The status line that names whose report the prediction read, and how much of it (never its text)."""
+    if not reads:
+        return "Report: this model does not read reports (image-only model); the report box was not used."
+    if not result["has_report"]:
+        return f"Report: none for `{source['case_id']}` (image-only prediction)."
+    if source["example"] and report.strip() == example_report(source["example"]).strip():
+        whose = f"the example's own report ({len(report)} characters)"
+    else:
+        whose = f"the text in the report box ({len(report)} characters), for `{source['case_id']}`"
+    if result.get("report_capped"):
+        how = f"only its first {MAX_REPORT_CHARS} characters were read"
+    elif result["report_truncated"]:
+        how = "truncated to the model maximum"
+    else:
+        how = "used in full"
+    return f"Report: {whose}; {how}."
+
+
+def _status(result, source, report: str, reads: bool, read_s: float, warnings_: List[str], gt_conv, gt_note) -> str:
+    t = result["timings"]
+    status = [
+        f"**Prediction done** for `{source['case_id']}` with `{result['model_id']}` (revision `{result['revision']}`).",
+        report_status(result, source, report, reads),
+        f"Time: read {read_s:.2f} s, preprocess {t['preprocess']:.2f} s, model {t['model']:.2f} s, post-process {t['postprocess']:.2f} s.",
+    ]
+    if result["grade_probabilities"] is None:
+        status.append("Grade: this model folder has no grading model (segmentation only).")
+    missing_seqs = result.get("missing_sequences") or []
+    if missing_seqs:
+        status.append(f"Missing sequences (zero-filled, shown black in the viewer): "
+                      f"{', '.join(SEQUENCE_LABELS[s] for s in missing_seqs)}.")
+    for warning in list(dict.fromkeys(list(warnings_) + list(result.get("warnings") or []))):
+        status.append(f"⚠️ {public_message(warning)}")
+    if source["note"]:
+        status.append(source["note"])
+    if gt_conv is not None:
+        status.append(f"Ground truth shown on the right ({gt_conv} labels: {gt_note}).")
+    return "\n\n".join(status)
+
+
 def predict(t1, t1ce, t2, flair, example, report, ground_truth, sequence="FLAIR", plane="axial", allow_missing=False,
             gt_labels=GT_LABELS_AUTO):
     """Run the model on the uploaded sequences (or the chosen example) and fill every output.
@@ -453,75 +594,51 @@ def predict(t1, t1ce, t2, flair, example, report, ground_truth, sequence="FLAIR"
     uploads is accepted, the missing sequences are zero-filled, and the status says which were missing.
     ``gt_labels`` (the "Ground-truth labels" control): the ground truth's label convention, or
     ``"auto"``: the example's own, else inferred as ``emrfuse score`` does (:func:`ground_truth_convention`);
-    the status says which convention is used and why.
+    the status says which convention is used and why. The status names whose report was read; a report in
+    the box that is the example's, sent with uploaded sequences, is refused (it belongs to another case).
     """
     allow_missing = bool(allow_missing)
+    report = (report or "")[: MAX_REPORT_CHARS + 1]  # the pipeline reads no more than MAX_REPORT_CHARS of it
     uploads = [t1, t1ce, t2, flair]
     uploaded_paths = [u for u in uploads + [ground_truth] if u]
+    gt_conv = gt_note = None
     try:
         _sweep_outputs()
-        given = [u is not None and u != "" for u in uploads]
-        gt_path, gt_conv, gt_note, note = None, None, "", ""
-        if any(given):
-            if not all(given) and not allow_missing:
-                missing = [SEQUENCE_LABELS[s] for s, g in zip(SEQUENCES, given) if not g]
-                raise gr.Error(f"Upload all four sequences (missing: {', '.join(missing)}), or clear them to use an example.",
-                               print_exception=False)
-            case_input = {s: str(validate_upload(u, SEQUENCE_LABELS[s])) for s, u, g in zip(SEQUENCES, uploads, given) if g}
-            case_id = case_id_from_file_names(case_input.values())
-        elif example:
-            spec = example_cases().get(example)
-            if spec is None:
-                raise gr.Error(f"Unknown example {example!r}.", print_exception=False)
-            case_input = spec["input"]
-            case_id = Path(spec["input"]).name
-            gt_path, gt_conv, note = spec.get("ground_truth"), spec.get("gt_convention"), spec.get("note", "")
-        else:
-            raise gr.Error("Upload the four sequences (T1, T1ce, T2, FLAIR) or pick an example case.", print_exception=False)
+        source = _case_source(uploads, [u is not None and u != "" for u in uploads], example, report, allow_missing)
         if ground_truth:
-            gt_path, gt_conv = str(validate_upload(ground_truth, "Ground truth")), None
+            source["gt_path"], source["gt_conv"] = str(validate_upload(ground_truth, "Ground truth")), None
         pipe = get_pipeline()
-        from modeling_emrfuse.brats_io import load_case
-
-        t_read = time.perf_counter()
         try:
-            case = load_case(case_input, allow_missing_sequences=allow_missing)  # read once: for the model and the viewer
-            read_s = time.perf_counter() - t_read
-            gt = read_label_map(gt_path).array if gt_path else None
-        except (ValueError, OSError) as exc:
-            raise gr.Error(public_message(f"Cannot read this case: {exc}"), print_exception=False) from exc
+            case, geometry, gt, read_s = _read_case(source, allow_missing)
         finally:  # the uploads have been read: delete them now
             _delete_files([p for p in uploaded_paths if p and not str(p).startswith(str(_OUTPUT_DIR))])
         try:
-            result = pipe(case, report=report or None, use_case_report=False, allow_missing_sequences=allow_missing)
+            result = pipe(case, report=report or None, use_case_report=False, allow_missing_sequences=allow_missing,
+                          max_report_chars=MAX_REPORT_CHARS)
         except ValueError as exc:
             raise gr.Error(public_message(f"Cannot run this case: {exc}"), print_exception=False) from exc
         if result["label_map"] is None:
             raise gr.Error("This model folder holds no segmentation model.", print_exception=False)
         if gt is not None:
-            if gt.shape != result["label_map"].shape:
-                raise gr.Error(f"Ground truth shape {gt.shape} differs from the case's {result['label_map'].shape}.",
-                               print_exception=False)
-            try:
-                if gt_labels and gt_labels != GT_LABELS_AUTO:
-                    gt_conv, gt_note = get_label_convention(gt_labels).name, f"as chosen under {GT_LABELS_CONTROL}"
-                elif gt_conv:
-                    gt_note = "as given with the example"
-                else:
-                    gt_conv, gt_note = ground_truth_convention(gt, result["label_convention"])
-                check_label_values(gt, gt_conv, where="ground truth")
-            except ValueError as exc:
-                raise gr.Error(public_message(f"Cannot compare with the ground truth: {exc}"), print_exception=False) from exc
+            gt_conv, gt_note = _ground_truth_convention(gt, source, result, gt_labels)
     finally:
         _delete_files([p for p in uploaded_paths if p and not str(p).startswith(str(_OUTPUT_DIR))])
+    reads = reads_reports(pipe)
+    status = _status(result, source, report, reads, read_s, geometry, gt_conv, gt_note)
+    return _outputs(case, result, gt, gt_conv, sequence, plane, report, reads, source["case_id"], status)
 
+
+def _outputs(case, result, gt, gt_conv, sequence, plane, report, reads, case_id, status) -> List[Any]:
+    """The values of every output component after a prediction (in the order of ``run.click``'s outputs)."""
     pred_conv = result["label_convention"]
     state = view_state(case.volumes, result["label_map"], pred_conv, gt, gt_conv)
     pred_img, gt_img = render_view(state, sequence, plane, state["best_axial"] if plane == "axial" else 0)
     slider = slider_for_plane(state, plane)
     if plane != "axial":
         pred_img, gt_img = render_view(state, sequence, plane, slider["value"])
-    grade = result["grade_probabilities"] or {"no grading model in this folder": 1.0}
+    grade = result["grade_probabilities"]  # the plain value (API clients read it), or a short note without grading
+    if grade is None:
+        grade = gr.update(value=None, label=NO_GRADING_LABEL)
     alphas = {}
     if result.get("alpha_text") is not None:
         alphas["text (alpha_text)"] = float(result["alpha_text"])
@@ -529,25 +646,11 @@ def predict(t1, t1ce, t2, flair, example, report, ground_truth, sequence="FLAIR"
         alphas["image (alpha_image)"] = float(result["alpha_image"])
     if not alphas:
         alphas = {"dynamic weighting is off in this model": 1.0}
+    highlighted = highlight_report(report, result.get("words"))
+    if not reads:
+        highlighted = gr.update(value=[], label=NO_TEXT_LABEL)
     volumes = [[f"{REGION_NAMES[r]} ({r})", round(v, 2)] for r, v in (result["region_volumes_cm3"] or {}).items()]
     metrics = metrics_table(result["label_map"], pred_conv, gt, gt_conv, result["spacing"]) if gt is not None else []
-    download = _write_label_map(result, case_id)
-    t = result["timings"]
-    status = [
-        f"**Prediction done** for `{case_id}` with `{result['model_id']}` (revision `{result['revision']}`).",
-        f"Report: {'missing (image-only prediction)' if not result['has_report'] else ('truncated to the model maximum' if result['report_truncated'] else 'used in full')}.",
-        f"Time: read {read_s:.2f} s, preprocess {t['preprocess']:.2f} s, model {t['model']:.2f} s, post-process {t['postprocess']:.2f} s.",
-    ]
-    missing_seqs = result.get("missing_sequences") or []
-    if missing_seqs:
-        status.append(f"Missing sequences (zero-filled, shown black in the viewer): "
-                      f"{', '.join(SEQUENCE_LABELS[s] for s in missing_seqs)}.")
-    for warning in result.get("warnings") or []:
-        status.append(f"⚠️ {warning}")
-    if note:
-        status.append(note)
-    if gt is not None:
-        status.append(f"Ground truth shown on the right ({gt_conv} labels: {gt_note}).")
     clear = [gr.update(value=None)] * 5  # uploads were deleted
     return [
         state,
@@ -557,11 +660,11 @@ def predict(t1, t1ce, t2, flair, example, report, ground_truth, sequence="FLAIR"
         legend_html(pred_conv, result["region_volumes_cm3"]),
         grade,
         alphas,
-        highlight_report(report or "", result.get("words")),
+        highlighted,
         volumes,
         gr.update(value=metrics, visible=gt is not None),
-        download,
-        "\n\n".join(status),
+        _write_label_map(result, case_id),
+        status,
         *clear,
     ]
 
@@ -596,7 +699,9 @@ def build_demo() -> gr.Blocks:
                     f_flair = gr.File(label="FLAIR", file_types=[".nii", ".gz"], type="filepath")
                 example = gr.Dropdown(choices=names, value=first, label="…or an example case (used when no upload is given)")
                 report = gr.Textbox(label="Radiology report (optional)", lines=6, value=example_report(first),
-                                    placeholder="Paste the report here; leave empty for an image-only prediction.")
+                                    max_length=MAX_REPORT_CHARS, elem_id="emrfuse-report",
+                                    placeholder="Paste the report here; leave empty for an image-only prediction. "
+                                                "Uploading a sequence clears it.")
                 allow_missing = gr.Checkbox(
                     value=False, label="Allow missing sequences", elem_id="emrfuse-allow-missing",
                     info="Run with any of the four sequences; the missing ones are zero-filled (best with a model "
@@ -624,9 +729,9 @@ def build_demo() -> gr.Blocks:
                                       elem_id="emrfuse-gt-view", interactive=False)
                 legend = gr.HTML(elem_id="emrfuse-legend-box")
                 with gr.Row():
-                    grade = gr.Label(label="Grade probabilities", num_top_classes=2, elem_id="emrfuse-grade")
+                    grade = gr.Label(label=GRADE_LABEL, num_top_classes=2, elem_id="emrfuse-grade")
                     alphas = gr.Label(label="Modality contribution (alpha_text vs alpha_image)", elem_id="emrfuse-alpha")
-                highlighted = gr.HighlightedText(label="Report, words shaded by the model's token attention",
+                highlighted = gr.HighlightedText(label=ATTENTION_LABEL,
                                                  elem_id="emrfuse-report-attention", show_legend=False)
                 with gr.Row():
                     volumes = gr.Dataframe(headers=["Region", "Volume (cm³)"], label="Region volumes",
@@ -636,7 +741,7 @@ def build_demo() -> gr.Blocks:
                                            elem_id="emrfuse-metrics", interactive=False)
                 download = gr.File(label="Predicted label map (NIfTI)", elem_id="emrfuse-download", interactive=False)
 
-        example.change(example_report, inputs=example, outputs=report, api_name=False)
+        _wire_report_box([f_t1, f_t1ce, f_t2, f_flair], example, report)
         run.click(
             predict,
             inputs=[f_t1, f_t1ce, f_t2, f_flair, example, report, gt_file, sequence, plane, allow_missing, gt_labels],
@@ -645,18 +750,31 @@ def build_demo() -> gr.Blocks:
             api_name="predict",
             concurrency_limit=1,
         )
-        view_inputs = [state, sequence, plane, index, show]
-        for control in (sequence, show):
-            control.change(render_view, inputs=view_inputs, outputs=[pred_img, gt_img], api_name=False)
-        # the user's slider moves only: the value a prediction or a plane change sets comes with its images. Rendering
-        # them again would rewrite the same cached image files (Gradio names them by content) while the browser is
-        # still fetching them, and the browser would get a truncated image.
-        index.input(render_view, inputs=view_inputs, outputs=[pred_img, gt_img], api_name=False,
-                    trigger_mode="always_last")
-        plane.change(change_plane, inputs=[state, sequence, plane, show], outputs=[index, pred_img, gt_img], api_name=False)
+        _wire_viewer(state, sequence, plane, index, show, pred_img, gt_img)
     # one prediction at a time; at most QUEUE_MAX_SIZE requests wait: the next one gets Gradio's "Queue is full" error
     demo.queue(default_concurrency_limit=1, max_size=QUEUE_MAX_SIZE)
     return demo
+
+
+def _wire_report_box(uploads, example, report) -> None:
+    """The report box holds one case's report: uploading a sequence empties it, an example fills in its own
+    (nothing while sequences are uploaded)."""
+    for upload in uploads:
+        upload.upload(clear_report, outputs=report, api_name=False)
+    example.change(report_for_example, inputs=[example, *uploads], outputs=report, api_name=False)
+
+
+def _wire_viewer(state, sequence, plane, index, show, pred_img, gt_img) -> None:
+    """The viewer's controls: sequence, overlay, slider and plane re-render the images."""
+    view_inputs = [state, sequence, plane, index, show]
+    for control in (sequence, show):
+        control.change(render_view, inputs=view_inputs, outputs=[pred_img, gt_img], api_name=False)
+    # the user's slider moves only: the value a prediction or a plane change sets comes with its images. Rendering
+    # them again would rewrite the same cached image files (Gradio names them by content) while the browser is
+    # still fetching them, and the browser would get a truncated image.
+    index.input(render_view, inputs=view_inputs, outputs=[pred_img, gt_img], api_name=False,
+                trigger_mode="always_last")
+    plane.change(change_plane, inputs=[state, sequence, plane, show], outputs=[index, pred_img, gt_img], api_name=False)
 
 
 def remove_temporary_files() -> None:

@@ -77,6 +77,7 @@ def test_predict_on_an_example(app):
     assert set(alphas) == {"text (alpha_text)", "image (alpha_image)"}
     assert "".join(piece for piece, _ in highlighted) == report
     assert any(w is not None and w > 0 for _, w in highlighted)
+    assert f"Report: the example's own report ({len(report)} characters)" in status
     assert [row[0] for row in volumes] == ["whole tumour (WT)", "tumour core (TC)", "enhancing tumour (ET)"]
     assert metrics["visible"] and len(metrics["value"]) == 3 and all(0 <= row[1] <= 1 for row in metrics["value"])
     assert nib.load(download).shape == shape and np.allclose(nib.load(download).affine, nib.load(str(next(Path(spec["input"]).glob("*_t1.nii.gz")))).affine)
@@ -551,3 +552,92 @@ def test_browser_runs_an_example_and_shows_the_prediction_overlay(app, running_a
     seen = overlay_labels(shown)
     assert (seen >= 0).all(), "the prediction view shows colours that are not in the legend"
     np.testing.assert_array_equal(seen, expected)  # every pixel: the predicted label's colour, or none
+
+
+# ------------------------------------------------------------------------------------------ issue 20
+def test_space_runs_no_code_from_the_model_folder_unless_asked(app, tmp_path, monkeypatch):
+    from test_security_geometry import _evil_copy
+
+    marker = tmp_path / "marker.txt"
+    evil = _evil_copy(Path(os.environ["EMRFUSE_MODEL"]), tmp_path / "evil-model", marker)
+    monkeypatch.setenv("EMRFUSE_MODEL", str(evil))
+    monkeypatch.delenv(app.TRUST_ENV, raising=False)
+    saved = dict(app._PIPE)
+    app._PIPE.clear()
+    try:
+        pipe = app.get_pipeline()
+        assert not marker.exists() and type(pipe.model).__module__ == "modeling_emrfuse.modeling_emrfuse"
+        monkeypatch.setenv(app.TRUST_ENV, "1")
+        app.get_pipeline()
+        assert marker.exists()  # EMRFUSE_TRUST_REMOTE_CODE=1: the folder's own code, as asked
+    finally:
+        app._PIPE.clear()
+        app._PIPE.update(saved)
+
+
+def test_single_slice_volume_is_refused_with_a_clear_message(app, tmp_path):
+    import gradio as gr
+
+    with pytest.raises(gr.Error) as info:
+        app.predict(*_uploads(tmp_path, shape=(32, 32, 1)), None, "", None)
+    message = str(info.value.message if hasattr(info.value, "message") else info.value)
+    assert "32 x 32 x 1" in message and f"at least {app.MIN_SIDE} voxels" in message and str(tmp_path) not in message
+
+
+def _uploads(tmp_path, shape=(32, 32, 16)):
+    case = write_small_case(tmp_path / "src", shape=shape)
+    files = []
+    for seq in ("t1", "t1ce", "t2", "flair"):
+        target = tmp_path / "uploads" / seq / f"Case_001_{seq}.nii.gz"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(case / f"Case_001_{seq}.nii.gz", target)
+        files.append(str(target))
+    return files
+
+
+def test_uploads_never_get_the_examples_report(app, tmp_path):
+    import gradio as gr
+
+    name = _demo_example(app)
+    report = app.example_report(name)
+    assert app.report_for_example(name, None, None, None, None) == report
+    assert app.report_for_example(name, "a.nii.gz", None, None, None) == ""  # sequences uploaded: no example report
+    demo = app.build_demo()
+    report_box = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "emrfuse-report")
+    uploads = {b._id for b in demo.blocks.values() if isinstance(b, gr.File) and b.label in ("T1", "T1ce", "T2", "FLAIR")}
+    cleared = {target for fn in demo.fns.values() for target, event in fn.targets
+               if event == "upload" and [o._id for o in fn.outputs] == [report_box._id]}
+    assert cleared == uploads and len(uploads) == 4  # each upload empties the report box
+
+    with pytest.raises(gr.Error, match="report of the example"):  # the example's report sent with uploaded sequences
+        app.predict(*_uploads(tmp_path / "a"), name, report, None)
+    own = "Irregular mass in the left frontal lobe."
+    status = app.predict(*_uploads(tmp_path / "b"), name, own, None)[11]
+    assert f"Report: the text in the report box ({len(own)} characters), for `Case_001`" in status and own not in status
+    status = app.predict(*_uploads(tmp_path / "c"), name, "", None)[11]
+    assert "Report: none for `Case_001`" in status
+
+
+def test_image_only_model_without_grading_says_so(app, tmp_path, monkeypatch):
+    from conftest import make_tokenizer, tiny_config
+    from modeling_emrfuse.modeling_emrfuse import EmrFuseForSegmentation
+    from modeling_emrfuse.processing_emrfuse import EmrFuseImageProcessor, EmrFuseProcessor
+
+    folder = tmp_path / "image-only"
+    tokenizer = make_tokenizer(tmp_path / "vocab")
+    EmrFuseForSegmentation(tiny_config(use_text=False, text_config=None)).save_pretrained(folder)
+    EmrFuseProcessor(EmrFuseImageProcessor(context_slices=0), tokenizer).save_pretrained(folder)
+    monkeypatch.setenv("EMRFUSE_MODEL", str(folder))
+    saved = dict(app._PIPE)
+    app._PIPE.clear()
+    try:
+        name = _demo_example(app)
+        out = app.predict(None, None, None, None, name, app.example_report(name), None)
+    finally:
+        app._PIPE.clear()
+        app._PIPE.update(saved)
+    grade, highlighted, status = out[5], out[7], out[11]
+    assert grade["value"] is None and grade["label"] == app.NO_GRADING_LABEL
+    assert highlighted["value"] == [] and highlighted["label"] == app.NO_TEXT_LABEL
+    assert "this model does not read reports" in status and "truncated" not in status
+    assert "no grading model" in status

@@ -38,11 +38,19 @@ on GPUs, one process per GPU). Each process loads the model once and predicts it
 and writes their outputs; the main process writes the one ``predict_summary.json`` after gathering every
 process's records (:class:`ProcessShare`). The outputs are those of a single process.
 
+Security: the model folder is loaded with the installed emrfuse classes (``model_type`` checked) and
+nothing from it runs, unless ``--trust-remote-code`` is given; weights are read from safetensors only
+(a pickled ``pytorch_model.bin`` is refused unread); a case id must be a plain file name (no ``/``,
+a backslash or ``..``), so nothing is written outside ``-o``; a report is read no further than
+``--max-report-chars`` characters (the JSON's ``report_capped`` and ``warnings`` say when it was cut).
+
 Exit status: 0 when every case was predicted, 1 when some cases of a folder failed (the others are
 written and a summary says which failed and why), 2 for bad input, an output location that cannot be
-written (checked before the model is loaded) or an unusable model (truncated, corrupted or non-finite
-weights): a one-line message, no traceback. Every JSON written is strict JSON (no bare ``NaN``). (Under
-``torchrun`` every process returns that status; the launcher itself exits with 1 when it is not 0.)
+written (checked before the model is loaded) or an unusable model (not an EmrFuse folder, pickled,
+truncated, corrupted or non-finite weights, a corrupt tokenizer file): a one-line message naming the
+file, no traceback. Every JSON written is strict JSON (no bare ``NaN``); label maps and JSONs are
+written under a temporary name and renamed. (Under ``torchrun`` every process returns that status; the
+launcher itself exits with 1 when it is not 0.)
 """
 
 from __future__ import annotations
@@ -94,6 +102,8 @@ def prediction_record(result: Dict[str, Any], label_map_file: Optional[str], inp
         "report_missing": not bool(result.get("has_report")),
         "report_truncated": bool(result.get("report_truncated")),
         "report_source": result.get("report_source"),
+        "report_capped": bool(result.get("report_capped")),
+        "reoriented_from": result.get("reoriented_from"),
         "missing_sequences": list(result.get("missing_sequences") or []),
         "resampling": result.get("resampling"),
         "warnings": list(result.get("warnings") or []),
@@ -201,14 +211,27 @@ def _report_for(case: Dict[str, Any], args, reports: Optional[Dict[str, str]]) -
     return None, None
 
 
-def _read_text_file(path: str, what: str) -> str:
+def _read_text_file(path: str, what: str, max_chars: int) -> str:
+    """The text of ``path``, at most ``max_chars + 1`` characters read (the pipeline cuts it to ``max_chars`` and
+    says so): a huge file is never read whole."""
     p = Path(path).expanduser()
-    if not p.is_file():
+    if p.is_dir():
+        raise PredictError(f"{what} {p} is a folder: give a UTF-8 text file.")
+    if not p.exists():
         raise PredictError(f"{what} {p} does not exist.")
     try:
-        return p.read_text(encoding="utf-8")
+        with open(p, encoding="utf-8") as fh:
+            return fh.read(max_chars + 1)
     except (OSError, UnicodeDecodeError) as exc:
         raise PredictError(f"{what} {p} cannot be read as UTF-8 text ({type(exc).__name__}).") from exc
+
+
+def check_case_id(case_id: Optional[str], what: str = "case id") -> None:
+    """Refuse (``PredictError``) a case id that cannot be a file name inside the output folder: empty, ``.`` or
+    ``..``, or holding a path separator or a NUL byte (``--case-id ../x`` or ``/tmp/x`` would write elsewhere)."""
+    if not case_id or case_id.strip() in (".", "..") or any(c in case_id for c in ("/", "\\", "\0")):
+        raise PredictError(f"{what} {case_id!r} cannot be used as a file name: give a name without '/', '\\' or "
+                           "'..' (the outputs are written as <case id>.nii.gz and <case id>.json inside -o).")
 
 
 def _single_file_output(out: Path, single: bool) -> bool:
@@ -293,7 +316,12 @@ def _prepare(args: argparse.Namespace):
             raise PredictError(str(exc)) from exc
     if not 0.0 < args.threshold < 1.0:
         raise PredictError(f"--threshold must be in (0, 1), got {args.threshold}.")
-    args._report_file_text = _read_text_file(args.report_file, "report file") if args.report_file else None
+    if args.max_report_chars < 1:
+        raise PredictError(f"--max-report-chars must be >= 1, got {args.max_report_chars}.")
+    if args.case_id is not None:
+        check_case_id(args.case_id, "--case-id")
+    args._report_file_text = (_read_text_file(args.report_file, "report file", args.max_report_chars)
+                              if args.report_file else None)
     reports = None
     if args.reports is not None:
         try:
@@ -338,6 +366,7 @@ def _load_pipeline(args: argparse.Namespace, processes: "ProcessShare"):
             precision=args.precision,
             chunk_size=args.chunk_size,
             grading_max_slices=DEFAULT_GRADING_SLICES if args.grading_slices is None else (args.grading_slices or None),
+            trust_remote_code=bool(getattr(args, "trust_remote_code", False)),
         )
     except (OSError, ValueError, ImportError) as exc:  # missing folder, offline Hub, not an EmrFuse model
         raise PredictError(f"cannot load the model {args.model!r}: {exc}") from exc
@@ -374,6 +403,7 @@ def _predict_cases(pipe, cases, args, reports, out: Path, single: bool, show_pro
 
 def _predict_one(pipe, case: Dict[str, Any], args, reports, out: Path, single: bool) -> None:
     """One case through the pipeline; writes its label map and JSON."""
+    check_case_id(case["case_id"])
     report, source = _report_for(case, args, reports)
     conv = args.label_convention or case.get("label_convention") or "brats2017"
     result = pipe(
@@ -385,6 +415,7 @@ def _predict_one(pipe, case: Dict[str, Any], args, reports, out: Path, single: b
         threshold=args.threshold,
         allow_missing_sequences=bool(getattr(args, "allow_missing_sequences", False)),
         resample=bool(getattr(args, "resample", False)),
+        max_report_chars=getattr(args, "max_report_chars", None),
     )
     if source is not None and result.get("has_report"):
         result["report_source"] = source
@@ -511,7 +542,7 @@ def _print_case(record: Dict[str, Any], nifti: Optional[Path], json_path: Path) 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``emrfuse predict`` on the ``emrfuse`` CLI's sub-parsers."""
-    from ..pipeline_emrfuse import DEFAULT_MODEL
+    from ..pipeline_emrfuse import DEFAULT_MAX_REPORT_CHARS, DEFAULT_MODEL
 
     p = subparsers.add_parser(
         "predict",
@@ -546,10 +577,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     group.add_argument("--report", metavar="TEXT", help="the radiology report of the case")
     group.add_argument("--report-file", metavar="FILE", help="a UTF-8 text file holding the report")
     group.add_argument("--reports", metavar="FILE", help="for a folder of cases: CSV/JSONL/JSON of case id -> report text")
+    group.add_argument("--max-report-chars", type=int, default=DEFAULT_MAX_REPORT_CHARS, metavar="N",
+                       help=f"read at most N characters of a report (default {DEFAULT_MAX_REPORT_CHARS}); a longer one is "
+                            "cut, and the JSON says so (report_capped, warnings)")
     group.add_argument("--ignore-case-reports", action="store_true",
                        help="do not use the reports found in the case folders (<case>_flair_text.txt)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"model folder or Hub id (default {DEFAULT_MODEL}, which the README's main job makes)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the Python code that the model folder or Hub repository names in its config (auto_map) "
+                        "instead of the installed emrfuse classes; only for a model source you trust (without it, "
+                        "nothing from the folder is executed)")
     p.add_argument("--revision", help="Hub revision (branch, tag or commit) of --model (ignored, with a warning, for a local folder)")
     p.add_argument("--grading-model", help="grading model folder / Hub id when --model holds only the segmentation model")
     p.add_argument("--no-grading", action="store_true", help="segmentation only (skip the grading model)")

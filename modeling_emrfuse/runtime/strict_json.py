@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -55,7 +56,21 @@ def dumps(obj: Any, *, indent: Optional[int] = None, sort_keys: bool = False,
 
 def write_json(path: Union[str, os.PathLike], obj: Any, *, indent: Optional[int] = 2, sort_keys: bool = False,
                default: Optional[Callable[[Any], Any]] = None) -> Path:
-    """Write ``obj`` as strict JSON (plus a final newline) to ``path``; returns the path."""
+    """Write ``obj`` as strict JSON (plus a final newline) to ``path``; returns the path.
+
+    The text goes to a temporary file in the same folder, which is then renamed onto ``path`` (``os.replace``,
+    atomic on one file system): a run killed while writing never leaves a half-written file under the final name."""
     path = Path(path)
-    path.write_text(dumps(obj, indent=indent, sort_keys=sort_keys, default=default) + "\n", encoding="utf-8")
+    text = dumps(obj, indent=indent, sort_keys=sort_keys, default=default) + "\n"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "x", encoding="utf-8") as fh:  # the usual permissions (umask), unlike mkstemp's 0600
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
     return path
