@@ -96,6 +96,7 @@ inference).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -114,12 +115,12 @@ from transformers.dynamic_module_utils import custom_object_save
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.utils import logging
 
-from .brats_io import GeometryWarning, LoadedCase, affine_voxel_volume, load_case, to_reference_orientation
+from .brats_io import GeometryWarning, LoadedCase, Reorientation, affine_voxel_volume, load_case, to_reference_orientation
 from .brats_labels import GRADES, REGIONS, SEQUENCES, get_label_convention, label_map_to_regions, regions_to_label_map
 from .configuration_emrfuse import EmrFuseConfig
 from .inference_optim import inference_autocast, is_inference_optimized, optimize_for_inference, resolve_precision
 from .modeling_emrfuse import EmrFuseForImageClassification, EmrFuseForSegmentation
-from .processing_emrfuse import EmrFuseProcessor, grading_slice_indices
+from .processing_emrfuse import CropInfo, EmrFuseProcessor, PreparedVolume, grading_slice_indices
 
 logger = logging.get_logger(__name__)
 
@@ -131,9 +132,13 @@ __all__ = [
     "GRADING_SUBFOLDER",
     "EmrFusePipeline",
     "LoadedCase",
+    "PreparedCase",
+    "prepare_case",
+    "on_model_grid",
     "load_case",
     "load_case_with_warnings",
     "load_pipeline",
+    "pipeline_for_model",
     "optimize_for_inference",
     "resolve_companion",
     "custom_pipelines_entry",
@@ -199,6 +204,81 @@ def resample_to_shape(volume: np.ndarray, shape: Sequence[int]) -> np.ndarray:
 def model_grid_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> Tuple[int, int, int]:
     """Grid that covers the same field of view as ``shape`` voxels of ``spacing`` mm at ``target`` mm voxels."""
     return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target))
+
+
+# --------------------------------------------------------------------------------------------------
+# a case brought to the model: orientation, voxel grid, normalisation (shared with training's slice cache)
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class PreparedCase:
+    """A loaded case as the model sees it, and what maps a prediction back onto the input's grid."""
+
+    case: LoadedCase  # as read: the input's grid and orientation
+    prepared: PreparedVolume  # normalised, cropped, padded; in BraTS's orientation, on the model's grid
+    reorientation: Reorientation  # input orientation -> BraTS's (``undo`` maps back)
+    resampling: Optional[Dict[str, Any]]  # the two grids when resampled, else None
+    oriented_shape: Tuple[int, int, int]  # the input's grid in BraTS's orientation (before resampling)
+
+
+def on_model_grid(case: LoadedCase, image_processor, resample: bool) -> Tuple[LoadedCase, Optional[Dict[str, Any]]]:
+    """The case on the voxel grid the model expects (``image_processor.expected_spacing``, 1 mm for BraTS).
+
+    A case with that spacing (within ``spacing_tolerance``), or without geometry (plain arrays), is used as
+    it is. Another spacing is an error, unless ``resample``: then every sequence is resampled
+    (trilinear, nnU-Net / MONAI ``Spacing`` style) onto a grid of the model's spacing that covers the same
+    field of view. Returns ``(case, resampling)`` where ``resampling`` records the two grids (``None`` when not
+    resampled).
+    """
+    expected = getattr(image_processor, "expected_spacing", None)
+    has_geometry = case.header is not None or not np.allclose(case.affine, np.eye(4))
+    if expected is None or not has_geometry:
+        return case, None
+    spacing = tuple(float(v) for v in case.spacing)
+    tolerance = float(getattr(image_processor, "spacing_tolerance", 0.05))
+    if np.allclose(spacing, expected, rtol=0, atol=tolerance):
+        return case, None
+    if not resample:
+        where = f"case {case.case_id}: " if case.case_id else ""
+        raise ValueError(
+            f"{where}voxel spacing {tuple(round(v, 4) for v in spacing)} mm differs from the model's "
+            f"{tuple(expected)} mm; pass resample=True (emrfuse predict --resample) to resample the case to the "
+            "model's spacing and the prediction back onto the input grid."
+        )
+    grid = model_grid_shape(case.shape, spacing, expected)
+    volumes = {name: resample_to_shape(v, grid) for name, v in case.volumes.items()}
+    resampling = {
+        "input_spacing_mm": list(spacing),
+        "model_spacing_mm": [float(v) for v in expected],
+        "input_grid": [int(v) for v in case.shape],
+        "model_grid": [int(v) for v in grid],
+        "method": "trilinear (images), trilinear on the region probabilities back to the input grid",
+    }
+    return dataclasses.replace(case, volumes=volumes), resampling
+
+
+def _prepare_volume(image_processor, case: LoadedCase, allow_missing_sequences: bool) -> PreparedVolume:
+    """The image processor's ``prepare_volume`` of a loaded case (``allow_missing_sequences`` passed on)."""
+    if not allow_missing_sequences:
+        return image_processor.prepare_volume(dict(case.volumes))
+    import inspect
+
+    if "allow_missing_sequences" not in inspect.signature(image_processor.prepare_volume).parameters:
+        raise ValueError(
+            "This model folder's image processor (processing_emrfuse.py) has no missing-sequence support: "
+            "give all four sequences, or save the model again with the current emrfuse package."
+        )
+    return image_processor.prepare_volume(dict(case.volumes), allow_missing_sequences=True)
+
+
+def prepare_case(case: LoadedCase, image_processor, resample: bool = False,
+                 allow_missing_sequences: bool = False) -> PreparedCase:
+    """A loaded case brought to the model: turned to BraTS's orientation (LPS, which models are trained on),
+    put on the model's voxel grid (:func:`on_model_grid`) and prepared by the image processor (z-score, crop,
+    pad). The pipeline's preprocess and training's slice cache both call it."""
+    oriented, turn = to_reference_orientation(case)
+    model_case, resampling = on_model_grid(oriented, image_processor, resample)
+    prepared = _prepare_volume(image_processor, model_case, allow_missing_sequences)
+    return PreparedCase(case, prepared, turn, resampling, tuple(oriented.shape))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -483,6 +563,12 @@ class _TextTowerProbe:
     def reset(self) -> None:
         self.calls, self.seconds = 0, 0.0
 
+    def remove(self) -> None:
+        """Take the hooks off the models."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
 
 def _text_towers(model: torch.nn.Module) -> List[torch.nn.Module]:
     """Outermost BERT-family sub-models of ``model`` (the text tower)."""
@@ -598,15 +684,18 @@ class EmrFusePipeline(Pipeline):
         grading_max_slices: the grading model pools at most this many of the case's brain slices, evenly
             spaced (:func:`~processing_emrfuse.grading_slice_indices`; ``None``: all slices). Default ``"config"``:
             the grading model's ``config.grading_slices``, the policy its reported accuracy was measured with.
+        identify_models: record each model's folder and weights hash (``model_id`` / ``revision``; default
+            True); ``False`` for models held in memory (:func:`pipeline_for_model`).
 
     Returns (per case) a dict with ``label_map`` (``uint8 (X, Y, Z)`` on the input's grid or None
     without a segmentation head), ``affine``, ``header``, ``spacing``, ``label_convention``,
     ``region_volumes_cm3``, ``grade`` and ``grade_probabilities`` (None without a grading head),
-    ``alpha_text`` / ``alpha_image``, ``tokens`` / ``token_attention`` / ``token_offsets`` /
+    ``alpha_text`` / ``alpha_image``, ``case_embedding`` (the fused case representation, ``case_embeds``, of the
+    grading model, else of the segmentation model; numpy), ``tokens`` / ``token_attention`` / ``token_offsets`` /
     ``words`` (report highlighting), ``has_report``, ``report_truncated``, ``report_source``, ``report_capped``
     (the report was cut to ``max_report_chars``), ``reoriented_from`` (the input's orientation when it was not
     BraTS's LPS, else ``None``),
-    ``case_id``, ``model_id`` / ``revision`` (and ``grading_model_id`` / ``grading_revision``),
+    ``case_id``, ``num_slices`` (the brain slices the model saw), ``model_id`` / ``revision`` (and ``grading_model_id`` / ``grading_revision``),
     ``missing_sequences`` (zero-filled sequences, only with ``allow_missing_sequences=True``; ``[]``
     for a complete case), ``resampling`` (``None``, or the input and model grids and spacings when
     ``resample=True`` resampled the case), ``warnings`` (list of strings, e.g. a missing sequence given to a model
@@ -631,6 +720,7 @@ class EmrFusePipeline(Pipeline):
         grading_max_slices: Union[int, str, None] = DEFAULT_GRADING_SLICES,
         optimize: bool = True,
         trust_remote_code: bool = False,
+        identify_models: bool = True,
         **kwargs,
     ):
         super().__init__(model, *args, **kwargs)
@@ -666,11 +756,12 @@ class EmrFusePipeline(Pipeline):
         self.optimized = bool(optimize)
         self.channels_last = bool(channels_last)
         self._text_probe = _TextTowerProbe(self.models)
-        self.model_id, self.revision = _model_identity(self.model)
+        identity = _model_identity if identify_models else (lambda m: (None, None))
+        self.model_id, self.revision = identity(self.model)
         self._companion_ids: Dict[str, Tuple[Optional[str], Optional[str]]] = {}
         for role, m in (("grading", self.grading_model), ("segmentation", self.segmentation_model)):
             if m is not None and m is not self.model:
-                self._companion_ids[role] = _model_identity(m)  # hashed once, not per case
+                self._companion_ids[role] = identity(m)  # hashed once, not per case
         self.load_seconds: Optional[float] = None  # set by load_pipeline
 
     def _set_task_models(self, grading_model, segmentation_model) -> None:
@@ -779,9 +870,8 @@ class EmrFusePipeline(Pipeline):
                 "read (max_report_chars; emrfuse predict --max-report-chars)."
             )
         t1 = time.perf_counter()
-        oriented, turn = to_reference_orientation(case)  # BraTS's orientation, which the model was trained on
-        model_case, resampling = self._on_model_grid(oriented, resample)
-        prepared = self._prepare_volume(model_case, allow_missing_sequences)
+        ready = prepare_case(case, self.image_processor, resample, allow_missing_sequences)
+        prepared = ready.prepared
         enc = self.processor(volumes=[prepared], text=[report], max_length=max_length, return_tensors="pt")
         convention = label_convention or case.label_convention or "brats2017"
         absent = {n for n, p in zip(self.image_processor.sequence_order, getattr(prepared, "present", ())) if not p}
@@ -803,59 +893,11 @@ class EmrFusePipeline(Pipeline):
             "label_convention": get_label_convention(convention).name,
             "missing_sequences": missing,
             "warnings": geometry_warnings + self._missing_sequence_warnings(missing),
-            "resampling": resampling,
-            "reorientation": turn,
-            "oriented_shape": oriented.shape,
+            "resampling": ready.resampling,
+            "reorientation": ready.reorientation,
+            "oriented_shape": ready.oriented_shape,
             "timings": {"load": t1 - t0, "preprocess": t2 - t1},
         }
-
-    def _on_model_grid(self, case: LoadedCase, resample: bool) -> Tuple[LoadedCase, Optional[Dict[str, Any]]]:
-        """The case on the voxel grid the model expects (``image_processor.expected_spacing``, 1 mm for BraTS).
-
-        A case with that spacing (within ``spacing_tolerance``), or without geometry (plain arrays), is used as
-        it is. Another spacing is an error, unless ``resample``: then every sequence is resampled
-        (trilinear, nnU-Net / MONAI ``Spacing`` style) onto a grid of the model's spacing that covers the same
-        field of view, and :meth:`postprocess` resamples the region probabilities back onto the input grid.
-        Returns ``(case, resampling)`` where ``resampling`` records the two grids (``None`` when not resampled).
-        """
-        expected = getattr(self.image_processor, "expected_spacing", None)
-        has_geometry = case.header is not None or not np.allclose(case.affine, np.eye(4))
-        if expected is None or not has_geometry:
-            return case, None
-        spacing = tuple(float(v) for v in case.spacing)
-        tolerance = float(getattr(self.image_processor, "spacing_tolerance", 0.05))
-        if np.allclose(spacing, expected, rtol=0, atol=tolerance):
-            return case, None
-        if not resample:
-            where = f"case {case.case_id}: " if case.case_id else ""
-            raise ValueError(
-                f"{where}voxel spacing {tuple(round(v, 4) for v in spacing)} mm differs from the model's "
-                f"{tuple(expected)} mm; pass resample=True (emrfuse predict --resample) to resample the case to the "
-                "model's spacing and the prediction back onto the input grid."
-            )
-        grid = model_grid_shape(case.shape, spacing, expected)
-        volumes = {name: resample_to_shape(v, grid) for name, v in case.volumes.items()}
-        resampling = {
-            "input_spacing_mm": list(spacing),
-            "model_spacing_mm": [float(v) for v in expected],
-            "input_grid": [int(v) for v in case.shape],
-            "model_grid": [int(v) for v in grid],
-            "method": "trilinear (images), trilinear on the region probabilities back to the input grid",
-        }
-        return dataclasses.replace(case, volumes=volumes), resampling
-
-    def _prepare_volume(self, case: LoadedCase, allow_missing_sequences: bool):
-        """The image processor's ``prepare_volume`` of a loaded case (``allow_missing_sequences`` passed on)."""
-        if not allow_missing_sequences:
-            return self.image_processor.prepare_volume(dict(case.volumes))
-        import inspect
-
-        if "allow_missing_sequences" not in inspect.signature(self.image_processor.prepare_volume).parameters:
-            raise ValueError(
-                "This model folder's image processor (processing_emrfuse.py) predates missing-sequence support: "
-                "give all four sequences, or save the model again with the current emrfuse package."
-            )
-        return self.image_processor.prepare_volume(dict(case.volumes), allow_missing_sequences=True)
 
     def _missing_sequence_warnings(self, missing: Sequence[str]) -> List[str]:
         """Warnings for a case with zero-filled sequences run by a model without sequence-presence channels."""
@@ -874,7 +916,8 @@ class EmrFusePipeline(Pipeline):
             "its output may be unreliable. A model trained with train.py --sequence_dropout serves such cases."
         ]
 
-    def _grading_inputs(self, inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def grading_inputs(self, inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The model inputs of a case with only the slices the grading model pools (``grading_max_slices``)."""
         n = inputs["pixel_values"].shape[0]
         limit = self.grading_max_slices
         if limit == DEFAULT_GRADING_SLICES:  # the policy the grading model was trained and evaluated with
@@ -903,7 +946,7 @@ class EmrFusePipeline(Pipeline):
                 t_seg = time.perf_counter() - t0
             if self.grading_model is not None:
                 t_start = time.perf_counter()
-                cls_out = self.grading_model(**self._grading_inputs(inputs), return_dict=True)
+                cls_out = self.grading_model(**self.grading_inputs(inputs), return_dict=True)
                 t_cls = time.perf_counter() - t_start
         t1 = time.perf_counter()
         if seg_out is not None:
@@ -918,6 +961,8 @@ class EmrFusePipeline(Pipeline):
         out["grade_logits"] = None if cls_out is None else cls_out.logits.float()
         out["alpha_text"] = _scalar(getattr(explain, "alpha_text", None))
         out["alpha_image"] = _scalar(getattr(explain, "alpha_image", None))
+        embeds = getattr(cls_out if cls_out is not None else seg_out, "case_embeds", None)
+        out["case_embedding"] = None if embeds is None else embeds[0].float()
         attn = getattr(explain, "token_attention", None)
         out["token_attention"] = None if attn is None else attn.float()
         out["timings"] = dict(model_inputs["timings"])
@@ -940,6 +985,7 @@ class EmrFusePipeline(Pipeline):
             "header": case.header,
             "spacing": tuple(case.spacing),
             "shape": case.shape,
+            "num_slices": CropInfo.from_dict(model_outputs["crop_info"]).num_slices,
             "label_convention": convention,
             "region_volumes_cm3": None,
         }
@@ -979,6 +1025,8 @@ class EmrFusePipeline(Pipeline):
         result["warnings"] = list(model_outputs.get("warnings") or [])
         result["alpha_text"] = model_outputs["alpha_text"]
         result["alpha_image"] = model_outputs["alpha_image"]
+        embedding = model_outputs.get("case_embedding")
+        result["case_embedding"] = None if embedding is None else embedding.numpy()
         result["has_report"] = model_outputs["has_report"]
         result["report_truncated"] = model_outputs["report_truncated"]
         result["report_capped"] = bool(model_outputs.get("report_capped"))
@@ -1179,6 +1227,31 @@ def load_pipeline(
     )
     pipe.load_seconds = time.perf_counter() - t0
     return pipe
+
+
+@contextlib.contextmanager
+def pipeline_for_model(model: PreTrainedModel, processor, device=None, precision: str = "fp32"):
+    """An :class:`EmrFusePipeline` around one task model held in memory (training's held-out evaluation), for a
+    ``with`` block: no folder read, no companion looked for, the model neither rewritten nor moved to another
+    memory format, and the pipeline's hooks taken off the model at the end. The same stages run as for
+    ``emrfuse predict``."""
+    kind = _head_kind(model)
+    pipe = EmrFusePipeline(
+        model=model,
+        processor=processor,
+        task=PIPELINE_TASK,
+        device=device if device is not None else model.device,
+        grading_model=False if kind == "segmentation" else None,
+        segmentation_model=False if kind == "grading" else None,
+        precision=precision,
+        channels_last=False,
+        optimize=False,
+        identify_models=False,
+    )
+    try:
+        yield pipe
+    finally:
+        pipe._text_probe.remove()
 
 
 # Auto classes the ``pipeline()`` factory tries, in order, to load a folder's root model; an EmrFuse
