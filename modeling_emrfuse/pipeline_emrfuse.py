@@ -33,7 +33,8 @@ case's release, ``brats2017`` when unknown), ``release``, ``affine``, ``threshol
 ``max_length`` (report tokens), ``return_probabilities``, ``mask_background`` (default True: no
 tumour label where all four sequences are 0, i.e. outside the skull-stripped brain),
 ``allow_missing_sequences`` (default False; see "Missing sequences" above), ``resample`` (default
-False; see "Voxel spacing" below), ``max_report_chars`` (default :data:`DEFAULT_MAX_REPORT_CHARS`: a longer
+False; see "Voxel spacing" below), ``tta`` (default False: test-time flips, the region probabilities averaged over the slices and their flips
+along each in-plane axis and both), ``max_report_chars`` (default :data:`DEFAULT_MAX_REPORT_CHARS`: a longer
 report is cut, a case folder's report file read no further, and the result's ``report_capped`` and
 ``warnings`` say so).
 
@@ -697,7 +698,7 @@ class EmrFusePipeline(Pipeline):
     BraTS's LPS, else ``None``),
     ``case_id``, ``num_slices`` (the brain slices the model saw), ``model_id`` / ``revision`` (and ``grading_model_id`` / ``grading_revision``),
     ``missing_sequences`` (zero-filled sequences, only with ``allow_missing_sequences=True``; ``[]``
-    for a complete case), ``resampling`` (``None``, or the input and model grids and spacings when
+    for a complete case), ``tta`` (test-time flips were averaged), ``resampling`` (``None``, or the input and model grids and spacings when
     ``resample=True`` resampled the case), ``warnings`` (list of strings, e.g. a missing sequence given to a model
     without sequence-presence channels), ``timings`` (seconds: ``load``, ``preprocess``, ``model``, ``postprocess``, plus ``text_encoder``
     and ``text_encoder_calls``).
@@ -803,6 +804,7 @@ class EmrFusePipeline(Pipeline):
         allow_missing_sequences=None,
         resample=None,
         max_report_chars=None,
+        tta=None,
         **kwargs,
     ):
         if kwargs:
@@ -837,7 +839,8 @@ class EmrFusePipeline(Pipeline):
             post["mask_background"] = bool(mask_background)
         if label_convention is not None:
             get_label_convention(label_convention)  # fail early on an unknown name
-        return pre, {}, post
+        forward = {} if tta is None else {"tta": bool(tta)}
+        return pre, forward, post
 
     def _autocast(self):
         return inference_autocast(self.precision, next(self.models[0].parameters()).dtype, self.device)
@@ -930,7 +933,20 @@ class EmrFusePipeline(Pipeline):
         out["slice_to_case"] = inputs["slice_to_case"][keep]
         return out
 
-    def _forward(self, model_inputs):
+    def _segment(self, inputs: Dict[str, torch.Tensor], tta: bool):
+        """The segmentation model's output and region logits of every slice. With ``tta`` the sigmoid
+        probabilities are averaged over the slices as given, flipped along each in-plane axis and along both
+        (each prediction flipped back), and returned as logits."""
+        out = self.segmentation_model(**inputs, return_dict=True)
+        if not tta:
+            return out, out.logits.float()
+        probs = torch.sigmoid(out.logits.float())
+        for dims in ((-1,), (-2,), (-2, -1)):
+            flipped = dict(inputs, pixel_values=inputs["pixel_values"].flip(dims))
+            probs += torch.sigmoid(self.segmentation_model(**flipped, return_dict=True).logits.float()).flip(dims)
+        return out, torch.logit(probs / 4, eps=1e-6)
+
+    def _forward(self, model_inputs, tta: bool = False):
         inputs = dict(model_inputs["model_inputs"])
         dtype = next(self.models[0].parameters()).dtype
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
@@ -942,7 +958,7 @@ class EmrFusePipeline(Pipeline):
         t_seg = t_cls = 0.0
         with self._autocast():
             if self.segmentation_model is not None:
-                seg_out = self.segmentation_model(**inputs, return_dict=True)
+                seg_out, seg_logits = self._segment(inputs, tta)
                 t_seg = time.perf_counter() - t0
             if self.grading_model is not None:
                 t_start = time.perf_counter()
@@ -950,14 +966,15 @@ class EmrFusePipeline(Pipeline):
                 t_cls = time.perf_counter() - t_start
         t1 = time.perf_counter()
         if seg_out is not None:
-            _check_finite_logits(seg_out.logits, "region logits", self.segmentation_model)
+            _check_finite_logits(seg_logits, "region logits", self.segmentation_model)
         if cls_out is not None:
             _check_finite_logits(cls_out.logits, "grade logits", self.grading_model)
         out = {k: v for k, v in model_inputs.items() if k != "model_inputs"}
         out["input_ids"] = inputs.get("input_ids")
         out["attention_mask"] = inputs.get("attention_mask")
         explain = seg_out if seg_out is not None else cls_out
-        out["seg_logits"] = None if seg_out is None else seg_out.logits.float()
+        out["seg_logits"] = None if seg_out is None else seg_logits
+        out["tta"] = bool(tta and seg_out is not None)
         out["grade_logits"] = None if cls_out is None else cls_out.logits.float()
         out["alpha_text"] = _scalar(getattr(explain, "alpha_text", None))
         out["alpha_image"] = _scalar(getattr(explain, "alpha_image", None))
@@ -992,6 +1009,7 @@ class EmrFusePipeline(Pipeline):
         logits = model_outputs["seg_logits"]
         resampling = model_outputs.get("resampling")
         result["resampling"] = resampling
+        result["tta"] = bool(model_outputs.get("tta"))
         turn = model_outputs.get("reorientation")  # the model ran on the case in BraTS's orientation
         result["reoriented_from"] = None if turn is None or turn.is_identity else "".join(turn.input_axcodes)
         if logits is not None:

@@ -124,3 +124,28 @@ def test_held_out_grade_probabilities_equal_emrfuse_predict(setup, monkeypatch):
         held_out = {grade: rows[case_id][f"prob_{grade}"] for grade in predicted}
         assert held_out == pytest.approx(predicted, abs=1e-5)  # predict folds BatchNorm: float rounding only
         assert rows[case_id]["pred_grade"] == max(predicted, key=predicted.get)
+
+
+def test_test_time_flips_on_a_flip_symmetric_case_give_a_flip_symmetric_result(setup, tmp_path):
+    """With ``tta`` the region probabilities are averaged over the in-plane flips: on a case that the flips leave
+    unchanged, the result is unchanged by them too (the random model alone is not), and the record says so."""
+    from modeling_emrfuse.pipeline_emrfuse import load_pipeline
+
+    model, _, out = setup
+    x, y, z = np.meshgrid(np.linspace(-1, 1, 32), np.linspace(-1, 1, 32), np.linspace(-1, 1, 8), indexing="ij")
+    case = np.stack([100 + 40 * i + 60 * np.exp(-3 * (x**2 + y**2)) + 10 * z for i in range(4)]).astype(np.float32)
+    pipe = load_pipeline(str(model), device="cpu", precision="fp32", optimize=False, grading_model=False)
+    plain = pipe(case, return_probabilities=True)
+    flips = pipe(case, return_probabilities=True, tta=True)
+    assert flips["tta"] and not plain["tta"]
+    p, q = plain["region_probabilities"].astype(np.float32), flips["region_probabilities"].astype(np.float32)
+    assert not np.allclose(p, p[:, ::-1, ::-1], atol=1e-3)  # the model is not flip-equivariant
+    for axes in ((1,), (2,), (1, 2)):
+        np.testing.assert_allclose(q, np.flip(q, axes), atol=1e-3)
+        assert np.array_equal(flips["label_map"], np.flip(flips["label_map"], tuple(a - 1 for a in axes)))
+    assert np.count_nonzero(flips["label_map"]) > 0
+
+    assert json.loads((out / "Case_LPS.json").read_text())["tta"] is False
+    case_dir = setup[1] / "Case_LPS"
+    assert main(["predict", str(case_dir), "--model", str(model), "-o", str(tmp_path), "--tta", "-q"]) == 0
+    assert json.loads((tmp_path / "Case_LPS.json").read_text())["tta"] is True

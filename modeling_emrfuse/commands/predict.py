@@ -108,6 +108,7 @@ def prediction_record(result: Dict[str, Any], label_map_file: Optional[str], inp
         "reoriented_from": result.get("reoriented_from"),
         "missing_sequences": list(result.get("missing_sequences") or []),
         "resampling": result.get("resampling"),
+        "tta": bool(result.get("tta")),
         "warnings": list(result.get("warnings") or []),
         "model": {"id": result.get("model_id"), "revision": result.get("revision")},
         "inputs": inputs,
@@ -417,6 +418,7 @@ def _predict_one(pipe, case: CaseFiles, args, reports, out: Path, single: bool) 
         allow_missing_sequences=bool(getattr(args, "allow_missing_sequences", False)),
         resample=bool(getattr(args, "resample", False)),
         max_report_chars=getattr(args, "max_report_chars", None),
+        tta=bool(getattr(args, "tta", False)),
     )
     if source is not None and result.get("has_report"):
         result["report_source"] = source
@@ -602,6 +604,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "(trilinear, nnU-Net/MONAI style) and the region probabilities back onto the input grid, so "
                         "that the label map is on the input's grid with its affine; without it such a case is an "
                         "error. The JSON records both grids under \"resampling\".")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time flips: average the region probabilities over each slice and its flips along the two "
+                        "in-plane axes (4 forward passes of the segmentation model instead of 1); the JSON records \"tta\"")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="auto (default): bf16 weights where the CPU/GPU has native bf16, fp32 otherwise")
