@@ -1,7 +1,9 @@
 """A transformers custom pipeline that runs EmrFuse on one whole brain MRI case (+ its report).
 
 ``EmrFusePipeline`` is what ``transformers.pipeline(model=<folder or Hub id>, trust_remote_code=True)``
-builds for an EmrFuse model folder, and what ``emrfuse predict`` and the Gradio Space call::
+builds for an EmrFuse model folder, and the one inference path: ``emrfuse predict``, the Gradio Space and
+``train.py``'s held-out evaluation (:func:`pipeline_for_model` around the model in memory) call it, and
+training's slice cache prepares its cases with the same :func:`prepare_case`::
 
     from transformers import pipeline
     pipe = pipeline(model="outputs/emrfuse-demo", trust_remote_code=True)
@@ -59,7 +61,8 @@ What runs
     1. load: the four volumes are read (in parallel threads), checked (all present, or the missing
        ones zero-filled with ``allow_missing_sequences``; same shape, same affine, not empty, a
        readable NIfTI; the model's voxel spacing, or resampled to it with ``resample=True``);
-    2. preprocess: :class:`EmrFuseProcessor` z-scores, crops to the brain, cuts every brain slice, and
+    2. preprocess (:func:`prepare_case`): the case is turned to BraTS's orientation (LPS) and put on the
+       model's grid; :class:`EmrFuseProcessor` z-scores, crops to the brain, cuts every brain slice, and
        tokenises the report once;
     3. model: one forward per head over all slices of the case, under ``torch.inference_mode``; the
        models are rewritten once for inference (the sibling :mod:`inference_optim`: BatchNorm folded
