@@ -418,7 +418,7 @@ def _predict_one(pipe, case: CaseFiles, args, reports, out: Path, single: bool) 
         allow_missing_sequences=bool(getattr(args, "allow_missing_sequences", False)),
         resample=bool(getattr(args, "resample", False)),
         max_report_chars=getattr(args, "max_report_chars", None),
-        tta=bool(getattr(args, "tta", False)),
+        **({"tta": True} if getattr(args, "tta", False) else {}),  # a folder's own older pipeline has no tta
     )
     if source is not None and result.get("has_report"):
         result["report_source"] = source
