@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import build_tiny_model_folder
+from conftest import REALDATA, build_tiny_model_folder
 from modeling_emrfuse.commands.cli import main
 from modeling_emrfuse.training import evaluation
 
 SHAPE = (40, 44, 20)
+REAL_CASE = REALDATA / "BraTS2018" / "HGG" / "Brats18_2013_2_1"
 
 
 def _write_case(root: Path, case_id: str, axcodes=("L", "P", "S"), seed: int = 0) -> Path:
@@ -149,3 +150,17 @@ def test_test_time_flips_on_a_flip_symmetric_case_give_a_flip_symmetric_result(s
     case_dir = setup[1] / "Case_LPS"
     assert main(["predict", str(case_dir), "--model", str(model), "-o", str(tmp_path), "--tta", "-q"]) == 0
     assert json.loads((tmp_path / "Case_LPS.json").read_text())["tta"] is True
+
+
+@pytest.mark.skipif(not REAL_CASE.is_dir(), reason=f"real case {REAL_CASE} not present (../shared/realdata)")
+def test_held_out_label_map_equals_emrfuse_predict_on_a_real_case(setup, tmp_path, monkeypatch):
+    """The same on a real BraTS 2018 case (int16, sform code 2, 240 x 240 x 155), scored against its expert labels."""
+    from modeling_emrfuse.modeling_emrfuse import EmrFuseForSegmentation
+
+    model = setup[0]
+    assert main(["predict", str(REAL_CASE), "--model", str(model), "-o", str(tmp_path), "--precision", "fp32",
+                 "-q", "--no-grading"]) == 0
+    rows, results = _held_out(EmrFuseForSegmentation, model, REAL_CASE, "segmentation", monkeypatch)
+    predicted = np.asanyarray(nib.load(str(tmp_path / f"{REAL_CASE.name}.nii.gz")).dataobj)
+    assert np.array_equal(results[REAL_CASE.name]["label_map"], predicted)
+    assert np.isfinite(rows[REAL_CASE.name]["WT_dice"])
