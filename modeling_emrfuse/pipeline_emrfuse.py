@@ -13,7 +13,8 @@ training's slice cache prepares its cases with the same :func:`prepare_case`::
 
 Input (one case)
     * a case folder in any BraTS layout (found and read with the sibling :mod:`brats_io`: NIfTI, and
-      BraTS 2015 MetaImage with SimpleITK);
+      BraTS 2015 MetaImage with SimpleITK), or a case that ``brats_io.discover_cases`` found already (a
+      ``CaseFiles``, read as it is);
     * a dict ``{sequence name (any alias: t1, t1ce, t2, flair, t1n, t1c, t2w, t2f, ...) -> path /
       array / nibabel image}``;
     * a ``(4, X, Y, Z)`` array in :data:`brats_labels.SEQUENCES` order (with ``affine=`` for
