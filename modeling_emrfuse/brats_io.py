@@ -1259,7 +1259,8 @@ def _case_files_meta(c: CaseFiles, allow_missing_sequences: bool = False) -> Dic
 def _case_items(case: Any, affine: Any, release: str, allow_missing_sequences: bool) -> Tuple[Dict[str, Any], Dict[str, Any], Any]:
     """What :func:`load_case` was given, as ``(sequence -> item to read, layout facts, affine)``."""
     meta: Dict[str, Any] = {}
-    if isinstance(case, CaseFiles):  # discovered already: its files are read as they are
+    if isinstance(case, CaseFiles) or all(hasattr(case, a) for a in ("case_id", "sequences", "source_dir")):
+        # discovered already (also a CaseFiles of another copy of this module): its files are read as they are
         meta = _case_files_meta(case, allow_missing_sequences)
         return dict(meta["sequences"]), meta, affine
     if isinstance(case, (str, os.PathLike)):
