@@ -2,9 +2,9 @@
 
 Works on predictions made by any tool. Cases are matched by case id, derived from file names:
 ``<case>.nii.gz``, ``<case>_seg.nii.gz``, ``<case>-seg.nii.gz``, ``<case>_pred.nii.gz``,
-``<case>_prediction.nii.gz``, ``<case>_label.nii.gz``, ``<case>_mask.nii.gz`` ... (suffixes
-``seg``, ``segmentation``, ``pred``, ``prediction``, ``label``, ``mask``, ``gt`` ... after ``_``,
-``-`` or ``.``, any case; a file called just ``seg.nii.gz`` takes its folder's name). Both folders
+``<case>_prediction.nii.gz``, ``<case>_label.nii.gz``, ``<case>_mask.nii.gz`` ... (the label names of
+the release table, ``seg``, ``segmentation``, ``OTMultiClass`` ..., and ``pred``, ``prediction``, ``gt`` ...
+after ``_``, ``-`` or ``.``, any case; a file called just ``seg.nii.gz`` takes its folder's name). Both folders
 are searched recursively, so a reference folder may be a BraTS release (``<case>/<case>_seg.nii.gz``,
 with or without ``HGG/``/``LGG/`` sub-folders) or a flat folder of label maps; MRI sequence files
 (``<case>_flair.nii.gz``, ``<case>-t2f.nii.gz`` ...) are ignored.
@@ -64,11 +64,20 @@ CONVENTION_PREFERENCE: Tuple[str, ...] = ("brats2017", "brats2023", "brats2015")
 """Order in which equivalent conventions are chosen when the label values cannot tell them apart."""
 
 NIFTI_SUFFIXES: Tuple[str, ...] = (".nii.gz", ".nii")
-LABEL_FILE_SUFFIXES: Tuple[str, ...] = (
-    "seg", "segmentation", "segm", "pred", "prediction", "predicted", "label", "labels", "labelmap",
-    "mask", "gt", "groundtruth", "ground_truth", "ref", "reference", "output",
+PREDICTION_FILE_NAMES: Tuple[str, ...] = (
+    "pred", "prediction", "predicted", "labelmap", "groundtruth", "ground_truth", "ref", "reference", "output",
 )
-_SUFFIX_RE = re.compile(r"[_\-.](" + "|".join(sorted(LABEL_FILE_SUFFIXES, key=len, reverse=True)) + r")$", re.IGNORECASE)
+"""Label-map file names of prediction tools, besides the label names of the release table (``brats_io.label_names``)."""
+
+
+def label_file_suffixes() -> Tuple[str, ...]:
+    """Every name a label-map file may end with: the release table's label names and :data:`PREDICTION_FILE_NAMES`."""
+    return tuple(sorted(brats_io.label_names() | set(PREDICTION_FILE_NAMES)))
+
+
+def _suffix_re() -> "re.Pattern[str]":
+    names = sorted(label_file_suffixes(), key=len, reverse=True)
+    return re.compile(r"[_\-.](" + "|".join(re.escape(n) for n in names) + r")$", re.IGNORECASE)
 
 
 class ScoreError(ValueError):
@@ -99,10 +108,11 @@ def case_id_from_path(path: Path | str) -> Optional[str]:
         return None
     if SEQUENCE_SUFFIX_RE.search(stem):
         return None
-    if stem.lower() in LABEL_FILE_SUFFIXES:
+    if stem.lower() in label_file_suffixes():
         return path.parent.name or None
+    suffix_re = _suffix_re()
     while True:
-        stripped = _SUFFIX_RE.sub("", stem)
+        stripped = suffix_re.sub("", stem)
         if stripped == stem or not stripped:
             break
         stem = stripped
@@ -324,6 +334,130 @@ def _progress(iterable: Iterable[Any], desc: str, total: int, enabled: bool) -> 
     return tqdm(iterable, desc=desc, total=total, unit="case", file=sys.stderr)
 
 
+def _match_cases(pred_dir: Path, ref_dir: Path, missing_as_empty: bool):
+    """``(matched (case, prediction or None, reference), missing case ids, unmatched predictions)``."""
+    refs = find_label_maps(ref_dir, "reference", exclude=pred_dir)
+    preds = find_label_maps(pred_dir, "prediction", exclude=ref_dir)
+    pred_by_key = {k.lower(): k for k in preds}
+    ref_keys = {k.lower() for k in refs}
+    matched: List[Tuple[str, Optional[Path], Path]] = []
+    missing: List[str] = []
+    for case_id, ref_path in refs.items():
+        pkey = pred_by_key.get(case_id.lower())
+        if pkey is None:
+            missing.append(case_id)
+            if missing_as_empty:
+                matched.append((case_id, None, ref_path))
+        else:
+            matched.append((case_id, preds[pkey], ref_path))
+    unmatched = sorted(k for k in preds if k.lower() not in ref_keys)
+    if not matched:
+        raise ScoreError(
+            f"no prediction in {pred_dir} matches a reference case in {ref_dir} "
+            f"(e.g. predictions {sorted(preds)[:3]}, references {sorted(refs)[:3]})."
+        )
+    return matched, missing, unmatched
+
+
+@dataclass
+class _Failures:
+    """Cases that cannot be scored: raised, or recorded with ``skip_invalid``."""
+
+    skip_invalid: bool
+    skipped: List[Dict[str, str]] = field(default_factory=list)
+
+    def __call__(self, case_id: str, message: str) -> None:
+        if not self.skip_invalid:
+            raise ScoreError(f"case {case_id}: {message}")
+        self.skipped.append({"case_id": case_id, "reason": message})
+
+
+def _fitting_values(path: Path) -> Set[int]:
+    vals = label_values(read_label_map(path).array)
+    if not fitting_conventions(vals):
+        raise ScoreError(f"{path}: label values {_fmt_values(vals)} fit no label convention.")
+    return vals
+
+
+def _choose_conventions(matched, pred_convention: str, ref_convention: str, fail: _Failures, progress: bool):
+    """The label convention of each folder (inferred from all its files when ``auto``) and the cases whose files
+    could not be read: ``(pred choice, ref choice, bad case ids)``."""
+    bad: Set[str] = set()
+    ref_values: List[Set[int]] = []
+    pred_values: List[Set[int]] = []
+    if AUTO in (pred_convention, ref_convention):
+        for case_id, pred_path, ref_path in _progress(matched, "reading labels", len(matched), progress):
+            try:
+                if ref_convention == AUTO:
+                    ref_values.append(_fitting_values(ref_path))
+                if pred_convention == AUTO and pred_path is not None:
+                    pred_values.append(_fitting_values(pred_path))
+            except ScoreError as exc:
+                fail(case_id, str(exc))
+                bad.add(case_id)
+    if ref_convention == AUTO:
+        explicit_pred = None if pred_convention == AUTO else pred_convention
+        ref_choice = resolve_convention(
+            ref_values, "reference", "--ref-convention", explicit_pred, "prediction", fallback_if_ambiguous=False
+        )
+    else:
+        ref_choice = ConventionChoice(ref_convention, ref_convention, "given")
+    if pred_convention != AUTO:
+        pred_choice = ConventionChoice(pred_convention, pred_convention, "given")
+    elif pred_values:
+        pred_choice = resolve_convention(pred_values, "prediction", "--pred-convention", ref_choice.used)
+    else:
+        pred_choice = ConventionChoice(AUTO, ref_choice.used, "no prediction file; using the reference convention")
+    return pred_choice, ref_choice, bad
+
+
+def _prediction_on_grid(case_id: str, pred_path: Optional[Path], ref: LabelMapFile, warnings: List[str]) -> np.ndarray:
+    """The prediction's array (zeros when missing); a different shape or spacing is an error, another
+    orientation or origin a warning."""
+    if pred_path is None:
+        return np.zeros_like(ref.array)
+    pred = read_label_map(pred_path)
+    if pred.array.shape != ref.array.shape:
+        raise ScoreError(
+            f"prediction {pred_path} has shape {pred.array.shape}, reference {ref.path} has "
+            f"{ref.array.shape}; predictions must be on the reference grid."
+        )
+    if not np.allclose(pred.spacing, ref.spacing, rtol=1e-3, atol=1e-4):
+        raise ScoreError(
+            f"prediction {pred_path} has voxel spacing {pred.spacing} mm, reference {ref.path} has "
+            f"{ref.spacing} mm; predictions must be on the reference grid."
+        )
+    difference = affine_difference(pred.affine, ref.affine, ref.spacing)
+    if difference:
+        warnings.append(
+            f"case {case_id}: the prediction's affine differs from the reference's ({difference}); "
+            f"voxels are compared index by index, so the scores assume the prediction is on the "
+            f"reference grid"
+        )
+    return pred.array
+
+
+def _score_case(case_id: str, pred_path: Optional[Path], ref_path: Path, pred_choice: ConventionChoice,
+                ref_choice: ConventionChoice, lesion_wise: bool, warnings: List[str]) -> Dict[str, Any]:
+    """One row of ``per_case.csv``; raises :class:`ScoreError` / ``ValueError`` for a case that cannot be scored."""
+    ref = read_label_map(ref_path)
+    pred_array = _prediction_on_grid(case_id, pred_path, ref, warnings)
+    result = score_label_maps(pred_array, ref.array, pred_choice.used, ref_choice.used, ref.spacing, lesion_wise=lesion_wise)
+    row: Dict[str, Any] = {
+        "case_id": case_id,
+        "prediction": "" if pred_path is None else str(pred_path),
+        "reference": str(ref_path),
+        "prediction_missing": pred_path is None,
+        "pred_convention": pred_choice.used,
+        "ref_convention": ref_choice.used,
+        "spacing_x": ref.spacing[0],
+        "spacing_y": ref.spacing[1],
+        "spacing_z": ref.spacing[2],
+    }
+    row.update(metrics_to_row(result))
+    return row
+
+
 def score_folders(
     pred_dir: Path | str,
     ref_dir: Path | str,
@@ -348,123 +482,22 @@ def score_folders(
         pred_convention = get_label_convention(pred_convention).name
     if ref_convention != AUTO:
         ref_convention = get_label_convention(ref_convention).name
-    refs = find_label_maps(ref_dir, "reference", exclude=pred_dir)
-    preds = find_label_maps(pred_dir, "prediction", exclude=ref_dir)
-    pred_by_key = {k.lower(): k for k in preds}
-    ref_keys = {k.lower() for k in refs}
-    matched: List[Tuple[str, Optional[Path], Path]] = []
-    missing: List[str] = []
-    for case_id, ref_path in refs.items():
-        pkey = pred_by_key.get(case_id.lower())
-        if pkey is None:
-            missing.append(case_id)
-            if missing_as_empty:
-                matched.append((case_id, None, ref_path))
-        else:
-            matched.append((case_id, preds[pkey], ref_path))
-    unmatched = sorted(k for k in preds if k.lower() not in ref_keys)
-    if not matched:
-        raise ScoreError(
-            f"no prediction in {pred_dir} matches a reference case in {ref_dir} "
-            f"(e.g. predictions {sorted(preds)[:3]}, references {sorted(refs)[:3]})."
-        )
-
-    skipped: List[Dict[str, str]] = []
+    matched, missing, unmatched = _match_cases(pred_dir, ref_dir, missing_as_empty)
+    fail = _Failures(skip_invalid)
     warnings: List[str] = []
-
-    def fail(case_id: str, message: str) -> None:
-        if not skip_invalid:
-            raise ScoreError(f"case {case_id}: {message}")
-        skipped.append({"case_id": case_id, "reason": message})
-
-    # label conventions: one per folder, inferred from all its files when "auto"
-    bad: Set[str] = set()
-    ref_values: List[Set[int]] = []
-    pred_values: List[Set[int]] = []
-    if AUTO in (pred_convention, ref_convention):
-        for case_id, pred_path, ref_path in _progress(matched, "reading labels", len(matched), progress):
-            try:
-                if ref_convention == AUTO:
-                    vals = label_values(read_label_map(ref_path).array)
-                    if not fitting_conventions(vals):
-                        raise ScoreError(f"{ref_path}: label values {_fmt_values(vals)} fit no label convention.")
-                    ref_values.append(vals)
-                if pred_convention == AUTO and pred_path is not None:
-                    vals = label_values(read_label_map(pred_path).array)
-                    if not fitting_conventions(vals):
-                        raise ScoreError(f"{pred_path}: label values {_fmt_values(vals)} fit no label convention.")
-                    pred_values.append(vals)
-            except ScoreError as exc:
-                fail(case_id, str(exc))
-                bad.add(case_id)
-    if ref_convention == AUTO:
-        explicit_pred = None if pred_convention == AUTO else pred_convention
-        ref_choice = resolve_convention(
-            ref_values, "reference", "--ref-convention", explicit_pred, "prediction", fallback_if_ambiguous=False
-        )
-    else:
-        ref_choice = ConventionChoice(ref_convention, ref_convention, "given")
-    if pred_convention == AUTO:
-        if pred_values:
-            pred_choice = resolve_convention(pred_values, "prediction", "--pred-convention", ref_choice.used)
-        else:
-            pred_choice = ConventionChoice(AUTO, ref_choice.used, "no prediction file; using the reference convention")
-    else:
-        pred_choice = ConventionChoice(pred_convention, pred_convention, "given")
-
+    pred_choice, ref_choice, bad = _choose_conventions(matched, pred_convention, ref_convention, fail, progress)
     rows: List[Dict[str, Any]] = []
     for case_id, pred_path, ref_path in _progress(matched, "scoring", len(matched), progress):
         if case_id in bad:
             continue
         try:
-            ref = read_label_map(ref_path)
-            if pred_path is None:
-                pred_array = np.zeros_like(ref.array)
-            else:
-                pred = read_label_map(pred_path)
-                if pred.array.shape != ref.array.shape:
-                    raise ScoreError(
-                        f"prediction {pred_path} has shape {pred.array.shape}, reference {ref_path} has "
-                        f"{ref.array.shape}; predictions must be on the reference grid."
-                    )
-                if not np.allclose(pred.spacing, ref.spacing, rtol=1e-3, atol=1e-4):
-                    raise ScoreError(
-                        f"prediction {pred_path} has voxel spacing {pred.spacing} mm, reference {ref_path} has "
-                        f"{ref.spacing} mm; predictions must be on the reference grid."
-                    )
-                difference = affine_difference(pred.affine, ref.affine, ref.spacing)
-                if difference:
-                    warnings.append(
-                        f"case {case_id}: the prediction's affine differs from the reference's ({difference}); "
-                        f"voxels are compared index by index, so the scores assume the prediction is on the "
-                        f"reference grid"
-                    )
-                pred_array = pred.array
-            result = score_label_maps(
-                pred_array, ref.array, pred_choice.used, ref_choice.used, ref.spacing, lesion_wise=lesion_wise
-            )
+            rows.append(_score_case(case_id, pred_path, ref_path, pred_choice, ref_choice, lesion_wise, warnings))
         except ScoreError as exc:
             fail(case_id, str(exc))
-            continue
         except ValueError as exc:  # label values outside the convention
             fail(case_id, f"{exc} (prediction {pred_path}, reference {ref_path})")
-            continue
-        row: Dict[str, Any] = {
-            "case_id": case_id,
-            "prediction": "" if pred_path is None else str(pred_path),
-            "reference": str(ref_path),
-            "prediction_missing": pred_path is None,
-            "pred_convention": pred_choice.used,
-            "ref_convention": ref_choice.used,
-            "spacing_x": ref.spacing[0],
-            "spacing_y": ref.spacing[1],
-            "spacing_z": ref.spacing[2],
-        }
-        row.update(metrics_to_row(result))
-        rows.append(row)
     if not rows:
-        raise ScoreError("no case could be scored: " + "; ".join(f"{s['case_id']}: {s['reason']}" for s in skipped))
-
+        raise ScoreError("no case could be scored: " + "; ".join(f"{s['case_id']}: {s['reason']}" for s in fail.skipped))
     summary: Dict[str, Any] = {
         "num_cases": len(rows),
         "segmentation": summarize_segmentation(rows),
@@ -476,7 +509,7 @@ def score_folders(
         "missing_predictions": missing,
         "missing_counted_as_empty": bool(missing_as_empty),
         "unmatched_predictions": unmatched,
-        "skipped": skipped,
+        "skipped": fail.skipped,
         "warnings": warnings,
         "hd95_empty_sentinel_mm": float(HD95_EMPTY_SENTINEL_MM),
         "std": "sample standard deviation (ddof=1) over cases; null for a single case",
