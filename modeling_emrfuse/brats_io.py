@@ -528,8 +528,8 @@ class Release:
         unknown = sorted(set(self.detect) - set(DETECT_EVIDENCE))
         if unknown:
             raise ValueError(f"release {self.name}: unknown detect evidence {unknown}; use {list(DETECT_EVIDENCE)}.")
-        canonical = tuple(canonical_sequence_name(n) for n in self.sequence_names)
-        if canonical != SEQUENCES:
+        known = all(str(n).lower() in SEQUENCE_ALIASES for n in self.sequence_names)
+        if not known or tuple(canonical_sequence_name(n) for n in self.sequence_names) != SEQUENCES:
             raise ValueError(
                 f"release {self.name}: sequence_names {self.sequence_names} must name {list(SEQUENCES)} in that order "
                 "(add a new spelling to brats_labels.SEQUENCE_ALIASES first)."
@@ -900,7 +900,7 @@ def _volume_files(path: Path) -> List[Path]:
 
 
 def _scan_sequence_folders(raw: _RawCase) -> None:
-    """Volumes in one sub-folder per sequence / label (BraTS 2015 ``VSD.Brain.*``: one ``.mha`` inside)."""
+    """Volumes in one sub-folder per sequence / label (``Release.sequence_folder``, e.g. ``VSD.Brain.*``: one ``.mha`` inside)."""
     for sub in _subdirs(raw.case_dir):
         match = _sequence_folder_match(sub.name)
         if not match:
@@ -971,7 +971,8 @@ def _table_files(data_dir: Path, pattern: Optional[str]) -> List[Path]:
 
 
 def _read_grade_table(data_dir: Path, release: Release) -> Tuple[Dict[str, str], List[Path]]:
-    """A release's grade table (BraTS 2020 ``name_mapping*.csv``): (case id -> grade, files with a ``Grade`` column)."""
+    """A release's grade table (``Release.grade_table``, e.g. ``name_mapping*.csv``): (case id -> grade, files with a
+    ``Grade`` column)."""
     grades: Dict[str, str] = {}
     grade_files: List[Path] = []
     for path in _table_files(data_dir, release.grade_table):
@@ -1150,7 +1151,7 @@ def discover_cases(
     Args:
         data_dir: the release folder (the one holding ``HGG``/``LGG`` or the case folders), or a
             single case folder.
-        release: ``"auto"`` (detect) or a release of :data:`RELEASES` (``"2015"``, ``"2017"`` ...);
+        release: ``"auto"`` (detect) or a release of :data:`RELEASES` (a year string);
             forcing it fixes the label convention.
         on_error: ``"raise"`` (default): a bad case raises ``ValueError`` naming the case and the
             file; ``"skip"``: the case is left out and listed in the result's ``skipped``.
@@ -1603,7 +1604,11 @@ def _one_grid(names: Sequence[str], loaded: Sequence[Tuple[np.ndarray, Optional[
                 )
     shapes = {n: tuple(v.shape) for n, v in volumes.items()}
     if len(set(shapes.values())) != 1:
-        raise ValueError(f"Sequences have different shapes: {shapes}.")
+        shown = ", ".join(f"{n!r} {shape}" + (f" ({sources[n]})" if n in sources else "") for n, shape in shapes.items())
+        raise ValueError(
+            f"Sequences have different shapes: {shown}; resample or co-register the sequences onto one voxel grid "
+            "before reading the case."
+        )
     if ref_affine is None:
         ref_affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
         if ref_affine.shape != (4, 4):
