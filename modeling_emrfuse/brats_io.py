@@ -82,6 +82,7 @@ __all__ = [
     "release_from_file_names",
     "group_patients",
     "patient_groups",
+    "earlier_release_id",
     "tumour_fingerprint",
     "discover_cases",
     "discover_folders",
@@ -504,6 +505,8 @@ class Release:
             matches ``case_id``), ``"grade_table"`` (the table sits in a folder of its layout). Empty: only
             ``release=`` selects it.
         fallback: the release of a folder of its layout that no entry claims.
+        earlier_id: ``(pattern, format)``: a case id matching ``pattern`` names the same patient as
+            ``format.format(**groups)`` in an earlier release (BraTS 2023+ glioma ids continue BraTS 2021's).
         layout_doc: the layout as the documentation shows it.
     """
 
@@ -517,6 +520,7 @@ class Release:
     sequence_folder: Optional["re.Pattern[str]"] = None
     detect: Tuple[str, ...] = ()
     fallback: bool = False
+    earlier_id: Optional[Tuple["re.Pattern[str]", str]] = None
     layout_doc: str = ""
 
     def __post_init__(self) -> None:
@@ -567,6 +571,7 @@ _NAMES_2023 = ("t1n", "t1c", "t2w", "t2f")
 _LABELS_2015 = ("ot", "otmulticlass", "segmentation")
 _DOC_2017 = "``{HGG,LGG}/<case>/<case>_{flair,t1,t1ce,t2,seg}.nii.gz``"
 _DOC_2023 = "flat ``BraTS-GLI-XXXXX-XXX/BraTS-GLI-XXXXX-XXX-{t1n,t1c,t2w,t2f,seg}.nii.gz``"
+_GLI_CONTINUES_2021 = (re.compile(r"^BraTS-GLI-(?P<number>\d{5})-\d{3}$"), "BraTS2021_{number}")
 for _release in (
     Release("2013", "graded", None, _NAMES_2015, _LABELS_2015, sequence_folder=_VSD_FOLDER,
             layout_doc="as 2015 (selected with ``release='2013'`` only)"),
@@ -583,9 +588,11 @@ for _release in (
     Release("2021", "flat", _pattern(r"^brats2021_\d+$"), detect=("case_id",), fallback=True,
             layout_doc="flat ``BraTS2021_XXXXX/BraTS2021_XXXXX_{flair,t1,t1ce,t2,seg}.nii.gz``"),
     Release("2023", "flat", re.compile(r"^(?P<patient>BraTS-[A-Za-z]+-\d+)-\d+$"), _NAMES_2023,
-            detect=("sequence_names",), layout_doc=_DOC_2023),
-    Release("2024", "flat", re.compile(r"^(?P<patient>BraTS-[A-Za-z]+-\d+)-\d+$"), _NAMES_2023, layout_doc=_DOC_2023),
-    Release("2025", "flat", re.compile(r"^(?P<patient>BraTS-[A-Za-z]+-\d+)-\d+$"), _NAMES_2023, layout_doc=_DOC_2023),
+            detect=("sequence_names",), earlier_id=_GLI_CONTINUES_2021, layout_doc=_DOC_2023),
+    Release("2024", "flat", re.compile(r"^(?P<patient>BraTS-[A-Za-z]+-\d+)-\d+$"), _NAMES_2023,
+            earlier_id=_GLI_CONTINUES_2021, layout_doc=_DOC_2023),
+    Release("2025", "flat", re.compile(r"^(?P<patient>BraTS-[A-Za-z]+-\d+)-\d+$"), _NAMES_2023,
+            earlier_id=_GLI_CONTINUES_2021, layout_doc=_DOC_2023),
 ):
     register_release(_release)
 del _release
@@ -718,6 +725,18 @@ def patient_id_for(case_id: str, release: Optional[str] = None) -> str:
             if match:
                 return match.group("patient")
     return case_id
+
+
+def earlier_release_id(case_id: str) -> Optional[str]:
+    """The same patient's id in an earlier release by a release's ``earlier_id`` rule (``BraTS-GLI-00005-001``
+    -> ``BraTS2021_00005``), else ``None``; whether that case exists is not checked."""
+    text = str(case_id).strip()
+    for release in RELEASES.values():
+        if release.earlier_id is not None:
+            match = release.earlier_id[0].match(text)
+            if match:
+                return release.earlier_id[1].format(**match.groupdict())
+    return None
 
 
 # --------------------------------------------------------------------------------------------
