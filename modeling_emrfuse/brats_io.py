@@ -752,27 +752,65 @@ class _LabelFacts:
     fingerprint: Optional[str]
 
 
-_LABEL_FACTS: Dict[Tuple[str, int, int], _LabelFacts] = {}
+_LABEL_FACTS: Dict[str, _LabelFacts] = {}
+LABEL_CACHE_ENV = "EMRFUSE_LABEL_CACHE"
+"""Environment variable: the file that keeps label facts between runs (default
+``~/.cache/emrfuse/label_facts.json``; ``0`` or empty: memory only)."""
+
+
+def _label_cache_file() -> Optional[Path]:
+    value = os.environ.get(LABEL_CACHE_ENV, str(Path("~/.cache/emrfuse/label_facts.json").expanduser()))
+    return Path(value).expanduser() if value not in ("", "0") else None
+
+
+def _load_label_cache() -> None:
+    path = _label_cache_file()
+    if path is None or not path.is_file():
+        return
+    try:
+        stored = json.loads(path.read_text())
+        _LABEL_FACTS.update({k: _LabelFacts(tuple(v[0]), v[1]) for k, v in stored.items() if k not in _LABEL_FACTS})
+    except (OSError, ValueError, TypeError, IndexError):
+        logger.info("label cache %s is unreadable; label files are read again", path)
+
+
+def _save_label_cache() -> None:
+    path = _label_cache_file()
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        kept = {k: [list(f.values), f.fingerprint] for k, f in _LABEL_FACTS.items() if Path(k.rsplit("|", 2)[0]).exists()}
+        tmp.write_text(json.dumps(kept))
+        os.replace(tmp, path)  # a killed run never leaves a half-written cache
+    except OSError:
+        logger.info("label cache %s could not be written", path)
 
 
 def _read_label_facts(paths: Sequence[Path]) -> None:
-    """Read the label files not yet cached, in threads (decompression releases the GIL); errors are left
-    for the per-case check, which names the case."""
+    """Read the label files not yet cached (memory, then the cache file), in threads (decompression releases
+    the GIL); errors are left for the per-case check, which names the case."""
     def read(path: Path) -> None:
         try:
             _label_facts(path)
         except (ValueError, OSError, ImportError):
             pass
 
-    if paths:
-        with ThreadPoolExecutor(max_workers=min(4, len(paths))) as pool:
-            list(pool.map(read, paths))
+    if not paths:
+        return
+    _load_label_cache()
+    known = len(_LABEL_FACTS)
+    with ThreadPoolExecutor(max_workers=min(4, len(paths))) as pool:
+        list(pool.map(read, paths))
+    if len(_LABEL_FACTS) > known:
+        _save_label_cache()
 
 
 def _label_facts(path: Path) -> _LabelFacts:
     """The label values and tumour fingerprint of a label file, cached by path, size and modification time."""
     stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
     if key not in _LABEL_FACTS:
         array, affine, _spacing = read_volume(path)
         _LABEL_FACTS[key] = _LabelFacts(_distinct_values(array), _mask_fingerprint(np.asarray(array) > 0, affine))

@@ -156,6 +156,23 @@ def test_splits_keep_one_scan_under_two_names_together(tmp_path):
         make_splits(cases, n_folds=6)
 
 
+def test_label_facts_are_kept_between_runs(tmp_path, monkeypatch):
+    cache = tmp_path / "cache" / "label_facts.json"
+    monkeypatch.setenv(brats_io.LABEL_CACHE_ENV, str(cache))
+    _case(tmp_path / "a", "A", _tumour(0))
+    _case(tmp_path / "b", "B", _tumour(0).astype(np.float32))
+    first = discover_folders([tmp_path / "a", tmp_path / "b"])
+    assert cache.is_file() and first[0].patient_id == first[1].patient_id == "A"
+    monkeypatch.setattr(brats_io, "_LABEL_FACTS", {})  # a new run
+
+    def no_reading(path):
+        raise AssertionError(f"{path} read again")
+
+    monkeypatch.setattr(brats_io, "read_volume", no_reading)
+    again = discover_folders([tmp_path / "a", tmp_path / "b"])
+    assert [c.patient_id for c in again] == ["A", "A"]
+
+
 needs_realdata = pytest.mark.skipif(not (REALDATA / "two-sequences").is_dir(), reason=f"real data not present ({REALDATA})")
 
 
