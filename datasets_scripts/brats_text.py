@@ -58,17 +58,18 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-import numpy as np
-
 import datasets
+import numpy as np
 from datasets.exceptions import DatasetGenerationError
 
 # read_reports (a reports file -> {case id: text}) and its column matching live in brats_io; re-exported here
 from modeling_emrfuse.brats_io import (
     _ID_KEYS,
+    RELEASES,
     CaseFiles,
     CaseList,
     SkippedCase,
@@ -81,7 +82,12 @@ from modeling_emrfuse.brats_io import (
     read_volume,
     volume_suffix,
 )
-from modeling_emrfuse.brats_labels import GRADES, SEQUENCES, check_label_values, get_label_convention
+from modeling_emrfuse.brats_labels import (
+    GRADES,
+    SEQUENCES,
+    check_label_values,
+    get_label_convention,
+)
 from modeling_emrfuse.runtime.strict_json import write_json
 
 from .brats_ids import IdMapping, find_id_tables
@@ -144,7 +150,8 @@ def _read_report_file(path: Path, case_id: str) -> str:
 # --------------------------------------------------------------------------------------------
 def load_id_mapping(id_mapping: Any = None, data_dirs: Sequence[Path | str] = (), releases: Mapping[str, str] | None = None) -> Optional[IdMapping]:
     """The id tables of a run: ``id_mapping`` (a path, a list of paths, or an :class:`IdMapping`),
-    plus any ``name_mapping*.csv`` sitting in a BraTS 2020 data folder (auto-detected).
+    plus the grade table of a release that has one (``Release.grade_table``: ``name_mapping*.csv`` in a
+    BraTS 2020 folder), found in its data folder.
 
     ``releases`` maps each data folder to its release (as :func:`discover_folders` returns it);
     returns ``None`` when there is no table.
@@ -156,8 +163,9 @@ def load_id_mapping(id_mapping: Any = None, data_dirs: Sequence[Path | str] = ()
         mapping = None
         paths = [] if id_mapping is None else [Path(p) for p in ([id_mapping] if isinstance(id_mapping, (str, Path)) else id_mapping)]
     for folder in data_dirs:
-        if (releases or {}).get(str(folder)) == "2020":
-            paths.extend(p for p in find_id_tables(folder) if p.name.lower().startswith("name_mapping") and p not in paths)
+        release = RELEASES.get((releases or {}).get(str(folder), ""))
+        if release is not None and release.grade_table:  # the release's own grade table is an id table too
+            paths.extend(p for p in find_id_tables(folder) if fnmatch(p.name.lower(), release.grade_table.lower()) and p not in paths)
     if paths:
         table = IdMapping.from_files(paths)
         mapping = table if mapping is None else mapping.merge(table)
@@ -1273,7 +1281,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("data_dir", nargs="+", help="BraTS release folder(s) (holding HGG/LGG or the case folders); several are merged")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--reports", default=None, help="reports file (CSV/JSONL/JSON with case id + text columns)")
-    p.add_argument("--release", nargs="+", default=["auto"], help="auto (default) or a release year (2015, 2017 ... 2023): one for all folders, or one per folder")
+    p.add_argument("--release", nargs="+", default=["auto"], help=f"auto (default) or a release of the release table ({', '.join(RELEASES)}): one for all folders, or one per folder")
     p.add_argument("--id-mapping", nargs="+", default=None,
                    help="id table(s): BraTS 2020 name_mapping.csv and/or BraTS 2021 BraTS21-17_Mapping.csv (reports, grades and patients across releases)")
     p.add_argument("--allow-missing-sequences", action="store_true", help="keep cases that lack some of the four sequences")
