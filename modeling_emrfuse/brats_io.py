@@ -755,34 +755,48 @@ class _LabelFacts:
 _LABEL_FACTS: Dict[str, _LabelFacts] = {}
 LABEL_CACHE_ENV = "EMRFUSE_LABEL_CACHE"
 """Environment variable: the file that keeps label facts between runs (default
-``~/.cache/emrfuse/label_facts.json``; ``0`` or empty: memory only)."""
+``~/.cache/emrfuse/label_facts.tsv``; ``0`` or empty: memory only)."""
 
 
 def _label_cache_file() -> Optional[Path]:
-    value = os.environ.get(LABEL_CACHE_ENV, str(Path("~/.cache/emrfuse/label_facts.json").expanduser()))
+    value = os.environ.get(LABEL_CACHE_ENV, str(Path("~/.cache/emrfuse/label_facts.tsv").expanduser()))
     return Path(value).expanduser() if value not in ("", "0") else None
 
 
+def _parse_value(text: str) -> Any:
+    number = float(text)
+    return int(number) if number.is_integer() else number
+
+
 def _load_label_cache() -> None:
+    """Lines ``<path>|<size>|<mtime ns>  TAB  <values, comma-separated>  TAB  <fingerprint or ->``."""
     path = _label_cache_file()
     if path is None or not path.is_file():
         return
     try:
-        stored = json.loads(path.read_text())
-        _LABEL_FACTS.update({k: _LabelFacts(tuple(v[0]), v[1]) for k, v in stored.items() if k not in _LABEL_FACTS})
-    except (OSError, ValueError, TypeError, IndexError):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            key, values, fingerprint = line.split("\t")
+            if key not in _LABEL_FACTS:
+                parsed = tuple(_parse_value(v) for v in values.split(",") if v)
+                _LABEL_FACTS[key] = _LabelFacts(parsed, None if fingerprint == "-" else fingerprint)
+    except (OSError, ValueError, UnicodeDecodeError):
         logger.info("label cache %s is unreadable; label files are read again", path)
 
 
 def _save_label_cache() -> None:
+    """Write the facts of the label files that still exist (to a temporary name, then renamed)."""
     path = _label_cache_file()
     if path is None:
         return
+    lines = [
+        f"{key}\t{','.join(map(str, facts.values))}\t{facts.fingerprint or '-'}"
+        for key, facts in sorted(_LABEL_FACTS.items())
+        if "\t" not in key and "\n" not in key and Path(key.rsplit("|", 2)[0]).exists()
+    ]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        kept = {k: [list(f.values), f.fingerprint] for k, f in _LABEL_FACTS.items() if Path(k.rsplit("|", 2)[0]).exists()}
-        tmp.write_text(json.dumps(kept))
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
         os.replace(tmp, path)  # a killed run never leaves a half-written cache
     except OSError:
         logger.info("label cache %s could not be written", path)

@@ -157,7 +157,7 @@ def test_splits_keep_one_scan_under_two_names_together(tmp_path):
 
 
 def test_label_facts_are_kept_between_runs(tmp_path, monkeypatch):
-    cache = tmp_path / "cache" / "label_facts.json"
+    cache = tmp_path / "cache" / "label_facts.tsv"
     monkeypatch.setenv(brats_io.LABEL_CACHE_ENV, str(cache))
     _case(tmp_path / "a", "A", _tumour(0))
     _case(tmp_path / "b", "B", _tumour(0).astype(np.float32))
