@@ -896,11 +896,19 @@ def group_patients(cases: Sequence["CaseFiles"], patient_map: Optional[Mapping[s
     return sorted(sorted(ids) for ids in members.values() if len(ids) > 1)
 
 
+def _fingerprint_or_none(path: Path) -> Optional[str]:
+    """The fingerprint, or ``None`` for an unreadable label file (whoever reads its voxels reports it)."""
+    try:
+        return _label_facts(path).fingerprint
+    except (ValueError, OSError, ImportError):
+        return None
+
+
 def _group_keys(cases: Sequence["CaseFiles"], patient_map: Mapping[str, str]) -> List[Tuple["CaseFiles", str]]:
     """``(case, key)`` pairs: cases sharing a key are one patient (naming rule, table, tumour fingerprint)."""
     labelled = [c for c in cases if c.label is not None]
     _read_label_facts([Path(c.label) for c in labelled])
-    prints = {c.case_id: tumour_fingerprint(c.label) for c in labelled}
+    prints = {c.case_id: _fingerprint_or_none(Path(c.label)) for c in labelled}
     keys = [(c, "name:" + c.patient_id) for c in cases]
     keys += [(c, "table:" + patient_map[c.case_id]) for c in cases if c.case_id in patient_map]
     keys += [(c, "mask:" + prints[c.case_id]) for c in labelled if prints[c.case_id] is not None]

@@ -142,6 +142,14 @@ def test_tiny_or_empty_masks_join_nobody(tmp_path):
     assert [c.patient_id for c in found] == ["A", "B", "C", "D"]
 
 
+def test_an_unreadable_label_file_joins_nobody_and_breaks_no_split(tmp_path):
+    for i in range(3):
+        _case(tmp_path / "b21", f"BraTS2021_0000{i}", _tumour(20 + i), seed=i)
+    (tmp_path / "b21" / "BraTS2021_00000" / "BraTS2021_00000_seg.nii.gz").write_bytes(b"not a label map")
+    cases = discover_cases(tmp_path / "b21")  # listing only: the file is not read here
+    assert sorted(len(ids) for ids in make_splits(cases, n_folds=3).values()) == [1, 2]
+
+
 def test_splits_keep_one_scan_under_two_names_together(tmp_path):
     """make_splits groups by content even for cases discovered folder by folder (as bench_real does)."""
     for i in range(5):
