@@ -16,7 +16,7 @@ from datasets_scripts.brats_text import make_splits
 from modeling_emrfuse import brats_io
 from modeling_emrfuse.brats_io import Release, discover_cases, discover_folders, load_case, tumour_fingerprint
 from modeling_emrfuse.brats_labels import RELEASE_CONVENTION
-from modeling_emrfuse.commands.score import case_id_from_path
+from modeling_emrfuse.commands.score import case_id_from_path, find_label_maps
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (12, 12, 8)
@@ -64,6 +64,20 @@ def test_a_release_detected_by_its_case_ids(tmp_path, monkeypatch):
     assert discover_cases(tmp_path / "u").release == "2031"
     write_case_2021(tmp_path / "u", "Other_003", seed=2)
     assert discover_cases(tmp_path / "u").release == "2021", "a folder not all named like it falls back"
+
+
+def test_score_finds_label_maps_of_exports_by_the_table_names(tmp_path):
+    """A BraTS 2015 export (``Flair_subtrMeanDivStd``, ``T1c``, ``brainmask``, ``OTMultiClass``) as a reference folder:
+    sequences and masks are no label maps, ``OTMultiClass`` is the case's."""
+    for case in ("brats_2013_pat0002_1", "brats_2013_pat0003_1"):
+        for name in ("Flair_subtrMeanDivStd", "T1c", "brainmask", "OTMultiClass"):
+            write_nifti(tmp_path / "ref" / case / f"{name}.nii.gz", np.zeros((2, 2, 2), np.uint8))
+    found = find_label_maps(tmp_path / "ref")
+    assert {k: v.name for k, v in found.items()} == {
+        "brats_2013_pat0002_1": "OTMultiClass.nii.gz", "brats_2013_pat0003_1": "OTMultiClass.nii.gz"}
+    for name in ("A.nii.gz", "B_pred.nii.gz"):  # a flat folder of predictions named by case id
+        write_nifti(tmp_path / "pred" / name, np.zeros((2, 2, 2), np.uint8))
+    assert sorted(find_label_maps(tmp_path / "pred")) == ["A", "B"]
 
 
 def test_entries_are_checked_when_made():
@@ -194,6 +208,9 @@ def test_real_pairs_one_scan_under_two_names_and_two_patients_under_one_number()
     split = make_splits(found, n_folds=5, fold=0)
     side = {cid: name for name, ids in split.items() for cid in ids}
     assert side["brats_2013_pat0004_1"] == side["Brats18_2013_21_1"]
+    # emrfuse score reads the same exports as references: one label map per case, no sequence or mask file
+    refs = find_label_maps(REALDATA / "two-sequences")
+    assert {k: v.name for k, v in refs.items()} == {f"brats_2013_pat000{i}_1": "OTMultiClass.nii.gz" for i in (2, 3, 4)}
 
 
 # ------------------------------------------------------------------------------------------------ clear errors

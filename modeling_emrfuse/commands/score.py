@@ -7,7 +7,8 @@ the release table, ``seg``, ``segmentation``, ``OTMultiClass`` ..., and ``pred``
 after ``_``, ``-`` or ``.``, any case; a file called just ``seg.nii.gz`` takes its folder's name). Both folders
 are searched recursively, so a reference folder may be a BraTS release (``<case>/<case>_seg.nii.gz``,
 with or without ``HGG/``/``LGG/`` sub-folders) or a flat folder of label maps; MRI sequence files
-(``<case>_flair.nii.gz``, ``<case>-t2f.nii.gz`` ...) are ignored.
+(``<case>_flair.nii.gz``, ``<case>-t2f.nii.gz``, ``Flair_subtrMeanDivStd.nii.gz`` ...) are ignored, and so are
+the other files of a case folder that holds a label map (brain masks).
 Matching ignores upper/lower case.
 
 Label conventions (``brats2015``, ``brats2017``, ``brats2023``, see
@@ -52,8 +53,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, 
 import numpy as np
 
 from .. import brats_io
-from ..brats_io import SEQUENCE_SUFFIX_RE
-from ..brats_labels import HD95_EMPTY_SENTINEL_MM, LABEL_CONVENTIONS, REGIONS, get_label_convention
+from ..brats_io import SEQUENCE_SUFFIX_RE, _name_token
+from ..brats_labels import HD95_EMPTY_SENTINEL_MM, LABEL_CONVENTIONS, REGIONS, SEQUENCE_ALIASES, get_label_convention
 from ..evaluation.report import format_lesion_table, format_segmentation_table, has_lesion_metrics, summarize_segmentation
 from ..evaluation.report import OUTPUT_FILES, write_evaluation_report
 from ..evaluation.lesion_metrics import LesionMetricsUnavailable, brats_lesion_evaluator
@@ -95,18 +96,27 @@ def _strip_nifti(name: str) -> Optional[str]:
     return None
 
 
+def _is_sequence_file(stem: str) -> bool:
+    """An MRI sequence file by its name (``_flair``, ``-t1n``; ``Flair_subtrMeanDivStd``, ``T1c`` of BraTS 2015 exports)."""
+    return bool(SEQUENCE_SUFFIX_RE.search(stem)) or _name_token(stem) in SEQUENCE_ALIASES
+
+
+def _named_as_label(stem: str) -> bool:
+    """The file's name says label map (``_seg``, ``OTMultiClass``, ``segmentation``, ``_pred`` ...)."""
+    names = label_file_suffixes()
+    return stem.lower() in names or bool(_suffix_re().search(stem)) or _name_token(stem) in names
+
+
 def case_id_from_path(path: Path | str) -> Optional[str]:
     """Case id of a label-map file, or ``None`` if the file is not a NIfTI label map.
 
     Strips ``.nii``/``.nii.gz`` and label-file suffixes (``_seg``, ``-seg``, ``_pred``, ...,
-    repeatedly); returns ``None`` for MRI sequence files (``_flair``, ``-t1n``, ...). A
-    file named only by a suffix (``seg.nii.gz``) takes the name of its folder.
+    repeatedly); returns ``None`` for MRI sequence files (``_flair``, ``-t1n``, ``Flair.nii.gz`` ...). A
+    file named only by a label name (``seg.nii.gz``, ``OTMultiClass.nii.gz``) takes the name of its folder.
     """
     path = Path(path)
     stem = _strip_nifti(path.name)
-    if stem is None:
-        return None
-    if SEQUENCE_SUFFIX_RE.search(stem):
+    if stem is None or _is_sequence_file(stem):
         return None
     if stem.lower() in label_file_suffixes():
         return path.parent.name or None
@@ -117,6 +127,27 @@ def case_id_from_path(path: Path | str) -> Optional[str]:
             break
         stem = stripped
     return stem
+
+
+def _candidate_files(folder: Path, excluded: Optional[Path]) -> List[Tuple[Path, str]]:
+    """``(path, case id)`` of the NIfTI files that may be label maps. In a case folder (one holding a file named
+    as a label map of the folder's case: ``<case>/<case>_seg``, ``<case>/OTMultiClass``, ``<case>/segmentation``),
+    the other files (brain masks, extra masks) are not label maps."""
+    by_dir: Dict[Path, List[Tuple[Path, str, bool]]] = {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        if excluded is not None and excluded in path.resolve().parents:
+            continue
+        case_id = case_id_from_path(path)
+        if case_id is not None:
+            by_dir.setdefault(path.parent, []).append((path, case_id, _named_as_label(_strip_nifti(path.name) or "")))
+    out: List[Tuple[Path, str]] = []
+    for folder_path, files in by_dir.items():
+        case_folder = any(named and case_id.lower() == folder_path.name.lower() for _, case_id, named in files)
+        out.extend((path, case_id) for path, case_id, named in files if named or not case_folder)
+    return sorted(out)
 
 
 def find_label_maps(folder: Path | str, role: str = "label map", exclude: Optional[Path | str] = None) -> Dict[str, Path]:
@@ -134,21 +165,13 @@ def find_label_maps(folder: Path | str, role: str = "label map", exclude: Option
         excluded = None  # the folder itself is inside the excluded one: nothing to leave out
     found: Dict[str, Path] = {}
     seen_lower: Dict[str, str] = {}
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder)
-        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
-            continue
-        if excluded is not None and excluded in path.resolve().parents:
-            continue
-        case_id = case_id_from_path(path)
-        if case_id is None:
-            continue
+    for path, case_id in _candidate_files(folder, excluded):
         key = case_id.lower()
         if key in seen_lower:
             other = found[seen_lower[key]]
             raise ScoreError(
                 f"{role} folder {folder}: two files for case {case_id!r}: {other.relative_to(folder)} and "
-                f"{rel}; keep one label map per case."
+                f"{path.relative_to(folder)}; keep one label map per case."
             )
         seen_lower[key] = case_id
         found[case_id] = path
