@@ -2,7 +2,8 @@
 
 Each BraTS release renames its cases, while reports (TextBraTS) are keyed by BraTS 2020 ids
 (``BraTS20_Training_XXX``). The organisers publish tables that link the names; this module reads
-them (standard library only) and answers look-ups by any of the names.
+them and answers look-ups by any of the names; the releases and their id rules come from the release
+table (``modeling_emrfuse.brats_io.RELEASES``).
 
 Tables understood (the kind is detected from the header, so files may be given in any mix):
 
@@ -21,7 +22,7 @@ Tables understood (the kind is detected from the header, so files may be given i
 
       BraTS2021,BraTS2020,BraTS2019,BraTS2018,BraTS2017,Cohort Name (if publicly available),Site No (represents the originating institution),Local ID
 
-  Recognised by columns named ``BraTS2017`` ... ``BraTS2021``; only those are id columns (cohort,
+  Recognised by columns named ``BraTS<release>`` for releases of the release table; only those are id columns (cohort,
   site and local-id columns are ignored). Some rows have no 2021 id but a BraTS 2020 id.
 
 Rules:
@@ -34,8 +35,8 @@ Rules:
   ``BraTS20_Training_295`` -> ``Brats18_TCIA10_130_1`` / ``TCGA-DU-7294`` are one patient.
 * The patient key (:meth:`IdMapping.patient_of`) is the patient's BraTS 2020 id when a table gives
   one, else the smallest of its ids in sorted order: deterministic and shared by every alias.
-* Look-ups are exact on the stripped id string. One naming rule of BraTS 2023+ is applied on top of
-  the tables: the glioma ids ``BraTS-GLI-NNNNN-TTT`` continue the BraTS 2021 numbering, so any
+* Look-ups are exact on the stripped id string. The release table's ``earlier_id`` rules are applied on
+  top of the tables: the glioma ids ``BraTS-GLI-NNNNN-TTT`` continue the BraTS 2021 numbering, so any
   timepoint ``TTT`` of ``BraTS-GLI-NNNNN`` is the patient of ``BraTS2021_NNNNN`` -- used only when
   that 2021 id is in a table (otherwise the id is unknown and look-ups return ``None``).
 * A patient with two different grades, or two different BraTS 2020 ids joined into one patient (a
@@ -58,6 +59,8 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
+from modeling_emrfuse.brats_io import RELEASES, earlier_release_id
+
 __all__ = [
     "GRADES",
     "MISSING_VALUES",
@@ -76,8 +79,6 @@ MISSING_VALUES: FrozenSet[str] = frozenset({"", "NA", "N/A"})
 #: File-name patterns of id tables, matched (case-sensitively) by :func:`find_id_tables`.
 TABLE_PATTERNS: Tuple[str, ...] = ("name_mapping*.csv", "*Mapping*.csv")
 
-_RELEASE_COLUMN = re.compile(r"^BraTS20(1[7-9]|2[0-9])$", re.IGNORECASE)
-_GLI_ID = re.compile(r"^BraTS-GLI-(\d{5})-(\d{3})$")
 
 _EXPECTED = (
     "a BraTS 2020 name mapping (Grade, BraTS_2017_subject_ID, BraTS_2018_subject_ID, "
@@ -87,17 +88,23 @@ _EXPECTED = (
 
 
 def gli_to_brats2021(case_id: str) -> Optional[str]:
-    """The BraTS 2021 id a BraTS 2023+ glioma id continues, by the BraTS 2023 naming rule.
+    """The earlier-release id a case id continues, by the release table's ``earlier_id`` rules
+    (:func:`modeling_emrfuse.brats_io.earlier_release_id`).
 
     Args:
         case_id: A case id such as ``BraTS-GLI-00005-001``.
 
     Returns:
         ``BraTS2021_NNNNN`` for ``BraTS-GLI-NNNNN-TTT`` (any timepoint ``TTT``), else ``None``.
-        Whether that 2021 case exists is not checked.
+        Whether that case exists is not checked.
     """
-    match = _GLI_ID.match(case_id.strip())
-    return f"BraTS2021_{match.group(1)}" if match else None
+    return earlier_release_id(case_id)
+
+
+def _is_release_column(name: str) -> bool:
+    """A column named after a release of the release table (``BraTS2017`` ... ``BraTS2021``)."""
+    text = name.strip().lower()
+    return text.startswith("brats") and text[len("brats"):] in RELEASES
 
 
 def find_id_tables(data_dir: Union[str, Path]) -> List[Path]:
@@ -161,7 +168,7 @@ def _columns(header: Sequence[str], source: str) -> Tuple[List[str], Optional[st
     """Detect the table kind: (id columns, the BraTS 2020 id column, the grade column)."""
     names = [name for name in header if isinstance(name, str)]
     stripped = {name: name.strip() for name in names}
-    release_cols = [name for name in names if _RELEASE_COLUMN.match(stripped[name])]
+    release_cols = [name for name in names if _is_release_column(stripped[name])]
     if release_cols:  # BraTS 2021 mapping
         id_cols = release_cols
     elif any("subject_id" in stripped[name].lower() for name in names):  # BraTS 2020 name mapping
