@@ -349,7 +349,6 @@ def train_fold_tokenizer(texts: Sequence[str], vocab_size: int = 4000, min_repor
     alphabet = [c for c in chars if not 0 < df.get(c, 0) < min_reports] + [f"##{c}" for c in chars]
     room = max(0, vocab_size - len(SPECIAL_TOKENS) - len(alphabet))
     vocab = list(dict.fromkeys(list(SPECIAL_TOKENS) + alphabet + words[:room]))
-    del df, words
     return BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True, model_max_length=max_length)
 
 
