@@ -47,7 +47,11 @@ def _log(msg: str) -> None:
 
 
 def build_paper_size_folder(folder: Path, seed: int = 0) -> Path:
-    """Save the paper-size segmentation model (root) + grading model (grading/) with their processor."""
+    """Save the paper-size segmentation model (root) + grading model (grading/) with their processor.
+
+    BERT-base-sized text tower, ResNet-50 image tower, fusion_dim 256, decoder (256, 128, 64, 32, 16),
+    random weights, saved once with ``save_pretrained`` (as a trained folder is).
+    """
     import torch
     from transformers import BertTokenizerFast
 
@@ -105,7 +109,11 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def make_segresnet():
-    """MONAI SegResNet in the BraTS bundle configuration (random weights), fp32 and a bf16 copy."""
+    """MONAI SegResNet in the BraTS bundle configuration (random weights), fp32 and a bf16 copy.
+
+    ``blocks_down=(1, 2, 2, 4)``, ``blocks_up=(1, 1, 1)``, ``init_filters=16``, ``in_channels=4``,
+    ``out_channels=3``, ``dropout_prob=0.2``; fp32 is the bundle's setting.
+    """
     import copy
 
     import torch
@@ -118,7 +126,8 @@ def make_segresnet():
 
 
 def segresnet_forward(net, volume: np.ndarray) -> float:
-    """One bundle-style inference (sliding window, roi 240 x 240 x 160: one padded window); seconds."""
+    """One bundle-style inference (``sliding_window_inference``, roi 240 x 240 x 160: one window, the 155
+    slices padded to 160); seconds."""
     import torch
     from monai.inferers import sliding_window_inference
 
@@ -133,7 +142,12 @@ def segresnet_forward(net, volume: np.ndarray) -> float:
 
 
 def emrfuse_case(pipe, case: Path, tmp: Path):
-    """One case through the pipeline + writing its NIfTI and JSON (what ``emrfuse predict`` does per case)."""
+    """One case through the pipeline + writing its NIfTI and JSON (what ``emrfuse predict`` does per case).
+
+    The timings hold the stages load (read the four NIfTI files), preprocess (normalise, crop, slices,
+    tokenise), model, post-process (label map on the original grid, volumes) and write (NIfTI + JSON),
+    and the text tower's time and number of calls (the report is encoded once per model per case).
+    """
     from modeling_emrfuse.commands.predict import prediction_record, write_label_map
 
     t0 = time.perf_counter()
@@ -149,7 +163,13 @@ def emrfuse_case(pipe, case: Path, tmp: Path):
 
 
 def scale_out(args, model: Path, workdir: Path) -> dict:
-    """Cases/minute of ``emrfuse predict`` on one folder of cases, with 1 and with 2 processes (torchrun)."""
+    """Cases/minute of ``emrfuse predict`` on one folder of cases, with 1 and with 2 processes (torchrun).
+
+    The ``--scale-out`` mode, and the only thing it runs: one folder of demo cases (``--scale-out-cases``,
+    ``--scale-out-size``), as one process and as two (``torchrun --nproc_per_node 2``, CPU processes over
+    gloo, each with half the threads), each a fresh command: cases/minute end to end (start, imports,
+    model load, every case, summary) and without the model load.
+    """
     from datasets_scripts.demo_data import write_demo_dataset
 
     cases = workdir / f"scale_out_{args.scale_out_cases}_{args.scale_out_size}"
@@ -293,7 +313,8 @@ def _cold_predict(case: Path, model: Path, args) -> float:
 
 
 def _compare_with_fp32(model: Path, case: Path, res: dict, args, grading_slices) -> dict:
-    """The optimised result ``res`` against the unmodified fp32 model on the same case."""
+    """The optimised result ``res`` (bf16 autocast by default) against the unmodified fp32 model on the same
+    case: agreement of the label maps (Dice per region) and of the grade probabilities."""
     from modeling_emrfuse.brats_labels import label_map_to_regions
     from modeling_emrfuse.pipeline_emrfuse import load_pipeline
 
@@ -317,30 +338,7 @@ def _compare_with_fp32(model: Path, case: Path, res: dict, args, grading_slices)
 
 
 def main(argv=None) -> int:
-    """Run the benchmark; returns the exit status.
-
-    What it measures (random weights; figures are speed, not accuracy):
-
-        * the paper-size EmrFuse model: BERT-base-sized text tower, ResNet-50 image tower, fusion_dim 256,
-          decoder (256, 128, 64, 32, 16); a segmentation model at the folder's root and a grading model
-          in ``grading/``, saved once to ``--workdir`` with ``save_pretrained`` (as a trained folder is);
-        * ``emrfuse predict`` on one case, in this process (the pipeline and :func:`emrfuse_case`), repeated: the stages
-          load (read the four NIfTI files), preprocess (normalise, crop, slices, tokenise), model,
-          post-process (label map on the original grid, volumes), write (NIfTI + JSON), and the share of
-          each; the text tower's time and number of calls (the report is encoded once per model per case);
-          the model load time (once per run) and, separately, a cold ``emrfuse predict`` subprocess
-          (Python start + imports + model load + one case);
-        * bf16 autocast against fp32 on the same case: agreement of the label maps (Dice per region) and
-          of the grade probabilities;
-        * MONAI SegResNet (``blocks_down=(1, 2, 2, 4)``, ``blocks_up=(1, 1, 1)``, ``init_filters=16``,
-          ``in_channels=4``, ``out_channels=3``, ``dropout_prob=0.2``; random weights) forward on the same
-          case as the BraTS bundle infers it: ``sliding_window_inference`` with ``roi_size=(240, 240, 160)``
-          (one window: the 155 slices are padded to 160), fp32 (the bundle's setting) and bf16 weights.
-
-    Scale-out mode (``--scale-out``): ``emrfuse predict`` on one folder of demo cases (``--scale-out-cases``,
-    ``--scale-out-size``), as one process and as two (``torchrun --nproc_per_node 2``, CPU processes over
-    gloo, each with half the threads), each a fresh command: cases/minute end to end (start, imports, model
-    load, every case, summary) and without the model load. Only this is run in that mode.
+    """Run the benchmark (each part is described on the function that does it); returns the exit status.
 
     The cores may be shared with other work: each round runs the EmrFuse case and the SegResNet forwards
     back to back, and ratios are computed within a round (the load average is printed with each).
