@@ -16,12 +16,6 @@ slices):
     python bench/bench_train.py --skip-paper                       # demo model only
     python bench/bench_train.py --load                             # demo s/step alone and beside another job
 
-``--load`` measures the demo model's seconds per training step alone and beside one competing torch
-process (a matrix-multiply loop with torch's default threading), for two threading policies, each in
-a fresh process: "before" (torch loaded with ``OMP_WAIT_POLICY`` unset and its default thread count,
-as train.py ran before :mod:`modeling_emrfuse.runtime.cpu_threads`) and "after" (what train.py does now:
-``OMP_WAIT_POLICY=PASSIVE`` set before torch loads, threads limited to the allowed cores).
-
 Figures depend on the machine and on what else runs on it; nothing here is a test.
 """
 
@@ -181,7 +175,14 @@ def _child_env() -> dict:
 
 
 def measure_under_load(steps: int) -> None:
-    """Demo s/step alone and beside a competing torch process, for the "before" and "after" threading policies."""
+    """Demo s/step alone and beside a competing torch process, for the "before" and "after" threading policies.
+
+    ``--load``: the demo model's seconds per training step alone and beside one competing torch process (a
+    matrix-multiply loop with torch's default threading), for two threading policies, each in a fresh
+    process: "before" (torch loaded with ``OMP_WAIT_POLICY`` unset and its default thread count) and
+    "after" (the policy of :mod:`modeling_emrfuse.runtime.cpu_threads` that train.py applies:
+    ``OMP_WAIT_POLICY=PASSIVE`` set before torch loads, threads limited to the allowed cores).
+    """
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for policy in POLICIES:
