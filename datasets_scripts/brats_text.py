@@ -1,48 +1,12 @@
 """The BraTS + radiology report dataset builder (Hugging Face ``datasets``), its splits and its CLI.
 
-One example per case::
-
-    case_id, patient_id, release, label_convention,
-    grade            ClassLabel(names=["HGG", "LGG"]); -1 = unknown (BraTS 2021/2023, test sets)
-    report           the report text ("" when the case has none)
-    has_report       bool
-    has_label        bool
-    t1, t1ce, t2, flair   datasets.Nifti (decoded to a nibabel image, (X, Y, Z) = (240, 240, 155))
-    seg              datasets.Nifti, None for unlabeled cases
-    spacing          [x, y, z] voxel size in mm (header of the first sequence)
-    shape            [X, Y, Z]
-
-datasets 5 does not run loading scripts, so the builder is used by instantiating it::
-
-    builder = BratsTextBuilder(data_dir="MICCAI_BraTS2020_TrainingData", reports="reports.jsonl",
-                               n_folds=5, fold=0, cache_dir="...")
-    builder.download_and_prepare()
-    dsd = builder.as_dataset()          # DatasetDict: train / test (/ validation)
-
-or in one call: ``load_brats_text(data_dir, reports=..., release="auto")``. The ``emrfuse prepare``
-command writes the result with ``save_to_disk`` (or as Parquet shards for the Hub).
-
-Streaming: cases are discovered from the directory listing; examples store the volumes' file
-paths (embedded as bytes only when saved), and the per-case checks read one volume at a time, so
-preparing a 1,251-case release never holds more than one case in memory. MetaImage (BraTS 2015)
-volumes are converted to gzipped NIfTI bytes case by case, because ``datasets.Nifti`` decodes NIfTI.
-
-Reports: a TextBraTS ``<case>_flair_text.txt`` inside the case folder, or a reports file (CSV,
-JSONL or JSON with a case-id and a text column; see :func:`read_reports`) whose entries take
-precedence. A case without report gets ``has_report=False`` (an error only with
-``require_reports=True``); a report whose case does not exist is listed in the summary and warned
-about. Report text is never printed or logged.
-
-Splits: a user split file (TextBraTS ``Train.json``/``Test.json``, ``{"train": [...], "test": [...]}``,
-or a text file with one id per line per split) or deterministic patient-level folds stratified by
-grade (see :func:`make_splits`). A patient never appears in two splits.
-
-Checks per case (``on_error="raise"``: ``ValueError`` naming case and file; ``on_error="skip"``:
-the case is left out and listed in the summary): missing sequence, unreadable or truncated file,
-sequences of different shapes, NaN/inf voxels, label values outside the release's convention,
-duplicate case ids. Voxel spacing other than 1 mm, or differing between the sequences, is a
-warning: EmrFuse does not resample; the model works on the voxel grid as stored and the metrics
-(HD95) use the header spacing.
+:class:`BratsTextBuilder` turns one or more BraTS release folders and their reports into a
+``DatasetDict`` with one example per case (:func:`brats_text_features`): the four sequences and the
+label map as ``datasets.Nifti``, the report, the grade and the case's release. :func:`load_brats_text`
+does it in one call; ``emrfuse prepare`` (:func:`add_parser`) writes the result with ``save_to_disk``
+or as Parquet shards for the Hub. Reports are attached by :func:`attach_reports_and_grades`, splits
+made by :func:`make_splits` (a patient never appears in two splits) and every case checked by
+:func:`check_case`; report text is never printed or logged. The README's "Data" section is the manual.
 """
 
 from __future__ import annotations
@@ -723,7 +687,18 @@ def derange_reports(
 
 
 def brats_text_features() -> datasets.Features:
-    """The features of one example (see the module docstring)."""
+    """The features of one example::
+
+        case_id, patient_id, release, label_convention,
+        grade            ClassLabel(names=["HGG", "LGG"]); -1 = unknown (BraTS 2021/2023, test sets)
+        report           the report text ("" when the case has none)
+        has_report       bool
+        has_label        bool
+        t1, t1ce, t2, flair   datasets.Nifti (decoded to a nibabel image, (X, Y, Z) = (240, 240, 155))
+        seg              datasets.Nifti, None for unlabeled cases
+        spacing          [x, y, z] voxel size in mm (header of the first sequence)
+        shape            [X, Y, Z]
+    """
     return datasets.Features(
         {
             "case_id": datasets.Value("string"),
@@ -855,7 +830,9 @@ def _split_generators_of(plan: "_SplitPlan", kept: Sequence[CaseFiles], reports:
 
 
 class BratsTextBuilder(datasets.GeneratorBasedBuilder):
-    """BraTS (any release) + radiology reports as a ``datasets`` builder. Instantiate it::
+    """BraTS (any release) + radiology reports as a ``datasets`` builder.
+
+    ``datasets`` 5 does not run loading scripts, so the builder is used by instantiating it::
 
         builder = BratsTextBuilder(data_dir=..., reports=None, release="auto", splits=None,
                                    n_folds=5, fold=0, val_fraction=0.0, seed=0,
@@ -866,6 +843,17 @@ class BratsTextBuilder(datasets.GeneratorBasedBuilder):
 
     The cache (``cache_dir``, default the ``datasets`` cache) is keyed by the options and by a
     fingerprint of the input files, so a changed folder is rebuilt and an unchanged one reused.
+
+    Streaming: cases are discovered from the directory listing; examples store the volumes' file
+    paths (embedded as bytes only when saved), and the per-case checks read one volume at a time, so
+    preparing a 1,251-case release never holds more than one case in memory. MetaImage (BraTS 2015)
+    volumes are converted to gzipped NIfTI bytes case by case, because ``datasets.Nifti`` decodes NIfTI.
+
+    Reports: a TextBraTS ``<case>_flair_text.txt`` inside the case folder, or a reports file (CSV,
+    JSONL or JSON with a case-id and a text column; see :func:`read_reports`) whose entries take
+    precedence. A case without report gets ``has_report=False`` (an error only with
+    ``require_reports=True``); a report whose case does not exist is listed in the summary and warned
+    about.
     """
 
     BUILDER_CONFIG_CLASS = BratsTextConfig

@@ -1,44 +1,17 @@
 """BraTS case input/output: find the cases of any release, read their volumes, write label maps.
 
 The one home of everything that touches BraTS files on disk; the pipeline, ``emrfuse predict``,
-``emrfuse score``, the image processor (paths), the Space and the dataset builder
-(``datasets_scripts``) all use it.
+``emrfuse score``, the image processor, the Space and the dataset builder all use it: discovery
+(:func:`discover_cases`, :func:`discover_folders` -> :class:`CaseFiles`; a folder named ``HGG_LGG``
+holds cases of unknown grade), reading (:func:`read_volume`, :func:`read_reports`, :func:`load_case`
+-> :class:`LoadedCase`, the pipeline's input), writing (:func:`write_label_map`) and the naming rules.
+Releases are data: :data:`RELEASES` holds one :class:`Release` entry per BraTS release, read by
+discovery, the naming rules, patient ids and ``emrfuse score``'s label-file matching; adding a release is
+one :func:`register_release` call, and :func:`release_table_markdown` renders the README's table.
 
-* :func:`discover_cases` / :func:`discover_folders` walk data folders and return one
-  :class:`CaseFiles` per case (file paths, grade, patient); with ``check_files`` they also read the
-  headers and label maps: shapes and label values are checked, and cases with identical tumour masks
-  become one patient (:func:`group_patients`).
-* :func:`read_volume` reads one volume (NIfTI through nibabel, MetaImage through SimpleITK) into the
-  array convention used everywhere in EmrFuse (:func:`read_volume_and_header` also returns the NIfTI
-  header, :func:`read_header` only the geometry, :func:`to_nifti_image` a ``nibabel`` image,
-  :func:`read_label_map` a checked ``uint8`` label map).
-* :func:`write_label_map` writes a label map as NIfTI with the input's affine and header.
-* :func:`release_from_file_names` / :func:`label_convention_from_file_names` tell a release (and so its
-  label convention) from file names; :func:`case_id_from_file_names` names a case from its sequence files.
-* :func:`read_reports` reads a reports file (CSV / JSONL / JSON, case id -> report text).
-* :func:`load_case` reads one case (a case folder, a dict of sequence files / arrays / images, or a
-  ``(4, X, Y, Z)`` array) into a :class:`LoadedCase`: the four volumes on one checked voxel grid with
-  the affine and header that its outputs are written with (the pipeline's input).
-
-This file travels to the Hub with the model code (the pipeline and the processor import it): at
-module level it imports only the standard library, numpy and its sibling ``brats_labels``; nibabel
-and SimpleITK are imported where a file is read or written.
-
-Releases are data: :data:`RELEASES` holds one :class:`Release` entry per BraTS release (folder layout,
-case-id pattern, sequence and label file names, label convention, grade source, how ``release="auto"``
-detects it); discovery, the naming rules, patient ids and ``emrfuse score``'s label-file matching read
-it, and :func:`release_table_markdown` renders it for the README. Adding a release is one
-:func:`register_release` call. Unlabeled sets (validation / test data) have no label file
-(``CaseFiles.label`` is ``None``); a folder named ``HGG_LGG`` holds cases of unknown grade.
-
-File names are matched on their last ``_``/``-`` separated token (``..._t1ce.nii.gz``,
-``...-t2f.nii.gz``), else their first (``Flair_subtrMeanDivStd.nii.gz``, ``OTMultiClass.nii.gz``). A
-label file with a non-standard name (``W39_1998.09.19_Segm.nii``) is accepted when its name contains
-``seg`` and there is no regular label file; a warning records it.
-
-Several folders in one run (:func:`discover_folders`): each folder has its own release (detected
-or forced) and so its own label convention; the cases are merged, and a case id found in two
-folders is an error.
+This file travels to the Hub with the model code (the pipeline and the processor import it): at module
+level it imports only the standard library, numpy and its sibling ``brats_labels``; nibabel and
+SimpleITK are imported where a file is read or written.
 """
 
 from __future__ import annotations
@@ -466,8 +439,8 @@ def read_volume(path: Path | str) -> Volume:
 def to_nifti_image(path: Path | str):
     """Read any supported volume and return it as a ``nibabel.Nifti1Image`` (same array and affine).
 
-    Used to store MetaImage (BraTS 2015) volumes in ``datasets.Nifti`` columns, and by the image
-    processor to read volume paths.
+    The image processor, the slice cache and the evaluation read volume paths (MetaImage included)
+    with it.
     """
     array, affine, spacing = read_volume(path)
     img = _import_nibabel(path).Nifti1Image(array, affine)

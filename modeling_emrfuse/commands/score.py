@@ -1,44 +1,12 @@
 """``emrfuse score``: score a folder of predicted NIfTI label maps against a folder of references.
 
-Works on predictions made by any tool. Cases are matched by case id, derived from file names:
-``<case>.nii.gz``, ``<case>_seg.nii.gz``, ``<case>-seg.nii.gz``, ``<case>_pred.nii.gz``,
-``<case>_prediction.nii.gz``, ``<case>_label.nii.gz``, ``<case>_mask.nii.gz`` ... (the label names of
-the release table, ``seg``, ``segmentation``, ``OTMultiClass`` ..., and ``pred``, ``prediction``, ``gt`` ...
-after ``_``, ``-`` or ``.``, any case; a file called just ``seg.nii.gz`` takes its folder's name). Both folders
-are searched recursively, so a reference folder may be a BraTS release (``<case>/<case>_seg.nii.gz``,
-with or without ``HGG/``/``LGG/`` sub-folders) or a flat folder of label maps; MRI sequence files
-(``<case>_flair.nii.gz``, ``<case>-t2f.nii.gz``, ``Flair_subtrMeanDivStd.nii.gz`` ...) are ignored, and so are
-the other files of a case folder that holds a label map (brain masks).
-Matching ignores upper/lower case.
-
-Label conventions (``brats2015``, ``brats2017``, ``brats2023``, see
-:mod:`modeling_emrfuse.brats_labels`) are given per folder or inferred (``auto``) from the label
-values of all files of that folder:
-
-- a single convention fits all values: it is used;
-- several fit but read every value present into the same regions (e.g. only labels {1, 2}, or
-  {1, 2, 4} under brats2017 and brats2015): the reference's convention is used for the
-  predictions (else brats2017, then brats2023); the choice and why it does not matter is printed
-  and written to the summary;
-- several fit and they disagree (labels {1, 2, 3} without 4: brats2023 enhancing tumour or
-  brats2015 non-enhancing tumour): the predictions take the reference's convention if it is one
-  of them (said so); otherwise, and always for the references, the command stops and asks for
-  ``--pred-convention`` / ``--ref-convention``. A convention is never guessed silently.
-
-The voxel spacing comes from the reference header (its affine); the prediction must have the same shape
-and spacing. The rest of the affine is compared too (orientation and origin): a prediction whose
-orientation differs or whose origin is shifted gets a warning that names the case and the shift in mm
-(voxels are compared index by index). Outputs in ``--out`` are the evaluation report of
-:mod:`modeling_emrfuse.evaluation.report` (the same layout ``train.py`` writes): ``per_case.csv``,
-``summary.json`` (``segmentation``: mean / std / median per region and metric, Dice over
-region-present cases and false-positive cases; plus the conventions used and why, missing /
-unmatched / skipped cases, warnings), ``summary.md`` and ``dice_boxplot.png``.
-A reference without a prediction is listed as missing and left out of the summary, unless
-``--missing-as-empty`` scores it as an empty prediction.
-
-Metrics are :mod:`modeling_emrfuse.evaluation.metrics` (exactly as defined there); ``--lesion-wise`` adds the
-BraTS 2023+ lesion-wise metrics of :mod:`modeling_emrfuse.evaluation.lesion_metrics` (panoptica, an optional
-dependency; about a second per full-size case).
+Works on predictions made by any tool. Cases are matched by the case id in their file names
+(:func:`find_label_maps`); each folder's label convention is given or inferred from its label values,
+never guessed silently (:func:`_choose_conventions`); predictions must lie on the reference grid
+(:func:`_prediction_on_grid`). The metrics are :mod:`modeling_emrfuse.evaluation.metrics` (``--lesion-wise``
+adds the BraTS 2023+ lesion-wise metrics of :mod:`modeling_emrfuse.evaluation.lesion_metrics`), and the
+outputs in ``--out`` are the evaluation report of :mod:`modeling_emrfuse.evaluation.report`, the layout
+``train.py`` writes too. The README's "Score predictions from any tool" section is the manual.
 """
 
 from __future__ import annotations
@@ -110,9 +78,13 @@ def _named_as_label(stem: str) -> bool:
 def case_id_from_path(path: Path | str) -> Optional[str]:
     """Case id of a label-map file, or ``None`` if the file is not a NIfTI label map.
 
-    Strips ``.nii``/``.nii.gz`` and label-file suffixes (``_seg``, ``-seg``, ``_pred``, ...,
-    repeatedly); returns ``None`` for MRI sequence files (``_flair``, ``-t1n``, ``Flair.nii.gz`` ...). A
-    file named only by a label name (``seg.nii.gz``, ``OTMultiClass.nii.gz``) takes the name of its folder.
+    Strips ``.nii``/``.nii.gz`` and label-file suffixes (:func:`label_file_suffixes`: the label names of the
+    release table, ``seg``, ``segmentation``, ``OTMultiClass`` ..., and ``pred``, ``prediction``, ``gt`` ...
+    after ``_``, ``-`` or ``.``, any case; repeatedly), so ``<case>.nii.gz``, ``<case>_seg.nii.gz``,
+    ``<case>-seg.nii.gz``, ``<case>_pred.nii.gz``, ``<case>_label.nii.gz`` ... all give ``<case>``. Returns
+    ``None`` for MRI sequence files (``<case>_flair.nii.gz``, ``<case>-t2f.nii.gz``,
+    ``Flair_subtrMeanDivStd.nii.gz`` ...). A file named only by a label name (``seg.nii.gz``,
+    ``OTMultiClass.nii.gz``) takes the name of its folder.
     """
     path = Path(path)
     stem = _strip_nifti(path.name)
@@ -153,9 +125,13 @@ def _candidate_files(folder: Path, excluded: Optional[Path]) -> List[Tuple[Path,
 def find_label_maps(folder: Path | str, role: str = "label map", exclude: Optional[Path | str] = None) -> Dict[str, Path]:
     """Map case id -> label-map file for every NIfTI label map under ``folder`` (recursively).
 
-    Hidden files and folders, and anything under ``exclude`` (e.g. a prediction folder inside the
-    reference folder), are left out. Raises :class:`ScoreError` when the folder does not exist,
-    holds no label map, or two files give the same case id (ids compared without regard to case).
+    Case ids come from :func:`case_id_from_path`. The search is recursive, so a reference folder may be
+    a BraTS release (``<case>/<case>_seg.nii.gz``, with or without ``HGG/``/``LGG/`` sub-folders) or a
+    flat folder of label maps; the other files of a case folder that holds a label map (brain masks)
+    are not label maps (:func:`_candidate_files`). Hidden files and folders, and anything under
+    ``exclude`` (e.g. a prediction folder inside the reference folder), are left out. Raises
+    :class:`ScoreError` when the folder does not exist, holds no label map, or two files give the same
+    case id (ids compared without regard to case; predictions and references are matched the same way).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -358,7 +334,11 @@ def _progress(iterable: Iterable[Any], desc: str, total: int, enabled: bool) -> 
 
 
 def _match_cases(pred_dir: Path, ref_dir: Path, missing_as_empty: bool):
-    """``(matched (case, prediction or None, reference), missing case ids, unmatched predictions)``."""
+    """``(matched (case, prediction or None, reference), missing case ids, unmatched predictions)``.
+
+    A reference without a prediction is listed as missing and left out of ``matched``, unless
+    ``missing_as_empty`` keeps it (prediction ``None``: scored as an empty prediction).
+    """
     refs = find_label_maps(ref_dir, "reference", exclude=pred_dir)
     preds = find_label_maps(pred_dir, "prediction", exclude=ref_dir)
     pred_by_key = {k.lower(): k for k in preds}
@@ -404,7 +384,22 @@ def _fitting_values(path: Path) -> Set[int]:
 
 def _choose_conventions(matched, pred_convention: str, ref_convention: str, fail: _Failures, progress: bool):
     """The label convention of each folder (inferred from all its files when ``auto``) and the cases whose files
-    could not be read: ``(pred choice, ref choice, bad case ids)``."""
+    could not be read: ``(pred choice, ref choice, bad case ids)``.
+
+    Conventions (``brats2015``, ``brats2017``, ``brats2023``, see :mod:`modeling_emrfuse.brats_labels`) are
+    given per folder or inferred from the label values of all files of that folder
+    (:func:`resolve_convention`):
+
+    - a single convention fits all values: it is used;
+    - several fit but read every value present into the same regions (e.g. only labels {1, 2}, or
+      {1, 2, 4} under brats2017 and brats2015): the reference's convention is used for the
+      predictions (else :data:`CONVENTION_PREFERENCE` order); the choice and why it does not matter
+      go into the note printed and written to the summary;
+    - several fit and they disagree (labels {1, 2, 3} without 4: brats2023 enhancing tumour or
+      brats2015 non-enhancing tumour): the predictions take the reference's convention if it is one
+      of them (said so in the note); otherwise, and always for the references, :class:`ScoreError`
+      asks for ``--pred-convention`` / ``--ref-convention``.
+    """
     bad: Set[str] = set()
     ref_values: List[Set[int]] = []
     pred_values: List[Set[int]] = []
@@ -436,7 +431,12 @@ def _choose_conventions(matched, pred_convention: str, ref_convention: str, fail
 
 def _prediction_on_grid(case_id: str, pred_path: Optional[Path], ref: LabelMapFile, warnings: List[str]) -> np.ndarray:
     """The prediction's array (zeros when missing); a different shape or spacing is an error, another
-    orientation or origin a warning."""
+    orientation or origin a warning.
+
+    The voxel spacing comes from the reference header (its affine). A prediction whose orientation
+    differs or whose origin is shifted gets a warning naming the case and the shift in mm
+    (:func:`affine_difference`); voxels are compared index by index.
+    """
     if pred_path is None:
         return np.zeros_like(ref.array)
     pred = read_label_map(pred_path)
@@ -491,12 +491,14 @@ def score_folders(
     progress: bool = True,
     lesion_wise: bool = False,
 ) -> ScoreReport:
-    """Score every reference case against its prediction (see the module docstring for the rules).
+    """Score every reference case against its prediction (matching: :func:`_match_cases`; conventions:
+    :func:`_choose_conventions`; grid: :func:`_prediction_on_grid`).
 
     Raises :class:`ScoreError` for bad input (missing folders, no matching case, ambiguous label
     conventions, shape / spacing mismatches, invalid label values; the last ones are recorded
     and skipped instead with ``skip_invalid=True``). ``lesion_wise=True`` adds the lesion-wise
-    metrics (raises :class:`~.lesion_metrics.LesionMetricsUnavailable` at once without panoptica).
+    metrics (raises :class:`~modeling_emrfuse.evaluation.lesion_metrics.LesionMetricsUnavailable` at once
+    without panoptica).
     """
     if lesion_wise:
         brats_lesion_evaluator()  # fail before reading anything when panoptica is missing
@@ -565,7 +567,8 @@ def header_lines(summary: Mapping[str, Any]) -> List[str]:
 
 
 def write_report(report: ScoreReport, out_dir: Path | str) -> Dict[str, Path]:
-    """Write the evaluation report (:func:`~.evaluation_report.write_evaluation_report`) into ``out_dir``."""
+    """Write the evaluation report (:func:`~modeling_emrfuse.evaluation.report.write_evaluation_report`) into
+    ``out_dir``: ``per_case.csv``, ``summary.json``, ``summary.md`` and ``dice_boxplot.png``."""
     return write_evaluation_report(
         out_dir, report.rows, report.summary, title="Segmentation scores", header_lines=header_lines(report.summary)
     )
