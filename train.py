@@ -417,6 +417,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         determinism.restore()  # a caller in the same process (tests) gets its settings back
 
 
+WORDPIECE_NOT_DETERMINISTIC = (
+    "the demo text tower's WordPiece vocabulary: the tokenizers library's trainer breaks ties in a hash order "
+    "seeded per process, so the same training reports can give a few different sub-word pieces in each fresh run"
+)
+
+
 def run_main(args: argparse.Namespace, determinism) -> Dict[str, Any]:
     """The run itself (see :func:`main`); the summary records the determinism settings."""
     accelerator = make_accelerator(args)
@@ -446,6 +452,8 @@ def run_main(args: argparse.Namespace, determinism) -> Dict[str, Any]:
         return {"stopped_at_step": stop.args[0]}
     summary["total_seconds"] = round(time.perf_counter() - t0, 1)
     summary["determinism"] = determinism.to_dict()
+    if run.demo_text_tower:
+        summary["determinism"]["not_deterministic"].append(WORDPIECE_NOT_DETERMINISTIC)
     report_main(args, accelerator, run, output_dir, summary)
     accelerator.wait_for_everyone()
     accelerator.end_training()

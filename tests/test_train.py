@@ -620,3 +620,4 @@ def test_same_seed_gives_the_same_figures(demo_twice):
         assert a == b, key
     assert first["determinism"]["seed"] == 3 and first["determinism"]["settings"]["use_deterministic_algorithms"] is True
     assert first["determinism"]["threads"] == 1  # OMP_NUM_THREADS of the test environment
+    assert any("WordPiece" in note for note in first["determinism"]["not_deterministic"])  # what stays open is named
