@@ -34,6 +34,7 @@ from accelerate.utils import ProjectConfiguration
 from modeling_emrfuse.configuration_emrfuse import ABLATION_PRESETS
 from modeling_emrfuse.evaluation.report import format_results_markdown
 from modeling_emrfuse.runtime import strict_json
+from modeling_emrfuse.runtime.determinism import make_deterministic
 from modeling_emrfuse.training.ablations import run_ablation
 from modeling_emrfuse.training.checkpoints import CheckpointError
 from modeling_emrfuse.training.data import (
@@ -366,9 +367,24 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Run what the arguments ask for and return its summary (also printed)."""
     args = parse_args(argv)
     try:
-        limit_torch_threads(args.threads)
+        threads = limit_torch_threads(args.threads)
     except ValueError as exc:
         raise SystemExit(f"train.py: error: --threads: {exc}") from None
+    determinism = make_deterministic(args.seed, threads)  # before CUDA starts and any parallel work
+    try:
+        return run_main(args, determinism)
+    finally:
+        determinism.restore()  # a caller in the same process (tests) gets its settings back
+
+
+WORDPIECE_NOT_DETERMINISTIC = (
+    "the demo text tower's WordPiece vocabulary: the tokenizers library's trainer breaks ties in a hash order "
+    "seeded per process, so the same training reports can give a few different sub-word pieces in each fresh run"
+)
+
+
+def run_main(args: argparse.Namespace, determinism) -> Dict[str, Any]:
+    """The run itself (see :func:`main`); the summary records the determinism settings."""
     accelerator = make_accelerator(args)
     setup_logging(accelerator)
     t0 = time.perf_counter()
@@ -395,6 +411,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         accelerator.end_training()
         return {"stopped_at_step": stop.args[0]}
     summary["total_seconds"] = round(time.perf_counter() - t0, 1)
+    summary["determinism"] = determinism.to_dict()
+    if run.demo_text_tower:
+        summary["determinism"]["not_deterministic"].append(WORDPIECE_NOT_DETERMINISTIC)
     report_main(args, accelerator, run, output_dir, summary)
     accelerator.wait_for_everyone()
     accelerator.end_training()

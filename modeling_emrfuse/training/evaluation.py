@@ -13,12 +13,15 @@ from accelerate.utils import gather_object
 
 from ..brats_io import read_volume, reorientation, reoriented_image, to_nifti_image
 from ..brats_labels import REGIONS
+from ..evaluation.grading_control import FEATURE, enhancing_fraction
 from ..evaluation.metrics import classification_metrics, metrics_to_row, score_label_maps
 from ..evaluation.report import summarize_segmentation
 from ..processing_emrfuse import grading_slice_indices
 
 
 MODEL_TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "has_report")
+CASE_FEATURES = "case_enhancing_fraction"
+"""Summary key of a segmentation evaluation: case id -> enhancing fraction of the predicted label map."""
 
 
 @dataclass
@@ -79,6 +82,7 @@ def evaluate_case(model, processor, case, report: Optional[str], device, task: s
         ref = read_volume(case.label)  # scored on the files' own grid
         result = score_label_maps(label_map, np.asarray(ref.array), pred_convention=case.label_convention, spacing=ref.spacing)
         row.update(metrics_to_row(result))
+        row[FEATURE] = enhancing_fraction(label_map, case.label_convention)  # the grading control's feature
     else:
         probs = torch.softmax(logits[0], dim=-1).numpy()
         labels = [model.config.id2label[i] for i in range(len(probs))]
@@ -120,6 +124,7 @@ def evaluate(accelerator, model, processor, cases, reports, task: str, step: int
     summary: Dict[str, Any] = {"task": task, "step": step, "num_cases": len(rows), "eval_seconds": round(time.perf_counter() - t0, 2)}
     if task == "segmentation":
         summary["segmentation"] = summarize_segmentation(rows)
+        summary[CASE_FEATURES] = {r["case_id"]: r[FEATURE] for r in rows}  # the grading control's held-out features
     graded = [r for r in rows if r.get("grade") in net.config.label2id and "pred_grade" in r]
     if graded:
         labels = [net.config.id2label[i] for i in range(net.config.num_labels)]
