@@ -1,55 +1,15 @@
 #!/usr/bin/env python
 """Train and evaluate EmrFuse (brain MRI + radiology report) with 🤗 Accelerate.
 
-One readable script in the style of diffusers' ``examples/*/train_*.py``: arguments, an
-``Accelerator``, a plain loop, checkpoints, evaluation on whole volumes, the best model saved with
-``save_pretrained`` (+ processor, tokenizer and a model card), ``push_to_hub`` at the end.
+One readable script in the style of diffusers' ``examples/*/train_*.py``: the options, ``DATA_DEFAULTS``
+and ``main()``. What they run (data and splits, the loop, checkpoints, evaluation on whole volumes, the
+grading head and its calibration, the ablation tables, the model folder, card and ``push_to_hub``) is
+importable from ``modeling_emrfuse.training``, one module per job (listed in its ``__init__``).
 
-Runs as ``python train.py ...`` or ``accelerate launch train.py ...`` (whatever the accelerate
-config says: devices, processes, mixed precision, gradient accumulation); on CPU with several
-processes: ``ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 train.py ...``.
-
-The main job (nothing to download; CPU; about one minute on an idle 2-core machine)::
-
-    python train.py --demo
-
-generates 96 synthetic demo cases (``datasets_scripts.demo_data``; 72 for training, 24 held
-out), trains a WordPiece tokenizer on the training reports for a small BERT text tower (2 layers,
-hidden 64, random weights: nothing can be downloaded), trains the full model (all fusion parts
-on, ResNet-18 image tower) for segmentation, then the grading head in a second, short run that
-starts from the segmentation weights, evaluates both on the held-out cases, prints the tables
-and leaves one model folder, ``outputs/emrfuse-demo``: segmentation at its root, grading in its
-``grading/`` sub-folder (named by the root config, where ``emrfuse predict`` and the Space find it).
-
-Real data::
-
-    accelerate launch train.py --data_dir /data/BraTS2020_TrainingData --task segmentation \\
-        --text_model dmis-lab/biobert-base-cased-v1.2 --vision_model resnet50 --vision_pretrained
-
-Several releases at once (each folder its own release and label convention), image only, any
-subset of the four sequences, reports and grades through the organisers' id tables::
-
-    python train.py --data_dir BraTS2018 --data_dir BraTS2021 --id_mapping name_mapping.csv \
-        --reports textbrats_reports.jsonl --no_text --sequence_dropout 0.25 --vision_model resnet18
-
-``bench/bench_real.py`` runs this recipe on the real cases in ``../shared/realdata`` with
-patient-level cross-validation.
-
-The paper's ablations (every row trained and evaluated on the same data, seeds and budget)::
-
-    python train.py --demo --ablation table1 --ablation_seeds 0 1 2
-
-Both tables end with a control row: the complete model with every case's report swapped with another
-case's of its split (``training.ablations.shuffled_reports_run``); if it matches the complete model, the report
-is not used.
-
-This file holds the options, ``DATA_DEFAULTS`` and ``main()``; what they run is importable from
-``modeling_emrfuse.training`` (one module per job, listed in its ``__init__``).
-
-Evaluation runs on whole volumes: the image processor's slices -> the model ->
-``post_process_segmentation`` back to the original grid -> 3D metrics
-(:mod:`modeling_emrfuse.evaluation.metrics`); each held-out case is evaluated exactly once, by one process,
-and the results are gathered. Report text is never logged.
+Runs as ``python train.py ...`` or ``accelerate launch train.py ...``; ``python train.py --demo``
+trains and evaluates the demo model on generated cases (CPU, nothing to download) into
+``outputs/emrfuse-demo``. The README's "Train on BraTS" and "The paper's ablations" sections are the
+manual; ``--help`` lists the options. Report text is never logged.
 """
 
 from __future__ import annotations
@@ -74,6 +34,7 @@ from accelerate.utils import ProjectConfiguration
 from modeling_emrfuse.configuration_emrfuse import ABLATION_PRESETS
 from modeling_emrfuse.evaluation.report import format_results_markdown
 from modeling_emrfuse.runtime import strict_json
+from modeling_emrfuse.runtime.determinism import make_deterministic
 from modeling_emrfuse.training.ablations import run_ablation
 from modeling_emrfuse.training.checkpoints import CheckpointError
 from modeling_emrfuse.training.data import (
@@ -406,9 +367,24 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Run what the arguments ask for and return its summary (also printed)."""
     args = parse_args(argv)
     try:
-        limit_torch_threads(args.threads)
+        threads = limit_torch_threads(args.threads)
     except ValueError as exc:
         raise SystemExit(f"train.py: error: --threads: {exc}") from None
+    determinism = make_deterministic(args.seed, threads)  # before CUDA starts and any parallel work
+    try:
+        return run_main(args, determinism)
+    finally:
+        determinism.restore()  # a caller in the same process (tests) gets its settings back
+
+
+WORDPIECE_NOT_DETERMINISTIC = (
+    "the demo text tower's WordPiece vocabulary: the tokenizers library's trainer breaks ties in a hash order "
+    "seeded per process, so the same training reports can give a few different sub-word pieces in each fresh run"
+)
+
+
+def run_main(args: argparse.Namespace, determinism) -> Dict[str, Any]:
+    """The run itself (see :func:`main`); the summary records the determinism settings."""
     accelerator = make_accelerator(args)
     setup_logging(accelerator)
     t0 = time.perf_counter()
@@ -435,6 +411,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         accelerator.end_training()
         return {"stopped_at_step": stop.args[0]}
     summary["total_seconds"] = round(time.perf_counter() - t0, 1)
+    summary["determinism"] = determinism.to_dict()
+    if run.demo_text_tower:
+        summary["determinism"]["not_deterministic"].append(WORDPIECE_NOT_DETERMINISTIC)
     report_main(args, accelerator, run, output_dir, summary)
     accelerator.wait_for_everyone()
     accelerator.end_training()

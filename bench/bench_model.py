@@ -6,15 +6,7 @@ bounding box, pad to a multiple of 32), plus a 100-word report (128 BERT tokens 
 since no tokenizer can be downloaded here). The model is paper size with random weights: a BERT-base-sized text
 tower (12 layers, hidden 768), ResNet-50 (timm), fusion_dim 256, the full fusion head, and the U-Net decoder.
 
-For each numeric path (fp32; fp32 channels-last; bf16 autocast + channels-last; bf16 weights + channels-last)
-and each head (segmentation:
-all slices -> region logits; grading: all slices -> one grade) it reports seconds per case, the share of that time
-spent in the text tower (measured with forward hooks), the peak resident memory during the run (sampled with
-psutil; ``ru_maxrss`` of the process is printed at the end), and the achieved GFLOP/s, i.e. FLOPs counted with
-``torch.utils.flop_counter.FlopCounterMode`` on the same inputs divided by the time, as a fraction of an fp32 and a
-bf16 matrix-multiply peak measured in the same run. A "ResNet-50 tower only" row shows what the image tower alone
-reaches. Inference runs as the model runs it on a case: slices in chunks of ``slice_chunk_size``, the report
-encoded once.
+What each row measures is in :func:`run`'s docstring; the reference figures in README, "Benchmarks".
 
     OMP_NUM_THREADS=2 python bench/bench_model.py            # about 3-5 minutes on 2 cores
     python bench/bench_model.py --paths bf16_cl --heads seg --repeats 1
@@ -169,6 +161,17 @@ def count_flops(fn) -> tuple[float, dict]:
 
 # ----------------------------------------------------------------------------------------------- main
 def run(args) -> None:
+    """Print the table of one case per numeric path and head (the rows described below).
+
+    For each numeric path (fp32; fp32 channels-last; bf16 autocast + channels-last; bf16 weights +
+    channels-last) and each head (segmentation: all slices -> region logits; grading: all slices -> one grade)
+    it reports seconds per case, the share of that time spent in the text tower (measured with forward hooks),
+    the peak resident memory during the run (sampled with psutil; ``ru_maxrss`` of the process is printed at
+    the end), and the achieved GFLOP/s, i.e. FLOPs counted with ``torch.utils.flop_counter.FlopCounterMode``
+    on the same inputs divided by the time, as a fraction of an fp32 and a bf16 matrix-multiply peak measured
+    in the same run. A "ResNet-50 tower only" row shows what the image tower alone reaches. Inference runs as
+    the model runs it on a case: slices in chunks of ``slice_chunk_size``, the report encoded once.
+    """
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, {threads} threads, CPU: {psutil.cpu_count(logical=True)} logical cores, "
@@ -200,53 +203,70 @@ def run(args) -> None:
               f"(text tower {100 * text_flops / flops:.2f} %, image tower {100 * tower_flops / flops:.0f} %)")
         timer = ModuleTimer(model.emrfuse.text_model)
         for path in args.paths:
-            px, amp = prepare(model, slices, PATHS[path])
-            now = {"fp32": matmul_peak(torch.float32, seconds=1.0), "bf16": matmul_peak(torch.bfloat16, seconds=1.0)}
-            with torch.no_grad(), amp:
-                forward(px[: args.chunk])  # warm-up (oneDNN kernels, allocator)
-                gc.collect()
-                times, text_times = [], []
-                with PeakRSS() as mem:
-                    for _ in range(args.repeats):
-                        timer.reset()
-                        t0 = time.perf_counter()
-                        out = forward(px)
-                        times.append(time.perf_counter() - t0)
-                        text_times.append(timer.total)
-                assert timer.calls == 1, "the report must be encoded once per case"
-                assert torch.isfinite(out.logits.float()).all()
-            best = min(times)
-            gflops = flops / best / 1e9
-            rows.append(dict(what=f"{head} {path}", sec=best, text=text_times[times.index(best)] / best,
-                             rss=mem.peak / 2**30, gflops=gflops, load=psutil.getloadavg()[0],
-                             f32=gflops / peak["fp32"], bf16=gflops / peak["bf16"],
-                             now32=gflops / now["fp32"], now16=gflops / now["bf16"]))
-            print(f"  {path}: {best:.2f} s/case (runs: {', '.join(f'{t:.2f}' for t in times)})", flush=True)
+            rows.append(_time_path(model, forward, timer, slices, f"{head} {path}", path, flops, peak, args))
         timer.remove()
         model.to(dtype=torch.float32)
         if head == args.heads[-1] and args.tower:
-            tower = model.emrfuse.vision_model
-            with torch.no_grad():
-                tflops, _ = count_flops(lambda: tower(slices[: args.chunk]))
-            for path in args.paths:
-                px, amp = prepare(tower, slices[: args.chunk], PATHS[path])
-                now = {"fp32": matmul_peak(torch.float32, seconds=1.0), "bf16": matmul_peak(torch.bfloat16, seconds=1.0)}
-                with torch.no_grad(), amp:
-                    tower(px)
-                    times = []
-                    for _ in range(max(2, args.repeats)):
-                        t0 = time.perf_counter()
-                        tower(px)
-                        times.append(time.perf_counter() - t0)
-                best = min(times) * n / args.chunk
-                gflops = tflops * n / args.chunk / best / 1e9
-                rows.append(dict(what=f"ResNet-50 tower only {path}", sec=best, text=float("nan"), rss=float("nan"),
-                                 gflops=gflops, f32=gflops / peak["fp32"], bf16=gflops / peak["bf16"],
-                                 load=psutil.getloadavg()[0], now32=gflops / now["fp32"], now16=gflops / now["bf16"]))
+            rows.extend(_tower_rows(model.emrfuse.vision_model, slices, peak, args))
         del model
         gc.collect()
 
-    # the machine is shared: measure the peaks again and keep the best of both measurements
+    _print_table(rows, peak, args, n)
+
+
+def _time_path(model, forward, timer, slices, what: str, path: str, flops: float, peak: dict, args) -> dict:
+    """Best of ``args.repeats`` timed cases of one head on one numeric path (after a warm-up): the table row."""
+    px, amp = prepare(model, slices, PATHS[path])
+    now = {"fp32": matmul_peak(torch.float32, seconds=1.0), "bf16": matmul_peak(torch.bfloat16, seconds=1.0)}
+    with torch.no_grad(), amp:
+        forward(px[: args.chunk])  # warm-up (oneDNN kernels, allocator)
+        gc.collect()
+        times, text_times = [], []
+        with PeakRSS() as mem:
+            for _ in range(args.repeats):
+                timer.reset()
+                t0 = time.perf_counter()
+                out = forward(px)
+                times.append(time.perf_counter() - t0)
+                text_times.append(timer.total)
+        assert timer.calls == 1, "the report must be encoded once per case"
+        assert torch.isfinite(out.logits.float()).all()
+    best = min(times)
+    gflops = flops / best / 1e9
+    row = dict(what=what, sec=best, text=text_times[times.index(best)] / best,
+               rss=mem.peak / 2**30, gflops=gflops, load=psutil.getloadavg()[0],
+               f32=gflops / peak["fp32"], bf16=gflops / peak["bf16"],
+               now32=gflops / now["fp32"], now16=gflops / now["bf16"])
+    print(f"  {path}: {best:.2f} s/case (runs: {', '.join(f'{t:.2f}' for t in times)})", flush=True)
+    return row
+
+
+def _tower_rows(tower, slices, peak: dict, args) -> list:
+    """The "ResNet-50 tower only" rows: ``args.chunk`` slices timed per path, extrapolated to the case's slices."""
+    n = slices.shape[0]
+    rows = []
+    with torch.no_grad():
+        tflops, _ = count_flops(lambda: tower(slices[: args.chunk]))
+    for path in args.paths:
+        px, amp = prepare(tower, slices[: args.chunk], PATHS[path])
+        now = {"fp32": matmul_peak(torch.float32, seconds=1.0), "bf16": matmul_peak(torch.bfloat16, seconds=1.0)}
+        with torch.no_grad(), amp:
+            tower(px)
+            times = []
+            for _ in range(max(2, args.repeats)):
+                t0 = time.perf_counter()
+                tower(px)
+                times.append(time.perf_counter() - t0)
+        best = min(times) * n / args.chunk
+        gflops = tflops * n / args.chunk / best / 1e9
+        rows.append(dict(what=f"ResNet-50 tower only {path}", sec=best, text=float("nan"), rss=float("nan"),
+                         gflops=gflops, f32=gflops / peak["fp32"], bf16=gflops / peak["bf16"],
+                         load=psutil.getloadavg()[0], now32=gflops / now["fp32"], now16=gflops / now["bf16"]))
+    return rows
+
+
+def _print_table(rows: list, peak: dict, args, n: int) -> None:
+    """Measure the matmul peaks again (the machine is shared: keep the best of both) and print the table."""
     again = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     print(f"matmul peak again: fp32 {again['fp32']:.0f} GFLOP/s, bf16 {again['bf16']:.0f} GFLOP/s")
     for key in peak:

@@ -1,27 +1,8 @@
 """Benchmark ``emrfuse predict`` end to end on one full-size case with the paper-size model, next to
 MONAI's SegResNet (BraTS bundle configuration) forward on the same volume.
 
-What it measures (random weights; figures are speed, not accuracy)
-    * the paper-size EmrFuse model: BERT-base-sized text tower, ResNet-50 image tower, fusion_dim 256,
-      decoder (256, 128, 64, 32, 16); a segmentation model at the folder's root and a grading model
-      in ``grading/``, saved once to ``--workdir`` with ``save_pretrained`` (as a trained folder is);
-    * ``emrfuse predict`` on one case, in this process (``predict_cli.run``), repeated: the stages
-      load (read the four NIfTI files), preprocess (normalise, crop, slices, tokenise), model,
-      post-process (label map on the original grid, volumes), write (NIfTI + JSON), and the share of
-      each; the text tower's time and number of calls (the report is encoded once per model per case);
-      the model load time (once per run) and, separately, a cold ``emrfuse predict`` subprocess
-      (Python start + imports + model load + one case);
-    * bf16 autocast against fp32 on the same case: agreement of the label maps (Dice per region) and
-      of the grade probabilities;
-    * MONAI SegResNet (``blocks_down=(1, 2, 2, 4)``, ``blocks_up=(1, 1, 1)``, ``init_filters=16``,
-      ``in_channels=4``, ``out_channels=3``, ``dropout_prob=0.2``; random weights) forward on the same
-      case as the BraTS bundle infers it: ``sliding_window_inference`` with ``roi_size=(240, 240, 160)``
-      (one window: the 155 slices are padded to 160), fp32 (the bundle's setting) and bf16 weights.
-
-Scale-out mode (``--scale-out``): ``emrfuse predict`` on one folder of demo cases (``--scale-out-cases``,
-``--scale-out-size``), as one process and as two (``torchrun --nproc_per_node 2``, CPU processes over
-gloo, each with half the threads), each a fresh command: cases/minute end to end (start, imports, model
-load, every case, summary) and without the model load. Only this is run in that mode.
+Figures are speed, not accuracy (random weights); what each part measures is in :func:`main`'s
+docstring, the reference figures in README, "Benchmarks".
 
 Usage::
 
@@ -30,9 +11,6 @@ Usage::
     python bench/bench_predict.py --no-segresnet --precision fp32
     python bench/bench_predict.py --scale-out           # cases/minute, 1 vs 2 processes (paper-size model)
     python bench/bench_predict.py --scale-out --scale-out-model outputs/emrfuse-demo --scale-out-cases 24
-
-The cores may be shared with other work: each round runs the EmrFuse case and the SegResNet forwards
-back to back, and ratios are computed within a round (the load average is printed with each).
 
 Targets: <= 5 s end to end per case, >= 3.5x faster than SegResNet's forward, text encoding < 5 %.
 """
@@ -69,7 +47,11 @@ def _log(msg: str) -> None:
 
 
 def build_paper_size_folder(folder: Path, seed: int = 0) -> Path:
-    """Save the paper-size segmentation model (root) + grading model (grading/) with their processor."""
+    """Save the paper-size segmentation model (root) + grading model (grading/) with their processor.
+
+    BERT-base-sized text tower, ResNet-50 image tower, fusion_dim 256, decoder (256, 128, 64, 32, 16),
+    random weights, saved once with ``save_pretrained`` (as a trained folder is).
+    """
     import torch
     from transformers import BertTokenizerFast
 
@@ -127,7 +109,11 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def make_segresnet():
-    """MONAI SegResNet in the BraTS bundle configuration (random weights), fp32 and a bf16 copy."""
+    """MONAI SegResNet in the BraTS bundle configuration (random weights), fp32 and a bf16 copy.
+
+    ``blocks_down=(1, 2, 2, 4)``, ``blocks_up=(1, 1, 1)``, ``init_filters=16``, ``in_channels=4``,
+    ``out_channels=3``, ``dropout_prob=0.2``; fp32 is the bundle's setting.
+    """
     import copy
 
     import torch
@@ -140,7 +126,8 @@ def make_segresnet():
 
 
 def segresnet_forward(net, volume: np.ndarray) -> float:
-    """One bundle-style inference (sliding window, roi 240 x 240 x 160: one padded window); seconds."""
+    """One bundle-style inference (``sliding_window_inference``, roi 240 x 240 x 160: one window, the 155
+    slices padded to 160); seconds."""
     import torch
     from monai.inferers import sliding_window_inference
 
@@ -155,7 +142,12 @@ def segresnet_forward(net, volume: np.ndarray) -> float:
 
 
 def emrfuse_case(pipe, case: Path, tmp: Path):
-    """One case through the pipeline + writing its NIfTI and JSON (what ``emrfuse predict`` does per case)."""
+    """One case through the pipeline + writing its NIfTI and JSON (what ``emrfuse predict`` does per case).
+
+    The timings hold the stages load (read the four NIfTI files), preprocess (normalise, crop, slices,
+    tokenise), model, post-process (label map on the original grid, volumes) and write (NIfTI + JSON),
+    and the text tower's time and number of calls (the report is encoded once per model per case).
+    """
     from modeling_emrfuse.commands.predict import prediction_record, write_label_map
 
     t0 = time.perf_counter()
@@ -171,7 +163,13 @@ def emrfuse_case(pipe, case: Path, tmp: Path):
 
 
 def scale_out(args, model: Path, workdir: Path) -> dict:
-    """Cases/minute of ``emrfuse predict`` on one folder of cases, with 1 and with 2 processes (torchrun)."""
+    """Cases/minute of ``emrfuse predict`` on one folder of cases, with 1 and with 2 processes (torchrun).
+
+    The ``--scale-out`` mode, and the only thing it runs: one folder of demo cases (``--scale-out-cases``,
+    ``--scale-out-size``), as one process and as two (``torchrun --nproc_per_node 2``, CPU processes over
+    gloo, each with half the threads), each a fresh command: cases/minute end to end (start, imports,
+    model load, every case, summary) and without the model load.
+    """
     from datasets_scripts.demo_data import write_demo_dataset
 
     cases = workdir / f"scale_out_{args.scale_out_cases}_{args.scale_out_size}"
@@ -205,7 +203,7 @@ def scale_out(args, model: Path, workdir: Path) -> dict:
     return figures
 
 
-def main(argv=None) -> int:
+def _parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "emrfuse-bench"))
     ap.add_argument("--case", default=None, help="full-size case folder (default: TCGA-DU-7294 or a full-size demo case)")
@@ -229,13 +227,128 @@ def main(argv=None) -> int:
                     help="model folder for --scale-out (default: the paper-size model this bench builds)")
     ap.add_argument("--omp-wait-policy", default="PASSIVE", choices=("PASSIVE", "ACTIVE", "unset"),
                     help="OpenMP wait policy for this run (emrfuse predict's default is PASSIVE); applies to both models")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def _segresnet_and_volume(case: Path):
+    """The two SegResNet nets (fp32, bf16) and the case's four sequences, z-scored as the bundle reads them."""
+    from modeling_emrfuse.brats_io import load_case
+    from modeling_emrfuse.processing_emrfuse import EmrFuseImageProcessor
+
+    loaded = load_case(str(case))
+    volume = np.stack([loaded.volumes[s] for s in ("t1", "t1ce", "t2", "flair")]).astype(np.float32)
+    volume = EmrFuseImageProcessor().normalize(volume)  # z-score over the brain (the bundle's NormalizeIntensity nonzero)
+    return make_segresnet(), volume
+
+
+def _paired_rounds(pipe, case: Path, nets, volume, n_rounds: int):
+    """One warm-up round and ``n_rounds`` measured ones (EmrFuse case, then the SegResNet forwards when
+    ``nets``); returns the measured rounds and the last round's pipeline result."""
+    rounds = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(n_rounds + 1):  # round 0 warms up (allocator, oneDNN kernels)
+            row = {"load_avg": os.getloadavg()[0]}
+            row["emrfuse"], res = emrfuse_case(pipe, case, Path(tmp))
+            if nets is not None:
+                row["segresnet_fp32"] = segresnet_forward(nets["fp32"], volume)
+                row["segresnet_bf16"] = segresnet_forward(nets["bf16"], volume)
+            if i > 0:
+                rounds.append(row)
+            msg = f"round {i}{' (warm-up)' if i == 0 else ''}: load avg {row['load_avg']:.2f}, EmrFuse case {row['emrfuse']['end_to_end']:.2f} s"
+            if nets is not None:
+                msg += (f", SegResNet forward fp32 {row['segresnet_fp32']:.2f} s / bf16 {row['segresnet_bf16']:.2f} s -> "
+                        f"EmrFuse {row['segresnet_fp32'] / row['emrfuse']['end_to_end']:.1f}x / "
+                        f"{row['segresnet_bf16'] / row['emrfuse']['end_to_end']:.1f}x faster")
+            _log(msg)
+    return rounds, res
+
+
+def _report_rounds(rounds, with_segresnet: bool, args, slices: int, load_s: float) -> dict:
+    """Print the stages of the best round (and the SegResNet ratios); return the report's first entries."""
+    best_round = min(rounds, key=lambda r: r["emrfuse"]["end_to_end"])
+    best = best_round["emrfuse"]
+    total = best["end_to_end"]
+    _log(f"\n== emrfuse predict stages, best round (load avg {best_round['load_avg']:.2f})")
+    for stage in ("load", "preprocess", "model", "postprocess", "write"):
+        _log(f"  {stage:<12} {best[stage]:7.3f} s  {100 * best[stage] / total:5.1f} %")
+    _log(f"  {'end to end':<12} {total:7.3f} s")
+    _log(f"  model: segmentation {best['model_segmentation']:.3f} s, grading {best['model_grading']:.3f} s; text tower "
+         f"{best['text_encoder']:.3f} s = {100 * best['text_encoder'] / total:.1f} % of the case "
+         f"({best['text_encoder_calls']} calls: the report once per model per case)")
+    report = {"precision": args.precision, "threads": args.threads, "slices": slices, "model_load": load_s,
+              "rounds": rounds, "best": best}
+    if with_segresnet:
+        ratios = sorted(r["segresnet_fp32"] / r["emrfuse"]["end_to_end"] for r in rounds)
+        ratios16 = sorted(r["segresnet_bf16"] / r["emrfuse"]["end_to_end"] for r in rounds)
+        _log(f"  vs SegResNet forward (same round): fp32 {best_round['segresnet_fp32']:.2f} s -> "
+             f"{best_round['segresnet_fp32'] / total:.1f}x faster; bf16 {best_round['segresnet_bf16']:.2f} s -> "
+             f"{best_round['segresnet_bf16'] / total:.1f}x; median over rounds {ratios[len(ratios) // 2]:.1f}x / "
+             f"{ratios16[len(ratios16) // 2]:.1f}x")
+        report["segresnet_ratio_median"] = {"fp32": ratios[len(ratios) // 2], "bf16": ratios16[len(ratios16) // 2]}
+    return report
+
+
+def _time_variant(pipe, case: Path, name: str) -> dict:
+    """One warm-up and one timed case with a variant pipeline; prints and returns the timed stages."""
+    with tempfile.TemporaryDirectory() as tmp:
+        emrfuse_case(pipe, case, Path(tmp))
+        t, _ = emrfuse_case(pipe, case, Path(tmp))
+    _log(f"== variant, {name}: {t['end_to_end']:.2f} s end to end (model {t['model']:.2f} s: segmentation "
+         f"{t['model_segmentation']:.2f}, grading {t['model_grading']:.2f}; text tower {t['text_encoder']:.3f} s), "
+         f"load avg {os.getloadavg()[0]:.2f}")
+    return t
+
+
+def _cold_predict(case: Path, model: Path, args) -> float:
+    """Seconds of ``emrfuse predict`` on the case as a fresh process (Python start, imports, model load)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "modeling_emrfuse.commands.cli", "predict", str(case), "--model", str(model), "-o", tmp,
+               "--precision", args.precision, "--threads", str(args.threads), "--report", REPORT_100_WORDS, "-q"]
+        cmd += ["--grading-slices", str(args.grading_slices)]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, cwd=str(REPO))
+        cold = time.perf_counter() - t0
+    _log(f"== emrfuse predict as a fresh process (Python start, imports, model load, one case): {cold:.2f} s")
+    return cold
+
+
+def _compare_with_fp32(model: Path, case: Path, res: dict, args, grading_slices) -> dict:
+    """The optimised result ``res`` (bf16 autocast by default) against the unmodified fp32 model on the same
+    case: agreement of the label maps (Dice per region) and of the grade probabilities."""
+    from modeling_emrfuse.brats_labels import label_map_to_regions
+    from modeling_emrfuse.pipeline_emrfuse import load_pipeline
+
+    ref_pipe = load_pipeline(str(model), precision="fp32", optimize=False, chunk_size=args.chunk_size,
+                             grading_max_slices=grading_slices)
+    t0 = time.perf_counter()
+    ref = ref_pipe(str(case), report=REPORT_100_WORDS)
+    ref_s = time.perf_counter() - t0
+    del ref_pipe
+    ra = label_map_to_regions(res["label_map"], res["label_convention"])
+    rb = label_map_to_regions(ref["label_map"], ref["label_convention"])
+    dices = {r: round(dice(ra[i], rb[i]), 4) for i, r in enumerate(("WT", "TC", "ET"))}
+    pa, pb = res["grade_probabilities"], ref["grade_probabilities"]
+    dp = max(abs(pa[k] - pb[k]) for k in pa)
+    voxels = int((res["label_map"] != ref["label_map"]).sum())
+    _log(f"== {args.precision} (optimised) vs the unmodified fp32 model on this case: label-map Dice per region "
+         f"{dices}, {voxels} voxels differ, max |grade probability diff| {dp:.4f}, alpha_text "
+         f"{res['alpha_text']:.4f} vs {ref['alpha_text']:.4f}; unmodified fp32 case {ref_s:.2f} s "
+         f"(load avg {os.getloadavg()[0]:.2f})")
+    return {"dice": dices, "voxels_differing": voxels, "grade_prob_diff": dp, "fp32_unmodified_end_to_end": ref_s}
+
+
+def main(argv=None) -> int:
+    """Run the benchmark (each part is described on the function that does it); returns the exit status.
+
+    The cores may be shared with other work: each round runs the EmrFuse case and the SegResNet forwards
+    back to back, and ratios are computed within a round (the load average is printed with each).
+    """
+    args = _parse_args(argv)
     if args.omp_wait_policy != "unset" and "torch" not in sys.modules:
         os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy  # read when torch's OpenMP runtime loads
 
     import torch
 
-    from modeling_emrfuse.brats_io import load_case
     from modeling_emrfuse.pipeline_emrfuse import load_pipeline
 
     torch.set_num_threads(args.threads)
@@ -266,51 +379,9 @@ def main(argv=None) -> int:
     _log(f"{slices} brain slices; {n_params:.0f} M parameters in {len(pipe.models)} models (segmentation + grading on "
          f"{args.grading_slices or 'all'} slices); model load {load_s:.2f} s; optimisations: {pipe.optimizations}")
 
-    nets, volume = None, None
-    if not args.no_segresnet:
-        from modeling_emrfuse.processing_emrfuse import EmrFuseImageProcessor
-
-        loaded = load_case(str(case))
-        volume = np.stack([loaded.volumes[s] for s in ("t1", "t1ce", "t2", "flair")]).astype(np.float32)
-        volume = EmrFuseImageProcessor().normalize(volume)  # z-score over the brain (the bundle's NormalizeIntensity nonzero)
-        nets = make_segresnet()
-
-    rounds = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for i in range(args.rounds + 1):  # round 0 warms up (allocator, oneDNN kernels)
-            row = {"load_avg": os.getloadavg()[0]}
-            row["emrfuse"], res = emrfuse_case(pipe, case, Path(tmp))
-            if nets is not None:
-                row["segresnet_fp32"] = segresnet_forward(nets["fp32"], volume)
-                row["segresnet_bf16"] = segresnet_forward(nets["bf16"], volume)
-            if i > 0:
-                rounds.append(row)
-            msg = f"round {i}{' (warm-up)' if i == 0 else ''}: load avg {row['load_avg']:.2f}, EmrFuse case {row['emrfuse']['end_to_end']:.2f} s"
-            if nets is not None:
-                msg += (f", SegResNet forward fp32 {row['segresnet_fp32']:.2f} s / bf16 {row['segresnet_bf16']:.2f} s -> "
-                        f"EmrFuse {row['segresnet_fp32'] / row['emrfuse']['end_to_end']:.1f}x / "
-                        f"{row['segresnet_bf16'] / row['emrfuse']['end_to_end']:.1f}x faster")
-            _log(msg)
-    best_round = min(rounds, key=lambda r: r["emrfuse"]["end_to_end"])
-    best = best_round["emrfuse"]
-    total = best["end_to_end"]
-    _log(f"\n== emrfuse predict stages, best round (load avg {best_round['load_avg']:.2f})")
-    for stage in ("load", "preprocess", "model", "postprocess", "write"):
-        _log(f"  {stage:<12} {best[stage]:7.3f} s  {100 * best[stage] / total:5.1f} %")
-    _log(f"  {'end to end':<12} {total:7.3f} s")
-    _log(f"  model: segmentation {best['model_segmentation']:.3f} s, grading {best['model_grading']:.3f} s; text tower "
-         f"{best['text_encoder']:.3f} s = {100 * best['text_encoder'] / total:.1f} % of the case "
-         f"({best['text_encoder_calls']} calls: the report once per model per case)")
-    report = {"precision": args.precision, "threads": args.threads, "slices": slices, "model_load": load_s,
-              "rounds": rounds, "best": best}
-    if nets is not None:
-        ratios = sorted(r["segresnet_fp32"] / r["emrfuse"]["end_to_end"] for r in rounds)
-        ratios16 = sorted(r["segresnet_bf16"] / r["emrfuse"]["end_to_end"] for r in rounds)
-        _log(f"  vs SegResNet forward (same round): fp32 {best_round['segresnet_fp32']:.2f} s -> "
-             f"{best_round['segresnet_fp32'] / total:.1f}x faster; bf16 {best_round['segresnet_bf16']:.2f} s -> "
-             f"{best_round['segresnet_bf16'] / total:.1f}x; median over rounds {ratios[len(ratios) // 2]:.1f}x / "
-             f"{ratios16[len(ratios16) // 2]:.1f}x")
-        report["segresnet_ratio_median"] = {"fp32": ratios[len(ratios) // 2], "bf16": ratios16[len(ratios16) // 2]}
+    nets, volume = _segresnet_and_volume(case) if not args.no_segresnet else (None, None)
+    rounds, res = _paired_rounds(pipe, case, nets, volume, args.rounds)
+    report = _report_rounds(rounds, nets is not None, args, slices, load_s)
     del nets
 
     if not args.no_variants:
@@ -318,53 +389,19 @@ def main(argv=None) -> int:
                              ("segmentation only (--no-grading)", dict(grading_model=False))):
             del pipe
             pipe = load_pipeline(str(model), **common, **kwargs)
-            with tempfile.TemporaryDirectory() as tmp:
-                emrfuse_case(pipe, case, Path(tmp))
-                t, _ = emrfuse_case(pipe, case, Path(tmp))
-            _log(f"== variant, {name}: {t['end_to_end']:.2f} s end to end (model {t['model']:.2f} s: segmentation "
-                 f"{t['model_segmentation']:.2f}, grading {t['model_grading']:.2f}; text tower {t['text_encoder']:.3f} s), "
-                 f"load avg {os.getloadavg()[0]:.2f}")
-            report.setdefault("variants", {})[name] = t
+            report.setdefault("variants", {})[name] = _time_variant(pipe, case, name)
 
     if not args.no_cold:
-        with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, "-m", "modeling_emrfuse.commands.cli", "predict", str(case), "--model", str(model), "-o", tmp,
-                   "--precision", args.precision, "--threads", str(args.threads), "--report", REPORT_100_WORDS, "-q"]
-            cmd += ["--grading-slices", str(args.grading_slices)]
-            t0 = time.perf_counter()
-            subprocess.run(cmd, check=True, cwd=str(REPO))
-            cold = time.perf_counter() - t0
-        _log(f"== emrfuse predict as a fresh process (Python start, imports, model load, one case): {cold:.2f} s")
-        report["cli_cold_subprocess"] = cold
+        report["cli_cold_subprocess"] = _cold_predict(case, model, args)
 
     if not args.no_compare:
-        from modeling_emrfuse.brats_labels import label_map_to_regions
-
         del pipe
-        ref_pipe = load_pipeline(str(model), precision="fp32", optimize=False, chunk_size=args.chunk_size,
-                                 grading_max_slices=grading_slices)
-        t0 = time.perf_counter()
-        ref = ref_pipe(str(case), report=REPORT_100_WORDS)
-        ref_s = time.perf_counter() - t0
-        del ref_pipe
-        ra = label_map_to_regions(res["label_map"], res["label_convention"])
-        rb = label_map_to_regions(ref["label_map"], ref["label_convention"])
-        dices = {r: round(dice(ra[i], rb[i]), 4) for i, r in enumerate(("WT", "TC", "ET"))}
-        pa, pb = res["grade_probabilities"], ref["grade_probabilities"]
-        dp = max(abs(pa[k] - pb[k]) for k in pa)
-        voxels = int((res["label_map"] != ref["label_map"]).sum())
-        _log(f"== {args.precision} (optimised) vs the unmodified fp32 model on this case: label-map Dice per region "
-             f"{dices}, {voxels} voxels differ, max |grade probability diff| {dp:.4f}, alpha_text "
-             f"{res['alpha_text']:.4f} vs {ref['alpha_text']:.4f}; unmodified fp32 case {ref_s:.2f} s "
-             f"(load avg {os.getloadavg()[0]:.2f})")
-        report["compare"] = {"dice": dices, "voxels_differing": voxels, "grade_prob_diff": dp,
-                             "fp32_unmodified_end_to_end": ref_s}
+        report["compare"] = _compare_with_fp32(model, case, res, args, grading_slices)
 
     out = workdir / f"bench_predict_{args.precision}.json"
     out.write_text(json.dumps(report, indent=2, default=float))
     _log(f"\nfigures written to {out}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

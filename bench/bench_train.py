@@ -1,26 +1,12 @@
 """Benchmark of training and evaluation with train.py's own loop, on this machine's CPU.
 
-Measures, for the paper-size model (BERT-base-sized text tower with random weights, ResNet-50,
-the default decoder, fusion_dim 256) on full-size cases (240 x 240 x 155, whole brain slices)
-and for the demo model (the `python train.py --demo` defaults: 2-layer BERT, ResNet-18, 64 x 64
-slices):
-
-  1. training throughput in slices/s (forward + backward + AdamW step, batch of the run, data
-     loading included), measured after warm-up steps;
-  2. the share of the training step time spent waiting for the next batch (data loading,
-     augmentation, collation);
-  3. evaluation seconds per case on whole volumes (files -> slices -> model -> label map on the
-     original grid -> 3D metrics), for a full-size case with the paper-size model.
+What it measures (training throughput, the share of a step spent waiting for data, evaluation seconds
+per case, and with ``--load`` the threading policies beside another job) is in :func:`main` and
+:func:`measure_under_load`; the reference figures in README, "Benchmarks".
 
     OMP_NUM_THREADS=2 python bench/bench_train.py                 # both models (~5 minutes)
     python bench/bench_train.py --skip-paper                       # demo model only
     python bench/bench_train.py --load                             # demo s/step alone and beside another job
-
-``--load`` measures the demo model's seconds per training step alone and beside one competing torch
-process (a matrix-multiply loop with torch's default threading), for two threading policies, each in
-a fresh process: "before" (torch loaded with ``OMP_WAIT_POLICY`` unset and its default thread count,
-as train.py ran before :mod:`modeling_emrfuse.runtime.cpu_threads`) and "after" (what train.py does now:
-``OMP_WAIT_POLICY=PASSIVE`` set before torch loads, threads limited to the allowed cores).
 
 Figures depend on the machine and on what else runs on it; nothing here is a test.
 """
@@ -181,7 +167,14 @@ def _child_env() -> dict:
 
 
 def measure_under_load(steps: int) -> None:
-    """Demo s/step alone and beside a competing torch process, for the "before" and "after" threading policies."""
+    """Demo s/step alone and beside a competing torch process, for the "before" and "after" threading policies.
+
+    ``--load``: the demo model's seconds per training step alone and beside one competing torch process (a
+    matrix-multiply loop with torch's default threading), for two threading policies, each in a fresh
+    process: "before" (torch loaded with ``OMP_WAIT_POLICY`` unset and its default thread count) and
+    "after" (the policy of :mod:`modeling_emrfuse.runtime.cpu_threads` that train.py applies:
+    ``OMP_WAIT_POLICY=PASSIVE`` set before torch loads, threads limited to the allowed cores).
+    """
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for policy in POLICIES:
@@ -219,6 +212,20 @@ def measure_under_load(steps: int) -> None:
 
 
 def main() -> None:
+    """Run the benchmark.
+
+    Measures, for the paper-size model (BERT-base-sized text tower with random weights, ResNet-50,
+    the default decoder, fusion_dim 256) on full-size cases (240 x 240 x 155, whole brain slices)
+    and for the demo model (the `python train.py --demo` defaults: 2-layer BERT, ResNet-18, 64 x 64
+    slices):
+
+      1. training throughput in slices/s (forward + backward + AdamW step, batch of the run, data
+         loading included), measured after warm-up steps;
+      2. the share of the training step time spent waiting for the next batch (data loading,
+         augmentation, collation);
+      3. evaluation seconds per case on whole volumes (files -> slices -> model -> label map on the
+         original grid -> 3D metrics), for a full-size case with the paper-size model.
+    """
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--skip-paper", action="store_true")
     p.add_argument("--skip-demo", action="store_true")

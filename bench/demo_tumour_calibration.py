@@ -3,14 +3,6 @@
     python bench/demo_tumour_calibration.py                       # ../shared/realdata
     python bench/demo_tumour_calibration.py --data DIR --json out.json
 
-Every sub-folder of ``--data`` is discovered with ``release="auto"`` (``meta`` and ``pseudolabels``
-excepted). A case is used when it has a label map, the label is expert (not one of ``--pseudo_case``,
-by default ``TCGA-DU-7294``, an algorithm fusion) and its grade is known: from the release layout
-(``HGG``/``LGG`` folders) or else from the organisers' id tables in ``meta/`` (``name_mapping.csv``,
-through ``BraTS21-17_Mapping.csv`` for BraTS 2021 ids). A scan already used under another name
-(``--same_scan``, by default ``brats_2013_pat0004_1`` = ``Brats18_2013_21_1``) is counted once.
-Every other case is listed as skipped, with the reason.
-
 Per case, from the label map under its own label convention: the enhancing fraction of the whole
 tumour (ET / WT), the necrotic and non-enhancing core fraction ((TC - ET) / WT), the oedema fraction
 ((WT - TC) / WT), the whole-tumour volume in cm^3 (voxel counts times the voxel volume) and the brain
@@ -78,7 +70,16 @@ def _skip_reason(case, grade: Optional[str], pseudo: Sequence[str], same_scan: S
 
 
 def measure_cases(data: Path, pseudo: Sequence[str] = DEFAULT_PSEUDO, same_scan: Sequence[str] = DEFAULT_SAME_SCAN):
-    """``(used, skipped)``: per-case measurements of the usable cases and ``(case, folder, reason)`` of the rest."""
+    """``(used, skipped)``: per-case measurements of the usable cases and ``(case, folder, reason)`` of the rest.
+
+    Every sub-folder of ``--data`` is discovered with ``release="auto"`` (``meta`` and ``pseudolabels``
+    excepted). A case is used when it has a label map, the label is expert (not one of ``--pseudo_case``,
+    by default ``TCGA-DU-7294``, an algorithm fusion) and its grade is known: from the release layout
+    (``HGG``/``LGG`` folders) or else from the organisers' id tables in ``meta/`` (``name_mapping.csv``,
+    through ``BraTS21-17_Mapping.csv`` for BraTS 2021 ids). A scan already used under another name
+    (``--same_scan``, by default ``brats_2013_pat0004_1`` = ``Brats18_2013_21_1``) is counted once.
+    Every other case is listed as skipped, with the reason.
+    """
     ids = _id_tables(data)
     used: List[Dict[str, Any]] = []
     skipped: List[tuple] = []

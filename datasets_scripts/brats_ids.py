@@ -1,46 +1,10 @@
 """Case ids across BraTS releases: which ids name the same patient, its BraTS 2020 id and grade.
 
 Each BraTS release renames its cases, while reports (TextBraTS) are keyed by BraTS 2020 ids
-(``BraTS20_Training_XXX``). The organisers publish tables that link the names; this module reads
-them (standard library only) and answers look-ups by any of the names.
-
-Tables understood (the kind is detected from the header, so files may be given in any mix):
-
-* **BraTS 2020 name mapping** (``name_mapping.csv``, 369 training cases)::
-
-      Grade,BraTS_2017_subject_ID,BraTS_2018_subject_ID,TCGA_TCIA_subject_ID,BraTS_2019_subject_ID,BraTS_2020_subject_ID
-      LGG,Brats17_TCIA_130_1,Brats18_TCIA10_130_1,TCGA-DU-7294,BraTS19_TCIA10_130_1,BraTS20_Training_295
-
-  Recognised by a column whose name contains ``subject_id``. Every column whose name contains
-  ``subject_id`` (any case) or ``ID``, or is ``id`` / ``case_id``, is an id column; the one
-  containing ``2020`` gives the BraTS 2020 id. The validation version
-  (``name_mapping_validation_data.csv``) has no ``Grade`` column and ``BraTS20_Validation_XXX``
-  ids; the grade is read only where a ``Grade`` column exists (``HGG`` or ``LGG``).
-
-* **BraTS 2021 mapping** (``BraTS21-17_Mapping.csv``)::
-
-      BraTS2021,BraTS2020,BraTS2019,BraTS2018,BraTS2017,Cohort Name (if publicly available),Site No (represents the originating institution),Local ID
-
-  Recognised by columns named ``BraTS2017`` ... ``BraTS2021``; only those are id columns (cohort,
-  site and local-id columns are ignored). Some rows have no 2021 id but a BraTS 2020 id.
-
-Rules:
-
-* Cells are stripped of whitespace; ``NA``, ``N/A`` (any case) and empty cells are not ids.
-  Column names are stripped too (the 2021 table's ``Local ID `` has a trailing space), and a UTF-8
-  byte-order mark is ignored.
-* All ids of one row name one patient; rows (of any tables) that share an id are the same patient
-  (connected components over ids), so with both tables ``BraTS2021_01500`` ->
-  ``BraTS20_Training_295`` -> ``Brats18_TCIA10_130_1`` / ``TCGA-DU-7294`` are one patient.
-* The patient key (:meth:`IdMapping.patient_of`) is the patient's BraTS 2020 id when a table gives
-  one, else the smallest of its ids in sorted order: deterministic and shared by every alias.
-* Look-ups are exact on the stripped id string. One naming rule of BraTS 2023+ is applied on top of
-  the tables: the glioma ids ``BraTS-GLI-NNNNN-TTT`` continue the BraTS 2021 numbering, so any
-  timepoint ``TTT`` of ``BraTS-GLI-NNNNN`` is the patient of ``BraTS2021_NNNNN`` -- used only when
-  that 2021 id is in a table (otherwise the id is unknown and look-ups return ``None``).
-* A patient with two different grades, or two different BraTS 2020 ids joined into one patient (a
-  broken table), is a ``ValueError`` naming the files, lines and ids. Error messages never show
-  cell values other than ids.
+(``BraTS20_Training_XXX``). The organisers publish tables that link the names (BraTS 2020
+``name_mapping*.csv``, BraTS 2021 ``BraTS21-17_Mapping.csv``); :class:`IdMapping` reads them in any
+mix and answers look-ups by any of the names. The releases and their id rules come from the release
+table (``modeling_emrfuse.brats_io.RELEASES``); the README (``--id_mapping``) says how a run uses them.
 
 Example::
 
@@ -58,6 +22,8 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
+from modeling_emrfuse.brats_io import RELEASES, earlier_release_id
+
 __all__ = [
     "GRADES",
     "MISSING_VALUES",
@@ -70,14 +36,13 @@ __all__ = [
 #: Grades a ``Grade`` column may hold (upper-cased before checking).
 GRADES: Tuple[str, ...] = ("HGG", "LGG")
 
-#: Cell values (compared upper-cased, after stripping) that mean "no id here".
+#: Cell values (compared upper-cased, after stripping whitespace) that mean "no id here"; an empty cell
+#: is not an id either.
 MISSING_VALUES: FrozenSet[str] = frozenset({"", "NA", "N/A"})
 
 #: File-name patterns of id tables, matched (case-sensitively) by :func:`find_id_tables`.
 TABLE_PATTERNS: Tuple[str, ...] = ("name_mapping*.csv", "*Mapping*.csv")
 
-_RELEASE_COLUMN = re.compile(r"^BraTS20(1[7-9]|2[0-9])$", re.IGNORECASE)
-_GLI_ID = re.compile(r"^BraTS-GLI-(\d{5})-(\d{3})$")
 
 _EXPECTED = (
     "a BraTS 2020 name mapping (Grade, BraTS_2017_subject_ID, BraTS_2018_subject_ID, "
@@ -87,17 +52,23 @@ _EXPECTED = (
 
 
 def gli_to_brats2021(case_id: str) -> Optional[str]:
-    """The BraTS 2021 id a BraTS 2023+ glioma id continues, by the BraTS 2023 naming rule.
+    """The earlier-release id a case id continues, by the release table's ``earlier_id`` rules
+    (:func:`modeling_emrfuse.brats_io.earlier_release_id`).
 
     Args:
         case_id: A case id such as ``BraTS-GLI-00005-001``.
 
     Returns:
         ``BraTS2021_NNNNN`` for ``BraTS-GLI-NNNNN-TTT`` (any timepoint ``TTT``), else ``None``.
-        Whether that 2021 case exists is not checked.
+        Whether that case exists is not checked.
     """
-    match = _GLI_ID.match(case_id.strip())
-    return f"BraTS2021_{match.group(1)}" if match else None
+    return earlier_release_id(case_id)
+
+
+def _is_release_column(name: str) -> bool:
+    """A column named after a release of the release table (``BraTS2017`` ... ``BraTS2021``)."""
+    text = name.strip().lower()
+    return text.startswith("brats") and text[len("brats"):] in RELEASES
 
 
 def find_id_tables(data_dir: Union[str, Path]) -> List[Path]:
@@ -158,10 +129,33 @@ def _cell(value: object) -> Optional[str]:
 
 
 def _columns(header: Sequence[str], source: str) -> Tuple[List[str], Optional[str], Optional[str]]:
-    """Detect the table kind: (id columns, the BraTS 2020 id column, the grade column)."""
+    """Detect the table kind: (id columns, the BraTS 2020 id column, the grade column).
+
+    Column names are compared stripped of whitespace (the 2021 table's ``Local ID `` has a trailing
+    space). Two kinds are understood:
+
+    * **BraTS 2020 name mapping** (``name_mapping.csv``, 369 training cases)::
+
+          Grade,BraTS_2017_subject_ID,BraTS_2018_subject_ID,TCGA_TCIA_subject_ID,BraTS_2019_subject_ID,BraTS_2020_subject_ID
+          LGG,Brats17_TCIA_130_1,Brats18_TCIA10_130_1,TCGA-DU-7294,BraTS19_TCIA10_130_1,BraTS20_Training_295
+
+      Recognised by a column whose name contains ``subject_id``. Every column whose name contains
+      ``subject_id`` (any case) or ``ID``, or is ``id`` / ``case_id``, is an id column; the one
+      containing ``2020`` gives the BraTS 2020 id. The validation version
+      (``name_mapping_validation_data.csv``) has no ``Grade`` column and ``BraTS20_Validation_XXX``
+      ids; the grade is read only where a ``Grade`` column exists (``HGG`` or ``LGG``).
+
+    * **BraTS 2021 mapping** (``BraTS21-17_Mapping.csv``)::
+
+          BraTS2021,BraTS2020,BraTS2019,BraTS2018,BraTS2017,Cohort Name (if publicly available),Site No (represents the originating institution),Local ID
+
+      Recognised by columns named ``BraTS<release>`` for releases of the release table; only those are
+      id columns (cohort, site and local-id columns are ignored). Some rows have no 2021 id but a
+      BraTS 2020 id.
+    """
     names = [name for name in header if isinstance(name, str)]
     stripped = {name: name.strip() for name in names}
-    release_cols = [name for name in names if _RELEASE_COLUMN.match(stripped[name])]
+    release_cols = [name for name in names if _is_release_column(stripped[name])]
     if release_cols:  # BraTS 2021 mapping
         id_cols = release_cols
     elif any("subject_id" in stripped[name].lower() for name in names):  # BraTS 2020 name mapping
@@ -213,6 +207,7 @@ def _parse(header: Sequence[str], rows: Iterable[Tuple[int, Mapping[str, object]
 
 
 def _read_table(path: Path) -> List[_Row]:
+    """The rows of one CSV id table (a UTF-8 byte-order mark is ignored); line numbers as in the file."""
     if not path.exists():
         raise FileNotFoundError(f"BraTS id table not found: {path}")
     if path.is_dir():
@@ -231,8 +226,22 @@ def _read_table(path: Path) -> List[_Row]:
 class IdMapping:
     """Which case ids name the same patient across BraTS releases, and each patient's BraTS 2020 id and grade.
 
-    Build one with :meth:`from_files` (the organisers' CSV tables) or :meth:`from_rows`; combine
-    mappings with :meth:`merge`. See the module docstring for the tables and the joining rules.
+    Build one with :meth:`from_files` (the organisers' CSV tables; the kinds understood are listed on
+    :func:`_columns`) or :meth:`from_rows`; combine mappings with :meth:`merge`. The joining rules:
+
+    * All ids of one row name one patient; rows (of any tables) that share an id are the same patient
+      (connected components over ids), so with both tables ``BraTS2021_01500`` ->
+      ``BraTS20_Training_295`` -> ``Brats18_TCIA10_130_1`` / ``TCGA-DU-7294`` are one patient.
+    * The patient key (:meth:`patient_of`) is the patient's BraTS 2020 id when a table gives one, else
+      the smallest of its ids in sorted order: deterministic and shared by every alias.
+    * Look-ups are exact on the stripped id string. The release table's ``earlier_id`` rules are
+      applied on top of the tables: the glioma ids ``BraTS-GLI-NNNNN-TTT`` continue the BraTS 2021
+      numbering, so any timepoint ``TTT`` of ``BraTS-GLI-NNNNN`` is the patient of ``BraTS2021_NNNNN``
+      -- used only when that 2021 id is in a table (otherwise the id is unknown and look-ups return
+      ``None``).
+    * A patient with two different grades, or two different BraTS 2020 ids joined into one patient (a
+      broken table), is a ``ValueError`` naming the files, lines and ids. Error messages never show
+      cell values other than ids.
 
     Attributes:
         files: The tables read (file paths, or the ``source`` names given to :meth:`from_rows`).

@@ -1,48 +1,12 @@
 """The BraTS + radiology report dataset builder (Hugging Face ``datasets``), its splits and its CLI.
 
-One example per case::
-
-    case_id, patient_id, release, label_convention,
-    grade            ClassLabel(names=["HGG", "LGG"]); -1 = unknown (BraTS 2021/2023, test sets)
-    report           the report text ("" when the case has none)
-    has_report       bool
-    has_label        bool
-    t1, t1ce, t2, flair   datasets.Nifti (decoded to a nibabel image, (X, Y, Z) = (240, 240, 155))
-    seg              datasets.Nifti, None for unlabeled cases
-    spacing          [x, y, z] voxel size in mm (header of the first sequence)
-    shape            [X, Y, Z]
-
-datasets 5 does not run loading scripts, so the builder is used by instantiating it::
-
-    builder = BratsTextBuilder(data_dir="MICCAI_BraTS2020_TrainingData", reports="reports.jsonl",
-                               n_folds=5, fold=0, cache_dir="...")
-    builder.download_and_prepare()
-    dsd = builder.as_dataset()          # DatasetDict: train / test (/ validation)
-
-or in one call: ``load_brats_text(data_dir, reports=..., release="auto")``. The ``emrfuse prepare``
-command writes the result with ``save_to_disk`` (or as Parquet shards for the Hub).
-
-Streaming: cases are discovered from the directory listing; examples store the volumes' file
-paths (embedded as bytes only when saved), and the per-case checks read one volume at a time, so
-preparing a 1,251-case release never holds more than one case in memory. MetaImage (BraTS 2015)
-volumes are converted to gzipped NIfTI bytes case by case, because ``datasets.Nifti`` decodes NIfTI.
-
-Reports: a TextBraTS ``<case>_flair_text.txt`` inside the case folder, or a reports file (CSV,
-JSONL or JSON with a case-id and a text column; see :func:`read_reports`) whose entries take
-precedence. A case without report gets ``has_report=False`` (an error only with
-``require_reports=True``); a report whose case does not exist is listed in the summary and warned
-about. Report text is never printed or logged.
-
-Splits: a user split file (TextBraTS ``Train.json``/``Test.json``, ``{"train": [...], "test": [...]}``,
-or a text file with one id per line per split) or deterministic patient-level folds stratified by
-grade (see :func:`make_splits`). A patient never appears in two splits.
-
-Checks per case (``on_error="raise"``: ``ValueError`` naming case and file; ``on_error="skip"``:
-the case is left out and listed in the summary): missing sequence, unreadable or truncated file,
-sequences of different shapes, NaN/inf voxels, label values outside the release's convention,
-duplicate case ids. Voxel spacing other than 1 mm, or differing between the sequences, is a
-warning: EmrFuse does not resample; the model works on the voxel grid as stored and the metrics
-(HD95) use the header spacing.
+:class:`BratsTextBuilder` turns one or more BraTS release folders and their reports into a
+``DatasetDict`` with one example per case (:func:`brats_text_features`): the four sequences and the
+label map as ``datasets.Nifti``, the report, the grade and the case's release. :func:`load_brats_text`
+does it in one call; ``emrfuse prepare`` (:func:`add_parser`) writes the result with ``save_to_disk``
+or as Parquet shards for the Hub. Reports are attached by :func:`attach_reports_and_grades`, splits
+made by :func:`make_splits` (a patient never appears in two splits) and every case checked by
+:func:`check_case`; report text is never printed or logged. The README's "Data" section is the manual.
 """
 
 from __future__ import annotations
@@ -58,30 +22,36 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-import numpy as np
-
 import datasets
+import numpy as np
 from datasets.exceptions import DatasetGenerationError
 
 # read_reports (a reports file -> {case id: text}) and its column matching live in brats_io; re-exported here
 from modeling_emrfuse.brats_io import (
     _ID_KEYS,
+    RELEASES,
     CaseFiles,
     CaseList,
     SkippedCase,
     _norm_key,
     _pick_column,
     discover_folders,
-    patient_id_for,
+    patient_groups,
     read_header,
     read_reports,
     read_volume,
     volume_suffix,
 )
-from modeling_emrfuse.brats_labels import GRADES, SEQUENCES, check_label_values, get_label_convention
+from modeling_emrfuse.brats_labels import (
+    GRADES,
+    SEQUENCES,
+    check_label_values,
+    get_label_convention,
+)
 from modeling_emrfuse.runtime.strict_json import write_json
 
 from .brats_ids import IdMapping, find_id_tables
@@ -144,7 +114,8 @@ def _read_report_file(path: Path, case_id: str) -> str:
 # --------------------------------------------------------------------------------------------
 def load_id_mapping(id_mapping: Any = None, data_dirs: Sequence[Path | str] = (), releases: Mapping[str, str] | None = None) -> Optional[IdMapping]:
     """The id tables of a run: ``id_mapping`` (a path, a list of paths, or an :class:`IdMapping`),
-    plus any ``name_mapping*.csv`` sitting in a BraTS 2020 data folder (auto-detected).
+    plus the grade table of a release that has one (``Release.grade_table``: ``name_mapping*.csv`` in a
+    BraTS 2020 folder), found in its data folder.
 
     ``releases`` maps each data folder to its release (as :func:`discover_folders` returns it);
     returns ``None`` when there is no table.
@@ -156,8 +127,9 @@ def load_id_mapping(id_mapping: Any = None, data_dirs: Sequence[Path | str] = ()
         mapping = None
         paths = [] if id_mapping is None else [Path(p) for p in ([id_mapping] if isinstance(id_mapping, (str, Path)) else id_mapping)]
     for folder in data_dirs:
-        if (releases or {}).get(str(folder)) == "2020":
-            paths.extend(p for p in find_id_tables(folder) if p.name.lower().startswith("name_mapping") and p not in paths)
+        release = RELEASES.get((releases or {}).get(str(folder), ""))
+        if release is not None and release.grade_table:  # the release's own grade table is an id table too
+            paths.extend(p for p in find_id_tables(folder) if fnmatch(p.name.lower(), release.grade_table.lower()) and p not in paths)
     if paths:
         table = IdMapping.from_files(paths)
         mapping = table if mapping is None else mapping.merge(table)
@@ -237,11 +209,11 @@ def attach_reports_and_grades(
                 grade = id_mapping.grade_of(case.case_id)
                 out.grades_via_id_mapping += 1
         out.cases.append(case if grade == case.grade else dataclasses.replace(case, grade=grade))
-    # cases that the naming rules put with a patient the table knows (e.g. a BraTS 2015 copy of a
-    # BraTS 2013 patient) join that patient
+    # cases that discovery put with a patient the table knows (the same scan under another name, found by
+    # its tumour mask) join that patient
     by_name: Dict[str, List[str]] = {}
     for case in out.cases:
-        by_name.setdefault(patient_id_for(case.case_id, case.release), []).append(case.case_id)
+        by_name.setdefault(case.patient_id, []).append(case.case_id)
     for ids in by_name.values():
         known = sorted({out.patients[i] for i in ids if i in out.patients})
         if known:
@@ -494,6 +466,7 @@ class _SplitPlan:
     unknown_ids: Dict[str, List[str]]
     unassigned: List[str]
     source: str
+    patients: Dict[str, str] = field(default_factory=dict)  # case id -> patient, as the split used it
 
 
 def _plan_splits(
@@ -505,49 +478,60 @@ def _plan_splits(
     seed: int = 0,
     patient_map: Any = None,
 ) -> _SplitPlan:
-    pmap = _read_patient_map(patient_map)
-    patient_of = {c.case_id: pmap.get(c.case_id, patient_id_for(c.case_id, c.release)) for c in cases}
-    known = {c.case_id for c in cases}
+    patient_of = patient_groups(cases, _read_patient_map(patient_map))
     spec = _resolve_split_spec(splits)
-
     if spec is not None:
-        if spec == {"train": ["*"]}:
-            return _SplitPlan({"train": sorted(known)}, {}, [], "none (one split)")
-        assignment: Dict[str, List[str]] = {}
-        split_of: Dict[str, str] = {}
-        unknown: Dict[str, List[str]] = {}
-        for name, ids in spec.items():
-            for cid in ids:
-                if cid not in known:
-                    unknown.setdefault(name, []).append(cid)
-                    continue
-                if cid in split_of and split_of[cid] != name:
-                    raise ValueError(f"split file: case {cid} is in two splits ({split_of[cid]!r} and {name!r}).")
-                if cid in split_of:
-                    continue
-                split_of[cid] = name
-                assignment.setdefault(name, []).append(cid)
-        patient_split: Dict[str, Tuple[str, str]] = {}
-        for cid, name in sorted(split_of.items()):
-            patient = patient_of[cid]
-            if patient in patient_split and patient_split[patient][0] != name:
-                other_split, other_case = patient_split[patient]
-                raise ValueError(
-                    f"split file: patient {patient} is in two splits ({other_split!r} via {other_case}, "
-                    f"{name!r} via {cid}); a patient must stay in one split."
-                )
-            patient_split.setdefault(patient, (name, cid))
-        unassigned = sorted(known - set(split_of))
-        return _SplitPlan({k: sorted(v) for k, v in assignment.items()}, unknown, unassigned, "split file")
+        plan = _plan_from_spec(spec, patient_of)
+    else:
+        plan = _plan_folds(cases, patient_of, n_folds, fold, val_fraction, seed)
+    plan.patients = patient_of
+    return plan
 
-    # automatic: patient-level folds stratified by grade
-    n_folds, fold = int(n_folds), int(fold)
+
+def _plan_from_spec(spec: Dict[str, List[str]], patient_of: Dict[str, str]) -> _SplitPlan:
+    """Splits as a split file gives them; a case or a patient in two splits is an error."""
+    known = set(patient_of)
+    if spec == {"train": ["*"]}:
+        return _SplitPlan({"train": sorted(known)}, {}, [], "none (one split)")
+    assignment: Dict[str, List[str]] = {}
+    split_of: Dict[str, str] = {}
+    unknown: Dict[str, List[str]] = {}
+    for name, ids in spec.items():
+        for cid in ids:
+            if cid not in known:
+                unknown.setdefault(name, []).append(cid)
+                continue
+            if cid in split_of and split_of[cid] != name:
+                raise ValueError(f"split file: case {cid} is in two splits ({split_of[cid]!r} and {name!r}).")
+            if cid in split_of:
+                continue
+            split_of[cid] = name
+            assignment.setdefault(name, []).append(cid)
+    patient_split: Dict[str, Tuple[str, str]] = {}
+    for cid, name in sorted(split_of.items()):
+        patient = patient_of[cid]
+        if patient in patient_split and patient_split[patient][0] != name:
+            other_split, other_case = patient_split[patient]
+            raise ValueError(
+                f"split file: patient {patient} is in two splits ({other_split!r} via {other_case}, "
+                f"{name!r} via {cid}); a patient must stay in one split."
+            )
+        patient_split.setdefault(patient, (name, cid))
+    unassigned = sorted(known - set(split_of))
+    return _SplitPlan({k: sorted(v) for k, v in assignment.items()}, unknown, unassigned, "split file")
+
+
+def _check_fold_options(n_folds: int, fold: int, val_fraction: float) -> None:
     if n_folds < 2:
         raise ValueError(f"n_folds must be >= 2 for automatic folds (got {n_folds}); use splits='none' for one split.")
     if not 0 <= fold < n_folds:
         raise ValueError(f"fold must be in 0..{n_folds - 1}, got {fold}.")
     if not 0.0 <= float(val_fraction) < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+
+
+def _patients_and_grades(cases: Sequence[CaseFiles], patient_of: Dict[str, str]) -> Tuple[Dict[str, List[str]], Dict[str, str]]:
+    """(patient -> its case ids, patient -> grade); a patient with cases of two grades is an error."""
     cases_of: Dict[str, List[str]] = {}
     grade_of: Dict[str, str] = {}
     for c in sorted(cases, key=lambda c: c.case_id):
@@ -557,35 +541,56 @@ def _plan_splits(
             if grade_of.get(patient, c.grade) != c.grade:
                 raise ValueError(f"patient {patient} has cases of different grades ({grade_of[patient]} and {c.grade}).")
             grade_of[patient] = c.grade
-    if len(cases_of) < n_folds:
-        raise ValueError(f"{len(cases_of)} patients cannot be split into {n_folds} folds; lower n_folds or pass splits.")
+    return cases_of, grade_of
+
+
+def _fold_of_patients(patients: Iterable[str], grade_of: Dict[str, str], n_folds: int, seed: int) -> Dict[str, int]:
+    """Each patient's fold: a seeded shuffle within each grade stratum, dealt round-robin."""
     strata: Dict[str, List[str]] = {}
-    for patient in sorted(cases_of):
+    for patient in sorted(patients):
         strata.setdefault(grade_of.get(patient, "unknown"), []).append(patient)
     rng = np.random.default_rng(seed)
     fold_of: Dict[str, int] = {}
     offset = 0
     for stratum in sorted(strata):
         members = strata[stratum]
-        order = rng.permutation(len(members))
-        for j, idx in enumerate(order):
+        for j, idx in enumerate(rng.permutation(len(members))):
             fold_of[members[idx]] = (offset + j) % n_folds
         offset += len(members)
+    return fold_of
+
+
+def _validation_patients(train_patients: Sequence[str], grade_of: Dict[str, str], val_fraction: float,
+                         seed: int, fold: int) -> List[str]:
+    train_strata: Dict[str, List[str]] = {}
+    for p in train_patients:
+        train_strata.setdefault(grade_of.get(p, "unknown"), []).append(p)
+    sizes = _split_sizes_by_fraction({k: len(v) for k, v in train_strata.items()}, float(val_fraction))
+    val_rng = np.random.default_rng([seed, fold, 1])
+    chosen: List[str] = []
+    for stratum in sorted(train_strata):
+        members = train_strata[stratum]
+        order = val_rng.permutation(len(members))
+        chosen.extend(members[i] for i in order[: sizes[stratum]])
+    return chosen
+
+
+def _plan_folds(cases: Sequence[CaseFiles], patient_of: Dict[str, str], n_folds: int, fold: int,
+                val_fraction: float, seed: int) -> _SplitPlan:
+    """Automatic splits: patient-level folds stratified by grade, fold ``fold`` as test."""
+    n_folds, fold = int(n_folds), int(fold)
+    _check_fold_options(n_folds, fold, val_fraction)
+    cases_of, grade_of = _patients_and_grades(cases, patient_of)
+    if len(cases_of) < n_folds:
+        raise ValueError(
+            f"{len(cases_of)} patients cannot be split into {n_folds} folds (cases with identical tumour masks "
+            "count as one patient); lower n_folds, add cases, or pass splits."
+        )
+    fold_of = _fold_of_patients(cases_of, grade_of, n_folds, seed)
     test_patients = sorted(p for p, f in fold_of.items() if f == fold)
     train_patients = sorted(p for p, f in fold_of.items() if f != fold)
-    val_patients: List[str] = []
-    if val_fraction > 0:
-        train_strata: Dict[str, List[str]] = {}
-        for p in train_patients:
-            train_strata.setdefault(grade_of.get(p, "unknown"), []).append(p)
-        sizes = _split_sizes_by_fraction({k: len(v) for k, v in train_strata.items()}, float(val_fraction))
-        val_rng = np.random.default_rng([seed, fold, 1])
-        for stratum in sorted(train_strata):
-            members = train_strata[stratum]
-            order = val_rng.permutation(len(members))
-            val_patients.extend(members[i] for i in order[: sizes[stratum]])
-        val_set = set(val_patients)
-        train_patients = [p for p in train_patients if p not in val_set]
+    val_patients = _validation_patients(train_patients, grade_of, val_fraction, seed, fold) if val_fraction > 0 else []
+    train_patients = [p for p in train_patients if p not in set(val_patients)]
 
     def expand(patients: Iterable[str]) -> List[str]:
         return sorted(cid for p in patients for cid in cases_of[p])
@@ -620,9 +625,10 @@ def make_splits(
         val_fraction: automatic folds: fraction of the training patients moved to ``validation``
             (stratified by grade; at least one patient when > 0).
         seed: seed of the (deterministic) shuffles; the same inputs always give the same splits.
-        patient_map: ``{case_id: patient_id}`` or a CSV with case and patient columns. Without it
-            a BraTS 2023+ id ``BraTS-GLI-XXXXX-YYY`` belongs to patient ``BraTS-GLI-XXXXX``
-            (``YYY`` is the time point) and any other case is its own patient.
+        patient_map: ``{case_id: patient_id}`` or a CSV with case and patient columns. Cases that it, the
+            cases' ``patient_id`` (naming rules: a BraTS 2023+ id ``BraTS-GLI-XXXXX-YYY`` belongs to patient
+            ``BraTS-GLI-XXXXX``) or identical tumour masks (read from the label files) put together are one
+            patient (:func:`~modeling_emrfuse.brats_io.patient_groups`); any other case is its own patient.
     """
     plan = _plan_splits(cases, splits, n_folds, fold, val_fraction, seed, patient_map)
     for name, ids in plan.unknown_ids.items():
@@ -681,7 +687,18 @@ def derange_reports(
 
 
 def brats_text_features() -> datasets.Features:
-    """The features of one example (see the module docstring)."""
+    """The features of one example::
+
+        case_id, patient_id, release, label_convention,
+        grade            ClassLabel(names=["HGG", "LGG"]); -1 = unknown (BraTS 2021/2023, test sets)
+        report           the report text ("" when the case has none)
+        has_report       bool
+        has_label        bool
+        t1, t1ce, t2, flair   datasets.Nifti (decoded to a nibabel image, (X, Y, Z) = (240, 240, 155))
+        seg              datasets.Nifti, None for unlabeled cases
+        spacing          [x, y, z] voxel size in mm (header of the first sequence)
+        shape            [X, Y, Z]
+    """
     return datasets.Features(
         {
             "case_id": datasets.Value("string"),
@@ -779,8 +796,43 @@ def input_fingerprint(data_dir: Any, *others: Any) -> str:
     return digest.hexdigest()[:16]
 
 
+def _start_summary(cfg: "BratsTextConfig", folders: List[str], cases: CaseList) -> dict:
+    """The build summary's discovery part (releases, conventions, counts, skipped cases, warnings)."""
+    conventions = sorted({c.label_convention for c in cases}) or [get_label_convention(cases.release).name]
+    return {
+        "data_dir": cfg.data_dir if len(folders) == 1 else folders,
+        "release": cases.release,
+        "releases": cases.releases,
+        "label_convention": conventions[0] if len(conventions) == 1 else "mixed",
+        "label_conventions": conventions,
+        "cases_found": len(cases) + len(cases.skipped),
+        "splits": {},
+        "skipped": [s.to_dict() for s in cases.skipped],
+        "warnings": [{"case_id": cid, "message": msg} for cid, msg in cases.warnings],
+        "reports": {},
+    }
+
+
+def _split_generators_of(plan: "_SplitPlan", kept: Sequence[CaseFiles], reports: Mapping[str, str]) -> list:
+    """One ``SplitGenerator`` per non-empty split, carrying its cases, reports and patients."""
+    by_id = {c.case_id: c for c in kept}
+    generators = []
+    for name, ids in plan.assignment.items():
+        if not ids:
+            continue
+        gen_kwargs = {
+            "cases": [by_id[i] for i in ids],
+            "reports": {i: reports[i] for i in ids if i in reports},
+            "patients": {i: plan.patients[i] for i in ids if i in plan.patients},
+        }
+        generators.append(datasets.SplitGenerator(name=name, gen_kwargs=gen_kwargs))
+    return generators
+
+
 class BratsTextBuilder(datasets.GeneratorBasedBuilder):
-    """BraTS (any release) + radiology reports as a ``datasets`` builder. Instantiate it::
+    """BraTS (any release) + radiology reports as a ``datasets`` builder.
+
+    ``datasets`` 5 does not run loading scripts, so the builder is used by instantiating it::
 
         builder = BratsTextBuilder(data_dir=..., reports=None, release="auto", splits=None,
                                    n_folds=5, fold=0, val_fraction=0.0, seed=0,
@@ -791,6 +843,17 @@ class BratsTextBuilder(datasets.GeneratorBasedBuilder):
 
     The cache (``cache_dir``, default the ``datasets`` cache) is keyed by the options and by a
     fingerprint of the input files, so a changed folder is rebuilt and an unchanged one reused.
+
+    Streaming: cases are discovered from the directory listing; examples store the volumes' file
+    paths (embedded as bytes only when saved), and the per-case checks read one volume at a time, so
+    preparing a 1,251-case release never holds more than one case in memory. MetaImage (BraTS 2015)
+    volumes are converted to gzipped NIfTI bytes case by case, because ``datasets.Nifti`` decodes NIfTI.
+
+    Reports: a TextBraTS ``<case>_flair_text.txt`` inside the case folder, or a reports file (CSV,
+    JSONL or JSON with a case-id and a text column; see :func:`read_reports`) whose entries take
+    precedence. A case without report gets ``has_report=False`` (an error only with
+    ``require_reports=True``); a report whose case does not exist is listed in the summary and warned
+    about.
     """
 
     BUILDER_CONFIG_CLASS = BratsTextConfig
@@ -849,60 +912,54 @@ class BratsTextBuilder(datasets.GeneratorBasedBuilder):
             cfg.releases if cfg.releases is not None else cfg.release,
             on_error=cfg.on_error,
             allow_missing_sequences=cfg.allow_missing_sequences,
+            check_files=cfg.check_voxels,
         )
+        summary = _start_summary(cfg, folders, cases)
         id_mapping = load_id_mapping(cfg.id_mapping, folders, cases.releases)
-        conventions = sorted({c.label_convention for c in cases}) or [get_label_convention(cases.release).name]
-        summary = {
-            "data_dir": cfg.data_dir if len(folders) == 1 else folders,
-            "release": cases.release,
-            "releases": cases.releases,
-            "label_convention": conventions[0] if len(conventions) == 1 else "mixed",
-            "label_conventions": conventions,
-            "cases_found": len(cases) + len(cases.skipped),
-            "splits": {},
-            "skipped": [s.to_dict() for s in cases.skipped],
-            "warnings": [{"case_id": cid, "message": msg} for cid, msg in cases.warnings],
-            "reports": {},
-        }
-        skipped_ids = {s.case_id for s in cases.skipped}
+        attached, kept = self._attach_reports(cfg, folders, cases, id_mapping, summary)
+        patient_map = {**attached.patients, **_read_patient_map(cfg.patient_map)}
+        plan = _plan_splits(kept, cfg.splits, cfg.n_folds, cfg.fold, cfg.val_fraction, cfg.seed, patient_map)
+        for name, ids in plan.unknown_ids.items():
+            warnings.warn(f"split {name!r}: {len(ids)} id(s) match no usable case: {ids[:10]}", stacklevel=2)
+        if plan.unassigned:
+            warnings.warn(f"{len(plan.unassigned)} case(s) are in no split and left out: {plan.unassigned[:10]}", stacklevel=2)
+        summary.update(split_source=plan.source, unknown_split_ids=plan.unknown_ids, unassigned_cases=plan.unassigned)
+        self._summary = summary
+        self._built_here = True
+        generators = _split_generators_of(plan, kept, attached.reports)
+        if not generators:
+            raise ValueError(f"{cfg.data_dir}: no usable case left to build a dataset from.")
+        return generators
 
-        def skip(case_id: str, path: Any, reason: str) -> None:
-            summary["skipped"].append(SkippedCase(case_id, str(path), reason).to_dict())
-            warnings.warn(f"skipped case {case_id}: {reason} ({path})", stacklevel=3)
+    def _skip(self, summary: dict, case_id: str, path: Any, reason: str) -> None:
+        summary["skipped"].append(SkippedCase(case_id, str(path), reason).to_dict())
+        warnings.warn(f"skipped case {case_id}: {reason} ({path})", stacklevel=4)
 
-        # ---- reports ------------------------------------------------------------------------
+    def _attach_reports(self, cfg: "BratsTextConfig", folders: List[str], cases: CaseList,
+                        id_mapping: Optional[IdMapping], summary: dict) -> Tuple[ReportAttachment, List[CaseFiles]]:
+        """Reports and grades for every case; the cases kept (a case without report is an error or a skip
+        with ``require_reports``). Fills the summary's ``reports`` and ``id_mapping``."""
         file_reports: Dict[str, str] = read_reports(cfg.reports) if cfg.reports else {}
         attached = attach_reports_and_grades(cases, file_reports, id_mapping, on_error=cfg.on_error)
         for s in attached.skipped:
-            skip(s.case_id, s.path, s.reason)
-        skipped_here = {s.case_id for s in attached.skipped}
-        orphans = sorted(set(file_reports) - attached.used_report_ids - {c.case_id for c in cases} - skipped_ids - skipped_here)
+            self._skip(summary, s.case_id, s.path, s.reason)
+        skipped = {s.case_id for s in cases.skipped} | {s.case_id for s in attached.skipped}
+        orphans = sorted(set(file_reports) - attached.used_report_ids - {c.case_id for c in cases} - skipped)
         if orphans:
             warnings.warn(
                 f"{len(orphans)} report(s) in {cfg.reports} match no case in {', '.join(folders)}: {orphans[:10]}"
                 + (" ..." if len(orphans) > 10 else ""),
-                stacklevel=2,
+                stacklevel=3,
             )
-        reports: Dict[str, str] = attached.reports
-        without: List[str] = []
-        kept: List[CaseFiles] = []
+        kept, without = [], []
         for case in attached.cases:
-            if case.case_id in reports:
+            if case.case_id in attached.reports:
                 kept.append(case)
-                continue
-            if cfg.require_reports:
-                where = f"no {case.case_id}_flair_text.txt in {case.source_dir}" + (
-                    f" and no entry in {cfg.reports}" if cfg.reports else ""
-                )
-                if case.case_id in file_reports or (case.report_path is not None and Path(case.report_path).is_file()):
-                    where = "the report is empty"
-                message = f"case {case.case_id}: no report ({where}); require_reports=True"
-                if cfg.on_error == "raise":
-                    raise ValueError(message)
-                skip(case.case_id, case.report_path or case.source_dir, message)
-                continue
-            without.append(case.case_id)
-            kept.append(case)
+            elif not cfg.require_reports:
+                without.append(case.case_id)
+                kept.append(case)
+            else:
+                self._refuse_without_report(cfg, case, file_reports, summary)
         summary["reports"] = {
             "reports_file": None if cfg.reports is None else str(cfg.reports),
             "from_reports_file": attached.from_reports_file,
@@ -917,40 +974,19 @@ class BratsTextBuilder(datasets.GeneratorBasedBuilder):
             "grades_attached": attached.grades_via_id_mapping,
             "cases_in_tables": len(attached.patients),
         }
+        return attached, kept
 
-        # ---- splits -------------------------------------------------------------------------
-        patient_map = {**attached.patients, **_read_patient_map(cfg.patient_map)}
-        plan = _plan_splits(kept, cfg.splits, cfg.n_folds, cfg.fold, cfg.val_fraction, cfg.seed, patient_map)
-        for name, ids in plan.unknown_ids.items():
-            warnings.warn(f"split {name!r}: {len(ids)} id(s) match no usable case: {ids[:10]}", stacklevel=2)
-        if plan.unassigned:
-            warnings.warn(f"{len(plan.unassigned)} case(s) are in no split and left out: {plan.unassigned[:10]}", stacklevel=2)
-        summary["split_source"] = plan.source
-        summary["unknown_split_ids"] = plan.unknown_ids
-        summary["unassigned_cases"] = plan.unassigned
-        self._summary = summary
-        self._built_here = True
-
-        by_id = {c.case_id: c for c in kept}
-        pmap = patient_map
-        generators = []
-        for name, ids in plan.assignment.items():
-            if not ids:
-                continue
-            split_cases = [by_id[i] for i in ids]
-            generators.append(
-                datasets.SplitGenerator(
-                    name=name,
-                    gen_kwargs={
-                        "cases": split_cases,
-                        "reports": {i: reports[i] for i in ids if i in reports},
-                        "patients": {i: pmap[i] for i in ids if i in pmap},
-                    },
-                )
-            )
-        if not generators:
-            raise ValueError(f"{cfg.data_dir}: no usable case left to build a dataset from.")
-        return generators
+    def _refuse_without_report(self, cfg: "BratsTextConfig", case: CaseFiles, file_reports: Mapping[str, str],
+                               summary: dict) -> None:
+        where = f"no {case.case_id}_flair_text.txt in {case.source_dir}" + (
+            f" and no entry in {cfg.reports}" if cfg.reports else ""
+        )
+        if case.case_id in file_reports or (case.report_path is not None and Path(case.report_path).is_file()):
+            where = "the report is empty"
+        message = f"case {case.case_id}: no report ({where}); require_reports=True"
+        if cfg.on_error == "raise":
+            raise ValueError(message)
+        self._skip(summary, case.case_id, case.report_path or case.source_dir, message)
 
     def _generate_examples(self, cases: List[CaseFiles], reports: Dict[str, str], patients: Dict[str, str]):
         cfg: BratsTextConfig = self.config
@@ -1248,7 +1284,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("data_dir", nargs="+", help="BraTS release folder(s) (holding HGG/LGG or the case folders); several are merged")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--reports", default=None, help="reports file (CSV/JSONL/JSON with case id + text columns)")
-    p.add_argument("--release", nargs="+", default=["auto"], help="auto (default) or a release year (2015, 2017 ... 2023): one for all folders, or one per folder")
+    p.add_argument("--release", nargs="+", default=["auto"], help=f"auto (default) or a release of the release table ({', '.join(RELEASES)}): one for all folders, or one per folder")
     p.add_argument("--id-mapping", nargs="+", default=None,
                    help="id table(s): BraTS 2020 name_mapping.csv and/or BraTS 2021 BraTS21-17_Mapping.csv (reports, grades and patients across releases)")
     p.add_argument("--allow-missing-sequences", action="store_true", help="keep cases that lack some of the four sequences")

@@ -1,93 +1,12 @@
-"""Synthetic demo data: BraTS-2020-layout glioma cases with TextBraTS-style reports.
+"""Synthetic demo data: BraTS-2020-layout glioma cases with TextBraTS-style reports (``emrfuse demo-data``).
 
-No BraTS data can reach a fresh machine without registration, so the project ships this
-generator. It writes synthetic cases in the real BraTS 2020 training layout, so that the real
-dataset-builder path is exercised end to end::
-
-    OUT/
-      emrfuse_demo_data.json                 marker: written by this generator (seed, size, case ids)
-      name_mapping.csv                       Grade,BraTS_2017_subject_ID,...,BraTS_2020_subject_ID
-      BraTS20_Training_001/
-        BraTS20_Training_001_flair.nii.gz    int16, 1 mm, BraTS affine (LPS, as the real files)
-        BraTS20_Training_001_t1.nii.gz
-        BraTS20_Training_001_t1ce.nii.gz
-        BraTS20_Training_001_t2.nii.gz
-        BraTS20_Training_001_seg.nii.gz      uint8, labels {0, 1, 2, 4} (BraTS 2017-2021 convention)
-        BraTS20_Training_001_flair_text.txt  report in the TextBraTS style
-      ...
-
-Sizes
-    ``"full"``   240 x 240 x 155, the BraTS grid (a few seconds per case).
-    ``"medium"`` 96 x 96 x 64.
-    ``"small"``  64 x 64 x 48 (default): a miniature brain on a 1 mm grid. After the image
-                 processor's brain crop it pads to 64 x 64 in-plane with ~40 brain slices, so a
-                 2D model trains on CPU in minutes; a case writes in well under a second.
-    or an explicit ``(X, Y, Z)`` tuple.
-    Small grids are not a down-sampled BraTS case: the anatomy is drawn at the target size, and
-    thin structures (enhancing rim, cortex) keep a minimum thickness of about two voxels so that
-    they stay visible and learnable.
-
-Anatomy (all vectorised numpy, deterministic by seed)
-    A skull-stripped brain: an ellipsoid (wider posteriorly) with a smooth random deformation of
-    its surface; a cortical grey-matter ribbon of varying thickness, sulci (thin CSF sheets from
-    the zero set of a smooth random field), the interhemispheric fissure, deep grey matter,
-    white matter, two lateral ventricles and a third ventricle. The tumour pushes the anatomy
-    away (a smooth radial displacement field: ventricle compression and midline shift).
-    Per-sequence tissue intensities resemble T1 (WM > GM > CSF), T1ce (T1 plus enhancement),
-    T2 (CSF > GM > WM) and FLAIR (CSF suppressed, oedema bright), with per-case scanner gain
-    and contrast jitter, partial-volume blur, a smooth multiplicative bias field and Rician
-    noise; background is exactly 0 like skull-stripped BraTS images.
-
-Tumours (labels in the BraTS 2017-2021 convention: 1 NCR/NET, 2 oedema, 4 enhancing)
-    Each case draws its composition from the grade's row of :data:`TUMOUR_COMPOSITION`: the enhancing
-    (ET) and necrotic / non-enhancing (NCR/NET) fractions of the whole tumour (the oedema is the rest) and
-    the whole-tumour volume, as a share of a real brain (:data:`REFERENCE_BRAIN_CM3`) so that small grids
-    hold miniatures of real proportions. Each value is a two-piece log-normal draw with the table's median
-    that stays within its range. Where the table's numbers come from:
-
-    - medians of all four measures, and the ET ranges: the 45 BraTS 2018 expert label maps counted in
-      issue 21 (41 HGG, 4 LGG): ET 23 % (4-49 %) in HGG, 1 % (0.6-2 %) in LGG; NCR/NET 10 % vs 46 %;
-      whole tumour 91 vs 201 cm^3 (oedema medians: the rest, 67 % and 53 %);
-    - the HGG ranges of NCR/NET, oedema and volume: ``python bench/demo_tumour_calibration.py`` on the 14
-      expert label maps of ``../shared/realdata`` (12 HGG, 2 LGG, all among the 45; it lists the cases it
-      skipped and why): HGG NCR/NET 4.4-47.8 %, oedema 37.5-85.9 %, whole tumour 32.1-162.4 cm^3;
-    - the LGG ranges of NCR/NET (30-62 %), oedema (35-70 %) and volume (70.8-358.7 cm^3, the HGG range's
-      ratios to its median): assumed, since 2 expert LGG give no range (they measure NCR/NET 39.4 and
-      43.1 %, oedema 59.9 and 54.9 %, ET 0.7 and 2.0 %, 232 cm^3 each).
-
-    Each compartment takes the voxels nearest the tumour centre in a smoothly deformed distance, so the
-    drawn counts hold up to rounding: the core (ET + NCR/NET, anywhere in the brain of the tumour's
-    hemisphere), the oedema around it (preferring white matter, sparing CSF), and inside the core the
-    enhancing part. High grade: an enhancing rim around a necrotic centre (label 1; dark on T1/T1ce, bright
-    on T2), whole, or in patches where a whole rim of that volume would be thinner than two voxels; in ``HGG_NO_NECROSIS_FRACTION`` (15 %) of cases the label-1 core is
-    non-enhancing tumour instead (no necrosis, e.g. grade III). Low grade: a mostly non-enhancing mass
-    (label 1; T1 dark, T2/FLAIR bright, a little darker on FLAIR than the oedema); ``lgg_enhancing_fraction``
-    (default 50 %) carry an enhancing nodule at the edge of the mass (the table's LGG ET fraction) and
-    ``LGG_NECROSIS_FRACTION`` (10 %) a small necrotic focus. Position (lobe, depth, hemisphere), shape and
-    mass effect are drawn alike for both grades; the tumour stays in its hemisphere.
-
-Reports
-    Four sentences in the TextBraTS order (lesion location and signal pattern, oedema, necrosis,
-    ventricular compression), written like the real TextBraTS reports from what a reader sees on
-    FLAIR: no contrast sentence and no grade or diagnosis. Each sentence is derived from the generated
-    label map through a noisy reader (:data:`READER_NOISE`): lobes dropped or added, the oedema extent
-    and the ventricular compression misjudged by log-normal factors, necrosis (the NCR/NET label)
-    sometimes missed, often over-called when absent and often hedged, at rates taken from the real
-    reports. The writer never receives the grade, and no sentence depends on the enhancing label, so
-    the reports tell the grade about as (un)reliably as the real ones (checked by
-    ``bench/bench_text_grading.py --demo_reports``). Readings that would follow the tumour's size, which
-    differs by grade, are size-free as a reader's are: the oedema's reach beyond the lesion (not its volume),
-    the lobes around the lesion's centre (not every lobe a large lesion touches) and the displaced
-    ventricles' outline (not what the tumour covers). The noise has its own random stream (seed and case
-    number). Optionally a clinical-history line (age, sex, presenting symptom consistent with the
-    lesion's side and lobe) comes first; its age follows the grade as in real cohorts, and real
-    TextBraTS reports have none, so it is off by default.
-
-Orientation
-    The files carry the affine of the real BraTS files (``diag(-1, -1, 1)``, LPS): the first
-    array axis runs from the patient's right to left, the second from anterior to posterior, the
-    third from inferior to superior. A "right hemisphere" tumour therefore lies at low first-axis
-    indices.
+No BraTS data reaches a fresh machine without registration, so the project ships this generator. It
+writes synthetic cases in the real BraTS 2020 training layout (:func:`write_demo_dataset`), so that the
+real dataset-builder path is exercised end to end: simulated anatomy (:func:`_anatomy`,
+:func:`_render_images`), tumours whose composition is drawn by grade from real label maps
+(:data:`TUMOUR_COMPOSITION`, :func:`_draw_tumour`), and reports written by a noisy reader calibrated to
+the real TextBraTS reports (:data:`READER_NOISE`, :func:`_write_report`). All vectorised numpy,
+deterministic by seed. README, "Demo reports", says how the reports are calibrated and checked.
 """
 
 from __future__ import annotations
@@ -138,7 +57,14 @@ DEMO_SIZES: Dict[str, Tuple[int, int, int]] = {
     "medium": (96, 96, 64),
     "full": (240, 240, 155),
 }
-"""Named grid sizes (X, Y, Z) of the demo cases."""
+"""Named grid sizes (X, Y, Z) of the demo cases (an explicit ``(X, Y, Z)`` tuple works too).
+
+``"full"`` is the BraTS grid (a few seconds per case). ``"small"`` (the default) is a miniature brain on
+a 1 mm grid: after the image processor's brain crop it pads to 64 x 64 in-plane with ~40 brain slices, so
+a 2D model trains on CPU in minutes; a case writes in well under a second. Small grids are not a
+down-sampled BraTS case: the anatomy is drawn at the target size, and thin structures (enhancing rim,
+cortex) keep a minimum thickness of about two voxels so that they stay visible and learnable.
+"""
 
 NAME_MAPPING_COLUMNS: Tuple[str, ...] = (
     "Grade",
@@ -166,12 +92,14 @@ _INTENSITY = {
 _LOBES = ("frontal", "parietal", "temporal", "occipital")
 
 # The tumour composition by grade: median, min, max of each fraction of the whole tumour (WT) and of the WT
-# volume in cm^3. Where each number comes from (see the module docstring, "Tumours"):
+# volume in cm^3, the volume as a share of a real brain (REFERENCE_BRAIN_CM3) so that small grids hold miniatures
+# of real proportions; each case draws every value with _draw_between. Where each number comes from:
 #   [45]  the 45 BraTS 2018 expert label maps counted in issue 21 (41 HGG, 4 LGG): medians of all four
 #         measures, and the ET ranges;
 #   [14]  `python bench/demo_tumour_calibration.py` on the 14 expert label maps of ../shared/realdata (12 HGG,
 #         2 LGG; 14 of the 45): the HGG ranges of NCR/NET, oedema and WT volume;
-#   [A]   assumed, because 2 expert LGG cannot give a range: the LGG ranges of NCR/NET, oedema and volume.
+#   [A]   assumed, because 2 expert LGG cannot give a range: the LGG ranges of NCR/NET, oedema and volume
+#         (the 2 expert LGG measure 232 cm^3 each).
 TUMOUR_COMPOSITION: Dict[str, Dict[str, Tuple[float, float, float]]] = {
     "HGG": {
         "et_fraction": (0.23, 0.04, 0.49),  # [45]; [14]: 20.8 % (7.2-41.0)
@@ -203,7 +131,11 @@ LGG_NECROSIS_FRACTION = 0.1
 
 
 def brats_affine(shape: Sequence[int]) -> np.ndarray:
-    """The affine of the real BraTS files for a grid of ``shape``: 1 mm, ``diag(-1, -1, 1)`` (LPS)."""
+    """The affine of the real BraTS files for a grid of ``shape``: 1 mm, ``diag(-1, -1, 1)`` (LPS).
+
+    The first array axis runs from the patient's right to left, the second from anterior to posterior,
+    the third from inferior to superior: a "right hemisphere" tumour lies at low first-axis indices.
+    """
     aff = np.diag([-1.0, -1.0, 1.0, 1.0])
     aff[1, 3] = float(shape[1] - 1)
     return aff
@@ -399,7 +331,11 @@ def _make_grid(shape: Tuple[int, int, int], rng: np.random.Generator) -> _Grid:
 def _anatomy(g: _Grid, t: Dict[str, object], rng: np.random.Generator):
     """Tissue map of the healthy brain displaced by the tumour's mass effect.
 
-    Returns ``(tissue, ventricles, fissure_half, warped)``; ``warped`` holds the displaced coordinates.
+    A skull-stripped brain: an ellipsoid (wider posteriorly) with a smooth random deformation of its
+    surface; a cortical grey-matter ribbon of varying thickness, sulci (thin CSF sheets from the zero set
+    of a smooth random field), the interhemispheric fissure, deep grey matter, white matter, two lateral
+    ventricles and a third ventricle. The tumour pushes the anatomy away (a smooth radial displacement
+    field: ventricle compression and midline shift). Returns ``(tissue, ventricles, fissure_half, warped)``; ``warped`` holds the displaced coordinates.
     """
     shape, semi, brain = g.shape, g.semi, g.brain
     tc = np.asarray(t["centre_norm"], dtype=np.float32)
@@ -479,6 +415,14 @@ def _draw_tumour(g: _Grid, t: Dict[str, object], tissue: np.ndarray, wx: np.ndar
     fractions hold up to rounding: the core (``n_core``: enhancing + NCR/NET), then the oedema around it
     (the rest of ``n_wt``, preferring white matter, sparing CSF), then inside the core the enhancing part:
     the outer rim (HGG) or a nodule at the edge of the mass (LGG). Returns ``(box, box tissue)``.
+
+    High grade: an enhancing rim around a necrotic centre (label 1; dark on T1/T1ce, bright on T2), whole,
+    or in patches where a whole rim of that volume would be thinner than two voxels; in
+    :data:`HGG_NO_NECROSIS_FRACTION` of cases the label-1 core is non-enhancing tumour instead. Low grade:
+    a mostly non-enhancing mass (label 1; T1 dark, T2/FLAIR bright, a little darker on FLAIR than the
+    oedema), with an enhancing nodule in ``lgg_enhancing_fraction`` of cases and a small necrotic focus in
+    :data:`LGG_NECROSIS_FRACTION`. Position (lobe, depth, hemisphere), shape and mass effect are drawn
+    alike for both grades; the tumour stays in its hemisphere.
     """
     box, (bx, by, bz) = _tumour_box(g, t)
     bshape = tuple(s.stop - s.start for s in box)
@@ -512,7 +456,11 @@ def _draw_tumour(g: _Grid, t: Dict[str, object], tissue: np.ndarray, wx: np.ndar
 
 def _render_images(g: _Grid, tissue: np.ndarray, box, new: np.ndarray, heterogeneity: float, rng) -> Dict[str, np.ndarray]:
     """The four int16 sequences: tissue intensities with jitter and gain, tumour texture, partial-volume blur,
-    a smooth bias field and Rician noise; background exactly 0."""
+    a smooth bias field and Rician noise; background exactly 0, like skull-stripped BraTS images.
+
+    The intensities resemble T1 (WM > GM > CSF), T1ce (T1 plus enhancement), T2 (CSF > GM > WM) and FLAIR
+    (CSF suppressed, oedema bright).
+    """
     shape = g.shape
     blur = 0.55 if min(shape) < 100 else 0.7
     tumour_box = np.isin(new, (_NECROSIS, _ENHANCING, _MASS, _OEDEMA))
@@ -543,7 +491,7 @@ def generate_case(
     with_history: bool = False,
     lgg_enhancing_fraction: float = LGG_ENHANCING_FRACTION,
 ) -> DemoCase:
-    """Generate one synthetic case in memory (see the module docstring for the model).
+    """Generate one synthetic case in memory (anatomy, tumour and report as the module docstring lists).
 
     Args:
         index: 1-based case number; the case id is ``BraTS20_Training_{index:03d}``.
@@ -742,7 +690,11 @@ def _write_report(f: Dict[str, object], rng: np.random.Generator) -> str:
     """Four sentences in the TextBraTS order (lesion, oedema, necrosis, ventricles) from noisy readings of ``f``.
 
     ``f`` holds what :func:`_findings` reads from the label map; it has no grade, and no sentence depends on
-    the enhancing label: every reading goes through the noise of :data:`READER_NOISE`.
+    the enhancing label: every reading goes through the noise of :data:`READER_NOISE` (its own random
+    stream: seed and case number). Readings that would follow the tumour's size, which differs by grade,
+    are size-free as a reader's are: the oedema's reach beyond the lesion (not its volume), the lobes
+    around the lesion's centre (not every lobe a large lesion touches) and the displaced ventricles'
+    outline (not what the tumour covers).
     """
     side = str(f["hemisphere"])
     lobes = _read_lobes(rng, f["lesion_lobes"])  # type: ignore[arg-type]
@@ -921,7 +873,19 @@ def write_demo_dataset(
 
     Returns:
         ``Path(out_dir)``, which holds ``name_mapping.csv``, one folder per case and the marker
-        :data:`DEMO_MARKER` that lists the generated cases (see :func:`demo_case_ids`).
+        :data:`DEMO_MARKER` that lists the generated cases (see :func:`demo_case_ids`)::
+
+            OUT/
+              emrfuse_demo_data.json                 marker: written by this generator (seed, size, case ids)
+              name_mapping.csv                       Grade,BraTS_2017_subject_ID,...,BraTS_2020_subject_ID
+              BraTS20_Training_001/
+                BraTS20_Training_001_flair.nii.gz    int16, 1 mm, BraTS affine (LPS, as the real files)
+                BraTS20_Training_001_t1.nii.gz
+                BraTS20_Training_001_t1ce.nii.gz
+                BraTS20_Training_001_t2.nii.gz
+                BraTS20_Training_001_seg.nii.gz      uint8, labels {0, 1, 2, 4} (BraTS 2017-2021 convention)
+                BraTS20_Training_001_flair_text.txt  report in the TextBraTS style
+              ...
     """
     if int(n_cases) < 1:
         raise ValueError(f"n_cases must be >= 1, got {n_cases!r}.")
@@ -951,17 +915,31 @@ def write_demo_dataset(
             with_history=history,
             lgg_enhancing_fraction=lgg_enhancing_fraction,
         )
-        case_dir = out / case.case_id
-        case_dir.mkdir(exist_ok=True)
-        for seq in SEQUENCES:
-            _save_nifti(case.images[seq], case.affine, case_dir / f"{case.case_id}_{seq}.nii.gz")
-        _save_nifti(case.label, case.affine, case_dir / f"{case.case_id}_seg.nii.gz")
-        (case_dir / f"{case.case_id}_flair_text.txt").write_text(case.report + "\n", encoding="utf-8")
+        _write_case_files(case, out)
         rows.append([case.grade, "NA", "NA", "NA", "NA", case.case_id])
 
-    mapping = out / "name_mapping.csv"
+    _update_name_mapping(out / "name_mapping.csv", rows)
+    generated = (demo_case_ids(out) or set()) | {row[-1] for row in rows}
+    write_json(out / DEMO_MARKER, {"generator": DEMO_GENERATOR, "version": DEMO_DATA_VERSION, "seed": int(seed), "size": list(shape),
+                                   "case_ids": sorted(generated)}, indent=1)
+    return out
+
+
+def _write_case_files(case: DemoCase, out: Path) -> None:
+    """The case's folder: its four sequences, its label map and its report, named as in BraTS 2020."""
+    case_dir = out / case.case_id
+    case_dir.mkdir(exist_ok=True)
+    for seq in SEQUENCES:
+        _save_nifti(case.images[seq], case.affine, case_dir / f"{case.case_id}_{seq}.nii.gz")
+    _save_nifti(case.label, case.affine, case_dir / f"{case.case_id}_seg.nii.gz")
+    (case_dir / f"{case.case_id}_flair_text.txt").write_text(case.report + "\n", encoding="utf-8")
+
+
+def _update_name_mapping(mapping: Path, rows: List[List[str]]) -> None:
+    """Write ``name_mapping.csv`` with ``rows`` (one per case, id last), keeping the rows of other cases
+    already in the file (e.g. written with another ``start_index``); sorted by case id."""
     existing: Dict[str, List[str]] = {}
-    if mapping.exists():  # keep rows of other cases already in the folder (e.g. written with another start_index)
+    if mapping.exists():
         with mapping.open(newline="") as fh:
             reader = csv.reader(fh)
             header = next(reader, None)
@@ -976,10 +954,6 @@ def write_demo_dataset(
         writer.writerow(NAME_MAPPING_COLUMNS)
         for key in sorted(existing):
             writer.writerow(existing[key])
-    generated = (demo_case_ids(out) or set()) | {row[-1] for row in rows}
-    write_json(out / DEMO_MARKER, {"generator": DEMO_GENERATOR, "version": DEMO_DATA_VERSION, "seed": int(seed), "size": list(shape),
-                                   "case_ids": sorted(generated)}, indent=1)
-    return out
 
 
 def demo_case_ids(folder: Union[str, Path]) -> "set[str] | None":

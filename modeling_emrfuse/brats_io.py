@@ -1,68 +1,23 @@
 """BraTS case input/output: find the cases of any release, read their volumes, write label maps.
 
 The one home of everything that touches BraTS files on disk; the pipeline, ``emrfuse predict``,
-``emrfuse score``, the image processor (paths), the Space and the dataset builder
-(``datasets_scripts``) all use it.
+``emrfuse score``, the image processor, the Space and the dataset builder all use it: discovery
+(:func:`discover_cases`, :func:`discover_folders` -> :class:`CaseFiles`; a folder named ``HGG_LGG``
+holds cases of unknown grade), reading (:func:`read_volume`, :func:`read_reports`, :func:`load_case`
+-> :class:`LoadedCase`, the pipeline's input), writing (:func:`write_label_map`) and the naming rules.
+Releases are data: :data:`RELEASES` holds one :class:`Release` entry per BraTS release, read by
+discovery, the naming rules, patient ids and ``emrfuse score``'s label-file matching; adding a release is
+one :func:`register_release` call, and :func:`release_table_markdown` renders the README's table.
 
-* :func:`discover_cases` / :func:`discover_folders` walk data folders and return one
-  :class:`CaseFiles` per case (file paths only: nothing is read beyond a directory listing and, for
-  BraTS 2020, ``name_mapping.csv``).
-* :func:`read_volume` reads one volume (NIfTI through nibabel, MetaImage through SimpleITK) into the
-  array convention used everywhere in EmrFuse (:func:`read_volume_and_header` also returns the NIfTI
-  header, :func:`read_header` only the geometry, :func:`to_nifti_image` a ``nibabel`` image,
-  :func:`read_label_map` a checked ``uint8`` label map).
-* :func:`write_label_map` writes a label map as NIfTI with the input's affine and header.
-* :func:`is_brats2023_naming` / :func:`label_convention_from_file_names` tell BraTS 2023+ file naming
-  (and so its label convention) from file names; :func:`case_id_from_file_names` names a case from
-  its sequence files.
-* :func:`read_reports` reads a reports file (CSV / JSONL / JSON, case id -> report text).
-* :func:`load_case` reads one case (a case folder, a dict of sequence files / arrays / images, or a
-  ``(4, X, Y, Z)`` array) into a :class:`LoadedCase`: the four volumes on one checked voxel grid with
-  the affine and header that its outputs are written with (the pipeline's input).
-
-This file travels to the Hub with the model code (the pipeline and the processor import it): at
-module level it imports only the standard library, numpy and its sibling ``brats_labels``; nibabel
-and SimpleITK are imported where a file is read or written.
-
-Layouts recognised (``release="auto"`` detects them; ``release="2018"`` etc. forces the release,
-which fixes the label convention and where the grade comes from):
-
-=========  =========================================================================  ===========
-release    layout                                                                     grade
-=========  =========================================================================  ===========
-2015       ``{HGG,LGG}/<case>/VSD.Brain.XX.O.MR_{Flair,T1,T1c,T2}.<id>/*.mha`` and     folder
-           ``VSD.Brain_3more.XX.O.OT.<id>/*.mha`` (label); labels 1-4 (``brats2015``)
-2017-2019  ``{HGG,LGG}/<case>/<case>_{flair,t1,t1ce,t2,seg}.nii.gz``                  folder
-2020       flat ``<case>/<case>_{flair,t1,t1ce,t2,seg}.nii[.gz]`` + ``name_mapping.csv``  ``Grade``
-2021       flat ``BraTS2021_XXXXX/BraTS2021_XXXXX_{flair,t1,t1ce,t2,seg}.nii.gz``      none
-2023+      flat ``BraTS-GLI-XXXXX-XXX/BraTS-GLI-XXXXX-XXX-{t1n,t1c,t2w,t2f,seg}.nii.gz``  none
-=========  =========================================================================  ===========
-
-A folder named ``HGG_LGG`` (the BraTS 2015 test set) holds cases of unknown grade. Unlabeled sets
-(validation / test data) simply have no label file: ``CaseFiles.label`` is ``None``.
-
-File names are matched on their last ``_``/``-`` separated token (``..._t1ce.nii.gz``,
-``...-t2f.nii.gz``), so a renamed case folder still works; when the last token is no sequence or
-label name, the first token is tried (``Flair_subtrMeanDivStd.nii.gz``, ``T1c.nii.gz``,
-``OTMultiClass.nii.gz`` of BraTS 2013/2015 exports). A label file with a non-standard name
-(BraTS 2020 case ``BraTS20_Training_355`` ships ``W39_1998.09.19_Segm.nii``) is accepted when its
-name contains ``seg`` and there is no regular label file; a warning records it.
-
-Release detection (``release="auto"``): ``VSD.Brain`` folders -> 2015; ``HGG``/``LGG`` folders
-with NIfTI files -> the year in the case-id prefix (``Brats17_`` / ``Brats18_`` / ``BraTS19_``),
-otherwise 2018 (2017-2019 share layout and labels); flat folders with ``t1n/t1c/t2w/t2f`` files ->
-2023; flat folders with a ``name_mapping*.csv`` or ``BraTS20_`` ids -> 2020; flat folders whose
-cases are all named like BraTS 2013/2015 cases (``brats_2013_pat0001_1``, ``brats_tcia_pat222_2``)
--> 2015; other flat folders -> 2021 (no grade). Mixed layouts in one folder are an error.
-
-Several folders in one run (:func:`discover_folders`): each folder has its own release (detected
-or forced) and so its own label convention; the cases are merged, and a case id found in two
-folders is an error.
+This file travels to the Hub with the model code (the pipeline and the processor import it): at module
+level it imports only the standard library, numpy and its sibling ``brats_labels``; nibabel and
+SimpleITK are imported where a file is read or written.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -78,7 +33,6 @@ import numpy as np
 
 from .brats_labels import (
     GRADES,
-    RELEASE_CONVENTION,
     SEQUENCE_ALIASES,
     SEQUENCES,
     canonical_sequence_name,
@@ -93,6 +47,17 @@ __all__ = [
     "SkippedCase",
     "Volume",
     "KNOWN_RELEASES",
+    "RELEASES",
+    "Release",
+    "register_release",
+    "release_table_markdown",
+    "label_names",
+    "named_like",
+    "release_from_file_names",
+    "group_patients",
+    "patient_groups",
+    "earlier_release_id",
+    "tumour_fingerprint",
     "discover_cases",
     "discover_folders",
     "detect_release",
@@ -115,26 +80,11 @@ __all__ = [
     "load_case",
 ]
 
-KNOWN_RELEASES: Tuple[str, ...] = tuple(sorted(RELEASE_CONVENTION))
-"""Releases accepted by ``release=`` (besides ``"auto"``): every release with a label convention."""
-
 VOLUME_SUFFIXES: Tuple[str, ...] = (".nii.gz", ".nii", ".mha", ".mhd")
-LABEL_TOKENS = frozenset({"seg", "segm", "segmentation", "label", "labels", "gt", "ot", "otmulticlass", "mask"})
 GRADE_FOLDERS = {"HGG": "HGG", "LGG": "LGG", "HGG_LGG": None}
 REPORT_SUFFIX = "_text.txt"
 ON_ERROR_CHOICES = ("raise", "skip")
 
-_VSD_RE = re.compile(r"^VSD\.Brain(?:_\d+more)?\.XX\.O\.(?P<kind>MR_[A-Za-z0-9]+|OT)\.(?P<id>\d+)$")
-_PREFIX_YEAR_RE = re.compile(r"^brats(?P<yy>1[3-9]|20)_", re.IGNORECASE)
-_BRATS2023_CASE_RE = re.compile(r"^(?P<patient>BraTS-[A-Za-z]+-\d+)-(?P<timepoint>\d+)$")
-# BraTS 2013/2015 case folders: brats_2013_pat0001_1, brats_tcia_pat222_2 (pat<NNN> = patient, _<M> = scan)
-_BRATS2015_CASE_RE = re.compile(r"^(?P<patient>brats_(?:2013|tcia)_pat\d+)_(?P<scan>\d+)$", re.IGNORECASE)
-# the BraTS 2013 patients under their 2015 and 2017-2019 names
-_BRATS2013_NAMES = (
-    re.compile(r"^brats_2013_pat0*(?P<n>\d+)_\d+$", re.IGNORECASE),
-    re.compile(r"^brats(?:17|18|19)_2013_(?P<n>\d+)_\d+$", re.IGNORECASE),
-)
-_SEQ_TOKENS_2023 = frozenset({"t1n", "t1c", "t2w", "t2f"})
 SEQUENCE_SUFFIX_RE = re.compile(
     r"[_\-.](" + "|".join(re.escape(k) for k in sorted(SEQUENCE_ALIASES, key=len, reverse=True)) + r")$", re.IGNORECASE
 )
@@ -157,6 +107,9 @@ class CaseFiles:
         label: path of the label map, ``None`` for unlabeled cases.
         report_path: path of a per-case report (TextBraTS ``<case>_flair_text.txt``) or ``None``.
         source_dir: the case folder.
+        patient_id: the patient, for patient-level splits: by default what the case id names
+            (:func:`patient_id_for`); discovery with ``check_files`` (:func:`discover_folders`) gives the
+            cases with identical tumour masks one patient id (:func:`group_patients`).
     """
 
     case_id: str
@@ -167,11 +120,11 @@ class CaseFiles:
     label: Optional[Path] = None
     report_path: Optional[Path] = None
     source_dir: Optional[Path] = None
+    patient_id: Optional[str] = None
 
-    @property
-    def patient_id(self) -> str:
-        """Patient identifier used for patient-level splits (see :func:`patient_id_for`)."""
-        return patient_id_for(self.case_id, self.release)
+    def __post_init__(self) -> None:
+        if self.patient_id is None:
+            self.patient_id = patient_id_for(self.case_id, self.release)
 
     @property
     def has_label(self) -> bool:
@@ -200,6 +153,7 @@ class CaseFiles:
             "label": None if self.label is None else str(self.label),
             "report_path": None if self.report_path is None else str(self.report_path),
             "source_dir": None if self.source_dir is None else str(self.source_dir),
+            "patient_id": self.patient_id,
         }
 
 
@@ -485,8 +439,8 @@ def read_volume(path: Path | str) -> Volume:
 def to_nifti_image(path: Path | str):
     """Read any supported volume and return it as a ``nibabel.Nifti1Image`` (same array and affine).
 
-    Used to store MetaImage (BraTS 2015) volumes in ``datasets.Nifti`` columns, and by the image
-    processor to read volume paths.
+    The image processor, the slice cache and the evaluation read volume paths (MetaImage included)
+    with it.
     """
     array, affine, spacing = read_volume(path)
     img = _import_nibabel(path).Nifti1Image(array, affine)
@@ -565,6 +519,160 @@ def _save_atomically(nib: Any, img: Any, path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# the release table
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Release:
+    """One BraTS release: how its cases are laid out, named and labelled, and how it is recognised.
+
+    Attributes:
+        name: the release as a year string (``"2018"``), the value ``release=`` takes.
+        layout: ``"graded"`` (``HGG/``/``LGG/`` folders of cases; the grade is the folder) or ``"flat"`` (a
+            folder of case folders). Case-id, grade-table and fallback detection apply to folders of this layout.
+        case_id: the release's case-folder names; a ``patient`` group names the patient when an id also
+            carries a time point or scan number (``BraTS-GLI-00001-000`` is patient ``BraTS-GLI-00001``).
+        sequence_names: the release's file-name tokens of the four sequences, in ``SEQUENCES`` order; each is
+            an alias in ``brats_labels.SEQUENCE_ALIASES`` (the one home of sequence names).
+        label_names: file-name tokens of its label maps (besides :data:`GENERIC_LABEL_NAMES`).
+        label_convention: a ``brats_labels`` convention name (default: the one ``brats_labels`` gives the year).
+        grade_table: glob of a table in the release folder with each case's ``Grade`` (``name_mapping*.csv``).
+        sequence_folder: one sub-folder per volume (``VSD.Brain.XX.O.MR_Flair.<id>``); groups ``kind``
+            (``MR_<sequence>`` or ``OT`` for the label) and ``id``.
+        detect: evidence that tells the release under ``release="auto"``: ``"sequence_folder"`` (a case has
+            its sub-folders), ``"sequence_names"`` (a case's files use a sequence name no other naming uses, or a
+            shared one in a case named like the release), ``"case_id"`` (every case of a folder of its layout
+            matches ``case_id``), ``"grade_table"`` (the table sits in a folder of its layout). Empty: only
+            ``release=`` selects it.
+        fallback: the release of a folder of its layout that no entry claims.
+        earlier_id: ``(pattern, format)``: a case id matching ``pattern`` names the same patient as
+            ``format.format(**groups)`` in an earlier release (BraTS 2023+ glioma ids continue BraTS 2021's).
+        layout_doc: the layout as the documentation shows it.
+    """
+
+    name: str
+    layout: str
+    case_id: Optional["re.Pattern[str]"] = None
+    sequence_names: Tuple[str, ...] = SEQUENCES
+    label_names: Tuple[str, ...] = ("seg",)
+    label_convention: str = ""
+    grade_table: Optional[str] = None
+    sequence_folder: Optional["re.Pattern[str]"] = None
+    detect: Tuple[str, ...] = ()
+    fallback: bool = False
+    earlier_id: Optional[Tuple["re.Pattern[str]", str]] = None
+    layout_doc: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.label_convention:
+            object.__setattr__(self, "label_convention", get_label_convention(self.name).name)
+        get_label_convention(self.label_convention)  # an unknown convention is an error here, not at use
+        if self.layout not in ("graded", "flat"):
+            raise ValueError(f"release {self.name}: layout must be 'graded' or 'flat', got {self.layout!r}.")
+        unknown = sorted(set(self.detect) - set(DETECT_EVIDENCE))
+        if unknown:
+            raise ValueError(f"release {self.name}: unknown detect evidence {unknown}; use {list(DETECT_EVIDENCE)}.")
+        known = all(str(n).lower() in SEQUENCE_ALIASES for n in self.sequence_names)
+        if not known or tuple(canonical_sequence_name(n) for n in self.sequence_names) != SEQUENCES:
+            raise ValueError(
+                f"release {self.name}: sequence_names {self.sequence_names} must name {list(SEQUENCES)} in that order "
+                "(add a new spelling to brats_labels.SEQUENCE_ALIASES first)."
+            )
+
+    @property
+    def grade_from(self) -> Optional[str]:
+        """Where a case's grade comes from: ``"folder"``, ``"table"`` or ``None``."""
+        return "folder" if self.layout == "graded" else "table" if self.grade_table else None
+
+
+DETECT_EVIDENCE: Tuple[str, ...] = ("sequence_folder", "sequence_names", "case_id", "grade_table")
+GENERIC_LABEL_NAMES: Tuple[str, ...] = ("seg", "segm", "segmentation", "label", "labels", "gt", "mask")
+"""File-name tokens read as a label map in any release (besides each release's ``label_names``)."""
+
+RELEASES: Dict[str, Release] = {}
+"""The release table: release name -> :class:`Release`, in detection order (:func:`register_release` adds one)."""
+
+
+def register_release(release: Release) -> Release:
+    """Add a release to :data:`RELEASES` (discovery, naming rules, ``emrfuse score`` and the docs read it)."""
+    if release.name in RELEASES:
+        raise ValueError(f"release {release.name} is already in the release table.")
+    RELEASES[release.name] = release
+    return release
+
+
+def _pattern(text: str) -> "re.Pattern[str]":
+    return re.compile(text, re.IGNORECASE)
+
+
+_VSD_FOLDER = re.compile(r"^VSD\.Brain(?:_\d+more)?\.XX\.O\.(?P<kind>MR_[A-Za-z0-9]+|OT)\.(?P<id>\d+)$")
+_NAMES_2015 = ("t1", "t1c", "t2", "flair")
+_NAMES_2023 = ("t1n", "t1c", "t2w", "t2f")
+_LABELS_2015 = ("ot", "otmulticlass", "segmentation")
+_DOC_2017 = "``{HGG,LGG}/<case>/<case>_{flair,t1,t1ce,t2,seg}.nii.gz``"
+_DOC_2023 = "flat ``BraTS-GLI-XXXXX-XXX/BraTS-GLI-XXXXX-XXX-{t1n,t1c,t2w,t2f,seg}.nii.gz``"
+_GLI_CONTINUES_2021 = (re.compile(r"^BraTS-GLI-(?P<number>\d{5})-\d{3}$"), "BraTS2021_{number}")
+for _release in (
+    Release("2013", "graded", None, _NAMES_2015, _LABELS_2015, sequence_folder=_VSD_FOLDER,
+            layout_doc="as 2015 (selected with ``release='2013'`` only)"),
+    Release("2015", "flat", _pattern(r"^(?P<patient>brats_(?:2013|tcia)_pat\d+)_\d+$"), _NAMES_2015, _LABELS_2015,
+            sequence_folder=_VSD_FOLDER, detect=("sequence_folder", "case_id"),
+            layout_doc="``{HGG,LGG}/<case>/VSD.Brain.XX.O.MR_{Flair,T1,T1c,T2}.<id>/*.mha`` + "
+                       "``VSD.Brain_3more.XX.O.OT.<id>/*.mha``; or ``brats_2013_patNNNN_M/{Flair,T1c,...,OTMultiClass}"
+                       ".nii.gz`` exports"),
+    Release("2017", "graded", _pattern(r"^brats17_"), detect=("case_id",), layout_doc=_DOC_2017),
+    Release("2018", "graded", _pattern(r"^brats18_"), detect=("case_id",), fallback=True, layout_doc=_DOC_2017),
+    Release("2019", "graded", _pattern(r"^brats19_"), detect=("case_id",), layout_doc=_DOC_2017),
+    Release("2020", "flat", _pattern(r"^brats20_"), grade_table="name_mapping*.csv", detect=("grade_table", "case_id"),
+            layout_doc="flat ``<case>/<case>_{flair,t1,t1ce,t2,seg}.nii[.gz]`` + ``name_mapping.csv``"),
+    Release("2021", "flat", _pattern(r"^brats2021_\d+$"), detect=("case_id",), fallback=True,
+            layout_doc="flat ``BraTS2021_XXXXX/BraTS2021_XXXXX_{flair,t1,t1ce,t2,seg}.nii.gz``"),
+    Release("2023", "flat", re.compile(r"^(?P<patient>BraTS-[A-Za-z]+-\d+)-\d+$"), _NAMES_2023,
+            detect=("sequence_names",), earlier_id=_GLI_CONTINUES_2021, layout_doc=_DOC_2023),
+    Release("2024", "flat", re.compile(r"^(?P<patient>BraTS-[A-Za-z]+-\d+)-\d+$"), _NAMES_2023,
+            earlier_id=_GLI_CONTINUES_2021, layout_doc=_DOC_2023),
+    Release("2025", "flat", re.compile(r"^(?P<patient>BraTS-[A-Za-z]+-\d+)-\d+$"), _NAMES_2023,
+            earlier_id=_GLI_CONTINUES_2021, layout_doc=_DOC_2023),
+):
+    register_release(_release)
+del _release
+
+KNOWN_RELEASES: Tuple[str, ...] = tuple(RELEASES)
+"""The releases of the shipped table (``release=`` also takes any release registered later)."""
+
+
+def release_table_markdown() -> str:
+    """The release table as a Markdown table (release, layout, sequence names, label convention, grade,
+    detection): the README's data section shows it."""
+    lines = ["| release | layout | sequences (t1, t1ce, t2, flair) | labels | grade | detected by |",
+             "|---|---|---|---|---|---|"]
+    for r in RELEASES.values():
+        grade = {"folder": "HGG/LGG folder", "table": f"``{r.grade_table}``", None: "none"}[r.grade_from]
+        detect = ", ".join(r.detect) + (", fallback" if r.fallback else "") if r.detect or r.fallback else "release= only"
+        lines.append(f"| {r.name} | {r.layout_doc} | {', '.join(r.sequence_names)} | {r.label_convention} | {grade} "
+                     f"| {detect} |")
+    return "\n".join(lines)
+
+
+def label_names() -> frozenset:
+    """Every file-name token read as a label map: :data:`GENERIC_LABEL_NAMES` and each release's ``label_names``."""
+    return frozenset(GENERIC_LABEL_NAMES).union(*(r.label_names for r in RELEASES.values()))
+
+
+def _release_label_names() -> frozenset:
+    """The label-file tokens some release ships (others get a 'non-standard name' note)."""
+    return frozenset().union(*(r.label_names for r in RELEASES.values()))
+
+
+def _sequence_folder_match(name: str) -> Optional["re.Match[str]"]:
+    for release in RELEASES.values():
+        if release.sequence_folder is not None:
+            match = release.sequence_folder.match(name)
+            if match:
+                return match
+    return None
+
+
+# --------------------------------------------------------------------------------------------
 # naming rules
 # --------------------------------------------------------------------------------------------
 def _name_token(stem: str) -> str:
@@ -572,23 +680,42 @@ def _name_token(stem: str) -> str:
     last one is no sequence or label name (``Flair_subtrMeanDivStd``, ``T1c``, ``OTMultiClass``)."""
     tokens = [t.lower() for t in re.split(r"[_\-]", stem) if t]
     token = tokens[-1] if tokens else ""
-    if token not in SEQUENCE_ALIASES and token not in LABEL_TOKENS and tokens and (
-        tokens[0] in SEQUENCE_ALIASES or tokens[0] in LABEL_TOKENS
+    known = label_names()
+    if token not in SEQUENCE_ALIASES and token not in known and tokens and (
+        tokens[0] in SEQUENCE_ALIASES or tokens[0] in known
     ):
         token = tokens[0]
     return token
 
 
+def named_like(release: Release | str, sequence_tokens: Iterable[str], case_id: Optional[str] = None) -> bool:
+    """Whether a case's sequence file names are those of ``release``: a name no other naming uses, or a name
+    it shares with another naming in a case whose id matches the release's ``case_id``."""
+    release = RELEASES[release] if isinstance(release, str) else release
+    tokens = {str(t).lower() for t in sequence_tokens}
+    own = {n.lower() for n in release.sequence_names}
+    others = {n.lower() for r in RELEASES.values() if r.sequence_names != release.sequence_names for n in r.sequence_names}
+    if tokens & (own - others):
+        return True
+    in_release = bool(case_id) and release.case_id is not None and bool(release.case_id.match(str(case_id)))
+    return bool(tokens & own & others) and in_release
+
+
+def release_from_file_names(sequence_tokens: Iterable[str], case_id: Optional[str] = None) -> Optional[str]:
+    """The release whose sequence names a case's files use (entries detected by ``"sequence_names"``), or ``None``."""
+    tokens = set(sequence_tokens)
+    for release in RELEASES.values():
+        if "sequence_names" in release.detect and named_like(release, tokens, case_id):
+            return release.name
+    return None
+
+
 def is_brats2023_naming(sequence_tokens: Iterable[str], case_id: Optional[str] = None) -> bool:
     """BraTS 2023+ file naming: ``t1n``/``t2w``/``t2f`` files, or ``t1c`` in a ``BraTS-XXX-NNNNN-NNN`` case.
 
-    ``sequence_tokens``: the sequence names of the case's files (``t1n``, ``t1c``, ``flair`` ...).
     ``t1c`` alone is not enough: BraTS 2013/2015 exports name the contrast T1 ``T1c`` too.
     """
-    tokens = {str(t).lower() for t in sequence_tokens}
-    if tokens & (_SEQ_TOKENS_2023 - {"t1c"}):
-        return True
-    return "t1c" in tokens and bool(case_id) and bool(_BRATS2023_CASE_RE.match(str(case_id)))
+    return named_like("2023", sequence_tokens, case_id)
 
 
 def case_id_from_file_names(paths: Iterable[Path | str]) -> str:
@@ -601,8 +728,8 @@ def case_id_from_file_names(paths: Iterable[Path | str]) -> str:
 
 
 def label_convention_from_file_names(paths: Iterable[Path | str], case_id: Optional[str] = None) -> Optional[str]:
-    """``"brats2023"`` when files (or bare sequence names such as ``"t2f"``) are named like BraTS 2023+
-    cases (:func:`is_brats2023_naming`), else ``None`` (the names do not tell the release).
+    """The label convention of the release whose sequence names the files (or bare names such as ``"t2f"``)
+    use (:func:`release_from_file_names`), else ``None`` (the names do not tell the release).
 
     ``case_id``: the case's id; by default the files' common name (:func:`case_id_from_file_names`)
     and their folder's name are tried.
@@ -610,43 +737,221 @@ def label_convention_from_file_names(paths: Iterable[Path | str], case_id: Optio
     paths = [Path(os.fspath(p)) for p in paths]
     tokens = {_name_token(_stem(p)) for p in paths}
     ids = [case_id] if case_id else [case_id_from_file_names(paths)] + sorted({p.parent.name for p in paths})
-    return "brats2023" if any(is_brats2023_naming(tokens, cid) for cid in ids) else None
+    for cid in ids:
+        release = release_from_file_names(tokens, cid)
+        if release is not None:
+            return RELEASES[release].label_convention
+    return None
 
 
 # --------------------------------------------------------------------------------------------
 # identifiers
 # --------------------------------------------------------------------------------------------
 def patient_id_for(case_id: str, release: Optional[str] = None) -> str:
-    """The patient a case belongs to, for patient-level splits.
+    """The patient a case id names, by the release table's naming rules.
 
-    BraTS 2023+ ids ``BraTS-GLI-XXXXX-YYY`` name patient ``XXXXX`` at time point ``YYY``: the
-    patient id is ``BraTS-GLI-XXXXX``. BraTS 2013/2015 folders ``brats_tcia_patNNN_M`` /
-    ``brats_2013_patNNNN_M`` are scan ``M`` of patient ``patNNN``: the patient id drops ``_M``. The
-    BraTS 2013 patients keep their number in later releases (``brats_2013_pat0002_1`` in 2015,
-    ``Brats17_2013_2_1`` / ``Brats18_2013_2_1`` / ``BraTS19_2013_2_1`` in 2017-2019): all are patient
-    ``BraTS2013_pat2``, so that the same patient from two releases never lands in two splits. For
-    every other release one case is one patient; an id table (``datasets_scripts.brats_ids``) or an
-    explicit mapping passed to the split functions joins the same patient's cases across releases.
+    An id whose release's ``case_id`` pattern has a ``patient`` group names that patient (BraTS 2023+
+    ``BraTS-GLI-XXXXX-YYY`` is patient ``BraTS-GLI-XXXXX`` at time point ``YYY``; BraTS 2013/2015
+    ``brats_tcia_patNNN_M`` is scan ``M`` of patient ``brats_tcia_patNNN``); any other id is its own
+    patient. Names do not link releases (a BraTS 2013 number is not kept in later releases): discovery
+    joins the cases whose tumour masks are identical (:func:`group_patients`), and id tables join the
+    rest (``datasets_scripts.brats_ids``).
     """
-    match = _BRATS2023_CASE_RE.match(case_id)
-    if match:
-        return match.group("patient")
-    for pattern in _BRATS2013_NAMES:
-        match = pattern.match(case_id)
-        if match:
-            return f"BraTS2013_pat{int(match.group('n'))}"
-    match = _BRATS2015_CASE_RE.match(case_id)
-    if match:
-        return match.group("patient")
+    first = [RELEASES[release]] if release in RELEASES else []
+    for entry in first + list(RELEASES.values()):
+        if entry.case_id is not None and "patient" in entry.case_id.groupindex:
+            match = entry.case_id.match(case_id)
+            if match:
+                return match.group("patient")
     return case_id
 
 
-def _year_from_case_id(case_id: str) -> Optional[str]:
-    match = _PREFIX_YEAR_RE.match(case_id)
-    if not match:
+def earlier_release_id(case_id: str) -> Optional[str]:
+    """The same patient's id in an earlier release by a release's ``earlier_id`` rule (``BraTS-GLI-00005-001``
+    -> ``BraTS2021_00005``), else ``None``; whether that case exists is not checked."""
+    text = str(case_id).strip()
+    for release in RELEASES.values():
+        if release.earlier_id is not None:
+            match = release.earlier_id[0].match(text)
+            if match:
+                return release.earlier_id[1].format(**match.groupdict())
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# patients by content: identical tumour masks are one scan
+# --------------------------------------------------------------------------------------------
+MIN_FINGERPRINT_VOXELS = 100
+"""Tumour masks smaller than this are not fingerprinted: a few voxels do not tell one scan from another."""
+
+
+@dataclass(frozen=True)
+class _LabelFacts:
+    values: Tuple[int, ...]
+    fingerprint: Optional[str]
+
+
+_LABEL_FACTS: Dict[str, _LabelFacts] = {}
+LABEL_CACHE_ENV = "EMRFUSE_LABEL_CACHE"
+"""Environment variable: the file that keeps label facts between runs (default
+``~/.cache/emrfuse/label_facts.tsv``; ``0`` or empty: memory only)."""
+
+
+def _label_cache_file() -> Optional[Path]:
+    value = os.environ.get(LABEL_CACHE_ENV, str(Path("~/.cache/emrfuse/label_facts.tsv").expanduser()))
+    return Path(value).expanduser() if value not in ("", "0") else None
+
+
+def _parse_value(text: str) -> Any:
+    number = float(text)
+    return int(number) if number.is_integer() else number
+
+
+def _load_label_cache() -> None:
+    """Lines ``<path>|<size>|<mtime ns>  TAB  <values, comma-separated>  TAB  <fingerprint or ->``."""
+    path = _label_cache_file()
+    if path is None or not path.is_file():
+        return
+    try:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            key, values, fingerprint = line.split("\t")
+            if key not in _LABEL_FACTS:
+                parsed = tuple(_parse_value(v) for v in values.split(",") if v)
+                _LABEL_FACTS[key] = _LabelFacts(parsed, None if fingerprint == "-" else fingerprint)
+    except (OSError, ValueError, UnicodeDecodeError):
+        logger.info("label cache %s is unreadable; label files are read again", path)
+
+
+def _save_label_cache() -> None:
+    """Write the facts of the label files that still exist (to a temporary name, then renamed)."""
+    path = _label_cache_file()
+    if path is None:
+        return
+    lines = [
+        f"{key}\t{','.join(map(str, facts.values))}\t{facts.fingerprint or '-'}"
+        for key, facts in sorted(_LABEL_FACTS.items())
+        if "\t" not in key and "\n" not in key and Path(key.rsplit("|", 2)[0]).exists()
+    ]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        os.replace(tmp, path)  # a killed run never leaves a half-written cache
+    except OSError:
+        logger.info("label cache %s could not be written", path)
+
+
+def _read_label_facts(paths: Sequence[Path]) -> None:
+    """Read the label files not yet cached (memory, then the cache file), in threads (decompression releases
+    the GIL); errors are left for the per-case check, which names the case."""
+    def read(path: Path) -> None:
+        try:
+            _label_facts(path)
+        except (ValueError, OSError, ImportError):
+            pass
+
+    if not paths:
+        return
+    _load_label_cache()
+    known = len(_LABEL_FACTS)
+    with ThreadPoolExecutor(max_workers=min(4, len(paths))) as pool:
+        list(pool.map(read, paths))
+    if len(_LABEL_FACTS) > known:
+        _save_label_cache()
+
+
+def _label_facts(path: Path) -> _LabelFacts:
+    """The label values and tumour fingerprint of a label file, cached by path, size and modification time."""
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    if key not in _LABEL_FACTS:
+        array, affine, _spacing = read_volume(path)
+        _LABEL_FACTS[key] = _LabelFacts(_distinct_values(array), _mask_fingerprint(np.asarray(array) > 0, affine))
+    return _LABEL_FACTS[key]
+
+
+def _distinct_values(array: np.ndarray) -> Tuple[int, ...]:
+    if array.dtype.kind in "ui" and array.size and array.min() >= 0 and array.max() < 256:
+        return tuple(int(v) for v in np.flatnonzero(np.bincount(array.ravel())))
+    values = np.unique(array[np.isfinite(array)] if array.dtype.kind == "f" else array)
+    return tuple(float(v) if float(v) != int(v) else int(v) for v in values)
+
+
+def _mask_fingerprint(mask: np.ndarray, affine: np.ndarray) -> Optional[str]:
+    """A digest of a tumour mask in the reference orientation (``None`` below :data:`MIN_FINGERPRINT_VOXELS`):
+    equal for two files that mark the same voxels, whatever their label convention and data type."""
+    if int(mask.sum()) < MIN_FINGERPRINT_VOXELS:
         return None
-    yy = match.group("yy")
-    return "20" + yy
+    mask = reorientation(affine, mask.shape).apply(mask)
+    digest = hashlib.sha256(repr(tuple(mask.shape)).encode())
+    digest.update(np.packbits(mask).tobytes())
+    return digest.hexdigest()[:20]
+
+
+def tumour_fingerprint(path: Path | str) -> Optional[str]:
+    """The content fingerprint of a label map: two files with the same tumour mask (label > 0) share it,
+    whatever their label convention and data type; ``None`` for a mask under :data:`MIN_FINGERPRINT_VOXELS`."""
+    return _label_facts(Path(path)).fingerprint
+
+
+def patient_groups(cases: Sequence["CaseFiles"], patient_map: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    """Case id -> patient, joining into one patient the cases whose tumour masks are identical (the same
+    scan under two names) and the cases that ``patient_map`` (case id -> patient, e.g. from an id table)
+    or the naming rules give one patient. A group's patient is the smallest patient ``patient_map`` gives its
+    members, else their smallest ``patient_id``.
+
+    Only label files are read, once per file (cached by path, size and modification time).
+    """
+    parent = {c.case_id: c.case_id for c in cases}
+
+    def root(cid: str) -> str:
+        while parent[cid] != cid:
+            parent[cid] = parent[parent[cid]]
+            cid = parent[cid]
+        return cid
+
+    first_of: Dict[str, str] = {}
+    for case, key in _group_keys(cases, patient_map or {}):
+        parent[root(case.case_id)] = root(first_of.setdefault(key, case.case_id))
+    members: Dict[str, List[CaseFiles]] = {}
+    for case in cases:
+        members.setdefault(root(case.case_id), []).append(case)
+    out: Dict[str, str] = {}
+    for group in members.values():
+        given = [patient_map[c.case_id] for c in group if patient_map and c.case_id in patient_map]
+        name = min(given) if given else min(c.patient_id for c in group)
+        out.update((c.case_id, name) for c in group)
+    return out
+
+
+def group_patients(cases: Sequence["CaseFiles"], patient_map: Optional[Mapping[str, str]] = None) -> List[List[str]]:
+    """:func:`patient_groups` applied in place (each case's ``patient_id`` becomes its group's); returns the
+    groups of several cases."""
+    patients = patient_groups(cases, patient_map)
+    members: Dict[str, List[str]] = {}
+    for case in cases:
+        case.patient_id = patients[case.case_id]
+        members.setdefault(case.patient_id, []).append(case.case_id)
+    return sorted(sorted(ids) for ids in members.values() if len(ids) > 1)
+
+
+def _fingerprint_or_none(path: Path) -> Optional[str]:
+    """The fingerprint, or ``None`` for an unreadable label file (whoever reads its voxels reports it)."""
+    try:
+        return _label_facts(path).fingerprint
+    except (ValueError, OSError, ImportError):
+        return None
+
+
+def _group_keys(cases: Sequence["CaseFiles"], patient_map: Mapping[str, str]) -> List[Tuple["CaseFiles", str]]:
+    """``(case, key)`` pairs: cases sharing a key are one patient (naming rule, table, tumour fingerprint)."""
+    labelled = [c for c in cases if c.label is not None]
+    _read_label_facts([Path(c.label) for c in labelled])
+    prints = {c.case_id: _fingerprint_or_none(Path(c.label)) for c in labelled}
+    keys = [(c, "name:" + c.patient_id) for c in cases]
+    keys += [(c, "table:" + patient_map[c.case_id]) for c in cases if c.case_id in patient_map]
+    keys += [(c, "mask:" + prints[c.case_id]) for c in labelled if prints[c.case_id] is not None]
+    return keys
 
 
 # --------------------------------------------------------------------------------------------
@@ -666,12 +971,36 @@ class _RawCase:
     case_dir: Path
     grade_folder: Optional[str]  # "HGG"/"LGG"/None when under a grade folder, else None
     graded_layout: bool
-    vsd: bool = False
+    sequence_folders: bool = False  # volumes in per-sequence sub-folders (Release.sequence_folder)
     sequences: Dict[str, Path] = field(default_factory=dict)
     label: Optional[Path] = None
     report_path: Optional[Path] = None
     seq_tokens: set = field(default_factory=set)
     notes: List[str] = field(default_factory=list)
+    odd_labels: List[Path] = field(default_factory=list)
+
+    def put_sequence(self, name: str, path: Path) -> None:
+        if name in self.sequences:
+            raise _CaseProblem(
+                self.case_id, self.case_dir, f"two files for sequence {name!r}: {self.sequences[name].name} and {path.name}"
+            )
+        self.sequences[name] = path
+
+    def put_label(self, path: Path) -> None:
+        if self.label is not None:
+            raise _CaseProblem(self.case_id, self.case_dir, f"two label files: {self.label.name} and {path.name}")
+        self.label = path
+
+    def put_volume(self, kind: str, path: Path, where: str) -> None:
+        """A volume of a per-sequence sub-folder: ``kind`` is ``OT`` (label) or ``MR_<sequence>``."""
+        self.sequence_folders = True
+        if kind.upper() == "OT":
+            self.put_label(path)
+        elif kind.lower() in SEQUENCE_ALIASES:
+            self.seq_tokens.add(kind.lower())
+            self.put_sequence(SEQUENCE_ALIASES[kind.lower()], path)
+        else:
+            self.notes.append(f"ignored unknown sequence {where} {path.name if where == 'file' else path.parent.name}")
 
 
 def _is_hidden(path: Path) -> bool:
@@ -688,96 +1017,83 @@ def _volume_files(path: Path) -> List[Path]:
     )
 
 
-def _scan_case(raw: _RawCase) -> None:
-    """Fill sequences / label / report of one case folder; raise :class:`_CaseProblem` on conflicts."""
-    case_dir, case_id = raw.case_dir, raw.case_id
-    odd_labels: List[Path] = []
-
-    def put_sequence(name: str, path: Path) -> None:
-        if name in raw.sequences:
-            raise _CaseProblem(case_id, case_dir, f"two files for sequence {name!r}: {raw.sequences[name].name} and {path.name}")
-        raw.sequences[name] = path
-
-    def put_label(path: Path) -> None:
-        if raw.label is not None:
-            raise _CaseProblem(case_id, case_dir, f"two label files: {raw.label.name} and {path.name}")
-        raw.label = path
-
-    # BraTS 2015: one VSD.Brain.* sub-folder per sequence / label, one .mha inside
-    for sub in _subdirs(case_dir):
-        match = _VSD_RE.match(sub.name)
+def _scan_sequence_folders(raw: _RawCase) -> None:
+    """Volumes in one sub-folder per sequence / label (``Release.sequence_folder``, e.g. ``VSD.Brain.*``: one ``.mha`` inside)."""
+    for sub in _subdirs(raw.case_dir):
+        match = _sequence_folder_match(sub.name)
         if not match:
             continue
-        raw.vsd = True
         files = _volume_files(sub)
         if len(files) != 1:
             what = "no volume file" if not files else f"{len(files)} volume files"
-            raise _CaseProblem(case_id, sub, f"expected exactly one .mha file in {sub.name}, found {what}")
-        kind = match.group("kind")
-        if kind == "OT":
-            put_label(files[0])
-            continue
-        try:
-            name = canonical_sequence_name(kind)
-        except ValueError:
-            raw.notes.append(f"ignored unknown sequence folder {sub.name}")
-            continue
-        raw.seq_tokens.add(kind.lower())
-        put_sequence(name, files[0])
+            raise _CaseProblem(raw.case_id, sub, f"expected exactly one volume file in {sub.name}, found {what}")
+        raw.put_volume(match.group("kind"), files[0], "folder")
 
-    for path in _volume_files(case_dir):
-        stem = _stem(path)
-        token = _name_token(stem)
-        vsd = _VSD_RE.match(stem)
-        if vsd:  # a BraTS 2015 file taken out of its VSD folder
-            raw.vsd = True
-            kind = vsd.group("kind")
-            if kind == "OT":
-                put_label(path)
-            elif kind.lower() in SEQUENCE_ALIASES:
-                raw.seq_tokens.add(kind.lower())
-                put_sequence(SEQUENCE_ALIASES[kind.lower()], path)
-            else:
-                raw.notes.append(f"ignored unknown sequence file {path.name}")
-        elif token in SEQUENCE_ALIASES:
-            raw.seq_tokens.add(token)
-            put_sequence(SEQUENCE_ALIASES[token], path)
-        elif token in LABEL_TOKENS:
-            put_label(path)
-            if token not in ("seg", "ot", "otmulticlass", "segmentation") or (token == "seg" and not stem.startswith(case_id)):
-                raw.notes.append(f"label file has a non-standard name: {path.name} (used as the label map)")
-        elif "seg" in stem.lower():
-            odd_labels.append(path)
-        else:
-            raw.notes.append(f"ignored file with an unrecognised name: {path.name}")
 
-    if odd_labels:
-        if raw.label is not None:
-            raw.notes.append(
-                "ignored extra label-like file(s) " + ", ".join(p.name for p in odd_labels) + f" (using {raw.label.name})"
-            )
-        elif len(odd_labels) > 1:
-            raise _CaseProblem(
-                case_id, case_dir, "several label-like files and no regular label file: " + ", ".join(p.name for p in odd_labels)
-            )
-        else:
-            raw.label = odd_labels[0]
-            raw.notes.append(f"label file has a non-standard name: {odd_labels[0].name} (used as the label map)")
+def _scan_file(raw: _RawCase, path: Path) -> None:
+    """Sort one volume file of a case folder into sequence / label / ignored by its name."""
+    stem = _stem(path)
+    token = _name_token(stem)
+    folder_style = _sequence_folder_match(stem)
+    if folder_style:  # a file taken out of its per-sequence sub-folder
+        raw.put_volume(folder_style.group("kind"), path, "file")
+    elif token in SEQUENCE_ALIASES:
+        raw.seq_tokens.add(token)
+        raw.put_sequence(SEQUENCE_ALIASES[token], path)
+    elif token in label_names():
+        raw.put_label(path)
+        if token not in _release_label_names() or (token == "seg" and not stem.startswith(raw.case_id)):
+            raw.notes.append(f"label file has a non-standard name: {path.name} (used as the label map)")
+    elif "seg" in stem.lower():
+        raw.odd_labels.append(path)
+    else:
+        raw.notes.append(f"ignored file with an unrecognised name: {path.name}")
 
-    reports = sorted(p for p in case_dir.iterdir() if p.is_file() and (p.name.endswith(REPORT_SUFFIX) or p.name == "report.txt"))
+
+def _settle_odd_labels(raw: _RawCase) -> None:
+    """A label-like file (``*seg*``) is the label map when the case has no regular one and only one such file."""
+    if not raw.odd_labels:
+        return
+    names = ", ".join(p.name for p in raw.odd_labels)
+    if raw.label is not None:
+        raw.notes.append(f"ignored extra label-like file(s) {names} (using {raw.label.name})")
+    elif len(raw.odd_labels) > 1:
+        raise _CaseProblem(raw.case_id, raw.case_dir, f"several label-like files and no regular label file: {names}")
+    else:
+        raw.label = raw.odd_labels[0]
+        raw.notes.append(f"label file has a non-standard name: {raw.label.name} (used as the label map)")
+
+
+def _find_report(raw: _RawCase) -> None:
+    reports = sorted(
+        p for p in raw.case_dir.iterdir() if p.is_file() and (p.name.endswith(REPORT_SUFFIX) or p.name == "report.txt")
+    )
     if reports:
-        preferred = [p for p in reports if p.name == f"{case_id}_flair{REPORT_SUFFIX}"]
+        preferred = [p for p in reports if p.name == f"{raw.case_id}_flair{REPORT_SUFFIX}"]
         raw.report_path = (preferred or reports)[0]
         if len(reports) > 1:
             raw.notes.append(f"several report files, using {raw.report_path.name}")
 
 
-def _read_name_mapping(data_dir: Path) -> Tuple[Dict[str, str], List[Path], List[Path]]:
-    """BraTS 2020 ``name_mapping*.csv``: (case id -> grade, all mapping files, files with a ``Grade`` column)."""
+def _scan_case(raw: _RawCase) -> None:
+    """Fill sequences / label / report of one case folder; raise :class:`_CaseProblem` on conflicts."""
+    _scan_sequence_folders(raw)
+    for path in _volume_files(raw.case_dir):
+        _scan_file(raw, path)
+    _settle_odd_labels(raw)
+    _find_report(raw)
+
+
+def _table_files(data_dir: Path, pattern: Optional[str]) -> List[Path]:
+    return sorted(p for p in data_dir.glob(pattern) if p.is_file()) if pattern else []
+
+
+def _read_grade_table(data_dir: Path, release: Release) -> Tuple[Dict[str, str], List[Path]]:
+    """A release's grade table (``Release.grade_table``, e.g. ``name_mapping*.csv``): (case id -> grade, files with a
+    ``Grade`` column)."""
     grades: Dict[str, str] = {}
-    files = sorted(p for p in data_dir.glob("name_mapping*.csv") if p.is_file())
     grade_files: List[Path] = []
-    for path in files:
+    for path in _table_files(data_dir, release.grade_table):
         with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             fields = {name.strip().lower(): name for name in (reader.fieldnames or [])}
@@ -785,26 +1101,34 @@ def _read_name_mapping(data_dir: Path) -> Tuple[Dict[str, str], List[Path], List
                 continue
             grade_files.append(path)
             id_columns = [name for key, name in fields.items() if "subject_id" in key or key in ("case_id", "id")]
-            # the current release's column first
-            id_columns.sort(key=lambda n: (0 if "2020" in n else 1 if n.lower() in ("case_id", "id") else 2, n))
+            # the release's own column first
+            id_columns.sort(key=lambda n: (0 if release.name in n else 1 if n.lower() in ("case_id", "id") else 2, n))
             for line_no, row in enumerate(reader, start=2):
-                grade = (row.get(fields["grade"]) or "").strip().upper()
-                if not grade:
-                    continue
-                if grade not in GRADES:
-                    raise ValueError(f"{path}, line {line_no}: grade {grade!r} is not one of {list(GRADES)}.")
-                for column in id_columns:
-                    case = (row.get(column) or "").strip()
-                    if case and case.upper() != "NA":
-                        if grades.get(case, grade) != grade:
-                            raise ValueError(f"{path}, line {line_no}: case {case} has two different grades.")
-                        grades[case] = grade
-    return grades, files, grade_files
+                _add_grade(grades, row, fields["grade"], id_columns, f"{path}, line {line_no}")
+    return grades, grade_files
+
+
+def _add_grade(grades: Dict[str, str], row: Mapping[str, Any], grade_column: str, id_columns: Sequence[str], where: str) -> None:
+    grade = (row.get(grade_column) or "").strip().upper()
+    if not grade:
+        return
+    if grade not in GRADES:
+        raise ValueError(f"{where}: grade {grade!r} is not one of {list(GRADES)}.")
+    for column in id_columns:
+        case = (row.get(column) or "").strip()
+        if case and case.upper() != "NA":
+            if grades.get(case, grade) != grade:
+                raise ValueError(f"{where}: case {case} has two different grades.")
+            grades[case] = grade
 
 
 def detect_release(data_dir: Path | str) -> str:
-    """Detect the BraTS release of a data folder (see the module docstring for the rules)."""
+    """Detect the BraTS release of a data folder (the release table's ``detect`` evidence)."""
     return discover_cases(data_dir, release="auto", on_error="skip").release
+
+
+def _holds_volumes(folder: Path) -> bool:
+    return bool(_volume_files(folder)) or any(_sequence_folder_match(s.name) for s in _subdirs(folder))
 
 
 def _collect_raw_cases(root: Path) -> Tuple[List[_RawCase], bool]:
@@ -817,60 +1141,71 @@ def _collect_raw_cases(root: Path) -> Tuple[List[_RawCase], bool]:
                 raws.append(_RawCase(case_dir.name, case_dir, grade, graded_layout=True))
         return raws, True
     subdirs = _subdirs(root)
-    looks_like_case = bool(_volume_files(root)) or any(_VSD_RE.match(d.name) for d in subdirs)
-    if looks_like_case and not any(
-        _volume_files(d) or any(_VSD_RE.match(s.name) for s in _subdirs(d)) for d in subdirs if not _VSD_RE.match(d.name)
-    ):
-        # the folder is itself one case
-        return [_RawCase(root.name, root, None, graded_layout=False)], False
-    for case_dir in subdirs:
-        raws.append(_RawCase(case_dir.name, case_dir, None, graded_layout=False))
-    return raws, False
+    case_dirs = [d for d in subdirs if not _sequence_folder_match(d.name)]
+    if _holds_volumes(root) and not any(_holds_volumes(d) for d in case_dirs):
+        return [_RawCase(root.name, root, None, graded_layout=False)], False  # the folder is itself one case
+    return [_RawCase(case_dir.name, case_dir, None, graded_layout=False) for case_dir in subdirs], False
 
 
-def discover_cases(
-    data_dir: Path | str, release: str = "auto", on_error: str = "raise", allow_missing_sequences: bool = False
-) -> CaseList:
-    """Find every case of a BraTS data folder (any release; see the module docstring).
+def _case_kind(raw: _RawCase) -> str:
+    """The release a case's own files tell (per-sequence sub-folders, sequence names), else its layout."""
+    for release in RELEASES.values():
+        if "sequence_folder" in release.detect and raw.sequence_folders and release.sequence_folder is not None:
+            return release.name
+        if "sequence_names" in release.detect and named_like(release, raw.seq_tokens, raw.case_id):
+            return release.name
+    return "graded" if raw.graded_layout else "flat"
 
-    Args:
-        data_dir: the release folder (the one holding ``HGG``/``LGG`` or the case folders), or a
-            single case folder.
-        release: ``"auto"`` (detect) or a release year (``"2015"``, ``"2017"`` ... ``"2023"``);
-            forcing it fixes the label convention.
-        on_error: ``"raise"`` (default): a bad case raises ``ValueError`` naming the case and the
-            file; ``"skip"``: the case is left out and listed in the result's ``skipped``.
-        allow_missing_sequences: accept cases that have only some of the four sequences (at least
-            one); ``CaseFiles.sequences`` then holds the present ones and ``missing_sequences`` the
-            others. Without it a missing sequence is a problem of the case (raised or skipped).
 
-    Checks here need only the directory listing: a missing sequence, two files for one
-    sequence, two label files, duplicate case ids. Voxel-level checks (readable files, shapes,
-    NaN/inf, label values, spacing) happen per case in the dataset builder
-    (``datasets_scripts.brats_text.check_case``).
+def _detect_release(root: Path, scanned: Sequence[_RawCase]) -> str:
+    """``release="auto"``: the evidence of the release table (see :class:`Release`), in table order."""
+    kinds = {_case_kind(raw) for raw in scanned}
+    if len(kinds) > 1:
+        raise ValueError(
+            f"{root}: cases in different BraTS layouts are mixed ({', '.join(sorted(kinds))}); "
+            "put each release in its own folder or pass release= explicitly."
+        )
+    kind = kinds.pop() if kinds else "flat"
+    if kind in RELEASES:
+        return kind
+    candidates = [r for r in RELEASES.values() if r.layout == kind]
+    for release in candidates:
+        if "grade_table" in release.detect and _table_files(root, release.grade_table):
+            return release.name
+    ids = [raw.case_id for raw in scanned]
+    by_id = [r for r in candidates if "case_id" in r.detect and ids and all(r.case_id.match(i) for i in ids)]
+    if len(by_id) == 1:
+        return by_id[0].name
+    fallback = [r.name for r in candidates if r.fallback]
+    if not fallback:
+        raise ValueError(f"{root}: no release of the release table fits this {kind} folder; pass release= explicitly.")
+    return fallback[0]
 
-    Returns:
-        a :class:`CaseList` (a list of :class:`CaseFiles` sorted by case id, with ``release``,
-        ``skipped`` and ``warnings`` attributes).
-    """
-    if on_error not in ON_ERROR_CHOICES:
-        raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}.")
+
+def _check_release(release: Optional[str]) -> str:
     release = str(release).strip().lower().removeprefix("brats") if release is not None else "auto"
-    if release != "auto" and release not in RELEASE_CONVENTION:
-        raise ValueError(f"Unknown BraTS release {release!r}: use 'auto' or one of {list(KNOWN_RELEASES)}.")
-    root = Path(data_dir).expanduser()
-    if not root.is_dir():
-        raise ValueError(f"{root}: data folder not found (expected a BraTS release folder or a case folder).")
+    if release != "auto" and release not in RELEASES:
+        raise ValueError(f"Unknown BraTS release {release!r}: use 'auto' or one of {list(RELEASES)}.")
+    return release
 
-    raws, graded = _collect_raw_cases(root)
-    result = CaseList()
-    problems: List[_CaseProblem] = []
 
-    def problem(p: _CaseProblem) -> None:
-        if on_error == "raise":
-            raise p
-        problems.append(p)
+class _Problems:
+    """Where :func:`discover_cases` puts a bad case: raised (``on_error="raise"``) or kept as a skip."""
 
+    def __init__(self, on_error: str):
+        if on_error not in ON_ERROR_CHOICES:
+            raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}.")
+        self.on_error = on_error
+        self.found: List[_CaseProblem] = []
+
+    def __call__(self, problem: _CaseProblem) -> None:
+        if self.on_error == "raise":
+            raise problem
+        self.found.append(problem)
+
+
+def _scan_all(raws: Sequence[_RawCase], result: CaseList, problem: _Problems) -> List[_RawCase]:
+    """Scan every case folder; folders without any volume are noted and left out."""
     scanned: List[_RawCase] = []
     for raw in raws:
         try:
@@ -882,50 +1217,24 @@ def discover_cases(
             result.warnings.append((raw.case_id, f"{raw.case_dir}: no volume file, not a case folder (ignored)"))
             continue
         scanned.append(raw)
+    return scanned
 
-    # ---- release -------------------------------------------------------------------------
-    mapping, mapping_files, grade_files = ({}, [], []) if graded else _read_name_mapping(root)
-    if release == "auto":
-        kinds = set()
-        for raw in scanned:
-            if raw.vsd:
-                kinds.add("2015")
-            elif is_brats2023_naming(raw.seq_tokens, raw.case_id):
-                kinds.add("2023")
-            elif raw.graded_layout:
-                kinds.add("graded")
-            else:
-                kinds.add("flat")
-        if len(kinds) > 1:
-            raise ValueError(
-                f"{root}: cases in different BraTS layouts are mixed ({', '.join(sorted(kinds))}); "
-                "put each release in its own folder or pass release= explicitly."
-            )
-        kind = kinds.pop() if kinds else "flat"
-        if kind in ("2015", "2023"):
-            release = kind
-        elif kind == "graded":
-            years = {_year_from_case_id(r.case_id) for r in scanned} - {None}
-            release = years.pop() if len(years) == 1 and years <= {"2017", "2018", "2019"} else "2018"
-        else:
-            years = {_year_from_case_id(r.case_id) for r in scanned}
-            if mapping_files or years == {"2020"}:
-                release = "2020"
-            elif scanned and all(_BRATS2015_CASE_RE.match(r.case_id) for r in scanned):
-                release = "2015"  # BraTS 2013/2015 case names exported as NIfTI (2015 labels 1-4)
-            else:
-                release = "2021"
-    result.release = release
-    convention = get_label_convention(release).name
 
-    # ---- per case ------------------------------------------------------------------------
+def _duplicate_ids(scanned: Sequence[_RawCase], problem: _Problems) -> set:
     by_id: Dict[str, List[_RawCase]] = {}
     for raw in scanned:
         by_id.setdefault(raw.case_id, []).append(raw)
     duplicates = {cid: rs for cid, rs in by_id.items() if len(rs) > 1}
     for cid, rs in sorted(duplicates.items()):
         problem(_CaseProblem(cid, ", ".join(str(r.case_dir) for r in rs), f"duplicate case id in {len(rs)} folders"))
+    return set(duplicates)
 
+
+def _build_cases(root: Path, graded: bool, scanned: Sequence[_RawCase], release: Release, result: CaseList,
+                 problem: _Problems, allow_missing_sequences: bool) -> None:
+    """One :class:`CaseFiles` per usable scanned case, with its grade (folder or the release's grade table)."""
+    grades, grade_files = ({}, []) if graded else _read_grade_table(root, release)
+    duplicates = _duplicate_ids(scanned, problem)
     for raw in scanned:
         if raw.case_id in duplicates:
             continue
@@ -934,38 +1243,124 @@ def discover_cases(
             found = ", ".join(f"{k}={v.name}" for k, v in sorted(raw.sequences.items())) or "none"
             problem(_CaseProblem(raw.case_id, raw.case_dir, f"missing sequence(s) {missing} (found: {found})"))
             continue
-        if raw.graded_layout:
-            grade = raw.grade_folder
-        elif grade_files and release == "2020":
-            grade = mapping.get(raw.case_id)
-            if grade is None:
-                result.warnings.append((raw.case_id, f"not in {', '.join(p.name for p in grade_files)}: grade unknown"))
-        else:
-            grade = None
-        for note in raw.notes:
-            result.warnings.append((raw.case_id, note))
-        result.append(
-            CaseFiles(
-                case_id=raw.case_id,
-                release=release,
-                label_convention=convention,
-                grade=grade,
-                sequences={name: raw.sequences[name] for name in SEQUENCES if name in raw.sequences},
-                label=raw.label,
-                report_path=raw.report_path,
-                source_dir=raw.case_dir,
-            )
-        )
+        grade = raw.grade_folder if raw.graded_layout else grades.get(raw.case_id)
+        if grade is None and grade_files and not raw.graded_layout:
+            result.warnings.append((raw.case_id, f"not in {', '.join(p.name for p in grade_files)}: grade unknown"))
+        result.warnings.extend((raw.case_id, note) for note in raw.notes)
+        result.append(CaseFiles(
+            case_id=raw.case_id, release=release.name, label_convention=release.label_convention, grade=grade,
+            sequences={name: raw.sequences[name] for name in SEQUENCES if name in raw.sequences},
+            label=raw.label, report_path=raw.report_path, source_dir=raw.case_dir,
+        ))
 
+
+_NO_CASE_FIX = (
+    "point it at a BraTS release folder (one holding HGG/ and LGG/ or case folders with the sequence files) "
+    "or at one case folder; `emrfuse demo-data DIR` writes example cases"
+)
+
+
+def discover_cases(
+    data_dir: Path | str, release: str = "auto", on_error: str = "raise", allow_missing_sequences: bool = False,
+    check_files: bool = False,
+) -> CaseList:
+    """Find every case of a BraTS data folder (any release of :data:`RELEASES`).
+
+    Args:
+        data_dir: the release folder (the one holding ``HGG``/``LGG`` or the case folders), or a
+            single case folder.
+        release: ``"auto"`` (detect) or a release of :data:`RELEASES` (a year string);
+            forcing it fixes the label convention.
+        on_error: ``"raise"`` (default): a bad case raises ``ValueError`` naming the case and the
+            file; ``"skip"``: the case is left out and listed in the result's ``skipped``.
+        allow_missing_sequences: accept cases that have only some of the four sequences (at least
+            one); ``CaseFiles.sequences`` then holds the present ones and ``missing_sequences`` the
+            others. Without it a missing sequence is a problem of the case (raised or skipped).
+        check_files: also read each case's file headers (sequences of different shapes are a problem of
+            the case) and label map (values outside the release's label convention are a problem of the
+            case; cases with identical tumour masks become one patient, :func:`group_patients`).
+
+    Without ``check_files`` only the directory listing is read: a missing sequence, two files for one
+    sequence, two label files, duplicate case ids. Voxel-level checks of images (NaN/inf, truncation)
+    happen per case in the dataset builder (``datasets_scripts.brats_text.check_case``).
+
+    Returns:
+        a :class:`CaseList` (a list of :class:`CaseFiles` sorted by case id, with ``release``,
+        ``skipped`` and ``warnings`` attributes).
+    """
+    problem = _Problems(on_error)
+    release = _check_release(release)
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise ValueError(f"{root}: data folder not found; {_NO_CASE_FIX}.")
+    raws, graded = _collect_raw_cases(root)
+    result = CaseList()
+    scanned = _scan_all(raws, result, problem)
+    result.release = _detect_release(root, scanned) if release == "auto" else release
+    _build_cases(root, graded, scanned, RELEASES[result.release], result, problem, allow_missing_sequences)
+    if check_files:
+        _check_case_files(result, problem)
     result.sort(key=lambda c: c.case_id)
-    result.skipped = [SkippedCase(p.case_id, p.path, p.reason) for p in problems]
+    result.skipped = [SkippedCase(p.case_id, p.path, p.reason) for p in problem.found]
     for case_id, message in result.warnings:
         logger.info("case %s: %s", case_id, message)
     for skipped in result.skipped:
         warnings.warn(f"skipped case {skipped.case_id}: {skipped.reason} ({skipped.path})", stacklevel=2)
     if not result and not result.skipped:
-        raise ValueError(f"{root}: no BraTS case found (no case folder with volume files).")
+        raise ValueError(f"{root}: no BraTS case found (no case folder with volume files); {_NO_CASE_FIX}.")
     return result
+
+
+def _check_case_files(cases: CaseList, problem: _Problems) -> None:
+    """Drop (raise or skip) the cases whose sequences differ in shape or whose labels leave the convention."""
+    _read_label_facts([Path(c.label) for c in cases if c.label is not None])
+    bad = []
+    for case in cases:
+        try:
+            _check_shapes(case)
+            _check_labels(case)
+        except _CaseProblem as p:
+            problem(p)
+            bad.append(case)
+    for case in bad:
+        cases.remove(case)
+    group_patients(cases)
+
+
+def _check_shapes(case: "CaseFiles") -> None:
+    shapes = {}
+    for name, path in case.files():
+        try:
+            shapes[name] = (read_header(path)[0], path)
+        except (ValueError, OSError) as exc:
+            raise _CaseProblem(case.case_id, path, f"{name} file {path} is unreadable or truncated: {exc}") from None
+    (first, (shape, _path)), *rest = shapes.items()
+    for name, (other, path) in rest:
+        if other != shape:
+            raise _CaseProblem(
+                case.case_id, path,
+                f"{name} file {path}: shape {other} differs from {first} shape {shape} (sequences of different shapes); "
+                "resample or co-register the case's volumes onto one voxel grid, or remove the case",
+            )
+
+
+def _check_labels(case: "CaseFiles") -> None:
+    if case.label is None:
+        return
+    try:
+        values = _label_facts(Path(case.label)).values
+    except (ValueError, OSError) as exc:
+        raise _CaseProblem(case.case_id, case.label, f"seg file {case.label} is unreadable or truncated: {exc}") from None
+    allowed = get_label_convention(case.label_convention).valid_labels
+    outside = [v for v in values if v not in allowed]
+    if outside:
+        fits = [r.name for r in RELEASES.values() if r.detect and set(values) <= set(get_label_convention(r.label_convention).valid_labels)]
+        hint = f"pass the release whose labels these are (release= / --release: {', '.join(fits)})" if fits else "fix the label map"
+        raise _CaseProblem(
+            case.case_id, case.label,
+            f"seg file {case.label}: label values {outside} are outside the {case.label_convention} convention of release "
+            f"{case.release} (allowed {list(allowed)}); {hint}",
+        )
 
 
 def _release_for(folder: Path | str, index: int, releases: Any, n: int) -> str:
@@ -989,6 +1384,7 @@ def discover_folders(
     releases: Any = None,
     on_error: str = "raise",
     allow_missing_sequences: bool = False,
+    check_files: bool = True,
 ) -> CaseList:
     """Find the cases of several BraTS folders (each its own release) as one :class:`CaseList`.
 
@@ -996,7 +1392,9 @@ def discover_folders(
         data_dirs: one folder or a list of folders (release folders or single case folders).
         releases: ``None``/``"auto"`` (detect each), one release for all, a list with one release per
             folder, or a dict ``{folder: release}`` (folders not in it are detected).
-        on_error, allow_missing_sequences: as in :func:`discover_cases`.
+        on_error, allow_missing_sequences, check_files: as in :func:`discover_cases` (``check_files`` is on
+            here: shapes and label values are checked, and cases of any folder with identical tumour masks
+            share one ``patient_id``).
 
     Each case keeps its folder's release and label convention (harmonised into the WT/TC/ET regions
     when targets are built). A case id found in two folders is a ``ValueError`` naming both folders.
@@ -1011,7 +1409,8 @@ def discover_folders(
     origin: Dict[str, Path] = {}
     for i, folder in enumerate(folders):
         release = _release_for(folder, i, releases, len(folders))
-        found = discover_cases(folder, release=release, on_error=on_error, allow_missing_sequences=allow_missing_sequences)
+        found = discover_cases(folder, release=release, on_error=on_error,
+                               allow_missing_sequences=allow_missing_sequences, check_files=check_files)
         merged.releases[str(folder)] = found.release
         for case in found:
             if case.case_id in origin:
@@ -1026,6 +1425,8 @@ def discover_folders(
     distinct = sorted(set(merged.releases.values()))
     merged.release = distinct[0] if len(distinct) == 1 else "mixed"
     merged.sort(key=lambda c: c.case_id)
+    if check_files:
+        group_patients(merged)  # identical tumour masks across folders: one patient
     return merged
 
 
@@ -1332,7 +1733,11 @@ def _one_grid(names: Sequence[str], loaded: Sequence[Tuple[np.ndarray, Optional[
                 )
     shapes = {n: tuple(v.shape) for n, v in volumes.items()}
     if len(set(shapes.values())) != 1:
-        raise ValueError(f"Sequences have different shapes: {shapes}.")
+        shown = ", ".join(f"{n!r} {shape}" + (f" ({sources[n]})" if n in sources else "") for n, shape in shapes.items())
+        raise ValueError(
+            f"Sequences have different shapes: {shown}; resample or co-register the sequences onto one voxel grid "
+            "before reading the case."
+        )
     if ref_affine is None:
         ref_affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
         if ref_affine.shape != (4, 4):

@@ -1,24 +1,11 @@
 """BraTS conventions: sequence names, tumour sub-regions and label conventions.
 
-This is the one place where these are defined; every other module (image processor, dataset
-builder, metrics, CLI, Space) imports them from here. The file travels to the Hub with the model
-code, so it imports only numpy.
-
-Sequences
-    The model always sees the four MRI sequences in the canonical order :data:`SEQUENCES`
-    (``t1``, ``t1ce``, ``t2``, ``flair``). Each release names them differently;
-    :data:`SEQUENCE_ALIASES` maps every known spelling onto the canonical name.
-
-Regions
-    The model predicts the three overlapping BraTS evaluation regions :data:`REGIONS`:
-    whole tumour (WT), tumour core (TC) and enhancing tumour (ET), as three sigmoid channels.
-
-Label conventions
-    ``brats2015``  labels {1 necrosis, 2 edema, 3 non-enhancing tumour, 4 enhancing tumour};
-                   WT = {1,2,3,4}, TC = {1,3,4}, ET = {4}.
-    ``brats2017``  BraTS 2017-2021 labels {1 NCR/NET, 2 edema, 4 enhancing tumour};
-                   WT = {1,2,4}, TC = {1,4}, ET = {4}.
-    ``brats2023``  BraTS 2023+ labels {1 NETC, 2 SNFH, 3 ET}; WT = {1,2,3}, TC = {1,3}, ET = {3}.
+This is the one place where these are defined; every other module (image processor, dataset builder,
+metrics, CLI, Space) imports them from here. The model always sees the four MRI sequences in the order
+:data:`SEQUENCES` (:data:`SEQUENCE_ALIASES` maps every release's spelling onto it) and predicts the three
+overlapping BraTS evaluation regions :data:`REGIONS` (whole tumour, tumour core, enhancing tumour) as
+three sigmoid channels; :data:`LABEL_CONVENTIONS` says which label values make up each region in each
+release (README, "Conventions"). The file travels to the Hub with the model code, so it imports only numpy.
 """
 
 from __future__ import annotations

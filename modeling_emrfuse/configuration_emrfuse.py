@@ -1,21 +1,10 @@
 """Configuration of the EmrFuse model (brain MRI slices + radiology report).
 
-:class:`EmrFuseConfig` nests its two towers the way ``CLIPConfig`` does:
-
-* ``text_config``: a BERT-family sub-config (a :class:`~transformers.BertConfig`, or a dict of its
-  arguments; BioBERT, PubMedBERT, ... are all ``BertConfig``). The default is BERT-base sized.
-* ``vision_config``: a plain dict for ``timm.create_model``:
-  ``{"architecture": <timm name, default "resnet50">, "in_chans": 4 * (2 * context_slices + 1), ...}``;
-  every other key is passed to ``timm.create_model`` as a keyword argument.
-
-The paper's four fusion parts are switches (``use_alignment``, ``use_self_attention``,
-``use_residual``, ``use_dynamic_weighting``); ``use_text=False`` is the image-only ResNet baseline of
-Table 1 and switches all four off (they all act on the text side or on the fusion of the two
-modalities; a warning names any that the caller set on). ``use_image=False`` is its mirror image, the
-"Single-modality Text" model: no image tower at all, the report's text tower feature H_T goes straight
-into F19-F21 (grading only); it also switches the four fusion parts off. :data:`ABLATION_PRESETS` names the rows of the paper's
-Table 1 and Table 3 plus ``"text_only"``; :meth:`EmrFuseConfig.from_preset` builds a config from
-one of them.
+:class:`EmrFuseConfig` nests its two towers the way ``CLIPConfig`` does (``text_config``: a
+BERT-family sub-config; ``vision_config``: a dict for ``timm.create_model``) and holds the paper's
+four fusion parts as switches; :data:`ABLATION_PRESETS` names the rows of the paper's Table 1 and
+Table 3 plus ``"text_only"``, and :meth:`EmrFuseConfig.from_preset` builds a config from one of them.
+The class docstring says what each argument does.
 
 This file travels to the Hub with the model code: it imports only transformers, timm and the
 package's own files (relatively).
@@ -127,10 +116,11 @@ class EmrFuseConfig(PretrainedConfig):
         use_text (`bool`, defaults to True), use_alignment, use_self_attention, use_residual, use_dynamic_weighting
             (`bool`, *optional*): the ablation switches (see :data:`ABLATION_PRESETS`). A fusion switch left unset
             is on with image and report and off without one of them; one set on for a model without the report or
-            the image is switched off with a warning (it has no part to act on).
+            the image is switched off with a warning (it has no part to act on). ``use_text=False`` is the
+            image-only ResNet baseline of the paper's Table 1.
         use_image (`bool`, defaults to True): ``False`` is the "Single-modality Text" model (preset
-            ``"text_only"``): no image tower is built, the model grades from the report alone (``pixel_values``
-            is not an input) and cannot segment; it needs ``use_text=True`` and switches the four fusion
+            ``"text_only"``): no image tower is built, the model grades from the report alone (its text tower
+            feature H_T goes straight into F19-F21; ``pixel_values`` is not an input) and cannot segment; it needs ``use_text=True`` and switches the four fusion
             parts off. ``vision_config`` is then kept but unused.
         grading_slices (`int` or `None`, defaults to 32): the grading bag policy, one for training, evaluation
             and inference: a case is graded from at most this many of its (brain-cropped) slices, evenly spaced

@@ -138,5 +138,5 @@ def optimize_for_inference(model: torch.nn.Module, precision: str = "bf16", chan
 
 
 def is_inference_optimized(model: torch.nn.Module) -> bool:
-    """``model`` was rewritten by :func:`optimize_for_inference` (it can no longer be saved as a checkpoint)."""
+    """``model`` was rewritten by :func:`optimize_for_inference` (such a model cannot be saved as a checkpoint)."""
     return bool(getattr(model, "_emrfuse_inference_optimized", False))

@@ -1,69 +1,13 @@
 """EmrFuse: a brain MRI + radiology report model (towers, the paper's fusion head, grading and segmentation).
 
-Architecture (formula numbers refer to the paper; ``paper/NOTES.md`` resolves its ambiguities)
----------------------------------------------------------------------------------------------
-* **Text tower** (F1-F3): a ``transformers`` :class:`~transformers.BertModel` built from
-  ``config.text_config``; ``H_T`` is the last layer's [CLS] vector. A case's report is encoded
-  **once**, however many of its slices are in the batch: ``input_ids`` has one row per case and
-  ``slice_to_case`` maps every slice to its row. Reports that are missing (no real token besides
-  [CLS]/[SEP], or ``has_report=False``) are not run through the tower; their text feature is a
-  learned "no report" vector (``no_report_embedding``) and the outputs say which (``has_report``).
-* **Image tower** (F4-F5): ``timm.create_model(arch, features_only=True, in_chans=4*(2k+1))``; the
-  last feature map ``X^(L)`` is pooled by GAP into ``H_I`` per slice.
-* **Self-attention** (``use_self_attention``):
-  - text, F8-F9: ``alpha_i = softmax_i((W_q H_T) . e_i / sqrt(d_T))`` over the real tokens (padding gets 0),
-    ``H_T^att = sum_i alpha_i e_i``, where ``e_i`` are the last-layer token states. ``W_q`` starts as the
-    identity, i.e. the paper's dot product (scaled by ``1/sqrt(d_T)`` so that the softmax is not one-hot).
-  - image, F10-F12: ``z_c = GAP(X)_c``, ``beta = softmax(s * z + b)`` over channels (``s = 1, b = 0`` at
-    init: the paper's F11), and the map is **re-weighted** channel by channel, ``X_att = C * beta_c X_c``
-    (deviation from the literal F12, which would collapse the map to one channel; NOTES item 3). The
-    re-weighted map is the segmentation decoder's bottleneck; its GAP is the slice feature.
-* **Residual connections** (``use_residual``; NOTES item 5) are "add & norm" blocks: ``LN(x + f(x))`` around the
-  text attention (``LN(H_T + H_T^att)``), around the image channel attention (``LN(GAP(X + X_att))``: the norm
-  acts on the pooled vector; the decoder gets ``X + X_att``) and around the dynamic weighting
-  (``LN((t + i) + alpha_T t + alpha_I i)``, or with concatenations without alignment). Switching them off removes
-  the additions and the LayerNorms (with self-attention and weighting both off the switch has nothing to act on).
-* **Case pooling** (grading): slice features of one case are pooled into one case feature by
-  attention-MIL pooling (Ilse et al., 2018): ``a_n = softmax_{n in case}(w^T tanh(V h_n))``,
-  ``h_case = sum_n a_n h_n`` (``case_pooling="attention"``), or by a plain mean (``"mean"``).
-  The weights are returned (``case_pooling_weights``).
-* **Orthogonality loss** (F13; NOTES item 4) on the towers' own case features, before projection:
-  with the rows of ``H_T`` (B x d_T) and ``H_I`` (B x d_I) L2-normalised,
-  ``L_ortho = ||H_T^T H_I||_F`` (the d_T x d_I cross-correlation over the cases of the batch that have a report).
-* **Alignment** (``use_alignment``, F14-F16; NOTES items 1-2): both features are projected into a shared
-  ``fusion_dim`` space (Linear + LayerNorm), normalised, ``S = T_norm I_norm^T`` is the B x B cosine matrix
-  and ``L_align = ||S - I||_F^2`` (cases with a report only). With one case it is ``(1 - cos)^2``.
-* **Dynamic weighting** (``use_dynamic_weighting``, F17-F18): ``alpha_T = sigmoid(W_T t)``,
-  ``alpha_I = sigmoid(W_I i)``. In the shared space ``H = alpha_T t + alpha_I i`` (F18). Without alignment
-  there is no shared space: the weighted features are concatenated, ``H = [alpha_T t; alpha_I i]``.
-* **Concatenation** (F6-F7): when dynamic weighting is off, ``H = [t; i] / ||[t; i]||_2`` (in the tower spaces
-  without alignment: Table 1's "Image + Text (no alignment, no attention)" row; in the shared space with it).
-  Without residual, the weighted concatenation is L2-normalised the same way.
-* **F19**: ``H_final = ReLU(W_f H + b_f)`` (then dropout) is the fused representation (``case_embeds``, size
-  ``fusion_dim``); **F20-F21**: the grading head ``softmax(W_c H_final + b_c)``, argmax.
-* **Image only** (``use_text=False``): no text tower, no fusion parts: ``H = H_I``; the classification
-  model is ResNet + F19-F20 and the segmentation model is a plain ResNet U-Net.
-* **Text only** (``use_image=False``, preset ``"text_only"``, the "Single-modality Text" model): no image tower,
-  no fusion parts: ``H = H_T`` (the [CLS] feature, F3), then F19-F21. It grades from ``input_ids`` alone
-  (``pixel_values`` is not an input; one report per case) and has no segmentation model.
-
-Segmentation (:class:`EmrFuseForSegmentation`)
-    A U-Net decoder over the tower's multi-scale features (``features_only``), coarse to fine, one stage per
-    feature level (``config.decoder_channels``): upsample, concatenate the skip, two conv-BN-ReLU. With text,
-    every stage is FiLM-conditioned (``x * (1 + gamma) + beta``) on the slice's fused representation (the
-    fusion head applied to the slice's own feature and its case's report): the paper's route from the report to
-    the decoder. With ``use_cross_attention`` (an extension; off in the presets of the paper's rows), the
-    ``cross_attention_scales`` coarsest stages also add cross-attention from every image position to the report's
-    token states (a learned "null" token is always attendable, so slices of cases without report attend to it). FiLM and
-    cross-attention outputs start at zero: at init the model is the plain U-Net. The last stage works at input
-    resolution; a 1x1 conv gives one logit per region (WT, TC, ET; sigmoid per region).
-    Loss: ``dice_loss_weight * soft Dice + bce_loss_weight * BCE`` per region (batch-level soft Dice averaged over
-    regions) plus the weighted auxiliary losses (computed at case level, as in grading).
-
-Inference on a whole case
-    Without gradients, slices go through the image tower (and decoder) in chunks of ``config.slice_chunk_size``;
-    the report is still encoded once. :meth:`EmrFuseForSegmentation.segment_case` and
-    :meth:`EmrFuseForImageClassification.grade_case` wrap one case.
+:class:`EmrFuseModel` holds the text tower, the image tower and the fusion head of the paper (cited in the
+README's opening paragraph; the formula tags F1-F21 in this file number its equations, and where the paper is
+ambiguous the docstring of the part says which reading is implemented); its docstring describes the architecture
+part by part. :class:`EmrFuseForImageClassification` grades a case (HGG vs LGG); :class:`EmrFuseForSegmentation`
+segments the tumour sub-regions with a report-conditioned U-Net. Without gradients, slices go through the image
+tower (and decoder) in chunks of ``config.slice_chunk_size`` and the report is encoded once per case
+(:meth:`EmrFuseForSegmentation.segment_case`, :meth:`EmrFuseForImageClassification.grade_case`). Usage: README,
+"Load a trained model".
 
 This file travels to the Hub: it imports only torch, transformers, timm and the package's files (relatively).
 """
@@ -531,6 +475,53 @@ class EmrFuseModel(EmrFusePreTrainedModel):
     5. :meth:`case_outputs` pools slice features per case (:meth:`pool_cases`), fuses them with the reports and
        computes the auxiliary losses (:meth:`auxiliary_losses`): the fields of :class:`EmrFuseModelOutput`;
     6. :meth:`weighted_auxiliary_loss` weighs ``loss_align`` / ``loss_ortho`` for a head's total loss.
+
+    Architecture (formula numbers refer to the paper):
+
+    * **Text tower** (F1-F3): a ``transformers`` :class:`~transformers.BertModel` built from
+      ``config.text_config``; ``H_T`` is the last layer's [CLS] vector. A case's report is encoded
+      **once**, however many of its slices are in the batch: ``input_ids`` has one row per case and
+      ``slice_to_case`` maps every slice to its row. Reports that are missing (no real token besides
+      [CLS]/[SEP], or ``has_report=False``) are not run through the tower; their text feature is a
+      learned "no report" vector (``no_report_embedding``) and the outputs say which (``has_report``).
+    * **Image tower** (F4-F5): ``timm.create_model(arch, features_only=True, in_chans=4*(2k+1))``; the
+      last feature map ``X^(L)`` is pooled by GAP into ``H_I`` per slice.
+    * **Self-attention** (``use_self_attention``):
+      - text, F8-F9: ``alpha_i = softmax_i((W_q H_T) . e_i / sqrt(d_T))`` over the real tokens (padding gets 0),
+        ``H_T^att = sum_i alpha_i e_i``, where ``e_i`` are the last-layer token states. ``W_q`` starts as the
+        identity, i.e. the paper's dot product (scaled by ``1/sqrt(d_T)`` so that the softmax is not one-hot).
+      - image, F10-F12: ``z_c = GAP(X)_c``, ``beta = softmax(s * z + b)`` over channels (``s = 1, b = 0`` at
+        init: the paper's F11), and the map is **re-weighted** channel by channel, ``X_att = C * beta_c X_c``
+        (deviation from the literal F12, which would collapse the map to one channel). The
+        re-weighted map is the segmentation decoder's bottleneck; its GAP is the slice feature.
+    * **Residual connections** (``use_residual``) are "add & norm" blocks: ``LN(x + f(x))`` around the
+      text attention (``LN(H_T + H_T^att)``), around the image channel attention (``LN(GAP(X + X_att))``: the norm
+      acts on the pooled vector; the decoder gets ``X + X_att``) and around the dynamic weighting
+      (``LN((t + i) + alpha_T t + alpha_I i)``, or with concatenations without alignment). Switching them off removes
+      the additions and the LayerNorms (with self-attention and weighting both off the switch has nothing to act on).
+    * **Case pooling** (grading): slice features of one case are pooled into one case feature by
+      attention-MIL pooling (Ilse et al., 2018): ``a_n = softmax_{n in case}(w^T tanh(V h_n))``,
+      ``h_case = sum_n a_n h_n`` (``case_pooling="attention"``), or by a plain mean (``"mean"``).
+      The weights are returned (``case_pooling_weights``).
+    * **Orthogonality loss** (F13) on the towers' own case features, before projection:
+      with the rows of ``H_T`` (B x d_T) and ``H_I`` (B x d_I) L2-normalised,
+      ``L_ortho = ||H_T^T H_I||_F`` (the d_T x d_I cross-correlation over the cases of the batch that have a report).
+    * **Alignment** (``use_alignment``, F14-F16): both features are projected into a shared
+      ``fusion_dim`` space (Linear + LayerNorm), normalised, ``S = T_norm I_norm^T`` is the B x B cosine matrix
+      and ``L_align = ||S - I||_F^2`` (cases with a report only). With one case it is ``(1 - cos)^2``.
+    * **Dynamic weighting** (``use_dynamic_weighting``, F17-F18): ``alpha_T = sigmoid(W_T t)``,
+      ``alpha_I = sigmoid(W_I i)``. In the shared space ``H = alpha_T t + alpha_I i`` (F18). Without alignment
+      there is no shared space: the weighted features are concatenated, ``H = [alpha_T t; alpha_I i]``.
+    * **Concatenation** (F6-F7): when dynamic weighting is off, ``H = [t; i] / ||[t; i]||_2`` (in the tower spaces
+      without alignment: Table 1's "Image + Text (no alignment, no attention)" row; in the shared space with it).
+      Without residual, the weighted concatenation is L2-normalised the same way.
+    * **F19**: ``H_final = ReLU(W_f H + b_f)`` (then dropout) is the fused representation (``case_embeds``, size
+      ``fusion_dim``); **F20-F21**: the grading head ``softmax(W_c H_final + b_c)``, argmax.
+    * **Image only** (``use_text=False``): no text tower, no fusion parts: ``H = H_I``; the classification
+      model is ResNet + F19-F20 and the segmentation model is a plain ResNet U-Net.
+    * **Text only** (``use_image=False``, preset ``"text_only"``, the "Single-modality Text" model): no image tower,
+      no fusion parts: ``H = H_T`` (the [CLS] feature, F3), then F19-F21. It grades from ``input_ids`` alone
+      (``pixel_values`` is not an input; one report per case) and has no segmentation model.
     """
 
     def __init__(self, config: EmrFuseConfig, text_model: nn.Module | None = None, vision_model: nn.Module | None = None):
@@ -1005,6 +996,18 @@ class EmrFuseForSegmentation(EmrFusePreTrainedModel):
     has_report=None, labels=None (N, R, H, W) float, return_dict=True)`` -> :class:`EmrFuseSegmenterOutput`
     with ``logits`` (N, R, H, W). With ``use_text=False`` this is a plain ResNet U-Net (no text tower).
     Registered for ``AutoModelForSemanticSegmentation`` (the closest Auto class: per-pixel logits).
+
+    A U-Net decoder over the tower's multi-scale features (``features_only``), coarse to fine, one stage per
+    feature level (``config.decoder_channels``): upsample, concatenate the skip, two conv-BN-ReLU. With text,
+    every stage is FiLM-conditioned (``x * (1 + gamma) + beta``) on the slice's fused representation (the
+    fusion head applied to the slice's own feature and its case's report): the paper's route from the report to
+    the decoder. With ``use_cross_attention`` (an extension; off in the presets of the paper's rows), the
+    ``cross_attention_scales`` coarsest stages also add cross-attention from every image position to the report's
+    token states (a learned "null" token is always attendable, so slices of cases without report attend to it). FiLM and
+    cross-attention outputs start at zero: at init the model is the plain U-Net. The last stage works at input
+    resolution; a 1x1 conv gives one logit per region (WT, TC, ET; sigmoid per region).
+    Loss: ``dice_loss_weight * soft Dice + bce_loss_weight * BCE`` per region (batch-level soft Dice averaged over
+    regions) plus the weighted auxiliary losses (computed at case level, as in grading).
     """
 
     def __init__(self, config: EmrFuseConfig, text_model: nn.Module | None = None, vision_model: nn.Module | None = None):

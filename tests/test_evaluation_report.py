@@ -166,3 +166,26 @@ def test_ablation_table_has_et_present_and_false_positive_columns(cases):
 def test_summary_rejects_rows_without_metrics():
     with pytest.raises(ValueError, match="missing or not finite"):
         summarize_segmentation([{"case_id": "x"}])
+
+
+def test_grading_table_and_ablation_rows_carry_the_enhancing_fraction_control():
+    """The control's figures sit next to the model's: a row of the grading table, a column of the ablation table."""
+    from modeling_emrfuse.evaluation.grading_control import control_from_features
+
+    control = control_from_features([0.3, 0.25, 0.01, 0.02], ["HGG", "HGG", "LGG", "LGG"], [0.2, 0.015, 0.3],
+                                    ["HGG", "LGG", "LGG"])
+    assert control["predictions"] == ["HGG", "LGG", "HGG"]  # threshold between 0.02 and 0.25
+    grading = M.classification_metrics(["HGG", "LGG", "LGG"], np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7]]),
+                                       labels=["HGG", "LGG"])
+    summary = {"num_cases": 3, "grading": grading, "grading_control": control}
+    md = format_results_markdown(summary)
+    model_row = next(line for line in md.splitlines() if line.startswith("| EmrFuse |"))
+    control_row = next(line for line in md.splitlines() if line.startswith("| Control: enhancing fraction"))
+    assert model_row.split(" | ")[1] == "100.0" and control_row.split(" | ")[1] == "66.7"  # accuracy 2 of 3
+    assert f"threshold {control['rule']['threshold']:.4f}" in control_row
+    numbers = row_numbers(summary)
+    assert numbers["accuracy"] == 1.0 and numbers["control_accuracy"] == pytest.approx(2 / 3)
+    table = format_ablation_table("table3", [("full", "Complete model", [numbers, numbers])])
+    header = table.splitlines()[0]
+    assert header.index("Grading accuracy (%)") < header.index("Control: enhancing fraction, accuracy (%)")
+    assert table.splitlines()[2].endswith("| 100.0 ± 0.0 | 66.7 ± 0.0 |")

@@ -69,7 +69,9 @@ def test_2015_exports_are_detected_with_their_names_and_convention(tmp_path):
     assert two.release == "2015", "T1c of a 2013/2015 export is not the BraTS 2023 t1c naming"
     assert two[0].missing_sequences == ["t1", "t2"]
     assert patient_id_for("brats_tcia_pat222_2") == patient_id_for("brats_tcia_pat222_1") == "brats_tcia_pat222"
-    assert patient_id_for("brats_2013_pat0002_1") == patient_id_for("Brats18_2013_2_1") == "BraTS2013_pat2"
+    # a BraTS 2013 number is not kept across releases: names alone do not join these two
+    assert patient_id_for("brats_2013_pat0002_1") == "brats_2013_pat0002"
+    assert patient_id_for("Brats18_2013_2_1") == "Brats18_2013_2_1"
 
 
 def test_several_folders_keep_their_own_release_and_ids_must_be_unique(tmp_path):
@@ -189,12 +191,12 @@ def test_reports_grades_and_patients_follow_the_id_table(tmp_path):
     # one patient, three names: never in two splits
     same = {attached.patients[c] for c in ("TCGA-DU-7294", "Brats18_TCIA10_130_1")}
     assert len(same) == 1
-    assert attached.patients["brats_2013_pat0002_1"] == attached.patients["Brats18_2013_2_1"]
+    # a BraTS 2013 number is not kept across releases: the 2015 export joins no patient of the table
+    assert "brats_2013_pat0002_1" not in attached.patients
     for fold in range(2):
         split = make_splits(attached.cases, n_folds=2, fold=fold, patient_map=attached.patients)
         side = {cid: name for name, ids in split.items() for cid in ids}
         assert side["TCGA-DU-7294"] == side["Brats18_TCIA10_130_1"]
-        assert side["brats_2013_pat0002_1"] == side["Brats18_2013_2_1"]
 
     dsd, summary = load_brats_text(
         [tmp_path / "tcga", tmp_path / "b18"], reports=reports, id_mapping=[], splits="none", cache_dir=tmp_path / "c1", return_summary=True

@@ -549,3 +549,75 @@ def test_empty_data_folder_is_one_line_and_exit_code_2(tmp_path):
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("train.py: error: ") and str(empty) in last and "no BraTS cases found" in last and "--data_dir" in last
+
+
+# ------------------------------------------------------------------------------------------ grading control, repeatability
+@pytest.fixture(scope="module")
+def demo_twice(shared):
+    """The demo's two stages (segmentation, then grading), run twice with the same seed into two folders."""
+    outs = [shared["base"] / f"repeat{k}" for k in (1, 2)]
+    for out in outs:
+        run_train(tiny_args(shared, out, "--max_steps", "2", "--grading_max_steps", "2", "--seed", "3"))
+    return [json.loads((out / "eval" / "run_summary.json").read_text()) for out in outs], outs
+
+
+def _reference_fraction(case_dir: Path) -> float:
+    """ET voxels / tumour voxels of a case's reference label map (BraTS 2017+ labels: ET is 4, tumour non-zero)."""
+    import nibabel as nib
+
+    seg = np.asarray(nib.load(str(next(case_dir.glob("*_seg.nii.gz")))).dataobj)
+    return float(np.count_nonzero(seg == 4)) / float(np.count_nonzero(seg))
+
+
+def _best_balanced_accuracy(x, y) -> float:
+    """Best balanced accuracy of a one-threshold rule (either direction) on features ``x`` and LGG flags ``y``."""
+    x, y = np.asarray(x), np.asarray(y, dtype=bool)
+    best = 0.0
+    for t in np.concatenate([[x.min() - 1], (np.sort(x)[:-1] + np.sort(x)[1:]) / 2, [x.max() + 1]]):
+        for pred in (x < t, x > t):
+            best = max(best, 0.5 * (np.mean(pred[y]) + np.mean(~pred[~y])))
+    return best
+
+
+def test_demo_run_reports_the_enhancing_fraction_control(demo_twice, shared):
+    """The control: threshold fitted on the training cases' reference maps, applied to the held-out predicted maps."""
+    from modeling_emrfuse.pipeline_emrfuse import load_pipeline
+
+    (summary, _), (out, _) = demo_twice
+    control = summary["grading_control"]
+    grades = {line.split(",")[-1]: line.split(",")[0] for line in (shared["data"] / "name_mapping.csv").read_text().split()[1:]}
+    held_out = sorted(control["cases"])
+    training = sorted(set(grades) - set(held_out))
+    assert len(held_out) == 2 and control["num_train_cases"] == len(training) == 4
+    # fitted on the training cases' reference maps: the best balanced accuracy of any threshold on them
+    train_x = [_reference_fraction(shared["data"] / c) for c in training]
+    train_y = [grades[c] == "LGG" for c in training]
+    rule = control["rule"]
+    assert rule["train_balanced_accuracy"] == pytest.approx(_best_balanced_accuracy(train_x, train_y))
+    # applied to the predicted label maps of the held-out cases (the pipeline's, unmasked as evaluation scores them)
+    pipe = load_pipeline(str(out), device="cpu", precision="fp32", optimize=False)
+    for case in held_out:
+        label_map = pipe(str(shared["data"] / case), mask_background=False)["label_map"]
+        expected = np.count_nonzero(label_map == 4) / max(np.count_nonzero(label_map), 1)
+        assert control["cases"][case]["enhancing_fraction"] == pytest.approx(expected, abs=0.02)
+        lgg = (expected < rule["threshold"]) == rule["lgg_below"]
+        assert control["cases"][case]["pred_grade"] == ("LGG" if lgg else "HGG")
+    accuracy = np.mean([control["cases"][c]["pred_grade"] == grades[c] for c in held_out])
+    assert control["metrics"]["accuracy"] == pytest.approx(accuracy)
+    # next to the model's grading figure: per-case CSV, the grading report and the printed tables
+    per_case = (out / "eval" / "per_case.csv").read_text()
+    assert "enhancing_fraction" in per_case.splitlines()[0]
+    grading_report = (out / "grading" / "eval" / "summary.md").read_text()
+    assert "Control: enhancing fraction of the predicted tumour" in grading_report
+    assert json.loads((out / "grading" / "eval" / "summary.json").read_text())["grading_control"]["rule"] == rule
+
+
+def test_same_seed_gives_the_same_figures(demo_twice):
+    """Two runs with the same command and seed: identical metrics; the determinism settings are recorded."""
+    (first, second), _ = demo_twice
+    for key in ("segmentation", "grading", "grading_control", "case_enhancing_fraction"):
+        a, b = dict(first[key]), dict(second[key])
+        assert a == b, key
+    assert first["determinism"]["seed"] == 3 and first["determinism"]["settings"]["use_deterministic_algorithms"] is True
+    assert first["determinism"]["threads"] == 1  # OMP_NUM_THREADS of the test environment
+    assert any("WordPiece" in note for note in first["determinism"]["not_deterministic"])  # what stays open is named

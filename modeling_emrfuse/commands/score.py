@@ -1,43 +1,12 @@
 """``emrfuse score``: score a folder of predicted NIfTI label maps against a folder of references.
 
-Works on predictions made by any tool. Cases are matched by case id, derived from file names:
-``<case>.nii.gz``, ``<case>_seg.nii.gz``, ``<case>-seg.nii.gz``, ``<case>_pred.nii.gz``,
-``<case>_prediction.nii.gz``, ``<case>_label.nii.gz``, ``<case>_mask.nii.gz`` ... (suffixes
-``seg``, ``segmentation``, ``pred``, ``prediction``, ``label``, ``mask``, ``gt`` ... after ``_``,
-``-`` or ``.``, any case; a file called just ``seg.nii.gz`` takes its folder's name). Both folders
-are searched recursively, so a reference folder may be a BraTS release (``<case>/<case>_seg.nii.gz``,
-with or without ``HGG/``/``LGG/`` sub-folders) or a flat folder of label maps; MRI sequence files
-(``<case>_flair.nii.gz``, ``<case>-t2f.nii.gz`` ...) are ignored.
-Matching ignores upper/lower case.
-
-Label conventions (``brats2015``, ``brats2017``, ``brats2023``, see
-:mod:`modeling_emrfuse.brats_labels`) are given per folder or inferred (``auto``) from the label
-values of all files of that folder:
-
-- a single convention fits all values: it is used;
-- several fit but read every value present into the same regions (e.g. only labels {1, 2}, or
-  {1, 2, 4} under brats2017 and brats2015): the reference's convention is used for the
-  predictions (else brats2017, then brats2023); the choice and why it does not matter is printed
-  and written to the summary;
-- several fit and they disagree (labels {1, 2, 3} without 4: brats2023 enhancing tumour or
-  brats2015 non-enhancing tumour): the predictions take the reference's convention if it is one
-  of them (said so); otherwise, and always for the references, the command stops and asks for
-  ``--pred-convention`` / ``--ref-convention``. A convention is never guessed silently.
-
-The voxel spacing comes from the reference header (its affine); the prediction must have the same shape
-and spacing. The rest of the affine is compared too (orientation and origin): a prediction whose
-orientation differs or whose origin is shifted gets a warning that names the case and the shift in mm
-(voxels are compared index by index). Outputs in ``--out`` are the evaluation report of
-:mod:`modeling_emrfuse.evaluation.report` (the same layout ``train.py`` writes): ``per_case.csv``,
-``summary.json`` (``segmentation``: mean / std / median per region and metric, Dice over
-region-present cases and false-positive cases; plus the conventions used and why, missing /
-unmatched / skipped cases, warnings), ``summary.md`` and ``dice_boxplot.png``.
-A reference without a prediction is listed as missing and left out of the summary, unless
-``--missing-as-empty`` scores it as an empty prediction.
-
-Metrics are :mod:`modeling_emrfuse.evaluation.metrics` (exactly as defined there); ``--lesion-wise`` adds the
-BraTS 2023+ lesion-wise metrics of :mod:`modeling_emrfuse.evaluation.lesion_metrics` (panoptica, an optional
-dependency; about a second per full-size case).
+Works on predictions made by any tool. Cases are matched by the case id in their file names
+(:func:`find_label_maps`); each folder's label convention is given or inferred from its label values,
+never guessed silently (:func:`_choose_conventions`); predictions must lie on the reference grid
+(:func:`_prediction_on_grid`). The metrics are :mod:`modeling_emrfuse.evaluation.metrics` (``--lesion-wise``
+adds the BraTS 2023+ lesion-wise metrics of :mod:`modeling_emrfuse.evaluation.lesion_metrics`), and the
+outputs in ``--out`` are the evaluation report of :mod:`modeling_emrfuse.evaluation.report`, the layout
+``train.py`` writes too. The README's "Score predictions from any tool" section is the manual.
 """
 
 from __future__ import annotations
@@ -52,8 +21,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, 
 import numpy as np
 
 from .. import brats_io
-from ..brats_io import SEQUENCE_SUFFIX_RE
-from ..brats_labels import HD95_EMPTY_SENTINEL_MM, LABEL_CONVENTIONS, REGIONS, get_label_convention
+from ..brats_io import SEQUENCE_SUFFIX_RE, _name_token
+from ..brats_labels import HD95_EMPTY_SENTINEL_MM, LABEL_CONVENTIONS, REGIONS, SEQUENCE_ALIASES, get_label_convention
 from ..evaluation.report import format_lesion_table, format_segmentation_table, has_lesion_metrics, summarize_segmentation
 from ..evaluation.report import OUTPUT_FILES, write_evaluation_report
 from ..evaluation.lesion_metrics import LesionMetricsUnavailable, brats_lesion_evaluator
@@ -64,11 +33,20 @@ CONVENTION_PREFERENCE: Tuple[str, ...] = ("brats2017", "brats2023", "brats2015")
 """Order in which equivalent conventions are chosen when the label values cannot tell them apart."""
 
 NIFTI_SUFFIXES: Tuple[str, ...] = (".nii.gz", ".nii")
-LABEL_FILE_SUFFIXES: Tuple[str, ...] = (
-    "seg", "segmentation", "segm", "pred", "prediction", "predicted", "label", "labels", "labelmap",
-    "mask", "gt", "groundtruth", "ground_truth", "ref", "reference", "output",
+PREDICTION_FILE_NAMES: Tuple[str, ...] = (
+    "pred", "prediction", "predicted", "labelmap", "groundtruth", "ground_truth", "ref", "reference", "output",
 )
-_SUFFIX_RE = re.compile(r"[_\-.](" + "|".join(sorted(LABEL_FILE_SUFFIXES, key=len, reverse=True)) + r")$", re.IGNORECASE)
+"""Label-map file names of prediction tools, besides the label names of the release table (``brats_io.label_names``)."""
+
+
+def label_file_suffixes() -> Tuple[str, ...]:
+    """Every name a label-map file may end with: the release table's label names and :data:`PREDICTION_FILE_NAMES`."""
+    return tuple(sorted(brats_io.label_names() | set(PREDICTION_FILE_NAMES)))
+
+
+def _suffix_re() -> "re.Pattern[str]":
+    names = sorted(label_file_suffixes(), key=len, reverse=True)
+    return re.compile(r"[_\-.](" + "|".join(re.escape(n) for n in names) + r")$", re.IGNORECASE)
 
 
 class ScoreError(ValueError):
@@ -86,35 +64,74 @@ def _strip_nifti(name: str) -> Optional[str]:
     return None
 
 
+def _is_sequence_file(stem: str) -> bool:
+    """An MRI sequence file by its name (``_flair``, ``-t1n``; ``Flair_subtrMeanDivStd``, ``T1c`` of BraTS 2015 exports)."""
+    return bool(SEQUENCE_SUFFIX_RE.search(stem)) or _name_token(stem) in SEQUENCE_ALIASES
+
+
+def _named_as_label(stem: str) -> bool:
+    """The file's name says label map (``_seg``, ``OTMultiClass``, ``segmentation``, ``_pred`` ...)."""
+    names = label_file_suffixes()
+    return stem.lower() in names or bool(_suffix_re().search(stem)) or _name_token(stem) in names
+
+
 def case_id_from_path(path: Path | str) -> Optional[str]:
     """Case id of a label-map file, or ``None`` if the file is not a NIfTI label map.
 
-    Strips ``.nii``/``.nii.gz`` and label-file suffixes (``_seg``, ``-seg``, ``_pred``, ...,
-    repeatedly); returns ``None`` for MRI sequence files (``_flair``, ``-t1n``, ...). A
-    file named only by a suffix (``seg.nii.gz``) takes the name of its folder.
+    Strips ``.nii``/``.nii.gz`` and label-file suffixes (:func:`label_file_suffixes`: the label names of the
+    release table, ``seg``, ``segmentation``, ``OTMultiClass`` ..., and ``pred``, ``prediction``, ``gt`` ...
+    after ``_``, ``-`` or ``.``, any case; repeatedly), so ``<case>.nii.gz``, ``<case>_seg.nii.gz``,
+    ``<case>-seg.nii.gz``, ``<case>_pred.nii.gz``, ``<case>_label.nii.gz`` ... all give ``<case>``. Returns
+    ``None`` for MRI sequence files (``<case>_flair.nii.gz``, ``<case>-t2f.nii.gz``,
+    ``Flair_subtrMeanDivStd.nii.gz`` ...). A file named only by a label name (``seg.nii.gz``,
+    ``OTMultiClass.nii.gz``) takes the name of its folder.
     """
     path = Path(path)
     stem = _strip_nifti(path.name)
-    if stem is None:
+    if stem is None or _is_sequence_file(stem):
         return None
-    if SEQUENCE_SUFFIX_RE.search(stem):
-        return None
-    if stem.lower() in LABEL_FILE_SUFFIXES:
+    if stem.lower() in label_file_suffixes():
         return path.parent.name or None
+    suffix_re = _suffix_re()
     while True:
-        stripped = _SUFFIX_RE.sub("", stem)
+        stripped = suffix_re.sub("", stem)
         if stripped == stem or not stripped:
             break
         stem = stripped
     return stem
 
 
+def _candidate_files(folder: Path, excluded: Optional[Path]) -> List[Tuple[Path, str]]:
+    """``(path, case id)`` of the NIfTI files that may be label maps. In a case folder (one holding a file named
+    as a label map of the folder's case: ``<case>/<case>_seg``, ``<case>/OTMultiClass``, ``<case>/segmentation``),
+    the other files (brain masks, extra masks) are not label maps."""
+    by_dir: Dict[Path, List[Tuple[Path, str, bool]]] = {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        if excluded is not None and excluded in path.resolve().parents:
+            continue
+        case_id = case_id_from_path(path)
+        if case_id is not None:
+            by_dir.setdefault(path.parent, []).append((path, case_id, _named_as_label(_strip_nifti(path.name) or "")))
+    out: List[Tuple[Path, str]] = []
+    for folder_path, files in by_dir.items():
+        case_folder = any(named and case_id.lower() == folder_path.name.lower() for _, case_id, named in files)
+        out.extend((path, case_id) for path, case_id, named in files if named or not case_folder)
+    return sorted(out)
+
+
 def find_label_maps(folder: Path | str, role: str = "label map", exclude: Optional[Path | str] = None) -> Dict[str, Path]:
     """Map case id -> label-map file for every NIfTI label map under ``folder`` (recursively).
 
-    Hidden files and folders, and anything under ``exclude`` (e.g. a prediction folder inside the
-    reference folder), are left out. Raises :class:`ScoreError` when the folder does not exist,
-    holds no label map, or two files give the same case id (ids compared without regard to case).
+    Case ids come from :func:`case_id_from_path`. The search is recursive, so a reference folder may be
+    a BraTS release (``<case>/<case>_seg.nii.gz``, with or without ``HGG/``/``LGG/`` sub-folders) or a
+    flat folder of label maps; the other files of a case folder that holds a label map (brain masks)
+    are not label maps (:func:`_candidate_files`). Hidden files and folders, and anything under
+    ``exclude`` (e.g. a prediction folder inside the reference folder), are left out. Raises
+    :class:`ScoreError` when the folder does not exist, holds no label map, or two files give the same
+    case id (ids compared without regard to case; predictions and references are matched the same way).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -124,21 +141,13 @@ def find_label_maps(folder: Path | str, role: str = "label map", exclude: Option
         excluded = None  # the folder itself is inside the excluded one: nothing to leave out
     found: Dict[str, Path] = {}
     seen_lower: Dict[str, str] = {}
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder)
-        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
-            continue
-        if excluded is not None and excluded in path.resolve().parents:
-            continue
-        case_id = case_id_from_path(path)
-        if case_id is None:
-            continue
+    for path, case_id in _candidate_files(folder, excluded):
         key = case_id.lower()
         if key in seen_lower:
             other = found[seen_lower[key]]
             raise ScoreError(
                 f"{role} folder {folder}: two files for case {case_id!r}: {other.relative_to(folder)} and "
-                f"{rel}; keep one label map per case."
+                f"{path.relative_to(folder)}; keep one label map per case."
             )
         seen_lower[key] = case_id
         found[case_id] = path
@@ -324,30 +333,12 @@ def _progress(iterable: Iterable[Any], desc: str, total: int, enabled: bool) -> 
     return tqdm(iterable, desc=desc, total=total, unit="case", file=sys.stderr)
 
 
-def score_folders(
-    pred_dir: Path | str,
-    ref_dir: Path | str,
-    pred_convention: str = AUTO,
-    ref_convention: str = AUTO,
-    missing_as_empty: bool = False,
-    skip_invalid: bool = False,
-    progress: bool = True,
-    lesion_wise: bool = False,
-) -> ScoreReport:
-    """Score every reference case against its prediction (see the module docstring for the rules).
+def _match_cases(pred_dir: Path, ref_dir: Path, missing_as_empty: bool):
+    """``(matched (case, prediction or None, reference), missing case ids, unmatched predictions)``.
 
-    Raises :class:`ScoreError` for bad input (missing folders, no matching case, ambiguous label
-    conventions, shape / spacing mismatches, invalid label values; the last ones are recorded
-    and skipped instead with ``skip_invalid=True``). ``lesion_wise=True`` adds the lesion-wise
-    metrics (raises :class:`~.lesion_metrics.LesionMetricsUnavailable` at once without panoptica).
+    A reference without a prediction is listed as missing and left out of ``matched``, unless
+    ``missing_as_empty`` keeps it (prediction ``None``: scored as an empty prediction).
     """
-    if lesion_wise:
-        brats_lesion_evaluator()  # fail before reading anything when panoptica is missing
-    pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
-    if pred_convention != AUTO:
-        pred_convention = get_label_convention(pred_convention).name
-    if ref_convention != AUTO:
-        ref_convention = get_label_convention(ref_convention).name
     refs = find_label_maps(ref_dir, "reference", exclude=pred_dir)
     preds = find_label_maps(pred_dir, "prediction", exclude=ref_dir)
     pred_by_key = {k.lower(): k for k in preds}
@@ -368,16 +359,47 @@ def score_folders(
             f"no prediction in {pred_dir} matches a reference case in {ref_dir} "
             f"(e.g. predictions {sorted(preds)[:3]}, references {sorted(refs)[:3]})."
         )
+    return matched, missing, unmatched
 
-    skipped: List[Dict[str, str]] = []
-    warnings: List[str] = []
 
-    def fail(case_id: str, message: str) -> None:
-        if not skip_invalid:
+@dataclass
+class _Failures:
+    """Cases that cannot be scored: raised, or recorded with ``skip_invalid``."""
+
+    skip_invalid: bool
+    skipped: List[Dict[str, str]] = field(default_factory=list)
+
+    def __call__(self, case_id: str, message: str) -> None:
+        if not self.skip_invalid:
             raise ScoreError(f"case {case_id}: {message}")
-        skipped.append({"case_id": case_id, "reason": message})
+        self.skipped.append({"case_id": case_id, "reason": message})
 
-    # label conventions: one per folder, inferred from all its files when "auto"
+
+def _fitting_values(path: Path) -> Set[int]:
+    vals = label_values(read_label_map(path).array)
+    if not fitting_conventions(vals):
+        raise ScoreError(f"{path}: label values {_fmt_values(vals)} fit no label convention.")
+    return vals
+
+
+def _choose_conventions(matched, pred_convention: str, ref_convention: str, fail: _Failures, progress: bool):
+    """The label convention of each folder (inferred from all its files when ``auto``) and the cases whose files
+    could not be read: ``(pred choice, ref choice, bad case ids)``.
+
+    Conventions (``brats2015``, ``brats2017``, ``brats2023``, see :mod:`modeling_emrfuse.brats_labels`) are
+    given per folder or inferred from the label values of all files of that folder
+    (:func:`resolve_convention`):
+
+    - a single convention fits all values: it is used;
+    - several fit but read every value present into the same regions (e.g. only labels {1, 2}, or
+      {1, 2, 4} under brats2017 and brats2015): the reference's convention is used for the
+      predictions (else :data:`CONVENTION_PREFERENCE` order); the choice and why it does not matter
+      go into the note printed and written to the summary;
+    - several fit and they disagree (labels {1, 2, 3} without 4: brats2023 enhancing tumour or
+      brats2015 non-enhancing tumour): the predictions take the reference's convention if it is one
+      of them (said so in the note); otherwise, and always for the references, :class:`ScoreError`
+      asks for ``--pred-convention`` / ``--ref-convention``.
+    """
     bad: Set[str] = set()
     ref_values: List[Set[int]] = []
     pred_values: List[Set[int]] = []
@@ -385,15 +407,9 @@ def score_folders(
         for case_id, pred_path, ref_path in _progress(matched, "reading labels", len(matched), progress):
             try:
                 if ref_convention == AUTO:
-                    vals = label_values(read_label_map(ref_path).array)
-                    if not fitting_conventions(vals):
-                        raise ScoreError(f"{ref_path}: label values {_fmt_values(vals)} fit no label convention.")
-                    ref_values.append(vals)
+                    ref_values.append(_fitting_values(ref_path))
                 if pred_convention == AUTO and pred_path is not None:
-                    vals = label_values(read_label_map(pred_path).array)
-                    if not fitting_conventions(vals):
-                        raise ScoreError(f"{pred_path}: label values {_fmt_values(vals)} fit no label convention.")
-                    pred_values.append(vals)
+                    pred_values.append(_fitting_values(pred_path))
             except ScoreError as exc:
                 fail(case_id, str(exc))
                 bad.add(case_id)
@@ -404,67 +420,109 @@ def score_folders(
         )
     else:
         ref_choice = ConventionChoice(ref_convention, ref_convention, "given")
-    if pred_convention == AUTO:
-        if pred_values:
-            pred_choice = resolve_convention(pred_values, "prediction", "--pred-convention", ref_choice.used)
-        else:
-            pred_choice = ConventionChoice(AUTO, ref_choice.used, "no prediction file; using the reference convention")
-    else:
+    if pred_convention != AUTO:
         pred_choice = ConventionChoice(pred_convention, pred_convention, "given")
+    elif pred_values:
+        pred_choice = resolve_convention(pred_values, "prediction", "--pred-convention", ref_choice.used)
+    else:
+        pred_choice = ConventionChoice(AUTO, ref_choice.used, "no prediction file; using the reference convention")
+    return pred_choice, ref_choice, bad
 
+
+def _prediction_on_grid(case_id: str, pred_path: Optional[Path], ref: LabelMapFile, warnings: List[str]) -> np.ndarray:
+    """The prediction's array (zeros when missing); a different shape or spacing is an error, another
+    orientation or origin a warning.
+
+    The voxel spacing comes from the reference header (its affine). A prediction whose orientation
+    differs or whose origin is shifted gets a warning naming the case and the shift in mm
+    (:func:`affine_difference`); voxels are compared index by index.
+    """
+    if pred_path is None:
+        return np.zeros_like(ref.array)
+    pred = read_label_map(pred_path)
+    if pred.array.shape != ref.array.shape:
+        raise ScoreError(
+            f"prediction {pred_path} has shape {pred.array.shape}, reference {ref.path} has "
+            f"{ref.array.shape}; predictions must be on the reference grid."
+        )
+    if not np.allclose(pred.spacing, ref.spacing, rtol=1e-3, atol=1e-4):
+        raise ScoreError(
+            f"prediction {pred_path} has voxel spacing {pred.spacing} mm, reference {ref.path} has "
+            f"{ref.spacing} mm; predictions must be on the reference grid."
+        )
+    difference = affine_difference(pred.affine, ref.affine, ref.spacing)
+    if difference:
+        warnings.append(
+            f"case {case_id}: the prediction's affine differs from the reference's ({difference}); "
+            f"voxels are compared index by index, so the scores assume the prediction is on the "
+            f"reference grid"
+        )
+    return pred.array
+
+
+def _score_case(case_id: str, pred_path: Optional[Path], ref_path: Path, pred_choice: ConventionChoice,
+                ref_choice: ConventionChoice, lesion_wise: bool, warnings: List[str]) -> Dict[str, Any]:
+    """One row of ``per_case.csv``; raises :class:`ScoreError` / ``ValueError`` for a case that cannot be scored."""
+    ref = read_label_map(ref_path)
+    pred_array = _prediction_on_grid(case_id, pred_path, ref, warnings)
+    result = score_label_maps(pred_array, ref.array, pred_choice.used, ref_choice.used, ref.spacing, lesion_wise=lesion_wise)
+    row: Dict[str, Any] = {
+        "case_id": case_id,
+        "prediction": "" if pred_path is None else str(pred_path),
+        "reference": str(ref_path),
+        "prediction_missing": pred_path is None,
+        "pred_convention": pred_choice.used,
+        "ref_convention": ref_choice.used,
+        "spacing_x": ref.spacing[0],
+        "spacing_y": ref.spacing[1],
+        "spacing_z": ref.spacing[2],
+    }
+    row.update(metrics_to_row(result))
+    return row
+
+
+def score_folders(
+    pred_dir: Path | str,
+    ref_dir: Path | str,
+    pred_convention: str = AUTO,
+    ref_convention: str = AUTO,
+    missing_as_empty: bool = False,
+    skip_invalid: bool = False,
+    progress: bool = True,
+    lesion_wise: bool = False,
+) -> ScoreReport:
+    """Score every reference case against its prediction (matching: :func:`_match_cases`; conventions:
+    :func:`_choose_conventions`; grid: :func:`_prediction_on_grid`).
+
+    Raises :class:`ScoreError` for bad input (missing folders, no matching case, ambiguous label
+    conventions, shape / spacing mismatches, invalid label values; the last ones are recorded
+    and skipped instead with ``skip_invalid=True``). ``lesion_wise=True`` adds the lesion-wise
+    metrics (raises :class:`~modeling_emrfuse.evaluation.lesion_metrics.LesionMetricsUnavailable` at once
+    without panoptica).
+    """
+    if lesion_wise:
+        brats_lesion_evaluator()  # fail before reading anything when panoptica is missing
+    pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
+    if pred_convention != AUTO:
+        pred_convention = get_label_convention(pred_convention).name
+    if ref_convention != AUTO:
+        ref_convention = get_label_convention(ref_convention).name
+    matched, missing, unmatched = _match_cases(pred_dir, ref_dir, missing_as_empty)
+    fail = _Failures(skip_invalid)
+    warnings: List[str] = []
+    pred_choice, ref_choice, bad = _choose_conventions(matched, pred_convention, ref_convention, fail, progress)
     rows: List[Dict[str, Any]] = []
     for case_id, pred_path, ref_path in _progress(matched, "scoring", len(matched), progress):
         if case_id in bad:
             continue
         try:
-            ref = read_label_map(ref_path)
-            if pred_path is None:
-                pred_array = np.zeros_like(ref.array)
-            else:
-                pred = read_label_map(pred_path)
-                if pred.array.shape != ref.array.shape:
-                    raise ScoreError(
-                        f"prediction {pred_path} has shape {pred.array.shape}, reference {ref_path} has "
-                        f"{ref.array.shape}; predictions must be on the reference grid."
-                    )
-                if not np.allclose(pred.spacing, ref.spacing, rtol=1e-3, atol=1e-4):
-                    raise ScoreError(
-                        f"prediction {pred_path} has voxel spacing {pred.spacing} mm, reference {ref_path} has "
-                        f"{ref.spacing} mm; predictions must be on the reference grid."
-                    )
-                difference = affine_difference(pred.affine, ref.affine, ref.spacing)
-                if difference:
-                    warnings.append(
-                        f"case {case_id}: the prediction's affine differs from the reference's ({difference}); "
-                        f"voxels are compared index by index, so the scores assume the prediction is on the "
-                        f"reference grid"
-                    )
-                pred_array = pred.array
-            result = score_label_maps(
-                pred_array, ref.array, pred_choice.used, ref_choice.used, ref.spacing, lesion_wise=lesion_wise
-            )
+            rows.append(_score_case(case_id, pred_path, ref_path, pred_choice, ref_choice, lesion_wise, warnings))
         except ScoreError as exc:
             fail(case_id, str(exc))
-            continue
         except ValueError as exc:  # label values outside the convention
             fail(case_id, f"{exc} (prediction {pred_path}, reference {ref_path})")
-            continue
-        row: Dict[str, Any] = {
-            "case_id": case_id,
-            "prediction": "" if pred_path is None else str(pred_path),
-            "reference": str(ref_path),
-            "prediction_missing": pred_path is None,
-            "pred_convention": pred_choice.used,
-            "ref_convention": ref_choice.used,
-            "spacing_x": ref.spacing[0],
-            "spacing_y": ref.spacing[1],
-            "spacing_z": ref.spacing[2],
-        }
-        row.update(metrics_to_row(result))
-        rows.append(row)
     if not rows:
-        raise ScoreError("no case could be scored: " + "; ".join(f"{s['case_id']}: {s['reason']}" for s in skipped))
-
+        raise ScoreError("no case could be scored: " + "; ".join(f"{s['case_id']}: {s['reason']}" for s in fail.skipped))
     summary: Dict[str, Any] = {
         "num_cases": len(rows),
         "segmentation": summarize_segmentation(rows),
@@ -476,7 +534,7 @@ def score_folders(
         "missing_predictions": missing,
         "missing_counted_as_empty": bool(missing_as_empty),
         "unmatched_predictions": unmatched,
-        "skipped": skipped,
+        "skipped": fail.skipped,
         "warnings": warnings,
         "hd95_empty_sentinel_mm": float(HD95_EMPTY_SENTINEL_MM),
         "std": "sample standard deviation (ddof=1) over cases; null for a single case",
@@ -509,7 +567,8 @@ def header_lines(summary: Mapping[str, Any]) -> List[str]:
 
 
 def write_report(report: ScoreReport, out_dir: Path | str) -> Dict[str, Path]:
-    """Write the evaluation report (:func:`~.evaluation_report.write_evaluation_report`) into ``out_dir``."""
+    """Write the evaluation report (:func:`~modeling_emrfuse.evaluation.report.write_evaluation_report`) into
+    ``out_dir``: ``per_case.csv``, ``summary.json``, ``summary.md`` and ``dice_boxplot.png``."""
     return write_evaluation_report(
         out_dir, report.rows, report.summary, title="Segmentation scores", header_lines=header_lines(report.summary)
     )

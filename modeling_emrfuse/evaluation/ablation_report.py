@@ -102,6 +102,9 @@ ET_COLUMNS = [
     ("ET_false_positive_cases", "ET-absent cases with ET predicted", 1.0),
 ]
 GRADING_COLUMN = ("accuracy", "Grading accuracy (%)", 100.0)
+CONTROL_COLUMN = ("control_accuracy", "Control: enhancing fraction, accuracy (%)", 100.0)
+"""The enhancing-fraction control of the same run (threshold fitted on the training cases' reference maps, applied
+to the held-out cases' predicted maps): what the segmentation alone grades."""
 REFERENCE_PRESET = "full"
 """The complete model: every row's paired per-case differences are taken against it."""
 DIFFERENCE_COLUMNS = [(f"dice_{r}", f"Δ Dice {r} vs complete (pts)", 100.0) for r in REGIONS] + [
@@ -182,6 +185,9 @@ def row_numbers(summary: Mapping[str, Any]) -> Dict[str, float]:
     grading = summary.get("grading") or {}
     if "accuracy" in grading:
         out["accuracy"] = float(grading["accuracy"])
+    control = (summary.get("grading_control") or {}).get("metrics") or {}
+    if "accuracy" in control:
+        out["control_accuracy"] = float(control["accuracy"])
     return out
 
 
@@ -208,7 +214,7 @@ def format_ablation_table(
     table order, the numbers as :func:`row_numbers` returns them. Cells are ``mean ± half-width of the 95 %
     confidence interval over seeds`` (Student t) when there are several seeds. Columns: the paper's columns of
     that table, then Dice per region, the ET Dice over ET-present cases and the ET false-positive cases, the
-    grading accuracy when the runs measured it, and, when the rows carry per-case values, each row's paired
+    grading accuracy when the runs measured it (and the enhancing-fraction control's accuracy next to it), and, when the rows carry per-case values, each row's paired
     per-case difference to the complete model (mean [95 % bootstrap interval over cases], ``*`` when it excludes
     zero), followed by one sentence saying what the differences show.
     """
@@ -217,6 +223,8 @@ def format_ablation_table(
     columns = list(TABLE_COLUMNS[table]) + REGION_COLUMNS + ET_COLUMNS
     if any("accuracy" in n for _, _, runs, *_ in rows for n in runs):
         columns.append(GRADING_COLUMN)
+    if any("control_accuracy" in n for _, _, runs, *_ in rows for n in runs):
+        columns.append(CONTROL_COLUMN)
     lines = []
     if caption:
         lines += [caption, ""]
@@ -313,6 +321,8 @@ def write_ablation_report(
         entry["ci95"] = {k: seed_mean_ci([n.get(k, float("nan")) for n in runs]).to_dict() for k in keys}
         if "accuracy" in keys:
             entry["grading_accuracy_per_seed"] = [n.get("accuracy") for n in runs]
+        if "control_accuracy" in keys:
+            entry["control_accuracy_per_seed"] = [n.get("control_accuracy") for n in runs]
         if preset in differences:
             entry["paired_difference_to_complete"] = {k: d.to_dict() for k, d in differences[preset].items()}
         json_rows.append(entry)

@@ -1,16 +1,9 @@
 """Statistics that can tell ablation rows apart: seed confidence intervals and paired per-case differences.
 
-Two questions, two tools:
-
-- *How much does a row's figure move between training runs?* Each cell of an ablation table is the mean over
-  seeds with a 95 % confidence interval from Student's t distribution (:func:`seed_mean_ci`): with 3 seeds the
-  half-width is 2.48 standard errors, so the interval is honest about how few runs there are.
-- *Is a row better or worse than the complete model on the same cases?* Rows are evaluated on the same held-out
-  cases, so the comparison is paired (:func:`paired_difference`): each case's value is first averaged over the
-  seeds of a row, then the per-case differences (row - reference) are averaged, with a percentile bootstrap
-  interval over cases (:func:`modeling_emrfuse.evaluation.metrics.bootstrap_mean_ci`). A difference whose interval excludes
-  zero is marked: it is larger than what the choice of cases explains. Neither tool corrects for the number of
-  comparisons in a table; read a single marked cell among many with that in mind.
+Two questions, two tools: how much does a row's figure move between training runs (:func:`seed_mean_ci`),
+and is a row better or worse than the complete model on the same cases (:func:`paired_difference`)?
+Neither corrects for the number of comparisons in a table; read a single marked cell among many with
+that in mind.
 """
 
 from __future__ import annotations
@@ -58,7 +51,11 @@ class PairedDifference:
 
 
 def seed_mean_ci(values: Sequence[float], confidence: float = 0.95) -> SeedInterval:
-    """Mean of per-seed values and the half-width of its Student-t confidence interval (NaNs left out)."""
+    """Mean of per-seed values and the half-width of its Student-t confidence interval (NaNs left out).
+
+    Each cell of an ablation table is the mean over seeds with this interval: with 3 seeds the 95 %
+    half-width is 2.48 standard errors, so the interval is honest about how few runs there are.
+    """
     from scipy import stats
 
     if not 0.0 < float(confidence) < 1.0:
@@ -93,7 +90,10 @@ def paired_difference(row: Sequence[Mapping[str, float]], reference: Sequence[Ma
 
     ``row`` and ``reference``: one ``{case id: value}`` per seed (e.g. a case's WT Dice, or 1/0 for a correctly /
     wrongly graded case). Each case is averaged over its row's seeds, the differences are taken on the cases both
-    rows scored, and their mean gets a percentile bootstrap interval over cases (fixed ``seed``).
+    rows scored, and their mean gets a percentile bootstrap interval over cases (fixed ``seed``;
+    :func:`modeling_emrfuse.evaluation.metrics.bootstrap_mean_ci`). Rows are evaluated on the same held-out
+    cases, so the comparison is paired; a difference whose interval excludes zero is marked: it is larger
+    than what the choice of cases explains.
     """
     a, b = _case_means(row), _case_means(reference)
     cases = sorted(set(a) & set(b))

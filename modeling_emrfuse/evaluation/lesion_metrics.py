@@ -2,36 +2,11 @@
 
 Since 2023 the BraTS challenges rank by lesion-wise metrics: each region (WT, TC, ET) is split
 into lesions (26-connected components), reference and predicted lesions are matched one to one,
-and unmatched lesions count as misses (false negatives) or false alarms (false positives). The
-official evaluation (the ``BraTS_evaluation`` package) runs on `panoptica
-<https://github.com/BrainLesion/panoptica>`_ (Apache-2.0); this module runs panoptica configured
-as the official adult-glioma evaluation configures it (its ``gli`` configuration):
-
-- input: semantic masks; instances: connected components (``cc3d``, 26-connectivity in 3D);
-- matching: maximum bipartite matching on Dice, any overlap matches (threshold 1e-6);
-- lesion metrics: Dice and HD95 of each matched pair, in mm at the image's voxel spacing;
-- zero true positives: Dice 0 and HD95 infinity when either side has lesions; NaN when neither does.
-
-Per region the numbers reported are panoptica's own, under panoptica's names (so that they compare
-directly with the challenge's output):
-
-=========  =============================================================================
-``tp``     matched lesions
-``fp``     predicted lesions without a reference lesion
-``fn``     reference lesions without a predicted lesion
-``sq_dsc`` segmentation quality: mean Dice of the matched lesions (0 when there is none;
-           NaN when neither side has a lesion)
-``pq_dsc`` panoptic quality: ``sq_dsc * tp / (tp + fp/2 + fn/2)``, i.e. unmatched lesions score 0
-``sq_hd95`` mean HD95 (mm) of the matched lesions (infinity when there is none; NaN when
-           neither side has a lesion). Panoptica computes its own surfaces; this is not the
-           whole-volume ``hd95`` of :mod:`modeling_emrfuse.evaluation.metrics`.
-=========  =============================================================================
-
-Regions come from :func:`modeling_emrfuse.brats_labels.label_map_to_regions`, so all label
-conventions give the same numbers for the same tumour. The official evaluation reads BraTS 2023
-label maps and builds WT = {1, 2, 3}, TC = {1, 3}, ET = {3}: the same masks.
-
-``panoptica`` is an optional dependency (``pip install "emrfuse[lesion]"``); without it these
+and unmatched lesions count as misses (false negatives) or false alarms (false positives). This
+module runs `panoptica <https://github.com/BrainLesion/panoptica>`_ (Apache-2.0), on which the
+official evaluation (the ``BraTS_evaluation`` package) runs, configured as the official adult-glioma
+evaluation configures it (:func:`brats_lesion_evaluator`); :func:`lesion_wise_metrics` reports its
+numbers. ``panoptica`` is an optional dependency (``pip install "emrfuse[lesion]"``); without it these
 functions raise :class:`LesionMetricsUnavailable`. This module does not travel to the Hub.
 """
 
@@ -84,7 +59,12 @@ def brats_lesion_evaluator():
 
     Matching, instance approximation and zero-TP edge cases are the official ``gli``
     configuration's; the official one also computes the normalised surface Dice, which is not
-    reported here and does not affect the other numbers, so it is left out.
+    reported here and does not affect the other numbers, so it is left out:
+
+    - input: semantic masks; instances: connected components (``cc3d``, 26-connectivity in 3D);
+    - matching: maximum bipartite matching on Dice, any overlap matches (threshold 1e-6);
+    - lesion metrics: Dice and HD95 of each matched pair, in mm at the image's voxel spacing;
+    - zero true positives: Dice 0 and HD95 infinity when either side has lesions; NaN when neither does.
     """
     panoptica, EdgeCaseHandler, EdgeCaseResult, ZeroTP, LabelGroup, SegmentationClassGroups = _import_panoptica()
     panoptica.disable_citation_reminder()  # a console banner on every call; panoptica is credited in the README
@@ -135,6 +115,25 @@ def lesion_wise_metrics(
     ints; ``sq_dsc`` / ``pq_dsc`` / ``sq_hd95`` floats that may be NaN (no lesion on either side)
     or, for ``sq_hd95``, infinity (no matched lesion). Raises :class:`LesionMetricsUnavailable`
     without panoptica.
+
+    The numbers are panoptica's own, under panoptica's names (so that they compare directly with the
+    challenge's output):
+
+    =========  =============================================================================
+    ``tp``     matched lesions
+    ``fp``     predicted lesions without a reference lesion
+    ``fn``     reference lesions without a predicted lesion
+    ``sq_dsc`` segmentation quality: mean Dice of the matched lesions (0 when there is none;
+               NaN when neither side has a lesion)
+    ``pq_dsc`` panoptic quality: ``sq_dsc * tp / (tp + fp/2 + fn/2)``, i.e. unmatched lesions score 0
+    ``sq_hd95`` mean HD95 (mm) of the matched lesions (infinity when there is none; NaN when
+               neither side has a lesion). Panoptica computes its own surfaces; this is not the
+               whole-volume ``hd95`` of :mod:`modeling_emrfuse.evaluation.metrics`.
+    =========  =============================================================================
+
+    Regions come from :func:`modeling_emrfuse.brats_labels.label_map_to_regions`, so all label
+    conventions give the same numbers for the same tumour. The official evaluation reads BraTS 2023
+    label maps and builds WT = {1, 2, 3}, TC = {1, 3}, ET = {3}: the same masks.
     """
     p, r = np.asarray(pred_regions).astype(bool), np.asarray(ref_regions).astype(bool)
     n = len(regions)

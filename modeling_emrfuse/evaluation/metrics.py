@@ -1,59 +1,13 @@
 """Segmentation and grading metrics, defined once for the whole project.
 
-Segmentation (per case, per region WT / TC / ET, in 3D, at the voxel spacing of the image header)
-    Dice = 2TP / (2TP + FP + FN); PPV = TP / (TP + FP); sensitivity = TP / (TP + FN).
+Segmentation: Dice, PPV, sensitivity and HD95 per case and region (WT / TC / ET), in 3D at the
+header's voxel spacing, exactly as MedPy computes them, with the BraTS conventions for empty masks
+(:func:`region_metrics`), optional lesion-wise metrics (:mod:`.lesion_metrics`) and cohort summaries
+(:func:`aggregate`). Grading: :func:`classification_metrics`. How to score folders from the shell:
+README, "Score predictions from any tool".
 
-    HD95 is the 95th percentile of the pooled surface-to-surface distances in both directions,
-    where the surface of a mask is the mask minus its erosion with the 6-connected (face)
-    structuring element, voxels outside the array counting as background (``border_value=0``),
-    and distances are Euclidean in millimetres with the (possibly anisotropic) voxel spacing.
-    This is exactly MedPy's ``medpy.metric.binary.hd95(result, reference, voxelspacing,
-    connectivity=1)``; it is computed on the bounding box of both masks plus one voxel, which
-    gives the same numbers (every surface voxel lies in that box, and the box's outer layer is
-    background or the array border) at a fraction of the cost.
-
-    Empty masks (BraTS conventions):
-
-    ============================  =====  ===  ===========  ==============
-    prediction / reference        Dice   PPV  sensitivity  HD95 (mm)
-    ============================  =====  ===  ===========  ==============
-    both empty                    1      1    1            0
-    prediction empty, ref. not    0      0    0            373.13
-    reference empty, pred. not    0      0    1            373.13
-    ============================  =====  ===  ===========  ==============
-
-    A ratio whose denominator is 0 is 1 when nothing was missed (no false negative) and 0
-    otherwise: sensitivity with an empty reference is 1; PPV with an empty prediction is 1 only
-    if the reference is empty too. 373.13 mm is :data:`~.brats_labels.HD95_EMPTY_SENTINEL_MM`,
-    the diagonal of the 240 x 240 x 155 BraTS box; it is not rescaled by the voxel spacing.
-
-    Masks are any numeric / boolean arrays: non-zero is foreground (as in MedPy).
-
-Region size
-    Each region's result also holds the voxel counts ``ref_voxels`` and ``pred_voxels``, so that a
-    summary can tell cases where the region exists in the reference from cases where it does not
-    (see :mod:`modeling_emrfuse.evaluation.report`: Dice over region-present cases and
-    false-positive cases).
-
-Lesion-wise (BraTS 2023+)
-    With ``lesion_wise=True``, :func:`region_metrics` and :func:`score_label_maps` add the
-    lesion-wise metrics of :mod:`modeling_emrfuse.evaluation.lesion_metrics` (panoptica, configured as the
-    official BraTS evaluation; an optional dependency) under :data:`LESION_METRICS`.
-
-Cohort summary
-    :func:`aggregate` gives mean, standard deviation (sample, ``ddof=1``: NaN for a single case)
-    and median per region and metric over the cases; sentinel HD95 values are included, as in
-    the BraTS ranking.
-
-Grading
-    :func:`classification_metrics` gives accuracy, balanced accuracy (mean recall over the
-    classes present in ``y_true``), ROC AUC (from probabilities; NaN when ``y_true`` holds a single
-    class, or when only hard predictions are given), F1 (macro average over the classes, a class
-    with no true and no predicted case scoring 0, as in scikit-learn) and the confusion matrix
-    (rows = true class, columns = predicted class, in ``labels`` order).
-
-This module uses numpy and scipy only (panoptica for the optional lesion-wise metrics, imported when asked
-for) and does not travel to the Hub with the model code.
+numpy and scipy only (panoptica for the lesion-wise metrics, imported when asked for); a local tool
+that does not travel to the Hub with the model code.
 """
 
 from __future__ import annotations
@@ -227,8 +181,17 @@ def _hd95_cropped(p: np.ndarray, r: np.ndarray, sp: Tuple[float, ...]) -> float:
 def hd95(pred: Any, ref: Any, spacing: Optional[SpacingLike] = (1.0, 1.0, 1.0)) -> float:
     """95th percentile Hausdorff distance in mm (MedPy's ``hd95`` with ``connectivity=1``).
 
+    The 95th percentile of the pooled surface-to-surface distances in both directions, where the
+    surface of a mask is the mask minus its erosion with the 6-connected (face) structuring element,
+    voxels outside the array counting as background (``border_value=0``), and distances are
+    Euclidean in millimetres with the (possibly anisotropic) voxel spacing. It is computed on the
+    bounding box of both masks plus one voxel, which gives MedPy's numbers exactly (every surface
+    voxel lies in that box, and the box's outer layer is background or the array border) at a
+    fraction of the cost.
+
     ``spacing`` is the voxel size per axis (a single number means isotropic). Both masks empty:
-    0.0; exactly one empty: :data:`~.brats_labels.HD95_EMPTY_SENTINEL_MM` (373.13).
+    0.0; exactly one empty: :data:`~.brats_labels.HD95_EMPTY_SENTINEL_MM` (373.13 mm, the diagonal of
+    the 240 x 240 x 155 BraTS box; not rescaled by the voxel spacing).
     """
     p, r = _mask_pair(pred, ref)
     sp = _spacing(spacing, p.ndim)
@@ -270,9 +233,25 @@ def region_metrics(
     """All metrics for each region: ``{region: {"dice", "ppv", "sensitivity", "hd95", "ref_voxels", "pred_voxels"}}``.
 
     ``pred_regions`` / ``ref_regions`` are channel-first region masks ``(len(regions), X, Y, Z)``
-    in :data:`~.brats_labels.REGIONS` order (WT, TC, ET); ``spacing`` is the voxel size in mm.
-    ``lesion_wise=True`` adds :data:`LESION_METRICS` (needs panoptica; see
-    :mod:`~.lesion_metrics`).
+    in :data:`~.brats_labels.REGIONS` order (WT, TC, ET), any numeric / boolean arrays (non-zero is
+    foreground, as in MedPy); ``spacing`` is the voxel size in mm. Dice = 2TP / (2TP + FP + FN);
+    PPV = TP / (TP + FP); sensitivity = TP / (TP + FN); HD95 as :func:`hd95`. Empty masks follow
+    the BraTS conventions:
+
+    ============================  =====  ===  ===========  ==============
+    prediction / reference        Dice   PPV  sensitivity  HD95 (mm)
+    ============================  =====  ===  ===========  ==============
+    both empty                    1      1    1            0
+    prediction empty, ref. not    0      0    0            373.13
+    reference empty, pred. not    0      0    1            373.13
+    ============================  =====  ===  ===========  ==============
+
+    (a ratio whose denominator is 0 is 1 when nothing was missed, i.e. no false negative, else 0).
+    The voxel counts ``ref_voxels`` / ``pred_voxels`` let a summary tell cases where the region
+    exists in the reference from cases where it does not (:mod:`modeling_emrfuse.evaluation.report`:
+    Dice over region-present cases and false-positive cases). ``lesion_wise=True`` adds
+    :data:`LESION_METRICS` (panoptica configured as the official BraTS 2023+ evaluation, an optional
+    dependency; see :mod:`~.lesion_metrics`).
     """
     p = _as_mask(pred_regions, "prediction regions")
     r = _as_mask(ref_regions, "reference regions")
@@ -356,7 +335,7 @@ def aggregate(
     ``{region: {metric: {"mean", "std", "median", "n"}}}``; ``std`` uses ``ddof`` (default 1, the
     sample standard deviation; NaN for fewer than ``ddof + 1`` cases). A missing or non-finite
     value raises ``ValueError`` (nothing is dropped silently); zero cases gives NaN statistics
-    with ``n = 0``.
+    with ``n = 0``. Sentinel HD95 values are included, as in the BraTS ranking.
     """
     rows = list(per_case.values()) if isinstance(per_case, Mapping) else list(per_case)
     names = list(per_case.keys()) if isinstance(per_case, Mapping) else list(range(len(rows)))
@@ -473,10 +452,12 @@ def classification_metrics(
 
     Returns:
         ``{"n", "labels", "accuracy", "balanced_accuracy", "roc_auc", "f1", "f1_per_class",
-        "confusion_matrix", "log_loss", "brier"}``. ``roc_auc`` is binary AUC of the class-1 score (symmetric in the
+        "confusion_matrix", "log_loss", "brier"}``. ``balanced_accuracy`` is the mean recall over the
+        classes present in ``y_true``. ``roc_auc`` is binary AUC of the class-1 score (symmetric in the
         choice of positive class), or with ``(N, K)`` scores and ``K > 2`` the macro one-vs-rest
         AUC over the classes present in ``y_true``; it is NaN (not an error) when ``y_true`` holds
-        a single class, because AUC is undefined there. ``f1`` is the macro F1.
+        a single class, because AUC is undefined there. ``f1`` is the macro F1 (a class with no true
+        and no predicted case scoring 0, as in scikit-learn).
         ``confusion_matrix[i][j]`` counts cases of true class ``i`` predicted as ``j``.
         ``log_loss`` (mean negative log-probability of the true class, probabilities clipped to
         ``[1e-15, 1]``) and ``brier`` (mean over cases of ``0.5 * sum_k (p_k - [k = y])^2``, for two
@@ -494,29 +475,7 @@ def classification_metrics(
         raise ValueError("y_true is empty.")
     if (y_prob is None) == (y_pred is None):
         raise ValueError("pass exactly one of y_prob (probabilities / scores) or y_pred (hard predictions).")
-    scores: Optional[np.ndarray] = None
-    if y_prob is not None:
-        prob = np.asarray(y_prob)
-        if prob.dtype.kind in "biuUSO":
-            y_pred = prob
-        else:
-            scores = prob.astype(np.float64)
-            if scores.shape[0] != n:
-                raise ValueError(f"y_prob has {scores.shape[0]} rows for {n} cases.")
-            if not np.all(np.isfinite(scores)):
-                raise ValueError("y_prob holds NaN or infinite values.")
-            if scores.ndim == 1:
-                if k != 2:
-                    raise ValueError(f"1-D y_prob is only defined for two classes, got labels {list(labels)}.")
-                pred = (scores > threshold).astype(np.int64)
-            elif scores.ndim == 2 and scores.shape[1] == k:
-                pred = np.argmax(scores, axis=1).astype(np.int64)
-            else:
-                raise ValueError(f"y_prob must be (N,) or (N, {k}), got shape {scores.shape}.")
-    if y_pred is not None:
-        pred = _class_ids(y_pred, labels, "y_pred")
-        if pred.size != n:
-            raise ValueError(f"y_pred has {pred.size} entries for {n} cases.")
+    scores, pred = _scores_and_predictions(y_prob, y_pred, labels, n, threshold)
 
     cm = np.zeros((k, k), dtype=np.int64)
     np.add.at(cm, (true, pred), 1)
@@ -528,15 +487,7 @@ def classification_metrics(
     f1_den = support + predicted
     f1 = np.divide(2 * tp, f1_den, out=np.zeros(k), where=f1_den > 0)
 
-    roc_auc = math.nan
-    if scores is not None:
-        if scores.ndim == 1:
-            roc_auc = _binary_auc(true == 1, scores)
-        elif k == 2:
-            roc_auc = _binary_auc(true == 1, scores[:, 1] - scores[:, 0])
-        elif present.sum() >= 2:
-            aucs = [_binary_auc(true == c, scores[:, c]) for c in range(k) if present[c]]
-            roc_auc = float(np.mean(aucs))
+    roc_auc = _roc_auc(true, scores, k, present)
     log_loss, brier = _calibration_scores(true, scores, k)
     return {
         "n": int(n),
@@ -563,3 +514,50 @@ def _calibration_scores(true: np.ndarray, scores: Optional[np.ndarray], k: int) 
     log_loss = float(-np.mean(np.log(np.clip(prob[np.arange(true.size), true], 1e-15, 1.0))))
     brier = float(np.mean(0.5 * ((prob - onehot) ** 2).sum(axis=1)))
     return log_loss, brier
+
+
+def _scores_and_predictions(
+    y_prob: Any, y_pred: Any, labels: Tuple[str, ...], n: int, threshold: float
+) -> Tuple[Optional[np.ndarray], np.ndarray]:
+    """``(scores, predicted class ids)`` from exactly one of ``y_prob`` / ``y_pred``; ``scores`` is None
+    for hard predictions (integer, string or boolean arrays passed as ``y_prob`` are hard predictions)."""
+    k = len(labels)
+    scores: Optional[np.ndarray] = None
+    if y_prob is not None:
+        prob = np.asarray(y_prob)
+        if prob.dtype.kind in "biuUSO":
+            y_pred = prob
+        else:
+            scores = prob.astype(np.float64)
+            if scores.shape[0] != n:
+                raise ValueError(f"y_prob has {scores.shape[0]} rows for {n} cases.")
+            if not np.all(np.isfinite(scores)):
+                raise ValueError("y_prob holds NaN or infinite values.")
+            if scores.ndim == 1:
+                if k != 2:
+                    raise ValueError(f"1-D y_prob is only defined for two classes, got labels {list(labels)}.")
+                pred = (scores > threshold).astype(np.int64)
+            elif scores.ndim == 2 and scores.shape[1] == k:
+                pred = np.argmax(scores, axis=1).astype(np.int64)
+            else:
+                raise ValueError(f"y_prob must be (N,) or (N, {k}), got shape {scores.shape}.")
+    if y_pred is not None:
+        pred = _class_ids(y_pred, labels, "y_pred")
+        if pred.size != n:
+            raise ValueError(f"y_pred has {pred.size} entries for {n} cases.")
+    return scores, pred
+
+
+def _roc_auc(true: np.ndarray, scores: Optional[np.ndarray], k: int, present: np.ndarray) -> float:
+    """Binary AUC of the class-1 score, or the macro one-vs-rest AUC over the present classes for
+    ``(N, K > 2)`` scores; NaN for hard predictions and where AUC is undefined."""
+    roc_auc = math.nan
+    if scores is not None:
+        if scores.ndim == 1:
+            roc_auc = _binary_auc(true == 1, scores)
+        elif k == 2:
+            roc_auc = _binary_auc(true == 1, scores[:, 1] - scores[:, 0])
+        elif present.sum() >= 2:
+            aucs = [_binary_auc(true == c, scores[:, c]) for c in range(k) if present[c]]
+            roc_auc = float(np.mean(aucs))
+    return roc_auc

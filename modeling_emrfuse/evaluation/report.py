@@ -196,11 +196,11 @@ def format_lesion_table(seg: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def format_grading_table(grading: Mapping[str, Any]) -> str:
-    """Markdown table of the grading metrics (accuracy, balanced accuracy, ROC AUC, F1 in %; log loss and Brier score,
-    lower is better, of the predicted probabilities; confusion matrix)."""
-    lines = ["| Accuracy | Balanced accuracy | ROC AUC | F1 | Log loss | Brier | Confusion matrix (rows true, cols pred) |",
-             "|---|---|---|---|---|---|---|"]
+CONTROL_ROW = "Control: enhancing fraction of the predicted tumour"
+"""Label of the grading table's control row (:mod:`~modeling_emrfuse.evaluation.grading_control`)."""
+
+
+def _grading_cells(grading: Mapping[str, Any]) -> List[str]:
     cells = []
     for metric in GRADING_METRICS + GRADING_CALIBRATION_METRICS:
         value = grading.get(metric)
@@ -210,7 +210,20 @@ def format_grading_table(grading: Mapping[str, Any]) -> str:
             cells.append(f"{float(value):.3f}" if metric in GRADING_CALIBRATION_METRICS else f"{100 * float(value):.1f}")
     cm = grading.get("confusion_matrix")
     cells.append(str(np.asarray(cm).tolist()) if cm is not None else "n/a")
-    lines.append("| " + " | ".join(cells) + " |")
+    return cells
+
+
+def format_grading_table(grading: Mapping[str, Any], control: Optional[Mapping[str, Any]] = None) -> str:
+    """Markdown table of the grading metrics (accuracy, balanced accuracy, ROC AUC, F1 in %; log loss and Brier score,
+    lower is better, of the predicted probabilities; confusion matrix), with a second row for the enhancing-fraction
+    control when ``control`` (a ``grading_control`` summary entry with ``metrics``) is given."""
+    lines = ["| Grades from | Accuracy | Balanced accuracy | ROC AUC | F1 | Log loss | Brier | Confusion matrix (rows true, cols pred) |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines.append("| EmrFuse | " + " | ".join(_grading_cells(grading)) + " |")
+    if control and control.get("metrics"):
+        rule = control.get("rule") or {}
+        label = f"{CONTROL_ROW} (threshold {rule.get('threshold', float('nan')):.4f}, fitted on the {control.get('fitted_on', 'training cases')})"
+        lines.append(f"| {label} | " + " | ".join(_grading_cells(control["metrics"])) + " |")
     return "\n".join(lines)
 
 
@@ -233,7 +246,7 @@ def format_results_markdown(summary: Mapping[str, Any]) -> str:
         labels = summary.get("grade_labels", list(GRADES))
         parts.append(
             f"Grading ({' vs '.join(labels)}) on {summary.get('num_graded_cases', n)} cases (%):\n\n"
-            + format_grading_table(summary["grading"])
+            + format_grading_table(summary["grading"], summary.get("grading_control"))
         )
     return "\n\n".join(parts)
 

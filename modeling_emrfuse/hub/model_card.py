@@ -1,11 +1,8 @@
 """The model card (README.md with Hub metadata) that ``train.py`` writes next to a saved model.
 
-The card says what the model is, how to load and run it, how it was trained (the run's
-configuration), what it measured (the evaluation table of that run, and the same numbers in
-``model-index`` metadata), where the training data came from, and its limits: research use only,
-not a medical device. Cards of models trained on the synthetic demo data say so in the title,
-the metadata and the limitations. Validated by :func:`huggingface_hub.ModelCard.validate`-style
-parsing in the tests (``ModelCard.load`` / ``metadata_load``).
+The card says what the model is, how to load and run it, how it was trained, what it measured
+(also as ``model-index`` metadata), where the training data came from, and its limits (research
+use only, not a medical device; demo-data models say so in the title, metadata and limitations).
 """
 
 from __future__ import annotations
@@ -95,17 +92,41 @@ def build_model_card(
 
     ``data``: ``{"name", "synthetic" (bool), "release", "num_train_cases", "num_eval_cases",
     "description"}``; ``training_config``: the run's arguments (shown as a table);
-    ``results_markdown``: the run's evaluation table (:func:`evaluation_report.format_results_markdown`).
+    ``results_markdown``: the run's evaluation table
+    (:func:`modeling_emrfuse.evaluation.report.format_results_markdown`).
     """
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCard
 
     if task not in PIPELINE_TAGS:
         raise ValueError(f"task must be one of {sorted(PIPELINE_TAGS)}, got {task!r}.")
+    card_data = _card_data(task, model_name, summary, data, text_model)
+    synthetic = bool(data.get("synthetic"))
+    cls = MODEL_CLASSES[task]
+    title = f"{model_name}" + (" (trained on synthetic demo data)" if synthetic else "")
+    body = f"""
+# {title}
+
+EmrFuse reads a brain MRI study (T1, T1ce, T2, FLAIR) together with its radiology report and
+{'segments the tumour sub-regions (whole tumour WT, tumour core TC, enhancing tumour ET)' if task == 'segmentation' else 'grades the glioma (HGG vs LGG, one prediction per case)'}.
+{_towers_sentence(text_model, vision_model, cls)}
+
+> **Research use only. This is not a medical device** and must not be used for diagnosis,
+> treatment planning or any clinical decision.{' It was trained on SYNTHETIC demo data and says nothing about real patients.' if synthetic else ''}
+"""
+    body += _usage_section(task, repo_id or "path/to/this/folder")
+    body += _evaluation_and_training_sections(task, summary, results_markdown, training_config, data, train_command)
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n" + body)
+
+
+def _card_data(task: str, model_name: str, summary: Mapping[str, Any], data: Mapping[str, Any], text_model: Optional[str]):
+    """The card's Hub metadata: pipeline tag, tags, datasets, metrics, ``model-index`` results, base model."""
+    from huggingface_hub import ModelCardData
+
     synthetic = bool(data.get("synthetic"))
     dataset_name = str(data.get("name", "BraTS"))
     dataset_type = "synthetic-brats-demo" if synthetic else str(data.get("type", "brats"))
     tags = BASE_TAGS + ([task] if task == "segmentation" else ["tumor-grading"]) + (["synthetic-data", "demo"] if synthetic else [])
-    card_data = ModelCardData(
+    return ModelCardData(
         library_name="transformers",
         pipeline_tag=PIPELINE_TAGS[task],
         license="apache-2.0",
@@ -117,43 +138,37 @@ def build_model_card(
         eval_results=_eval_results(summary, task, dataset_name, dataset_type) or None,
         base_model=text_model if (text_model and "/" in text_model and not Path(text_model).exists()) else None,
     )
-    load_id = repo_id or "path/to/this/folder"
+
+
+def _metrics_note(task: str, summary: Mapping[str, Any]) -> str:
+    """The paragraph under the evaluation table: how the metrics were computed (and, for grading, calibration)."""
     if task == "segmentation":
-        metrics_note = (
+        return (
             "Segmentation metrics are computed per case in 3D on the original image grid at the header's voxel\n"
             "spacing (Dice, PPV, sensitivity; HD95 as MedPy defines it, 373.13 mm when exactly one of prediction\n"
             "and reference is empty), then aggregated over the held-out cases (mean ± std (median))."
         )
-    else:
-        metrics_note = (
-            "Grading metrics are per case: the slices of the grading bag policy (`grading_slices` in config.json,\n"
-            "evenly spaced brain slices; every slice when it is null) are pooled into one prediction, as `emrfuse\n"
-            "predict` and the pipeline pool them."
+    metrics_note = (
+        "Grading metrics are per case: the slices of the grading bag policy (`grading_slices` in config.json,\n"
+        "evenly spaced brain slices; every slice when it is null) are pooled into one prediction, as `emrfuse\n"
+        "predict` and the pipeline pool them."
+    )
+    calibration = summary.get("calibration") or {}
+    if calibration.get("temperature"):
+        metrics_note += (
+            f"\nThe grade probabilities are temperature-scaled (T = {float(calibration['temperature']):.3g}, fitted on the\n"
+            f"out-of-fold predictions of {calibration.get('folds')} heads, each trained without one fold of the training\n"
+            "cases); this changes no predicted grade. Log loss and Brier score say how well calibrated they are."
         )
-        calibration = summary.get("calibration") or {}
-        if calibration.get("temperature"):
-            metrics_note += (
-                f"\nThe grade probabilities are temperature-scaled (T = {float(calibration['temperature']):.3g}, fitted on the\n"
-                f"out-of-fold predictions of {calibration.get('folds')} heads, each trained without one fold of the training\n"
-                "cases); this changes no predicted grade. Log loss and Brier score say how well calibrated they are."
-            )
-        else:
-            metrics_note += "\nThe grade probabilities are not calibrated: read them as scores, not as frequencies."
-    cls = MODEL_CLASSES[task]
+    else:
+        metrics_note += "\nThe grade probabilities are not calibrated: read them as scores, not as frequencies."
+    return metrics_note
+
+
+def _usage_section(task: str, load_id: str) -> str:
+    """The card's "How to use" section: loading with the Auto classes and one forward pass."""
     auto_cls = AUTO_CLASSES[task]
-    title = f"{model_name}" + (" (trained on synthetic demo data)" if synthetic else "")
-    config_rows = "\n".join(f"| `{k}` | `{_short(v)}` |" for k, v in training_config.items())
-    provenance = _provenance(data)
     body = f"""
-# {title}
-
-EmrFuse reads a brain MRI study (T1, T1ce, T2, FLAIR) together with its radiology report and
-{'segments the tumour sub-regions (whole tumour WT, tumour core TC, enhancing tumour ET)' if task == 'segmentation' else 'grades the glioma (HGG vs LGG, one prediction per case)'}.
-{_towers_sentence(text_model, vision_model, cls)}
-
-> **Research use only. This is not a medical device** and must not be used for diagnosis,
-> treatment planning or any clinical decision.{' It was trained on SYNTHETIC demo data and says nothing about real patients.' if synthetic else ''}
-
 ## How to use
 
 ```python
@@ -181,7 +196,23 @@ From the shell: `emrfuse predict <BraTS case folder> --model <this folder or rep
         body += """probabilities = out.logits.softmax(-1)  # one row per case, columns model.config.id2label
 ```
 """
-    body += f"""
+    return body
+
+
+def _evaluation_and_training_sections(
+    task: str,
+    summary: Mapping[str, Any],
+    results_markdown: str,
+    training_config: Mapping[str, Any],
+    data: Mapping[str, Any],
+    train_command: Optional[str],
+) -> str:
+    """The card from the model's inputs on: evaluation, training data, configuration, limitations, citation."""
+    synthetic = bool(data.get("synthetic"))
+    metrics_note = _metrics_note(task, summary)
+    config_rows = "\n".join(f"| `{k}` | `{_short(v)}` |" for k, v in training_config.items())
+    provenance = _provenance(data)
+    return f"""
 The model reads axial slices (with `context_slices` neighbours as extra channels) of the
 brain's bounding box; the report is encoded once per case. A case without a report still gets
 a prediction (the output's `has_report` says so). Outputs also carry `alpha_text` /
@@ -222,7 +253,6 @@ The fusion head implements the paper "Multimodal Electronic Medical Record Disea
 Classification Combining Image and Text Data". BraTS data: cite the BraTS benchmark papers of
 the release used.
 """
-    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n" + body)
 
 
 def _provenance(data: Mapping[str, Any]) -> str:

@@ -2,13 +2,9 @@
 and the Hub (next to :mod:`model_card`, which writes the folder's README).
 
 A model folder holds ONE task model at its root (``save_pretrained`` output: config with ``auto_map``,
-model code, weights, processor). :func:`add_pipeline_to_folder` makes it runnable with
-``transformers.pipeline(model=folder, trust_remote_code=True)``: it adds the ``glioma-analysis`` entry
-to ``config.custom_pipelines``, copies the pipeline's code files (``pipeline_emrfuse.py`` and the files
-it imports relatively, e.g. ``brats_io.py`` and ``inference_optim.py``) next to the model code, and,
-when there is a grading model, records it in the root config's ``grading_model`` field, the one place
-the pipeline looks for it (:func:`pipeline_emrfuse.resolve_companion`). The grading model lives in
-the folder's ``grading/`` sub-folder, so that one folder or Hub repository carries both heads.
+model code, weights, processor) and, when there is one, the grading model in its ``grading/`` sub-folder,
+so that one folder or Hub repository carries both heads; :func:`add_pipeline_to_folder` makes it
+runnable with ``transformers.pipeline(model=folder, trust_remote_code=True)``.
 
 This file stays local (it does not travel to the Hub).
 """
@@ -39,10 +35,12 @@ def _read_config_json(folder: Path) -> Optional[dict]:
 def add_pipeline_to_folder(folder: Union[str, os.PathLike], grading_model: Optional[Union[str, os.PathLike]] = None) -> Path:
     """Make a saved model folder runnable with ``transformers.pipeline(model=folder, trust_remote_code=True)``.
 
-    Adds ``custom_pipelines`` to the folder's ``config.json`` and copies the pipeline's code files next to
-    the model code. ``grading_model``: a folder holding the grading model (``save_pretrained`` output),
+    Adds the ``glioma-analysis`` entry to ``config.custom_pipelines`` and copies the pipeline's code files
+    (``pipeline_emrfuse.py`` and the files it imports relatively, e.g. ``brats_io.py`` and
+    ``inference_optim.py``) next to the model code. ``grading_model``: a folder holding the grading model (``save_pretrained`` output),
     usually the folder's own ``grading/`` (``train.py`` saves it there); a folder elsewhere is copied into
-    ``folder/grading``. Either way the root config's ``grading_model`` names ``grading``. Returns the folder.
+    ``folder/grading``. Either way the root config's ``grading_model`` names ``grading``: the one place the
+    pipeline looks for it (:func:`~modeling_emrfuse.pipeline_emrfuse.resolve_companion`). Returns the folder.
     """
     folder = Path(folder)
     config = _read_config_json(folder)

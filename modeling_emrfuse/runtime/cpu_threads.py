@@ -1,17 +1,10 @@
 """CPU threading of the torch entry points (``train.py``, ``emrfuse predict``, the Space).
 
 Two rules, both measured on a 2-core machine shared with one other torch process
-(``bench/bench_train.py --competitor``):
-
-1. OpenMP threads *sleep* while they wait (``OMP_WAIT_POLICY=PASSIVE``) instead of spinning. Spinning
-   threads steal the cores their siblings, or another job, need: ``python train.py --demo`` beside one
-   other torch process ran 3-5 s/step instead of 0.2 s/step. The variable is read when torch's OpenMP
-   runtime loads, so :func:`prefer_passive_openmp` must run before ``import torch``; a value the user set
-   always wins.
-2. No more intra-op threads than the cores this process may use (``os.sched_getaffinity``: a container,
-   ``taskset`` or a job scheduler can allow fewer cores than the machine has), shared between the
-   processes of one node under ``torchrun`` / ``accelerate launch`` (``LOCAL_WORLD_SIZE``). The user's
-   ``OMP_NUM_THREADS`` or an explicit count always wins.
+(``bench/bench_train.py --load``): OpenMP threads sleep while they wait instead of spinning
+(:func:`prefer_passive_openmp`), and a process uses no more intra-op threads than the cores it may
+run on, shared between the processes of one node (:func:`limit_torch_threads`). A value the user
+set always wins.
 
 Only the standard library is imported here (torch is passed in, or imported when the limit is applied).
 """
@@ -33,12 +26,22 @@ def allowed_cores() -> int:
 
 
 def prefer_passive_openmp() -> None:
-    """``OMP_WAIT_POLICY=PASSIVE`` unless the user set it. Call before torch is imported."""
+    """``OMP_WAIT_POLICY=PASSIVE`` unless the user set it. Call before torch is imported.
+
+    Spinning threads steal the cores their siblings, or another job, need: ``python train.py --demo``
+    beside one other torch process ran 3-5 s/step instead of 0.2 s/step. The variable is read when
+    torch's OpenMP runtime loads, hence before ``import torch``.
+    """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def default_num_threads() -> int:
-    """Intra-op threads for one process: the allowed cores shared by the processes on this node."""
+    """Intra-op threads for one process: the allowed cores shared by the processes on this node.
+
+    The allowed cores come from ``os.sched_getaffinity`` (a container, ``taskset`` or a job scheduler can
+    allow fewer cores than the machine has); the processes of one node under ``torchrun`` /
+    ``accelerate launch`` are counted by ``LOCAL_WORLD_SIZE``.
+    """
     local_procs = 1
     try:
         local_procs = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))

@@ -1,16 +1,10 @@
 """Repeatable runs: the same command and seed give the same numbers in the same environment, where torch allows.
 
-:func:`make_deterministic` seeds Python, NumPy and torch (every device), turns on
-``torch.use_deterministic_algorithms`` (``warn_only`` by default: an op without a deterministic
-implementation warns instead of stopping a run), switches cuDNN to its deterministic kernels with
-benchmarking off, sets ``CUBLAS_WORKSPACE_CONFIG`` (read by cuBLAS when CUDA starts) and fixes torch's
-intra-op (and, if still possible, inter-op) thread counts to what the caller asks. It returns a
-:class:`DeterminismReport` that lists what was set and, in plain words, what cannot be made
-deterministic here; :meth:`DeterminismReport.restore` puts the previous global settings back.
-
-Run it once, early: before CUDA is first used (for cuBLAS) and before any parallel work (for the
-inter-op thread count). Floating-point sums depend on the order of operations, so the same figures
-need the same thread count, the same torch build and the same kind of CPU or GPU.
+:func:`make_deterministic` seeds every generator, turns on torch's deterministic algorithms and kernels and
+fixes the thread counts; its :class:`DeterminismReport` says what was set and, in plain words, what cannot
+be made deterministic here (:meth:`DeterminismReport.restore` puts the previous settings back). Floating-point
+sums depend on the order of operations, so the same figures need the same thread count, the same torch
+build and the same kind of CPU or GPU.
 """
 
 from __future__ import annotations
@@ -119,6 +113,12 @@ def make_deterministic(
     warn_only: bool = True,
 ) -> DeterminismReport:
     """Make this process's torch runs repeatable where torch allows it; say what stays non-deterministic.
+
+    Seeds Python, NumPy and torch (every device), turns on ``torch.use_deterministic_algorithms``, switches
+    cuDNN to its deterministic kernels with benchmarking off, sets ``CUBLAS_WORKSPACE_CONFIG`` (read by
+    cuBLAS when CUDA starts) and fixes torch's intra-op (and, if still possible, inter-op) thread counts.
+    Run it once, early: before CUDA is first used (for cuBLAS) and before any parallel work (for the
+    inter-op thread count).
 
     Args:
         seed: seed for Python, NumPy and torch.

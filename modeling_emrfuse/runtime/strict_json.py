@@ -1,17 +1,11 @@
 """Strict JSON for every JSON file EmrFuse writes (prediction records, summaries, reports, caches).
 
 ``json.dumps`` writes a float NaN or infinity as the bare words ``NaN`` / ``Infinity``, which are not
-JSON: strict parsers (JavaScript, ``jq``, most other languages) reject the file. Here:
-
-* a non-finite float (Python, numpy or a 0-d array) is written as ``null``: in EmrFuse NaN means "not
-  defined" (``roc_auc`` with one class, the standard deviation of one case), and JSON spells that
-  ``null``;
-* numpy scalars and arrays become plain numbers / lists, paths become strings, tuples and sets lists;
-* the result is encoded with ``allow_nan=False``, so nothing non-finite can slip through.
-
-Values that must never be NaN (model outputs) are checked where they are computed; this module only
-makes sure that what is written is valid JSON. It imports only the standard library (numpy is
-duck-typed), so it travels to the Hub with the pipeline code.
+JSON: strict parsers (JavaScript, ``jq``, most other languages) reject the file. In EmrFuse NaN means
+"not defined" (``roc_auc`` with one class, the standard deviation of one case), and JSON spells that
+``null`` (:func:`json_ready`). Values that must never be NaN (model outputs) are checked where they are
+computed; this module only makes sure that what is written is valid JSON. It imports only the standard
+library (numpy is duck-typed), so it travels to the Hub with the pipeline code.
 """
 
 from __future__ import annotations
@@ -27,7 +21,12 @@ __all__ = ["json_ready", "dumps", "write_json"]
 
 
 def json_ready(obj: Any) -> Any:
-    """``obj`` with non-finite floats as ``None`` and numpy / path / tuple / set values as plain JSON types."""
+    """``obj`` with non-finite floats as ``None`` and numpy / path / tuple / set values as plain JSON types.
+
+    A non-finite float (Python, numpy or a 0-d array) becomes ``None``; numpy scalars and arrays become plain
+    numbers / lists, paths strings, tuples and sets lists. :func:`dumps` then encodes with
+    ``allow_nan=False``, so nothing non-finite can slip through.
+    """
     if obj is None or isinstance(obj, (bool, str)):
         return obj
     if isinstance(obj, int):
@@ -50,7 +49,7 @@ def json_ready(obj: Any) -> Any:
 
 def dumps(obj: Any, *, indent: Optional[int] = None, sort_keys: bool = False,
           default: Optional[Callable[[Any], Any]] = None) -> str:
-    """Strict ``json.dumps`` (see the module docstring): ``NaN`` -> ``null``, ``allow_nan=False``."""
+    """Strict ``json.dumps`` (values through :func:`json_ready`): ``NaN`` -> ``null``, ``allow_nan=False``."""
     return json.dumps(json_ready(obj), indent=indent, sort_keys=sort_keys, default=default, allow_nan=False)
 
 

@@ -13,9 +13,13 @@ from accelerate.utils import gather_object
 
 from ..brats_io import read_volume
 from ..brats_labels import REGIONS
+from ..evaluation.grading_control import FEATURE, enhancing_fraction
 from ..evaluation.metrics import classification_metrics, metrics_to_row, score_label_maps
 from ..evaluation.report import summarize_segmentation
 from ..pipeline_emrfuse import pipeline_for_model
+
+CASE_FEATURES = "case_enhancing_fraction"
+"""Summary key of a segmentation evaluation: case id -> enhancing fraction of the predicted label map."""
 
 
 def predict_case(pipe, case, report: Optional[str], max_report_tokens: Optional[int] = None) -> Dict[str, Any]:
@@ -44,6 +48,7 @@ def case_row(case, result: Dict[str, Any], id2label: Dict[int, str]) -> Dict[str
         scores = score_label_maps(result["label_map"], np.asarray(ref.array), pred_convention=result["label_convention"],
                                   spacing=ref.spacing)
         row.update(metrics_to_row(scores))
+        row[FEATURE] = enhancing_fraction(result["label_map"], result["label_convention"])  # the grading control's feature
     if result["grade_probabilities"] is not None:
         row["pred_grade"] = result["grade"]
         for i in range(len(id2label)):
@@ -93,6 +98,7 @@ def evaluate(accelerator, model, processor, cases, reports, task: str, step: int
     summary: Dict[str, Any] = {"task": task, "step": step, "num_cases": len(rows), "eval_seconds": round(time.perf_counter() - t0, 2)}
     if task == "segmentation":
         summary["segmentation"] = summarize_segmentation(rows)
+        summary[CASE_FEATURES] = {r["case_id"]: r[FEATURE] for r in rows}  # the grading control's held-out features
     graded = [r for r in rows if r.get("grade") in net.config.label2id and "pred_grade" in r]
     if graded:
         labels = [net.config.id2label[i] for i in range(net.config.num_labels)]

@@ -10,11 +10,15 @@ from typing import Any, Dict, Optional
 
 import huggingface_hub
 
-from ..evaluation.report import format_results_markdown, write_evaluation_report
+from ..evaluation.report import (
+    OUTPUT_FILES,
+    format_results_markdown,
+    write_evaluation_report,
+)
 from ..hub.model_card import build_model_card, training_config_for_card
 from ..hub.packaging import add_pipeline_to_folder
+from ..runtime.strict_json import write_json
 from .settings import TrainingSettings
-
 
 GRADING_SUBFOLDER = "grading"  # the grading run saves into <output_dir>/grading
 
@@ -45,6 +49,16 @@ def save_model_folder(model, processor, folder: Path, card=None) -> None:
             shutil.rmtree(target, ignore_errors=True)
         os.replace(item, target)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def rewrite_evaluation_summary(eval_dir: Path, summary: Dict[str, Any]) -> None:
+    """Replace ``summary.json`` and ``summary.md`` of an evaluation report written by :func:`write_run_outputs`
+    with ``summary`` (e.g. after the grading control was added); nothing when the report does not exist."""
+    eval_dir = Path(eval_dir)
+    if not (eval_dir / OUTPUT_FILES["summary"]).is_file():
+        return
+    write_json(eval_dir / OUTPUT_FILES["summary"], summary, indent=2, default=float)
+    (eval_dir / OUTPUT_FILES["markdown"]).write_text("# Evaluation\n\n" + format_results_markdown(summary) + "\n", encoding="utf-8")
 
 
 def write_run_outputs(settings: TrainingSettings, run, net, processor, output_dir: Path, task: str, rows, summary, embeds,

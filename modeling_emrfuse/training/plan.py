@@ -11,10 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+from ..brats_labels import GRADES
+from .control import run_grading_control
+from .evaluation import CASE_FEATURES
 from .grading_head import train_grading_head
 from .loop import train_one
 from .model_setup import WarmStart
-from .outputs import GRADING_SUBFOLDER
+from .outputs import GRADING_SUBFOLDER, rewrite_evaluation_summary
 from .settings import TrainingSettings
 
 
@@ -83,7 +86,23 @@ def run_stages(plan: List[PlannedStage], settings: TrainingSettings, accelerator
             desc=f"{desc}{'grading' if stage.schedule == 'grading' else stage.task}",
         )
         summaries.append(summary)
-    return merge_summaries(summaries)
+    merged = merge_summaries(summaries)
+    add_grading_control(merged, summaries, run, accelerator)
+    return merged
+
+
+def add_grading_control(merged: Dict[str, Any], summaries: List[Dict[str, Any]], run, accelerator) -> None:
+    """A segmentation stage followed by a grading stage: the enhancing-fraction control (:mod:`.control`) goes into
+    the merged summary and into the grading stage's summary and evaluation report."""
+    features = summaries[0].get(CASE_FEATURES)
+    if len(summaries) < 2 or not merged.get("grading") or not features:
+        return
+    control = run_grading_control(run, features, merged.get("grade_labels") or GRADES)
+    if control is None:
+        return
+    merged["grading_control"] = summaries[-1]["grading_control"] = control
+    if accelerator.is_main_process and summaries[-1].get("output_dir"):
+        rewrite_evaluation_summary(Path(summaries[-1]["output_dir"]) / "eval", summaries[-1])
 
 
 def merge_summaries(summaries: List[Dict[str, Any]]) -> Dict[str, Any]:
