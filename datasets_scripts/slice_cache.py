@@ -53,6 +53,7 @@ import json
 import math
 import os
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -65,7 +66,14 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from modeling_emrfuse.brats_io import REFERENCE_AXCODES, reoriented_image, to_nifti_image
+from modeling_emrfuse.brats_io import (
+    REFERENCE_AXCODES,
+    GeometryWarning,
+    affine_spacing,
+    load_case,
+    reoriented_image,
+    to_nifti_image,
+)
 from modeling_emrfuse.brats_labels import GRADES, REGIONS, SEQUENCES, label_map_to_regions
 from modeling_emrfuse.processing_emrfuse import (
     CropInfo,
@@ -74,6 +82,7 @@ from modeling_emrfuse.processing_emrfuse import (
     PreparedVolume,
     grading_slice_indices,
 )
+from modeling_emrfuse.pipeline_emrfuse import prepare_case
 from modeling_emrfuse.runtime.strict_json import write_json
 
 __all__ = [
@@ -428,18 +437,25 @@ def _atomic_json(obj: Any, path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # building
 # --------------------------------------------------------------------------------------------
-def _process_volumes(src: _Source, case_dir: Path, image_processor: EmrFuseImageProcessor) -> Dict[str, Any]:
-    """Read, preprocess and write one case's arrays; returns the array-related metadata."""
-    # in BraTS's orientation (REFERENCE_AXCODES): the one every model is trained on, whatever the files' own
-    images = {s: _oriented(_read_image(v, f"case {src.case_id} sequence {s}")) for s, v in src.sequences.items()}
+def _prepared_images(src: _Source, image_processor: EmrFuseImageProcessor) -> Tuple[PreparedVolume, List[float]]:
+    """A case's sequences prepared exactly as the pipeline prepares them (:func:`pipeline_emrfuse.prepare_case`:
+    BraTS's orientation, the model's voxel grid, z-score, crop, pad), and their voxel size in that orientation."""
+    images = {s: _read_image(v, f"case {src.case_id} sequence {s}") for s, v in src.sequences.items()}
+    missing = len(images) < len(SEQUENCES)
     try:
-        prepared = image_processor.prepare_volume(images, allow_missing_sequences=len(images) < len(SEQUENCES))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", GeometryWarning)  # the header was read and checked already
+            case = load_case(images, allow_missing_sequences=missing)
+        ready = prepare_case(case, image_processor, allow_missing_sequences=missing)
     except ValueError as exc:
         raise ValueError(f"Case {src.case_id}: {exc}") from exc
-    spacing = None
-    first = next(iter(images.values()))
-    if hasattr(first, "affine"):
-        spacing = [float(v) for v in np.sqrt((np.asarray(first.affine)[:3, :3] ** 2).sum(axis=0))]
+    oriented_spacing = affine_spacing(ready.reorientation.affine(case.affine))
+    return ready.prepared, [float(v) for v in oriented_spacing]
+
+
+def _process_volumes(src: _Source, case_dir: Path, image_processor: EmrFuseImageProcessor) -> Dict[str, Any]:
+    """Read, preprocess and write one case's arrays; returns the array-related metadata."""
+    prepared, spacing = _prepared_images(src, image_processor)
     vol = prepared.volume  # (4, H, W, D) float32
     image = np.ascontiguousarray(vol.transpose(3, 0, 1, 2), dtype=np.float16)  # (D, 4, H, W)
     if not np.isfinite(image).all():
@@ -482,7 +498,7 @@ def _process_volumes(src: _Source, case_dir: Path, image_processor: EmrFuseImage
         "crop_info": prepared.crop.to_dict(),
         "has_label": bool(has_label),
         "tumour_slices": tumour_slices,
-        "spacing": spacing if spacing is not None else [1.0, 1.0, 1.0],
+        "spacing": spacing,
         "label_path": label_path,
         "present": [bool(p) for p in prepared.present],
     }

@@ -1636,11 +1636,18 @@ def _case_folder(folder: Path, release: str = "auto", allow_missing_sequences: b
         raise ValueError(
             f"{folder} holds {len(cases)} cases; pass a single case folder (emrfuse predict accepts a folder of cases)."
         )
-    c = cases[0]
-    missing = [s for s in SEQUENCES if s not in c.sequences]
+    return _case_files_meta(cases[0], allow_missing_sequences)
+
+
+def _case_files_meta(c: CaseFiles, allow_missing_sequences: bool = False) -> Dict[str, Any]:
+    """What :func:`load_case` needs of a discovered case; a case lacking sequences is an error naming them (and
+    the option) unless ``allow_missing_sequences``."""
+    missing = c.missing_sequences
     if missing and not allow_missing_sequences:
         found = [f"{k}={Path(v).name}" for k, v in c.sequences.items()]
         raise _missing_error(f"case {c.case_id}: ", missing, found)
+    if not c.sequences:
+        raise ValueError(f"case {c.case_id}: no MRI sequence in {c.source_dir}.")
     return {
         "case_id": c.case_id,
         "release": c.release,
@@ -1653,6 +1660,10 @@ def _case_folder(folder: Path, release: str = "auto", allow_missing_sequences: b
 def _case_items(case: Any, affine: Any, release: str, allow_missing_sequences: bool) -> Tuple[Dict[str, Any], Dict[str, Any], Any]:
     """What :func:`load_case` was given, as ``(sequence -> item to read, layout facts, affine)``."""
     meta: Dict[str, Any] = {}
+    if isinstance(case, CaseFiles) or all(hasattr(case, a) for a in ("case_id", "sequences", "source_dir")):
+        # discovered already (also a CaseFiles of another copy of this module): its files are read as they are
+        meta = _case_files_meta(case, allow_missing_sequences)
+        return dict(meta["sequences"]), meta, affine
     if isinstance(case, (str, os.PathLike)):
         folder = Path(case).expanduser()
         if not folder.exists():
@@ -1757,7 +1768,8 @@ def load_case(
     max_workers: Optional[int] = None,
     allow_missing_sequences: bool = False,
 ) -> LoadedCase:
-    """Read one case into a :class:`LoadedCase`: a case folder in any BraTS layout, a dict
+    """Read one case into a :class:`LoadedCase`: a case folder in any BraTS layout, a discovered
+    :class:`CaseFiles` (read as it is, not discovered again), a dict
     ``{sequence name (any alias) -> path / array / nibabel image / tensor}``, or a ``(4, X, Y, Z)`` array
     (tensor) in :data:`SEQUENCES` order (``affine=`` gives its geometry; identity, 1 mm voxels, otherwise).
     A :class:`LoadedCase` is returned as it is. The files are read in parallel threads.

@@ -1,7 +1,9 @@
 """A transformers custom pipeline that runs EmrFuse on one whole brain MRI case (+ its report).
 
 ``EmrFusePipeline`` is what ``transformers.pipeline(model=<folder or Hub id>, trust_remote_code=True)``
-builds for an EmrFuse model folder, and what ``emrfuse predict`` and the Gradio Space call::
+builds for an EmrFuse model folder, and the one inference path: ``emrfuse predict``, the Gradio Space and
+``train.py``'s held-out evaluation (:func:`pipeline_for_model` around the model in memory) call it, and
+training's slice cache prepares its cases with the same :func:`prepare_case`::
 
     from transformers import pipeline
     pipe = pipeline(model="outputs/emrfuse-demo", trust_remote_code=True)
@@ -11,7 +13,8 @@ builds for an EmrFuse model folder, and what ``emrfuse predict`` and the Gradio 
 
 Input (one case)
     * a case folder in any BraTS layout (found and read with the sibling :mod:`brats_io`: NIfTI, and
-      BraTS 2015 MetaImage with SimpleITK);
+      BraTS 2015 MetaImage with SimpleITK), or a case that ``brats_io.discover_cases`` found already (a
+      ``CaseFiles``, read as it is);
     * a dict ``{sequence name (any alias: t1, t1ce, t2, flair, t1n, t1c, t2w, t2f, ...) -> path /
       array / nibabel image}``;
     * a ``(4, X, Y, Z)`` array in :data:`brats_labels.SEQUENCES` order (with ``affine=`` for
@@ -33,7 +36,8 @@ case's release, ``brats2017`` when unknown), ``release``, ``affine``, ``threshol
 ``max_length`` (report tokens), ``return_probabilities``, ``mask_background`` (default True: no
 tumour label where all four sequences are 0, i.e. outside the skull-stripped brain),
 ``allow_missing_sequences`` (default False; see "Missing sequences" above), ``resample`` (default
-False; see "Voxel spacing" below), ``max_report_chars`` (default :data:`DEFAULT_MAX_REPORT_CHARS`: a longer
+False; see "Voxel spacing" below), ``tta`` (default False: test-time flips, the region probabilities averaged over the slices and their flips
+along each in-plane axis and both), ``max_report_chars`` (default :data:`DEFAULT_MAX_REPORT_CHARS`: a longer
 report is cut, a case folder's report file read no further, and the result's ``report_capped`` and
 ``warnings`` say so).
 
@@ -58,7 +62,8 @@ What runs
     1. load: the four volumes are read (in parallel threads), checked (all present, or the missing
        ones zero-filled with ``allow_missing_sequences``; same shape, same affine, not empty, a
        readable NIfTI; the model's voxel spacing, or resampled to it with ``resample=True``);
-    2. preprocess: :class:`EmrFuseProcessor` z-scores, crops to the brain, cuts every brain slice, and
+    2. preprocess (:func:`prepare_case`): the case is turned to BraTS's orientation (LPS) and put on the
+       model's grid; :class:`EmrFuseProcessor` z-scores, crops to the brain, cuts every brain slice, and
        tokenises the report once;
     3. model: one forward per head over all slices of the case, under ``torch.inference_mode``; the
        models are rewritten once for inference (the sibling :mod:`inference_optim`: BatchNorm folded
@@ -96,6 +101,7 @@ inference).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -114,12 +120,12 @@ from transformers.dynamic_module_utils import custom_object_save
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.utils import logging
 
-from .brats_io import GeometryWarning, LoadedCase, affine_voxel_volume, load_case, to_reference_orientation
+from .brats_io import GeometryWarning, LoadedCase, Reorientation, affine_voxel_volume, load_case, to_reference_orientation
 from .brats_labels import GRADES, REGIONS, SEQUENCES, get_label_convention, label_map_to_regions, regions_to_label_map
 from .configuration_emrfuse import EmrFuseConfig
 from .inference_optim import inference_autocast, is_inference_optimized, optimize_for_inference, resolve_precision
 from .modeling_emrfuse import EmrFuseForImageClassification, EmrFuseForSegmentation
-from .processing_emrfuse import EmrFuseProcessor, grading_slice_indices
+from .processing_emrfuse import CropInfo, EmrFuseProcessor, PreparedVolume, grading_slice_indices
 
 logger = logging.get_logger(__name__)
 
@@ -131,9 +137,13 @@ __all__ = [
     "GRADING_SUBFOLDER",
     "EmrFusePipeline",
     "LoadedCase",
+    "PreparedCase",
+    "prepare_case",
+    "on_model_grid",
     "load_case",
     "load_case_with_warnings",
     "load_pipeline",
+    "pipeline_for_model",
     "optimize_for_inference",
     "resolve_companion",
     "custom_pipelines_entry",
@@ -199,6 +209,81 @@ def resample_to_shape(volume: np.ndarray, shape: Sequence[int]) -> np.ndarray:
 def model_grid_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> Tuple[int, int, int]:
     """Grid that covers the same field of view as ``shape`` voxels of ``spacing`` mm at ``target`` mm voxels."""
     return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target))
+
+
+# --------------------------------------------------------------------------------------------------
+# a case brought to the model: orientation, voxel grid, normalisation (shared with training's slice cache)
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class PreparedCase:
+    """A loaded case as the model sees it, and what maps a prediction back onto the input's grid."""
+
+    case: LoadedCase  # as read: the input's grid and orientation
+    prepared: PreparedVolume  # normalised, cropped, padded; in BraTS's orientation, on the model's grid
+    reorientation: Reorientation  # input orientation -> BraTS's (``undo`` maps back)
+    resampling: Optional[Dict[str, Any]]  # the two grids when resampled, else None
+    oriented_shape: Tuple[int, int, int]  # the input's grid in BraTS's orientation (before resampling)
+
+
+def on_model_grid(case: LoadedCase, image_processor, resample: bool) -> Tuple[LoadedCase, Optional[Dict[str, Any]]]:
+    """The case on the voxel grid the model expects (``image_processor.expected_spacing``, 1 mm for BraTS).
+
+    A case with that spacing (within ``spacing_tolerance``), or without geometry (plain arrays), is used as
+    it is. Another spacing is an error, unless ``resample``: then every sequence is resampled
+    (trilinear, nnU-Net / MONAI ``Spacing`` style) onto a grid of the model's spacing that covers the same
+    field of view. Returns ``(case, resampling)`` where ``resampling`` records the two grids (``None`` when not
+    resampled).
+    """
+    expected = getattr(image_processor, "expected_spacing", None)
+    has_geometry = case.header is not None or not np.allclose(case.affine, np.eye(4))
+    if expected is None or not has_geometry:
+        return case, None
+    spacing = tuple(float(v) for v in case.spacing)
+    tolerance = float(getattr(image_processor, "spacing_tolerance", 0.05))
+    if np.allclose(spacing, expected, rtol=0, atol=tolerance):
+        return case, None
+    if not resample:
+        where = f"case {case.case_id}: " if case.case_id else ""
+        raise ValueError(
+            f"{where}voxel spacing {tuple(round(v, 4) for v in spacing)} mm differs from the model's "
+            f"{tuple(expected)} mm; pass resample=True (emrfuse predict --resample) to resample the case to the "
+            "model's spacing and the prediction back onto the input grid."
+        )
+    grid = model_grid_shape(case.shape, spacing, expected)
+    volumes = {name: resample_to_shape(v, grid) for name, v in case.volumes.items()}
+    resampling = {
+        "input_spacing_mm": list(spacing),
+        "model_spacing_mm": [float(v) for v in expected],
+        "input_grid": [int(v) for v in case.shape],
+        "model_grid": [int(v) for v in grid],
+        "method": "trilinear (images), trilinear on the region probabilities back to the input grid",
+    }
+    return dataclasses.replace(case, volumes=volumes), resampling
+
+
+def _prepare_volume(image_processor, case: LoadedCase, allow_missing_sequences: bool) -> PreparedVolume:
+    """The image processor's ``prepare_volume`` of a loaded case (``allow_missing_sequences`` passed on)."""
+    if not allow_missing_sequences:
+        return image_processor.prepare_volume(dict(case.volumes))
+    import inspect
+
+    if "allow_missing_sequences" not in inspect.signature(image_processor.prepare_volume).parameters:
+        raise ValueError(
+            "This model folder's image processor (processing_emrfuse.py) has no missing-sequence support: "
+            "give all four sequences, or save the model again with the current emrfuse package."
+        )
+    return image_processor.prepare_volume(dict(case.volumes), allow_missing_sequences=True)
+
+
+def prepare_case(case: LoadedCase, image_processor, resample: bool = False,
+                 allow_missing_sequences: bool = False) -> PreparedCase:
+    """A loaded case brought to the model: turned to BraTS's orientation (LPS, which models are trained on),
+    put on the model's voxel grid (:func:`on_model_grid`) and prepared by the image processor (z-score, crop,
+    pad). The pipeline's preprocess and training's slice cache both call it."""
+    oriented, turn = to_reference_orientation(case)
+    model_case, resampling = on_model_grid(oriented, image_processor, resample)
+    prepared = _prepare_volume(image_processor, model_case, allow_missing_sequences)
+    return PreparedCase(case, prepared, turn, resampling, tuple(oriented.shape))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -483,6 +568,12 @@ class _TextTowerProbe:
     def reset(self) -> None:
         self.calls, self.seconds = 0, 0.0
 
+    def remove(self) -> None:
+        """Take the hooks off the models."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
 
 def _text_towers(model: torch.nn.Module) -> List[torch.nn.Module]:
     """Outermost BERT-family sub-models of ``model`` (the text tower)."""
@@ -598,17 +689,20 @@ class EmrFusePipeline(Pipeline):
         grading_max_slices: the grading model pools at most this many of the case's brain slices, evenly
             spaced (:func:`~processing_emrfuse.grading_slice_indices`; ``None``: all slices). Default ``"config"``:
             the grading model's ``config.grading_slices``, the policy its reported accuracy was measured with.
+        identify_models: record each model's folder and weights hash (``model_id`` / ``revision``; default
+            True); ``False`` for models held in memory (:func:`pipeline_for_model`).
 
     Returns (per case) a dict with ``label_map`` (``uint8 (X, Y, Z)`` on the input's grid or None
     without a segmentation head), ``affine``, ``header``, ``spacing``, ``label_convention``,
     ``region_volumes_cm3``, ``grade`` and ``grade_probabilities`` (None without a grading head),
-    ``alpha_text`` / ``alpha_image``, ``tokens`` / ``token_attention`` / ``token_offsets`` /
+    ``alpha_text`` / ``alpha_image``, ``case_embedding`` (the fused case representation, ``case_embeds``, of the
+    grading model, else of the segmentation model; numpy), ``tokens`` / ``token_attention`` / ``token_offsets`` /
     ``words`` (report highlighting), ``has_report``, ``report_truncated``, ``report_source``, ``report_capped``
     (the report was cut to ``max_report_chars``), ``reoriented_from`` (the input's orientation when it was not
     BraTS's LPS, else ``None``),
-    ``case_id``, ``model_id`` / ``revision`` (and ``grading_model_id`` / ``grading_revision``),
+    ``case_id``, ``num_slices`` (the brain slices the model saw), ``model_id`` / ``revision`` (and ``grading_model_id`` / ``grading_revision``),
     ``missing_sequences`` (zero-filled sequences, only with ``allow_missing_sequences=True``; ``[]``
-    for a complete case), ``resampling`` (``None``, or the input and model grids and spacings when
+    for a complete case), ``tta`` (test-time flips were averaged), ``resampling`` (``None``, or the input and model grids and spacings when
     ``resample=True`` resampled the case), ``warnings`` (list of strings, e.g. a missing sequence given to a model
     without sequence-presence channels), ``timings`` (seconds: ``load``, ``preprocess``, ``model``, ``postprocess``, plus ``text_encoder``
     and ``text_encoder_calls``).
@@ -631,6 +725,7 @@ class EmrFusePipeline(Pipeline):
         grading_max_slices: Union[int, str, None] = DEFAULT_GRADING_SLICES,
         optimize: bool = True,
         trust_remote_code: bool = False,
+        identify_models: bool = True,
         **kwargs,
     ):
         super().__init__(model, *args, **kwargs)
@@ -666,11 +761,12 @@ class EmrFusePipeline(Pipeline):
         self.optimized = bool(optimize)
         self.channels_last = bool(channels_last)
         self._text_probe = _TextTowerProbe(self.models)
-        self.model_id, self.revision = _model_identity(self.model)
+        identity = _model_identity if identify_models else (lambda m: (None, None))
+        self.model_id, self.revision = identity(self.model)
         self._companion_ids: Dict[str, Tuple[Optional[str], Optional[str]]] = {}
         for role, m in (("grading", self.grading_model), ("segmentation", self.segmentation_model)):
             if m is not None and m is not self.model:
-                self._companion_ids[role] = _model_identity(m)  # hashed once, not per case
+                self._companion_ids[role] = identity(m)  # hashed once, not per case
         self.load_seconds: Optional[float] = None  # set by load_pipeline
 
     def _set_task_models(self, grading_model, segmentation_model) -> None:
@@ -712,6 +808,7 @@ class EmrFusePipeline(Pipeline):
         allow_missing_sequences=None,
         resample=None,
         max_report_chars=None,
+        tta=None,
         **kwargs,
     ):
         if kwargs:
@@ -746,7 +843,8 @@ class EmrFusePipeline(Pipeline):
             post["mask_background"] = bool(mask_background)
         if label_convention is not None:
             get_label_convention(label_convention)  # fail early on an unknown name
-        return pre, {}, post
+        forward = {} if tta is None else {"tta": bool(tta)}
+        return pre, forward, post
 
     def _autocast(self):
         return inference_autocast(self.precision, next(self.models[0].parameters()).dtype, self.device)
@@ -779,9 +877,8 @@ class EmrFusePipeline(Pipeline):
                 "read (max_report_chars; emrfuse predict --max-report-chars)."
             )
         t1 = time.perf_counter()
-        oriented, turn = to_reference_orientation(case)  # BraTS's orientation, which the model was trained on
-        model_case, resampling = self._on_model_grid(oriented, resample)
-        prepared = self._prepare_volume(model_case, allow_missing_sequences)
+        ready = prepare_case(case, self.image_processor, resample, allow_missing_sequences)
+        prepared = ready.prepared
         enc = self.processor(volumes=[prepared], text=[report], max_length=max_length, return_tensors="pt")
         convention = label_convention or case.label_convention or "brats2017"
         absent = {n for n, p in zip(self.image_processor.sequence_order, getattr(prepared, "present", ())) if not p}
@@ -803,59 +900,11 @@ class EmrFusePipeline(Pipeline):
             "label_convention": get_label_convention(convention).name,
             "missing_sequences": missing,
             "warnings": geometry_warnings + self._missing_sequence_warnings(missing),
-            "resampling": resampling,
-            "reorientation": turn,
-            "oriented_shape": oriented.shape,
+            "resampling": ready.resampling,
+            "reorientation": ready.reorientation,
+            "oriented_shape": ready.oriented_shape,
             "timings": {"load": t1 - t0, "preprocess": t2 - t1},
         }
-
-    def _on_model_grid(self, case: LoadedCase, resample: bool) -> Tuple[LoadedCase, Optional[Dict[str, Any]]]:
-        """The case on the voxel grid the model expects (``image_processor.expected_spacing``, 1 mm for BraTS).
-
-        A case with that spacing (within ``spacing_tolerance``), or without geometry (plain arrays), is used as
-        it is. Another spacing is an error, unless ``resample``: then every sequence is resampled
-        (trilinear, nnU-Net / MONAI ``Spacing`` style) onto a grid of the model's spacing that covers the same
-        field of view, and :meth:`postprocess` resamples the region probabilities back onto the input grid.
-        Returns ``(case, resampling)`` where ``resampling`` records the two grids (``None`` when not resampled).
-        """
-        expected = getattr(self.image_processor, "expected_spacing", None)
-        has_geometry = case.header is not None or not np.allclose(case.affine, np.eye(4))
-        if expected is None or not has_geometry:
-            return case, None
-        spacing = tuple(float(v) for v in case.spacing)
-        tolerance = float(getattr(self.image_processor, "spacing_tolerance", 0.05))
-        if np.allclose(spacing, expected, rtol=0, atol=tolerance):
-            return case, None
-        if not resample:
-            where = f"case {case.case_id}: " if case.case_id else ""
-            raise ValueError(
-                f"{where}voxel spacing {tuple(round(v, 4) for v in spacing)} mm differs from the model's "
-                f"{tuple(expected)} mm; pass resample=True (emrfuse predict --resample) to resample the case to the "
-                "model's spacing and the prediction back onto the input grid."
-            )
-        grid = model_grid_shape(case.shape, spacing, expected)
-        volumes = {name: resample_to_shape(v, grid) for name, v in case.volumes.items()}
-        resampling = {
-            "input_spacing_mm": list(spacing),
-            "model_spacing_mm": [float(v) for v in expected],
-            "input_grid": [int(v) for v in case.shape],
-            "model_grid": [int(v) for v in grid],
-            "method": "trilinear (images), trilinear on the region probabilities back to the input grid",
-        }
-        return dataclasses.replace(case, volumes=volumes), resampling
-
-    def _prepare_volume(self, case: LoadedCase, allow_missing_sequences: bool):
-        """The image processor's ``prepare_volume`` of a loaded case (``allow_missing_sequences`` passed on)."""
-        if not allow_missing_sequences:
-            return self.image_processor.prepare_volume(dict(case.volumes))
-        import inspect
-
-        if "allow_missing_sequences" not in inspect.signature(self.image_processor.prepare_volume).parameters:
-            raise ValueError(
-                "This model folder's image processor (processing_emrfuse.py) predates missing-sequence support: "
-                "give all four sequences, or save the model again with the current emrfuse package."
-            )
-        return self.image_processor.prepare_volume(dict(case.volumes), allow_missing_sequences=True)
 
     def _missing_sequence_warnings(self, missing: Sequence[str]) -> List[str]:
         """Warnings for a case with zero-filled sequences run by a model without sequence-presence channels."""
@@ -874,7 +923,8 @@ class EmrFusePipeline(Pipeline):
             "its output may be unreliable. A model trained with train.py --sequence_dropout serves such cases."
         ]
 
-    def _grading_inputs(self, inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def grading_inputs(self, inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The model inputs of a case with only the slices the grading model pools (``grading_max_slices``)."""
         n = inputs["pixel_values"].shape[0]
         limit = self.grading_max_slices
         if limit == DEFAULT_GRADING_SLICES:  # the policy the grading model was trained and evaluated with
@@ -887,7 +937,20 @@ class EmrFusePipeline(Pipeline):
         out["slice_to_case"] = inputs["slice_to_case"][keep]
         return out
 
-    def _forward(self, model_inputs):
+    def _segment(self, inputs: Dict[str, torch.Tensor], tta: bool):
+        """The segmentation model's output and region logits of every slice. With ``tta`` the sigmoid
+        probabilities are averaged over the slices as given, flipped along each in-plane axis and along both
+        (each prediction flipped back), and returned as logits."""
+        out = self.segmentation_model(**inputs, return_dict=True)
+        if not tta:
+            return out, out.logits.float()
+        probs = torch.sigmoid(out.logits.float())
+        for dims in ((-1,), (-2,), (-2, -1)):
+            flipped = dict(inputs, pixel_values=inputs["pixel_values"].flip(dims))
+            probs += torch.sigmoid(self.segmentation_model(**flipped, return_dict=True).logits.float()).flip(dims)
+        return out, torch.logit(probs / 4, eps=1e-6)
+
+    def _forward(self, model_inputs, tta: bool = False):
         inputs = dict(model_inputs["model_inputs"])
         dtype = next(self.models[0].parameters()).dtype
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
@@ -899,25 +962,28 @@ class EmrFusePipeline(Pipeline):
         t_seg = t_cls = 0.0
         with self._autocast():
             if self.segmentation_model is not None:
-                seg_out = self.segmentation_model(**inputs, return_dict=True)
+                seg_out, seg_logits = self._segment(inputs, tta)
                 t_seg = time.perf_counter() - t0
             if self.grading_model is not None:
                 t_start = time.perf_counter()
-                cls_out = self.grading_model(**self._grading_inputs(inputs), return_dict=True)
+                cls_out = self.grading_model(**self.grading_inputs(inputs), return_dict=True)
                 t_cls = time.perf_counter() - t_start
         t1 = time.perf_counter()
         if seg_out is not None:
-            _check_finite_logits(seg_out.logits, "region logits", self.segmentation_model)
+            _check_finite_logits(seg_logits, "region logits", self.segmentation_model)
         if cls_out is not None:
             _check_finite_logits(cls_out.logits, "grade logits", self.grading_model)
         out = {k: v for k, v in model_inputs.items() if k != "model_inputs"}
         out["input_ids"] = inputs.get("input_ids")
         out["attention_mask"] = inputs.get("attention_mask")
         explain = seg_out if seg_out is not None else cls_out
-        out["seg_logits"] = None if seg_out is None else seg_out.logits.float()
+        out["seg_logits"] = None if seg_out is None else seg_logits
+        out["tta"] = bool(tta and seg_out is not None)
         out["grade_logits"] = None if cls_out is None else cls_out.logits.float()
         out["alpha_text"] = _scalar(getattr(explain, "alpha_text", None))
         out["alpha_image"] = _scalar(getattr(explain, "alpha_image", None))
+        embeds = getattr(cls_out if cls_out is not None else seg_out, "case_embeds", None)
+        out["case_embedding"] = None if embeds is None else embeds[0].float()
         attn = getattr(explain, "token_attention", None)
         out["token_attention"] = None if attn is None else attn.float()
         out["timings"] = dict(model_inputs["timings"])
@@ -940,12 +1006,14 @@ class EmrFusePipeline(Pipeline):
             "header": case.header,
             "spacing": tuple(case.spacing),
             "shape": case.shape,
+            "num_slices": CropInfo.from_dict(model_outputs["crop_info"]).num_slices,
             "label_convention": convention,
             "region_volumes_cm3": None,
         }
         logits = model_outputs["seg_logits"]
         resampling = model_outputs.get("resampling")
         result["resampling"] = resampling
+        result["tta"] = bool(model_outputs.get("tta"))
         turn = model_outputs.get("reorientation")  # the model ran on the case in BraTS's orientation
         result["reoriented_from"] = None if turn is None or turn.is_identity else "".join(turn.input_axcodes)
         if logits is not None:
@@ -979,6 +1047,8 @@ class EmrFusePipeline(Pipeline):
         result["warnings"] = list(model_outputs.get("warnings") or [])
         result["alpha_text"] = model_outputs["alpha_text"]
         result["alpha_image"] = model_outputs["alpha_image"]
+        embedding = model_outputs.get("case_embedding")
+        result["case_embedding"] = None if embedding is None else embedding.numpy()
         result["has_report"] = model_outputs["has_report"]
         result["report_truncated"] = model_outputs["report_truncated"]
         result["report_capped"] = bool(model_outputs.get("report_capped"))
@@ -1179,6 +1249,31 @@ def load_pipeline(
     )
     pipe.load_seconds = time.perf_counter() - t0
     return pipe
+
+
+@contextlib.contextmanager
+def pipeline_for_model(model: PreTrainedModel, processor, device=None, precision: str = "fp32"):
+    """An :class:`EmrFusePipeline` around one task model held in memory (training's held-out evaluation), for a
+    ``with`` block: no folder read, no companion looked for, the model neither rewritten nor moved to another
+    memory format, and the pipeline's hooks taken off the model at the end. The same stages run as for
+    ``emrfuse predict``."""
+    kind = _head_kind(model)
+    pipe = EmrFusePipeline(
+        model=model,
+        processor=processor,
+        task=PIPELINE_TASK,
+        device=device if device is not None else model.device,
+        grading_model=False if kind == "segmentation" else None,
+        segmentation_model=False if kind == "grading" else None,
+        precision=precision,
+        channels_last=False,
+        optimize=False,
+        identify_models=False,
+    )
+    try:
+        yield pipe
+    finally:
+        pipe._text_probe.remove()
 
 
 # Auto classes the ``pipeline()`` factory tries, in order, to load a folder's root model; an EmrFuse

@@ -466,6 +466,7 @@ def test_pipeline_train_evaluation_and_training_pool_the_same_slices(tmp_path, c
     from datasets_scripts.slice_cache import SliceDataset
     from modeling_emrfuse.brats_io import discover_cases
     from modeling_emrfuse.modeling_emrfuse import EmrFuseForImageClassification
+    from modeling_emrfuse.pipeline_emrfuse import pipeline_for_model
     from modeling_emrfuse.processing_emrfuse import grading_slice_indices
     from modeling_emrfuse.training.evaluation import evaluate_case
     from modeling_emrfuse.training.model_setup import config_kwargs
@@ -497,8 +498,8 @@ def test_pipeline_train_evaluation_and_training_pool_the_same_slices(tmp_path, c
     seen_by_evaluation: list = []
     handle = _record_pixel_values(model, seen_by_evaluation)
     case = discover_cases(case_dir.parent)[0]
-    with torch.no_grad():  # as train.py's evaluation calls it
-        row, _ = evaluate_case(model, pipe.processor, case, None, torch.device("cpu"), "classification")
+    with torch.no_grad(), pipeline_for_model(model, pipe.processor, torch.device("cpu")) as eval_pipe:
+        row, _ = evaluate_case(eval_pipe, case, None)  # as train.py's evaluation calls it
     handle.remove()
     torch.testing.assert_close(seen_by_evaluation[0], slices[torch.from_numpy(keep)])
     assert row["num_slices"] == slices.shape[0]

@@ -227,6 +227,31 @@ def test_predict_case_folder_with_missing_sequences(model_dir, tmp_path, capsys)
     assert record["missing_sequences"] == [] and record["warnings"] == []
 
 
+def test_a_case_is_discovered_once_and_carried_to_the_written_files(model_dir, tmp_path, monkeypatch):
+    """find_cases discovers the folder once; the pipeline reads each discovered case as it is (no second
+    discovery of its folder), and the record names the files that discovery found."""
+    from modeling_emrfuse import brats_io
+    from modeling_emrfuse.commands import predict as predict_cli
+
+    data = tmp_path / "data"
+    for i in (1, 2):
+        write_small_case(data, shape=(24, 24, 12), seed=i, case_id=f"Case_00{i}")
+    calls = []
+    discover = brats_io.discover_cases
+
+    def counting(root, *args, **kwargs):
+        calls.append(Path(root))
+        return discover(root, *args, **kwargs)
+
+    monkeypatch.setattr(brats_io, "discover_cases", counting)
+    monkeypatch.setattr(predict_cli, "discover_cases", counting)
+    assert main(["predict", str(data), "--model", str(model_dir), "-o", str(tmp_path / "out"), "-q"]) == 0
+    assert calls == [data]
+    record = json.loads((tmp_path / "out" / "Case_002.json").read_text())
+    assert record["case_id"] == "Case_002" and JSON_FIELDS <= set(record)
+    assert record["inputs"]["flair"] == str(data / "Case_002" / "Case_002_flair.nii.gz")
+
+
 # ------------------------------------------------------------------------------------------ several processes
 ROOT = Path(__file__).resolve().parents[1]
 SPY = """
@@ -239,7 +264,7 @@ predict_one, write_summary = predict_cli._predict_one, predict_cli._write_summar
 
 def spy_one(pipe, case, *args, **kwargs):
     with open(os.path.join(log, f"cases-{rank}.txt"), "a") as f:
-        f.write(case["case_id"] + "\\n")
+        f.write(case.case_id + "\\n")
     return predict_one(pipe, case, *args, **kwargs)
 
 def spy_summary(*args, **kwargs):

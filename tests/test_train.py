@@ -594,10 +594,10 @@ def test_demo_run_reports_the_enhancing_fraction_control(demo_twice, shared):
     train_y = [grades[c] == "LGG" for c in training]
     rule = control["rule"]
     assert rule["train_balanced_accuracy"] == pytest.approx(_best_balanced_accuracy(train_x, train_y))
-    # applied to the predicted label maps of the held-out cases (the pipeline's, unmasked as evaluation scores them)
+    # applied to the predicted label maps of the held-out cases (the pipeline's: evaluation runs the same path)
     pipe = load_pipeline(str(out), device="cpu", precision="fp32", optimize=False)
     for case in held_out:
-        label_map = pipe(str(shared["data"] / case), mask_background=False)["label_map"]
+        label_map = pipe(str(shared["data"] / case))["label_map"]
         expected = np.count_nonzero(label_map == 4) / max(np.count_nonzero(label_map), 1)
         assert control["cases"][case]["enhancing_fraction"] == pytest.approx(expected, abs=0.02)
         lgg = (expected < rule["threshold"]) == rule["lgg_below"]

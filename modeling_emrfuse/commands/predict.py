@@ -56,6 +56,7 @@ launcher itself exits with 1 when it is not 0.)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -64,6 +65,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..brats_io import (
+    CaseFiles,
     case_id_from_file_names,
     discover_cases,
     label_convention_from_file_names,
@@ -106,6 +108,7 @@ def prediction_record(result: Dict[str, Any], label_map_file: Optional[str], inp
         "reoriented_from": result.get("reoriented_from"),
         "missing_sequences": list(result.get("missing_sequences") or []),
         "resampling": result.get("resampling"),
+        "tta": bool(result.get("tta")),
         "warnings": list(result.get("warnings") or []),
         "model": {"id": result.get("model_id"), "revision": result.get("revision")},
         "inputs": inputs,
@@ -122,30 +125,54 @@ def prediction_record(result: Dict[str, Any], label_map_file: Optional[str], inp
 
 
 # ------------------------------------------------------------------------------------------ cases
-def find_cases(args) -> Tuple[List[Dict[str, Any]], List[Dict[str, str]], bool]:
-    """The cases to predict: ``(cases, skipped, single)`` where each case is a dict with
-    ``case_id``, ``input`` (what the pipeline reads), ``files``, ``label_convention``, ``report_path``.
+def find_cases(args) -> Tuple[List[CaseFiles], List[Dict[str, str]], bool]:
+    """The cases to predict, each discovered once: ``(cases, skipped, single)``. A case is a
+    :class:`~modeling_emrfuse.brats_io.CaseFiles` (its files, id, release, label convention, report file) that
+    goes as it is to the pipeline and into the written record.
 
     A case lacking sequences is accepted only with ``--allow-missing-sequences`` (a single case
     otherwise fails with a one-line error; in a folder of cases it is skipped with that reason)."""
     allow_missing = bool(getattr(args, "allow_missing_sequences", False))
     explicit = {s: getattr(args, s) for s in SEQUENCES if getattr(args, s, None)}
     if explicit:
-        if args.input:
-            raise PredictError("give either a case folder or --t1/--t1ce/--t2/--flair, not both.")
-        missing = [s for s in SEQUENCES if s not in explicit]
-        if missing and not allow_missing:
-            raise PredictError(
-                f"missing sequence(s) {missing}: give all four of --t1 --t1ce --t2 --flair, or pass "
-                "--allow-missing-sequences to zero-fill the missing ones."
-            )
-        case_id = args.case_id or case_id_from_file_names(explicit.values())
-        return (
-            [{"case_id": case_id, "input": dict(explicit), "files": dict(explicit),
-              "label_convention": label_convention_from_file_names(explicit.values()), "report_path": None}],
-            [],
-            True,
+        return [_explicit_case(args, explicit, allow_missing)], [], True
+    found, root = _discover(args)
+    skipped = [{"case_id": s.case_id, "reason": f"{s.reason} ({s.path})"} for s in found.skipped]
+    single = len(found) + len(skipped) == 1 and (
+        (len(found) == 1 and found[0].source_dir is not None and Path(found[0].source_dir).resolve() == root.resolve())
+        or (len(skipped) == 1 and Path(found.skipped[0].path).resolve() == root.resolve())
+    )
+    cases = list(found)
+    if not allow_missing:
+        skipped += [_missing_skip(c, root) for c in cases if c.missing_sequences]
+        cases = [c for c in cases if not c.missing_sequences]
+    if args.case_id and single and cases:
+        cases[0] = dataclasses.replace(cases[0], case_id=args.case_id)
+    return cases, skipped, single
+
+
+def _explicit_case(args, explicit: Dict[str, str], allow_missing: bool) -> CaseFiles:
+    """The one case of ``--t1/--t1ce/--t2/--flair``."""
+    if args.input:
+        raise PredictError("give either a case folder or --t1/--t1ce/--t2/--flair, not both.")
+    missing = [s for s in SEQUENCES if s not in explicit]
+    if missing and not allow_missing:
+        raise PredictError(
+            f"missing sequence(s) {missing}: give all four of --t1 --t1ce --t2 --flair, or pass "
+            "--allow-missing-sequences to zero-fill the missing ones."
         )
+    return CaseFiles(
+        case_id=args.case_id or case_id_from_file_names(explicit.values()),
+        release=None,
+        label_convention=label_convention_from_file_names(explicit.values()),
+        grade=None,
+        sequences={s: Path(v) for s, v in explicit.items()},
+    )
+
+
+def _discover(args):
+    """The cases under ``args.input`` (a case folder or a folder of cases), lacking sequences or not, and the
+    folder; problems become one-line errors."""
     if not args.input:
         raise PredictError(
             "give a case folder, a folder of cases, or the four files --t1 --t1ce --t2 --flair "
@@ -161,53 +188,30 @@ def find_cases(args) -> Tuple[List[Dict[str, Any]], List[Dict[str, str]], bool]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # skipped cases are reported in the summary instead
         try:
-            # cases lacking sequences are found, then refused below without --allow-missing-sequences
-            found = discover_cases(root, release=args.release, on_error="skip", allow_missing_sequences=True)
+            # cases lacking sequences are found, then refused without --allow-missing-sequences
+            return discover_cases(root, release=args.release, on_error="skip", allow_missing_sequences=True), root
         except ValueError as exc:
             raise PredictError(str(exc)) from exc
-    release = found.release
-    skipped = [{"case_id": s.case_id, "reason": f"{s.reason} ({s.path})"} for s in found.skipped]
-    single = len(found) + len(skipped) == 1 and (
-        (len(found) == 1 and found[0].source_dir is not None and Path(found[0].source_dir).resolve() == root.resolve())
-        or (len(skipped) == 1 and Path(found.skipped[0].path).resolve() == root.resolve())
-    )
-    if not allow_missing:
-        complete = []
-        for c in found:
-            if not c.missing_sequences:
-                complete.append(c)
-                continue
-            present = ", ".join(f"{k}={Path(v).name}" for k, v in c.sequences.items())
-            skipped.append({
-                "case_id": c.case_id,
-                "reason": f"missing sequence(s) {c.missing_sequences} (found: {present}); pass --allow-missing-sequences "
-                          f"to zero-fill them ({c.source_dir if c.source_dir is not None else root})",
-            })
-        found = complete
-    cases = [
-        {
-            "case_id": c.case_id,
-            "input": str(c.source_dir) if c.source_dir is not None else {k: str(v) for k, v in c.sequences.items()},
-            "files": {k: str(v) for k, v in c.sequences.items()},
-            "label_convention": c.label_convention,
-            "report_path": None if c.report_path is None else str(c.report_path),
-            "release": release,
-        }
-        for c in found
-    ]
-    if args.case_id and single and cases:
-        cases[0]["case_id"] = args.case_id
-    return cases, skipped, single
 
 
-def _report_for(case: Dict[str, Any], args, reports: Optional[Dict[str, str]]) -> Tuple[Optional[str], Optional[str]]:
+def _missing_skip(case: CaseFiles, root: Path) -> Dict[str, str]:
+    """The summary entry of a case left out for its missing sequences."""
+    present = ", ".join(f"{k}={Path(v).name}" for k, v in case.sequences.items())
+    return {
+        "case_id": case.case_id,
+        "reason": f"missing sequence(s) {case.missing_sequences} (found: {present}); pass --allow-missing-sequences "
+                  f"to zero-fill them ({case.source_dir if case.source_dir is not None else root})",
+    }
+
+
+def _report_for(case: CaseFiles, args, reports: Optional[Dict[str, str]]) -> Tuple[Optional[str], Optional[str]]:
     """(report text, source) for a case: --report / --report-file, then --reports, then the case's own file."""
     if args.report is not None:
         return args.report, "argument"
     if args.report_file is not None:
         return args._report_file_text, "file"
-    if reports is not None and case["case_id"] in reports:
-        return reports[case["case_id"]], "reports file"
+    if reports is not None and case.case_id in reports:
+        return reports[case.case_id], "reports file"
     return None, None
 
 
@@ -387,41 +391,39 @@ def _predict_cases(pipe, cases, args, reports, out: Path, single: bool, show_pro
     for case in iterator:
         try:
             _predict_one(pipe, case, args, reports, out, single)
-            written.append(case["case_id"])
+            written.append(case.case_id)
         except (ValueError, OSError, ImportError) as exc:
             if single:
-                raise PredictError(f"case {case['case_id']}: {exc}") from exc
-            failures.append({"case_id": case["case_id"], "reason": f"{type(exc).__name__}: {exc}"})
+                raise PredictError(f"case {case.case_id}: {exc}") from exc
+            failures.append({"case_id": case.case_id, "reason": f"{type(exc).__name__}: {exc}"})
         except Exception as exc:  # a batch goes on; the summary says which case failed and why
             if single:
                 raise
-            failures.append({"case_id": case["case_id"], "reason": f"unexpected {type(exc).__name__}: {exc}"})
+            failures.append({"case_id": case.case_id, "reason": f"unexpected {type(exc).__name__}: {exc}"})
     if progress is not None:
         progress.close()
     return written, failures
 
 
-def _predict_one(pipe, case: Dict[str, Any], args, reports, out: Path, single: bool) -> None:
+def _predict_one(pipe, case: CaseFiles, args, reports, out: Path, single: bool) -> None:
     """One case through the pipeline; writes its label map and JSON."""
-    check_case_id(case["case_id"])
+    check_case_id(case.case_id)
     report, source = _report_for(case, args, reports)
-    conv = args.label_convention or case.get("label_convention") or "brats2017"
     result = pipe(
-        case["input"],
+        case,  # read as discovered, not discovered again
         report=report,
-        label_convention=conv,
-        release=case.get("release") or args.release,
+        label_convention=args.label_convention or case.label_convention or "brats2017",
         use_case_report=not args.ignore_case_reports,
         threshold=args.threshold,
         allow_missing_sequences=bool(getattr(args, "allow_missing_sequences", False)),
         resample=bool(getattr(args, "resample", False)),
         max_report_chars=getattr(args, "max_report_chars", None),
+        **({"tta": True} if getattr(args, "tta", False) else {}),  # a folder's own older pipeline has no tta
     )
     if source is not None and result.get("has_report"):
         result["report_source"] = source
-    result["case_id"] = case["case_id"]
     t0 = time.perf_counter()
-    nifti_path, json_path = _output_paths(case["case_id"], out, single)
+    nifti_path, json_path = _output_paths(case.case_id, out, single)
     if result["label_map"] is not None:
         write_label_map(nifti_path, result["label_map"], result["affine"], result["header"])
         label_file = nifti_path.name
@@ -432,7 +434,7 @@ def _predict_one(pipe, case: Dict[str, Any], args, reports, out: Path, single: b
         extra["words"] = result.get("words")
         extra["tokens"] = result.get("tokens")
         extra["token_attention"] = result.get("token_attention")
-    record = prediction_record(result, label_file, case["files"], extra)
+    record = prediction_record(result, label_file, {k: str(v) for k, v in case.sequences.items()}, extra)
     record["timings_s"]["write"] = round(time.perf_counter() - t0, 4)
     record["timings_s"]["model_load_once"] = round(pipe.load_seconds or 0.0, 4)
     json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -494,7 +496,7 @@ class ProcessShare:
         """This process's device under a launcher (its own GPU, or the CPU); ``None`` (the default) otherwise."""
         return None if self.state is None else str(self.state.device)
 
-    def share(self, cases: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    def share(self, cases: List[CaseFiles]) -> List[CaseFiles]:
         if self.state is None:
             return cases
         with self.state.split_between_processes(cases) as mine:
@@ -507,7 +509,7 @@ class ProcessShare:
         from accelerate.utils import gather_object
 
         parts = gather_object([{"written": written, "failures": failures}])
-        order = {c["case_id"]: i for i, c in enumerate(cases)}
+        order = {c.case_id: i for i, c in enumerate(cases)}
         all_written = sorted((w for part in parts for w in part["written"]), key=order.__getitem__)
         all_failures = sorted((f for part in parts for f in part["failures"]), key=lambda f: order[f["case_id"]])
         return all_written, all_failures
@@ -602,6 +604,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "(trilinear, nnU-Net/MONAI style) and the region probabilities back onto the input grid, so "
                         "that the label map is on the input's grid with its affine; without it such a case is an "
                         "error. The JSON records both grids under \"resampling\".")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time flips: average the region probabilities over each slice and its flips along the two "
+                        "in-plane axes (4 forward passes of the segmentation model instead of 1); the JSON records \"tta\"")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="auto (default): bf16 weights where the CPU/GPU has native bf16, fp32 otherwise")

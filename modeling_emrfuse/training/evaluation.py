@@ -1,96 +1,70 @@
-"""Held-out evaluation on whole volumes: a case's files -> slices -> model -> label map on the original grid ->
-3D metrics (segmentation) or grade probabilities (grading); each case evaluated once, by one process."""
+"""Held-out evaluation on whole volumes: each case through the pipeline that ``emrfuse predict`` runs (label map on
+the files' own grid) -> 3D metrics (segmentation) or grade probabilities (grading); each case evaluated once, by
+one process."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from accelerate.utils import gather_object
 
-from ..brats_io import read_volume, reorientation, reoriented_image, to_nifti_image
+from ..brats_io import read_volume
 from ..brats_labels import REGIONS
 from ..evaluation.grading_control import FEATURE, enhancing_fraction
 from ..evaluation.metrics import classification_metrics, metrics_to_row, score_label_maps
 from ..evaluation.report import summarize_segmentation
-from ..processing_emrfuse import grading_slice_indices
+from ..pipeline_emrfuse import pipeline_for_model
 
-
-MODEL_TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "has_report")
 CASE_FEATURES = "case_enhancing_fraction"
 """Summary key of a segmentation evaluation: case id -> enhancing fraction of the predicted label map."""
 
 
-@dataclass
-class CaseInputs:
-    """One whole case as the model sees it in evaluation (see :func:`case_model_inputs`)."""
-
-    prepared: Any  # the processor's prepared volume (crop, number of slices)
-    turn: Any  # the reorientation to BraTS's orientation (``turn.undo`` maps a label map back)
-    pixel_values: torch.Tensor  # (N, C, H, W): every slice, or for grading the grading bag policy's slices
-    text_inputs: Dict[str, torch.Tensor]  # the model's text keyword arguments (one report)
-
-
-def case_model_inputs(model, processor, case, report: Optional[str], device, task: str,
-                      max_report_tokens: Optional[int] = None) -> CaseInputs:
-    """A case's volumes brought to BraTS's orientation (as in training), prepared and sliced, and its report
-    tokenised; for grading only the slices of the grading bag policy (``config.grading_slices``), exactly as the
-    pipeline pools them. ``max_report_tokens`` truncates the report (None: the tower's limit)."""
-    ip = processor.image_processor
-    images = {name: to_nifti_image(path) for name, path in case.sequences.items()}
-    first = next(iter(images.values()))
-    turn = reorientation(first.affine, first.shape)  # the model sees BraTS's orientation, as in training
-    images = {name: reoriented_image(img) for name, img in images.items()}
-    prepared = ip.prepare_volume(images, allow_missing_sequences=bool(case.missing_sequences))
-    text = processor.encode_reports([report], max_length=max_report_tokens)
-    text_inputs = {k: text[k].to(device) for k in MODEL_TEXT_KEYS if k in text}
-    pixel_values = torch.from_numpy(ip.slices(prepared)).to(device)
-    if task == "classification":
-        keep = grading_slice_indices(prepared.num_slices, getattr(model.config, "grading_slices", None))
-        pixel_values = pixel_values[torch.from_numpy(keep).to(device)]
-    return CaseInputs(prepared, turn, pixel_values, text_inputs)
+def predict_case(pipe, case, report: Optional[str], max_report_tokens: Optional[int] = None) -> Dict[str, Any]:
+    """One held-out case (a discovered :class:`~modeling_emrfuse.brats_io.CaseFiles`) through the pipeline, the
+    path of ``emrfuse predict``: its result (label map on the files' own grid, background masked; grade
+    probabilities from the grading slices; the case embedding). The report is the one given (None: none)."""
+    return pipe(
+        case,
+        report=report,
+        use_case_report=False,
+        label_convention=case.label_convention,
+        max_length=max_report_tokens,
+        allow_missing_sequences=bool(case.missing_sequences),
+    )
 
 
-def evaluate_case(model, processor, case, report: Optional[str], device, task: str,
-                  max_report_tokens: Optional[int] = None) -> Tuple[Dict[str, Any], Optional[np.ndarray]]:
-    """One held-out case: slices -> model -> label map on the original grid -> 3D metrics.
-
-    Returns the per-case row (id, grade, metrics / grade probabilities, timing) and the fused case
-    embedding (``case_embeds``) for the embedding plot.
-    """
-    t0 = time.perf_counter()
-    ip = processor.image_processor
-    inputs = case_model_inputs(model, processor, case, report, device, task, max_report_tokens)
-    prepared, turn, text_inputs = inputs.prepared, inputs.turn, inputs.text_inputs
+def case_row(case, result: Dict[str, Any], id2label: Dict[int, str]) -> Dict[str, Any]:
+    """The per-case row of a pipeline result: metrics against the case's label map (segmentation, scored on the
+    files' own grid) or the grade probabilities (grading)."""
     row: Dict[str, Any] = {
-        "case_id": case.case_id, "grade": case.grade, "has_report": bool(text_inputs["has_report"][0]),
-        "num_slices": prepared.num_slices, "missing_sequences": ",".join(case.missing_sequences),
+        "case_id": case.case_id, "grade": case.grade, "has_report": bool(result["has_report"]),
+        "num_slices": result["num_slices"], "missing_sequences": ",".join(case.missing_sequences),
     }
-    # one forward for the whole case: the model runs the image tower in chunks of config.slice_chunk_size
-    # without gradients and encodes the report once; case_embeds pools the case's slices (grading: the
-    # slices of the grading bag policy, config.grading_slices, exactly as the pipeline pools them)
-    pixel_values = inputs.pixel_values
-    out = model(pixel_values=pixel_values, slice_to_case=torch.zeros(pixel_values.shape[0], dtype=torch.long, device=device),
-                **text_inputs)
-    logits = out.logits.float().cpu()
-    embedding = out.case_embeds[0].float().cpu().numpy() if getattr(out, "case_embeds", None) is not None else None
-    if task == "segmentation":
-        label_map = turn.undo(ip.post_process_segmentation(logits.numpy(), prepared.crop, label_convention=case.label_convention))
-        ref = read_volume(case.label)  # scored on the files' own grid
-        result = score_label_maps(label_map, np.asarray(ref.array), pred_convention=case.label_convention, spacing=ref.spacing)
-        row.update(metrics_to_row(result))
-        row[FEATURE] = enhancing_fraction(label_map, case.label_convention)  # the grading control's feature
-    else:
-        probs = torch.softmax(logits[0], dim=-1).numpy()
-        labels = [model.config.id2label[i] for i in range(len(probs))]
-        row["pred_grade"] = labels[int(np.argmax(probs))]
-        for label, p in zip(labels, probs):
-            row[f"prob_{label}"] = float(p)
+    if result["label_map"] is not None:
+        ref = read_volume(case.label)
+        scores = score_label_maps(result["label_map"], np.asarray(ref.array), pred_convention=result["label_convention"],
+                                  spacing=ref.spacing)
+        row.update(metrics_to_row(scores))
+        row[FEATURE] = enhancing_fraction(result["label_map"], result["label_convention"])  # the grading control's feature
+    if result["grade_probabilities"] is not None:
+        row["pred_grade"] = result["grade"]
+        for i in range(len(id2label)):
+            row[f"prob_{id2label[i]}"] = float(result["grade_probabilities"][id2label[i]])
+    return row
+
+
+def evaluate_case(pipe, case, report: Optional[str],
+                  max_report_tokens: Optional[int] = None) -> Tuple[Dict[str, Any], Optional[np.ndarray]]:
+    """One held-out case through the pipeline -> its row (id, grade, metrics / grade probabilities, timing) and
+    the fused case embedding (``case_embeds``) for the embedding plot."""
+    t0 = time.perf_counter()
+    result = predict_case(pipe, case, report, max_report_tokens)
+    row = case_row(case, result, pipe.model.config.id2label)
     row["seconds"] = time.perf_counter() - t0
-    return row, embedding
+    return row, result["case_embedding"]
 
 
 @torch.no_grad()
@@ -108,9 +82,9 @@ def evaluate(accelerator, model, processor, cases, reports, task: str, step: int
     net.eval()
     mine = cases[accelerator.process_index :: accelerator.num_processes]
     local = []
-    with accelerator.autocast():
+    with accelerator.autocast(), pipeline_for_model(net, processor, accelerator.device) as pipe:
         for case in mine:
-            row, emb = evaluate_case(net, processor, case, reports.get(case.case_id), accelerator.device, task, max_report_tokens)
+            row, emb = evaluate_case(pipe, case, reports.get(case.case_id), max_report_tokens)
             local.append((row, None if emb is None else emb.tolist()))
     gathered = gather_object(local) if accelerator.num_processes > 1 else local
     net.train(was_training)

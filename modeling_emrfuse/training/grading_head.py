@@ -17,7 +17,7 @@ from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .evaluation import case_model_inputs
+from ..pipeline_emrfuse import pipeline_for_model
 from .model_setup import WarmStart, build_model, build_processor, make_optimizer
 from .outputs import write_run_outputs
 from .selection import BestModel, SelectionEvaluation, evaluate_and_select, score_best_model
@@ -72,25 +72,31 @@ def training_tower_features(accelerator, net, processor, run, desc: str,
     if not cases:
         raise SystemExit("train.py: grading needs training cases with a grade; none of the training cases has one.")
     net.eval()
-    device = accelerator.device
     local = []
     mine = cases[accelerator.process_index :: accelerator.num_processes]
-    for case in tqdm(mine, desc=f"{desc}: tower features", disable=not accelerator.is_local_main_process, dynamic_ncols=True):
-        inputs = case_model_inputs(net, processor, case, run.reports.get(case.case_id), device, "classification",
-                                   max_report_tokens)
-        t = inputs.text_inputs
-        has_report = bool(t["has_report"][0]) if "has_report" in t else False
-        gap, hidden = net.emrfuse.tower_features(inputs.pixel_values, t.get("input_ids") if has_report else None,
-                                                 t.get("attention_mask"), t.get("token_type_ids"))
-        local.append(CaseTowerFeatures(
-            case_id=case.case_id, label=int(label2id[case.grade]),
-            gap=None if gap is None else gap.float().cpu(),
-            input_ids=t["input_ids"][0].cpu() if "input_ids" in t else None,
-            attention_mask=t["attention_mask"][0].cpu() if "attention_mask" in t else None,
-            has_report=has_report, text_hidden=None if hidden is None else hidden[0].float().cpu(),
-        ))
+    with pipeline_for_model(net, processor, accelerator.device) as pipe:
+        for case in tqdm(mine, desc=f"{desc}: tower features", disable=not accelerator.is_local_main_process,
+                         dynamic_ncols=True):
+            local.append(_case_tower_features(pipe, net, case, run.reports.get(case.case_id), max_report_tokens))
     gathered = gather_object(local) if accelerator.num_processes > 1 else local
     return sorted({f.case_id: f for f in gathered}.values(), key=lambda f: f.case_id)
+
+
+def _case_tower_features(pipe, net, case, report: Optional[str], max_report_tokens: Optional[int]) -> CaseTowerFeatures:
+    """The towers' features of one case, prepared by the pipeline's preprocess on the slices it grades from."""
+    staged = pipe.preprocess(case, report=report, use_case_report=False, max_length=max_report_tokens,
+                             allow_missing_sequences=bool(case.missing_sequences))
+    t = {k: v.to(pipe.device) for k, v in pipe.grading_inputs(staged["model_inputs"]).items()}
+    has_report = bool(t["has_report"][0]) if "has_report" in t else False
+    gap, hidden = net.emrfuse.tower_features(t["pixel_values"], t.get("input_ids") if has_report else None,
+                                             t.get("attention_mask"), t.get("token_type_ids"))
+    return CaseTowerFeatures(
+        case_id=case.case_id, label=int(net.config.label2id[case.grade]),
+        gap=None if gap is None else gap.float().cpu(),
+        input_ids=t["input_ids"][0].cpu() if "input_ids" in t else None,
+        attention_mask=t["attention_mask"][0].cpu() if "attention_mask" in t else None,
+        has_report=has_report, text_hidden=None if hidden is None else hidden[0].float().cpu(),
+    )
 
 
 def _pad(rows: List[Optional[torch.Tensor]], length: int, fill=0) -> torch.Tensor:
