@@ -330,3 +330,28 @@ def test_predict_folder_of_cases_with_two_processes(model_dir, tmp_path):
         assert np.array_equal(maps_2[name][0], array) and np.array_equal(maps_2[name][1], affine)
     records_1.pop("predict_summary.json"), records_2.pop("predict_summary.json")
     assert records_2 == records_1
+
+
+def test_help_and_argument_errors_import_no_torch():
+    """``emrfuse predict --help`` and a bad argument answer without importing torch (the CLI's defaults repeat the
+    pipeline's, checked here to be equal)."""
+    import subprocess
+    import sys
+
+    from modeling_emrfuse import pipeline_emrfuse
+    from modeling_emrfuse.commands import predict
+
+    assert predict.DEFAULT_MODEL == pipeline_emrfuse.DEFAULT_MODEL
+    assert predict.DEFAULT_MAX_REPORT_CHARS == pipeline_emrfuse.DEFAULT_MAX_REPORT_CHARS
+    probe = (
+        "import sys\n"
+        "from modeling_emrfuse.commands.cli import main\n"
+        "try:\n"
+        "    rc = main(sys.argv[1:])\n"
+        "except SystemExit as exc:\n"
+        "    rc = exc.code\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', rc)\n"
+    )
+    for argv in (["predict", "--help"], ["predict", "/no/such/case", "-o", "/tmp/emrfuse-none"]):
+        out = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=120)
+        assert out.stdout.strip().splitlines()[-1].startswith("NO-TORCH"), (argv, out.stdout[-300:], out.stderr[-300:])

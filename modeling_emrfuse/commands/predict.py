@@ -542,10 +542,14 @@ def _print_case(record: Dict[str, Any], nifti: Optional[Path], json_path: Path) 
     print(f"details:   {json_path}")
 
 
+# The pipeline's defaults, repeated here so that ``--help`` and argument errors never import torch (the pipeline
+# module does); tests/test_predict_cli.py checks that they equal pipeline_emrfuse's.
+DEFAULT_MODEL = os.path.join("outputs", "emrfuse-demo")
+DEFAULT_MAX_REPORT_CHARS = 65536
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``emrfuse predict`` on the ``emrfuse`` CLI's sub-parsers."""
-    from ..pipeline_emrfuse import DEFAULT_MAX_REPORT_CHARS, DEFAULT_MODEL
-
     p = subparsers.add_parser(
         "predict",
         help="segment and grade a case (or a folder of cases) with an EmrFuse model",
