@@ -15,20 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from datasets_scripts.brats_ids import IdMapping
+from modeling_emrfuse.brats_io import discover_cases, read_label_map, read_volume
+from modeling_emrfuse.brats_labels import GRADES, get_label_convention
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from datasets_scripts.brats_ids import IdMapping  # noqa: E402
-from modeling_emrfuse.brats_io import discover_cases, read_label_map, read_volume  # noqa: E402
-from modeling_emrfuse.brats_labels import GRADES, get_label_convention  # noqa: E402
-
 SKIP_FOLDERS = {"meta", "pseudolabels"}
 DEFAULT_PSEUDO = ("TCGA-DU-7294",)
 DEFAULT_SAME_SCAN = ("brats_2013_pat0004_1",)

@@ -54,9 +54,8 @@ def test_two_seeded_training_runs_give_bit_identical_weights():
 
 
 def test_the_same_run_in_a_fresh_process_gives_the_same_weights():
-    code = ("import sys; sys.path.insert(0, 'tests'); from test_determinism import _train_steps, _digest; "
-            "print(_digest(_train_steps(0)))")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    code = "from test_determinism import _train_steps, _digest; print(_digest(_train_steps(0)))"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == _digest(_train_steps(0))
