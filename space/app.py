@@ -44,19 +44,15 @@ import os
 import re
 import shutil
 import signal
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-for _path in (HERE, REPO):  # the package next to the app (a Space) or the repository around it
-    if (_path / "modeling_emrfuse").is_dir() and str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
-
+REPO = Path(__file__).resolve().parents[1]  # the repository around the app in a checkout
+# the package comes from `pip install -e .` (a checkout) or sits next to this file (a Space: Python puts the
+# script's folder on the import path)
 from modeling_emrfuse.runtime.cpu_threads import prefer_passive_openmp  # noqa: E402
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -309,6 +305,16 @@ def public_message(text: str) -> str:
         for variant in {root, os.path.realpath(root)}:
             text = re.sub(re.escape(variant) + r"""[^\s'"`,;:()\[\]]*""", lambda m: Path(m.group(0)).name or "file", text)
     return text
+
+
+def _is_app_file(path) -> bool:
+    """An example case or a result of this app (kept), as opposed to an upload (deleted once read); uploads may live
+    under the app's folder too (``GRADIO_TEMP_DIR`` defaults to ``<app folder>/uploads``)."""
+    try:
+        first = Path(path).resolve().relative_to(_OUTPUT_DIR.resolve()).parts[0]
+    except (ValueError, IndexError):
+        return False
+    return first == "examples" or first.startswith("result-")
 
 
 def _delete_files(paths) -> None:
@@ -611,7 +617,7 @@ def predict(t1, t1ce, t2, flair, example, report, ground_truth, sequence="FLAIR"
         try:
             case, geometry, gt, read_s = _read_case(source, allow_missing)
         finally:  # the uploads have been read: delete them now
-            _delete_files([p for p in uploaded_paths if p and not str(p).startswith(str(_OUTPUT_DIR))])
+            _delete_files([p for p in uploaded_paths if p and not _is_app_file(p)])
         try:
             result = pipe(case, report=report or None, use_case_report=False, allow_missing_sequences=allow_missing,
                           max_report_chars=MAX_REPORT_CHARS)

@@ -4,6 +4,7 @@ card, and a real headless Chromium that runs an example and checks what the page
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import shutil
 import socket
@@ -29,11 +30,13 @@ def app(tmp_path_factory):
     model = build_tiny_model_folder(tmp_path_factory.mktemp("space") / "model")
     saved = {k: os.environ.get(k) for k in ("EMRFUSE_MODEL", "EMRFUSE_DEMO_SIZE", "EMRFUSE_DEMO_CASES")}
     os.environ.update(EMRFUSE_MODEL=str(model), EMRFUSE_DEMO_SIZE="small", EMRFUSE_DEMO_CASES="2")
-    sys.path.insert(0, str(SPACE))
-    module = importlib.import_module("app")
-    module = importlib.reload(module)  # module-level settings read the environment above
+    # loaded once from its file, as a Space runs it (module-level settings read the environment above)
+    spec = importlib.util.spec_from_file_location("app", SPACE / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["app"] = module
+    spec.loader.exec_module(module)
     yield module
-    sys.path.remove(str(SPACE))
+    sys.modules.pop("app", None)
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
