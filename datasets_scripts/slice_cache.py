@@ -1,48 +1,12 @@
-"""The training data pipeline: a preprocessed on-disk cache of cases, slice sampling with
-augmentation, and whole-case access.
+"""The training data: a preprocessed on-disk cache of cases, slice sampling with augmentation,
+and whole-case access.
 
-1. :func:`build_cache` preprocesses every case ONCE with the model's own image processor
-   (:meth:`EmrFuseImageProcessor.prepare_volume`: z-score per sequence over the brain, crop to the
-   brain's bounding box, in-plane padding to a multiple of ``size_divisor``;
-   :meth:`~EmrFuseImageProcessor.crop_label_map` for the labels) and the tokenizer (through
-   :meth:`EmrFuseProcessor.encode_reports`), and stores the result in ``cache_dir``::
+- :func:`build_cache` / :func:`load_cache`: each case preprocessed once, with the model's own
+  image processor and tokenizer, into a folder of memory-mapped arrays.
+- :class:`SliceDataset` and :func:`collate_slices`: augmented axial slices for training.
+- :class:`CaseDataset` and :func:`collate_cases`: whole cases for grading and evaluation.
 
-       cache_dir/
-         manifest.json               format version, preprocessing settings, ids of the cached cases
-         cases/<case_id>/
-           image.npy                 float16 (D, 4, H, W): slice-major, so one slice is one contiguous read
-           regions.npy               uint8 (D, H, W) region bit mask: bit 0 = WT, bit 1 = TC, bit 2 = ET
-                                     (labels converted with the case's own label convention; all zero
-                                     for an unlabeled case)
-           meta.json                 case id, grade, release, label convention, crop info, spacing,
-                                     tumour slices, token ids, has_report / report_truncated, the
-                                     input fingerprint, the settings hash, the original label path
-
-   A case is rebuilt only when its inputs change (file size + modification time, or a content
-   hash with ``fingerprint="content"``; the report text and grade are part of the fingerprint) or
-   when the preprocessing settings change (the image processor's configuration except
-   ``context_slices``, which is applied when slices are drawn; the tokenizer's vocabulary and
-   settings; the maximum report length). Arrays are written to a temporary file and renamed, and
-   ``meta.json`` is written last, so an interrupted build leaves no half-written case behind.
-   Several splits may share one cache folder.
-
-2. :class:`SliceDataset` draws axial slices from the memory-mapped cache: a case (weighted by its
-   number of slices), then a slice of it that contains tumour with probability ``tumour_prob``
-   (else any slice), with ``context_slices`` neighbours as channels exactly like
-   :meth:`EmrFuseImageProcessor.slices` (edges replicated). Training samples get the paper's
-   augmentation: random rotation, isotropic scaling, translation and mirror flips, composed into
-   ONE affine per sample and applied with :func:`torch.nn.functional.grid_sample` to the image
-   (bilinear) and to the region bit mask (nearest), so image and label stay aligned; the output
-   is a fixed ``image_size`` (random crop/pad in training, centred crop/pad in evaluation).
-   :func:`collate_slices` batches slices and carries each case's report once (``slice_to_case``).
-
-3. :class:`CaseDataset` gives whole cases (all slices, the report, the crop info, the original
-   label path and spacing) for grading and for whole-volume evaluation; :func:`collate_cases`
-   batches several cases.
-
-Mirror flips and reports: a left-right flip moves the tumour to the other hemisphere, which the
-report names; set ``flip_axes=()`` (or ``(1,)``) when the model should be able to rely on the
-report's side.
+The README describes the training workflow.
 """
 
 from __future__ import annotations
@@ -105,6 +69,18 @@ REGION_BITS: Tuple[int, ...] = tuple(1 << i for i in range(len(REGIONS)))
 GRADE_IGNORE_INDEX = -100
 """``grade_labels`` value of a case without a grade (ignored by ``torch.nn.CrossEntropyLoss``)."""
 
+# The cache folder:
+#
+#   cache_dir/
+#     manifest.json        format version, preprocessing settings, ids of the cached cases
+#     cases/<case_id>/
+#       image.npy          float16 (D, 4, H, W): slice-major, so one slice is one contiguous read
+#       regions.npy        uint8 (D, H, W) region bit mask (REGION_BITS: bit 0 = WT, bit 1 = TC,
+#                          bit 2 = ET), labels converted with the case's own label convention;
+#                          all zero for an unlabeled case
+#       meta.json          case id, grade, release, label convention, crop info, spacing, tumour
+#                          slices, token ids, has_report / report_truncated, the input fingerprint,
+#                          the settings hash, the original label path
 _MANIFEST = "manifest.json"
 _META = "meta.json"
 _IMAGE = "image.npy"
@@ -526,6 +502,107 @@ def _arrays_ok(case_dir: Path, meta: Mapping[str, Any]) -> bool:
         return False
 
 
+def _check_unique_ids(sources: Sequence[_Source]) -> None:
+    seen: Dict[str, int] = {}
+    for i, s in enumerate(sources):
+        if s.case_id in seen:
+            raise ValueError(f"Duplicate case id {s.case_id!r} (inputs {seen[s.case_id]} and {i}).")
+        seen[s.case_id] = i
+
+
+def _case_key(src: _Source, settings_hash: str, fingerprint: str) -> str:
+    """What a cached case depends on: its input files (size + modification time, or a content hash
+    with ``fingerprint="content"``), the report text, grade, release, label convention and the
+    preprocessing settings. A change to any of them rebuilds the case."""
+    where = f"case {src.case_id}"
+    inputs = {s: _fingerprint_value(v, fingerprint, f"{where} sequence {s}") for s, v in src.sequences.items()}
+    if src.label is not None:
+        inputs["seg"] = _fingerprint_value(src.label, fingerprint, f"{where} label")
+    return _hash(
+        {
+            "settings": settings_hash,
+            "inputs": inputs,
+            "report_sha256": None if src.report is None else hashlib.sha256(src.report.encode("utf-8")).hexdigest(),
+            "grade": src.grade,
+            "release": src.release,
+            "label_convention": src.label_convention,
+        }
+    )
+
+
+def _plan_rebuilds(
+    sources: Sequence[_Source], cache_dir: Path, settings_hash: str, fingerprint: str, force: bool
+) -> Tuple[List[Optional[Dict[str, Any]]], List[Tuple[int, Dict[str, Any]]]]:
+    """The metadata of the cases that are up to date (``None`` elsewhere) and the cases to rebuild."""
+    metas: List[Optional[Dict[str, Any]]] = [None] * len(sources)
+    todo: List[Tuple[int, Dict[str, Any]]] = []
+    for i, src in enumerate(sources):
+        key = _case_key(src, settings_hash, fingerprint)
+        case_dir = cache_dir / "cases" / _safe_name(src.case_id)
+        old = None if force else _load_meta(case_dir)
+        if old is not None and old.get("key") == key and _arrays_ok(case_dir, old):
+            metas[i] = old
+        else:
+            todo.append((i, {"key": key, "case_dir": case_dir}))
+    return metas, todo
+
+
+def _run_volume_jobs(jobs: List[Tuple[Any, ...]], num_workers: int, bar) -> List[Dict[str, Any]]:
+    """Preprocess the cases' volumes, in worker processes when ``num_workers > 1``."""
+    volume_metas = []
+    if num_workers and num_workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=int(num_workers), mp_context=get_context("fork")) as pool:
+            for r in pool.map(_worker, jobs):
+                volume_metas.append(r)
+                bar.update(1)
+    else:
+        for job in jobs:
+            volume_metas.append(_worker(job))
+            bar.update(1)
+    return volume_metas
+
+
+def _case_meta(
+    src: _Source, vmeta: Dict[str, Any], processor: EmrFuseProcessor, settings: Mapping[str, Any],
+    settings_hash: str, key: str,
+) -> Dict[str, Any]:
+    """A case's ``meta.json``: its identity, the array metadata and the encoded report."""
+    enc = processor.encode_reports([src.report], max_length=settings["max_length"], return_tensors=None)
+    n = int(np.asarray(enc["attention_mask"])[0].sum())
+    return {
+        "format_version": CACHE_FORMAT_VERSION,
+        "case_id": src.case_id,
+        "grade": src.grade,
+        "release": src.release,
+        "label_convention": src.label_convention,
+        "source_dir": src.source_dir,
+        **vmeta,
+        "input_ids": np.asarray(enc["input_ids"])[0, :n].tolist(),
+        "token_type_ids": np.asarray(enc["token_type_ids"])[0, :n].tolist(),
+        "has_report": bool(np.asarray(enc["has_report"])[0]),
+        "report_truncated": bool(np.asarray(enc["report_truncated"])[0]),
+        "pad_token_id": settings["pad_token_id"],
+        "settings_hash": settings_hash,
+        "key": key,
+        "built_at": time.time(),
+    }
+
+
+def _write_manifest(cache_dir: Path, settings: Mapping[str, Any], settings_hash: str, sources: Sequence[_Source]) -> None:
+    """Record the cached case ids; several splits may share one cache folder, so the ids of an
+    earlier build with the same settings are kept."""
+    manifest_path = cache_dir / _MANIFEST
+    old_manifest = _load_json(manifest_path)
+    known = set()
+    if old_manifest and old_manifest.get("settings_hash") == settings_hash:
+        known = set(old_manifest.get("cases", []))
+    known |= {s.case_id for s in sources}
+    _atomic_json(
+        {"format_version": CACHE_FORMAT_VERSION, "settings": settings, "settings_hash": settings_hash, "cases": sorted(known)},
+        manifest_path,
+    )
+
+
 def build_cache(
     cases: Iterable[Any],
     cache_dir: Union[str, Path],
@@ -539,7 +616,15 @@ def build_cache(
     force: bool = False,
     allow_missing_sequences: bool = False,
 ) -> List[CachedCase]:
-    """Preprocess cases once into ``cache_dir`` (see the module docstring for the format).
+    """Preprocess cases once into ``cache_dir``, rebuilding only the cases whose inputs or
+    preprocessing settings changed.
+
+    The volumes are prepared as the pipeline prepares them (:func:`_prepared_images`) and the
+    reports encoded through :meth:`EmrFuseProcessor.encode_reports`; the folder layout is
+    described above ``_MANIFEST``.
+
+    Arrays are written to a temporary file and renamed, and ``meta.json`` is written last, so an
+    interrupted build leaves no half-written case behind.
 
     Args:
         cases: :class:`~modeling_emrfuse.brats_io.CaseFiles` (from ``discover_cases``) or
@@ -572,91 +657,24 @@ def build_cache(
     settings = cache_settings(image_processor, tokenizer, max_length)
     settings_hash = _hash(settings)
     processor = EmrFuseProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    limit = settings["max_length"]
 
     sources = [_to_source(item, reports, allow_missing_sequences) for item in cases]
-    seen: Dict[str, int] = {}
-    for i, s in enumerate(sources):
-        if s.case_id in seen:
-            raise ValueError(f"Duplicate case id {s.case_id!r} (inputs {seen[s.case_id]} and {i}).")
-        seen[s.case_id] = i
-
-    metas: List[Optional[Dict[str, Any]]] = [None] * len(sources)
-    todo: List[Tuple[int, Dict[str, Any]]] = []
-    for i, src in enumerate(sources):
-        where = f"case {src.case_id}"
-        inputs = {s: _fingerprint_value(v, fingerprint, f"{where} sequence {s}") for s, v in src.sequences.items()}
-        if src.label is not None:
-            inputs["seg"] = _fingerprint_value(src.label, fingerprint, f"{where} label")
-        key = _hash(
-            {
-                "settings": settings_hash,
-                "inputs": inputs,
-                "report_sha256": None if src.report is None else hashlib.sha256(src.report.encode("utf-8")).hexdigest(),
-                "grade": src.grade,
-                "release": src.release,
-                "label_convention": src.label_convention,
-            }
-        )
-        case_dir = cache_dir / "cases" / _safe_name(src.case_id)
-        old = None if force else _load_meta(case_dir)
-        if old is not None and old.get("key") == key and _arrays_ok(case_dir, old):
-            metas[i] = old
-        else:
-            todo.append((i, {"key": key, "case_dir": case_dir}))
+    _check_unique_ids(sources)
+    metas, todo = _plan_rebuilds(sources, cache_dir, settings_hash, fingerprint, force)
 
     bar = tqdm(total=len(sources), desc="caching cases", unit="case", disable=not progress, initial=len(sources) - len(todo))
     try:
         jobs = [(sources[i], info["case_dir"], image_processor) for i, info in todo]
-        if num_workers and num_workers > 1 and len(jobs) > 1:
-            with ProcessPoolExecutor(max_workers=int(num_workers), mp_context=get_context("fork")) as pool:
-                results = pool.map(_worker, jobs)
-                volume_metas = []
-                for r in results:
-                    volume_metas.append(r)
-                    bar.update(1)
-        else:
-            volume_metas = []
-            for job in jobs:
-                volume_metas.append(_worker(job))
-                bar.update(1)
+        volume_metas = _run_volume_jobs(jobs, num_workers, bar)
     finally:
         bar.close()
 
     for (i, info), vmeta in zip(todo, volume_metas):
-        src = sources[i]
-        enc = processor.encode_reports([src.report], max_length=limit, return_tensors=None)
-        n = int(np.asarray(enc["attention_mask"])[0].sum())
-        meta = {
-            "format_version": CACHE_FORMAT_VERSION,
-            "case_id": src.case_id,
-            "grade": src.grade,
-            "release": src.release,
-            "label_convention": src.label_convention,
-            "source_dir": src.source_dir,
-            **vmeta,
-            "input_ids": np.asarray(enc["input_ids"])[0, :n].tolist(),
-            "token_type_ids": np.asarray(enc["token_type_ids"])[0, :n].tolist(),
-            "has_report": bool(np.asarray(enc["has_report"])[0]),
-            "report_truncated": bool(np.asarray(enc["report_truncated"])[0]),
-            "pad_token_id": settings["pad_token_id"],
-            "settings_hash": settings_hash,
-            "key": info["key"],
-            "built_at": time.time(),
-        }
+        meta = _case_meta(sources[i], vmeta, processor, settings, settings_hash, info["key"])
         _atomic_json(meta, info["case_dir"] / _META)
         metas[i] = meta
 
-    manifest_path = cache_dir / _MANIFEST
-    old_manifest = _load_json(manifest_path)
-    known = set()
-    if old_manifest and old_manifest.get("settings_hash") == settings_hash:
-        known = set(old_manifest.get("cases", []))
-    known |= {s.case_id for s in sources}
-    _atomic_json(
-        {"format_version": CACHE_FORMAT_VERSION, "settings": settings, "settings_hash": settings_hash, "cases": sorted(known)},
-        manifest_path,
-    )
+    _write_manifest(cache_dir, settings, settings_hash, sources)
     return [CachedCase.from_meta(cache_dir / "cases" / _safe_name(s.case_id), m) for s, m in zip(sources, metas)]
 
 
@@ -795,6 +813,19 @@ def case_draw_weights(num_slices: Sequence[int], grades: Optional[Sequence[Optio
 
 class SliceDataset(Dataset):
     """Axial slices drawn from cached cases, with tumour oversampling and augmentation.
+
+    A case is drawn (weighted by its number of slices), then a slice of it that contains tumour
+    with probability ``tumour_prob`` (else any slice), with ``context_slices`` neighbours as
+    channels exactly like :meth:`EmrFuseImageProcessor.slices` (edges replicated). Training
+    samples get the paper's augmentation: random rotation, isotropic scaling, translation and
+    mirror flips, composed into ONE affine per sample and applied with
+    :func:`torch.nn.functional.grid_sample` to the image (bilinear) and to the region bit mask
+    (nearest), so image and label stay aligned; the output is a fixed ``image_size`` (random
+    crop/pad in training, centred crop/pad in evaluation).
+
+    Mirror flips and reports: a left-right flip moves the tumour to the other hemisphere, which the
+    report names; set ``flip_axes=()`` (or ``(1,)``) when the model should be able to rely on the
+    report's side.
 
     Args:
         cases: :class:`CachedCase` list (from :func:`build_cache` / :func:`load_cache`).

@@ -1,9 +1,9 @@
 """A transformers custom pipeline that runs EmrFuse on one whole brain MRI case (+ its report).
 
-``EmrFusePipeline`` is what ``transformers.pipeline(model=<folder or Hub id>, trust_remote_code=True)``
+:class:`EmrFusePipeline` is what ``transformers.pipeline(model=<folder or Hub id>, trust_remote_code=True)``
 builds for an EmrFuse model folder, and the one inference path: ``emrfuse predict``, the Gradio Space and
-``train.py``'s held-out evaluation (:func:`pipeline_for_model` around the model in memory) call it, and
-training's slice cache prepares its cases with the same :func:`prepare_case`::
+``train.py``'s held-out evaluation (:func:`pipeline_for_model`) call it, and training's slice cache
+prepares its cases with the same :func:`prepare_case`::
 
     from transformers import pipeline
     pipe = pipeline(model="outputs/emrfuse-demo", trust_remote_code=True)
@@ -11,92 +11,8 @@ training's slice cache prepares its cases with the same :func:`prepare_case`::
     out["label_map"]            # uint8 (X, Y, Z) on the input's voxel grid, in out["label_convention"]
     out["grade_probabilities"]  # {"HGG": 0.91, "LGG": 0.09} (when the folder has a grading model)
 
-Input (one case)
-    * a case folder in any BraTS layout (found and read with the sibling :mod:`brats_io`: NIfTI, and
-      BraTS 2015 MetaImage with SimpleITK), or a case that ``brats_io.discover_cases`` found already (a
-      ``CaseFiles``, read as it is);
-    * a dict ``{sequence name (any alias: t1, t1ce, t2, flair, t1n, t1c, t2w, t2f, ...) -> path /
-      array / nibabel image}``;
-    * a ``(4, X, Y, Z)`` array in :data:`brats_labels.SEQUENCES` order (with ``affine=`` for
-      volumes in cm^3; identity, i.e. 1 mm voxels, otherwise).
-    A *list* is a batch of cases (the transformers pipeline convention), not the four sequences.
-
-Missing sequences (``allow_missing_sequences=True``; ``emrfuse predict --allow-missing-sequences``)
-    A case folder or a dict may then hold any non-empty subset of the four sequences (a dict may
-    also map a sequence to ``None``); with the flag a sequence that is all zero counts as missing
-    too. The missing sequences are zero-filled on the grid of the present ones and listed in the
-    result's ``missing_sequences``. A model trained with sequence dropout has sequence-presence
-    channels (``config.sequence_presence``) that tell it which sequences are missing; a model
-    without them still runs, and the result's ``warnings`` says that it was not trained to know
-    which sequences are missing. Without the flag a missing sequence is an error, as before.
-
-Call arguments: ``report`` (text, optional; a case folder's own ``<case>_flair_text.txt`` is used
-when no report is given and ``use_case_report=True``), ``label_convention`` (default: that of the
-case's release, ``brats2017`` when unknown), ``release``, ``affine``, ``threshold`` (0.5),
-``max_length`` (report tokens), ``return_probabilities``, ``mask_background`` (default True: no
-tumour label where all four sequences are 0, i.e. outside the skull-stripped brain),
-``allow_missing_sequences`` (default False; see "Missing sequences" above), ``resample`` (default
-False; see "Voxel spacing" below), ``tta`` (default False: test-time flips, the region probabilities averaged over the slices and their flips
-along each in-plane axis and both), ``max_report_chars`` (default :data:`DEFAULT_MAX_REPORT_CHARS`: a longer
-report is cut, a case folder's report file read no further, and the result's ``report_capped`` and
-``warnings`` say so).
-
-Loading (:func:`load_pipeline`, ``emrfuse predict``, the Space)
-    A model folder or Hub repository is loaded with the classes of this package (``EmrFuseConfig``,
-    ``EmrFuseForSegmentation`` / ``EmrFuseForImageClassification``, ``EmrFuseProcessor``) after its
-    ``config.json`` is checked to say ``model_type: emrfuse``; nothing named by its ``auto_map`` is imported.
-    ``trust_remote_code=True`` (``emrfuse predict --trust-remote-code``, ``EMRFUSE_TRUST_REMOTE_CODE=1`` in the
-    Space) runs the folder's own code instead. Weights are read from safetensors only: a pickled
-    ``pytorch_model.bin`` is refused, never unpickled.
-
-Voxel spacing (``resample=True``; ``emrfuse predict --resample``)
-    The model works at the voxel size its image processor expects (``expected_spacing``, 1 mm isotropic
-    for BraTS). The case's voxel size comes from its affine (the one the label map is written with). A
-    case of another spacing is an error that names the option, unless ``resample=True``: then, as
-    nnU-Net and MONAI's ``Spacing`` do, the four sequences are resampled (trilinear) onto a grid of the
-    model's spacing covering the same field of view, the model runs there, and the region probabilities
-    are resampled (trilinear) back onto the input grid and thresholded: the label map is on the input's
-    grid with its affine, and the result's ``resampling`` records both grids.
-
-What runs
-    1. load: the four volumes are read (in parallel threads), checked (all present, or the missing
-       ones zero-filled with ``allow_missing_sequences``; same shape, same affine, not empty, a
-       readable NIfTI; the model's voxel spacing, or resampled to it with ``resample=True``);
-    2. preprocess (:func:`prepare_case`): the case is turned to BraTS's orientation (LPS) and put on the
-       model's grid; :class:`EmrFuseProcessor` z-scores, crops to the brain, cuts every brain slice, and
-       tokenises the report once;
-    3. model: one forward per head over all slices of the case, under ``torch.inference_mode``; the
-       models are rewritten once for inference (the sibling :mod:`inference_optim`: BatchNorm folded
-       into the convolutions, bf16 weights where the CPU / GPU has native bf16, channels-last). The model
-       runs its image tower and decoder in chunks of ``config.slice_chunk_size`` slices and encodes
-       the report once per case (``slice_to_case``). The grading model pools the slices its own
-       ``config.grading_slices`` names (the one grading bag policy of training, evaluation and inference:
-       32 evenly spaced brain slices by default), unless ``grading_max_slices`` overrides it;
-    4. postprocess: region logits -> label map on the original grid (the processor's
-       ``post_process_segmentation``, or the probabilities resampled back with ``resample=True``; voxels
-       outside the skull-stripped brain set to 0; non-finite logits or weights are an error), region
-       volumes in cm^3 at ``|det|`` of the affine per voxel, grade probabilities, alpha_text /
-       alpha_image and token attention. Assumptions about the header (no orientation set, a sheared
-       affine, qform and sform that disagree) are listed in the result's ``warnings``.
-
-Both heads in one folder
-    A model folder holds ONE task model at its root (``EmrFuseForSegmentation`` or
-    ``EmrFuseForImageClassification``). The other head, when there is one, is a second model found in
-    one way (:func:`resolve_companion`): the ``grading_model=`` / ``segmentation_model=`` argument (a
-    model, a folder or a Hub id, loaded as given; ``False``: none), or else the root config's
-    ``grading_model`` / ``segmentation_model`` field, which names a sub-folder of the same folder or Hub
-    repository (loaded at the same revision; a missing one is an error). Without an explicit argument a
-    companion is never looked for outside the model's own folder or repository: not relative to the
-    working directory, in a sibling folder or in another repository (its code would run).
-    :meth:`EmrFusePipeline.save_pretrained` writes that layout (segmentation model at the root with
-    ``config.custom_pipelines`` and ``config.grading_model = "grading"``, grading model in
-    ``grading/``); ``model_packaging.add_pipeline_to_folder`` adds the pipeline (and the grading model)
-    to a folder that a model's ``save_pretrained`` wrote.
-
-This file travels to the Hub with the model code: it imports only numpy, torch, transformers and
-its sibling files at module level (``brats_io`` finds and reads the cases, :class:`LoadedCase`; it
-imports nibabel and SimpleITK where a file is read; ``inference_optim`` rewrites the models for
-inference).
+This file travels to the Hub with the model code: at module level it imports only numpy, torch,
+transformers and its sibling files. The README describes inputs, options and outputs.
 """
 
 from __future__ import annotations
@@ -167,8 +83,6 @@ TextBraTS reports have 53-156 words), low enough that a huge text cannot stall a
 DEFAULT_GRADING_SLICES = "config"
 """``grading_max_slices`` default: the grading model's ``config.grading_slices`` (the policy it was trained and
 evaluated with)."""
-"""Brain slices (evenly spaced) that the grading model pools by default: on demo cases the grade
-probabilities match pooling over all slices to 1e-3, at a quarter of the grading cost."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -670,12 +584,60 @@ class EmrFusePipeline(Pipeline):
     """Whole-case EmrFuse inference: four MRI sequences (+ report) -> label map, grade, explanations.
 
     Build it with ``transformers.pipeline(model=<folder or Hub id>, trust_remote_code=True)`` or
-    :func:`load_pipeline`; call it on one case (see the module docstring). Extra constructor
-    arguments:
+    :func:`load_pipeline`; call it on one case:
+
+    * a case folder in any BraTS layout (found and read with the sibling :mod:`brats_io`: NIfTI, and
+      BraTS 2015 MetaImage with SimpleITK), or a case that ``brats_io.discover_cases`` found already (a
+      ``CaseFiles``, read as it is);
+    * a dict ``{sequence name (any alias: t1, t1ce, t2, flair, t1n, t1c, t2w, t2f, ...) -> path /
+      array / nibabel image}``;
+    * a ``(4, X, Y, Z)`` array in :data:`brats_labels.SEQUENCES` order (with ``affine=`` for
+      volumes in cm^3; identity, i.e. 1 mm voxels, otherwise).
+
+    A *list* is a batch of cases (the transformers pipeline convention), not the four sequences.
+
+    Call arguments: ``report`` (text, optional; a case folder's own ``<case>_flair_text.txt`` is used
+    when no report is given and ``use_case_report=True``), ``label_convention`` (default: that of the
+    case's release, ``brats2017`` when unknown), ``release``, ``affine``, ``threshold`` (0.5),
+    ``max_length`` (report tokens), ``return_probabilities``, ``mask_background`` (default True: no
+    tumour label where all four sequences are 0, i.e. outside the skull-stripped brain),
+    ``allow_missing_sequences`` (default False), ``resample`` (default False), ``tta`` (default False:
+    test-time flips, the region probabilities averaged over the slices and their flips along each
+    in-plane axis and both), ``max_report_chars`` (default :data:`DEFAULT_MAX_REPORT_CHARS`: a longer
+    report is cut, a case folder's report file read no further, and the result's ``report_capped`` and
+    ``warnings`` say so).
+
+    Missing sequences (``allow_missing_sequences=True``): a case folder or a dict may hold any
+    non-empty subset of the four sequences (a dict may also map a sequence to ``None``), and a
+    sequence that is all zero counts as missing too. The missing sequences are zero-filled on the grid
+    of the present ones and listed in the result's ``missing_sequences``. A model trained with sequence
+    dropout has sequence-presence channels (``config.sequence_presence``) that tell it which sequences
+    are missing; a model without them still runs, and the result's ``warnings`` says that it was not
+    trained to know which sequences are missing. With ``allow_missing_sequences=False`` (the default) a
+    missing sequence is an error.
+
+    Voxel spacing (``resample=True``): the case is resampled onto the model's grid (:func:`on_model_grid`),
+    the model runs there, and the region probabilities are resampled (trilinear) back onto the input grid
+    and thresholded: the label map is on the input's grid with its affine, and the result's
+    ``resampling`` records both grids.
+
+    What runs: (1) load: the volumes are read in parallel threads and checked (same shape, same affine,
+    not empty, a readable NIfTI, the model's voxel spacing); (2) preprocess (:func:`prepare_case`); (3)
+    model: one forward per head over all slices of the case under ``torch.inference_mode``, the models
+    rewritten once for inference (the sibling :mod:`inference_optim`); the image tower and decoder run
+    in chunks of ``config.slice_chunk_size`` slices and the report is encoded once per case
+    (``slice_to_case``); the grading model pools the slices its ``config.grading_slices`` names unless
+    ``grading_max_slices`` overrides it; (4) postprocess: region logits -> label map on the original
+    grid (voxels outside the skull-stripped brain set to 0; non-finite logits or weights are an error),
+    region volumes in cm^3 at ``|det|`` of the affine per voxel, grade probabilities, alpha_text /
+    alpha_image and token attention. Assumptions about the header (no orientation set, a sheared
+    affine, qform and sform that disagree) are listed in the result's ``warnings``.
+
+    Extra constructor arguments:
 
     Args:
         grading_model / segmentation_model: the other head (model, folder or Hub id); found next to
-            the model when not given (see the module docstring); ``False``: do not use one.
+            the model when not given (:func:`resolve_companion`); ``False``: do not use one.
         precision: ``"auto"`` (bf16 on a CPU with native bf16 instructions and on CUDA with bf16,
             fp32 elsewhere), ``"bf16"`` or ``"fp32"``.
         trust_remote_code: load a companion given as a folder or Hub id (and a missing processor) with the code
@@ -1136,7 +1098,10 @@ class EmrFusePipeline(Pipeline):
     def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs):
         """Save a folder that ``transformers.pipeline(model=folder, trust_remote_code=True)`` runs:
         the root model (segmentation when there is one) with ``config.custom_pipelines``, this file and
-        its relative imports, the processor, and the other head in ``grading/`` (or ``segmentation/``)."""
+        its relative imports, the processor, and the other head in ``grading/`` (or ``segmentation/``),
+        named by the root config (``config.grading_model = "grading"``). A model folder holds ONE task
+        model at its root; ``model_packaging.add_pipeline_to_folder`` adds the pipeline (and the grading
+        model) to a folder that a model's ``save_pretrained`` wrote."""
         if any(is_inference_optimized(m) for m in self.models):
             raise ValueError(
                 "This pipeline's models were rewritten for inference (BatchNorm folded, maybe bf16) and cannot be "
@@ -1211,7 +1176,8 @@ def load_pipeline(
 
     The folder's models and processor are loaded with the installed package's classes (its ``config.json`` must
     say ``model_type: emrfuse``) and nothing from the folder is imported; ``trust_remote_code=True`` runs the
-    folder's own code instead (its ``auto_map``), which only a folder you trust should get. Weights are read from
+    folder's own code instead (its ``auto_map``; ``emrfuse predict --trust-remote-code``,
+    ``EMRFUSE_TRUST_REMOTE_CODE=1`` in the Space), which only a folder you trust should get. Weights are read from
     safetensors only: a folder holding only a pickled ``pytorch_model.bin`` is a ``ValueError`` naming the file.
 
     Works on any EmrFuse model folder, whether or not ``custom_pipelines`` was saved in it; the other head

@@ -1,39 +1,11 @@
 """Image processor and processor for EmrFuse: MRI volume <-> model-ready slices, report -> tokens.
 
+:class:`EmrFuseImageProcessor` turns a case's four sequences into normalised, cropped axial slices and
+the model's region logits back into a label map; :class:`EmrFuseProcessor` adds the report's tokens.
+
 This file travels to the Hugging Face Hub with the model code, so it imports only numpy, torch,
 transformers and its sibling modules (by relative import). Volume *paths* (NIfTI; MetaImage with
 SimpleITK) are read with the sibling :mod:`brats_io`, which imports nibabel where a path is given.
-
-Pipeline of :class:`EmrFuseImageProcessor` for one case
-    1. :meth:`~EmrFuseImageProcessor.load_volume`: four sequences (arrays, nibabel images, paths, a
-       ``(4, X, Y, Z)`` array, or a dict keyed by any sequence alias) -> ``float32 (4, X, Y, Z)`` in
-       :attr:`~EmrFuseImageProcessor.sequence_order`, validated (3-D, same shape, finite, not all zero;
-       images of one case must share one voxel grid, and their spacing is checked against
-       ``expected_spacing``).
-    2. Brain mask = voxels where *any* sequence is non-zero (BraTS volumes are skull-stripped with an
-       exact-zero background; a constant non-zero background, as in already z-scored scans, is first
-       shifted to zero). The brain's bounding box (``np.any`` projections), grown by
-       ``crop_margin`` voxels on every side and clipped to the grid, is the crop.
-    3. :meth:`~EmrFuseImageProcessor.normalize`: z-score of each sequence over the brain voxels
-       (mean 0, std 1 over the brain; background stays exactly 0).
-    4. In-plane zero padding (= background after normalisation) of the cropped volume to multiples of
-       ``size_divisor``, split evenly before/after (the odd voxel goes after). The slice axis (Z) is
-       cropped to the brain but never padded.
-    5. :meth:`~EmrFuseImageProcessor.slices`: axial slices with ``context_slices`` neighbours on each
-       side as extra channels (edge slices replicated): ``C = 4 * (2k + 1)``, channel order = for each
-       offset ``-k..k`` (outer) the four sequences (inner).
-    6. Back: :meth:`~EmrFuseImageProcessor.post_process_segmentation` thresholds the region logits,
-       removes the padding, puts the crop back into the original grid (outside the crop = 0) and
-       paints a label map in the requested convention (:func:`brats_labels.regions_to_label_map`).
-
-Orientation and spacing
-    The processor works on the voxel grid exactly as given: nothing is reoriented or resampled.
-    BraTS data are 1 mm isotropic and co-registered (SRI24), which is what the model expects. When
-    the inputs carry an affine (nibabel images / paths), :meth:`~EmrFuseImageProcessor.check_spacing`
-    raises if the voxel size differs from ``expected_spacing`` (set ``expected_spacing=None`` to
-    skip; the pipeline's ``resample=True`` / ``emrfuse predict --resample`` resamples a case to it and
-    the prediction back), and the four sequences must share one affine. Plain arrays carry no geometry, so nothing
-    can be checked for them: resample such data beforehand.
 """
 
 from __future__ import annotations
@@ -231,7 +203,38 @@ def _check_sequence_values(volume: np.ndarray, name: str, allow_missing_sequence
 
 
 class EmrFuseImageProcessor(BaseImageProcessor):
-    r"""Four-sequence brain MRI volume <-> model-ready axial slices (see the module docstring).
+    r"""Four-sequence brain MRI volume <-> model-ready axial slices.
+
+    For one case:
+
+    1. :meth:`~EmrFuseImageProcessor.load_volume`: four sequences (arrays, nibabel images, paths, a
+       ``(4, X, Y, Z)`` array, or a dict keyed by any sequence alias) -> ``float32 (4, X, Y, Z)`` in
+       :attr:`~EmrFuseImageProcessor.sequence_order`, validated (3-D, same shape, finite, not all zero;
+       images of one case must share one voxel grid, and their spacing is checked against
+       ``expected_spacing``).
+    2. Brain mask = voxels where *any* sequence is non-zero (BraTS volumes are skull-stripped with an
+       exact-zero background; a constant non-zero background, as in already z-scored scans, is first
+       shifted to zero). The brain's bounding box (``np.any`` projections), grown by
+       ``crop_margin`` voxels on every side and clipped to the grid, is the crop.
+    3. :meth:`~EmrFuseImageProcessor.normalize`: z-score of each sequence over the brain voxels
+       (mean 0, std 1 over the brain; background stays exactly 0).
+    4. In-plane zero padding (= background after normalisation) of the cropped volume to multiples of
+       ``size_divisor``, split evenly before/after (the odd voxel goes after). The slice axis (Z) is
+       cropped to the brain but never padded.
+    5. :meth:`~EmrFuseImageProcessor.slices`: axial slices with ``context_slices`` neighbours on each
+       side as extra channels (edge slices replicated): ``C = 4 * (2k + 1)``, channel order = for each
+       offset ``-k..k`` (outer) the four sequences (inner).
+    6. Back: :meth:`~EmrFuseImageProcessor.post_process_segmentation` thresholds the region logits,
+       removes the padding, puts the crop back into the original grid (outside the crop = 0) and
+       paints a label map in the requested convention (:func:`brats_labels.regions_to_label_map`).
+
+    Orientation and spacing: the processor works on the voxel grid exactly as given: nothing is reoriented or resampled.
+    BraTS data are 1 mm isotropic and co-registered (SRI24), which is what the model expects. When
+    the inputs carry an affine (nibabel images / paths), :meth:`~EmrFuseImageProcessor.check_spacing`
+    raises if the voxel size differs from ``expected_spacing`` (set ``expected_spacing=None`` to
+    skip; the pipeline's ``resample=True`` / ``emrfuse predict --resample`` resamples a case to it and
+    the prediction back), and the four sequences must share one affine. Plain arrays carry no geometry, so nothing
+    can be checked for them: resample such data beforehand.
 
     Args:
         sequence_order: canonical names (or aliases) of the four sequences, in the order of the

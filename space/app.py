@@ -1,37 +1,14 @@
 """EmrFuse Gradio Space: brain MRI (four sequences) + radiology report -> tumour regions and grade.
 
 A thin layer over :class:`modeling_emrfuse.pipeline_emrfuse.EmrFusePipeline` (the same inference as
-``emrfuse predict`` and ``transformers.pipeline(model=..., trust_remote_code=True)``).
+``emrfuse predict`` and ``transformers.pipeline(model=..., trust_remote_code=True)``). The model is
+``$EMRFUSE_MODEL`` (a Hub id or a local folder) or the demo model folder (:func:`model_source`).
 
-Model: the environment variable ``EMRFUSE_MODEL`` (a Hub id or a local folder); by default the demo
-model folder ``outputs/emrfuse-demo`` that the README's main job leaves. Without a model the page
-says how to make one. The model is loaded with the installed classes (nothing from its folder runs)
-unless ``EMRFUSE_TRUST_REMOTE_CODE=1``.
-
-Inputs: the four sequences as NIfTI uploads (``.nii`` / ``.nii.gz``), or a bundled example case
-(synthetic demo cases generated on the fly, and the real TCGA-DU-7294 case when
-``../shared/realdata`` is present); the report text; optionally a ground-truth label map, whose
-label convention is chosen, or inferred from its label values as ``emrfuse score`` does (the status
-says which convention and why; an ambiguous map is never guessed silently). With
-"Allow missing sequences" ticked, any non-empty subset of the four sequences may be uploaded: the
-missing ones are zero-filled (the pipeline's ``allow_missing_sequences``) and the result says which
-were missing, with a warning when the model has no sequence-presence channels.
-
-Outputs: an MRI viewer (slice slider, sequence and plane) with the predicted regions overlaid in
-distinct colours and a legend, the ground truth side by side when given; grade probabilities; the
-modality contribution (alpha_text vs alpha_image); the report with words highlighted by the model's
-token attention; region volumes; metrics against the ground truth; the predicted label map as a
-download. The report box holds one case's report: uploading a sequence empties it, and the status
-names whose report was read (or that the model reads none); a folder without a grading model says so.
-
-Privacy and limits: uploads must be NIfTI files of at most ``EMRFUSE_MAX_UPLOAD_MB`` MB each whose
-header declares at most ``EMRFUSE_MAX_VOXELS`` voxels (checked before any voxel is read); they are
-deleted as soon as the prediction has read them; an upload whose request never reaches the prediction
-(rejected, abandoned, queue full) is deleted by Gradio's cache sweep (every 300 s, files older than
-``EMRFUSE_KEEP_OUTPUTS_S`` seconds); everything (uploads, results, examples) lives in one temporary
-folder removed when the app stops (normal exit, Ctrl-C, SIGTERM). At most ``EMRFUSE_QUEUE_MAX_SIZE``
-requests wait in the queue. Error messages name the user's file, never a server path. The report text
-is never logged.
+Inputs: the four sequences as NIfTI uploads or a bundled example case, the report text, optionally a
+ground-truth label map. Outputs: an MRI viewer with the predicted regions overlaid, grade
+probabilities, the modality contribution, the report with words highlighted by token attention,
+region volumes, metrics against the ground truth and the label map as a download. The README
+describes the Space; the limits on uploads are set next to ``MAX_UPLOAD_MB``.
 """
 
 from __future__ import annotations
@@ -80,6 +57,13 @@ from modeling_emrfuse.brats_labels import (  # noqa: E402
 MODEL_ENV = "EMRFUSE_MODEL"
 DEFAULT_MODEL = REPO / "outputs" / "emrfuse-demo"
 REALDATA = REPO.parent / "shared" / "realdata"
+# Privacy and limits: uploads must be NIfTI files of at most MAX_UPLOAD_MB MB each whose header declares
+# at most MAX_VOXELS voxels (checked before any voxel is read); they are deleted as soon as the prediction
+# has read them; an upload whose request never reaches the prediction (rejected, abandoned, queue full) is
+# deleted by Gradio's cache sweep (every 300 s, files older than KEEP_OUTPUTS_S seconds); everything
+# (uploads, results, examples) lives in one temporary folder removed when the app stops (normal exit,
+# Ctrl-C, SIGTERM). At most QUEUE_MAX_SIZE requests wait in the queue. Error messages name the user's
+# file, never a server path. The report text is never logged.
 MAX_UPLOAD_MB = float(os.environ.get("EMRFUSE_MAX_UPLOAD_MB", "100"))
 # a compressed upload can expand a lot (an all-zero volume ~230x): the grid size is checked from the header
 MAX_VOXELS = int(float(os.environ.get("EMRFUSE_MAX_VOXELS", str(32 * 2**20))))  # BraTS: 240 x 240 x 155 = 8.9 M
@@ -116,7 +100,9 @@ _PIPE: Dict[str, Any] = {}
 
 # ------------------------------------------------------------------------------------------ model
 def model_source() -> str:
-    """The model the Space runs: ``$EMRFUSE_MODEL`` or the demo model folder."""
+    """The model the Space runs: ``$EMRFUSE_MODEL`` or the demo model folder that the README's main job
+    leaves. Without a model the page says how to make one (:func:`model_missing_message`); the model is
+    loaded with the installed classes, nothing from its folder runs, unless :func:`trust_remote_code`."""
     return os.environ.get(MODEL_ENV) or str(DEFAULT_MODEL)
 
 

@@ -1,56 +1,14 @@
 """``emrfuse predict``: segment and grade brain MRI cases with an EmrFuse model, from the shell.
 
 A thin layer over :class:`modeling_emrfuse.pipeline_emrfuse.EmrFusePipeline` (the same inference as
-``transformers.pipeline(model=..., trust_remote_code=True)``): it finds the cases, calls the pipeline,
-and writes for each case
-
-* ``<case_id>.nii.gz``: the label map, uint8, on the input's voxel grid with the input's affine and
-  header, in the requested label convention (default: that of the input's BraTS release);
-* ``<case_id>.json``: grade and grade probabilities, region volumes in cm^3 (voxel size from the
-  header), ``alpha_text`` / ``alpha_image``, whether the report was missing or truncated, the model
-  id and revision, the label convention, the missing (zero-filled) sequences and any warnings,
-  timings (the report text is never written or printed).
-
-A case whose voxel spacing (from its affine) is not the model's (1 mm for BraTS models) is an error
-unless ``--resample`` is given: then it is resampled to the model's spacing and the region
-probabilities back onto the input grid (nnU-Net / MONAI style); the JSON records both grids.
-
-A case must have the four sequences unless ``--allow-missing-sequences`` is given: then a case folder
-or the ``--t1/--t1ce/--t2/--flair`` files may hold any non-empty subset of them, and the missing ones
-are zero-filled. A model trained with ``train.py --sequence_dropout`` has sequence-presence channels
-that tell it which sequences are missing; a model without them still runs, with a warning.
-
-Usage::
+``transformers.pipeline(model=..., trust_remote_code=True)``): it finds the cases, calls the pipeline
+and writes, for each case, ``<case_id>.nii.gz`` (the label map on the input's grid) and
+``<case_id>.json`` (:func:`prediction_record`). Exit statuses are documented at :data:`EXIT_OK`.
 
     emrfuse predict path/to/BraTS20_Training_001 --report-file report.txt -o predictions/
-    emrfuse predict --t1 a_t1.nii.gz --t1ce a_t1ce.nii.gz --t2 a_t2.nii.gz --flair a_flair.nii.gz --report "..."
     emrfuse predict path/to/MICCAI_BraTS2020_TrainingData -o predictions/   # a folder of cases
-    emrfuse predict --t1ce a_t1ce.nii.gz --flair a_flair.nii.gz --allow-missing-sequences
 
-Performance: the models are rewritten once for inference (BatchNorm folded, bf16 weights on CPUs
-with native bf16, channels-last), the report is encoded once per model and case, and OpenMP threads
-wait passively (``OMP_WAIT_POLICY=PASSIVE`` unless set), which keeps whole-case inference fast on
-cores shared with other work.
-
-Several processes: a folder of cases scales out under ``torchrun`` or ``accelerate launch`` (on CPU:
-``ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 -m modeling_emrfuse.commands.cli predict cases/ -o out/``;
-on GPUs, one process per GPU). Each process loads the model once and predicts its own share of the cases
-and writes their outputs; the main process writes the one ``predict_summary.json`` after gathering every
-process's records (:class:`ProcessShare`). The outputs are those of a single process.
-
-Security: the model folder is loaded with the installed emrfuse classes (``model_type`` checked) and
-nothing from it runs, unless ``--trust-remote-code`` is given; weights are read from safetensors only
-(a pickled ``pytorch_model.bin`` is refused unread); a case id must be a plain file name (no ``/``,
-a backslash or ``..``), so nothing is written outside ``-o``; a report is read no further than
-``--max-report-chars`` characters (the JSON's ``report_capped`` and ``warnings`` say when it was cut).
-
-Exit status: 0 when every case was predicted, 1 when some cases of a folder failed (the others are
-written and a summary says which failed and why), 2 for bad input, an output location that cannot be
-written (checked before the model is loaded) or an unusable model (not an EmrFuse folder, pickled,
-truncated, corrupted or non-finite weights, a corrupt tokenizer file): a one-line message naming the
-file, no traceback. Every JSON written is strict JSON (no bare ``NaN``); label maps and JSONs are
-written under a temporary name and renamed. (Under ``torchrun`` every process returns that status; the
-launcher itself exits with 1 when it is not 0.)
+``emrfuse predict --help`` and the README describe every option.
 """
 
 from __future__ import annotations
@@ -76,6 +34,12 @@ from ..brats_labels import LABEL_CONVENTIONS, SEQUENCES, get_label_convention
 from ..runtime.cpu_threads import limit_torch_threads, prefer_passive_openmp
 from ..runtime.strict_json import write_json
 
+# Exit status: 0 when every case was predicted; 1 when some cases of a folder failed (the others are
+# written and predict_summary.json says which failed and why); 2 for bad input, an output location that
+# cannot be written (checked before the model is loaded) or an unusable model (not an EmrFuse folder,
+# pickled, truncated, corrupted or non-finite weights, a corrupt tokenizer file): a one-line message
+# naming the file, no traceback. Under torchrun every process returns that status; the launcher itself
+# exits with 1 when it is not 0.
 EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 DEFAULT_OUTPUT_DIR = "predictions"
 
@@ -86,7 +50,11 @@ class PredictError(ValueError):
 
 # ------------------------------------------------------------------------------------------ records
 def prediction_record(result: Dict[str, Any], label_map_file: Optional[str], inputs: Dict[str, str], extra: Dict[str, Any]) -> Dict[str, Any]:
-    """The JSON document written next to a label map (no report text)."""
+    """The JSON document written next to a label map: grade and grade probabilities, region volumes in
+    cm^3 (voxel size from the header), ``alpha_text`` / ``alpha_image``, whether the report was missing,
+    truncated or capped at ``--max-report-chars``, the model id and revision, the label convention, the
+    missing (zero-filled) sequences, the resampling grids, any warnings and timings. Never the report text.
+    Every JSON written is strict JSON (no bare ``NaN``)."""
     conv = get_label_convention(result["label_convention"])
     record: Dict[str, Any] = {
         "case_id": result.get("case_id"),
@@ -281,7 +249,13 @@ def _output_paths(case_id: str, out: Path, single: bool) -> Tuple[Path, Path]:
 
 # ------------------------------------------------------------------------------------------ command
 def run(args: argparse.Namespace) -> int:
-    """Run ``emrfuse predict`` (see the module docstring); returns the exit status."""
+    """Run ``emrfuse predict``; returns the exit status (:data:`EXIT_OK` and its siblings).
+
+    The model folder is loaded with the installed emrfuse classes (``model_type`` checked) and nothing
+    from it runs unless ``--trust-remote-code`` is given; weights are read from safetensors only (a
+    pickled ``pytorch_model.bin`` is refused unread); nothing is written outside ``-o``
+    (:func:`check_case_id`); label maps and JSONs are written under a temporary name and renamed.
+    """
     # OpenMP threads that sleep instead of spinning while they wait: on cores shared with other work
     # (laptops, CI, shared servers) spinning threads steal the time their siblings need (measured here:
     # 1.5-3.7x slower under load, no gain when idle). Set before torch is imported; the user's value wins.
@@ -457,7 +431,9 @@ def _write_summary(out: Path, written: List[str], failures: List[Dict[str, str]]
 class ProcessShare:
     """This process's share of the cases when ``emrfuse predict`` runs under ``torchrun`` or ``accelerate
     launch`` (``WORLD_SIZE`` > 1), through accelerate's :class:`~accelerate.PartialState`; one process
-    otherwise, with no process group and nothing changed.
+    otherwise, with no process group and nothing changed. On CPU, for example:
+    ``ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 -m modeling_emrfuse.commands.cli predict cases/ -o out/``;
+    on GPUs, one process per GPU. Each process loads the model once; the outputs are those of a single process.
 
     Each process predicts and writes its own contiguous share of the cases
     (``PartialState.split_between_processes``); the per-case records are then gathered

@@ -1,20 +1,9 @@
 """The paper's ablation tables (Table 1: adding each part; Table 3: removing each part) from measured runs.
 
-``train.py --ablation table1|table3`` trains and evaluates every row on the same data, seeds and
-budget and hands each run's summary (the ``summary.json`` structure of
-:mod:`modeling_emrfuse.evaluation.report`) to this module, which writes the markdown table in the
-paper's format (mean ± 95 % confidence interval over seeds when there are several, and each row's paired
-per-case difference to the complete model, :mod:`modeling_emrfuse.evaluation.ablation_stats`) and a bar chart.
-
-Both tables end with a control row the paper does not have, :data:`SHUFFLED_REPORTS_ROW`: the complete
-model with the reports shuffled across cases.
-
-The paper's "Dice" of Tables 1 and 3 is one number per configuration; here it is the mean over
-the three regions (WT, TC, ET) of the per-region mean over cases, and the table also gives the
-per-region Dice so that nothing is hidden behind the average. Hausdorff distance is HD95 (mm).
-The ET mean counts every ET-absent case predicted empty as Dice 1, so the tables also give the ET
-Dice over the ET-present cases and the number of ET-absent cases where ET was predicted
-(false-positive cases), from the summary of :mod:`modeling_emrfuse.evaluation.report`.
+``train.py --ablation table1|table3`` trains and evaluates every row on the same data, seeds and budget
+and hands each run's summary (the ``summary.json`` structure of :mod:`modeling_emrfuse.evaluation.report`)
+to this module, which writes the markdown table in the paper's format (:func:`format_ablation_table`) and
+a bar chart.
 """
 
 from __future__ import annotations
@@ -91,7 +80,7 @@ TABLE_COLUMNS: Dict[str, List[Tuple[str, str, float]]] = {
     ],
 }
 SHUFFLED_REPORTS_ROW: Tuple[str, str] = ("shuffled_reports", "Complete model, reports shuffled across cases (control)")
-"""(row key, label) of the control row that closes both tables: the complete model trained and evaluated with every
+"""(row key, label) of the control row that closes both tables (the paper has none): the complete model trained and evaluated with every
 case's report swapped with another case's of its split (``datasets_scripts.brats_text.derange_reports``). When it
 matches the complete model, the model is not using what the report says about its own case."""
 SHUFFLED_REPORTS_PRESET = "full"
@@ -168,7 +157,14 @@ def differences_sentence(rows: Sequence[Tuple], differences: Mapping[str, Mappin
 
 
 def row_numbers(summary: Mapping[str, Any]) -> Dict[str, float]:
-    """The numbers one ablation row needs from one run's summary (region-averaged metrics, per-region Dice)."""
+    """The numbers one ablation row needs from one run's summary (region-averaged metrics, per-region Dice).
+
+    The paper's "Dice" of Tables 1 and 3 is one number per configuration; here it is the mean over the
+    three regions (WT, TC, ET) of the per-region mean over cases, and the per-region Dice is kept so that
+    nothing is hidden behind the average. Hausdorff distance is HD95 (mm). The ET mean counts every
+    ET-absent case predicted empty as Dice 1, so the ET Dice over the ET-present cases and the number of
+    ET-absent cases where ET was predicted (false-positive cases) are taken from the summary too.
+    """
     out: Dict[str, float] = {}
     seg = summary.get("segmentation") or {}
     for metric in METRICS:
@@ -216,7 +212,8 @@ def format_ablation_table(
     that table, then Dice per region, the ET Dice over ET-present cases and the ET false-positive cases, the
     grading accuracy when the runs measured it (and the enhancing-fraction control's accuracy next to it), and, when the rows carry per-case values, each row's paired
     per-case difference to the complete model (mean [95 % bootstrap interval over cases], ``*`` when it excludes
-    zero), followed by one sentence saying what the differences show.
+    zero; :mod:`modeling_emrfuse.evaluation.ablation_stats`), followed by one sentence saying what the
+    differences show.
     """
     if table not in TABLE_COLUMNS:
         raise ValueError(f"Unknown ablation table {table!r}: use one of {sorted(TABLE_COLUMNS)}.")

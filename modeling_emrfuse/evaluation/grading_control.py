@@ -5,15 +5,8 @@ high-grade and 1 % in low-grade BraTS 2018 cases. A grading figure is worth read
 single number, taken from the segmentation, achieves on the same cases: if the fusion model grades no
 better, it has learned nothing beyond the segmentation.
 
-The control, in three steps:
-1. :func:`enhancing_fraction`: ET voxels / whole-tumour voxels of a label map (NaN without tumour);
-2. :func:`fit_threshold`: on the training cases, the threshold and its direction (LGG below or above)
-   that maximise the balanced accuracy, over the midpoints between consecutive distinct values;
-3. :meth:`ThresholdControl.predict`: labels and P-like LGG scores for held-out cases.
-
-:func:`grading_control` runs all three on lists of label maps and grades (training and held-out) and
-scores the held-out predictions with :func:`~modeling_emrfuse.evaluation.metrics.classification_metrics`;
-:func:`control_from_features` does the same from enhancing fractions computed case by case.
+:func:`grading_control` fits and scores the control on label maps; :func:`control_from_features` does
+the same from enhancing fractions computed case by case.
 """
 
 from __future__ import annotations
@@ -148,6 +141,12 @@ def grading_control(
     labels: Sequence[str] = GRADES,
 ) -> Dict[str, Any]:
     """The control on lists of label maps (arrays or files): fit on the training cases, predict the held-out ones.
+
+    Three steps: :func:`enhancing_fraction` (ET voxels / whole-tumour voxels of a label map, NaN without
+    tumour); :func:`fit_threshold` (on the training cases, the threshold and its direction, LGG below or
+    above, that maximise the balanced accuracy over the midpoints between consecutive distinct values);
+    :meth:`ThresholdControl.predict` (labels and P-like LGG scores for held-out cases). The held-out
+    predictions are scored with :func:`~modeling_emrfuse.evaluation.metrics.classification_metrics`.
 
     Pass the label maps the grading model is compared on: on held-out cases the predicted label maps (the
     segmentation alone), on training cases the reference or predicted ones as the model itself was fitted.

@@ -1,37 +1,9 @@
 """The evaluation report: one layout, one writer, for ``train.py`` evaluation and ``emrfuse score``.
 
 Both hand their per-case rows (flat dicts: ``case_id``, then columns such as ``WT_dice``, as
-:func:`modeling_emrfuse.evaluation.metrics.metrics_to_row` gives them) to this module, which builds the summary
-with :func:`summarize_segmentation` and writes, with :func:`write_evaluation_report`,
-
-- ``per_case.csv``: one row per case, in the order given (id, per-region metrics, voxel counts, the
-  lesion-wise metrics when computed, and whatever else the caller put in the rows);
-- ``summary.json``: ``num_cases``, ``segmentation`` (the layout below), ``grading`` when cases were
-  graded, and the caller's run facts (training step, label conventions, missing cases, ...);
-- ``summary.md``: the caller's header lines, then :func:`format_results_markdown` (the tables that
-  are also printed and put into the model card);
-- ``dice_boxplot.png``: per-case Dice as a box plot per region; ``embeddings_pca.png``: the fused
-  case embeddings projected to 2D with PCA, coloured by grade (the paper's Fig. 3; training only).
-
-``summary["segmentation"]``::
-
-    {region: {metric: {"mean", "std", "median", "n"},      # metrics.METRICS over all cases
-              "dice_present": {"mean", "std", "median", "n"},   # Dice over cases whose reference has the region
-              "present_cases": int, "absent_cases": int,     # reference has / lacks the region
-              "false_positive_cases": int,                   # region absent in the reference, predicted anyway
-              # with lesion-wise metrics (lesion_metrics.LESION_METRICS), over the cases where defined:
-              "tp": {"mean", "std", "median", "n", "total", "undefined", "infinite"}, ...},
-     "mean": {metric: {"mean"}}}                             # region average of each METRICS mean
-
-A region that is absent in the reference and not predicted scores Dice 1 (the BraTS rule), so
-the mean over all cases rises with the number of empty cases (ET in lower-grade gliomas); the Dice
-over region-present cases and the count of false-positive cases show what that mean hides.
-Lesion-wise values are NaN when neither side has a lesion and ``sq_hd95`` is infinite when no
-lesion was matched: their statistics are over the finite values, with the NaN (``undefined``) and
-infinite cases counted beside them.
-
-Report text never appears in any of these files. This module is not part of the code that travels
-to the Hub.
+:func:`modeling_emrfuse.evaluation.metrics.metrics_to_row` gives them) to this module, which builds the
+summary with :func:`summarize_segmentation` and writes it with :func:`write_evaluation_report`.
+Report text never appears in any of these files. This module does not travel to the Hub.
 """
 
 from __future__ import annotations
@@ -89,6 +61,10 @@ def region_presence(per_case: Sequence[Mapping[str, Any]], region: str) -> Dict[
     Uses the per-case columns ``<region>_ref_voxels`` / ``<region>_pred_voxels`` / ``<region>_dice``.
     Returns ``{"dice_present": stats, "present_cases", "absent_cases", "false_positive_cases"}``:
     a false-positive case has no ``region`` voxel in the reference and at least one in the prediction.
+
+    A region that is absent in the reference and not predicted scores Dice 1 (the BraTS rule), so
+    the mean over all cases rises with the number of empty cases (ET in lower-grade gliomas); the Dice
+    over region-present cases and the count of false-positive cases show what that mean hides.
     """
     ref = [_number(row, metric_column(region, "ref_voxels")) for row in per_case]
     pred = [_number(row, metric_column(region, "pred_voxels")) for row in per_case]
@@ -102,7 +78,12 @@ def region_presence(per_case: Sequence[Mapping[str, Any]], region: str) -> Dict[
 
 
 def lesion_stats(values: Sequence[float], count: bool = False) -> Dict[str, float]:
-    """Statistics of one lesion-wise metric over cases: over the finite values, NaN / infinite counted apart."""
+    """Statistics of one lesion-wise metric over cases: over the finite values, NaN / infinite counted apart.
+
+    Lesion-wise values are NaN when neither side has a lesion and ``sq_hd95`` is infinite when no
+    lesion was matched: their statistics are over the finite values, with the NaN (``undefined``) and
+    infinite cases counted beside them.
+    """
     arr = np.asarray(values, dtype=np.float64)
     finite = arr[np.isfinite(arr)]
     out = _stats(finite)
@@ -119,7 +100,15 @@ def has_lesion_metrics(per_case: Sequence[Mapping[str, Any]]) -> bool:
 
 
 def summarize_segmentation(per_case: Sequence[Mapping[str, Any]]) -> Dict[str, Dict[str, Any]]:
-    """The ``segmentation`` block of the summary (layout in the module docstring) from flat per-case rows.
+    """The ``segmentation`` block of the summary from flat per-case rows::
+
+        {region: {metric: {"mean", "std", "median", "n"},      # metrics.METRICS over all cases
+                  "dice_present": {"mean", "std", "median", "n"},   # Dice over cases whose reference has the region
+                  "present_cases": int, "absent_cases": int,     # reference has / lacks the region
+                  "false_positive_cases": int,                   # region absent in the reference, predicted anyway
+                  # with lesion-wise metrics (lesion_metrics.LESION_METRICS), over the cases where defined:
+                  "tp": {"mean", "std", "median", "n", "total", "undefined", "infinite"}, ...},
+         "mean": {metric: {"mean"}}}                             # region average of each METRICS mean
 
     Mean / std (sample) / median per region and metric (:func:`metrics.aggregate`, every value must
     be finite), the region-present Dice and false-positive cases (:func:`region_presence`), the
@@ -372,6 +361,14 @@ def write_evaluation_report(
     embedding_grades: Optional[Sequence[Optional[str]]] = None,
 ) -> Dict[str, Path]:
     """Write ``per_case.csv``, ``summary.json``, ``summary.md`` and the figures into ``out_dir``.
+
+    - ``per_case.csv``: one row per case, in the order given (id, per-region metrics, voxel counts, the
+      lesion-wise metrics when computed, and whatever else the caller put in the rows);
+    - ``summary.json``: ``num_cases``, ``segmentation`` (:func:`summarize_segmentation`), ``grading`` when
+      cases were graded, and the caller's run facts (training step, label conventions, missing cases, ...);
+    - ``summary.md``: see below (the tables are also printed and put into the model card);
+    - ``dice_boxplot.png``: per-case Dice as a box plot per region; ``embeddings_pca.png``: the fused
+      case embeddings projected to 2D with PCA, coloured by grade (the paper's Fig. 3; training only).
 
     ``summary.md`` is ``# <title>``, the caller's ``header_lines`` as a bullet list, then
     :func:`format_results_markdown`. Returns the written paths by kind (``per_case``, ``summary``,
