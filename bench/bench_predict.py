@@ -56,8 +56,8 @@ def build_paper_size_folder(folder: Path, seed: int = 0) -> Path:
     from transformers import BertTokenizerFast
 
     from modeling_emrfuse.configuration_emrfuse import EmrFuseConfig
-    from modeling_emrfuse.modeling_emrfuse import EmrFuseForImageClassification, EmrFuseForSegmentation
     from modeling_emrfuse.hub.packaging import add_pipeline_to_folder
+    from modeling_emrfuse.modeling_emrfuse import EmrFuseForImageClassification, EmrFuseForSegmentation
     from modeling_emrfuse.processing_emrfuse import EmrFuseImageProcessor, EmrFuseProcessor
 
     if (folder / "config.json").is_file() and (folder / "grading" / "config.json").is_file():

@@ -533,7 +533,7 @@ def _main(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
     try:
         data = load_real_reports(args.data)
     except FileNotFoundError as exc:
-        raise SystemExit(f"bench_text_grading: {exc}")
+        raise SystemExit(f"bench_text_grading: {exc}") from None
     print(data.summary())
     folds = make_folds(data.labels)
     print(f"stratified {len(folds)}-fold CV (seed {FOLD_SEED}); LGG per test fold: "

@@ -39,6 +39,7 @@ from modeling_emrfuse.brats_io import (
     to_nifti_image,
 )
 from modeling_emrfuse.brats_labels import GRADES, REGIONS, SEQUENCES, label_map_to_regions
+from modeling_emrfuse.pipeline_emrfuse import prepare_case
 from modeling_emrfuse.processing_emrfuse import (
     CropInfo,
     EmrFuseImageProcessor,
@@ -46,7 +47,6 @@ from modeling_emrfuse.processing_emrfuse import (
     PreparedVolume,
     grading_slice_indices,
 )
-from modeling_emrfuse.pipeline_emrfuse import prepare_case
 from modeling_emrfuse.runtime.strict_json import write_json
 
 __all__ = [

@@ -36,7 +36,14 @@ from transformers.dynamic_module_utils import custom_object_save
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.utils import logging
 
-from .brats_io import GeometryWarning, LoadedCase, Reorientation, affine_voxel_volume, load_case, to_reference_orientation
+from .brats_io import (
+    GeometryWarning,
+    LoadedCase,
+    Reorientation,
+    affine_voxel_volume,
+    load_case,
+    to_reference_orientation,
+)
 from .brats_labels import GRADES, REGIONS, SEQUENCES, get_label_convention, label_map_to_regions, regions_to_label_map
 from .configuration_emrfuse import EmrFuseConfig
 from .inference_optim import inference_autocast, is_inference_optimized, optimize_for_inference, resolve_precision

@@ -113,8 +113,8 @@ def build_tiny_model_folder(folder: Path, with_grading: bool = True, with_pipeli
                             sequence_presence: bool = False) -> Path:
     """Save a tiny segmentation model (+ grading model in ``grading/``) and its processor in ``folder``
     (``sequence_presence``: with the four sequence-presence channels, in the config and the processor)."""
-    from modeling_emrfuse.modeling_emrfuse import EmrFuseForImageClassification, EmrFuseForSegmentation
     from modeling_emrfuse.hub.packaging import add_pipeline_to_folder
+    from modeling_emrfuse.modeling_emrfuse import EmrFuseForImageClassification, EmrFuseForSegmentation
     from modeling_emrfuse.processing_emrfuse import EmrFuseImageProcessor, EmrFuseProcessor
 
     folder = Path(folder)

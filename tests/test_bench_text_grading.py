@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from brats_fixtures import write_case_2020, write_name_mapping
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,8 +10,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from brats_fixtures import volume, write_nifti
+
 from modeling_emrfuse import brats_io
 from modeling_emrfuse.brats_io import (
     case_id_from_file_names,

@@ -15,10 +15,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
-
-import datasets
 from brats_fixtures import (
     SHAPE,
     fake_report,
@@ -35,6 +34,7 @@ from brats_fixtures import (
     write_reports_csv,
     write_reports_jsonl,
 )
+
 from datasets_scripts.brats_layouts import (
     CaseFiles,
     discover_cases,

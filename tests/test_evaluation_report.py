@@ -14,9 +14,9 @@ import statistics
 import numpy as np
 import pytest
 
+from modeling_emrfuse.brats_labels import REGIONS
 from modeling_emrfuse.evaluation import metrics as M
 from modeling_emrfuse.evaluation.ablation_report import format_ablation_table, row_numbers
-from modeling_emrfuse.brats_labels import REGIONS
 from modeling_emrfuse.evaluation.report import (
     format_results_markdown,
     region_presence,

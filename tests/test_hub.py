@@ -16,13 +16,18 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from huggingface_hub import HfApi, ModelCard
-from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, AutoModelForSemanticSegmentation
-from transformers import BertTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForSemanticSegmentation,
+    BertTokenizerFast,
+)
 
 from modeling_emrfuse.configuration_emrfuse import EmrFuseConfig
 from modeling_emrfuse.modeling_emrfuse import EmrFuseForImageClassification, EmrFuseForSegmentation, EmrFuseModel
-from conftest import tiny_config
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from modeling_emrfuse.brats_labels import REGIONS
 from modeling_emrfuse.evaluation import lesion_metrics as L
 from modeling_emrfuse.evaluation import metrics as M
-from modeling_emrfuse.brats_labels import REGIONS
 
 needs_panoptica = pytest.mark.skipif(
     importlib.util.find_spec("panoptica") is None,

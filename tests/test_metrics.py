@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from modeling_emrfuse.evaluation import metrics as M
 from modeling_emrfuse.brats_labels import (
     GRADES,
     HD95_EMPTY_SENTINEL_MM,
@@ -26,6 +25,7 @@ from modeling_emrfuse.brats_labels import (
     convert_label_map,
     label_map_to_regions,
 )
+from modeling_emrfuse.evaluation import metrics as M
 
 medpy_binary = pytest.importorskip("medpy.metric.binary", reason="MedPy (test extra) is the reference implementation")
 
@@ -430,7 +430,7 @@ def test_score_cli_end_to_end(tmp_path, capsys):
     spacing = (1.0, 1.0, 2.0)
     rng = np.random.default_rng(11)
     refs, preds = {}, {}
-    for i, case in enumerate(["BraTS20_Training_001", "BraTS20_Training_002", "BraTS20_Training_003", "Case-4"]):
+    for case in ["BraTS20_Training_001", "BraTS20_Training_002", "BraTS20_Training_003", "Case-4"]:
         ref = _labelled((1, 2, 4), shape=(12, 10, 6))
         if case == "Case-4":
             ref[ref == 4] = 1  # no enhancing tumour in this reference

@@ -7,6 +7,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_TEXT, batch, tiny_config, tokens
 from transformers import BertConfig, BertModel
 
 from modeling_emrfuse.configuration_emrfuse import (
@@ -22,8 +23,6 @@ from modeling_emrfuse.modeling_emrfuse import (
     EmrFuseModel,
     EmrFuseSegmenterOutput,
 )
-from conftest import TINY_TEXT, batch, tiny_config, tokens
-
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -11,8 +11,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from conftest import REALDATA, build_tiny_model_folder
+
 from modeling_emrfuse.commands.cli import main
 from modeling_emrfuse.training import evaluation
 

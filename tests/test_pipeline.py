@@ -13,11 +13,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import build_tiny_model_folder, write_small_case
 
 from modeling_emrfuse.brats_io import load_case
 from modeling_emrfuse.brats_labels import SEQUENCES, get_label_convention, label_map_to_regions
 from modeling_emrfuse.pipeline_emrfuse import PIPELINE_TASK, EmrFusePipeline, load_pipeline, region_volumes_cm3
-from conftest import build_tiny_model_folder, write_small_case
 
 REPORT = "Irregular ring enhancing mass in the left frontal lobe with central necrosis and surrounding oedema."
 
@@ -296,8 +296,9 @@ def test_pipeline_class_is_registered():
 
 
 def test_optimize_for_inference_keeps_the_outputs(model_dir):
-    from modeling_emrfuse.inference_optim import optimize_for_inference, probe_forward
     from transformers import AutoModelForSemanticSegmentation
+
+    from modeling_emrfuse.inference_optim import optimize_for_inference, probe_forward
 
     model = AutoModelForSemanticSegmentation.from_pretrained(str(model_dir), trust_remote_code=True).eval()
     before = probe_forward(model)

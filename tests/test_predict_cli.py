@@ -12,10 +12,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import REALDATA, build_tiny_model_folder, write_small_case
 
 from modeling_emrfuse.brats_labels import get_label_convention
 from modeling_emrfuse.commands.cli import main
-from conftest import REALDATA, build_tiny_model_folder, write_small_case
 
 REPORT = "Ring enhancing mass in the right temporal lobe with necrosis and surrounding oedema."
 JSON_FIELDS = {

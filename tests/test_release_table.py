@@ -9,9 +9,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from brats_fixtures import volume, write_case_2017, write_case_2021, write_nifti
 from conftest import REALDATA
+
 from datasets_scripts.brats_text import make_splits
 from modeling_emrfuse import brats_io
 from modeling_emrfuse.brats_io import Release, discover_cases, discover_folders, load_case, tumour_fingerprint

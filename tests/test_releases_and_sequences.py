@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from brats_fixtures import (
     SHAPE,
     fake_report,
@@ -24,6 +23,8 @@ from brats_fixtures import (
     write_nifti,
     write_reports_jsonl,
 )
+from conftest import REALDATA, make_tokenizer, tiny_config
+
 from datasets_scripts.brats_ids import IdMapping
 from datasets_scripts.brats_layouts import discover_cases, discover_folders, patient_id_for
 from datasets_scripts.brats_text import attach_reports_and_grades, load_brats_text, make_splits, read_reports
@@ -32,7 +33,6 @@ from modeling_emrfuse.brats_labels import label_map_to_regions
 from modeling_emrfuse.configuration_emrfuse import EmrFuseConfig
 from modeling_emrfuse.evaluation.metrics import bootstrap_mean_ci
 from modeling_emrfuse.processing_emrfuse import EmrFuseImageProcessor
-from conftest import REALDATA, make_tokenizer, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_realdata = pytest.mark.skipif(not (REALDATA / "meta").is_dir(), reason=f"real data not present ({REALDATA})")

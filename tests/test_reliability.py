@@ -16,12 +16,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import build_tiny_model_folder, write_small_case
 
 from modeling_emrfuse.brats_io import GeometryWarning, read_reports, read_volume, write_label_map
 from modeling_emrfuse.commands.cli import main
 from modeling_emrfuse.training.data import prepare_run_data
 from modeling_emrfuse.training.text_tower import MIN_REPORTS_PER_WORD, build_demo_text_tower
-from conftest import build_tiny_model_folder, write_small_case
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "Zanzibarian patient Quaxley"  # stands for report text: it must never reach stderr, stdout or an error
@@ -106,6 +106,7 @@ def test_item2_demo_refuses_data_it_did_not_generate(tmp_path):
 
     train = load_train_script()
     from brats_fixtures import write_2020_release
+
     from datasets_scripts.demo_data import write_demo_dataset
 
     real = write_2020_release(tmp_path / "real", _grades(3))

@@ -13,9 +13,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import build_tiny_model_folder, write_small_case
 
 from modeling_emrfuse.commands.cli import main
-from conftest import build_tiny_model_folder, write_small_case
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "Zanzibarian patient Quaxley"  # stands for report text: it must never reach stderr, stdout or the JSON

@@ -16,7 +16,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import build_tiny_model_folder, write_small_case
 
 REPO = Path(__file__).resolve().parents[1]
@@ -623,6 +622,7 @@ def test_uploads_never_get_the_examples_report(app, tmp_path):
 
 def test_image_only_model_without_grading_says_so(app, tmp_path, monkeypatch):
     from conftest import make_tokenizer, tiny_config
+
     from modeling_emrfuse.modeling_emrfuse import EmrFuseForSegmentation
     from modeling_emrfuse.processing_emrfuse import EmrFuseImageProcessor, EmrFuseProcessor
 

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from train_script import load_train_script
 
 from modeling_emrfuse.training import checkpoints, grading_head
 from modeling_emrfuse.training.ablations import shuffled_reports_run
@@ -27,7 +28,6 @@ from modeling_emrfuse.training.data import RunData
 from modeling_emrfuse.training.model_setup import WarmStart, build_model
 from modeling_emrfuse.training.selection import BestModel
 from modeling_emrfuse.training.settings import OptimizerSettings, TrainingSettings
-from train_script import load_train_script
 
 ROOT = Path(__file__).resolve().parents[1]
 train = load_train_script()  # parse_args, DATA_DEFAULTS, main
@@ -298,8 +298,8 @@ def test_defaults_come_from_one_table_and_the_users_value_wins():
 
 
 def test_warm_start_from_a_folder_and_from_memory_load_the_same_shared_weights(tmp_path):
-    from safetensors.torch import load_file
     from conftest import build_tiny_model_folder
+    from safetensors.torch import load_file
 
     folder = build_tiny_model_folder(tmp_path / "seg", with_grading=False, with_pipeline=False)
     saved = load_file(str(folder / "model.safetensors"))
@@ -405,6 +405,7 @@ def test_fit_grading_head_learns_a_grade_that_the_tower_features_carry():
     from types import SimpleNamespace
 
     from conftest import tiny_config
+
     from modeling_emrfuse.modeling_emrfuse import EmrFuseForImageClassification
 
     args = grading_head.HeadFitSettings(OptimizerSettings(weight_decay=1e-4, lr_scheduler="cosine", warmup_steps=5, max_grad_norm=1.0),
@@ -472,6 +473,7 @@ def test_calibration_scales_the_head_without_changing_a_grade_and_helps_held_out
     from types import SimpleNamespace
 
     from conftest import tiny_config
+
     from modeling_emrfuse.modeling_emrfuse import EmrFuseForImageClassification
 
     acc = SimpleNamespace(device=torch.device("cpu"), is_local_main_process=False)

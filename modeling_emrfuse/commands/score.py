@@ -23,10 +23,16 @@ import numpy as np
 from .. import brats_io
 from ..brats_io import SEQUENCE_SUFFIX_RE, _name_token
 from ..brats_labels import HD95_EMPTY_SENTINEL_MM, LABEL_CONVENTIONS, REGIONS, SEQUENCE_ALIASES, get_label_convention
-from ..evaluation.report import format_lesion_table, format_segmentation_table, has_lesion_metrics, summarize_segmentation
-from ..evaluation.report import OUTPUT_FILES, write_evaluation_report
 from ..evaluation.lesion_metrics import LesionMetricsUnavailable, brats_lesion_evaluator
 from ..evaluation.metrics import metrics_to_row, score_label_maps
+from ..evaluation.report import (
+    OUTPUT_FILES,
+    format_lesion_table,
+    format_segmentation_table,
+    has_lesion_metrics,
+    summarize_segmentation,
+    write_evaluation_report,
+)
 
 AUTO = "auto"
 CONVENTION_PREFERENCE: Tuple[str, ...] = ("brats2017", "brats2023", "brats2015")

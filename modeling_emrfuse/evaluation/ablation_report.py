@@ -14,11 +14,11 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .ablation_stats import format_difference, paired_difference, seed_mean_ci
 from ..brats_labels import REGIONS
-from .metrics import METRICS
 from ..configuration_emrfuse import ABLATION_PRESETS, CROSS_ATTENTION_SWITCH, MODALITY_SWITCH
 from ..runtime.strict_json import write_json
+from .ablation_stats import format_difference, paired_difference, seed_mean_ci
+from .metrics import METRICS
 
 PRESET_PARTS: dict[str, str] = {
     CROSS_ATTENTION_SWITCH: "decoder cross-attention to the report tokens",
@@ -312,7 +312,7 @@ def write_ablation_report(
     js = out_dir / f"{table}.json"
     differences = row_differences(rows)
     json_rows = []
-    for preset, label, runs, *rest in rows:
+    for preset, label, runs, *_ in rows:
         entry: Dict[str, Any] = {"preset": preset, "label": label, "runs": list(runs)}
         keys = sorted({k for n in runs for k in n})
         entry["ci95"] = {k: seed_mean_ci([n.get(k, float("nan")) for n in runs]).to_dict() for k in keys}

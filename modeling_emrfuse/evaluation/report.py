@@ -16,9 +16,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from ..brats_labels import GRADES, REGIONS
+from ..runtime.strict_json import write_json
 from .lesion_metrics import LESION_COUNTS, LESION_METRICS
 from .metrics import METRICS, aggregate
-from ..runtime.strict_json import write_json
 
 METRIC_NAMES = {"dice": "Dice", "ppv": "PPV", "sensitivity": "Sensitivity", "hd95": "HD95 (mm)"}
 """Display names of :data:`modeling_emrfuse.evaluation.metrics.METRICS` (values as fractions / mm)."""

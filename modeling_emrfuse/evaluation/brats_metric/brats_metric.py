@@ -11,9 +11,9 @@ import evaluate
 import numpy as np
 
 from modeling_emrfuse.brats_labels import REGIONS
-from modeling_emrfuse.evaluation.report import lesion_stats
 from modeling_emrfuse.evaluation.lesion_metrics import LESION_COUNTS, LESION_METRICS
 from modeling_emrfuse.evaluation.metrics import METRICS, aggregate, region_metrics, score_label_maps
+from modeling_emrfuse.evaluation.report import lesion_stats
 
 _DESCRIPTION = """\
 Per-case BraTS segmentation metrics on 3D volumes, for the whole tumour (WT), tumour core (TC)
