@@ -75,19 +75,19 @@ SWITCH_FLAGS = ("alignment", "self_attention", "residual", "dynamic_weighting")
 # ---------------------------------------------------------------------------------------------
 DATA_DEFAULTS: Dict[str, Tuple[Any, Any]] = {
     # option                  (demo,                    real data)
-    "output_dir":             (DEMO_OUTPUT_DIR,         DEFAULT_OUTPUT_DIR),
-    "vision_model":           ("resnet18",              DEFAULT_VISION_MODEL),
-    "fusion_dim":             (128,                     256),
-    "decoder_channels":       ([128, 64, 32, 16, 16],   None),  # None: the config's default
-    "cross_attention_heads":  (4,                       8),
-    "max_steps":              (200,                     None),  # None: --num_epochs decides
-    "num_epochs":             (None,                    50),
-    "learning_rate":          (2e-3,                    1e-4),
-    "warmup_steps":           (20,                      500),
-    "grading_max_steps":      (120,                     None),  # the demo's grading run after segmentation
-    "grading_learning_rate":  (2e-3,                    1e-4),
-    "eval_fraction":          (0.25,                    0.2),
-    "val_fraction":           (0.0,                     0.1),
+    "output_dir": (DEMO_OUTPUT_DIR, DEFAULT_OUTPUT_DIR),
+    "vision_model": ("resnet18", DEFAULT_VISION_MODEL),
+    "fusion_dim": (128, 256),
+    "decoder_channels": ([128, 64, 32, 16, 16], None),  # None: the config's default
+    "cross_attention_heads": (4, 8),
+    "max_steps": (200, None),  # None: --num_epochs decides
+    "num_epochs": (None, 50),
+    "learning_rate": (2e-3, 1e-4),
+    "warmup_steps": (20, 500),
+    "grading_max_steps": (120, None),  # the demo's grading run after segmentation
+    "grading_learning_rate": (2e-3, 1e-4),
+    "eval_fraction": (0.25, 0.2),
+    "val_fraction": (0.0, 0.1),
 }
 
 SELECTION_NEEDS_VALIDATION = (
@@ -102,132 +102,319 @@ SELECTION_NEEDS_VALIDATION = (
 # =============================================================================================
 def _add_data_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data_dir", type=str, action="append", default=None,
-                   help="BraTS folder (any supported layout); repeat for several folders in one run (case ids must be unique).")
-    g.add_argument("--reports", type=str, default=None, help="Reports file (CSV/JSONL: case id -> text); default: per-case <case>_flair_text.txt.")
-    g.add_argument("--release", type=str, action="append", default=None,  # None: ["auto"], set in finalize_args
-                   help="BraTS release ('auto' detects it, the default); once for every folder, or once per --data_dir in the same order.")
-    g.add_argument("--id_mapping", type=str, action="append", default=None,
-                   help="Id table (BraTS 2020 name_mapping.csv, BraTS 2021 BraTS21-17_Mapping.csv; repeatable): reports keyed by "
-                   "BraTS 2020 ids and grades follow their patients into other releases, and one patient stays in one split. "
-                   "A name_mapping*.csv inside a BraTS 2020 folder is used automatically.")
-    g.add_argument("--demo", action="store_true",
-                   help="Use synthetic demo data (generated when --data_dir is not given). A --data_dir must then hold demo data "
-                   "(written by `emrfuse demo-data` or by train.py --demo), unless --allow_demo_on_other_data.")
-    g.add_argument("--allow_demo_on_other_data", action="store_true",
-                   help="Allow --demo on a --data_dir that the demo generator did not write (e.g. real reports): the demo's small "
-                   "models and text tower are trained on it, the run is not described as synthetic, and the tower's vocabulary "
-                   "keeps only words found in at least --vocab_min_reports distinct reports.")
-    g.add_argument("--vocab_min_reports", type=int, default=MIN_REPORTS_PER_WORD,
-                   help=f"The demo text tower's WordPiece vocabulary, learned from the training reports, never keeps a word found in "
-                   f"fewer than this many distinct reports (default {MIN_REPORTS_PER_WORD}; at least {MIN_REPORTS_PER_WORD}): rare words "
-                   "of patients' reports never reach tokenizer files or the Hub.")
+    g.add_argument(
+        "--data_dir",
+        type=str,
+        action="append",
+        default=None,
+        help="BraTS folder (any supported layout); repeat for several folders in one run (case ids must be unique).",
+    )
+    g.add_argument(
+        "--reports",
+        type=str,
+        default=None,
+        help="Reports file (CSV/JSONL: case id -> text); default: per-case <case>_flair_text.txt.",
+    )
+    g.add_argument(
+        "--release",
+        type=str,
+        action="append",
+        default=None,  # None: ["auto"], set in finalize_args
+        help="BraTS release ('auto' detects it, the default); once for every folder, or once per --data_dir in the same order.",
+    )
+    g.add_argument(
+        "--id_mapping",
+        type=str,
+        action="append",
+        default=None,
+        help="Id table (BraTS 2020 name_mapping.csv, BraTS 2021 BraTS21-17_Mapping.csv; repeatable): reports keyed by "
+        "BraTS 2020 ids and grades follow their patients into other releases, and one patient stays in one split. "
+        "A name_mapping*.csv inside a BraTS 2020 folder is used automatically.",
+    )
+    g.add_argument(
+        "--demo",
+        action="store_true",
+        help="Use synthetic demo data (generated when --data_dir is not given). A --data_dir must then hold demo data "
+        "(written by `emrfuse demo-data` or by train.py --demo), unless --allow_demo_on_other_data.",
+    )
+    g.add_argument(
+        "--allow_demo_on_other_data",
+        action="store_true",
+        help="Allow --demo on a --data_dir that the demo generator did not write (e.g. real reports): the demo's small "
+        "models and text tower are trained on it, the run is not described as synthetic, and the tower's vocabulary "
+        "keeps only words found in at least --vocab_min_reports distinct reports.",
+    )
+    g.add_argument(
+        "--vocab_min_reports",
+        type=int,
+        default=MIN_REPORTS_PER_WORD,
+        help=f"The demo text tower's WordPiece vocabulary, learned from the training reports, never keeps a word found in "
+        f"fewer than this many distinct reports (default {MIN_REPORTS_PER_WORD}; at least {MIN_REPORTS_PER_WORD}): rare words "
+        "of patients' reports never reach tokenizer files or the Hub.",
+    )
     g.add_argument("--demo_cases", type=int, default=96, help="Number of demo cases to generate.")
-    g.add_argument("--demo_size", type=str, default="small", help="Demo grid: small (64x64x48), medium (96x96x64), full (240x240x155) or XxYxZ.")
-    g.add_argument("--demo_data_dir", type=str, default=None, help="Where demo cases are written (default data/emrfuse-demo-<size>-<n>).")
-    g.add_argument("--cache_dir", type=str, default="cache/emrfuse", help="Preprocessed slice cache (rebuilt only when inputs change).")
-    g.add_argument("--eval_fraction", type=float, default=None,
-                   help="Share of patients held out as test (grade-stratified folds: n_folds = 1/eval_fraction); 0 = train on every case, no evaluation.")
+    g.add_argument(
+        "--demo_size",
+        type=str,
+        default="small",
+        help="Demo grid: small (64x64x48), medium (96x96x64), full (240x240x155) or XxYxZ.",
+    )
+    g.add_argument(
+        "--demo_data_dir",
+        type=str,
+        default=None,
+        help="Where demo cases are written (default data/emrfuse-demo-<size>-<n>).",
+    )
+    g.add_argument(
+        "--cache_dir",
+        type=str,
+        default="cache/emrfuse",
+        help="Preprocessed slice cache (rebuilt only when inputs change).",
+    )
+    g.add_argument(
+        "--eval_fraction",
+        type=float,
+        default=None,
+        help="Share of patients held out as test (grade-stratified folds: n_folds = 1/eval_fraction); 0 = train on every case, no evaluation.",
+    )
     g.add_argument("--fold", type=int, default=0, help="Which fold is the test split.")
-    g.add_argument("--val_fraction", type=float, default=None, help="Share of training patients used for validation (model selection); 0 = none.")
-    g.add_argument("--split_file", type=str, default=None, help="Split file(s) (TextBraTS Train.json/Test.json style or id lists) instead of folds.")
+    g.add_argument(
+        "--val_fraction",
+        type=float,
+        default=None,
+        help="Share of training patients used for validation (model selection); 0 = none.",
+    )
+    g.add_argument(
+        "--split_file",
+        type=str,
+        default=None,
+        help="Split file(s) (TextBraTS Train.json/Test.json style or id lists) instead of folds.",
+    )
     g.add_argument("--max_eval_cases", type=int, default=None, help="Evaluate at most this many held-out cases.")
     g.add_argument("--max_train_cases", type=int, default=None, help="Train on at most this many cases.")
     g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes.")
-    g.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads per process (default: OMP_NUM_THREADS if set, else the cores this "
-                        "process may use, os.sched_getaffinity, shared by the processes of a torchrun/accelerate node).")
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads per process (default: OMP_NUM_THREADS if set, else the cores this "
+        "process may use, os.sched_getaffinity, shared by the processes of a torchrun/accelerate node).",
+    )
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--task", choices=("segmentation", "classification"), default=None,
-                   help="What to train. Default: segmentation; with --demo, segmentation then a short grading run.")
-    g.add_argument("--text_model", type=str, default=None, help=f"Text tower: Hub id or local folder (default {DEFAULT_TEXT_MODEL}; demo: a small BERT trained here).")
-    g.add_argument("--vision_model", type=str, default=None, help="timm architecture (default resnet50; demo: resnet18).")
-    g.add_argument("--vision_pretrained", action="store_true", help="Load timm's pretrained weights for the image tower.")
-    g.add_argument("--init_from", type=str, default=None, help="Start from a saved EmrFuse model folder (e.g. the segmentation run, for grading).")
-    g.add_argument("--preset", type=str, default=None, help="Ablation row: one of configuration_emrfuse.ABLATION_PRESETS (default full).")
-    g.add_argument("--no_text", action="store_true", help="Image-only baseline (Table 1, row 1): no text tower, no tokenizer, reports ignored.")
-    g.add_argument("--sequence_dropout", type=float, default=0.0,
-                   help="Training: probability that each MRI sequence of a slice is dropped (zero-filled); the model then "
-                   "gets sequence-presence channels and serves cases with any subset of T1/T1ce/T2/FLAIR. Cases that lack "
-                   "sequences are accepted when this is > 0 or with --sequence_presence.")
-    g.add_argument("--sequence_presence", action="store_true", help="Give the model sequence-presence channels (implied by --sequence_dropout > 0).")
-    g.add_argument("--init_vision_from", type=str, default=None,
-                   help="Warm start: copy the image tower, fusion and decoder weights of a saved EmrFuse folder whose shapes match "
-                   "(e.g. the demo model: synthetic pretraining); extra input channels start at zero, the text tower is untouched.")
+    g.add_argument(
+        "--task",
+        choices=("segmentation", "classification"),
+        default=None,
+        help="What to train. Default: segmentation; with --demo, segmentation then a short grading run.",
+    )
+    g.add_argument(
+        "--text_model",
+        type=str,
+        default=None,
+        help=f"Text tower: Hub id or local folder (default {DEFAULT_TEXT_MODEL}; demo: a small BERT trained here).",
+    )
+    g.add_argument(
+        "--vision_model", type=str, default=None, help="timm architecture (default resnet50; demo: resnet18)."
+    )
+    g.add_argument(
+        "--vision_pretrained", action="store_true", help="Load timm's pretrained weights for the image tower."
+    )
+    g.add_argument(
+        "--init_from",
+        type=str,
+        default=None,
+        help="Start from a saved EmrFuse model folder (e.g. the segmentation run, for grading).",
+    )
+    g.add_argument(
+        "--preset",
+        type=str,
+        default=None,
+        help="Ablation row: one of configuration_emrfuse.ABLATION_PRESETS (default full).",
+    )
+    g.add_argument(
+        "--no_text",
+        action="store_true",
+        help="Image-only baseline (Table 1, row 1): no text tower, no tokenizer, reports ignored.",
+    )
+    g.add_argument(
+        "--sequence_dropout",
+        type=float,
+        default=0.0,
+        help="Training: probability that each MRI sequence of a slice is dropped (zero-filled); the model then "
+        "gets sequence-presence channels and serves cases with any subset of T1/T1ce/T2/FLAIR. Cases that lack "
+        "sequences are accepted when this is > 0 or with --sequence_presence.",
+    )
+    g.add_argument(
+        "--sequence_presence",
+        action="store_true",
+        help="Give the model sequence-presence channels (implied by --sequence_dropout > 0).",
+    )
+    g.add_argument(
+        "--init_vision_from",
+        type=str,
+        default=None,
+        help="Warm start: copy the image tower, fusion and decoder weights of a saved EmrFuse folder whose shapes match "
+        "(e.g. the demo model: synthetic pretraining); extra input channels start at zero, the text tower is untouched.",
+    )
     for name in SWITCH_FLAGS:
         g.add_argument(f"--no_{name}", action="store_true", help=f"Switch off {name.replace('_', ' ')}.")
-    g.add_argument("--cross_attention", action="store_true",
-                   help="Add the decoder's cross-attention to the report tokens (an extension; the paper's model, and "
-                   "every preset of its tables, reaches the decoder through FiLM only). Same as --preset full_cross_attention.")
+    g.add_argument(
+        "--cross_attention",
+        action="store_true",
+        help="Add the decoder's cross-attention to the report tokens (an extension; the paper's model, and "
+        "every preset of its tables, reaches the decoder through FiLM only). Same as --preset full_cross_attention.",
+    )
     g.add_argument("--fusion_dim", type=int, default=None)
     g.add_argument("--decoder_channels", type=int, nargs="+", default=None)
     g.add_argument("--cross_attention_heads", type=int, default=None)
     g.add_argument("--align_loss_weight", type=float, default=None)
     g.add_argument("--ortho_loss_weight", type=float, default=None)
     g.add_argument("--context_slices", type=int, default=0, help="Neighbouring slices on each side as extra channels.")
-    g.add_argument("--image_size", type=int, default=None,
-                   help="In-plane training crop (pixels, multiple of 32); default: the whole padded slice. Evaluation always uses whole slices.")
-    g.add_argument("--max_report_tokens", type=int, default=None, help="Truncate reports to this many tokens (default: the tower's limit).")
+    g.add_argument(
+        "--image_size",
+        type=int,
+        default=None,
+        help="In-plane training crop (pixels, multiple of 32); default: the whole padded slice. Evaluation always uses whole slices.",
+    )
+    g.add_argument(
+        "--max_report_tokens",
+        type=int,
+        default=None,
+        help="Truncate reports to this many tokens (default: the tower's limit).",
+    )
 
 
 def _add_training_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--num_epochs", type=int, default=None)
     g.add_argument("--max_steps", type=int, default=None, help="Optimiser steps (overrides --num_epochs).")
-    g.add_argument("--batch_size", type=int, default=16, help="Slices per batch per process (a multiple of --slices_per_case).")
-    g.add_argument("--slices_per_case", type=int, default=4,
-                   help="Consecutive slices drawn from one case: a batch holds batch_size/slices_per_case cases (grading: each case's bag of slices).")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=None, help="Default: the accelerate config's, else 1.")
+    g.add_argument(
+        "--batch_size", type=int, default=16, help="Slices per batch per process (a multiple of --slices_per_case)."
+    )
+    g.add_argument(
+        "--slices_per_case",
+        type=int,
+        default=4,
+        help="Consecutive slices drawn from one case: a batch holds batch_size/slices_per_case cases (grading: each case's bag of slices).",
+    )
+    g.add_argument(
+        "--gradient_accumulation_steps", type=int, default=None, help="Default: the accelerate config's, else 1."
+    )
     g.add_argument("--learning_rate", type=float, default=None)
-    g.add_argument("--text_learning_rate", type=float, default=None, help="Learning rate of a pretrained text tower (default learning_rate).")
-    g.add_argument("--lr_scheduler", type=str, default="cosine", help="linear, cosine, constant, constant_with_warmup, ... (transformers.get_scheduler)")
+    g.add_argument(
+        "--text_learning_rate",
+        type=float,
+        default=None,
+        help="Learning rate of a pretrained text tower (default learning_rate).",
+    )
+    g.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default="cosine",
+        help="linear, cosine, constant, constant_with_warmup, ... (transformers.get_scheduler)",
+    )
     g.add_argument("--warmup_steps", type=int, default=None)
     g.add_argument("--weight_decay", type=float, default=1e-4)
     g.add_argument("--max_grad_norm", type=float, default=1.0)
-    g.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="Default: the accelerate config's.")
-    g.add_argument("--tumour_prob", type=float, default=0.7, help="Probability that a training slice is drawn among the slices with tumour.")
-    g.add_argument("--samples_per_epoch", type=int, default=None, help="Slices per epoch (default: all training slices).")
-    g.add_argument("--no_augmentation", action="store_true", help="Switch off rotation / scaling / translation / flips.")
-    g.add_argument("--flip_axes", type=int, nargs="*", default=[],
-                   help="Mirror-flip axes (0 = left-right, 1 = anterior-posterior). Default none: a flip would contradict the side / lobe the report names.")
+    g.add_argument(
+        "--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="Default: the accelerate config's."
+    )
+    g.add_argument(
+        "--tumour_prob",
+        type=float,
+        default=0.7,
+        help="Probability that a training slice is drawn among the slices with tumour.",
+    )
+    g.add_argument(
+        "--samples_per_epoch", type=int, default=None, help="Slices per epoch (default: all training slices)."
+    )
+    g.add_argument(
+        "--no_augmentation", action="store_true", help="Switch off rotation / scaling / translation / flips."
+    )
+    g.add_argument(
+        "--flip_axes",
+        type=int,
+        nargs="*",
+        default=[],
+        help="Mirror-flip axes (0 = left-right, 1 = anterior-posterior). Default none: a flip would contradict the side / lobe the report names.",
+    )
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--grading_max_steps", type=int, default=None, help="Demo: steps of the grading run after segmentation (0 = skip).")
+    g.add_argument(
+        "--grading_max_steps",
+        type=int,
+        default=None,
+        help="Demo: steps of the grading run after segmentation (0 = skip).",
+    )
     g.add_argument("--grading_learning_rate", type=float, default=None)
-    g.add_argument("--grading_slices", type=int, default=32,
-                   help="The grading bag policy (config.grading_slices): a case is graded from at most this many evenly "
-                   "spaced brain slices, in training (bags drawn from them), evaluation, emrfuse predict and the Space "
-                   "alike; 0: every slice.")
-    g.add_argument("--grading_fit", choices=("head", "finetune"), default="head",
-                   help="The demo's grading run after segmentation: 'head' (default) keeps the segmentation run's towers "
-                   "frozen and fits the rest of the model (self-attention, case pooling, fusion, classifier) on their "
-                   "features of every training case's grading slices, --grading_max_steps full-batch steps; 'finetune' "
-                   "trains the whole model on augmented slice bags, --grading_max_steps steps of --batch_size slices "
-                   "(README: 'Results on demo data' compares the two).")
-    g.add_argument("--grading_calibration_folds", type=int, default=3,
-                   help="With --grading_fit head: the grade probabilities are temperature-scaled on out-of-fold "
-                   "predictions of this many heads, each fitted without one fold of the training cases (the grades "
-                   "themselves do not change); 0: no calibration.")
-    g.add_argument("--grading_sampling", choices=("balanced", "natural"), default="balanced",
-                   help="Grading runs: draw HGG and LGG cases equally often (balanced, the default: a 293:76 cohort otherwise "
-                   "lets the head collapse to HGG) or in proportion to their slices (natural).")
+    g.add_argument(
+        "--grading_slices",
+        type=int,
+        default=32,
+        help="The grading bag policy (config.grading_slices): a case is graded from at most this many evenly "
+        "spaced brain slices, in training (bags drawn from them), evaluation, emrfuse predict and the Space "
+        "alike; 0: every slice.",
+    )
+    g.add_argument(
+        "--grading_fit",
+        choices=("head", "finetune"),
+        default="head",
+        help="The demo's grading run after segmentation: 'head' (default) keeps the segmentation run's towers "
+        "frozen and fits the rest of the model (self-attention, case pooling, fusion, classifier) on their "
+        "features of every training case's grading slices, --grading_max_steps full-batch steps; 'finetune' "
+        "trains the whole model on augmented slice bags, --grading_max_steps steps of --batch_size slices "
+        "(README: 'Results on demo data' compares the two).",
+    )
+    g.add_argument(
+        "--grading_calibration_folds",
+        type=int,
+        default=3,
+        help="With --grading_fit head: the grade probabilities are temperature-scaled on out-of-fold "
+        "predictions of this many heads, each fitted without one fold of the training cases (the grades "
+        "themselves do not change); 0: no calibration.",
+    )
+    g.add_argument(
+        "--grading_sampling",
+        choices=("balanced", "natural"),
+        default="balanced",
+        help="Grading runs: draw HGG and LGG cases equally often (balanced, the default: a 293:76 cohort otherwise "
+        "lets the head collapse to HGG) or in proportion to their slices (natural).",
+    )
 
 
 def _add_output_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output, evaluation and checkpoints")
-    g.add_argument("--output_dir", type=str, default=None, help=f"Model folder (default {DEFAULT_OUTPUT_DIR}; demo {DEMO_OUTPUT_DIR}).")
-    g.add_argument("--eval_steps", type=int, default=None,
-                   help="Evaluate on the validation split every N steps and keep the best model (needs a validation split: "
-                   "--val_fraction > 0 or a --split_file with one). Without it, the model of the last step is kept.")
+    g.add_argument(
+        "--output_dir",
+        type=str,
+        default=None,
+        help=f"Model folder (default {DEFAULT_OUTPUT_DIR}; demo {DEMO_OUTPUT_DIR}).",
+    )
+    g.add_argument(
+        "--eval_steps",
+        type=int,
+        default=None,
+        help="Evaluate on the validation split every N steps and keep the best model (needs a validation split: "
+        "--val_fraction > 0 or a --split_file with one). Without it, the model of the last step is kept.",
+    )
     g.add_argument("--checkpointing_steps", type=int, default=None, help="Save a resumable checkpoint every N steps.")
     g.add_argument("--checkpoints_total_limit", type=int, default=2)
-    g.add_argument("--stop_after_steps", type=int, default=None,
-                   help="Stop after this many steps as if interrupted (no final evaluation); continue later with --resume_from_checkpoint.")
+    g.add_argument(
+        "--stop_after_steps",
+        type=int,
+        default=None,
+        help="Stop after this many steps as if interrupted (no final evaluation); continue later with --resume_from_checkpoint.",
+    )
     g.add_argument("--resume_from_checkpoint", type=str, default=None, help="A checkpoint folder or 'latest'.")
     g.add_argument("--logging_steps", type=int, default=10)
-    g.add_argument("--report_to", type=str, default="auto", help="Tracker: tensorboard, wandb, all, none; auto = tensorboard when installed.")
+    g.add_argument(
+        "--report_to",
+        type=str,
+        default="auto",
+        help="Tracker: tensorboard, wandb, all, none; auto = tensorboard when installed.",
+    )
     g.add_argument("--push_to_hub", action="store_true")
     g.add_argument("--hub_model_id", type=str, default=None)
     g.add_argument("--hub_token", type=str, default=None)
@@ -236,9 +423,19 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
 
 def _add_ablations_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("ablations")
-    g.add_argument("--ablation", choices=("table1", "table3"), default=None, help="Train + evaluate every row of the paper's Table 1 / Table 3, plus the shuffled-reports control row.")
-    g.add_argument("--ablation_seeds", type=int, nargs="+", default=None,
-                   help="Seeds per row (cells: mean ± 95 %% confidence interval over seeds); default: 0 1 2.")
+    g.add_argument(
+        "--ablation",
+        choices=("table1", "table3"),
+        default=None,
+        help="Train + evaluate every row of the paper's Table 1 / Table 3, plus the shuffled-reports control row.",
+    )
+    g.add_argument(
+        "--ablation_seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="Seeds per row (cells: mean ± 95 %% confidence interval over seeds); default: 0 1 2.",
+    )
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -259,7 +456,9 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.data_dir is None and not args.demo:
         raise SystemExit("train.py: give --data_dir (a BraTS folder) or --demo (synthetic demo data).")
     if args.vocab_min_reports < MIN_REPORTS_PER_WORD:
-        raise SystemExit(f"train.py: --vocab_min_reports must be >= {MIN_REPORTS_PER_WORD}, got {args.vocab_min_reports}.")
+        raise SystemExit(
+            f"train.py: --vocab_min_reports must be >= {MIN_REPORTS_PER_WORD}, got {args.vocab_min_reports}."
+        )
     if args.demo and args.data_dir and not args.allow_demo_on_other_data:
         others = [d for d in args.data_dir if not is_demo_data_folder(d)]
         if others:
@@ -270,7 +469,9 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
             )
     args.release = args.release or ["auto"]
     if args.data_dir and len(args.release) not in (1, len(args.data_dir)):
-        raise SystemExit(f"train.py: {len(args.release)} --release values for {len(args.data_dir)} --data_dir folders: give one, or one per folder.")
+        raise SystemExit(
+            f"train.py: {len(args.release)} --release values for {len(args.data_dir)} --data_dir folders: give one, or one per folder."
+        )
     if args.eval_fraction is not None and not 0.0 <= args.eval_fraction < 1.0:
         raise SystemExit(f"train.py: --eval_fraction must be in [0, 1), got {args.eval_fraction}.")
     if not 0.0 <= args.sequence_dropout < 1.0:
@@ -284,14 +485,21 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.grading_slices < 0:
         raise SystemExit(f"train.py: --grading_slices must be >= 0 (0: every slice), got {args.grading_slices}.")
     if args.grading_calibration_folds < 0 or args.grading_calibration_folds == 1:
-        raise SystemExit(f"train.py: --grading_calibration_folds must be 0 (no calibration) or >= 2, got {args.grading_calibration_folds}.")
+        raise SystemExit(
+            f"train.py: --grading_calibration_folds must be 0 (no calibration) or >= 2, got {args.grading_calibration_folds}."
+        )
     if args.eval_steps is not None and (args.eval_steps < 1 or (args.val_fraction == 0 and args.split_file is None)):
-        raise SystemExit(SELECTION_NEEDS_VALIDATION if args.eval_steps >= 1 else
-                         f"train.py: --eval_steps must be >= 1, got {args.eval_steps}.")
+        raise SystemExit(
+            SELECTION_NEEDS_VALIDATION
+            if args.eval_steps >= 1
+            else f"train.py: --eval_steps must be >= 1, got {args.eval_steps}."
+        )
     args.grading_after_segmentation = args.task is None and args.demo and bool(args.grading_max_steps)
     args.task = args.task or "segmentation"
     if args.batch_size % args.slices_per_case:
-        raise SystemExit(f"train.py: --batch_size {args.batch_size} must be a multiple of --slices_per_case {args.slices_per_case}.")
+        raise SystemExit(
+            f"train.py: --batch_size {args.batch_size} must be a multiple of --slices_per_case {args.slices_per_case}."
+        )
     if args.image_size is not None and (args.image_size < 32 or args.image_size % 32):
         raise SystemExit(f"train.py: --image_size must be a multiple of 32 (>= 32), got {args.image_size}.")
     if args.preset is not None:
@@ -319,8 +527,9 @@ def model_switches(args: argparse.Namespace) -> Dict[str, bool]:
 
 def data_settings(args: argparse.Namespace) -> DataSettings:
     """Where the run's cases come from and how they are split (see :func:`prepare_run_data`)."""
-    return from_options(DataSettings, args, split=from_options(SplitSettings, args),
-                        demo_data=from_options(DemoDataSettings, args))
+    return from_options(
+        DataSettings, args, split=from_options(SplitSettings, args), demo_data=from_options(DemoDataSettings, args)
+    )
 
 
 def train_command() -> Optional[str]:
@@ -354,7 +563,11 @@ def make_accelerator(args: argparse.Namespace):
 
 
 def setup_logging(accelerator) -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+    )
     for noisy in ("httpx", "urllib3", "filelock", "PIL", "matplotlib", "timm", "huggingface_hub", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -398,15 +611,32 @@ def run_main(args: argparse.Namespace, determinism) -> Dict[str, Any]:
 
     if args.ablation:  # every row: segmentation, then the demo's grading stage when asked
         plan = run_plan("segmentation", args.grading_after_segmentation, args.grading_fit, None)
-        result = run_ablation(args.ablation, settings, accelerator, run, plan=plan, output_dir=output_dir,
-                              seeds=args.ablation_seeds, command="python train.py " + " ".join(sys.argv[1:]))
+        result = run_ablation(
+            args.ablation,
+            settings,
+            accelerator,
+            run,
+            plan=plan,
+            output_dir=output_dir,
+            seeds=args.ablation_seeds,
+            command="python train.py " + " ".join(sys.argv[1:]),
+        )
         accelerator.end_training()
         return result
 
     plan = run_plan(args.task, args.grading_after_segmentation, args.grading_fit, args.init_from)
     try:
-        summary = run_stages(plan, settings, accelerator, run, output_dir=output_dir, switches=model_switches(args),
-                             seed=args.seed, init_from=args.init_from, resume=args.resume_from_checkpoint)
+        summary = run_stages(
+            plan,
+            settings,
+            accelerator,
+            run,
+            output_dir=output_dir,
+            switches=model_switches(args),
+            seed=args.seed,
+            init_from=args.init_from,
+            resume=args.resume_from_checkpoint,
+        )
     except TrainingStopped as stop:
         accelerator.end_training()
         return {"stopped_at_step": stop.args[0]}

@@ -47,16 +47,24 @@ def make_tokenizer(report_dir: Path):
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=500, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+    tok.train_from_iterator(
+        texts, trainers.WordPieceTrainer(vocab_size=500, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    )
     from tokenizers.processors import TemplateProcessing
 
     tok.post_processor = TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]", model_max_length=512,
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=512,
     )
 
 
@@ -68,8 +76,14 @@ def timed(fn, *args, **kwargs):
 
 def loader_rate(ds: SliceDataset, batch_size: int, n_batches: int, workers: int) -> float:
     """Slices/s delivered by a DataLoader over ``ds`` (first batch excluded: worker start-up)."""
-    dl = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_slices,
-                    persistent_workers=False)
+    dl = DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate_slices,
+        persistent_workers=False,
+    )
     it = iter(dl)
     next(it)
     t0 = time.perf_counter()
@@ -144,10 +158,20 @@ def main(argv=None) -> int:
         # 2. cache building
         full_cases = discover_cases(work / "full")
         for workers in (0, 2):
-            _, t = timed(build_cache, full_cases, work / f"cache_full_w{workers}", ip, tok, num_workers=workers, progress=False)
-            rows.append((f"cache build, full-size demo, {workers} workers", f"{len(full_cases) / t:.2f} cases/s", f"{t / len(full_cases):.2f} s/case"))
+            _, t = timed(
+                build_cache, full_cases, work / f"cache_full_w{workers}", ip, tok, num_workers=workers, progress=False
+            )
+            rows.append(
+                (
+                    f"cache build, full-size demo, {workers} workers",
+                    f"{len(full_cases) / t:.2f} cases/s",
+                    f"{t / len(full_cases):.2f} s/case",
+                )
+            )
         full_cache, t = timed(build_cache, full_cases, work / "cache_full_w0", ip, tok, progress=False)
-        rows.append(("cache check, up to date (no rebuild)", f"{len(full_cases) / t:.0f} cases/s", f"{t * 1000:.1f} ms total"))
+        rows.append(
+            ("cache check, up to date (no rebuild)", f"{len(full_cases) / t:.0f} cases/s", f"{t * 1000:.1f} ms total")
+        )
         real = REALDATA / "TCGA-DU-7294"
         if real.is_dir():
             example = {
@@ -168,10 +192,22 @@ def main(argv=None) -> int:
         settings = [("full-size", full_cache, full_size), ("small demo", small_cache, (64, 64))]
         for name, cache, size in settings:
             for workers in (0, 2):
-                ds = SliceDataset(cache, image_size=size, tumour_prob=0.5, slices_per_case=4, seed=0,
-                                  samples_per_epoch=args.batch_size * (args.batches + 2))
+                ds = SliceDataset(
+                    cache,
+                    image_size=size,
+                    tumour_prob=0.5,
+                    slices_per_case=4,
+                    seed=0,
+                    samples_per_epoch=args.batch_size * (args.batches + 2),
+                )
                 rate = loader_rate(ds, args.batch_size, args.batches, workers)
-                rows.append((f"slices + augmentation, {name} {size[0]}x{size[1]}, {workers} workers", f"{rate:.0f} slices/s", ""))
+                rows.append(
+                    (
+                        f"slices + augmentation, {name} {size[0]}x{size[1]}, {workers} workers",
+                        f"{rate:.0f} slices/s",
+                        "",
+                    )
+                )
 
         # 4. what a training step consumes
         if args.skip_model:
@@ -184,8 +220,13 @@ def main(argv=None) -> int:
             else:
                 for name, size in (("full-size", full_size), ("small demo", (64, 64))):
                     rate = model_rate(size, args.model_batch, 4, args.model_steps)
-                    rows.append((f"paper-size model fwd+bwd+step, {name} {size[0]}x{size[1]}, batch {args.model_batch}",
-                                 f"{rate:.2f} slices/s", "BERT-base + ResNet-50, random weights"))
+                    rows.append(
+                        (
+                            f"paper-size model fwd+bwd+step, {name} {size[0]}x{size[1]}, batch {args.model_batch}",
+                            f"{rate:.2f} slices/s",
+                            "BERT-base + ResNet-50, random weights",
+                        )
+                    )
 
     width = max(len(r[0]) for r in rows)
     print()

@@ -105,7 +105,9 @@ def main() -> None:
     cases.append(("synthetic glioma, spacing (0.94, 1.1, 2.5)", *synthetic_case(1, 1.0), (0.94, 1.1, 2.5)))
     cases.append(("synthetic huge mask (worst case)", *synthetic_case(2, 2.6), (1.0, 1.0, 1.0)))
 
-    print(f"{'case':44s} {'region':6s} {'voxels':>9s} {'ours ms':>9s} {'MedPy ms':>9s} {'speed-up':>8s}  HD95 ours / MedPy (mm)")
+    print(
+        f"{'case':44s} {'region':6s} {'voxels':>9s} {'ours ms':>9s} {'MedPy ms':>9s} {'speed-up':>8s}  HD95 ours / MedPy (mm)"
+    )
     for name, pred, ref, spacing in cases:
         p_reg, r_reg = label_map_to_regions(pred, "brats2017"), label_map_to_regions(ref, "brats2017")
         for i, region in enumerate(REGIONS):
@@ -121,10 +123,14 @@ def main() -> None:
         _, t_case = _timed(lambda: score_label_maps(pred, ref, "brats2017", spacing=spacing), args.repeats)
         print(f"{name:44s} {'all':6s} {'':9s} {t_case * 1e3:9.1f}   score_label_maps (3 regions x 4 metrics)")
         if lesion_wise:
-            res, t_lesion = _timed(lambda: score_label_maps(pred, ref, "brats2017", spacing=spacing, lesion_wise=True), args.lesion_repeats)
+            res, t_lesion = _timed(
+                lambda: score_label_maps(pred, ref, "brats2017", spacing=spacing, lesion_wise=True), args.lesion_repeats
+            )
             counts = ", ".join(f"{r} tp/fp/fn {res[r]['tp']}/{res[r]['fp']}/{res[r]['fn']}" for r in REGIONS)
-            print(f"{name:44s} {'all':6s} {'':9s} {t_lesion * 1e3:9.1f}   with lesion_wise=True: lesion-wise adds "
-                  f"{(t_lesion - t_case) * 1e3:.0f} ms per case ({counts})")
+            print(
+                f"{name:44s} {'all':6s} {'':9s} {t_lesion * 1e3:9.1f}   with lesion_wise=True: lesion-wise adds "
+                f"{(t_lesion - t_case) * 1e3:.0f} ms per case ({counts})"
+            )
 
 
 if __name__ == "__main__":

@@ -174,8 +174,10 @@ def run(args) -> None:
     """
     torch.manual_seed(0)
     threads = torch.get_num_threads()
-    print(f"torch {torch.__version__}, {threads} threads, CPU: {psutil.cpu_count(logical=True)} logical cores, "
-          f"load average {', '.join(f'{x:.2f}' for x in psutil.getloadavg())}")
+    print(
+        f"torch {torch.__version__}, {threads} threads, CPU: {psutil.cpu_count(logical=True)} logical cores, "
+        f"load average {', '.join(f'{x:.2f}' for x in psutil.getloadavg())}"
+    )
     slices, source = case_slices()
     ids, mask, tt = report_tokens(args.report_tokens)
     n, c, h, w = slices.shape
@@ -191,6 +193,7 @@ def run(args) -> None:
     for head in args.heads:
         model = heads[head](config).eval()
         n_params = sum(p.numel() for p in model.parameters()) / 1e6
+
         def forward(px, model=model):
             # all slices of one case, one report: encoded once, slices in chunks of slice_chunk_size
             return model(px, ids, mask, tt, slice_to_case=torch.zeros(px.shape[0], dtype=torch.long))
@@ -199,8 +202,10 @@ def run(args) -> None:
             flops, per_module = count_flops(lambda: forward(slices))
         text_flops = sum(v for k, v in per_module.items() if k.endswith("emrfuse.text_model"))
         tower_flops = sum(v for k, v in per_module.items() if k.endswith("emrfuse.vision_model"))
-        print(f"[{head}] {type(model).__name__}: {n_params:.1f} M parameters, {flops / 1e9:.0f} GFLOP per case "
-              f"(text tower {100 * text_flops / flops:.2f} %, image tower {100 * tower_flops / flops:.0f} %)")
+        print(
+            f"[{head}] {type(model).__name__}: {n_params:.1f} M parameters, {flops / 1e9:.0f} GFLOP per case "
+            f"(text tower {100 * text_flops / flops:.2f} %, image tower {100 * tower_flops / flops:.0f} %)"
+        )
         timer = ModuleTimer(model.emrfuse.text_model)
         for path in args.paths:
             rows.append(_time_path(model, forward, timer, slices, f"{head} {path}", path, flops, peak, args))
@@ -233,10 +238,18 @@ def _time_path(model, forward, timer, slices, what: str, path: str, flops: float
         assert torch.isfinite(out.logits.float()).all()
     best = min(times)
     gflops = flops / best / 1e9
-    row = dict(what=what, sec=best, text=text_times[times.index(best)] / best,
-               rss=mem.peak / 2**30, gflops=gflops, load=psutil.getloadavg()[0],
-               f32=gflops / peak["fp32"], bf16=gflops / peak["bf16"],
-               now32=gflops / now["fp32"], now16=gflops / now["bf16"])
+    row = dict(
+        what=what,
+        sec=best,
+        text=text_times[times.index(best)] / best,
+        rss=mem.peak / 2**30,
+        gflops=gflops,
+        load=psutil.getloadavg()[0],
+        f32=gflops / peak["fp32"],
+        bf16=gflops / peak["bf16"],
+        now32=gflops / now["fp32"],
+        now16=gflops / now["bf16"],
+    )
     print(f"  {path}: {best:.2f} s/case (runs: {', '.join(f'{t:.2f}' for t in times)})", flush=True)
     return row
 
@@ -259,9 +272,20 @@ def _tower_rows(tower, slices, peak: dict, args) -> list:
                 times.append(time.perf_counter() - t0)
         best = min(times) * n / args.chunk
         gflops = tflops * n / args.chunk / best / 1e9
-        rows.append(dict(what=f"ResNet-50 tower only {path}", sec=best, text=float("nan"), rss=float("nan"),
-                         gflops=gflops, f32=gflops / peak["fp32"], bf16=gflops / peak["bf16"],
-                         load=psutil.getloadavg()[0], now32=gflops / now["fp32"], now16=gflops / now["bf16"]))
+        rows.append(
+            dict(
+                what=f"ResNet-50 tower only {path}",
+                sec=best,
+                text=float("nan"),
+                rss=float("nan"),
+                gflops=gflops,
+                f32=gflops / peak["fp32"],
+                bf16=gflops / peak["bf16"],
+                load=psutil.getloadavg()[0],
+                now32=gflops / now["fp32"],
+                now16=gflops / now["bf16"],
+            )
+        )
     return rows
 
 
@@ -275,21 +299,29 @@ def _print_table(rows: list, peak: dict, args, n: int) -> None:
             for r in rows:
                 r["f32" if key == "fp32" else "bf16"] = r["gflops"] / peak[key]
     print()
-    header = f"{'run (one case)':<30} {'s/case':>7} {'text %':>6} {'RSS GiB':>7} {'GFLOP/s':>7} " \
-             f"{'%fp32 pk':>8} {'%bf16 pk':>8} {'%fp32 now':>9} {'%bf16 now':>9} {'load':>5}"
+    header = (
+        f"{'run (one case)':<30} {'s/case':>7} {'text %':>6} {'RSS GiB':>7} {'GFLOP/s':>7} "
+        f"{'%fp32 pk':>8} {'%bf16 pk':>8} {'%fp32 now':>9} {'%bf16 now':>9} {'load':>5}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
         text = "" if r["text"] != r["text"] else f"{100 * r['text']:.1f}"
         rss = "" if r["rss"] != r["rss"] else f"{r['rss']:.2f}"
-        print(f"{r['what']:<30} {r['sec']:>7.2f} {text:>6} {rss:>7} {r['gflops']:>7.0f} "
-              f"{100 * r['f32']:>7.0f}% {100 * r['bf16']:>7.0f}% {100 * r['now32']:>8.0f}% {100 * r['now16']:>8.0f}% "
-              f"{r['load']:>5.1f}")
-    print("(pk: best matmul peak of the run; now: matmul peak measured just before that row, i.e. what the shared "
-          "machine gave at the time; load: 1-min load average after the row)")
-    print(f"\nprocess peak RSS (ru_maxrss): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB; "
-          f"matmul peaks fp32 {peak['fp32']:.0f} / bf16 {peak['bf16']:.0f} GFLOP/s; tower rows extrapolate "
-          f"{args.chunk} slices to {n}.")
+        print(
+            f"{r['what']:<30} {r['sec']:>7.2f} {text:>6} {rss:>7} {r['gflops']:>7.0f} "
+            f"{100 * r['f32']:>7.0f}% {100 * r['bf16']:>7.0f}% {100 * r['now32']:>8.0f}% {100 * r['now16']:>8.0f}% "
+            f"{r['load']:>5.1f}"
+        )
+    print(
+        "(pk: best matmul peak of the run; now: matmul peak measured just before that row, i.e. what the shared "
+        "machine gave at the time; load: 1-min load average after the row)"
+    )
+    print(
+        f"\nprocess peak RSS (ru_maxrss): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB; "
+        f"matmul peaks fp32 {peak['fp32']:.0f} / bf16 {peak['bf16']:.0f} GFLOP/s; tower rows extrapolate "
+        f"{args.chunk} slices to {n}."
+    )
 
 
 def main(argv=None) -> int:

@@ -120,8 +120,9 @@ def make_segresnet():
     from monai.networks.nets import SegResNet
 
     torch.manual_seed(0)
-    net = SegResNet(blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1), init_filters=16, in_channels=4,
-                    out_channels=3, dropout_prob=0.2).eval()
+    net = SegResNet(
+        blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1), init_filters=16, in_channels=4, out_channels=3, dropout_prob=0.2
+    ).eval()
     return {"fp32": net, "bf16": copy.deepcopy(net).to(torch.bfloat16)}
 
 
@@ -175,58 +176,118 @@ def scale_out(args, model: Path, workdir: Path) -> dict:
     cases = workdir / f"scale_out_{args.scale_out_cases}_{args.scale_out_size}"
     if not cases.is_dir():
         write_demo_dataset(cases, n_cases=args.scale_out_cases, size=args.scale_out_size, seed=0)
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "true",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
     figures = {}
     for n in (1, 2):
         out = workdir / f"scale_out_pred_{n}"
         shutil.rmtree(out, ignore_errors=True)
         threads = max(1, args.threads // n)
-        launcher = [sys.executable] + ([] if n == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)])
-        cmd = launcher + ["-m", "modeling_emrfuse.commands.cli", "predict", str(cases), "--model", str(model), "-o", str(out), "-q",
-                          "--precision", args.precision, "--threads", str(threads), "--grading-slices", str(args.grading_slices)]
+        launcher = [sys.executable] + (
+            [] if n == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)]
+        )
+        cmd = launcher + [
+            "-m",
+            "modeling_emrfuse.commands.cli",
+            "predict",
+            str(cases),
+            "--model",
+            str(model),
+            "-o",
+            str(out),
+            "-q",
+            "--precision",
+            args.precision,
+            "--threads",
+            str(threads),
+            "--grading-slices",
+            str(args.grading_slices),
+        ]
         load_avg = os.getloadavg()[0]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=str(REPO), env={**env, "OMP_NUM_THREADS": str(threads)}, capture_output=True, text=True)
+        proc = subprocess.run(
+            cmd, cwd=str(REPO), env={**env, "OMP_NUM_THREADS": str(threads)}, capture_output=True, text=True
+        )
         wall = time.perf_counter() - t0
         summary = json.loads((out / "predict_summary.json").read_text())
         done = len(summary["predicted"])
-        load = max(json.loads((out / f"{c}.json").read_text())["timings_s"]["model_load_once"] for c in summary["predicted"])
-        figures[n] = {"processes": n, "threads_per_process": threads, "cases": done, "failed": len(summary["failed"]),
-                      "exit_status": proc.returncode, "wall_s": wall, "cases_per_min": 60 * done / wall,
-                      "cases_per_min_without_model_load": 60 * done / (wall - load), "load_avg_before": load_avg}
-        _log(f"{n} process(es) x {threads} thread(s): {done} cases ({len(summary['failed'])} failed) in {wall:.1f} s -> "
-             f"{figures[n]['cases_per_min']:.1f} cases/min end to end, "
-             f"{figures[n]['cases_per_min_without_model_load']:.1f} without the model load ({load:.1f} s); "
-             f"load avg before {load_avg:.2f}")
+        load = max(
+            json.loads((out / f"{c}.json").read_text())["timings_s"]["model_load_once"] for c in summary["predicted"]
+        )
+        figures[n] = {
+            "processes": n,
+            "threads_per_process": threads,
+            "cases": done,
+            "failed": len(summary["failed"]),
+            "exit_status": proc.returncode,
+            "wall_s": wall,
+            "cases_per_min": 60 * done / wall,
+            "cases_per_min_without_model_load": 60 * done / (wall - load),
+            "load_avg_before": load_avg,
+        }
+        _log(
+            f"{n} process(es) x {threads} thread(s): {done} cases ({len(summary['failed'])} failed) in {wall:.1f} s -> "
+            f"{figures[n]['cases_per_min']:.1f} cases/min end to end, "
+            f"{figures[n]['cases_per_min_without_model_load']:.1f} without the model load ({load:.1f} s); "
+            f"load avg before {load_avg:.2f}"
+        )
     _log(f"2 processes / 1 process: {figures[2]['cases_per_min'] / figures[1]['cases_per_min']:.2f}x end to end")
     return figures
 
 
 def _parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "emrfuse-bench"))
-    ap.add_argument("--case", default=None, help="full-size case folder (default: TCGA-DU-7294 or a full-size demo case)")
+    ap.add_argument(
+        "--case", default=None, help="full-size case folder (default: TCGA-DU-7294 or a full-size demo case)"
+    )
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=3,
-                    help="paired rounds (EmrFuse case, SegResNet fp32, SegResNet bf16), after one warm-up round")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="paired rounds (EmrFuse case, SegResNet fp32, SegResNet bf16), after one warm-up round",
+    )
     ap.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     ap.add_argument("--chunk-size", type=int, default=None)
-    ap.add_argument("--grading-slices", type=int, default=32,
-                    help="grading model pools at most this many slices (default 32, as emrfuse predict; 0: all)")
+    ap.add_argument(
+        "--grading-slices",
+        type=int,
+        default=32,
+        help="grading model pools at most this many slices (default 32, as emrfuse predict; 0: all)",
+    )
     ap.add_argument("--no-segresnet", action="store_true")
     ap.add_argument("--no-compare", action="store_true", help="skip the bf16 vs fp32 comparison")
     ap.add_argument("--no-variants", action="store_true", help="skip the 32-slice grading and segmentation-only runs")
     ap.add_argument("--no-cold", action="store_true", help="skip the cold subprocess run")
-    ap.add_argument("--scale-out", action="store_true",
-                    help="only measure cases/minute of emrfuse predict on a folder of cases with 1 and 2 processes")
+    ap.add_argument(
+        "--scale-out",
+        action="store_true",
+        help="only measure cases/minute of emrfuse predict on a folder of cases with 1 and 2 processes",
+    )
     ap.add_argument("--scale-out-cases", type=int, default=16, help="demo cases in the scale-out folder (default 16)")
-    ap.add_argument("--scale-out-size", default="small", choices=("small", "medium", "full"),
-                    help="demo case size for --scale-out (default small: 64 x 64 x 48)")
-    ap.add_argument("--scale-out-model", default=None,
-                    help="model folder for --scale-out (default: the paper-size model this bench builds)")
-    ap.add_argument("--omp-wait-policy", default="PASSIVE", choices=("PASSIVE", "ACTIVE", "unset"),
-                    help="OpenMP wait policy for this run (emrfuse predict's default is PASSIVE); applies to both models")
+    ap.add_argument(
+        "--scale-out-size",
+        default="small",
+        choices=("small", "medium", "full"),
+        help="demo case size for --scale-out (default small: 64 x 64 x 48)",
+    )
+    ap.add_argument(
+        "--scale-out-model",
+        default=None,
+        help="model folder for --scale-out (default: the paper-size model this bench builds)",
+    )
+    ap.add_argument(
+        "--omp-wait-policy",
+        default="PASSIVE",
+        choices=("PASSIVE", "ACTIVE", "unset"),
+        help="OpenMP wait policy for this run (emrfuse predict's default is PASSIVE); applies to both models",
+    )
     return ap.parse_args(argv)
 
 
@@ -237,7 +298,9 @@ def _segresnet_and_volume(case: Path):
 
     loaded = load_case(str(case))
     volume = np.stack([loaded.volumes[s] for s in ("t1", "t1ce", "t2", "flair")]).astype(np.float32)
-    volume = EmrFuseImageProcessor().normalize(volume)  # z-score over the brain (the bundle's NormalizeIntensity nonzero)
+    volume = EmrFuseImageProcessor().normalize(
+        volume
+    )  # z-score over the brain (the bundle's NormalizeIntensity nonzero)
     return make_segresnet(), volume
 
 
@@ -256,9 +319,11 @@ def _paired_rounds(pipe, case: Path, nets, volume, n_rounds: int):
                 rounds.append(row)
             msg = f"round {i}{' (warm-up)' if i == 0 else ''}: load avg {row['load_avg']:.2f}, EmrFuse case {row['emrfuse']['end_to_end']:.2f} s"
             if nets is not None:
-                msg += (f", SegResNet forward fp32 {row['segresnet_fp32']:.2f} s / bf16 {row['segresnet_bf16']:.2f} s -> "
-                        f"EmrFuse {row['segresnet_fp32'] / row['emrfuse']['end_to_end']:.1f}x / "
-                        f"{row['segresnet_bf16'] / row['emrfuse']['end_to_end']:.1f}x faster")
+                msg += (
+                    f", SegResNet forward fp32 {row['segresnet_fp32']:.2f} s / bf16 {row['segresnet_bf16']:.2f} s -> "
+                    f"EmrFuse {row['segresnet_fp32'] / row['emrfuse']['end_to_end']:.1f}x / "
+                    f"{row['segresnet_bf16'] / row['emrfuse']['end_to_end']:.1f}x faster"
+                )
             _log(msg)
     return rounds, res
 
@@ -272,18 +337,28 @@ def _report_rounds(rounds, with_segresnet: bool, args, slices: int, load_s: floa
     for stage in ("load", "preprocess", "model", "postprocess", "write"):
         _log(f"  {stage:<12} {best[stage]:7.3f} s  {100 * best[stage] / total:5.1f} %")
     _log(f"  {'end to end':<12} {total:7.3f} s")
-    _log(f"  model: segmentation {best['model_segmentation']:.3f} s, grading {best['model_grading']:.3f} s; text tower "
-         f"{best['text_encoder']:.3f} s = {100 * best['text_encoder'] / total:.1f} % of the case "
-         f"({best['text_encoder_calls']} calls: the report once per model per case)")
-    report = {"precision": args.precision, "threads": args.threads, "slices": slices, "model_load": load_s,
-              "rounds": rounds, "best": best}
+    _log(
+        f"  model: segmentation {best['model_segmentation']:.3f} s, grading {best['model_grading']:.3f} s; text tower "
+        f"{best['text_encoder']:.3f} s = {100 * best['text_encoder'] / total:.1f} % of the case "
+        f"({best['text_encoder_calls']} calls: the report once per model per case)"
+    )
+    report = {
+        "precision": args.precision,
+        "threads": args.threads,
+        "slices": slices,
+        "model_load": load_s,
+        "rounds": rounds,
+        "best": best,
+    }
     if with_segresnet:
         ratios = sorted(r["segresnet_fp32"] / r["emrfuse"]["end_to_end"] for r in rounds)
         ratios16 = sorted(r["segresnet_bf16"] / r["emrfuse"]["end_to_end"] for r in rounds)
-        _log(f"  vs SegResNet forward (same round): fp32 {best_round['segresnet_fp32']:.2f} s -> "
-             f"{best_round['segresnet_fp32'] / total:.1f}x faster; bf16 {best_round['segresnet_bf16']:.2f} s -> "
-             f"{best_round['segresnet_bf16'] / total:.1f}x; median over rounds {ratios[len(ratios) // 2]:.1f}x / "
-             f"{ratios16[len(ratios16) // 2]:.1f}x")
+        _log(
+            f"  vs SegResNet forward (same round): fp32 {best_round['segresnet_fp32']:.2f} s -> "
+            f"{best_round['segresnet_fp32'] / total:.1f}x faster; bf16 {best_round['segresnet_bf16']:.2f} s -> "
+            f"{best_round['segresnet_bf16'] / total:.1f}x; median over rounds {ratios[len(ratios) // 2]:.1f}x / "
+            f"{ratios16[len(ratios16) // 2]:.1f}x"
+        )
         report["segresnet_ratio_median"] = {"fp32": ratios[len(ratios) // 2], "bf16": ratios16[len(ratios16) // 2]}
     return report
 
@@ -293,17 +368,35 @@ def _time_variant(pipe, case: Path, name: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         emrfuse_case(pipe, case, Path(tmp))
         t, _ = emrfuse_case(pipe, case, Path(tmp))
-    _log(f"== variant, {name}: {t['end_to_end']:.2f} s end to end (model {t['model']:.2f} s: segmentation "
-         f"{t['model_segmentation']:.2f}, grading {t['model_grading']:.2f}; text tower {t['text_encoder']:.3f} s), "
-         f"load avg {os.getloadavg()[0]:.2f}")
+    _log(
+        f"== variant, {name}: {t['end_to_end']:.2f} s end to end (model {t['model']:.2f} s: segmentation "
+        f"{t['model_segmentation']:.2f}, grading {t['model_grading']:.2f}; text tower {t['text_encoder']:.3f} s), "
+        f"load avg {os.getloadavg()[0]:.2f}"
+    )
     return t
 
 
 def _cold_predict(case: Path, model: Path, args) -> float:
     """Seconds of ``emrfuse predict`` on the case as a fresh process (Python start, imports, model load)."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "modeling_emrfuse.commands.cli", "predict", str(case), "--model", str(model), "-o", tmp,
-               "--precision", args.precision, "--threads", str(args.threads), "--report", REPORT_100_WORDS, "-q"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "modeling_emrfuse.commands.cli",
+            "predict",
+            str(case),
+            "--model",
+            str(model),
+            "-o",
+            tmp,
+            "--precision",
+            args.precision,
+            "--threads",
+            str(args.threads),
+            "--report",
+            REPORT_100_WORDS,
+            "-q",
+        ]
         cmd += ["--grading-slices", str(args.grading_slices)]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, cwd=str(REPO))
@@ -318,8 +411,9 @@ def _compare_with_fp32(model: Path, case: Path, res: dict, args, grading_slices)
     from modeling_emrfuse.brats_labels import label_map_to_regions
     from modeling_emrfuse.pipeline_emrfuse import load_pipeline
 
-    ref_pipe = load_pipeline(str(model), precision="fp32", optimize=False, chunk_size=args.chunk_size,
-                             grading_max_slices=grading_slices)
+    ref_pipe = load_pipeline(
+        str(model), precision="fp32", optimize=False, chunk_size=args.chunk_size, grading_max_slices=grading_slices
+    )
     t0 = time.perf_counter()
     ref = ref_pipe(str(case), report=REPORT_100_WORDS)
     ref_s = time.perf_counter() - t0
@@ -330,10 +424,12 @@ def _compare_with_fp32(model: Path, case: Path, res: dict, args, grading_slices)
     pa, pb = res["grade_probabilities"], ref["grade_probabilities"]
     dp = max(abs(pa[k] - pb[k]) for k in pa)
     voxels = int((res["label_map"] != ref["label_map"]).sum())
-    _log(f"== {args.precision} (optimised) vs the unmodified fp32 model on this case: label-map Dice per region "
-         f"{dices}, {voxels} voxels differ, max |grade probability diff| {dp:.4f}, alpha_text "
-         f"{res['alpha_text']:.4f} vs {ref['alpha_text']:.4f}; unmodified fp32 case {ref_s:.2f} s "
-         f"(load avg {os.getloadavg()[0]:.2f})")
+    _log(
+        f"== {args.precision} (optimised) vs the unmodified fp32 model on this case: label-map Dice per region "
+        f"{dices}, {voxels} voxels differ, max |grade probability diff| {dp:.4f}, alpha_text "
+        f"{res['alpha_text']:.4f} vs {ref['alpha_text']:.4f}; unmodified fp32 case {ref_s:.2f} s "
+        f"(load avg {os.getloadavg()[0]:.2f})"
+    )
     return {"dice": dices, "voxels_differing": voxels, "grade_prob_diff": dp, "fp32_unmodified_end_to_end": ref_s}
 
 
@@ -354,12 +450,16 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    _log(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU bf16: "
-         f"{getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: '?')()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
-         f"load average now {os.getloadavg()[0]:.2f} "
-         "(other processes share these cores: compare figures within a round)")
+    _log(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU bf16: "
+        f"{getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: '?')()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
+        f"load average now {os.getloadavg()[0]:.2f} "
+        "(other processes share these cores: compare figures within a round)"
+    )
     t0 = time.perf_counter()
-    model = Path(args.scale_out_model) if args.scale_out_model else build_paper_size_folder(workdir / "paper-size-model")
+    model = (
+        Path(args.scale_out_model) if args.scale_out_model else build_paper_size_folder(workdir / "paper-size-model")
+    )
     _log(f"model folder: {model} ({time.perf_counter() - t0:.1f} s to build/find)")
     if args.scale_out:
         out = workdir / "bench_predict_scale_out.json"
@@ -376,8 +476,10 @@ def main(argv=None) -> int:
     load_s = time.perf_counter() - t0
     n_params = sum(p.numel() for m in pipe.models for p in m.parameters()) / 1e6
     slices = int(pipe.preprocess(str(case), report=REPORT_100_WORDS)["model_inputs"]["pixel_values"].shape[0])
-    _log(f"{slices} brain slices; {n_params:.0f} M parameters in {len(pipe.models)} models (segmentation + grading on "
-         f"{args.grading_slices or 'all'} slices); model load {load_s:.2f} s; optimisations: {pipe.optimizations}")
+    _log(
+        f"{slices} brain slices; {n_params:.0f} M parameters in {len(pipe.models)} models (segmentation + grading on "
+        f"{args.grading_slices or 'all'} slices); model load {load_s:.2f} s; optimisations: {pipe.optimizations}"
+    )
 
     nets, volume = _segresnet_and_volume(case) if not args.no_segresnet else (None, None)
     rounds, res = _paired_rounds(pipe, case, nets, volume, args.rounds)
@@ -385,8 +487,10 @@ def main(argv=None) -> int:
     del nets
 
     if not args.no_variants:
-        for name, kwargs in (("grading on all brain slices", dict(grading_max_slices=None)),
-                             ("segmentation only (--no-grading)", dict(grading_model=False))):
+        for name, kwargs in (
+            ("grading on all brain slices", dict(grading_max_slices=None)),
+            ("segmentation only (--no-grading)", dict(grading_model=False)),
+        ):
             del pipe
             pipe = load_pipeline(str(model), **common, **kwargs)
             report.setdefault("variants", {})[name] = _time_variant(pipe, case, name)
@@ -402,6 +506,7 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(report, indent=2, default=float))
     _log(f"\nfigures written to {out}")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

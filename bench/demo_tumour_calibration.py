@@ -89,7 +89,12 @@ def measure_cases(data: Path, pseudo: Sequence[str] = DEFAULT_PSEUDO, same_scan:
                 skipped.append((case.case_id, folder.name, reason + (f" [grade {grade}]" if grade else "")))
                 continue
             label, _, spacing = read_label_map(case.label)
-            row = {"case_id": case.case_id, "folder": folder.name, "grade": grade, **composition(label, spacing, case.label_convention)}
+            row = {
+                "case_id": case.case_id,
+                "folder": folder.name,
+                "grade": grade,
+                **composition(label, spacing, case.label_convention),
+            }
             image, _, img_spacing = read_volume(next(iter(case.sequences.values())))
             row["brain_cm3"] = int(np.count_nonzero(image)) * float(np.prod(img_spacing)) / 1000.0
             used.append(row)
@@ -119,23 +124,44 @@ def print_report(used, skipped, table) -> None:
     print("| case | folder | grade | ET / WT | NCR+NET / WT | oedema / WT | WT cm^3 | brain cm^3 |")
     print("|---|---|---|---|---|---|---|---|")
     for r in used:
-        print(f"| {r['case_id']} | {r['folder']} | {r['grade']} | {100 * r['et_fraction']:.1f} % | "
-              f"{100 * r['ncr_net_fraction']:.1f} % | {100 * r['oedema_fraction']:.1f} % | {r['wt_cm3']:.1f} | {r['brain_cm3']:.0f} |")
+        print(
+            f"| {r['case_id']} | {r['folder']} | {r['grade']} | {100 * r['et_fraction']:.1f} % | "
+            f"{100 * r['ncr_net_fraction']:.1f} % | {100 * r['oedema_fraction']:.1f} % | {r['wt_cm3']:.1f} | {r['brain_cm3']:.0f} |"
+        )
     print("\nSkipped:")
     for case_id, folder, reason in skipped:
         print(f"- {folder}/{case_id}: {reason}")
     print("\n| grade | n | ET / WT | NCR+NET / WT | oedema / WT | WT cm^3 | brain cm^3 |  (median (min-max))")
     print("|---|---|---|---|---|---|---|")
     for grade, t in table.items():
-        print(f"| {grade} | {t['n']} | {_fmt(t['et_fraction'], True)} | {_fmt(t['ncr_net_fraction'], True)} | "
-              f"{_fmt(t['oedema_fraction'], True)} | {_fmt(t['wt_cm3'], False)} | {_fmt(t['brain_cm3'], False)} |")
+        print(
+            f"| {grade} | {t['n']} | {_fmt(t['et_fraction'], True)} | {_fmt(t['ncr_net_fraction'], True)} | "
+            f"{_fmt(t['oedema_fraction'], True)} | {_fmt(t['wt_cm3'], False)} | {_fmt(t['brain_cm3'], False)} |"
+        )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "realdata", help="folder of real cases (default ../shared/realdata)")
-    p.add_argument("--pseudo_case", action="append", default=None, help=f"a case whose label is a pseudo-label (default {list(DEFAULT_PSEUDO)})")
-    p.add_argument("--same_scan", action="append", default=None, help=f"a case that repeats a scan used elsewhere (default {list(DEFAULT_SAME_SCAN)})")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=ROOT.parent / "shared" / "realdata",
+        help="folder of real cases (default ../shared/realdata)",
+    )
+    p.add_argument(
+        "--pseudo_case",
+        action="append",
+        default=None,
+        help=f"a case whose label is a pseudo-label (default {list(DEFAULT_PSEUDO)})",
+    )
+    p.add_argument(
+        "--same_scan",
+        action="append",
+        default=None,
+        help=f"a case that repeats a scan used elsewhere (default {list(DEFAULT_SAME_SCAN)})",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the per-case rows and the table here")
     args = p.parse_args(argv)
     if not args.data.is_dir():

@@ -68,7 +68,7 @@ def gli_to_brats2021(case_id: str) -> Optional[str]:
 def _is_release_column(name: str) -> bool:
     """A column named after a release of the release table (``BraTS2017`` ... ``BraTS2021``)."""
     text = name.strip().lower()
-    return text.startswith("brats") and text[len("brats"):] in RELEASES
+    return text.startswith("brats") and text[len("brats") :] in RELEASES
 
 
 def find_id_tables(data_dir: Union[str, Path]) -> List[Path]:
@@ -198,9 +198,7 @@ def _parse(header: Sequence[str], rows: Iterable[Tuple[int, Mapping[str, object]
             raw = row.get(grade_col)
             grade = None if raw is None or str(raw).strip().upper() in MISSING_VALUES else str(raw).strip().upper()
             if grade is not None and grade not in GRADES:
-                raise ValueError(
-                    f"{where}: the Grade of ids {', '.join(ids)} is not one of {', '.join(GRADES)}."
-                )
+                raise ValueError(f"{where}: the Grade of ids {', '.join(ids)} is not one of {', '.join(GRADES)}.")
         brats2020 = _cell(row.get(col2020)) if col2020 is not None else None
         parsed.append(_Row(tuple(ids), brats2020, grade, where))
     return parsed

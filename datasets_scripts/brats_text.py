@@ -112,7 +112,9 @@ def _read_report_file(path: Path, case_id: str) -> str:
 # --------------------------------------------------------------------------------------------
 # reports and grades across releases (id tables)
 # --------------------------------------------------------------------------------------------
-def load_id_mapping(id_mapping: Any = None, data_dirs: Sequence[Path | str] = (), releases: Mapping[str, str] | None = None) -> Optional[IdMapping]:
+def load_id_mapping(
+    id_mapping: Any = None, data_dirs: Sequence[Path | str] = (), releases: Mapping[str, str] | None = None
+) -> Optional[IdMapping]:
     """The id tables of a run: ``id_mapping`` (a path, a list of paths, or an :class:`IdMapping`),
     plus the grade table of a release that has one (``Release.grade_table``: ``name_mapping*.csv`` in a
     BraTS 2020 folder), found in its data folder.
@@ -125,11 +127,19 @@ def load_id_mapping(id_mapping: Any = None, data_dirs: Sequence[Path | str] = ()
         paths: List[Path] = []
     else:
         mapping = None
-        paths = [] if id_mapping is None else [Path(p) for p in ([id_mapping] if isinstance(id_mapping, (str, Path)) else id_mapping)]
+        paths = (
+            []
+            if id_mapping is None
+            else [Path(p) for p in ([id_mapping] if isinstance(id_mapping, (str, Path)) else id_mapping)]
+        )
     for folder in data_dirs:
         release = RELEASES.get((releases or {}).get(str(folder), ""))
         if release is not None and release.grade_table:  # the release's own grade table is an id table too
-            paths.extend(p for p in find_id_tables(folder) if fnmatch(p.name.lower(), release.grade_table.lower()) and p not in paths)
+            paths.extend(
+                p
+                for p in find_id_tables(folder)
+                if fnmatch(p.name.lower(), release.grade_table.lower()) and p not in paths
+            )
     if paths:
         table = IdMapping.from_files(paths)
         mapping = table if mapping is None else mapping.merge(table)
@@ -530,7 +540,9 @@ def _check_fold_options(n_folds: int, fold: int, val_fraction: float) -> None:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
 
 
-def _patients_and_grades(cases: Sequence[CaseFiles], patient_of: Dict[str, str]) -> Tuple[Dict[str, List[str]], Dict[str, str]]:
+def _patients_and_grades(
+    cases: Sequence[CaseFiles], patient_of: Dict[str, str]
+) -> Tuple[Dict[str, List[str]], Dict[str, str]]:
     """(patient -> its case ids, patient -> grade); a patient with cases of two grades is an error."""
     cases_of: Dict[str, List[str]] = {}
     grade_of: Dict[str, str] = {}
@@ -539,7 +551,9 @@ def _patients_and_grades(cases: Sequence[CaseFiles], patient_of: Dict[str, str])
         cases_of.setdefault(patient, []).append(c.case_id)
         if c.grade is not None:
             if grade_of.get(patient, c.grade) != c.grade:
-                raise ValueError(f"patient {patient} has cases of different grades ({grade_of[patient]} and {c.grade}).")
+                raise ValueError(
+                    f"patient {patient} has cases of different grades ({grade_of[patient]} and {c.grade})."
+                )
             grade_of[patient] = c.grade
     return cases_of, grade_of
 
@@ -560,8 +574,9 @@ def _fold_of_patients(patients: Iterable[str], grade_of: Dict[str, str], n_folds
     return fold_of
 
 
-def _validation_patients(train_patients: Sequence[str], grade_of: Dict[str, str], val_fraction: float,
-                         seed: int, fold: int) -> List[str]:
+def _validation_patients(
+    train_patients: Sequence[str], grade_of: Dict[str, str], val_fraction: float, seed: int, fold: int
+) -> List[str]:
     train_strata: Dict[str, List[str]] = {}
     for p in train_patients:
         train_strata.setdefault(grade_of.get(p, "unknown"), []).append(p)
@@ -575,8 +590,9 @@ def _validation_patients(train_patients: Sequence[str], grade_of: Dict[str, str]
     return chosen
 
 
-def _plan_folds(cases: Sequence[CaseFiles], patient_of: Dict[str, str], n_folds: int, fold: int,
-                val_fraction: float, seed: int) -> _SplitPlan:
+def _plan_folds(
+    cases: Sequence[CaseFiles], patient_of: Dict[str, str], n_folds: int, fold: int, val_fraction: float, seed: int
+) -> _SplitPlan:
     """Automatic splits: patient-level folds stratified by grade, fold ``fold`` as test."""
     n_folds, fold = int(n_folds), int(fold)
     _check_fold_options(n_folds, fold, val_fraction)
@@ -634,7 +650,9 @@ def make_splits(
     for name, ids in plan.unknown_ids.items():
         warnings.warn(f"split {name!r}: {len(ids)} id(s) match no case: {ids[:10]}", stacklevel=2)
     if plan.unassigned:
-        warnings.warn(f"{len(plan.unassigned)} case(s) are in no split and left out: {plan.unassigned[:10]}", stacklevel=2)
+        warnings.warn(
+            f"{len(plan.unassigned)} case(s) are in no split and left out: {plan.unassigned[:10]}", stacklevel=2
+        )
     return plan.assignment
 
 
@@ -667,20 +685,26 @@ def derange_reports(
     for g, group in enumerate(groups):
         missing = [c for c in group if c not in reports]
         if missing:
-            raise ValueError(f"derange_reports: group {g} names {len(missing)} case(s) without an entry in reports: {missing[:5]}")
+            raise ValueError(
+                f"derange_reports: group {g} names {len(missing)} case(s) without an entry in reports: {missing[:5]}"
+            )
         ids = [c for c in group if reports[c] is not None]
         if not ids:
             continue
         if len(ids) == 1:
-            raise ValueError(f"derange_reports: group {g} has a single case with a report ({ids[0]}); it cannot be swapped.")
+            raise ValueError(
+                f"derange_reports: group {g} has a single case with a report ({ids[0]}); it cannot be swapped."
+            )
         who = [patients.get(c, c) for c in ids]
         for _ in range(max_tries):
             perm = rng.permutation(len(ids))
             if all(who[j] != who[i] and reports[ids[j]] != reports[ids[i]] for i, j in enumerate(perm)):
                 break
         else:
-            raise ValueError(f"derange_reports: no derangement of group {g} ({len(ids)} cases with a report) in {max_tries} "
-                             "draws in which every case gets another patient's, different report.")
+            raise ValueError(
+                f"derange_reports: no derangement of group {g} ({len(ids)} cases with a report) in {max_tries} "
+                "draws in which every case gets another patient's, different report."
+            )
         for i, j in enumerate(perm):
             out[ids[i]] = reports[ids[j]]
     return out
@@ -689,15 +713,15 @@ def derange_reports(
 def brats_text_features() -> datasets.Features:
     """The features of one example::
 
-        case_id, patient_id, release, label_convention,
-        grade            ClassLabel(names=["HGG", "LGG"]); -1 = unknown (BraTS 2021/2023, test sets)
-        report           the report text ("" when the case has none)
-        has_report       bool
-        has_label        bool
-        t1, t1ce, t2, flair   datasets.Nifti (decoded to a nibabel image, (X, Y, Z) = (240, 240, 155))
-        seg              datasets.Nifti, None for unlabeled cases
-        spacing          [x, y, z] voxel size in mm (header of the first sequence)
-        shape            [X, Y, Z]
+    case_id, patient_id, release, label_convention,
+    grade            ClassLabel(names=["HGG", "LGG"]); -1 = unknown (BraTS 2021/2023, test sets)
+    report           the report text ("" when the case has none)
+    has_report       bool
+    has_label        bool
+    t1, t1ce, t2, flair   datasets.Nifti (decoded to a nibabel image, (X, Y, Z) = (240, 240, 155))
+    seg              datasets.Nifti, None for unlabeled cases
+    spacing          [x, y, z] voxel size in mm (header of the first sequence)
+    shape            [X, Y, Z]
     """
     return datasets.Features(
         {
@@ -887,8 +911,11 @@ class BratsTextBuilder(datasets.GeneratorBasedBuilder):
             kwargs["release"] = str(kwargs["release"])
         if kwargs.get("fingerprint") is None:
             kwargs["fingerprint"] = input_fingerprint(
-                kwargs.get("data_dirs") or kwargs["data_dir"], kwargs.get("reports"), kwargs.get("splits"),
-                kwargs.get("patient_map"), kwargs.get("id_mapping"),
+                kwargs.get("data_dirs") or kwargs["data_dir"],
+                kwargs.get("reports"),
+                kwargs.get("splits"),
+                kwargs.get("patient_map"),
+                kwargs.get("id_mapping"),
             )
         kwargs.setdefault("dataset_name", "brats_text")
         super().__init__(*args, **kwargs)
@@ -922,7 +949,9 @@ class BratsTextBuilder(datasets.GeneratorBasedBuilder):
         for name, ids in plan.unknown_ids.items():
             warnings.warn(f"split {name!r}: {len(ids)} id(s) match no usable case: {ids[:10]}", stacklevel=2)
         if plan.unassigned:
-            warnings.warn(f"{len(plan.unassigned)} case(s) are in no split and left out: {plan.unassigned[:10]}", stacklevel=2)
+            warnings.warn(
+                f"{len(plan.unassigned)} case(s) are in no split and left out: {plan.unassigned[:10]}", stacklevel=2
+            )
         summary.update(split_source=plan.source, unknown_split_ids=plan.unknown_ids, unassigned_cases=plan.unassigned)
         self._summary = summary
         self._built_here = True
@@ -935,8 +964,14 @@ class BratsTextBuilder(datasets.GeneratorBasedBuilder):
         summary["skipped"].append(SkippedCase(case_id, str(path), reason).to_dict())
         warnings.warn(f"skipped case {case_id}: {reason} ({path})", stacklevel=4)
 
-    def _attach_reports(self, cfg: "BratsTextConfig", folders: List[str], cases: CaseList,
-                        id_mapping: Optional[IdMapping], summary: dict) -> Tuple[ReportAttachment, List[CaseFiles]]:
+    def _attach_reports(
+        self,
+        cfg: "BratsTextConfig",
+        folders: List[str],
+        cases: CaseList,
+        id_mapping: Optional[IdMapping],
+        summary: dict,
+    ) -> Tuple[ReportAttachment, List[CaseFiles]]:
         """Reports and grades for every case; the cases kept (a case without report is an error or a skip
         with ``require_reports``). Fills the summary's ``reports`` and ``id_mapping``."""
         file_reports: Dict[str, str] = read_reports(cfg.reports) if cfg.reports else {}
@@ -976,8 +1011,9 @@ class BratsTextBuilder(datasets.GeneratorBasedBuilder):
         }
         return attached, kept
 
-    def _refuse_without_report(self, cfg: "BratsTextConfig", case: CaseFiles, file_reports: Mapping[str, str],
-                               summary: dict) -> None:
+    def _refuse_without_report(
+        self, cfg: "BratsTextConfig", case: CaseFiles, file_reports: Mapping[str, str], summary: dict
+    ) -> None:
         where = f"no {case.case_id}_flair_text.txt in {case.source_dir}" + (
             f" and no entry in {cfg.reports}" if cfg.reports else ""
         )
@@ -1170,9 +1206,13 @@ def _write_parquet(dsd: datasets.DatasetDict, output_dir: Path, max_shard_bytes:
 
 def format_summary(summary: dict) -> str:
     """Human-readable summary (ids and counts only; never report text)."""
-    lines = [f"release {summary.get('release')} ({summary.get('label_convention')}), {summary.get('cases_found')} case(s) found"]
+    lines = [
+        f"release {summary.get('release')} ({summary.get('label_convention')}), {summary.get('cases_found')} case(s) found"
+    ]
     if len(summary.get("releases") or {}) > 1:
-        lines.append("folders: " + ", ".join(f"{folder} ({release})" for folder, release in summary["releases"].items()))
+        lines.append(
+            "folders: " + ", ".join(f"{folder} ({release})" for folder, release in summary["releases"].items())
+        )
     idm = summary.get("id_mapping") or {}
     if idm.get("tables"):
         lines.append(
@@ -1281,13 +1321,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "grade, skipped cases and why. Report text is never printed."
         ),
     )
-    p.add_argument("data_dir", nargs="+", help="BraTS release folder(s) (holding HGG/LGG or the case folders); several are merged")
+    p.add_argument(
+        "data_dir", nargs="+", help="BraTS release folder(s) (holding HGG/LGG or the case folders); several are merged"
+    )
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--reports", default=None, help="reports file (CSV/JSONL/JSON with case id + text columns)")
-    p.add_argument("--release", nargs="+", default=["auto"], help=f"auto (default) or a release of the release table ({', '.join(RELEASES)}): one for all folders, or one per folder")
-    p.add_argument("--id-mapping", nargs="+", default=None,
-                   help="id table(s): BraTS 2020 name_mapping.csv and/or BraTS 2021 BraTS21-17_Mapping.csv (reports, grades and patients across releases)")
-    p.add_argument("--allow-missing-sequences", action="store_true", help="keep cases that lack some of the four sequences")
+    p.add_argument(
+        "--release",
+        nargs="+",
+        default=["auto"],
+        help=f"auto (default) or a release of the release table ({', '.join(RELEASES)}): one for all folders, or one per folder",
+    )
+    p.add_argument(
+        "--id-mapping",
+        nargs="+",
+        default=None,
+        help="id table(s): BraTS 2020 name_mapping.csv and/or BraTS 2021 BraTS21-17_Mapping.csv (reports, grades and patients across releases)",
+    )
+    p.add_argument(
+        "--allow-missing-sequences", action="store_true", help="keep cases that lack some of the four sequences"
+    )
     p.add_argument(
         "--splits",
         nargs="+",
@@ -1301,9 +1354,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--patient-map", default=None, help="CSV mapping case id -> patient id")
     p.add_argument("--require-reports", action="store_true", help="a case without report is an error")
-    p.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="stop at a bad case, or skip and list it")
-    p.add_argument("--no-voxel-check", action="store_true", help="check headers only (no NaN / label-value / truncation check)")
-    p.add_argument("--format", choices=("arrow", "parquet"), default="arrow", help="arrow: save_to_disk; parquet: Hub layout")
+    p.add_argument(
+        "--on-error", choices=("raise", "skip"), default="raise", help="stop at a bad case, or skip and list it"
+    )
+    p.add_argument(
+        "--no-voxel-check", action="store_true", help="check headers only (no NaN / label-value / truncation check)"
+    )
+    p.add_argument(
+        "--format", choices=("arrow", "parquet"), default="arrow", help="arrow: save_to_disk; parquet: Hub layout"
+    )
     p.add_argument("--cache-dir", default=None, help="datasets cache folder")
     p.add_argument("--num-proc", type=int, default=None)
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")

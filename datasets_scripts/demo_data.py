@@ -251,8 +251,9 @@ def _draw_composition(rng: np.random.Generator, grade: str, lgg_enhancing_fracti
     return dict(et=et, ncr=ncr, oedema=1.0 - et - ncr, wt_share=wt_share)
 
 
-def _pick_tumour(rng: np.random.Generator, grade: str, semi: np.ndarray, mm: float, comp: Dict[str, float],
-                 brain_voxels: int) -> Dict[str, object]:
+def _pick_tumour(
+    rng: np.random.Generator, grade: str, semi: np.ndarray, mm: float, comp: Dict[str, float], brain_voxels: int
+) -> Dict[str, object]:
     """The tumour's parameters: target voxel counts from the drawn composition, position (normalised brain
     coordinates), the equivalent-sphere radii of the core and the whole tumour (normalised) and the look."""
     side = 1.0 if rng.random() < 0.5 else -1.0  # sign of the first-axis offset from the midline
@@ -454,7 +455,9 @@ def _draw_tumour(g: _Grid, t: Dict[str, object], tissue: np.ndarray, wx: np.ndar
     return box, new
 
 
-def _render_images(g: _Grid, tissue: np.ndarray, box, new: np.ndarray, heterogeneity: float, rng) -> Dict[str, np.ndarray]:
+def _render_images(
+    g: _Grid, tissue: np.ndarray, box, new: np.ndarray, heterogeneity: float, rng
+) -> Dict[str, np.ndarray]:
     """The four int16 sequences: tissue intensities with jitter and gain, tumour texture, partial-volume blur,
     a smooth bias field and Rician noise; background exactly 0, like skull-stripped BraTS images.
 
@@ -524,8 +527,16 @@ def generate_case(
     # findings read back from the generated volumes
     affine = brats_affine(shape)
     findings = _findings(
-        label=label, tissue=tissue, ventricles=ventricles & g.brain, brain_voxels=int(g.brain.sum()),
-        gx=g.gx, gy=g.gy, gz=g.gz, centre=g.centre, affine=affine, mass_effect=t["mass_effect"],
+        label=label,
+        tissue=tissue,
+        ventricles=ventricles & g.brain,
+        brain_voxels=int(g.brain.sum()),
+        gx=g.gx,
+        gy=g.gy,
+        gz=g.gz,
+        centre=g.centre,
+        affine=affine,
+        mass_effect=t["mass_effect"],
         heterogeneity=t["heterogeneity"],
     )
     # the report's noise has its own stream, drawn from the seed and the case number only
@@ -533,8 +544,15 @@ def generate_case(
     report = _write_report(findings, report_rng)
     if with_history:
         report = _history_line(grade, findings, report_rng) + " " + report
-    return DemoCase(case_id=demo_case_id(index), grade=grade, images=images, label=label, report=report,
-                    affine=affine, findings=findings)
+    return DemoCase(
+        case_id=demo_case_id(index),
+        grade=grade,
+        images=images,
+        label=label,
+        report=report,
+        affine=affine,
+        findings=findings,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -574,7 +592,9 @@ def _lobes_of_mask(mask: np.ndarray, gx, gy, gz, min_share: float = 0.15) -> Lis
     return lobes or [_LOBES[int(order[0])]]
 
 
-def _findings(*, label, tissue, ventricles, brain_voxels, gx, gy, gz, centre, affine, mass_effect, heterogeneity) -> Dict[str, object]:
+def _findings(
+    *, label, tissue, ventricles, brain_voxels, gx, gy, gz, centre, affine, mass_effect, heterogeneity
+) -> Dict[str, object]:
     """What can be read back from the generated label map (no grade: the report writer never sees it).
 
     The tissue map is used only for the necrosis volume that is stored for tests; the report itself reads
@@ -600,8 +620,12 @@ def _findings(*, label, tissue, ventricles, brain_voxels, gx, gy, gz, centre, af
     ratio = ipsi / max(contra, 1)
     n_core, n_oed, n_ncr, n_enh = int(core.sum()), int(oed.sum()), int(ncr.sum()), int(enh.sum())
     n_ncr_parts = int(ndimage.label(ncr)[1]) if n_ncr else 0
-    lesion_lobes = _lobes_of_mask(_central_part(core if n_core else wt, _LOBE_READING_SHARE[0] * brain_voxels), gx, gy, gz)
-    oedema_lobes = _lobes_of_mask(_central_part(oed, _LOBE_READING_SHARE[1] * brain_voxels), gx, gy, gz) if n_oed else []
+    lesion_lobes = _lobes_of_mask(
+        _central_part(core if n_core else wt, _LOBE_READING_SHARE[0] * brain_voxels), gx, gy, gz
+    )
+    oedema_lobes = (
+        _lobes_of_mask(_central_part(oed, _LOBE_READING_SHARE[1] * brain_voxels), gx, gy, gz) if n_oed else []
+    )
     return dict(
         hemisphere=hemisphere,
         lesion_lobes=lesion_lobes,
@@ -612,8 +636,14 @@ def _findings(*, label, tissue, ventricles, brain_voxels, gx, gy, gz, centre, af
         ncr_parts=n_ncr_parts,
         ventricle_ratio=round(float(ratio), 3),
         heterogeneity=round(float(heterogeneity), 3),
-        volumes=dict(wt=int(wt.sum()), core=n_core, oedema=n_oed, ncr=n_ncr, necrosis=int((tissue == _NECROSIS).sum()),
-                     enhancing=n_enh),
+        volumes=dict(
+            wt=int(wt.sum()),
+            core=n_core,
+            oedema=n_oed,
+            ncr=n_ncr,
+            necrosis=int((tissue == _NECROSIS).sum()),
+            enhancing=n_enh,
+        ),
         centroid_index=[round(float(c), 1) for c in centroid],
         mass_effect=round(float(mass_effect), 3),
     )
@@ -672,8 +702,12 @@ READER_NOISE: Dict[str, float] = {
     "side_named": 0.5,  # P(the compression sentence names the ventricle's side)
 }
 _EXTENT_REFERENCE = 0.105  # oedema reach (:func:`_oedema_reach`) read as neither large nor small; the median is 0.118
-_NEIGHBOUR_LOBES = {"frontal": ("parietal", "temporal"), "parietal": ("frontal", "occipital", "temporal"),
-                    "temporal": ("parietal", "occipital", "frontal"), "occipital": ("parietal", "temporal")}
+_NEIGHBOUR_LOBES = {
+    "frontal": ("parietal", "temporal"),
+    "parietal": ("frontal", "occipital", "temporal"),
+    "temporal": ("parietal", "occipital", "frontal"),
+    "occipital": ("parietal", "temporal"),
+}
 
 
 def _read_lobes(rng, lobes: Sequence[str]) -> List[str]:
@@ -728,23 +762,32 @@ def _oedema_sentence(f: Dict[str, object], rng: np.random.Generator) -> str:
     oed_loc = _location(rng, side, oed_lobes)
     perceived = 3.0 * np.log(float(f["oedema_reach"]) / _EXTENT_REFERENCE) + rng.normal(0.0, noise["extent_log_sd"])
     if perceived > 0.7:
-        s = _pick(rng, [
-            f"Edema is extensive, mainly located in {oed_loc}, with high signal indicating marked swelling of the surrounding tissue.",
-            f"Edema is significant with high signals spreading widely through {oed_loc}, covering a large area.",
-            f"Edema is a large area of high signal in {oed_loc}, extending well beyond the lesion margins.",
-        ])
+        s = _pick(
+            rng,
+            [
+                f"Edema is extensive, mainly located in {oed_loc}, with high signal indicating marked swelling of the surrounding tissue.",
+                f"Edema is significant with high signals spreading widely through {oed_loc}, covering a large area.",
+                f"Edema is a large area of high signal in {oed_loc}, extending well beyond the lesion margins.",
+            ],
+        )
     elif perceived > -1.8:
-        s = _pick(rng, [
-            f"Edema is significant, seen as high signal around the lesion in {oed_loc}.",
-            f"Edema is significant with high signal in the vicinity of the lesion in {oed_loc}, indicating a certain degree of swelling.",
-            f"Edema is observed as a significant high signal area surrounding the lesion, mainly in {oed_loc}.",
-            f"Edema is significant, with high signal extending into {oed_loc}.",
-        ])
+        s = _pick(
+            rng,
+            [
+                f"Edema is significant, seen as high signal around the lesion in {oed_loc}.",
+                f"Edema is significant with high signal in the vicinity of the lesion in {oed_loc}, indicating a certain degree of swelling.",
+                f"Edema is observed as a significant high signal area surrounding the lesion, mainly in {oed_loc}.",
+                f"Edema is significant, with high signal extending into {oed_loc}.",
+            ],
+        )
     else:
-        s = _pick(rng, [
-            f"Edema is mild, limited to a thin high signal rim around the lesion in {oed_loc}.",
-            "Edema is slight, confined to the tissue immediately surrounding the lesion.",
-        ])
+        s = _pick(
+            rng,
+            [
+                f"Edema is mild, limited to a thin high signal rim around the lesion in {oed_loc}.",
+                "Edema is slight, confined to the tissue immediately surrounding the lesion.",
+            ],
+        )
     return s
 
 
@@ -756,21 +799,34 @@ def _necrosis_sentence(f: Dict[str, object], rng: np.random.Generator) -> str:
     described = rng.random() < (noise["necrosis_seen"] if has_ncr else noise["necrosis_overcalled"])
     if described:
         scattered = int(f["ncr_parts"]) > 1
-        where = _pick(rng, ["in the central region of the lesion", "within the lesion", "in the centre of the lesion",
-                            "scattered within the lesion" if scattered else "in the inner part of the lesion"])
+        where = _pick(
+            rng,
+            [
+                "in the central region of the lesion",
+                "within the lesion",
+                "in the centre of the lesion",
+                "scattered within the lesion" if scattered else "in the inner part of the lesion",
+            ],
+        )
         if rng.random() < noise["necrosis_hedged"]:
-            s = _pick(rng, [
-                f"Necrosis may be present {where}, where areas of low signal suggest necrotic change.",
-                f"Necrosis is possibly present {where}, with uneven low signal areas.",
-                f"Necrosis is suspected {where}, where the signal is uneven.",
-            ])
+            s = _pick(
+                rng,
+                [
+                    f"Necrosis may be present {where}, where areas of low signal suggest necrotic change.",
+                    f"Necrosis is possibly present {where}, with uneven low signal areas.",
+                    f"Necrosis is suspected {where}, where the signal is uneven.",
+                ],
+            )
         else:
-            s = _pick(rng, [
-                f"Necrosis is observed {where} as areas of low signal.",
-                f"Necrosis is seen {where}, with low signal and uneven intensity.",
-                f"Necrosis is present {where}, showing mixed high and low signal.",
-                f"Necrosis is indicated by patchy low signal areas {where}.",
-            ])
+            s = _pick(
+                rng,
+                [
+                    f"Necrosis is observed {where} as areas of low signal.",
+                    f"Necrosis is seen {where}, with low signal and uneven intensity.",
+                    f"Necrosis is present {where}, showing mixed high and low signal.",
+                    f"Necrosis is indicated by patchy low signal areas {where}.",
+                ],
+            )
     else:
         s = _pick(rng, ["Necrosis is not observed.", "Necrosis is not clearly observed within the lesion."])
     return s
@@ -784,20 +840,32 @@ def _ventricle_sentence(f: Dict[str, object], rng: np.random.Generator) -> str:
     ratio = float(f["ventricle_ratio"]) * float(np.exp(rng.normal(0.0, noise["ratio_log_sd"])))
     ventricle = f"the {side} lateral ventricle" if rng.random() < noise["side_named"] else "the adjacent ventricle"
     if ratio > 1.0:
-        s = _pick(rng, ["Ventricular compression is not observed.", "Ventricular compression is not evident.",
-                        "Ventricular compression is not obvious."])
+        s = _pick(
+            rng,
+            [
+                "Ventricular compression is not observed.",
+                "Ventricular compression is not evident.",
+                "Ventricular compression is not obvious.",
+            ],
+        )
     elif ratio > 0.7:
-        s = _pick(rng, [
-            f"Ventricular compression is slight, with mild deformation of {ventricle}.",
-            f"Ventricular compression is mild, {ventricle} appearing somewhat narrowed.",
-            f"Ventricular compression is present, with slight deformation of {ventricle}.",
-        ])
+        s = _pick(
+            rng,
+            [
+                f"Ventricular compression is slight, with mild deformation of {ventricle}.",
+                f"Ventricular compression is mild, {ventricle} appearing somewhat narrowed.",
+                f"Ventricular compression is present, with slight deformation of {ventricle}.",
+            ],
+        )
     else:
-        s = _pick(rng, [
-            f"Ventricular compression is significant, with {ventricle} compressed and deformed.",
-            f"Ventricular compression is observed with noticeable deformation of {ventricle}.",
-            f"Ventricular compression is evident, {ventricle} being narrowed and displaced by the lesion.",
-        ])
+        s = _pick(
+            rng,
+            [
+                f"Ventricular compression is significant, with {ventricle} compressed and deformed.",
+                f"Ventricular compression is observed with noticeable deformation of {ventricle}.",
+                f"Ventricular compression is evident, {ventricle} being narrowed and displaced by the lesion.",
+            ],
+        )
     return s
 
 
@@ -920,8 +988,17 @@ def write_demo_dataset(
 
     _update_name_mapping(out / "name_mapping.csv", rows)
     generated = (demo_case_ids(out) or set()) | {row[-1] for row in rows}
-    write_json(out / DEMO_MARKER, {"generator": DEMO_GENERATOR, "version": DEMO_DATA_VERSION, "seed": int(seed), "size": list(shape),
-                                   "case_ids": sorted(generated)}, indent=1)
+    write_json(
+        out / DEMO_MARKER,
+        {
+            "generator": DEMO_GENERATOR,
+            "version": DEMO_DATA_VERSION,
+            "seed": int(seed),
+            "size": list(shape),
+            "case_ids": sorted(generated),
+        },
+        indent=1,
+    )
     return out
 
 
@@ -1037,13 +1114,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("out", type=Path, help="output folder")
     p.add_argument("--n-cases", type=int, default=20, help="number of cases (default 20)")
-    p.add_argument("--size", type=_size_arg, default="small", help="small (64x64x48), medium (96x96x64), full (240x240x155) or XxYxZ")
+    p.add_argument(
+        "--size",
+        type=_size_arg,
+        default="small",
+        help="small (64x64x48), medium (96x96x64), full (240x240x155) or XxYxZ",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hgg-fraction", type=float, default=0.5, help="share of high-grade cases (default 0.5)")
-    p.add_argument("--history", type=float, default=0.0,
-                   help="probability of a clinical-history line (default 0: real TextBraTS reports have none; its age follows the grade)")
-    p.add_argument("--lgg-enhancing-fraction", type=float, default=LGG_ENHANCING_FRACTION,
-                   help=f"share of low-grade tumours with a small enhancing nodule (default {LGG_ENHANCING_FRACTION})")
+    p.add_argument(
+        "--history",
+        type=float,
+        default=0.0,
+        help="probability of a clinical-history line (default 0: real TextBraTS reports have none; its age follows the grade)",
+    )
+    p.add_argument(
+        "--lgg-enhancing-fraction",
+        type=float,
+        default=LGG_ENHANCING_FRACTION,
+        help=f"share of low-grade tumours with a small enhancing nodule (default {LGG_ENHANCING_FRACTION})",
+    )
     p.add_argument("--start-index", type=int, default=1, help="number of the first case id")
     p.set_defaults(func=_run)
     return p

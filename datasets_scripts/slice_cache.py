@@ -274,7 +274,9 @@ def _to_source(item: Any, reports: Optional[Mapping[str, str]], allow_missing_se
             report=report,
             source_dir=item.get("source_dir"),
         )
-    raise ValueError(f"Cannot cache {type(item).__name__}: expected a CaseFiles or a mapping with case_id and sequences.")
+    raise ValueError(
+        f"Cannot cache {type(item).__name__}: expected a CaseFiles or a mapping with case_id and sequences."
+    )
 
 
 def _is_path(value: Any) -> bool:
@@ -364,7 +366,9 @@ def _tokenizer_fingerprint(tokenizer) -> Dict[str, Any]:
     return {"class": type(tokenizer).__name__, "vocab_sha256": vocab_hash, "vocab_size": len(vocab), "init": init}
 
 
-def cache_settings(image_processor: EmrFuseImageProcessor, tokenizer, max_length: Optional[int] = None) -> Dict[str, Any]:
+def cache_settings(
+    image_processor: EmrFuseImageProcessor, tokenizer, max_length: Optional[int] = None
+) -> Dict[str, Any]:
     """The preprocessing settings a cache depends on (a change triggers a rebuild).
 
     ``context_slices`` is left out: the cache stores volumes; neighbouring slices are stacked when
@@ -563,8 +567,12 @@ def _run_volume_jobs(jobs: List[Tuple[Any, ...]], num_workers: int, bar) -> List
 
 
 def _case_meta(
-    src: _Source, vmeta: Dict[str, Any], processor: EmrFuseProcessor, settings: Mapping[str, Any],
-    settings_hash: str, key: str,
+    src: _Source,
+    vmeta: Dict[str, Any],
+    processor: EmrFuseProcessor,
+    settings: Mapping[str, Any],
+    settings_hash: str,
+    key: str,
 ) -> Dict[str, Any]:
     """A case's ``meta.json``: its identity, the array metadata and the encoded report."""
     enc = processor.encode_reports([src.report], max_length=settings["max_length"], return_tensors=None)
@@ -588,7 +596,9 @@ def _case_meta(
     }
 
 
-def _write_manifest(cache_dir: Path, settings: Mapping[str, Any], settings_hash: str, sources: Sequence[_Source]) -> None:
+def _write_manifest(
+    cache_dir: Path, settings: Mapping[str, Any], settings_hash: str, sources: Sequence[_Source]
+) -> None:
     """Record the cached case ids; several splits may share one cache folder, so the ids of an
     earlier build with the same settings are kept."""
     manifest_path = cache_dir / _MANIFEST
@@ -598,7 +608,12 @@ def _write_manifest(cache_dir: Path, settings: Mapping[str, Any], settings_hash:
         known = set(old_manifest.get("cases", []))
     known |= {s.case_id for s in sources}
     _atomic_json(
-        {"format_version": CACHE_FORMAT_VERSION, "settings": settings, "settings_hash": settings_hash, "cases": sorted(known)},
+        {
+            "format_version": CACHE_FORMAT_VERSION,
+            "settings": settings,
+            "settings_hash": settings_hash,
+            "cases": sorted(known),
+        },
         manifest_path,
     )
 
@@ -662,7 +677,9 @@ def build_cache(
     _check_unique_ids(sources)
     metas, todo = _plan_rebuilds(sources, cache_dir, settings_hash, fingerprint, force)
 
-    bar = tqdm(total=len(sources), desc="caching cases", unit="case", disable=not progress, initial=len(sources) - len(todo))
+    bar = tqdm(
+        total=len(sources), desc="caching cases", unit="case", disable=not progress, initial=len(sources) - len(todo)
+    )
     try:
         jobs = [(sources[i], info["case_dir"], image_processor) for i, info in todo]
         volume_metas = _run_volume_jobs(jobs, num_workers, bar)
@@ -703,7 +720,9 @@ def load_cache(cache_dir: Union[str, Path], case_ids: Optional[Sequence[str]] = 
         if meta is None:
             raise ValueError(f"{cache_dir}: case {cid} is not in the cache.")
         if meta.get("settings_hash") != manifest["settings_hash"]:
-            raise ValueError(f"{cache_dir}: case {cid} was cached with other preprocessing settings; rebuild the cache.")
+            raise ValueError(
+                f"{cache_dir}: case {cid} was cached with other preprocessing settings; rebuild the cache."
+            )
         out.append(CachedCase.from_meta(case_dir, meta))
     return out
 
@@ -939,7 +958,9 @@ class SliceDataset(Dataset):
         self.balance_grades = bool(balance_grades)
         self.grading_bag = bool(grading_bag)
         self.grading_slices = grading_slices
-        self._case_weights = case_draw_weights(self._num_slices, [c.grade for c in self.cases] if balance_grades else None)
+        self._case_weights = case_draw_weights(
+            self._num_slices, [c.grade for c in self.cases] if balance_grades else None
+        )
         self._offsets = np.concatenate([[0], np.cumsum(self._num_slices)])
         self.samples_per_epoch = int(samples_per_epoch) if samples_per_epoch else int(self._offsets[-1])
 
@@ -1042,7 +1063,9 @@ class SliceDataset(Dataset):
         elif self.train:
             hi, wi = x.shape[-2:]
             ho, wo = self.image_size
-            offset = tuple(int(rng.integers(-(abs(n - t) // 2), abs(n - t) // 2 + 1)) for n, t in zip((hi, wi), (ho, wo)))
+            offset = tuple(
+                int(rng.integers(-(abs(n - t) // 2), abs(n - t) // 2 + 1)) for n, t in zip((hi, wi), (ho, wo))
+            )
             x, bits = _centre_fit(x, self.image_size, offset), _centre_fit(bits, self.image_size, offset)
         else:
             x, bits = _centre_fit(x, self.image_size), _centre_fit(bits, self.image_size)
@@ -1103,7 +1126,9 @@ def _collate_slices(batch: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
             order[cid] = len(order)
             firsts.append(item)
         slice_to_case.append(order[cid])
-    ids, mask, tt = _pad_tokens([f["input_ids"] for f in firsts], [f["token_type_ids"] for f in firsts], firsts[0]["pad_token_id"])
+    ids, mask, tt = _pad_tokens(
+        [f["input_ids"] for f in firsts], [f["token_type_ids"] for f in firsts], firsts[0]["pad_token_id"]
+    )
     return {
         "pixel_values": torch.stack([item["pixel_values"] for item in batch]),
         "labels": torch.stack([item["labels"] for item in batch]),
@@ -1250,7 +1275,9 @@ def collate_cases(batch: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
 def _collate_cases(batch: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
     sizes = {tuple(item["pixel_values"].shape[-2:]) for item in batch}
     if len(sizes) != 1:
-        raise ValueError(f"collate_cases: cases have different in-plane sizes {sorted(sizes)}; set CaseDataset(image_size=...).")
+        raise ValueError(
+            f"collate_cases: cases have different in-plane sizes {sorted(sizes)}; set CaseDataset(image_size=...)."
+        )
     ids, mask, tt = _pad_tokens(
         [item["input_ids"][0][item["attention_mask"][0] > 0].numpy() for item in batch],
         [item["token_type_ids"][0][item["attention_mask"][0] > 0].numpy() for item in batch],
@@ -1258,7 +1285,9 @@ def _collate_cases(batch: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
     )
     out = {
         "pixel_values": torch.cat([item["pixel_values"] for item in batch]),
-        "slice_to_case": torch.cat([torch.full((item["pixel_values"].shape[0],), i, dtype=torch.long) for i, item in enumerate(batch)]),
+        "slice_to_case": torch.cat(
+            [torch.full((item["pixel_values"].shape[0],), i, dtype=torch.long) for i, item in enumerate(batch)]
+        ),
         "input_ids": ids,
         "attention_mask": mask,
         "token_type_ids": tt,

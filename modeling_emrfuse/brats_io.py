@@ -241,7 +241,9 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 def _sitk_affine(direction: Sequence[float], spacing: Sequence[float], origin: Sequence[float]) -> np.ndarray:
     """nibabel-style (RAS+) affine of a SimpleITK image (or image header) indexed as (X, Y, Z)."""
     affine = np.eye(4)
-    affine[:3, :3] = _LPS_TO_RAS @ np.asarray(direction, dtype=float).reshape(3, 3) @ np.diag(np.asarray(spacing, dtype=float))
+    affine[:3, :3] = (
+        _LPS_TO_RAS @ np.asarray(direction, dtype=float).reshape(3, 3) @ np.diag(np.asarray(spacing, dtype=float))
+    )
     affine[:3, 3] = _LPS_TO_RAS @ np.asarray(origin, dtype=float)
     return affine
 
@@ -395,7 +397,9 @@ def read_volume_and_header(path: Path | str) -> Tuple[Volume, Any]:
         except Exception as exc:
             raise ValueError(f"{path}: unreadable or truncated MetaImage ({type(exc).__name__}: {exc}).") from exc
         if image.GetNumberOfComponentsPerPixel() != 1:
-            raise ValueError(f"{path}: expected a scalar volume, got {image.GetNumberOfComponentsPerPixel()} components per voxel.")
+            raise ValueError(
+                f"{path}: expected a scalar volume, got {image.GetNumberOfComponentsPerPixel()} components per voxel."
+            )
         if array.ndim != 3:
             raise ValueError(f"{path}: expected a 3D volume, got an array of shape {array.shape}.")
         array = np.ascontiguousarray(array.transpose(2, 1, 0))
@@ -612,26 +616,71 @@ _DOC_2017 = "``{HGG,LGG}/<case>/<case>_{flair,t1,t1ce,t2,seg}.nii.gz``"
 _DOC_2023 = "flat ``BraTS-GLI-XXXXX-XXX/BraTS-GLI-XXXXX-XXX-{t1n,t1c,t2w,t2f,seg}.nii.gz``"
 _GLI_CONTINUES_2021 = (re.compile(r"^BraTS-GLI-(?P<number>\d{5})-\d{3}$"), "BraTS2021_{number}")
 for _release in (
-    Release("2013", "graded", None, _NAMES_2015, _LABELS_2015, sequence_folder=_VSD_FOLDER,
-            layout_doc="as 2015 (selected with ``release='2013'`` only)"),
-    Release("2015", "flat", _pattern(r"^(?P<patient>brats_(?:2013|tcia)_pat\d+)_\d+$"), _NAMES_2015, _LABELS_2015,
-            sequence_folder=_VSD_FOLDER, detect=("sequence_folder", "case_id"),
-            layout_doc="``{HGG,LGG}/<case>/VSD.Brain.XX.O.MR_{Flair,T1,T1c,T2}.<id>/*.mha`` + "
-                       "``VSD.Brain_3more.XX.O.OT.<id>/*.mha``; or ``brats_2013_patNNNN_M/{Flair,T1c,...,OTMultiClass}"
-                       ".nii.gz`` exports"),
+    Release(
+        "2013",
+        "graded",
+        None,
+        _NAMES_2015,
+        _LABELS_2015,
+        sequence_folder=_VSD_FOLDER,
+        layout_doc="as 2015 (selected with ``release='2013'`` only)",
+    ),
+    Release(
+        "2015",
+        "flat",
+        _pattern(r"^(?P<patient>brats_(?:2013|tcia)_pat\d+)_\d+$"),
+        _NAMES_2015,
+        _LABELS_2015,
+        sequence_folder=_VSD_FOLDER,
+        detect=("sequence_folder", "case_id"),
+        layout_doc="``{HGG,LGG}/<case>/VSD.Brain.XX.O.MR_{Flair,T1,T1c,T2}.<id>/*.mha`` + "
+        "``VSD.Brain_3more.XX.O.OT.<id>/*.mha``; or ``brats_2013_patNNNN_M/{Flair,T1c,...,OTMultiClass}"
+        ".nii.gz`` exports",
+    ),
     Release("2017", "graded", _pattern(r"^brats17_"), detect=("case_id",), layout_doc=_DOC_2017),
     Release("2018", "graded", _pattern(r"^brats18_"), detect=("case_id",), fallback=True, layout_doc=_DOC_2017),
     Release("2019", "graded", _pattern(r"^brats19_"), detect=("case_id",), layout_doc=_DOC_2017),
-    Release("2020", "flat", _pattern(r"^brats20_"), grade_table="name_mapping*.csv", detect=("grade_table", "case_id"),
-            layout_doc="flat ``<case>/<case>_{flair,t1,t1ce,t2,seg}.nii[.gz]`` + ``name_mapping.csv``"),
-    Release("2021", "flat", _pattern(r"^brats2021_\d+$"), detect=("case_id",), fallback=True,
-            layout_doc="flat ``BraTS2021_XXXXX/BraTS2021_XXXXX_{flair,t1,t1ce,t2,seg}.nii.gz``"),
-    Release("2023", "flat", re.compile(r"^(?P<patient>BraTS-[A-Za-z]+-\d+)-\d+$"), _NAMES_2023,
-            detect=("sequence_names",), earlier_id=_GLI_CONTINUES_2021, layout_doc=_DOC_2023),
-    Release("2024", "flat", re.compile(r"^(?P<patient>BraTS-[A-Za-z]+-\d+)-\d+$"), _NAMES_2023,
-            earlier_id=_GLI_CONTINUES_2021, layout_doc=_DOC_2023),
-    Release("2025", "flat", re.compile(r"^(?P<patient>BraTS-[A-Za-z]+-\d+)-\d+$"), _NAMES_2023,
-            earlier_id=_GLI_CONTINUES_2021, layout_doc=_DOC_2023),
+    Release(
+        "2020",
+        "flat",
+        _pattern(r"^brats20_"),
+        grade_table="name_mapping*.csv",
+        detect=("grade_table", "case_id"),
+        layout_doc="flat ``<case>/<case>_{flair,t1,t1ce,t2,seg}.nii[.gz]`` + ``name_mapping.csv``",
+    ),
+    Release(
+        "2021",
+        "flat",
+        _pattern(r"^brats2021_\d+$"),
+        detect=("case_id",),
+        fallback=True,
+        layout_doc="flat ``BraTS2021_XXXXX/BraTS2021_XXXXX_{flair,t1,t1ce,t2,seg}.nii.gz``",
+    ),
+    Release(
+        "2023",
+        "flat",
+        re.compile(r"^(?P<patient>BraTS-[A-Za-z]+-\d+)-\d+$"),
+        _NAMES_2023,
+        detect=("sequence_names",),
+        earlier_id=_GLI_CONTINUES_2021,
+        layout_doc=_DOC_2023,
+    ),
+    Release(
+        "2024",
+        "flat",
+        re.compile(r"^(?P<patient>BraTS-[A-Za-z]+-\d+)-\d+$"),
+        _NAMES_2023,
+        earlier_id=_GLI_CONTINUES_2021,
+        layout_doc=_DOC_2023,
+    ),
+    Release(
+        "2025",
+        "flat",
+        re.compile(r"^(?P<patient>BraTS-[A-Za-z]+-\d+)-\d+$"),
+        _NAMES_2023,
+        earlier_id=_GLI_CONTINUES_2021,
+        layout_doc=_DOC_2023,
+    ),
 ):
     register_release(_release)
 del _release
@@ -643,13 +692,18 @@ KNOWN_RELEASES: Tuple[str, ...] = tuple(RELEASES)
 def release_table_markdown() -> str:
     """The release table as a Markdown table (release, layout, sequence names, label convention, grade,
     detection): the README's data section shows it."""
-    lines = ["| release | layout | sequences (t1, t1ce, t2, flair) | labels | grade | detected by |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| release | layout | sequences (t1, t1ce, t2, flair) | labels | grade | detected by |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in RELEASES.values():
         grade = {"folder": "HGG/LGG folder", "table": f"``{r.grade_table}``", None: "none"}[r.grade_from]
-        detect = ", ".join(r.detect) + (", fallback" if r.fallback else "") if r.detect or r.fallback else "release= only"
-        lines.append(f"| {r.name} | {r.layout_doc} | {', '.join(r.sequence_names)} | {r.label_convention} | {grade} "
-                     f"| {detect} |")
+        detect = (
+            ", ".join(r.detect) + (", fallback" if r.fallback else "") if r.detect or r.fallback else "release= only"
+        )
+        lines.append(
+            f"| {r.name} | {r.layout_doc} | {', '.join(r.sequence_names)} | {r.label_convention} | {grade} | {detect} |"
+        )
     return "\n".join(lines)
 
 
@@ -681,8 +735,11 @@ def _name_token(stem: str) -> str:
     tokens = [t.lower() for t in re.split(r"[_\-]", stem) if t]
     token = tokens[-1] if tokens else ""
     known = label_names()
-    if token not in SEQUENCE_ALIASES and token not in known and tokens and (
-        tokens[0] in SEQUENCE_ALIASES or tokens[0] in known
+    if (
+        token not in SEQUENCE_ALIASES
+        and token not in known
+        and tokens
+        and (tokens[0] in SEQUENCE_ALIASES or tokens[0] in known)
     ):
         token = tokens[0]
     return token
@@ -694,7 +751,9 @@ def named_like(release: Release | str, sequence_tokens: Iterable[str], case_id: 
     release = RELEASES[release] if isinstance(release, str) else release
     tokens = {str(t).lower() for t in sequence_tokens}
     own = {n.lower() for n in release.sequence_names}
-    others = {n.lower() for r in RELEASES.values() if r.sequence_names != release.sequence_names for n in r.sequence_names}
+    others = {
+        n.lower() for r in RELEASES.values() if r.sequence_names != release.sequence_names for n in r.sequence_names
+    }
     if tokens & (own - others):
         return True
     in_release = bool(case_id) and release.case_id is not None and bool(release.case_id.match(str(case_id)))
@@ -844,6 +903,7 @@ def _save_label_cache() -> None:
 def _read_label_facts(paths: Sequence[Path]) -> None:
     """Read the label files not yet cached (memory, then the cache file), in threads (decompression releases
     the GIL); errors are left for the per-case check, which names the case."""
+
     def read(path: Path) -> None:
         try:
             _label_facts(path)
@@ -982,7 +1042,9 @@ class _RawCase:
     def put_sequence(self, name: str, path: Path) -> None:
         if name in self.sequences:
             raise _CaseProblem(
-                self.case_id, self.case_dir, f"two files for sequence {name!r}: {self.sequences[name].name} and {path.name}"
+                self.case_id,
+                self.case_dir,
+                f"two files for sequence {name!r}: {self.sequences[name].name} and {path.name}",
             )
         self.sequences[name] = path
 
@@ -1108,7 +1170,9 @@ def _read_grade_table(data_dir: Path, release: Release) -> Tuple[Dict[str, str],
     return grades, grade_files
 
 
-def _add_grade(grades: Dict[str, str], row: Mapping[str, Any], grade_column: str, id_columns: Sequence[str], where: str) -> None:
+def _add_grade(
+    grades: Dict[str, str], row: Mapping[str, Any], grade_column: str, id_columns: Sequence[str], where: str
+) -> None:
     grade = (row.get(grade_column) or "").strip().upper()
     if not grade:
         return
@@ -1230,8 +1294,15 @@ def _duplicate_ids(scanned: Sequence[_RawCase], problem: _Problems) -> set:
     return set(duplicates)
 
 
-def _build_cases(root: Path, graded: bool, scanned: Sequence[_RawCase], release: Release, result: CaseList,
-                 problem: _Problems, allow_missing_sequences: bool) -> None:
+def _build_cases(
+    root: Path,
+    graded: bool,
+    scanned: Sequence[_RawCase],
+    release: Release,
+    result: CaseList,
+    problem: _Problems,
+    allow_missing_sequences: bool,
+) -> None:
     """One :class:`CaseFiles` per usable scanned case, with its grade (folder or the release's grade table)."""
     grades, grade_files = ({}, []) if graded else _read_grade_table(root, release)
     duplicates = _duplicate_ids(scanned, problem)
@@ -1247,11 +1318,18 @@ def _build_cases(root: Path, graded: bool, scanned: Sequence[_RawCase], release:
         if grade is None and grade_files and not raw.graded_layout:
             result.warnings.append((raw.case_id, f"not in {', '.join(p.name for p in grade_files)}: grade unknown"))
         result.warnings.extend((raw.case_id, note) for note in raw.notes)
-        result.append(CaseFiles(
-            case_id=raw.case_id, release=release.name, label_convention=release.label_convention, grade=grade,
-            sequences={name: raw.sequences[name] for name in SEQUENCES if name in raw.sequences},
-            label=raw.label, report_path=raw.report_path, source_dir=raw.case_dir,
-        ))
+        result.append(
+            CaseFiles(
+                case_id=raw.case_id,
+                release=release.name,
+                label_convention=release.label_convention,
+                grade=grade,
+                sequences={name: raw.sequences[name] for name in SEQUENCES if name in raw.sequences},
+                label=raw.label,
+                report_path=raw.report_path,
+                source_dir=raw.case_dir,
+            )
+        )
 
 
 _NO_CASE_FIX = (
@@ -1261,7 +1339,10 @@ _NO_CASE_FIX = (
 
 
 def discover_cases(
-    data_dir: Path | str, release: str = "auto", on_error: str = "raise", allow_missing_sequences: bool = False,
+    data_dir: Path | str,
+    release: str = "auto",
+    on_error: str = "raise",
+    allow_missing_sequences: bool = False,
     check_files: bool = False,
 ) -> CaseList:
     """Find every case of a BraTS data folder (any release of :data:`RELEASES`).
@@ -1338,7 +1419,8 @@ def _check_shapes(case: "CaseFiles") -> None:
     for name, (other, path) in rest:
         if other != shape:
             raise _CaseProblem(
-                case.case_id, path,
+                case.case_id,
+                path,
                 f"{name} file {path}: shape {other} differs from {first} shape {shape} (sequences of different shapes); "
                 "resample or co-register the case's volumes onto one voxel grid, or remove the case",
             )
@@ -1350,14 +1432,25 @@ def _check_labels(case: "CaseFiles") -> None:
     try:
         values = _label_facts(Path(case.label)).values
     except (ValueError, OSError) as exc:
-        raise _CaseProblem(case.case_id, case.label, f"seg file {case.label} is unreadable or truncated: {exc}") from None
+        raise _CaseProblem(
+            case.case_id, case.label, f"seg file {case.label} is unreadable or truncated: {exc}"
+        ) from None
     allowed = get_label_convention(case.label_convention).valid_labels
     outside = [v for v in values if v not in allowed]
     if outside:
-        fits = [r.name for r in RELEASES.values() if r.detect and set(values) <= set(get_label_convention(r.label_convention).valid_labels)]
-        hint = f"pass the release whose labels these are (release= / --release: {', '.join(fits)})" if fits else "fix the label map"
+        fits = [
+            r.name
+            for r in RELEASES.values()
+            if r.detect and set(values) <= set(get_label_convention(r.label_convention).valid_labels)
+        ]
+        hint = (
+            f"pass the release whose labels these are (release= / --release: {', '.join(fits)})"
+            if fits
+            else "fix the label map"
+        )
         raise _CaseProblem(
-            case.case_id, case.label,
+            case.case_id,
+            case.label,
             f"seg file {case.label}: label values {outside} are outside the {case.label_convention} convention of release "
             f"{case.release} (allowed {list(allowed)}); {hint}",
         )
@@ -1409,8 +1502,13 @@ def discover_folders(
     origin: Dict[str, Path] = {}
     for i, folder in enumerate(folders):
         release = _release_for(folder, i, releases, len(folders))
-        found = discover_cases(folder, release=release, on_error=on_error,
-                               allow_missing_sequences=allow_missing_sequences, check_files=check_files)
+        found = discover_cases(
+            folder,
+            release=release,
+            on_error=on_error,
+            allow_missing_sequences=allow_missing_sequences,
+            check_files=check_files,
+        )
         merged.releases[str(folder)] = found.release
         for case in found:
             if case.case_id in origin:
@@ -1433,7 +1531,17 @@ def discover_folders(
 # --------------------------------------------------------------------------------------------
 # reports files
 # --------------------------------------------------------------------------------------------
-_ID_NAMES = ("case_id", "case", "id", "subject_id", "subject", "patient_id", "brats_id", "BraTS_2020_subject_ID", "name")
+_ID_NAMES = (
+    "case_id",
+    "case",
+    "id",
+    "subject_id",
+    "subject",
+    "patient_id",
+    "brats_id",
+    "BraTS_2020_subject_ID",
+    "name",
+)
 _TEXT_NAMES = ("text", "report", "report_text", "reports", "findings", "description", "content")
 
 
@@ -1445,8 +1553,9 @@ _ID_KEYS = tuple(_norm_key(n) for n in _ID_NAMES)
 _TEXT_KEYS = tuple(_norm_key(n) for n in _TEXT_NAMES)
 
 
-def _pick_column(columns: Sequence[str], candidates: Sequence[str], names: Sequence[str], what: str, path: Path,
-                 first_row: str) -> str:
+def _pick_column(
+    columns: Sequence[str], candidates: Sequence[str], names: Sequence[str], what: str, path: Path, first_row: str
+) -> str:
     """The column of ``columns`` whose normalised name is one of ``candidates``.
 
     The error names the file, how many columns the first row has and the names expected, never the
@@ -1520,8 +1629,11 @@ def read_reports(path: Path | str) -> Dict[str, str]:
         id_col = _pick_column(columns, _ID_KEYS, _ID_NAMES, "case id", path, first_row)
         text_col = _pick_column(columns, _TEXT_KEYS, _TEXT_NAMES, "report text", path, first_row)
     if not rows:
-        raise ValueError(f"{path}: the reports file holds no report (no row below the header)."
-                         if columns else f"{path}: the reports file holds no report.")
+        raise ValueError(
+            f"{path}: the reports file holds no report (no row below the header)."
+            if columns
+            else f"{path}: the reports file holds no report."
+        )
     out: Dict[str, str] = {}
     where = "row" if suffix == ".json" else "line"
     for line_no, row in rows:
@@ -1657,7 +1769,9 @@ def _case_files_meta(c: CaseFiles, allow_missing_sequences: bool = False) -> Dic
     }
 
 
-def _case_items(case: Any, affine: Any, release: str, allow_missing_sequences: bool) -> Tuple[Dict[str, Any], Dict[str, Any], Any]:
+def _case_items(
+    case: Any, affine: Any, release: str, allow_missing_sequences: bool
+) -> Tuple[Dict[str, Any], Dict[str, Any], Any]:
     """What :func:`load_case` was given, as ``(sequence -> item to read, layout facts, affine)``."""
     meta: Dict[str, Any] = {}
     if isinstance(case, CaseFiles) or all(hasattr(case, a) for a in ("case_id", "sequences", "source_dir")):
@@ -1686,7 +1800,9 @@ def _case_items(case: Any, affine: Any, release: str, allow_missing_sequences: b
         items = {name: value for name, value in items.items() if value is not None}
         missing = [s for s in SEQUENCES if s not in items]
         if not items:
-            raise ValueError(f"No MRI sequence given: got {sorted(map(str, case))}; need at least one of {list(SEQUENCES)}.")
+            raise ValueError(
+                f"No MRI sequence given: got {sorted(map(str, case))}; need at least one of {list(SEQUENCES)}."
+            )
         if missing and not allow_missing_sequences:
             raise ValueError(
                 f"Missing sequence(s) {missing}: got {sorted(map(str, case))}; need {list(SEQUENCES)} (or aliases), "
@@ -1696,12 +1812,16 @@ def _case_items(case: Any, affine: Any, release: str, allow_missing_sequences: b
         if affine is None and case.get("affine") is not None:
             affine = case["affine"]
         paths = [v for v in items.values() if isinstance(v, (str, os.PathLike))]
-        meta["label_convention"] = label_convention_from_file_names(paths) or label_convention_from_file_names(map(str, case))
+        meta["label_convention"] = label_convention_from_file_names(paths) or label_convention_from_file_names(
+            map(str, case)
+        )
         return items, meta, affine
     if isinstance(case, np.ndarray) or _is_tensor(case):
         array = case.detach().cpu().numpy() if _is_tensor(case) else case
         if array.ndim != 4 or array.shape[0] != len(SEQUENCES):
-            raise ValueError(f"Expected a case array of shape (4, X, Y, Z) in order {list(SEQUENCES)}, got {array.shape}.")
+            raise ValueError(
+                f"Expected a case array of shape (4, X, Y, Z) in order {list(SEQUENCES)}, got {array.shape}."
+            )
         return dict(zip(SEQUENCES, array)), meta, affine
     raise ValueError(
         f"Cannot read a case from {type(case).__name__}: pass a case folder, a dict {{sequence: path/array/image}} "
@@ -1709,8 +1829,9 @@ def _case_items(case: Any, affine: Any, release: str, allow_missing_sequences: b
     )
 
 
-def _one_grid(names: Sequence[str], loaded: Sequence[Tuple[np.ndarray, Optional[np.ndarray], Any, Optional[str]]],
-              affine: Any) -> Tuple[Dict[str, np.ndarray], np.ndarray, Any, Dict[str, str]]:
+def _one_grid(
+    names: Sequence[str], loaded: Sequence[Tuple[np.ndarray, Optional[np.ndarray], Any, Optional[str]]], affine: Any
+) -> Tuple[Dict[str, np.ndarray], np.ndarray, Any, Dict[str, str]]:
     """Check that the read sequences share one voxel grid: ``(volumes, affine, header, sources)``."""
     volumes: Dict[str, np.ndarray] = {}
     ref_name, ref_affine, header = None, None, None
@@ -1733,7 +1854,9 @@ def _one_grid(names: Sequence[str], loaded: Sequence[Tuple[np.ndarray, Optional[
                 )
     shapes = {n: tuple(v.shape) for n, v in volumes.items()}
     if len(set(shapes.values())) != 1:
-        shown = ", ".join(f"{n!r} {shape}" + (f" ({sources[n]})" if n in sources else "") for n, shape in shapes.items())
+        shown = ", ".join(
+            f"{n!r} {shape}" + (f" ({sources[n]})" if n in sources else "") for n, shape in shapes.items()
+        )
         raise ValueError(
             f"Sequences have different shapes: {shown}; resample or co-register the sequences onto one voxel grid "
             "before reading the case."
@@ -1801,7 +1924,9 @@ def load_case(
     else:
         loaded = [_item_to_volume(items[n], n) for n in names]
     volumes, ref_affine, header, sources = _one_grid(names, loaded, affine)
-    check_shear(ref_affine, f"case {meta['case_id']}" if meta.get("case_id") else next(iter(sources.values()), "the case"))
+    check_shear(
+        ref_affine, f"case {meta['case_id']}" if meta.get("case_id") else next(iter(sources.values()), "the case")
+    )
     missing_sequences = _zero_fill_missing(volumes) if allow_missing_sequences else []
     return LoadedCase(
         volumes={s: volumes[s] for s in SEQUENCES},

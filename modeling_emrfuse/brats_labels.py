@@ -92,7 +92,11 @@ LABEL_CONVENTIONS: Dict[str, LabelConvention] = {
     ),
     "brats2023": LabelConvention(
         name="brats2023",
-        labels={1: "non-enhancing tumour core", 2: "surrounding non-enhancing FLAIR hyperintensity", 3: "enhancing tumour"},
+        labels={
+            1: "non-enhancing tumour core",
+            2: "surrounding non-enhancing FLAIR hyperintensity",
+            3: "enhancing tumour",
+        },
         regions={"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)},
         edema_label=2,
         core_label=1,
@@ -198,7 +202,9 @@ def regions_to_label_map(regions: np.ndarray, convention: str | LabelConvention)
     return out
 
 
-def convert_label_map(label_map: np.ndarray, source: str | LabelConvention, target: str | LabelConvention) -> np.ndarray:
+def convert_label_map(
+    label_map: np.ndarray, source: str | LabelConvention, target: str | LabelConvention
+) -> np.ndarray:
     """Convert a label map between conventions through its regions (exact for 2017 <-> 2023)."""
     src, dst = get_label_convention(source), get_label_convention(target)
     if src.name == dst.name:

@@ -240,7 +240,9 @@ class EmrFuseConfig(PretrainedConfig):
             raise ValueError(f"context_slices must be an integer >= 0, got {self.context_slices!r}.")
         if not isinstance(self.sequence_presence, bool):
             raise ValueError(f"sequence_presence must be a bool, got {self.sequence_presence!r}.")
-        expected_chans = len(SEQUENCES) * (2 * self.context_slices + 1) + (len(SEQUENCES) if self.sequence_presence else 0)
+        expected_chans = len(SEQUENCES) * (2 * self.context_slices + 1) + (
+            len(SEQUENCES) if self.sequence_presence else 0
+        )
         if not isinstance(self.vision_config, (dict, type(None))):
             raise ValueError(f"vision_config must be a dict, got {type(self.vision_config).__name__}.")
         vision = dict(self.vision_config) if self.vision_config is not None else {}
@@ -248,7 +250,9 @@ class EmrFuseConfig(PretrainedConfig):
         vision.setdefault("in_chans", expected_chans)
         arch = vision["architecture"]
         if not _is_timm_architecture(arch):
-            raise ValueError(f"vision_config['architecture']: {arch!r} is not a timm model name (see timm.list_models()).")
+            raise ValueError(
+                f"vision_config['architecture']: {arch!r} is not a timm model name (see timm.list_models())."
+            )
         in_chans = vision["in_chans"]
         if not isinstance(in_chans, int) or isinstance(in_chans, bool) or in_chans < 4 or in_chans % 4:
             raise ValueError(
@@ -317,7 +321,9 @@ class EmrFuseConfig(PretrainedConfig):
         if self.grading_slices is not None and (
             not isinstance(self.grading_slices, int) or isinstance(self.grading_slices, bool) or self.grading_slices < 1
         ):
-            raise ValueError(f"grading_slices must be None (every slice) or an integer >= 1, got {self.grading_slices!r}.")
+            raise ValueError(
+                f"grading_slices must be None (every slice) or an integer >= 1, got {self.grading_slices!r}."
+            )
         if self.case_pooling not in CASE_POOLING_MODES:
             raise ValueError(f"case_pooling must be one of {CASE_POOLING_MODES}, got {self.case_pooling!r}.")
         regions = list(self.regions)

@@ -81,7 +81,9 @@ def fold_batchnorm(model: torch.nn.Module) -> Tuple[int, List[tuple]]:
                     continue
                 if not bn.track_running_stats or bn.running_var is None or conv.out_channels != bn.num_features:
                     continue
-                scale = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
+                scale = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(
+                    bn.running_var + bn.eps
+                )
                 shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
                 old_weight, old_bias = conv.weight, conv.bias
                 bias = old_bias if old_bias is not None else torch.zeros_like(bn.running_mean)
@@ -106,12 +108,17 @@ def probe_forward(model: torch.nn.Module) -> torch.Tensor:
     device = next(model.parameters()).device
     x = torch.randn(2, config.in_channels, 64, 64, generator=gen).to(device)
     with torch.inference_mode():
-        out = model(pixel_values=x, slice_to_case=torch.zeros(2, dtype=torch.long, device=device),
-                    has_report=torch.zeros(1, dtype=torch.bool, device=device))
+        out = model(
+            pixel_values=x,
+            slice_to_case=torch.zeros(2, dtype=torch.long, device=device),
+            has_report=torch.zeros(1, dtype=torch.bool, device=device),
+        )
     return out.logits.float()
 
 
-def optimize_for_inference(model: torch.nn.Module, precision: str = "bf16", channels_last: bool = True) -> Dict[str, Any]:
+def optimize_for_inference(
+    model: torch.nn.Module, precision: str = "bf16", channels_last: bool = True
+) -> Dict[str, Any]:
     """Rewrite an EmrFuse task model, in place, for fast inference; returns what was done.
 
     * BatchNorm folded into the preceding convolutions (checked on a probe input, undone if the
@@ -133,8 +140,11 @@ def optimize_for_inference(model: torch.nn.Module, precision: str = "bf16", chan
     if channels_last:
         model.to(memory_format=torch.channels_last)
     model._emrfuse_inference_optimized = True  # see is_inference_optimized
-    return {"batchnorm_folded": folded, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-            "channels_last": channels_last}
+    return {
+        "batchnorm_folded": folded,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "channels_last": channels_last,
+    }
 
 
 def is_inference_optimized(model: torch.nn.Module) -> bool:

@@ -246,8 +246,16 @@ class _CrossAttention(nn.Module):
 
 
 class _DecoderStage(nn.Module):
-    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, cond_dim: int | None,
-                 text_dim: int | None, heads: int, cross_attention: bool):
+    def __init__(
+        self,
+        in_channels: int,
+        skip_channels: int,
+        out_channels: int,
+        cond_dim: int | None,
+        text_dim: int | None,
+        heads: int,
+        cross_attention: bool,
+    ):
         super().__init__()
         self.block = nn.Sequential(
             nn.Conv2d(in_channels + skip_channels, out_channels, 3, padding=1, bias=False),
@@ -294,7 +302,9 @@ class EmrFuseSegmentationDecoder(nn.Module):
         for j, (out_ch, skip_ch) in enumerate(zip(channels, skips)):
             stages.append(
                 _DecoderStage(
-                    in_ch, skip_ch, out_ch,
+                    in_ch,
+                    skip_ch,
+                    out_ch,
                     cond_dim=config.fusion_dim if use_text else None,
                     text_dim=text_dim,
                     heads=config.cross_attention_heads,
@@ -524,7 +534,9 @@ class EmrFuseModel(EmrFusePreTrainedModel):
       (``pixel_values`` is not an input; one report per case) and has no segmentation model.
     """
 
-    def __init__(self, config: EmrFuseConfig, text_model: nn.Module | None = None, vision_model: nn.Module | None = None):
+    def __init__(
+        self, config: EmrFuseConfig, text_model: nn.Module | None = None, vision_model: nn.Module | None = None
+    ):
         super().__init__(config)
         self.use_text = config.use_text
         self.use_image = config.use_image
@@ -567,8 +579,9 @@ class EmrFuseModel(EmrFusePreTrainedModel):
         self.image_attention_norm = nn.LayerNorm(d_i) if sa and res else None
         # --- case pooling of slice features
         if config.case_pooling == "attention" and config.use_image:
-            self.pool_score = nn.Sequential(nn.Linear(d_i, config.case_pooling_dim), nn.Tanh(),
-                                            nn.Linear(config.case_pooling_dim, 1))
+            self.pool_score = nn.Sequential(
+                nn.Linear(d_i, config.case_pooling_dim), nn.Tanh(), nn.Linear(config.case_pooling_dim, 1)
+            )
         else:
             self.pool_score = None
         # --- alignment: shared space (F14) + L_align
@@ -598,14 +611,18 @@ class EmrFuseModel(EmrFusePreTrainedModel):
         """Checks of the text-only model: one report per case, nothing image-side."""
         if pixel_values is not None or slice_to_case is not None:
             given = "pixel_values" if pixel_values is not None else "slice_to_case"
-            raise ValueError(f"{given} was given to a text-only model (use_image=False), which has no image tower: "
-                             "pass only input_ids / attention_mask (one report per case).")
+            raise ValueError(
+                f"{given} was given to a text-only model (use_image=False), which has no image tower: "
+                "pass only input_ids / attention_mask (one report per case)."
+            )
         if input_ids is None:
             raise ValueError("A text-only model (use_image=False) needs input_ids (one report per case).")
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (B, L), got shape {tuple(input_ids.shape)}.")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}.")
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}."
+            )
         b = input_ids.shape[0]
         if has_report is not None:
             has_report = torch.as_tensor(has_report, device=input_ids.device).bool()
@@ -637,7 +654,9 @@ class EmrFuseModel(EmrFusePreTrainedModel):
         if slice_to_case is not None:
             slice_to_case = torch.as_tensor(slice_to_case, device=pixel_values.device).long()
             if slice_to_case.shape != (n,):
-                raise ValueError(f"slice_to_case must have shape ({n},) (one case index per slice), got {tuple(slice_to_case.shape)}.")
+                raise ValueError(
+                    f"slice_to_case must have shape ({n},) (one case index per slice), got {tuple(slice_to_case.shape)}."
+                )
         if input_ids is not None and self.use_text:
             b = input_ids.shape[0]
         elif has_report is not None:
@@ -655,7 +674,9 @@ class EmrFuseModel(EmrFusePreTrainedModel):
             slice_to_case = torch.arange(n, device=pixel_values.device)
         else:
             if n and (int(slice_to_case.min()) < 0 or int(slice_to_case.max()) >= b):
-                raise ValueError(f"slice_to_case values must be in [0, {b}), got [{int(slice_to_case.min())}, {int(slice_to_case.max())}].")
+                raise ValueError(
+                    f"slice_to_case values must be in [0, {b}), got [{int(slice_to_case.min())}, {int(slice_to_case.max())}]."
+                )
             counts = torch.bincount(slice_to_case, minlength=b)
             if (counts == 0).any():
                 missing = torch.nonzero(counts == 0).flatten().tolist()
@@ -667,8 +688,16 @@ class EmrFuseModel(EmrFusePreTrainedModel):
         return slice_to_case, has_report, b
 
     # ------------------------------------------------------------------ pieces
-    def encode_text(self, input_ids, attention_mask, token_type_ids, has_report, num_cases: int, device,
-                    tower_hidden: torch.Tensor | None = None) -> TextState:
+    def encode_text(
+        self,
+        input_ids,
+        attention_mask,
+        token_type_ids,
+        has_report,
+        num_cases: int,
+        device,
+        tower_hidden: torch.Tensor | None = None,
+    ) -> TextState:
         """Run the text tower once per case with a report (F1-F3, F8-F9, add & norm, no-report state).
 
         ``tower_hidden`` (`(B, L, d_T)`): the text tower's last hidden state for every case, computed beforehand
@@ -716,7 +745,9 @@ class EmrFuseModel(EmrFusePreTrainedModel):
         mask = mask & has_report[:, None]
         return TextState(feats, tokens, mask, token_attention, has_report)
 
-    def encode_slices(self, pixel_values: torch.Tensor | None, keep_maps: bool = False, gap: torch.Tensor | None = None):
+    def encode_slices(
+        self, pixel_values: torch.Tensor | None, keep_maps: bool = False, gap: torch.Tensor | None = None
+    ):
         """Image tower (F4-F5) + channel attention (F10-F12) + add & norm.
 
         ``gap`` (`(N, d_I)`): the tower's pooled last feature map, computed beforehand (:meth:`tower_features`);
@@ -762,7 +793,9 @@ class EmrFuseModel(EmrFusePreTrainedModel):
             e = torch.ones(h.shape[0], device=h.device)
         denom = torch.zeros(num_cases, device=h.device).index_add(0, slice_to_case, e)
         weights = e / denom[slice_to_case]
-        pooled = torch.zeros(num_cases, h.shape[-1], device=h.device).index_add(0, slice_to_case, weights[:, None] * h32)
+        pooled = torch.zeros(num_cases, h.shape[-1], device=h.device).index_add(
+            0, slice_to_case, weights[:, None] * h32
+        )
         return pooled.to(h.dtype), weights
 
     def fuse(self, text: torch.Tensor | None, image: torch.Tensor) -> FusionOutput:
@@ -802,8 +835,10 @@ class EmrFuseModel(EmrFusePreTrainedModel):
         keep = text.has_report
         if not bool(keep.any()):
             zero = image_case.sum() * 0.0  # no case with a report: nothing to align or orthogonalise
-            return (zero if cfg.use_alignment and cfg.align_loss_weight > 0 else None,
-                    zero if cfg.ortho_loss_weight > 0 else None)
+            return (
+                zero if cfg.use_alignment and cfg.align_loss_weight > 0 else None,
+                zero if cfg.ortho_loss_weight > 0 else None,
+            )
         if cfg.ortho_loss_weight > 0:
             th = _l2_normalise(text.features[keep].float())
             ih = _l2_normalise(image_case[keep].float())
@@ -831,22 +866,32 @@ class EmrFuseModel(EmrFusePreTrainedModel):
         ``config.slice_chunk_size`` slices; the text tower once (``None`` without a report or a text tower)."""
         gap = None
         if self.use_image:
-            gap = torch.cat([self.vision_model(pixel_values[s:e])[-1].mean(dim=(2, 3))
-                             for s, e in self.slice_chunks(pixel_values.shape[0])])
+            gap = torch.cat(
+                [
+                    self.vision_model(pixel_values[s:e])[-1].mean(dim=(2, 3))
+                    for s, e in self.slice_chunks(pixel_values.shape[0])
+                ]
+            )
         hidden = None
         if self.use_text and input_ids is not None:
-            hidden = self.text_model(input_ids=input_ids, attention_mask=attention_mask,
-                                     token_type_ids=token_type_ids).last_hidden_state
+            hidden = self.text_model(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+            ).last_hidden_state
         return gap, hidden
 
-    def outputs_from_tower_features(self, gap, slice_to_case, num_cases: int, input_ids=None, attention_mask=None,
-                                    text_hidden=None, has_report=None) -> EmrFuseModelOutput:
+    def outputs_from_tower_features(
+        self, gap, slice_to_case, num_cases: int, input_ids=None, attention_mask=None, text_hidden=None, has_report=None
+    ) -> EmrFuseModelOutput:
         """The model's outputs from the towers' precomputed features (:meth:`tower_features`): everything after the
         towers (self-attention, case pooling, fusion, auxiliary losses) runs as in :meth:`forward`."""
         device = gap.device if gap is not None else text_hidden.device
         if self.use_text and input_ids is not None and text_hidden is None:
-            raise ValueError("outputs_from_tower_features: input_ids were given without the text tower's hidden states.")
-        text = self.encode_text(input_ids, attention_mask, None, has_report, num_cases, device, tower_hidden=text_hidden)
+            raise ValueError(
+                "outputs_from_tower_features: input_ids were given without the text tower's hidden states."
+            )
+        text = self.encode_text(
+            input_ids, attention_mask, None, has_report, num_cases, device, tower_hidden=text_hidden
+        )
         h = self.encode_slices(None, gap=gap)[2] if self.use_image else None
         return EmrFuseModelOutput(**self.case_outputs(text, h, slice_to_case, num_cases, return_hidden=False))
 
@@ -905,7 +950,9 @@ class EmrFuseModel(EmrFusePreTrainedModel):
                 missing); ``False`` forces the learned no-report state.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        slice_to_case, has_report, b = self.check_inputs(pixel_values, input_ids, attention_mask, slice_to_case, has_report)
+        slice_to_case, has_report, b = self.check_inputs(
+            pixel_values, input_ids, attention_mask, slice_to_case, has_report
+        )
         if not self.use_image:
             text = self.encode_text(input_ids, attention_mask, token_type_ids, has_report, b, input_ids.device)
             output = EmrFuseModelOutput(**self.case_outputs(text, None, None, b, return_hidden=True))
@@ -930,7 +977,9 @@ class EmrFuseForImageClassification(EmrFusePreTrainedModel):
     with ``logits`` (B, num_labels), one row per case.
     """
 
-    def __init__(self, config: EmrFuseConfig, text_model: nn.Module | None = None, vision_model: nn.Module | None = None):
+    def __init__(
+        self, config: EmrFuseConfig, text_model: nn.Module | None = None, vision_model: nn.Module | None = None
+    ):
         super().__init__(config)
         self.emrfuse = EmrFuseModel(config, text_model=text_model, vision_model=vision_model)
         self.classifier = nn.Linear(config.fusion_dim, config.num_labels)  # F20 (W_c, b_c)
@@ -950,27 +999,34 @@ class EmrFuseForImageClassification(EmrFusePreTrainedModel):
     ) -> EmrFuseImageClassifierOutput | tuple:
         r"""See :meth:`EmrFuseModel.forward`; ``labels`` (`(B,)` long): grade index per case."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        base = self.emrfuse(pixel_values, input_ids, attention_mask, token_type_ids, slice_to_case, has_report,
-                            return_dict=True)
+        base = self.emrfuse(
+            pixel_values, input_ids, attention_mask, token_type_ids, slice_to_case, has_report, return_dict=True
+        )
         logits = self.classifier(base.case_embeds)  # F20 (softmax in the loss / at prediction)
         loss = loss_cls = None
         if labels is not None:
             labels = torch.as_tensor(labels, device=logits.device).long()
             if labels.shape != (logits.shape[0],):
-                raise ValueError(f"labels must have shape ({logits.shape[0]},) (one grade per case), got {tuple(labels.shape)}.")
+                raise ValueError(
+                    f"labels must have shape ({logits.shape[0]},) (one grade per case), got {tuple(labels.shape)}."
+                )
             loss_cls = F.cross_entropy(logits.float(), labels)
             aux = self.emrfuse.weighted_auxiliary_loss(base.loss_align, base.loss_ortho)
             loss = loss_cls if aux is None else loss_cls + aux
-        output = EmrFuseImageClassifierOutput(loss=loss, logits=logits, loss_classification=loss_cls, **dict(base.items()))
+        output = EmrFuseImageClassifierOutput(
+            loss=loss, logits=logits, loss_classification=loss_cls, **dict(base.items())
+        )
         return output if return_dict else output.to_tuple()
 
-    def forward_from_tower_features(self, gap, slice_to_case, num_cases: int, input_ids=None, attention_mask=None,
-                                    text_hidden=None, has_report=None) -> EmrFuseImageClassifierOutput:
+    def forward_from_tower_features(
+        self, gap, slice_to_case, num_cases: int, input_ids=None, attention_mask=None, text_hidden=None, has_report=None
+    ) -> EmrFuseImageClassifierOutput:
         """Logits from the towers' precomputed features (:meth:`EmrFuseModel.tower_features`), for fitting the
         grading head on frozen towers. No ``loss``: the caller weighs the cases' cross-entropy itself and adds
         ``emrfuse.weighted_auxiliary_loss(loss_align, loss_ortho)``."""
-        base = self.emrfuse.outputs_from_tower_features(gap, slice_to_case, num_cases, input_ids, attention_mask,
-                                                        text_hidden, has_report)
+        base = self.emrfuse.outputs_from_tower_features(
+            gap, slice_to_case, num_cases, input_ids, attention_mask, text_hidden, has_report
+        )
         return EmrFuseImageClassifierOutput(logits=self.classifier(base.case_embeds), **dict(base.items()))
 
     @torch.no_grad()
@@ -1010,10 +1066,14 @@ class EmrFuseForSegmentation(EmrFusePreTrainedModel):
     regions) plus the weighted auxiliary losses (computed at case level, as in grading).
     """
 
-    def __init__(self, config: EmrFuseConfig, text_model: nn.Module | None = None, vision_model: nn.Module | None = None):
+    def __init__(
+        self, config: EmrFuseConfig, text_model: nn.Module | None = None, vision_model: nn.Module | None = None
+    ):
         if not config.use_image:
-            raise ValueError("EmrFuseForSegmentation needs the image tower: config.use_image=False is the text-only "
-                             "grading model (use EmrFuseForImageClassification).")
+            raise ValueError(
+                "EmrFuseForSegmentation needs the image tower: config.use_image=False is the text-only "
+                "grading model (use EmrFuseForImageClassification)."
+            )
         super().__init__(config)
         self.emrfuse = EmrFuseModel(config, text_model=text_model, vision_model=vision_model)
         self.decoder = EmrFuseSegmentationDecoder(
@@ -1036,13 +1096,17 @@ class EmrFuseForSegmentation(EmrFusePreTrainedModel):
         r"""See :meth:`EmrFuseModel.forward`; ``labels`` (`(N, R, H, W)`): region masks (0/1) per slice."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         model = self.emrfuse
-        slice_to_case, has_report, b = model.check_inputs(pixel_values, input_ids, attention_mask, slice_to_case, has_report)
+        slice_to_case, has_report, b = model.check_inputs(
+            pixel_values, input_ids, attention_mask, slice_to_case, has_report
+        )
         text = model.encode_text(input_ids, attention_mask, token_type_ids, has_report, b, pixel_values.device)
         kvs = None
         if self.config.use_text and self.config.use_cross_attention:  # the report tokens, for the decoder to attend to
             tokens, mask = text.tokens, text.token_mask
             if tokens is None:  # no input_ids at all: only the null token
-                tokens = torch.zeros(b, 0, model.text_dim, device=pixel_values.device, dtype=model.no_report_embedding.dtype)
+                tokens = torch.zeros(
+                    b, 0, model.text_dim, device=pixel_values.device, dtype=model.no_report_embedding.dtype
+                )
                 mask = torch.zeros(b, 0, dtype=torch.bool, device=pixel_values.device)
             kvs = self.decoder.prepare_text(tokens, mask)
         size = pixel_values.shape[-2:]
@@ -1064,7 +1128,9 @@ class EmrFuseForSegmentation(EmrFusePreTrainedModel):
         if labels is not None:
             labels = torch.as_tensor(labels, device=logits.device)
             if labels.shape != logits.shape:
-                raise ValueError(f"labels must have shape {tuple(logits.shape)} (N, regions, H, W), got {tuple(labels.shape)}.")
+                raise ValueError(
+                    f"labels must have shape {tuple(logits.shape)} (N, regions, H, W), got {tuple(labels.shape)}."
+                )
             labels = labels.float()
             loss_dice = soft_dice_loss(logits, labels)
             loss_bce = F.binary_cross_entropy_with_logits(logits.float(), labels)
@@ -1073,8 +1139,12 @@ class EmrFuseForSegmentation(EmrFusePreTrainedModel):
             if aux is not None:
                 loss = loss + aux
         output = EmrFuseSegmenterOutput(
-            loss=loss, logits=logits, loss_dice=loss_dice, loss_bce=loss_bce,
-            slice_embeds=torch.cat(slice_embeds) if slice_embeds else None, **out,
+            loss=loss,
+            logits=logits,
+            loss_dice=loss_dice,
+            loss_bce=loss_bce,
+            slice_embeds=torch.cat(slice_embeds) if slice_embeds else None,
+            **out,
         )
         return output if return_dict else output.to_tuple()
 

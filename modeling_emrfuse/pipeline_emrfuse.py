@@ -104,8 +104,9 @@ def voxel_volume_mm3(geometry: Union[Sequence[float], np.ndarray]) -> float:
     return float(np.prod(array.reshape(-1)[:3]))
 
 
-def region_volumes_cm3(label_map: np.ndarray, label_convention: str,
-                       spacing: Union[Sequence[float], np.ndarray]) -> Dict[str, float]:
+def region_volumes_cm3(
+    label_map: np.ndarray, label_convention: str, spacing: Union[Sequence[float], np.ndarray]
+) -> Dict[str, float]:
     """Volume in cm^3 of each region (WT, TC, ET) of a label map, at the voxel volume of ``spacing``: the case's
     4 x 4 affine (``|det|``, right for a sheared affine too) or its voxel size (:func:`voxel_volume_mm3`)."""
     regions = label_map_to_regions(label_map, label_convention)
@@ -122,7 +123,9 @@ def resample_to_shape(volume: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     array = np.asarray(volume, dtype=np.float32)
     channels = array.ndim == 4
     tensor = torch.from_numpy(np.ascontiguousarray(array if channels else array[None]))[None]
-    out = torch.nn.functional.interpolate(tensor, size=tuple(int(s) for s in shape), mode="trilinear", align_corners=False)
+    out = torch.nn.functional.interpolate(
+        tensor, size=tuple(int(s) for s in shape), mode="trilinear", align_corners=False
+    )
     out = out[0].numpy()
     return out if channels else out[0]
 
@@ -196,8 +199,9 @@ def _prepare_volume(image_processor, case: LoadedCase, allow_missing_sequences: 
     return image_processor.prepare_volume(dict(case.volumes), allow_missing_sequences=True)
 
 
-def prepare_case(case: LoadedCase, image_processor, resample: bool = False,
-                 allow_missing_sequences: bool = False) -> PreparedCase:
+def prepare_case(
+    case: LoadedCase, image_processor, resample: bool = False, allow_missing_sequences: bool = False
+) -> PreparedCase:
     """A loaded case brought to the model: turned to BraTS's orientation (LPS, which models are trained on),
     put on the model's voxel grid (:func:`on_model_grid`) and prepared by the image processor (z-score, crop,
     pad). The pipeline's preprocess and training's slice cache both call it."""
@@ -250,8 +254,14 @@ def _where(name_or_path: str, subfolder: str = "") -> str:
 _HEAD_CLASSES = {cls.__name__: cls for cls in (EmrFuseForSegmentation, EmrFuseForImageClassification)}
 """The task models an EmrFuse folder may hold (``architectures`` in its ``config.json``), by class name."""
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-_JSON_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-               "preprocessor_config.json", "processor_config.json")
+_JSON_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
 
 
 def _check_weight_files(folder: Path) -> None:
@@ -314,8 +324,9 @@ def _remote_head_class(config: Any, where: str) -> type:
     )
 
 
-def _load_head(name_or_path: str, revision: Optional[str] = None, subfolder: str = "",
-               trust_remote_code: bool = False, **kwargs) -> PreTrainedModel:
+def _load_head(
+    name_or_path: str, revision: Optional[str] = None, subfolder: str = "", trust_remote_code: bool = False, **kwargs
+) -> PreTrainedModel:
     """Load an EmrFuse task model: with the installed package's classes (``model_type`` checked, nothing from the
     folder imported), or with ``trust_remote_code`` through the Auto class that the folder's ``auto_map`` names.
     Weights are read from safetensors only (a pickled ``pytorch_model.bin`` is refused, never unpickled).
@@ -359,8 +370,10 @@ def load_processor(source: str, revision: Optional[str] = None, trust_remote_cod
     ``AutoTokenizer``), or with ``trust_remote_code`` the class that the folder's ``auto_map`` names. A file that
     cannot be read is a ``ValueError`` naming it."""
     if not source:
-        raise ValueError("EmrFusePipeline needs the model's EmrFuseProcessor (processor=...): the model was not "
-                         "loaded from a folder or Hub repository to read it from.")
+        raise ValueError(
+            "EmrFusePipeline needs the model's EmrFuseProcessor (processor=...): the model was not "
+            "loaded from a folder or Hub repository to read it from."
+        )
     if Path(source).is_dir():
         _check_json_files(Path(source))
     try:
@@ -387,8 +400,9 @@ def _is_local_subfolder(root: Path, spec: str) -> bool:
     return True
 
 
-def resolve_companion(root_model: PreTrainedModel, role: str, explicit: Any = None,
-                      trust_remote_code: bool = False) -> Optional[PreTrainedModel]:
+def resolve_companion(
+    root_model: PreTrainedModel, role: str, explicit: Any = None, trust_remote_code: bool = False
+) -> Optional[PreTrainedModel]:
     """The other head of ``root_model`` (``role``: ``"grading"`` or ``"segmentation"``), found in one way.
 
     * ``explicit`` given (the pipeline's ``grading_model=`` / ``segmentation_model=``, ``emrfuse predict
@@ -432,7 +446,9 @@ def resolve_companion(root_model: PreTrainedModel, role: str, explicit: Any = No
             f"({role}_model=False){cli}."
         )
     if os.path.isabs(spec) or ".." in Path(spec).parts:
-        raise ValueError(f"{root}: config.json names the {role} model {spec!r}, which is not a sub-folder of the repository.")
+        raise ValueError(
+            f"{root}: config.json names the {role} model {spec!r}, which is not a sub-folder of the repository."
+        )
     # a sub-folder of the same Hub repository, at the same commit as the root model
     return _load_head(root, revision=_loaded_commit(root_model), subfolder=spec, trust_remote_code=trust_remote_code)
 
@@ -502,7 +518,10 @@ def _text_towers(model: torch.nn.Module) -> List[torch.nn.Module]:
     for name, module in model.named_modules():
         if module is model or not isinstance(module, PreTrainedModel):
             continue
-        if getattr(getattr(module, "config", None), "model_type", None) not in ("bert",) and "Bert" not in type(module).__name__:
+        if (
+            getattr(getattr(module, "config", None), "model_type", None) not in ("bert",)
+            and "Bert" not in type(module).__name__
+        ):
             continue
         if any(name.startswith(prefix + ".") for prefix, _ in towers):
             continue
@@ -516,8 +535,11 @@ def check_finite_weights(model: torch.nn.Module, name: Optional[str] = None) -> 
     Weights that are not finite (e.g. bytes overwritten inside ``model.safetensors``) would give NaN logits,
     i.e. an empty label map and NaN probabilities, without any error.
     """
-    bad = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
-           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad = [
+        n
+        for n, t in list(model.named_parameters()) + list(model.named_buffers())
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
     if bad:
         where = name or getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
         raise ValueError(
@@ -552,8 +574,9 @@ def _nested_region_volumes(regions: np.ndarray, affine: np.ndarray) -> Dict[str,
     return {r: float(m.sum(dtype=np.int64)) * voxel for r, m in zip(REGIONS, (wt, tc, et))}
 
 
-def load_case_with_warnings(inputs, affine=None, release: str = "auto",
-                            allow_missing_sequences: bool = False) -> Tuple[LoadedCase, List[str]]:
+def load_case_with_warnings(
+    inputs, affine=None, release: str = "auto", allow_missing_sequences: bool = False
+) -> Tuple[LoadedCase, List[str]]:
     """:func:`load_case`, with the header's geometry warnings (no orientation, shear, qform/sform disagreement)
     returned for the result's ``warnings`` (and left out of the process's warning output)."""
     with warnings.catch_warnings(record=True) as caught:
@@ -568,8 +591,9 @@ def load_case_with_warnings(inputs, affine=None, release: str = "auto",
     return case, list(dict.fromkeys(geometry_warnings))
 
 
-def _case_report(case: LoadedCase, report: Optional[str], use_case_report: bool,
-                 max_chars: int) -> Tuple[Optional[str], Optional[str], bool]:
+def _case_report(
+    case: LoadedCase, report: Optional[str], use_case_report: bool, max_chars: int
+) -> Tuple[Optional[str], Optional[str], bool]:
     """``(report, source, capped)``: the given report, else the case folder's own report file, cut to
     ``max_chars`` characters (a report file is read no further than that)."""
     source = "argument" if report is not None else None
@@ -579,8 +603,9 @@ def _case_report(case: LoadedCase, report: Optional[str], use_case_report: bool,
                 report = fh.read(max_chars + 1)
             source = "case folder"
         except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(f"Case {case.case_id}: cannot read its report file {case.report_path} "
-                             f"({type(exc).__name__}).") from None
+            raise ValueError(
+                f"Case {case.case_id}: cannot read its report file {case.report_path} ({type(exc).__name__})."
+            ) from None
     if report is not None and not isinstance(report, str):
         raise ValueError(f"report must be a string or None, got {type(report).__name__}.")
     capped = report is not None and len(report) > max_chars
@@ -702,7 +727,9 @@ class EmrFusePipeline(Pipeline):
         if grading_max_slices == DEFAULT_GRADING_SLICES:
             self.grading_max_slices = grading_max_slices  # resolved from the grading model's config when it grades
         elif grading_max_slices is not None and (isinstance(grading_max_slices, str) or int(grading_max_slices) < 1):
-            raise ValueError(f"grading_max_slices must be >= 1, None (all slices) or 'config', got {grading_max_slices!r}.")
+            raise ValueError(
+                f"grading_max_slices must be >= 1, None (all slices) or 'config', got {grading_max_slices!r}."
+            )
         else:
             self.grading_max_slices = None if grading_max_slices is None else int(grading_max_slices)
         if self.processor is None:
@@ -751,8 +778,9 @@ class EmrFusePipeline(Pipeline):
             self.grading_model = resolve_companion(self.model, "grading", grading_model, self.trust_remote_code)
         else:
             self.grading_model = self.model
-            self.segmentation_model = resolve_companion(self.model, "segmentation", segmentation_model,
-                                                        self.trust_remote_code)
+            self.segmentation_model = resolve_companion(
+                self.model, "segmentation", segmentation_model, self.trust_remote_code
+            )
         for extra in (self.segmentation_model, self.grading_model):
             if extra is not None and extra is not self.model:
                 extra.to(self.device)
@@ -856,7 +884,14 @@ class EmrFusePipeline(Pipeline):
         return {
             "model_inputs": {
                 k: enc[k]
-                for k in ("pixel_values", "input_ids", "attention_mask", "token_type_ids", "slice_to_case", "has_report")
+                for k in (
+                    "pixel_values",
+                    "input_ids",
+                    "attention_mask",
+                    "token_type_ids",
+                    "slice_to_case",
+                    "has_report",
+                )
                 if k in enc
             },
             "crop_info": enc["crop_info"][0],
@@ -880,7 +915,8 @@ class EmrFusePipeline(Pipeline):
         if not missing:
             return []
         blind = [
-            role for role, m in (("segmentation", self.segmentation_model), ("grading", self.grading_model))
+            role
+            for role, m in (("segmentation", self.segmentation_model), ("grading", self.grading_model))
             if m is not None and not getattr(m.config, "sequence_presence", False)
         ]
         if not blind:
@@ -963,8 +999,9 @@ class EmrFusePipeline(Pipeline):
         out["timings"]["text_encoder_calls"] = self._text_probe.calls
         return out
 
-    def postprocess(self, model_outputs, threshold: float = 0.5, return_probabilities: bool = False,
-                    mask_background: bool = True):
+    def postprocess(
+        self, model_outputs, threshold: float = 0.5, return_probabilities: bool = False, mask_background: bool = True
+    ):
         t0 = time.perf_counter()
         case: LoadedCase = model_outputs["case"]
         convention = model_outputs["label_convention"]
@@ -1040,8 +1077,9 @@ class EmrFusePipeline(Pipeline):
         turn = model_outputs.get("reorientation")
         turned = turn is not None and not turn.is_identity
         if model_outputs.get("resampling") is not None:
-            on_model_grid = self.image_processor.uncrop(torch.sigmoid(logits).permute(1, 2, 3, 0).numpy(), crop_info,
-                                                        fill=0)
+            on_model_grid = self.image_processor.uncrop(
+                torch.sigmoid(logits).permute(1, 2, 3, 0).numpy(), crop_info, fill=0
+            )
             probs = resample_to_shape(on_model_grid, model_outputs.get("oriented_shape", model_outputs["case"].shape))
             if turned:  # (R, X, Y, Z): back to the input's orientation
                 probs = np.stack([turn.undo(p) for p in probs])
@@ -1125,6 +1163,8 @@ class EmrFusePipeline(Pipeline):
         root.save_pretrained(save_directory, **kwargs)
         self.processor.save_pretrained(save_directory, **kwargs)
         custom_object_save(self, save_directory)  # this file and the files it imports relatively
+
+
 def custom_pipelines_entry() -> Dict[str, Dict[str, Any]]:
     """The ``custom_pipelines`` entry of a model folder's ``config.json`` that names this pipeline."""
     return {

@@ -258,7 +258,12 @@ class EmrFuseImageProcessor(BaseImageProcessor):
     model_input_names = ["pixel_values"]
     valid_kwargs = EmrFuseImageProcessorKwargs
     _SETTINGS = (
-        "sequence_order", "context_slices", "size_divisor", "crop_margin", "expected_spacing", "spacing_tolerance",
+        "sequence_order",
+        "context_slices",
+        "size_divisor",
+        "crop_margin",
+        "expected_spacing",
+        "spacing_tolerance",
         "sequence_presence",
     )
 
@@ -277,7 +282,11 @@ class EmrFuseImageProcessor(BaseImageProcessor):
         order = tuple(canonical_sequence_name(s) for s in sequence_order)
         if sorted(order) != sorted(SEQUENCES):
             raise ValueError(f"sequence_order must be a permutation of {SEQUENCES}, got {tuple(sequence_order)}.")
-        integers = (("context_slices", context_slices, 0), ("size_divisor", size_divisor, 1), ("crop_margin", crop_margin, 0))
+        integers = (
+            ("context_slices", context_slices, 0),
+            ("size_divisor", size_divisor, 1),
+            ("crop_margin", crop_margin, 0),
+        )
         for name, value, minimum in integers:
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
@@ -422,7 +431,9 @@ class EmrFuseImageProcessor(BaseImageProcessor):
                 )
             named = dict(zip(self.sequence_order, arr))
 
-        named = {n: (_read_path(v) if isinstance(v, (str, os.PathLike)) else v) for n, v in named.items() if v is not None}
+        named = {
+            n: (_read_path(v) if isinstance(v, (str, os.PathLike)) else v) for n, v in named.items() if v is not None
+        }
         self.check_spacing(named)
         arrays = {name: self._sequence_array(named[name], name) for name in self.sequence_order if name in named}
         shapes = {name: tuple(a.shape) for name, a in arrays.items()}
@@ -502,7 +513,9 @@ class EmrFuseImageProcessor(BaseImageProcessor):
             mean = values.mean()
             std = values.std()
             if not np.isfinite(std) or std == 0:
-                raise ValueError(f"normalize: sequence {name!r} is constant over the brain (std {std}); cannot z-score.")
+                raise ValueError(
+                    f"normalize: sequence {name!r} is constant over the brain (std {std}); cannot z-score."
+                )
             out[i][brain] = ((values - mean) / std).astype(np.float32)
         return out
 
@@ -620,10 +633,12 @@ class EmrFuseImageProcessor(BaseImageProcessor):
         if isinstance(volumes, (list, tuple)):
             if not volumes:
                 raise ValueError("preprocess got an empty list of volumes.")
+
             def case_like(v):
                 if isinstance(v, (Mapping, PreparedVolume, list, tuple)):
                     return True
                 return isinstance(v, (np.ndarray, torch.Tensor)) and v.ndim == 4
+
             return all(case_like(v) for v in volumes)
         return False
 

@@ -197,7 +197,9 @@ def example_cases() -> Dict[str, Dict[str, Any]]:
             _EXAMPLES["TCGA-DU-7294 (real, lower-grade glioma)"] = {
                 "input": str(real),
                 "report": "",
-                "ground_truth": str(real / "TCGA-DU-7294_seg.nii.gz") if (real / "TCGA-DU-7294_seg.nii.gz").is_file() else None,
+                "ground_truth": str(real / "TCGA-DU-7294_seg.nii.gz")
+                if (real / "TCGA-DU-7294_seg.nii.gz").is_file()
+                else None,
                 "gt_convention": "brats2017",
                 "note": "Real TCGA-LGG case (CC BY 3.0). Its label map is a fused pseudo-label, not expert ground truth; no report.",
             }
@@ -230,20 +232,26 @@ def validate_upload(path: Optional[str], what: str) -> Optional[Path]:
     if not (name.endswith(".nii") or name.endswith(".nii.gz")):
         raise gr.Error(f"{what}: {p.name} is not a NIfTI file (expected .nii or .nii.gz).", print_exception=False)
     if not p.is_file():
-        raise gr.Error(f"{what}: the upload is gone (uploads are deleted after each prediction); upload it again.",
-                       print_exception=False)
+        raise gr.Error(
+            f"{what}: the upload is gone (uploads are deleted after each prediction); upload it again.",
+            print_exception=False,
+        )
     size = p.stat().st_size
     if size == 0:
         raise gr.Error(f"{what}: {p.name} is empty.", print_exception=False)
     if size > MAX_UPLOAD_MB * 1024 * 1024:
-        raise gr.Error(f"{what}: {p.name} is {size / 2**20:.0f} MB; the limit is {MAX_UPLOAD_MB:.0f} MB per file.",
-                       print_exception=False)
+        raise gr.Error(
+            f"{what}: {p.name} is {size / 2**20:.0f} MB; the limit is {MAX_UPLOAD_MB:.0f} MB per file.",
+            print_exception=False,
+        )
     with open(p, "rb") as fh:
         head = fh.read(348)
     if name.endswith(".gz"):
         ok = head[:2] == b"\x1f\x8b"
     else:
-        ok = len(head) >= 4 and (int.from_bytes(head[:4], "little") in (348, 540) or int.from_bytes(head[:4], "big") in (348, 540))
+        ok = len(head) >= 4 and (
+            int.from_bytes(head[:4], "little") in (348, 540) or int.from_bytes(head[:4], "big") in (348, 540)
+        )
     if not ok:
         raise gr.Error(f"{what}: {p.name} does not look like a NIfTI file.", print_exception=False)
     check_grid_size(p, what)
@@ -289,7 +297,9 @@ def public_message(text: str) -> str:
     roots = {str(_OUTPUT_DIR), str(Path(get_upload_folder())), str(Path(tempfile.gettempdir()))}
     for root in sorted(roots, key=len, reverse=True):
         for variant in {root, os.path.realpath(root)}:
-            text = re.sub(re.escape(variant) + r"""[^\s'"`,;:()\[\]]*""", lambda m: Path(m.group(0)).name or "file", text)
+            text = re.sub(
+                re.escape(variant) + r"""[^\s'"`,;:()\[\]]*""", lambda m: Path(m.group(0)).name or "file", text
+            )
     return text
 
 
@@ -390,7 +400,9 @@ def legend_html(convention: str, volumes: Optional[Dict[str, float]] = None) -> 
     items = []
     for label, (colour, name) in sorted(_label_colours(convention).items()):
         swatch = f"background: rgb{colour}; width: 14px; height: 14px; display: inline-block; margin-right: 6px; border-radius: 3px;"
-        items.append(f'<span style="margin-right: 16px;"><span style="{swatch}"></span>{html.escape(name)} (label {label})</span>')
+        items.append(
+            f'<span style="margin-right: 16px;"><span style="{swatch}"></span>{html.escape(name)} (label {label})</span>'
+        )
     text = f"<div id='emrfuse-legend'><b>Overlay ({html.escape(convention)} labels):</b> " + " ".join(items)
     if volumes:
         vols = ", ".join(f"{REGION_NAMES[r]} ({r}) {volumes[r]:.1f} cm³" for r in REGIONS if r in volumes)
@@ -398,8 +410,13 @@ def legend_html(convention: str, volumes: Optional[Dict[str, float]] = None) -> 
     return text + "</div>"
 
 
-def view_state(case_volumes: Dict[str, np.ndarray], pred: np.ndarray, pred_conv: str, gt: Optional[np.ndarray],
-               gt_conv: Optional[str]) -> Dict[str, Any]:
+def view_state(
+    case_volumes: Dict[str, np.ndarray],
+    pred: np.ndarray,
+    pred_conv: str,
+    gt: Optional[np.ndarray],
+    gt_conv: Optional[str],
+) -> Dict[str, Any]:
     """What the viewer needs after a prediction (kept in the session's state only)."""
     images = {s: _window(case_volumes[s]) for s in SEQUENCES}
     tumour = pred > 0
@@ -469,8 +486,16 @@ def metrics_table(pred: np.ndarray, pred_conv: str, gt: np.ndarray, gt_conv: str
     from modeling_emrfuse.evaluation.metrics import score_label_maps
 
     scores = score_label_maps(pred, gt, pred_conv, gt_conv, spacing=spacing)
-    return [[f"{REGION_NAMES[r]} ({r})", round(s["dice"], 4), round(s["ppv"], 4), round(s["sensitivity"], 4), round(s["hd95"], 2)]
-            for r, s in scores.items()]
+    return [
+        [
+            f"{REGION_NAMES[r]} ({r})",
+            round(s["dice"], 4),
+            round(s["ppv"], 4),
+            round(s["sensitivity"], 4),
+            round(s["hd95"], 2),
+        ]
+        for r, s in scores.items()
+    ]
 
 
 def _write_label_map(result: Dict[str, Any], case_id: str) -> str:
@@ -486,21 +511,40 @@ def _case_source(uploads, given, example, report, allow_missing: bool) -> Dict[s
     if any(given):
         if not all(given) and not allow_missing:
             missing = [SEQUENCE_LABELS[s] for s, g in zip(SEQUENCES, given) if not g]
-            raise gr.Error(f"Upload all four sequences (missing: {', '.join(missing)}), or clear them to use an example.",
-                           print_exception=False)
+            raise gr.Error(
+                f"Upload all four sequences (missing: {', '.join(missing)}), or clear them to use an example.",
+                print_exception=False,
+            )
         if report and example and report.strip() == example_report(example).strip():
-            raise gr.Error(f"The report box holds the report of the example {example!r}, not of the uploaded case: "
-                           "clear it, or paste the uploaded case's own report.", print_exception=False)
+            raise gr.Error(
+                f"The report box holds the report of the example {example!r}, not of the uploaded case: "
+                "clear it, or paste the uploaded case's own report.",
+                print_exception=False,
+            )
         case_input = {s: str(validate_upload(u, SEQUENCE_LABELS[s])) for s, u, g in zip(SEQUENCES, uploads, given) if g}
-        return {"input": case_input, "case_id": case_id_from_file_names(case_input.values()), "example": None,
-                "gt_path": None, "gt_conv": None, "note": ""}
+        return {
+            "input": case_input,
+            "case_id": case_id_from_file_names(case_input.values()),
+            "example": None,
+            "gt_path": None,
+            "gt_conv": None,
+            "note": "",
+        }
     if not example:
-        raise gr.Error("Upload the four sequences (T1, T1ce, T2, FLAIR) or pick an example case.", print_exception=False)
+        raise gr.Error(
+            "Upload the four sequences (T1, T1ce, T2, FLAIR) or pick an example case.", print_exception=False
+        )
     spec = example_cases().get(example)
     if spec is None:
         raise gr.Error(f"Unknown example {example!r}.", print_exception=False)
-    return {"input": spec["input"], "case_id": Path(spec["input"]).name, "example": example,
-            "gt_path": spec.get("ground_truth"), "gt_conv": spec.get("gt_convention"), "note": spec.get("note", "")}
+    return {
+        "input": spec["input"],
+        "case_id": Path(spec["input"]).name,
+        "example": example,
+        "gt_path": spec.get("ground_truth"),
+        "gt_conv": spec.get("gt_convention"),
+        "note": spec.get("note", ""),
+    }
 
 
 def _read_case(source: Dict[str, Any], allow_missing: bool):
@@ -522,8 +566,9 @@ def _read_case(source: Dict[str, Any], allow_missing: bool):
 def _ground_truth_convention(gt, source: Dict[str, Any], result: Dict[str, Any], gt_labels: str) -> Tuple[str, str]:
     """``(convention, why)`` of the ground truth shown beside the prediction; ``gr.Error`` when it cannot be used."""
     if gt.shape != result["label_map"].shape:
-        raise gr.Error(f"Ground truth shape {gt.shape} differs from the case's {result['label_map'].shape}.",
-                       print_exception=False)
+        raise gr.Error(
+            f"Ground truth shape {gt.shape} differs from the case's {result['label_map'].shape}.", print_exception=False
+        )
     try:
         if gt_labels and gt_labels != GT_LABELS_AUTO:
             gt_conv, gt_note = get_label_convention(gt_labels).name, f"as chosen under {GT_LABELS_CONTROL}"
@@ -567,8 +612,10 @@ def _status(result, source, report: str, reads: bool, read_s: float, warnings_: 
         status.append("Grade: this model folder has no grading model (segmentation only).")
     missing_seqs = result.get("missing_sequences") or []
     if missing_seqs:
-        status.append(f"Missing sequences (zero-filled, shown black in the viewer): "
-                      f"{', '.join(SEQUENCE_LABELS[s] for s in missing_seqs)}.")
+        status.append(
+            f"Missing sequences (zero-filled, shown black in the viewer): "
+            f"{', '.join(SEQUENCE_LABELS[s] for s in missing_seqs)}."
+        )
     for warning in list(dict.fromkeys(list(warnings_) + list(result.get("warnings") or []))):
         status.append(f"⚠️ {public_message(warning)}")
     if source["note"]:
@@ -578,8 +625,19 @@ def _status(result, source, report: str, reads: bool, read_s: float, warnings_: 
     return "\n\n".join(status)
 
 
-def predict(t1, t1ce, t2, flair, example, report, ground_truth, sequence="FLAIR", plane="axial", allow_missing=False,
-            gt_labels=GT_LABELS_AUTO):
+def predict(
+    t1,
+    t1ce,
+    t2,
+    flair,
+    example,
+    report,
+    ground_truth,
+    sequence="FLAIR",
+    plane="axial",
+    allow_missing=False,
+    gt_labels=GT_LABELS_AUTO,
+):
     """Run the model on the uploaded sequences (or the chosen example) and fill every output.
 
     ``allow_missing`` (the "Allow missing sequences" checkbox): any non-empty subset of the four
@@ -605,8 +663,13 @@ def predict(t1, t1ce, t2, flair, example, report, ground_truth, sequence="FLAIR"
         finally:  # the uploads have been read: delete them now
             _delete_files([p for p in uploaded_paths if p and not _is_app_file(p)])
         try:
-            result = pipe(case, report=report or None, use_case_report=False, allow_missing_sequences=allow_missing,
-                          max_report_chars=MAX_REPORT_CHARS)
+            result = pipe(
+                case,
+                report=report or None,
+                use_case_report=False,
+                allow_missing_sequences=allow_missing,
+                max_report_chars=MAX_REPORT_CHARS,
+            )
         except ValueError as exc:
             raise gr.Error(public_message(f"Cannot run this case: {exc}"), print_exception=False) from exc
         if result["label_map"] is None:
@@ -689,22 +752,35 @@ def build_demo() -> gr.Blocks:
                 with gr.Row():
                     f_t2 = gr.File(label="T2", file_types=[".nii", ".gz"], type="filepath")
                     f_flair = gr.File(label="FLAIR", file_types=[".nii", ".gz"], type="filepath")
-                example = gr.Dropdown(choices=names, value=first, label="…or an example case (used when no upload is given)")
-                report = gr.Textbox(label="Radiology report (optional)", lines=6, value=example_report(first),
-                                    max_length=MAX_REPORT_CHARS, elem_id="emrfuse-report",
-                                    placeholder="Paste the report here; leave empty for an image-only prediction. "
-                                                "Uploading a sequence clears it.")
-                allow_missing = gr.Checkbox(
-                    value=False, label="Allow missing sequences", elem_id="emrfuse-allow-missing",
-                    info="Run with any of the four sequences; the missing ones are zero-filled (best with a model "
-                         "trained with sequence dropout, which knows which sequences are missing).",
+                example = gr.Dropdown(
+                    choices=names, value=first, label="…or an example case (used when no upload is given)"
                 )
-                gt_file = gr.File(label="Ground-truth label map (optional, NIfTI)", file_types=[".nii", ".gz"], type="filepath")
+                report = gr.Textbox(
+                    label="Radiology report (optional)",
+                    lines=6,
+                    value=example_report(first),
+                    max_length=MAX_REPORT_CHARS,
+                    elem_id="emrfuse-report",
+                    placeholder="Paste the report here; leave empty for an image-only prediction. "
+                    "Uploading a sequence clears it.",
+                )
+                allow_missing = gr.Checkbox(
+                    value=False,
+                    label="Allow missing sequences",
+                    elem_id="emrfuse-allow-missing",
+                    info="Run with any of the four sequences; the missing ones are zero-filled (best with a model "
+                    "trained with sequence dropout, which knows which sequences are missing).",
+                )
+                gt_file = gr.File(
+                    label="Ground-truth label map (optional, NIfTI)", file_types=[".nii", ".gz"], type="filepath"
+                )
                 gt_labels = gr.Dropdown(
-                    choices=list(GT_LABELS_CHOICES), value=GT_LABELS_AUTO, label=GT_LABELS_CONTROL,
+                    choices=list(GT_LABELS_CHOICES),
+                    value=GT_LABELS_AUTO,
+                    label=GT_LABELS_CONTROL,
                     elem_id="emrfuse-gt-labels",
                     info="The ground truth's label convention; auto: inferred from its label values as `emrfuse score` "
-                         "does (the status says which and why).",
+                    "does (the status says which and why).",
                 )
                 run = gr.Button("Run", variant="primary", elem_id="emrfuse-run")
                 status = gr.Markdown(elem_id="emrfuse-status")
@@ -715,30 +791,65 @@ def build_demo() -> gr.Blocks:
                     show = gr.Checkbox(value=True, label="Show overlay")
                 index = gr.Slider(0, 154, value=77, step=1, label="Slice", elem_id="emrfuse-slice")
                 with gr.Row():
-                    pred_img = gr.Image(label="Prediction", type="numpy", format="png", elem_id="emrfuse-pred-view",
-                                        interactive=False)
-                    gt_img = gr.Image(label="Ground truth", type="numpy", format="png", visible=False,
-                                      elem_id="emrfuse-gt-view", interactive=False)
+                    pred_img = gr.Image(
+                        label="Prediction", type="numpy", format="png", elem_id="emrfuse-pred-view", interactive=False
+                    )
+                    gt_img = gr.Image(
+                        label="Ground truth",
+                        type="numpy",
+                        format="png",
+                        visible=False,
+                        elem_id="emrfuse-gt-view",
+                        interactive=False,
+                    )
                 legend = gr.HTML(elem_id="emrfuse-legend-box")
                 with gr.Row():
                     grade = gr.Label(label=GRADE_LABEL, num_top_classes=2, elem_id="emrfuse-grade")
-                    alphas = gr.Label(label="Modality contribution (alpha_text vs alpha_image)", elem_id="emrfuse-alpha")
-                highlighted = gr.HighlightedText(label=ATTENTION_LABEL,
-                                                 elem_id="emrfuse-report-attention", show_legend=False)
+                    alphas = gr.Label(
+                        label="Modality contribution (alpha_text vs alpha_image)", elem_id="emrfuse-alpha"
+                    )
+                highlighted = gr.HighlightedText(
+                    label=ATTENTION_LABEL, elem_id="emrfuse-report-attention", show_legend=False
+                )
                 with gr.Row():
-                    volumes = gr.Dataframe(headers=["Region", "Volume (cm³)"], label="Region volumes",
-                                           elem_id="emrfuse-volumes", interactive=False)
-                    metrics = gr.Dataframe(headers=["Region", "Dice", "PPV", "Sensitivity", "HD95 (mm)"],
-                                           label="Metrics against the ground truth", visible=False,
-                                           elem_id="emrfuse-metrics", interactive=False)
+                    volumes = gr.Dataframe(
+                        headers=["Region", "Volume (cm³)"],
+                        label="Region volumes",
+                        elem_id="emrfuse-volumes",
+                        interactive=False,
+                    )
+                    metrics = gr.Dataframe(
+                        headers=["Region", "Dice", "PPV", "Sensitivity", "HD95 (mm)"],
+                        label="Metrics against the ground truth",
+                        visible=False,
+                        elem_id="emrfuse-metrics",
+                        interactive=False,
+                    )
                 download = gr.File(label="Predicted label map (NIfTI)", elem_id="emrfuse-download", interactive=False)
 
         _wire_report_box([f_t1, f_t1ce, f_t2, f_flair], example, report)
         run.click(
             predict,
             inputs=[f_t1, f_t1ce, f_t2, f_flair, example, report, gt_file, sequence, plane, allow_missing, gt_labels],
-            outputs=[state, pred_img, gt_img, index, legend, grade, alphas, highlighted, volumes, metrics, download, status,
-                     f_t1, f_t1ce, f_t2, f_flair, gt_file],
+            outputs=[
+                state,
+                pred_img,
+                gt_img,
+                index,
+                legend,
+                grade,
+                alphas,
+                highlighted,
+                volumes,
+                metrics,
+                download,
+                status,
+                f_t1,
+                f_t1ce,
+                f_t2,
+                f_flair,
+                gt_file,
+            ],
             api_name="predict",
             concurrency_limit=1,
         )
@@ -764,8 +875,7 @@ def _wire_viewer(state, sequence, plane, index, show, pred_img, gt_img) -> None:
     # the user's slider moves only: the value a prediction or a plane change sets comes with its images. Rendering
     # them again would rewrite the same cached image files (Gradio names them by content) while the browser is
     # still fetching them, and the browser would get a truncated image.
-    index.input(render_view, inputs=view_inputs, outputs=[pred_img, gt_img], api_name=False,
-                trigger_mode="always_last")
+    index.input(render_view, inputs=view_inputs, outputs=[pred_img, gt_img], api_name=False, trigger_mode="always_last")
     plane.change(change_plane, inputs=[state, sequence, plane, show], outputs=[index, pred_img, gt_img], api_name=False)
 
 

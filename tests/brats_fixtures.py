@@ -102,7 +102,14 @@ def write_name_mapping(root: Path, grades: Dict[str, str], name: str = "name_map
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(
-            ["Grade", "BraTS_2017_subject_ID", "BraTS_2018_subject_ID", "TCGA_TCIA_subject_ID", "BraTS_2019_subject_ID", "BraTS_2020_subject_ID"]
+            [
+                "Grade",
+                "BraTS_2017_subject_ID",
+                "BraTS_2018_subject_ID",
+                "TCGA_TCIA_subject_ID",
+                "BraTS_2019_subject_ID",
+                "BraTS_2020_subject_ID",
+            ]
         )
         for i, (case_id, grade) in enumerate(sorted(grades.items())):
             writer.writerow([grade, "NA", f"Brats18_X_{i}", "NA", f"BraTS19_X_{i}", case_id])
@@ -114,7 +121,9 @@ def write_case_2021(root: Path, case_id: str, seed: int = 0, labeled: bool = Tru
     return write_case_2020(root, case_id, seed=seed, labeled=labeled)
 
 
-def write_case_2023(root: Path, case_id: str, seed: int = 0, labeled: bool = True, report: Optional[str] = None) -> Path:
+def write_case_2023(
+    root: Path, case_id: str, seed: int = 0, labeled: bool = True, report: Optional[str] = None
+) -> Path:
     """Flat ``BraTS-GLI-XXXXX-XXX/BraTS-GLI-XXXXX-XXX-{t1n,t1c,t2w,t2f,seg}.nii.gz`` (labels 1/2/3)."""
     case_dir = Path(root) / case_id
     for i, seq in enumerate(SEQ_2023.values()):
@@ -125,7 +134,9 @@ def write_case_2023(root: Path, case_id: str, seed: int = 0, labeled: bool = Tru
     return case_dir
 
 
-def write_case_2015(root: Path, case_id: str, grade: str = "HGG", seed: int = 0, labeled: bool = True, first_id: int = 1000) -> Path:
+def write_case_2015(
+    root: Path, case_id: str, grade: str = "HGG", seed: int = 0, labeled: bool = True, first_id: int = 1000
+) -> Path:
     """``{HGG,LGG}/<case>/VSD.Brain.XX.O.MR_*.<id>/VSD.Brain.XX.O.MR_*.<id>.mha`` + ``VSD.Brain_3more.XX.O.OT.<id>``."""
     case_dir = Path(root) / grade / case_id
     vsd_id = first_id

@@ -40,8 +40,6 @@ TINY_TEXT = dict(
 CLS, SEP, PAD = 101 % VOCAB, 102 % VOCAB, 0
 
 
-
-
 def tiny_config(**overrides):
     """A tiny config (1-layer BERT of width 32, resnet18, fusion_dim 16, decoder channels 16/16/8/8/8,
     2 cross-attention heads, no dropout); ``overrides`` replace any argument."""
@@ -81,8 +79,9 @@ def batch(n_slices=(3, 3), lengths=(5, 8), size=32, channels=4, seed=0):
     pixel_values = torch.randn(n, channels, size, size, generator=gen)
     slice_to_case = torch.repeat_interleave(torch.arange(len(n_slices)), torch.tensor(n_slices))
     ids, mask, tt = tokens(lengths, seed=seed)
-    return dict(pixel_values=pixel_values, input_ids=ids, attention_mask=mask, token_type_ids=tt,
-                slice_to_case=slice_to_case)
+    return dict(
+        pixel_values=pixel_values, input_ids=ids, attention_mask=mask, token_type_ids=tt, slice_to_case=slice_to_case
+    )
 
 
 # ------------------------------------------------------------------------------------------ tokenizer, model folders, cases
@@ -92,6 +91,7 @@ REPORT_WORDS = (
     "hypointense signal mild moderate marked mass effect midline shift ventricle compression irregular "
     "heterogeneous no evidence of contrast white matter cortex . , ; : - ( )"
 ).split()
+
 
 def make_tokenizer(folder: Path):
     """A BERT WordPiece tokenizer with a tiny vocabulary (saved in ``folder``)."""
@@ -109,8 +109,9 @@ def make_tokenizer(folder: Path):
     return BertTokenizerFast(vocab={t: i for i, t in enumerate(unique)}, model_max_length=64)
 
 
-def build_tiny_model_folder(folder: Path, with_grading: bool = True, with_pipeline: bool = True, seed: int = 0,
-                            sequence_presence: bool = False) -> Path:
+def build_tiny_model_folder(
+    folder: Path, with_grading: bool = True, with_pipeline: bool = True, seed: int = 0, sequence_presence: bool = False
+) -> Path:
     """Save a tiny segmentation model (+ grading model in ``grading/``) and its processor in ``folder``
     (``sequence_presence``: with the four sequence-presence channels, in the config and the processor)."""
     from modeling_emrfuse.hub.packaging import add_pipeline_to_folder
@@ -121,9 +122,15 @@ def build_tiny_model_folder(folder: Path, with_grading: bool = True, with_pipeli
     tokenizer = make_tokenizer(folder.parent / f"{folder.name}-vocab")
     # a slightly wider decoder and text MLP than tiny_config's: with these shapes and seeds the random model's
     # label map holds every label on its largest-tumour slice (the Space's browser test checks each colour)
-    config = tiny_config(text_config={**TINY_TEXT, "intermediate_size": 64, "vocab_size": len(tokenizer)},
-                         slice_chunk_size=16, decoder_channels=[32, 16, 16, 8, 8], sequence_presence=sequence_presence)
-    processor = EmrFuseProcessor(EmrFuseImageProcessor(context_slices=0, sequence_presence=sequence_presence), tokenizer)
+    config = tiny_config(
+        text_config={**TINY_TEXT, "intermediate_size": 64, "vocab_size": len(tokenizer)},
+        slice_chunk_size=16,
+        decoder_channels=[32, 16, 16, 8, 8],
+        sequence_presence=sequence_presence,
+    )
+    processor = EmrFuseProcessor(
+        EmrFuseImageProcessor(context_slices=0, sequence_presence=sequence_presence), tokenizer
+    )
     torch.manual_seed(seed)
     seg = EmrFuseForSegmentation(config).eval()
     with torch.no_grad():  # a bias so that the random model predicts some tumour voxels
@@ -142,7 +149,9 @@ def build_tiny_model_folder(folder: Path, with_grading: bool = True, with_pipeli
     return folder
 
 
-def write_small_case(folder: Path, shape=(48, 48, 24), seed: int = 0, names=("t1", "t1ce", "t2", "flair"), case_id="Case_001"):
+def write_small_case(
+    folder: Path, shape=(48, 48, 24), seed: int = 0, names=("t1", "t1ce", "t2", "flair"), case_id="Case_001"
+):
     """Write a tiny four-sequence NIfTI case (a noisy ellipsoid brain) in the BraTS 2020 file naming."""
     import nibabel as nib
 

@@ -45,8 +45,9 @@ def test_paired_difference_averages_seeds_per_case_then_bootstraps_over_cases():
     b = np.array([np.mean([r[c] for r in reference]) for c in cases])
     d = a - b
     assert got.n_cases == 40 and got.mean == pytest.approx(d.mean())
-    ref = stats.bootstrap((d,), np.mean, confidence_level=0.95, method="percentile", n_resamples=20000,
-                          random_state=0).confidence_interval
+    ref = stats.bootstrap(
+        (d,), np.mean, confidence_level=0.95, method="percentile", n_resamples=20000, random_state=0
+    ).confidence_interval
     assert got.low == pytest.approx(ref.low, abs=0.002) and got.high == pytest.approx(ref.high, abs=0.002)
     assert got.excludes_zero and got.high < 0  # a 5-point drop on every case is not noise
 
@@ -76,8 +77,10 @@ def test_formatting():
 def _case_values(rng, shift=0.0, wrong=()):
     cases = [f"c{i}" for i in range(30)]
     base = np.linspace(0.6, 0.9, 30)
-    values = {f"dice_{r}": {c: float(b + shift + rng.normal(0, 0.005)) for c, b in zip(cases, base)}
-              for r in ("WT", "TC", "ET")}
+    values = {
+        f"dice_{r}": {c: float(b + shift + rng.normal(0, 0.005)) for c, b in zip(cases, base)}
+        for r in ("WT", "TC", "ET")
+    }
     values["grading"] = {c: 0.0 if c in wrong else 1.0 for c in cases}
     return values
 
@@ -88,13 +91,24 @@ def test_tables_give_intervals_paired_differences_and_a_sentence(tmp_path):
     from modeling_emrfuse.evaluation.ablation_report import format_ablation_table, write_ablation_report
 
     rng = np.random.default_rng(0)
-    numbers = lambda d: {"dice": d, "ppv": d, "sensitivity": d, "dice_WT": d, "dice_TC": d, "dice_ET": d,  # noqa: E731
-                         "accuracy": 0.9}
+
+    def numbers(d):
+        return {"dice": d, "ppv": d, "sensitivity": d, "dice_WT": d, "dice_TC": d, "dice_ET": d, "accuracy": 0.9}
+
     rows = [
-        ("full", "Complete model", [numbers(0.80), numbers(0.82), numbers(0.84)], [_case_values(rng) for _ in range(3)]),
+        (
+            "full",
+            "Complete model",
+            [numbers(0.80), numbers(0.82), numbers(0.84)],
+            [_case_values(rng) for _ in range(3)],
+        ),
         ("no_residual", "Without residual connection", [numbers(0.80)] * 3, [_case_values(rng, 0.0) for _ in range(3)]),
-        ("no_alignment", "Without modality alignment", [numbers(0.70)] * 3,
-         [_case_values(rng, -0.10, wrong={"c1", "c2"}) for _ in range(3)]),
+        (
+            "no_alignment",
+            "Without modality alignment",
+            [numbers(0.70)] * 3,
+            [_case_values(rng, -0.10, wrong={"c1", "c2"}) for _ in range(3)],
+        ),
     ]
     table = format_ablation_table("table3", rows)
     lines = table.splitlines()

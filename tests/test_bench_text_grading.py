@@ -112,7 +112,11 @@ def test_fold_tokenizer_vocabulary_has_only_words_from_at_least_5_reports():
 # ------------------------------------------------------------------------------------------- output
 def _fake_rows():
     def summary(ba, auc, f1):
-        return {"balanced_accuracy": {"mean": ba, "std": 0.0}, "roc_auc": {"mean": auc, "std": 0.0}, "f1": {"mean": f1, "std": 0.0}}
+        return {
+            "balanced_accuracy": {"mean": ba, "std": 0.0},
+            "roc_auc": {"mean": auc, "std": 0.0},
+            "f1": {"mean": f1, "std": 0.0},
+        }
 
     return {
         "tfidf_logreg": {"n_cases": 10, "summary": summary(0.6, 0.7, 0.4), "seconds": 1.0},
@@ -171,12 +175,15 @@ def test_quick_run_minilm_row(tmp_path, capsys):
     from modeling_emrfuse.training.offline_text_tower import minilm_available
 
     if not minilm_available():
-        rows = bench.main(["--data", str(write_real_like(tmp_path / "realdata")), "--quick", "--rows", "emrfuse_text_minilm"])
+        rows = bench.main(
+            ["--data", str(write_real_like(tmp_path / "realdata")), "--quick", "--rows", "emrfuse_text_minilm"]
+        )
         assert rows == {} and "skipped" in capsys.readouterr().out
         return
     data = write_real_like(tmp_path / "realdata", n=25, n_lgg=10)
-    rows = bench.main(["--data", str(data), "--quick", "--rows", "emrfuse_text_minilm",
-                       "--minilm_cache", str(tmp_path / "cache")])
+    rows = bench.main(
+        ["--data", str(data), "--quick", "--rows", "emrfuse_text_minilm", "--minilm_cache", str(tmp_path / "cache")]
+    )
     obj = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert list(obj) == ["emrfuse_text_minilm"] and len(rows["emrfuse_text_minilm"]["folds"]) == 5
 
@@ -201,8 +208,9 @@ def test_demo_reports_calibration_row(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------- real reports
-needs_real = pytest.mark.skipif(not (REALDATA / "textbrats_reports.jsonl").is_file(),
-                                reason=f"real reports {REALDATA} are absent")
+needs_real = pytest.mark.skipif(
+    not (REALDATA / "textbrats_reports.jsonl").is_file(), reason=f"real reports {REALDATA} are absent"
+)
 
 
 @needs_real

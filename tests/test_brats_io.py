@@ -25,8 +25,15 @@ from modeling_emrfuse.brats_io import (
 
 PACKAGE = Path(brats_io.__file__).resolve().parent
 # the files of modeling_emrfuse/ that travel to the Hub (copied next to the weights by save_pretrained)
-HUB_FILES = ("configuration_emrfuse.py", "modeling_emrfuse.py", "brats_labels.py", "processing_emrfuse.py",
-             "pipeline_emrfuse.py", "brats_io.py", "inference_optim.py")
+HUB_FILES = (
+    "configuration_emrfuse.py",
+    "modeling_emrfuse.py",
+    "brats_labels.py",
+    "processing_emrfuse.py",
+    "pipeline_emrfuse.py",
+    "brats_io.py",
+    "inference_optim.py",
+)
 
 
 def _imports(tree: ast.AST):
@@ -55,8 +62,11 @@ def test_modeling_emrfuse_imports_no_datasets_scripts():
     data_side = PACKAGE.parent / "datasets_scripts"
     for path in sorted(data_side.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else ([node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            )
             assert not any(n.startswith("modeling_emrfuse.training") for n in names), f"{path.name}:{node.lineno}"
 
 
@@ -128,7 +138,10 @@ def test_convention_from_file_names():
     assert label_convention_from_file_names(names) == "brats2023"
     assert label_convention_from_file_names(["t1n", "t1c", "t2w", "t2f"]) == "brats2023"  # bare sequence names
     assert label_convention_from_file_names(names[1:2]) == "brats2023"  # t1c alone, in a BraTS 2023 case
-    assert label_convention_from_file_names(["/d/brats_2013_pat0002_1/T1c.nii.gz", "/d/brats_2013_pat0002_1/Flair.nii.gz"]) is None
+    assert (
+        label_convention_from_file_names(["/d/brats_2013_pat0002_1/T1c.nii.gz", "/d/brats_2013_pat0002_1/Flair.nii.gz"])
+        is None
+    )
     assert label_convention_from_file_names(["/d/brats_2013_pat0002_1/T1c.nii.gz"]) is None
     assert label_convention_from_file_names([f"/d/Case_001_{s}.nii.gz" for s in ("t1", "t1ce", "t2", "flair")]) is None
     assert case_id_from_file_names(names) == "BraTS-GLI-00001-000"
@@ -145,9 +158,13 @@ def _write_case(folder: Path, names) -> Path:
 def test_every_caller_uses_the_one_rule(tmp_path):
     from modeling_emrfuse.brats_io import load_case
 
-    new = _write_case(tmp_path / "new" / "BraTS-GLI-00001-000",
-                      [f"BraTS-GLI-00001-000-{s}.nii.gz" for s in ("t1n", "t1c", "t2w", "t2f")])
-    old = _write_case(tmp_path / "old" / "brats_2013_pat0002_1", ["T1.nii.gz", "T1c.nii.gz", "T2.nii.gz", "Flair.nii.gz"])
+    new = _write_case(
+        tmp_path / "new" / "BraTS-GLI-00001-000",
+        [f"BraTS-GLI-00001-000-{s}.nii.gz" for s in ("t1n", "t1c", "t2w", "t2f")],
+    )
+    old = _write_case(
+        tmp_path / "old" / "brats_2013_pat0002_1", ["T1.nii.gz", "T1c.nii.gz", "T2.nii.gz", "Flair.nii.gz"]
+    )
     assert discover_cases(new.parent).release == "2023"
     assert discover_cases(old.parent).release == "2015"  # all cases named like BraTS 2013/2015 cases
     assert load_case(str(new)).label_convention == "brats2023"

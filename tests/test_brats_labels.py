@@ -33,8 +33,14 @@ def test_sentinel_is_the_brats_box_diagonal():
 
 @pytest.mark.parametrize(
     "key, name",
-    [("brats2017", "brats2017"), ("2018", "brats2017"), ("BraTS2021", "brats2017"), ("2015", "brats2015"),
-     ("2023", "brats2023"), ("brats2023", "brats2023")],
+    [
+        ("brats2017", "brats2017"),
+        ("2018", "brats2017"),
+        ("BraTS2021", "brats2017"),
+        ("2015", "brats2015"),
+        ("2023", "brats2023"),
+        ("brats2023", "brats2023"),
+    ],
 )
 def test_convention_lookup(key, name):
     assert get_label_convention(key).name == name

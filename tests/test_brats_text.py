@@ -124,7 +124,9 @@ def test_metaimage_without_simpleitk_says_how_to_install(tmp_path, monkeypatch):
         read_volume(fake)
 
 
-@pytest.mark.parametrize("prefix,release", [("Brats17_", "2017"), ("Brats18_", "2018"), ("BraTS19_", "2019"), ("", "2018")])
+@pytest.mark.parametrize(
+    "prefix,release", [("Brats17_", "2017"), ("Brats18_", "2018"), ("BraTS19_", "2019"), ("", "2018")]
+)
 def test_layout_2017_2019(tmp_path, prefix, release):
     root = tmp_path / "MICCAI_BraTS_Training"
     write_case_2017(root, f"{prefix}CBICA_AAA_1", "HGG", seed=1)
@@ -147,7 +149,9 @@ def test_layout_2020_mapping_nii_and_odd_label_name(tmp_path):
     # the known odd case: its label map is called W39_1998.09.19_Segm.nii
     write_case_2020(root, "BraTS20_Training_355", seed=3, ext=".nii", label_name="W39_1998.09.19_Segm.nii")
     write_case_2020(root, "BraTS20_Training_356", seed=4)  # not in name_mapping.csv
-    write_name_mapping(root, {"BraTS20_Training_001": "HGG", "BraTS20_Training_002": "LGG", "BraTS20_Training_355": "HGG"})
+    write_name_mapping(
+        root, {"BraTS20_Training_001": "HGG", "BraTS20_Training_002": "LGG", "BraTS20_Training_355": "HGG"}
+    )
     cases = discover_cases(root)
     assert cases.release == "2020"
     by_id = {c.case_id: c for c in cases}
@@ -287,7 +291,11 @@ def test_reports_file_overrides_and_orphans(tmp_path, fmt):
     root = tmp_path / "b18"
     for i, grade in enumerate(["HGG", "HGG", "LGG"]):
         write_case_2017(root, f"Brats18_X_{i}", grade, seed=i, report=fake_report(f"old {i}"))
-    texts = {"Brats18_X_0": "alpha report text", "Brats18_X_1": "beta, with a comma\nand a new line", "Brats18_GHOST": "orphan"}
+    texts = {
+        "Brats18_X_0": "alpha report text",
+        "Brats18_X_1": "beta, with a comma\nand a new line",
+        "Brats18_GHOST": "orphan",
+    }
     if fmt == "jsonl":
         path = write_reports_jsonl(tmp_path / "reports.jsonl", texts)
     else:
@@ -529,11 +537,20 @@ def _two_files(case_dir, case_id):
 
 BAD_INPUTS = {
     "missing sequence": (_missing, r"BraTS20_Training_002.*missing sequence.*\['t2'\]"),
-    "truncated file": (_truncate, r"BraTS20_Training_002.*t1ce.*BraTS20_Training_002_t1ce\.nii\.gz.*unreadable or truncated"),
+    "truncated file": (
+        _truncate,
+        r"BraTS20_Training_002.*t1ce.*BraTS20_Training_002_t1ce\.nii\.gz.*unreadable or truncated",
+    ),
     "unreadable file": (_garbage, r"BraTS20_Training_002.*t2.*BraTS20_Training_002_t2\.nii\.gz.*unreadable"),
     "different shapes": (_shape, r"BraTS20_Training_002.*flair.*shape \(8, 8, 5\) differs"),
-    "nan/inf voxels": (_nan, r"BraTS20_Training_002.*t1 file .*BraTS20_Training_002_t1\.nii\.gz: 1 NaN and 1 inf voxels"),
-    "label values": (_labels, r"BraTS20_Training_002.*seg file .*_seg\.nii\.gz: label values \[3\] are outside the brats2017"),
+    "nan/inf voxels": (
+        _nan,
+        r"BraTS20_Training_002.*t1 file .*BraTS20_Training_002_t1\.nii\.gz: 1 NaN and 1 inf voxels",
+    ),
+    "label values": (
+        _labels,
+        r"BraTS20_Training_002.*seg file .*_seg\.nii\.gz: label values \[3\] are outside the brats2017",
+    ),
     "two files for a sequence": (_two_files, r"BraTS20_Training_002.*two files for sequence 't1'"),
 }
 
@@ -629,7 +646,10 @@ def test_prepare_cli_parquet_and_errors(tmp_path, capsys):
     # non-empty output folder, and a bad input folder
     assert main(["prepare", str(tmp_path), "-o", str(out), "--cache-dir", str(tmp_path / "c")]) == 2
     bad = _bad_release(tmp_path / "b", _labels)
-    assert main(["prepare", str(bad), "-o", str(tmp_path / "o2"), "--splits", "none", "--cache-dir", str(tmp_path / "c")]) == 1
+    assert (
+        main(["prepare", str(bad), "-o", str(tmp_path / "o2"), "--splits", "none", "--cache-dir", str(tmp_path / "c")])
+        == 1
+    )
     assert "label values [3]" in capsys.readouterr().err
 
 
@@ -677,8 +697,15 @@ def test_real_tcga_in_2020_naming(tmp_path):
     reports = write_reports_jsonl(tmp_path / "reports.jsonl", {"TCGA-DU-7294": fake_report("TCGA-DU-7294")})
     dsd, summary = load(root, tmp_path, reports=reports, splits="none", require_reports=True, return_summary=True)
     row = dsd["train"][0]
-    assert row["has_report"] and row["release"] == "2020" and dsd["train"].features["grade"].int2str(row["grade"]) == "LGG"
-    assert summary["splits"]["train"] == {"cases": 1, "grades": {"HGG": 0, "LGG": 1, "unknown": 0}, "with_report": 1, "labeled": 1}
+    assert (
+        row["has_report"] and row["release"] == "2020" and dsd["train"].features["grade"].int2str(row["grade"]) == "LGG"
+    )
+    assert summary["splits"]["train"] == {
+        "cases": 1,
+        "grades": {"HGG": 0, "LGG": 1, "unknown": 0},
+        "with_report": 1,
+        "labeled": 1,
+    }
 
 
 @needs_real

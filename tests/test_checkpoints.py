@@ -32,7 +32,9 @@ def saved(tmp_path):
     for step in (2, 4):
         model(torch.randn(2, 4)).sum().backward()
         optimizer.step()
-        save_checkpoint(accelerator, tmp_path, {"global_step": step, "epoch": 0, "batches_in_epoch": step}, total_limit=3)
+        save_checkpoint(
+            accelerator, tmp_path, {"global_step": step, "epoch": 0, "batches_in_epoch": step}, total_limit=3
+        )
     return accelerator, tmp_path / "checkpoints"
 
 

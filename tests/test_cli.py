@@ -20,6 +20,10 @@ def test_top_level_help_lists_every_command_without_importing_them():
 
 
 def test_a_command_gets_its_own_full_parser():
-    out = subprocess.run([sys.executable, "-m", "modeling_emrfuse.commands.cli", "score", "--help"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "modeling_emrfuse.commands.cli", "score", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "--pred" in out and "--ref" in out

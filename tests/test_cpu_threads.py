@@ -39,8 +39,9 @@ def test_entry_points_set_passive_wait_policy_before_torch_loads(module, user_va
     if user_value:
         env["OMP_WAIT_POLICY"] = user_value
     folder = REPO / "space" if module == "app" else REPO
-    out = subprocess.run([sys.executable, "-c", PROBE, module], env=env, capture_output=True, text=True, timeout=300,
-                         cwd=folder)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, module], env=env, capture_output=True, text=True, timeout=300, cwd=folder
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == (user_value or "PASSIVE")  # the user's value always wins
 

@@ -146,13 +146,21 @@ def test_tumour_composition_follows_the_calibration_table(cohort):
         table = TUMOUR_COMPOSITION[grade]
         with_et = values[values[:, 0] > 0]
         assert len(with_et) >= 0.3 * len(values)
-        medians = {"et_fraction": np.median(with_et[:, 0]), "ncr_net_fraction": np.median(values[:, 1]),
-                   "oedema_fraction": np.median(values[:, 2]),
-                   "wt_cm3": np.median(values[:, 3]) * REFERENCE_BRAIN_CM3}
+        medians = {
+            "et_fraction": np.median(with_et[:, 0]),
+            "ncr_net_fraction": np.median(values[:, 1]),
+            "oedema_fraction": np.median(values[:, 2]),
+            "wt_cm3": np.median(values[:, 3]) * REFERENCE_BRAIN_CM3,
+        }
         for key, median in medians.items():
             mid, lo, hi = table[key]
             assert lo <= median <= hi, (grade, key, median)
-            assert abs(np.log(median / mid)) < 0.25, (grade, key, median, mid)  # within about 25 % of the table's median
+            assert abs(np.log(median / mid)) < 0.25, (
+                grade,
+                key,
+                median,
+                mid,
+            )  # within about 25 % of the table's median
         # every case within the ranges (two voxels of rounding on the 32 x 32 x 24 grid)
         slack = 2.0 / np.array([np.count_nonzero(c.label) for c in cohort if c.grade == grade])
         assert np.all(with_et[:, 0] <= table["et_fraction"][2] + slack[values[:, 0] > 0])
@@ -209,16 +217,20 @@ def test_no_single_phrase_separates_the_grades(cohort):
     bench = _bench()
     texts = [c.report for c in cohort]
     labels = [int(c.grade == "LGG") for c in cohort]
-    result = bench._phrase_rule(texts, labels, bench.PHRASE_NGRAMS, bench.PHRASE_MIN_REPORTS, bench.PHRASE_ALPHA,
-                                return_phrases=True)
+    result = bench._phrase_rule(
+        texts, labels, bench.PHRASE_NGRAMS, bench.PHRASE_MIN_REPORTS, bench.PHRASE_ALPHA, return_phrases=True
+    )
     assert result["n_phrases"] > 200
     assert result["n_flagged"] == 0, result["flagged"][:5]
     # the rule has power: one sentence tied to the grade in a third of the reports is caught
     rng = np.random.default_rng(0)
-    leaky = [t + (" A ring of enhancement is seen." if lab == 0 and rng.random() < 0.33 else "")
-             for t, lab in zip(texts, labels)]
-    flagged = bench._phrase_rule(leaky, labels, bench.PHRASE_NGRAMS, bench.PHRASE_MIN_REPORTS, bench.PHRASE_ALPHA,
-                                 return_phrases=True)["flagged"]
+    leaky = [
+        t + (" A ring of enhancement is seen." if lab == 0 and rng.random() < 0.33 else "")
+        for t, lab in zip(texts, labels)
+    ]
+    flagged = bench._phrase_rule(
+        leaky, labels, bench.PHRASE_NGRAMS, bench.PHRASE_MIN_REPORTS, bench.PHRASE_ALPHA, return_phrases=True
+    )["flagged"]
     assert "ring of enhancement" in {f[0] for f in flagged}
 
 

@@ -22,8 +22,13 @@ def _train_steps(seed: int, steps: int = 3) -> dict:
     report = make_deterministic(seed, threads=1)
     try:
         model = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Dropout(0.3),
-            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 2),
+            torch.nn.Conv2d(3, 8, 3, padding=1),
+            torch.nn.BatchNorm2d(8),
+            torch.nn.ReLU(),
+            torch.nn.Dropout(0.3),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+            torch.nn.Linear(8, 2),
         )
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         x = torch.randn(6, 3, 16, 16) + torch.from_numpy(np.random.rand(6, 3, 16, 16).astype(np.float32))
@@ -55,7 +60,9 @@ def test_two_seeded_training_runs_give_bit_identical_weights():
 
 def test_the_same_run_in_a_fresh_process_gives_the_same_weights():
     code = "from test_determinism import _train_steps, _digest; print(_digest(_train_steps(0)))"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == _digest(_train_steps(0))

@@ -58,7 +58,9 @@ def cases():
 
 
 def _rows(cases):
-    return [{"case_id": cid, **M.metrics_to_row(M.score_label_maps(p, r, "brats2017"))} for cid, (p, r) in cases.items()]
+    return [
+        {"case_id": cid, **M.metrics_to_row(M.score_label_maps(p, r, "brats2017"))} for cid, (p, r) in cases.items()
+    ]
 
 
 def _independent_et(cases):
@@ -116,7 +118,9 @@ def test_report_tables_show_et_present_and_false_positives(cases, tmp_path):
         back = list(csv.DictReader(f))
     assert [r["case_id"] for r in back] == list(CASES)  # the order given
     assert float(back[1]["ET_dice"]) == rows[1]["ET_dice"]  # full precision
-    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["segmentation"]["ET"]["false_positive_cases"] == 2
+    assert (
+        json.loads((tmp_path / "eval" / "summary.json").read_text())["segmentation"]["ET"]["false_positive_cases"] == 2
+    )
 
 
 def test_score_cli_summary_has_et_present_and_false_positive_cases(cases, tmp_path, capsys):
@@ -128,8 +132,22 @@ def test_score_cli_summary_has_et_present_and_false_positive_cases(cases, tmp_pa
         for folder, arr in (("ref", ref), ("pred", pred)):
             (tmp_path / folder).mkdir(exist_ok=True)
             nib.save(nib.Nifti1Image(arr, np.eye(4)), str(tmp_path / folder / f"{cid}_seg.nii.gz"))
-    rc = main(["score", "--no-progress", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"),
-               "--out", str(tmp_path / "out"), "--ref-convention", "brats2017", "--pred-convention", "brats2017"])
+    rc = main(
+        [
+            "score",
+            "--no-progress",
+            "--pred",
+            str(tmp_path / "pred"),
+            "--ref",
+            str(tmp_path / "ref"),
+            "--out",
+            str(tmp_path / "out"),
+            "--ref-convention",
+            "brats2017",
+            "--pred-convention",
+            "brats2017",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "2 of 4 region-absent" in out
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -159,7 +177,10 @@ def test_ablation_table_has_et_present_and_false_positive_columns(cases):
     t = 12.706204736  # Student t, 97.5 % quantile, 1 degree of freedom: cells are mean ± 95 % CI over the 2 seeds
     half = lambda v: t * statistics.stdev(v) / len(v) ** 0.5  # noqa: E731
     assert et_cell == f"{statistics.mean(vals):.1f} ± {half(vals):.1f}"
-    assert cells[titles.index("ET-absent cases with ET predicted")] == f"{statistics.mean([fp, 0]):.1f} ± {half([fp, 0]):.1f}"
+    assert (
+        cells[titles.index("ET-absent cases with ET predicted")]
+        == f"{statistics.mean([fp, 0]):.1f} ± {half([fp, 0]):.1f}"
+    )
     assert all(r in nums for r in ("dice_WT", "dice_TC", "dice_ET")) and set(REGIONS) <= set(summary["segmentation"])
 
 
@@ -172,11 +193,13 @@ def test_grading_table_and_ablation_rows_carry_the_enhancing_fraction_control():
     """The control's figures sit next to the model's: a row of the grading table, a column of the ablation table."""
     from modeling_emrfuse.evaluation.grading_control import control_from_features
 
-    control = control_from_features([0.3, 0.25, 0.01, 0.02], ["HGG", "HGG", "LGG", "LGG"], [0.2, 0.015, 0.3],
-                                    ["HGG", "LGG", "LGG"])
+    control = control_from_features(
+        [0.3, 0.25, 0.01, 0.02], ["HGG", "HGG", "LGG", "LGG"], [0.2, 0.015, 0.3], ["HGG", "LGG", "LGG"]
+    )
     assert control["predictions"] == ["HGG", "LGG", "HGG"]  # threshold between 0.02 and 0.25
-    grading = M.classification_metrics(["HGG", "LGG", "LGG"], np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7]]),
-                                       labels=["HGG", "LGG"])
+    grading = M.classification_metrics(
+        ["HGG", "LGG", "LGG"], np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7]]), labels=["HGG", "LGG"]
+    )
     summary = {"num_cases": 3, "grading": grading, "grading_control": control}
     md = format_results_markdown(summary)
     model_row = next(line for line in md.splitlines() if line.startswith("| EmrFuse |"))

@@ -94,7 +94,9 @@ def test_control_from_features_equals_the_label_map_path():
     test = [_label_map(20, 10, 70), _label_map(2, 40, 58)]
     grades = ["HGG", "LGG", "HGG", "LGG"]
     a = grading_control(train, grades, test, ["HGG", "LGG"])
-    b = control_from_features([enhancing_fraction(m) for m in train], grades, [enhancing_fraction(m) for m in test], ["HGG", "LGG"])
+    b = control_from_features(
+        [enhancing_fraction(m) for m in train], grades, [enhancing_fraction(m) for m in test], ["HGG", "LGG"]
+    )
     assert a["rule"] == b["rule"] and a["predictions"] == b["predictions"] and a["scores"] == b["scores"]
 
 

@@ -167,8 +167,10 @@ def saved(tmp_path_factory):
         processor.save_pretrained(folder)
     volume = _volume()
     enc = processor(volumes=volume, text=[REPORT])
-    model_inputs = {k: enc[k] for k in ("pixel_values", "input_ids", "attention_mask", "token_type_ids",
-                                        "slice_to_case", "has_report")}
+    model_inputs = {
+        k: enc[k]
+        for k in ("pixel_values", "input_ids", "attention_mask", "token_type_ids", "slice_to_case", "has_report")
+    }
     with torch.no_grad():
         ref = {
             "seg": seg(**model_inputs).logits,
@@ -178,8 +180,9 @@ def saved(tmp_path_factory):
             "input_ids": enc["input_ids"],
         }
     torch.set_num_threads(before)
-    return dict(root=root, seg_dir=seg_dir, cls_dir=cls_dir, ref=ref, volume=volume, processor=processor,
-                seg=seg, cls=cls)
+    return dict(
+        root=root, seg_dir=seg_dir, cls_dir=cls_dir, ref=ref, volume=volume, processor=processor, seg=seg, cls=cls
+    )
 
 
 def _fake_hub_cache(cache: Path, repo_id: str, folder: Path) -> None:
@@ -201,15 +204,30 @@ def fresh_process(saved):
     script = root / "child.py"
     script.write_text(CHILD)
     paths = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
-    folders = {"folder": str(saved["seg_dir"]), "hub": REPO_ID,
-               "inputs": str(root / "inputs.pt"), "volume": str(root / "volume.npy")}
+    folders = {
+        "folder": str(saved["seg_dir"]),
+        "hub": REPO_ID,
+        "inputs": str(root / "inputs.pt"),
+        "volume": str(root / "volume.npy"),
+    }
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "PYTHON", "TRANSFORMERS_"))}
-    env.update(HF_HUB_CACHE=str(cache), HF_HOME=str(root / "hf-home"), HF_MODULES_CACHE=str(root / "modules"),
-               HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", HF_HUB_DISABLE_TELEMETRY="1", PYTHONPATH=os.pathsep.join(paths))
+    env.update(
+        HF_HUB_CACHE=str(cache),
+        HF_HOME=str(root / "hf-home"),
+        HF_MODULES_CACHE=str(root / "modules"),
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        PYTHONPATH=os.pathsep.join(paths),
+    )
     out = root / "child-out.pt"
     proc = subprocess.run(
         [sys.executable, "-S", "-s", "-P", str(script), str(out), json.dumps(folders)],
-        cwd=root, env=env, capture_output=True, text=True, timeout=300,
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return torch.load(out)
@@ -240,8 +258,23 @@ def test_save_pretrained_writes_code_auto_map_and_processor(saved):
                 tops = set() if node.level else {node.module.split(".")[0]}
             else:
                 continue
-            assert tops <= {"torch", "transformers", "timm", "numpy", "__future__", "math", "dataclasses", "typing",
-                            "os", "json", "warnings", "collections", "functools", "itertools", "copy"}, (name, tops)
+            assert tops <= {
+                "torch",
+                "transformers",
+                "timm",
+                "numpy",
+                "__future__",
+                "math",
+                "dataclasses",
+                "typing",
+                "os",
+                "json",
+                "warnings",
+                "collections",
+                "functools",
+                "itertools",
+                "copy",
+            }, (name, tops)
 
 
 def test_in_process_round_trip_identical(saved):
@@ -265,8 +298,10 @@ def test_in_process_round_trip_identical(saved):
     _state_dicts_equal(auto, saved["seg"])
     with torch.no_grad():
         assert _same_output(auto(**inputs).logits, saved["ref"]["seg"])
-    assert type(AutoModelForImageClassification.from_pretrained(saved["cls_dir"], trust_remote_code=True)).__name__ \
+    assert (
+        type(AutoModelForImageClassification.from_pretrained(saved["cls_dir"], trust_remote_code=True)).__name__
         == "EmrFuseForImageClassification"
+    )
     assert type(AutoModel.from_pretrained(saved["cls_dir"], trust_remote_code=True)).__name__ == "EmrFuseModel"
 
 
@@ -281,7 +316,10 @@ def test_fresh_process_round_trip_identical(fresh_process, saved, tag):
     assert res["config_class"] == "EmrFuseConfig" and res["config_module"].startswith("transformers_modules.")
     assert res["processor_class"] == "EmrFuseProcessor"
     assert (res["seg_class"], res["cls_class"], res["base_class"]) == (
-        "EmrFuseForSegmentation", "EmrFuseForImageClassification", "EmrFuseModel")
+        "EmrFuseForSegmentation",
+        "EmrFuseForImageClassification",
+        "EmrFuseModel",
+    )
     for name in ("seg", "cls", "base"):
         assert res[name + "_module"].startswith("transformers_modules."), res[name + "_module"]
     ref = saved["ref"]
@@ -309,9 +347,12 @@ def test_push_to_hub_uploads_model_code_and_processor(saved):
         return mock.MagicMock(repo_id=repo_id)
 
     card = ModelCard("---\nlibrary_name: transformers\n---\n\n# EmrFuse (test card)\n")
-    with mock.patch.object(HfApi, "create_repo", create_repo), mock.patch.object(HfApi, "create_commit", create_commit), \
-            mock.patch("transformers.utils.hub.create_and_tag_model_card", return_value=card), \
-            mock.patch.object(HfApi, "upload_folder", side_effect=AssertionError("unexpected upload_folder")):
+    with (
+        mock.patch.object(HfApi, "create_repo", create_repo),
+        mock.patch.object(HfApi, "create_commit", create_commit),
+        mock.patch("transformers.utils.hub.create_and_tag_model_card", return_value=card),
+        mock.patch.object(HfApi, "upload_folder", side_effect=AssertionError("unexpected upload_folder")),
+    ):
         saved["seg"].push_to_hub(REPO_ID)
         saved["processor"].push_to_hub(REPO_ID)
     names = set(uploaded)
@@ -320,6 +361,11 @@ def test_push_to_hub_uploads_model_code_and_processor(saved):
     assert names & {"tokenizer.json", "vocab.txt"} and "tokenizer_config.json" in names
     config = json.loads(uploaded["config.json"])
     assert config["model_type"] == "emrfuse" and config["auto_map"]["AutoModelForSemanticSegmentation"]
-    assert json.loads(uploaded["processor_config.json"])["auto_map"]["AutoProcessor"] == \
-        "processing_emrfuse.EmrFuseProcessor"
-    assert uploaded["modeling_emrfuse.py"] == (Path(__file__).parents[1] / "modeling_emrfuse" / "modeling_emrfuse.py").read_bytes()
+    assert (
+        json.loads(uploaded["processor_config.json"])["auto_map"]["AutoProcessor"]
+        == "processing_emrfuse.EmrFuseProcessor"
+    )
+    assert (
+        uploaded["modeling_emrfuse.py"]
+        == (Path(__file__).parents[1] / "modeling_emrfuse" / "modeling_emrfuse.py").read_bytes()
+    )

@@ -70,7 +70,9 @@ def synthetic_pair(convention: str):
     _tumour(ref, *a, **kw)
     _tumour(pred, *[tuple(slice(s.start + 1, s.stop + 1) if i == 0 else s for i, s in enumerate(b)) for b in a], **kw)
     # B: found, but its core shrunk and its enhancing part missed
-    _tumour(ref, _s((26, 40), (26, 40), (14, 28)), _s((29, 37), (29, 37), (17, 25)), _s((31, 35), (31, 35), (19, 23)), **kw)
+    _tumour(
+        ref, _s((26, 40), (26, 40), (14, 28)), _s((29, 37), (29, 37), (17, 25)), _s((31, 35), (31, 35), (19, 23)), **kw
+    )
     _tumour(pred, _s((26, 40), (27, 40), (14, 27)), _s((30, 36), (30, 36), (18, 24)), None, **kw)
     # C: a small edema-only lesion, missed
     _tumour(ref, _s((4, 8), (36, 42), (20, 26)), None, None, **kw)
@@ -141,7 +143,13 @@ def test_lesion_wise_edge_cases():
     assert all(math.isnan(both_empty[r][m]) for r in REGIONS for m in ("sq_dsc", "pq_dsc", "sq_hd95"))
     assert all(both_empty[r]["tp"] == both_empty[r]["fp"] == both_empty[r]["fn"] == 0 for r in REGIONS)
     missed = L.lesion_wise_metrics(empty, one)["ET"]
-    assert (missed["tp"], missed["fn"], missed["sq_dsc"], missed["pq_dsc"], missed["sq_hd95"]) == (0, 1, 0.0, 0.0, math.inf)
+    assert (missed["tp"], missed["fn"], missed["sq_dsc"], missed["pq_dsc"], missed["sq_hd95"]) == (
+        0,
+        1,
+        0.0,
+        0.0,
+        math.inf,
+    )
     spurious = L.lesion_wise_metrics(one, empty)["WT"]
     assert (spurious["fp"], spurious["sq_dsc"], spurious["sq_hd95"]) == (1, 0.0, math.inf)
     with pytest.raises(ValueError, match="spacing"):
@@ -155,15 +163,31 @@ def test_lesion_wise_without_panoptica_is_a_clear_error(monkeypatch, tmp_path, c
     L.brats_lesion_evaluator.cache_clear()
     try:
         with pytest.raises(L.LesionMetricsUnavailable, match="pip install"):
-            M.score_label_maps(np.zeros((4, 4, 4), np.uint8), np.zeros((4, 4, 4), np.uint8), "brats2017", lesion_wise=True)
+            M.score_label_maps(
+                np.zeros((4, 4, 4), np.uint8), np.zeros((4, 4, 4), np.uint8), "brats2017", lesion_wise=True
+            )
         # without the flag nothing needs panoptica
-        assert M.score_label_maps(np.zeros((4, 4, 4), np.uint8), np.zeros((4, 4, 4), np.uint8), "brats2017")["WT"]["dice"] == 1.0
+        assert (
+            M.score_label_maps(np.zeros((4, 4, 4), np.uint8), np.zeros((4, 4, 4), np.uint8), "brats2017")["WT"]["dice"]
+            == 1.0
+        )
         from modeling_emrfuse.commands.cli import main
 
         for folder in ("ref", "pred"):
             _write(tmp_path / folder / "c1_seg.nii.gz", synthetic_pair("brats2017")[1])
-        rc = main(["score", "--no-progress", "--lesion-wise", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"),
-                   "--out", str(tmp_path / "out")])
+        rc = main(
+            [
+                "score",
+                "--no-progress",
+                "--lesion-wise",
+                "--pred",
+                str(tmp_path / "pred"),
+                "--ref",
+                str(tmp_path / "ref"),
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
         err = capsys.readouterr().err
         assert rc == 2 and "panoptica" in err and "emrfuse[lesion]" in err and "Traceback" not in err
         assert not (tmp_path / "out").exists()
@@ -191,7 +215,16 @@ def test_score_cli_lesion_wise_columns_and_summary(tmp_path, capsys):
     _write(tmp_path / "pred" / "c1.nii.gz", pred, spacing)
     _write(tmp_path / "ref" / "c2" / "c2_seg.nii.gz", ref, spacing)
     _write(tmp_path / "pred" / "c2.nii.gz", ref, spacing)  # perfect
-    args = ["score", "--no-progress", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"), "--out", str(tmp_path / "out")]
+    args = [
+        "score",
+        "--no-progress",
+        "--pred",
+        str(tmp_path / "pred"),
+        "--ref",
+        str(tmp_path / "ref"),
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert main(args) == 0
     with open(tmp_path / "out" / "per_case.csv", newline="") as f:
         header = next(csv.reader(f))
@@ -233,8 +266,11 @@ def test_evaluate_metric_lesion_wise():
 # the official BraTS evaluation as the oracle, on real label maps
 # --------------------------------------------------------------------------------------------
 REAL_MAPS = [
-    ("BraTS2023/BraTS-GLI-00000-000/BraTS-GLI-00000-000-seg.nii.gz", "brats2023",
-     ("eroded", "dilated", "shifted", "spurious", "removed")),
+    (
+        "BraTS2023/BraTS-GLI-00000-000/BraTS-GLI-00000-000-seg.nii.gz",
+        "brats2023",
+        ("eroded", "dilated", "shifted", "spurious", "removed"),
+    ),
     ("BraTS2021/BraTS2021_00002/BraTS2021_00002_seg.nii.gz", "brats2017", ("shifted", "removed")),
     ("other/brats_tcia_pat222_2/segmentation.nii.gz", "brats2015", ("dilated", "spurious")),
 ]
@@ -261,7 +297,11 @@ def perturb(ref: np.ndarray, how: str, conv: str) -> np.ndarray:
         core = np.isin(ref, REGION_LABELS[conv]["TC"])
         lab, n = ndimage.label(core, structure=np.ones((3, 3, 3), bool))
         if n < 2:  # a single core: remove the smallest enhancing lesion instead (or the core)
-            lab, n = ndimage.label(ref == et_label, structure=np.ones((3, 3, 3), bool)) if (ref == et_label).any() else (lab, n)
+            lab, n = (
+                ndimage.label(ref == et_label, structure=np.ones((3, 3, 3), bool))
+                if (ref == et_label).any()
+                else (lab, n)
+            )
         sizes = np.bincount(lab.ravel())[1:]
         pred[lab == 1 + int(np.argmin(sizes))] = 0
     return pred
@@ -283,7 +323,9 @@ def official_evaluation():
 
 @needs_panoptica
 @pytest.mark.parametrize("rel_path, conv, perturbations", REAL_MAPS, ids=[m[1] for m in REAL_MAPS])
-def test_lesion_wise_matches_official_brats_evaluation(rel_path, conv, perturbations, official_evaluation, tmp_path, capsys):
+def test_lesion_wise_matches_official_brats_evaluation(
+    rel_path, conv, perturbations, official_evaluation, tmp_path, capsys
+):
     import nibabel as nib
 
     from modeling_emrfuse.commands.cli import main
@@ -305,22 +347,56 @@ def test_lesion_wise_matches_official_brats_evaluation(rel_path, conv, perturbat
     for how in perturbations:
         pred = perturb(ref, how, conv)
         name = f"{how}-00000.nii.gz"
-        for folder, array in (("ours_ref", ref), ("ours_pred", pred), ("oracle_ref", to23[ref]), ("oracle_pred", to23[pred])):
+        for folder, array in (
+            ("ours_ref", ref),
+            ("ours_pred", pred),
+            ("oracle_ref", to23[ref]),
+            ("oracle_pred", to23[pred]),
+        ):
             nib.save(nib.Nifti1Image(array, img.affine, header), str(tmp_path / folder / name))
-    rc = main(["score", "--no-progress", "--lesion-wise", "--pred", str(tmp_path / "ours_pred"), "--ref",
-               str(tmp_path / "ours_ref"), "--out", str(tmp_path / "out"), "--ref-convention", conv, "--pred-convention", conv])
+    rc = main(
+        [
+            "score",
+            "--no-progress",
+            "--lesion-wise",
+            "--pred",
+            str(tmp_path / "ours_pred"),
+            "--ref",
+            str(tmp_path / "ours_ref"),
+            "--out",
+            str(tmp_path / "out"),
+            "--ref-convention",
+            conv,
+            "--pred-convention",
+            conv,
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     with open(tmp_path / "out" / "per_case.csv", newline="") as f:
         ours = {r["case_id"]: r for r in csv.DictReader(f)}
     for how in perturbations:
         name = f"{how}-00000.nii.gz"
-        official = evaluate_single_exam(str(tmp_path / "oracle_pred" / name), str(tmp_path / "oracle_ref" / name), name, evaluator)
+        official = evaluate_single_exam(
+            str(tmp_path / "oracle_pred" / name), str(tmp_path / "oracle_ref" / name), name, evaluator
+        )
         assert "error" not in official, official.get("error")
         row = ours[f"{how}-00000"]
         for region in REGIONS:
             for metric in L.LESION_METRICS:
                 theirs = official[region.lower()][metric]
-                assert _same(float(row[f"{region}_{metric}"]), float(theirs)), (conv, how, region, metric, row[f"{region}_{metric}"], theirs)
+                assert _same(float(row[f"{region}_{metric}"]), float(theirs)), (
+                    conv,
+                    how,
+                    region,
+                    metric,
+                    row[f"{region}_{metric}"],
+                    theirs,
+                )
     # the perturbations did change the lesions
-    assert any(ours[f"{how}-00000"]["WT_fp"] != "0" or ours[f"{how}-00000"]["WT_fn"] != "0" or
-               ours[f"{how}-00000"]["ET_fn"] != "0" or float(ours[f"{how}-00000"]["WT_sq_dsc"]) < 1 for how in perturbations)
+    assert any(
+        ours[f"{how}-00000"]["WT_fp"] != "0"
+        or ours[f"{how}-00000"]["WT_fn"] != "0"
+        or ours[f"{how}-00000"]["ET_fn"] != "0"
+        or float(ours[f"{how}-00000"]["WT_sq_dsc"]) < 1
+        for how in perturbations
+    )

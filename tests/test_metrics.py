@@ -110,7 +110,12 @@ def test_empty_mask_rules():
     full[2:4, 2:4, 2:4] = True
     assert HD95_EMPTY_SENTINEL_MM == pytest.approx(373.13, abs=0.005)
     # both empty
-    assert (M.dice(empty, empty), M.ppv(empty, empty), M.sensitivity(empty, empty), M.hd95(empty, empty)) == (1.0, 1.0, 1.0, 0.0)
+    assert (M.dice(empty, empty), M.ppv(empty, empty), M.sensitivity(empty, empty), M.hd95(empty, empty)) == (
+        1.0,
+        1.0,
+        1.0,
+        0.0,
+    )
     # prediction empty, reference not: PPV's denominator is 0 but the tumour was missed -> 0
     assert (M.dice(empty, full), M.ppv(empty, full), M.sensitivity(empty, full)) == (0.0, 0.0, 0.0)
     assert M.hd95(empty, full, (1, 1, 3)) == HD95_EMPTY_SENTINEL_MM  # not rescaled by the spacing
@@ -120,7 +125,14 @@ def test_empty_mask_rules():
     res = M.region_metrics(np.stack([full, empty, empty]), np.stack([full, full, empty]))
     n = int(full.sum())
     assert res["WT"] == {"dice": 1.0, "ppv": 1.0, "sensitivity": 1.0, "hd95": 0.0, "ref_voxels": n, "pred_voxels": n}
-    assert res["TC"] == {"dice": 0.0, "ppv": 0.0, "sensitivity": 0.0, "hd95": HD95_EMPTY_SENTINEL_MM, "ref_voxels": n, "pred_voxels": 0}
+    assert res["TC"] == {
+        "dice": 0.0,
+        "ppv": 0.0,
+        "sensitivity": 0.0,
+        "hd95": HD95_EMPTY_SENTINEL_MM,
+        "ref_voxels": n,
+        "pred_voxels": 0,
+    }
     assert res["ET"] == {"dice": 1.0, "ppv": 1.0, "sensitivity": 1.0, "hd95": 0.0, "ref_voxels": 0, "pred_voxels": 0}
 
 
@@ -266,7 +278,9 @@ def test_classification_metrics_edge_cases():
     assert math.isnan(out["roc_auc"])
     assert out["accuracy"] == pytest.approx(2 / 3) and out["balanced_accuracy"] == pytest.approx(2 / 3)
     assert out["confusion_matrix"] == [[2, 1], [0, 0]]
-    assert out["f1"] == pytest.approx(sk.f1_score([0, 0, 0], [0, 1, 0], average="macro", labels=[0, 1], zero_division=0))
+    assert out["f1"] == pytest.approx(
+        sk.f1_score([0, 0, 0], [0, 1, 0], average="macro", labels=[0, 1], zero_division=0)
+    )
     # three classes, one-vs-rest macro AUC
     rng = np.random.default_rng(5)
     y = np.arange(30) % 3
@@ -322,8 +336,14 @@ def test_real_label_map_vs_perturbed_copy_matches_medpy(real_seg):
             assert res[region]["sensitivity"] == pytest.approx(medpy_binary.recall(p, r), abs=1e-12)
             assert res[region]["hd95"] == pytest.approx(medpy_binary.hd95(p, r, voxelspacing=spacing), abs=1e-9)
     # the reference has no enhancing tumour: a predicted ET focus is a false positive case
-    assert res["ET"] == {"dice": 0.0, "ppv": 0.0, "sensitivity": 1.0, "hd95": HD95_EMPTY_SENTINEL_MM,
-                         "ref_voxels": 0, "pred_voxels": 4 * 4 * 3}
+    assert res["ET"] == {
+        "dice": 0.0,
+        "ppv": 0.0,
+        "sensitivity": 1.0,
+        "hd95": HD95_EMPTY_SENTINEL_MM,
+        "ref_voxels": 0,
+        "pred_voxels": 4 * 4 * 3,
+    }
     assert 0.8 < res["WT"]["dice"] < 1.0
     # anisotropic spacing on the same masks (as if resampled)
     aniso = (0.94, 1.1, 2.5)
@@ -445,14 +465,20 @@ def test_score_cli_end_to_end(tmp_path, capsys):
     _write(ref_dir / "Case-4-seg.nii.gz", refs["Case-4"], spacing)
     # predictions named by other tools; 002 missing; one without a reference; 003 in brats2023 labels
     _write(pred_dir / "BraTS20_Training_001.nii.gz", preds["BraTS20_Training_001"], spacing)
-    _write(pred_dir / "braTS20_training_003_pred.nii.gz", convert_label_map(preds["BraTS20_Training_003"], "2017", "2023"), spacing)
+    _write(
+        pred_dir / "braTS20_training_003_pred.nii.gz",
+        convert_label_map(preds["BraTS20_Training_003"], "2017", "2023"),
+        spacing,
+    )
     _write(pred_dir / "sub" / "case-4_seg.nii.gz", preds["Case-4"].astype(np.float32), spacing)
     _write(pred_dir / "Unknown_seg.nii.gz", preds["Case-4"], spacing)
     # label 4 in some predictions, label 3 in others: brats2015 fits all of them but no single file
     # shows it; a folder mixing brats2017 and brats2023 is as likely, so the command asks
     rc, stdout, err = _score(["--pred", pred_dir, "--ref", ref_dir, "--out", out], capsys)
     assert rc == 2 and "ambiguous" in err and "--pred-convention" in err
-    rc, stdout, err = _score(["--pred", pred_dir, "--ref", ref_dir, "--out", out, "--pred-convention", "brats2017"], capsys)
+    rc, stdout, err = _score(
+        ["--pred", pred_dir, "--ref", ref_dir, "--out", out, "--pred-convention", "brats2017"], capsys
+    )
     assert rc == 2 and "BraTS20_Training_003" in err and "outside the brats2017" in err
 
     _write(pred_dir / "braTS20_training_003_pred.nii.gz", preds["BraTS20_Training_003"], spacing)
@@ -460,7 +486,11 @@ def test_score_cli_end_to_end(tmp_path, capsys):
     assert rc == 0, err
     assert "| WT |" in stdout and "3 case(s) scored" in stdout
     assert "BraTS20_Training_002" in err and "--missing-as-empty" in err and "Unknown" in err
-    expected = {c: M.score_label_maps(preds[c], refs[c], "brats2017", spacing=spacing) for c in preds if c != "BraTS20_Training_002"}
+    expected = {
+        c: M.score_label_maps(preds[c], refs[c], "brats2017", spacing=spacing)
+        for c in preds
+        if c != "BraTS20_Training_002"
+    }
     with open(out / "per_case.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["case_id"] for r in rows] == ["Case-4", "BraTS20_Training_001", "BraTS20_Training_003"]

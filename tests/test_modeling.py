@@ -48,12 +48,24 @@ def combo_id(c):
 
 # ------------------------------------------------------------------------------------------- config
 def test_presets_and_table_rows():
-    assert [p for p, _ in TABLE1_ROWS] == ["image_only", "concat", "plus_alignment", "plus_self_attention",
-                                           "plus_residual", "full", "full_cross_attention"]
+    assert [p for p, _ in TABLE1_ROWS] == [
+        "image_only",
+        "concat",
+        "plus_alignment",
+        "plus_self_attention",
+        "plus_residual",
+        "full",
+        "full_cross_attention",
+    ]
     assert TABLE1_ROWS[0][1] == "Single-modality Image (ResNet-50)"
     assert TABLE1_ROWS[1][1] == "Image + Text (no alignment, no attention)"
-    assert [p for p, _ in TABLE3_ROWS] == ["full", "no_alignment", "no_self_attention", "no_residual",
-                                           "no_dynamic_weighting"]
+    assert [p for p, _ in TABLE3_ROWS] == [
+        "full",
+        "no_alignment",
+        "no_self_attention",
+        "no_residual",
+        "no_dynamic_weighting",
+    ]
     assert TABLE3_ROWS[1][1] == "Without modality alignment"
     for name, _ in TABLE1_ROWS + TABLE3_ROWS:
         assert set(ABLATION_PRESETS[name]) == set(SWITCHES) | {"use_cross_attention"}
@@ -66,7 +78,9 @@ def test_presets_and_table_rows():
     for name, _ in TABLE3_ROWS[1:]:
         assert sum(ABLATION_PRESETS["full"][k] != ABLATION_PRESETS[name][k] for k in SWITCHES) == 1
     cfg = EmrFuseConfig.from_preset("no_residual", fusion_dim=8)
-    assert cfg.use_residual is False and cfg.use_alignment and cfg.fusion_dim == 8 and cfg.active_preset == "no_residual"
+    assert (
+        cfg.use_residual is False and cfg.use_alignment and cfg.fusion_dim == 8 and cfg.active_preset == "no_residual"
+    )
     with pytest.raises(ValueError, match="preset"):
         EmrFuseConfig.from_preset("nope")
     with pytest.raises(ValueError, match="use_text"):
@@ -240,9 +254,11 @@ def test_token_attention_is_paper_formula_at_init():
     inputs = batch(n_slices=(1, 1), lengths=(4, 6))
     with torch.no_grad():
         out = model(**inputs)
-        hidden = model.text_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
+        hidden = model.text_model(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+        ).last_hidden_state
     cls = hidden[:, 0]
-    scores = torch.einsum("bd,bld->bl", cls, hidden) / 32 ** 0.5
+    scores = torch.einsum("bd,bld->bl", cls, hidden) / 32**0.5
     scores = scores.masked_fill(~inputs["attention_mask"].bool(), float("-inf"))
     alpha = scores.softmax(-1)
     assert torch.allclose(out.token_attention, alpha, atol=1e-5)
@@ -290,8 +306,9 @@ def test_loss_terms_match_independent_computation(full_model):
     m = full_model.emrfuse
     alpha_t = torch.sigmoid(m.text_gate(out.text_embeds))
     assert torch.allclose(alpha_t, out.alpha_text, atol=1e-6)
-    fused = m.fusion_norm((out.text_embeds + out.image_embeds) + out.alpha_text * out.text_embeds
-                          + out.alpha_image * out.image_embeds)
+    fused = m.fusion_norm(
+        (out.text_embeds + out.image_embeds) + out.alpha_text * out.text_embeds + out.alpha_image * out.image_embeds
+    )
     assert torch.allclose(out.case_embeds, F.relu(m.fusion_fc(fused)), atol=1e-5)
     # the grading head is F20 on the case embedding
     assert torch.allclose(out.logits, full_model.classifier(out.case_embeds), atol=1e-6)
@@ -339,8 +356,9 @@ def test_segmentation_loss_matches_independent_dice_bce():
 # ------------------------------------------------------------------------------------------- reports
 def _count_text_calls(model):
     calls = []
-    model.emrfuse.text_model.register_forward_hook(lambda mod, args, kwargs, out: calls.append(kwargs["input_ids"].shape[0]),
-                                                   with_kwargs=True)
+    model.emrfuse.text_model.register_forward_hook(
+        lambda mod, args, kwargs, out: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
     return calls
 
 
@@ -381,8 +399,9 @@ def test_missing_reports_use_learned_state():
     torch.manual_seed(6)
     model = EmrFuseModel(tiny_config()).eval()
     calls = []
-    model.text_model.register_forward_hook(lambda mod, args, kwargs, out: calls.append(kwargs["input_ids"].shape[0]),
-                                           with_kwargs=True)
+    model.text_model.register_forward_hook(
+        lambda mod, args, kwargs, out: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
     inputs = batch(n_slices=(1, 1, 1), lengths=(4, 0, 6))
     with torch.no_grad():
         out = model(**inputs)
@@ -404,8 +423,9 @@ def test_missing_reports_use_learned_state():
     # no report at all: the text tower is not called, the model still predicts
     calls.clear()
     with torch.no_grad():
-        none = model(inputs["pixel_values"], has_report=torch.zeros(3, dtype=torch.bool),
-                     slice_to_case=inputs["slice_to_case"])
+        none = model(
+            inputs["pixel_values"], has_report=torch.zeros(3, dtype=torch.bool), slice_to_case=inputs["slice_to_case"]
+        )
     assert calls == [] and none.has_report.tolist() == [False] * 3 and torch.isfinite(none.case_embeds).all()
     assert none.loss_align is not None and float(none.loss_align) == 0.0
 
@@ -439,8 +459,12 @@ def test_case_prediction_independent_of_slice_order_and_batch():
         perm = torch.tensor([2, 0, 4, 1, 3])
         shuffled = dict(inputs, pixel_values=inputs["pixel_values"][perm], slice_to_case=inputs["slice_to_case"][perm])
         out_perm = model(**shuffled)
-        alone = model(inputs["pixel_values"][:3], inputs["input_ids"][:1], inputs["attention_mask"][:1],
-                      slice_to_case=torch.zeros(3, dtype=torch.long))
+        alone = model(
+            inputs["pixel_values"][:3],
+            inputs["input_ids"][:1],
+            inputs["attention_mask"][:1],
+            slice_to_case=torch.zeros(3, dtype=torch.long),
+        )
     assert torch.allclose(out.logits, out_perm.logits, atol=1e-5)
     assert torch.allclose(out.logits[0], alone.logits[0], atol=1e-5)
 
@@ -530,11 +554,17 @@ def test_from_text_vision_pretrained_weights_survive_post_init(cls, pretrained_t
 def test_from_text_vision_pretrained_image_only(pretrained_towers):
     root, _, resnet_sd = pretrained_towers
     model = EmrFuseForSegmentation.from_text_vision_pretrained(
-        None, "resnet18", vision_kwargs=dict(pretrained_cfg_overlay=dict(file=str(root / "resnet18.pth"))),
-        use_text=False, decoder_channels=[16, 16, 8, 8, 8], fusion_dim=16,
+        None,
+        "resnet18",
+        vision_kwargs=dict(pretrained_cfg_overlay=dict(file=str(root / "resnet18.pth"))),
+        use_text=False,
+        decoder_channels=[16, 16, 8, 8, 8],
+        fusion_dim=16,
     )
     assert model.emrfuse.text_model is None
-    assert torch.equal(model.emrfuse.vision_model.state_dict()["layer2.0.conv2.weight"], resnet_sd["layer2.0.conv2.weight"])
+    assert torch.equal(
+        model.emrfuse.vision_model.state_dict()["layer2.0.conv2.weight"], resnet_sd["layer2.0.conv2.weight"]
+    )
 
 
 def test_fresh_tower_is_timm_initialised_not_reinitialised():
@@ -559,8 +589,9 @@ def test_paper_size_model_builds_and_runs():
 
 
 def test_mean_pooling_and_context_slices():
-    model = EmrFuseForImageClassification(tiny_config(case_pooling="mean", context_slices=1,
-                                                      vision_config={"architecture": "resnet18", "in_chans": 12}))
+    model = EmrFuseForImageClassification(
+        tiny_config(case_pooling="mean", context_slices=1, vision_config={"architecture": "resnet18", "in_chans": 12})
+    )
     assert model.emrfuse.pool_score is None
     inputs = batch(n_slices=(3, 1), lengths=(2, 4), channels=12)
     out = model(**inputs)
@@ -580,12 +611,27 @@ def test_task_heads_use_only_the_base_models_public_surface():
 
     for head in (mod.EmrFuseForSegmentation, mod.EmrFuseForImageClassification):
         tree = ast.parse(inspect.getsource(head))
-        private = sorted({node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
-                          and ast.unparse(node.value) in ("model", "self.emrfuse")
-                          and node.attr.startswith("_") and not node.attr.startswith("__")})
+        private = sorted(
+            {
+                node.attr
+                for node in ast.walk(tree)
+                if isinstance(node, ast.Attribute)
+                and ast.unparse(node.value) in ("model", "self.emrfuse")
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+            }
+        )
         assert private == [], (head.__name__, private)
-    for name in ("check_inputs", "encode_text", "slice_chunks", "encode_slices", "fuse", "pool_cases", "case_outputs",
-                 "weighted_auxiliary_loss"):
+    for name in (
+        "check_inputs",
+        "encode_text",
+        "slice_chunks",
+        "encode_slices",
+        "fuse",
+        "pool_cases",
+        "case_outputs",
+        "weighted_auxiliary_loss",
+    ):
         assert getattr(mod.EmrFuseModel, name).__doc__, name  # documented
         assert name in mod.EmrFuseModel.__doc__  # and listed in the class's guide for head writers
 
@@ -597,10 +643,12 @@ def test_building_blocks_reproduce_forward():
     inputs = batch(n_slices=(3, 2), lengths=(5, 8))
     with torch.no_grad():
         ref = model(**inputs)
-        s2c, has_report, b = model.check_inputs(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"],
-                                                inputs["slice_to_case"], None)
-        text = model.encode_text(inputs["input_ids"], inputs["attention_mask"], None, has_report, b,
-                                 inputs["pixel_values"].device)
+        s2c, has_report, b = model.check_inputs(
+            inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], inputs["slice_to_case"], None
+        )
+        text = model.encode_text(
+            inputs["input_ids"], inputs["attention_mask"], None, has_report, b, inputs["pixel_values"].device
+        )
         feats = [model.encode_slices(inputs["pixel_values"][s:e])[2] for s, e in model.slice_chunks(5)]
         out = model.case_outputs(text, torch.cat(feats), s2c, b, return_hidden=False)
     torch.testing.assert_close(out["case_embeds"], ref.case_embeds)
@@ -609,8 +657,11 @@ def test_building_blocks_reproduce_forward():
 
 # ------------------------------------------------------------------------------------------- text-only model
 def test_text_only_preset_config():
-    cfg = EmrFuseConfig.from_preset("text_only", **{k: v for k, v in tiny_config().to_dict().items()
-                                                   if k in ("fusion_dim", "vision_config")}, text_config=TINY_TEXT)
+    cfg = EmrFuseConfig.from_preset(
+        "text_only",
+        **{k: v for k, v in tiny_config().to_dict().items() if k in ("fusion_dim", "vision_config")},
+        text_config=TINY_TEXT,
+    )
     assert cfg.use_image is False and cfg.use_text is True
     assert not any(getattr(cfg, k) for k in SWITCHES[1:])
     assert cfg.active_preset == "text_only"
@@ -659,7 +710,9 @@ def test_text_only_model_grades_from_the_report_alone(tmp_path):
     assert back.config.active_preset == "text_only" and back.emrfuse.vision_model is None
     model.eval()
     with torch.no_grad():
-        assert torch.allclose(back(input_ids=ids, attention_mask=mask).logits, model(input_ids=ids, attention_mask=mask).logits)
+        assert torch.allclose(
+            back(input_ids=ids, attention_mask=mask).logits, model(input_ids=ids, attention_mask=mask).logits
+        )
 
 
 def test_text_only_model_refuses_image_inputs_and_segmentation():
@@ -676,14 +729,14 @@ def test_text_only_model_refuses_image_inputs_and_segmentation():
 def test_from_text_vision_pretrained_text_only(pretrained_towers):
     root, bert_sd, _ = pretrained_towers
     model = EmrFuseForImageClassification.from_text_vision_pretrained(
-        str(root / "bert"), None, **apply_preset("text_only", dict(fusion_dim=16)))
+        str(root / "bert"), None, **apply_preset("text_only", dict(fusion_dim=16))
+    )
     assert model.emrfuse.vision_model is None and model.config.use_image is False
     text_sd = model.emrfuse.text_model.state_dict()
     assert all(torch.equal(text_sd[k], v) for k, v in bert_sd.items())
     ids, mask, _ = tokens((4, 6))
     with torch.no_grad():
         assert model.eval()(input_ids=ids, attention_mask=mask).logits.shape == (2, 2)
-
 
 
 # ------------------------------------------------------------------------------------------ decoder cross-attention
@@ -694,7 +747,8 @@ def test_cross_attention_is_its_own_switch_off_in_the_papers_rows():
     assert all(ABLATION_PRESETS[p]["use_cross_attention"] is False for p in paper)
     extension = ABLATION_PRESETS["full_cross_attention"]
     assert extension["use_cross_attention"] and {k: v for k, v in extension.items() if k != "use_cross_attention"} == {
-        k: v for k, v in ABLATION_PRESETS["full"].items() if k != "use_cross_attention"}
+        k: v for k, v in ABLATION_PRESETS["full"].items() if k != "use_cross_attention"
+    }
     assert "cross-attention" not in preset_parts("full") and "cross-attention" in preset_parts("full_cross_attention")
     assert preset_parts("image_only") == "image"
     assert EmrFuseConfig().use_cross_attention  # unset: on with image and report
@@ -711,10 +765,12 @@ def _logits_with_other_token_states(model, inputs):
     """Segmentation logits as they are, and with the report's token states replaced (its [CLS] feature kept)."""
     with torch.no_grad():
         ref = model(**inputs).logits
-        text = model.emrfuse.encode_text(inputs["input_ids"], inputs["attention_mask"], None, None, 1,
-                                         inputs["input_ids"].device)
-        changed = type(text)(text.features, torch.randn_like(text.tokens), text.token_mask, text.token_attention,
-                             text.has_report)
+        text = model.emrfuse.encode_text(
+            inputs["input_ids"], inputs["attention_mask"], None, None, 1, inputs["input_ids"].device
+        )
+        changed = type(text)(
+            text.features, torch.randn_like(text.tokens), text.token_mask, text.token_attention, text.has_report
+        )
         model.emrfuse.encode_text = lambda *a, **k: changed
         try:
             out = model(**inputs).logits
@@ -744,8 +800,15 @@ def test_without_cross_attention_the_decoder_sees_the_report_only_through_the_fu
 
 
 # ------------------------------------------------------------------------------------------ frozen-tower features
-@pytest.mark.parametrize("switches", [{}, {"use_text": False}, {"use_self_attention": False, "use_alignment": False},
-                                      {"use_residual": False, "use_dynamic_weighting": False}])
+@pytest.mark.parametrize(
+    "switches",
+    [
+        {},
+        {"use_text": False},
+        {"use_self_attention": False, "use_alignment": False},
+        {"use_residual": False, "use_dynamic_weighting": False},
+    ],
+)
 def test_outputs_from_tower_features_equal_the_full_forward(switches):
     """The grading head fitted on frozen towers sees exactly what the full model computes after its towers."""
     from modeling_emrfuse.modeling_emrfuse import EmrFuseForImageClassification
@@ -760,8 +823,11 @@ def test_outputs_from_tower_features_equal_the_full_forward(switches):
         for case in range(2):
             px = b["pixel_values"][b["slice_to_case"] == case]
             has = case == 0 and model.config.use_text
-            gap, hidden = model.emrfuse.tower_features(px, b["input_ids"][case : case + 1] if has else None,
-                                                       b["attention_mask"][case : case + 1] if has else None)
+            gap, hidden = model.emrfuse.tower_features(
+                px,
+                b["input_ids"][case : case + 1] if has else None,
+                b["attention_mask"][case : case + 1] if has else None,
+            )
             gaps.append(gap)
             hiddens.append(hidden)
         text_hidden = None
@@ -769,7 +835,11 @@ def test_outputs_from_tower_features_equal_the_full_forward(switches):
             text_hidden = torch.zeros(2, b["input_ids"].shape[1], model.config.text_config.hidden_size)
             text_hidden[0, : hiddens[0].shape[1]] = hiddens[0][0]
             assert hiddens[1] is None
-        extra = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"], text_hidden=text_hidden) if model.config.use_text else {}
+        extra = (
+            dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"], text_hidden=text_hidden)
+            if model.config.use_text
+            else {}
+        )
         part = model.forward_from_tower_features(torch.cat(gaps), b["slice_to_case"], 2, **extra)
     torch.testing.assert_close(part.logits, full.logits, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(part.case_embeds, full.case_embeds, rtol=1e-4, atol=1e-5)
@@ -789,7 +859,9 @@ def test_tower_features_need_the_text_hidden_state_with_input_ids():
     b = batch()
     gap, _ = model.emrfuse.tower_features(b["pixel_values"])
     with pytest.raises(ValueError, match="hidden states"):
-        model.forward_from_tower_features(gap, b["slice_to_case"], 2, input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        model.forward_from_tower_features(
+            gap, b["slice_to_case"], 2, input_ids=b["input_ids"], attention_mask=b["attention_mask"]
+        )
     with pytest.raises(ValueError, match="keep_maps"):
         model.emrfuse.encode_slices(None, keep_maps=True, gap=gap)
 
@@ -808,7 +880,11 @@ def test_switches_a_modality_rules_out_are_switched_off_with_a_warning(caplog):
     with caplog.at_level(logging.WARNING):
         cfg = tiny_config(use_text=False, use_alignment=True, use_cross_attention=True)
     assert not cfg.use_alignment and not cfg.use_cross_attention
-    assert "use_text=False" in caplog.text and "use_alignment=True" in caplog.text and "use_cross_attention=True" in caplog.text
+    assert (
+        "use_text=False" in caplog.text
+        and "use_alignment=True" in caplog.text
+        and "use_cross_attention=True" in caplog.text
+    )
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         reloaded = EmrFuseConfig.from_dict(cfg.to_dict())

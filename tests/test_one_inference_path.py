@@ -31,10 +31,13 @@ def _write_case(root: Path, case_id: str, axcodes=("L", "P", "S"), seed: int = 0
     tumour = ((x - 0.2) ** 2 + (y + 0.1) ** 2 + z**2) < 0.12
     lps = np.diag([-1.0, -1.0, 1.0, 1.0])
     lps[:3, 3] = [10.0, 20.0, -5.0]
-    turn = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("L", "P", "S")),
-                                           nib.orientations.axcodes2ornt(tuple(axcodes)))
-    images = {f"{name}": np.where(brain, 100 + 20 * i + 30 * tumour + rng.normal(0, 10, SHAPE), 0).astype(np.int16)
-              for i, name in enumerate(("t1", "t1ce", "t2", "flair"))}
+    turn = nib.orientations.ornt_transform(
+        nib.orientations.axcodes2ornt(("L", "P", "S")), nib.orientations.axcodes2ornt(tuple(axcodes))
+    )
+    images = {
+        f"{name}": np.where(brain, 100 + 20 * i + 30 * tumour + rng.normal(0, 10, SHAPE), 0).astype(np.int16)
+        for i, name in enumerate(("t1", "t1ce", "t2", "flair"))
+    }
     images["seg"] = np.where(tumour, 4, 0).astype(np.uint8)
     for name, data in images.items():
         img = nib.Nifti1Image(data, lps).as_reoriented(turn)
@@ -158,8 +161,23 @@ def test_held_out_label_map_equals_emrfuse_predict_on_a_real_case(setup, tmp_pat
     from modeling_emrfuse.modeling_emrfuse import EmrFuseForSegmentation
 
     model = setup[0]
-    assert main(["predict", str(REAL_CASE), "--model", str(model), "-o", str(tmp_path), "--precision", "fp32",
-                 "-q", "--no-grading"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(REAL_CASE),
+                "--model",
+                str(model),
+                "-o",
+                str(tmp_path),
+                "--precision",
+                "fp32",
+                "-q",
+                "--no-grading",
+            ]
+        )
+        == 0
+    )
     rows, results = _held_out(EmrFuseForSegmentation, model, REAL_CASE, "segmentation", monkeypatch)
     predicted = np.asanyarray(nib.load(str(tmp_path / f"{REAL_CASE.name}.nii.gz")).dataobj)
     assert np.array_equal(results[REAL_CASE.name]["label_map"], predicted)

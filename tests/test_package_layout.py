@@ -53,14 +53,21 @@ def _check_hub_file(path: Path, shipped: set) -> list:
 def test_hub_files_are_the_top_level_modules():
     top = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
     assert top == {
-        "brats_io", "brats_labels", "configuration_emrfuse", "modeling_emrfuse", "processing_emrfuse",
-        "pipeline_emrfuse", "inference_optim",
+        "brats_io",
+        "brats_labels",
+        "configuration_emrfuse",
+        "modeling_emrfuse",
+        "processing_emrfuse",
+        "pipeline_emrfuse",
+        "inference_optim",
     }, "a new top-level module travels to the Hub: put local tools in a sub-package"
 
 
 def test_top_level_modules_import_nothing_outside_the_hub_set():
     shipped = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
-    problems = [msg for p in sorted(PACKAGE.glob("*.py")) if p.stem != "__init__" for msg in _check_hub_file(p, shipped)]
+    problems = [
+        msg for p in sorted(PACKAGE.glob("*.py")) if p.stem != "__init__" for msg in _check_hub_file(p, shipped)
+    ]
     assert not problems, "\n".join(problems)
 
 
@@ -93,4 +100,3 @@ def test_package_discovery_finds_every_sub_package():
                 wanted.add(".".join(py.parent.relative_to(ROOT).parts))
     missing = wanted - found
     assert not missing, f"not installed by `pip install .`: {sorted(missing)}"
-

@@ -97,13 +97,19 @@ def test_chunking_does_not_change_the_result(model_dir, case_dir):
     a = small(str(case_dir), report=REPORT, return_probabilities=True)
     b = large(str(case_dir), report=REPORT, return_probabilities=True)
     assert a["timings"]["text_encoder_calls"] == 2  # still once per model with 5 chunks of slices
-    assert np.abs(a["region_probabilities"].astype(np.float32) - b["region_probabilities"].astype(np.float32)).max() < 2e-3
+    assert (
+        np.abs(a["region_probabilities"].astype(np.float32) - b["region_probabilities"].astype(np.float32)).max() < 2e-3
+    )
     assert a["grade_probabilities"]["HGG"] == pytest.approx(b["grade_probabilities"]["HGG"], abs=1e-4)
 
 
 def test_bf16_autocast_close_to_fp32(model_dir, case_dir):
-    fp32 = load_pipeline(str(model_dir), device="cpu", precision="fp32")(str(case_dir), report=REPORT, return_probabilities=True)
-    bf16 = load_pipeline(str(model_dir), device="cpu", precision="bf16")(str(case_dir), report=REPORT, return_probabilities=True)
+    fp32 = load_pipeline(str(model_dir), device="cpu", precision="fp32")(
+        str(case_dir), report=REPORT, return_probabilities=True
+    )
+    bf16 = load_pipeline(str(model_dir), device="cpu", precision="bf16")(
+        str(case_dir), report=REPORT, return_probabilities=True
+    )
     diff = np.abs(fp32["region_probabilities"].astype(np.float32) - bf16["region_probabilities"].astype(np.float32))
     assert diff.max() < 0.05
     assert (fp32["label_map"] != bf16["label_map"]).mean() < 0.01
@@ -136,7 +142,11 @@ def test_region_volumes_use_the_voxel_size():
     label_map[:2, :5, :10] = 2  # 100 voxels of edema
     label_map[5, 5, 5] = 4
     vols = region_volumes_cm3(label_map, "brats2017", spacing=(2.0, 1.0, 1.5))
-    assert vols == {"WT": pytest.approx(101 * 3.0 / 1000), "TC": pytest.approx(3.0 / 1000), "ET": pytest.approx(3.0 / 1000)}
+    assert vols == {
+        "WT": pytest.approx(101 * 3.0 / 1000),
+        "TC": pytest.approx(3.0 / 1000),
+        "ET": pytest.approx(3.0 / 1000),
+    }
 
 
 def _write(path: Path, data, affine=None):
@@ -162,7 +172,9 @@ def test_bad_cases_raise_clear_errors(tmp_path, problem):
     elif problem == "shape":
         files["t2"] = _write(tmp_path / "c_t2.nii.gz", np.ones((8, 8, 5)))
     elif problem == "affine":
-        files["flair"] = _write(tmp_path / "c_flair.nii.gz", data, affine=np.diag([1.0, 1.0, 1.0, 1.0]) + np.eye(4) * 0.5)
+        files["flair"] = _write(
+            tmp_path / "c_flair.nii.gz", data, affine=np.diag([1.0, 1.0, 1.0, 1.0]) + np.eye(4) * 0.5
+        )
     elif problem == "not_nifti":
         (tmp_path / "c_t1.txt").write_text("hello")
         files["t1"] = str(tmp_path / "c_t1.txt")
@@ -227,9 +239,17 @@ def test_grading_model_of_a_hub_repo_comes_from_the_same_repo_and_revision(model
         """
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update(HF_HUB_CACHE=str(tmp_path / "hub"), HF_HOME=str(tmp_path / "hf-home"), HF_HUB_OFFLINE="1",
-               HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    env.update(
+        HF_HUB_CACHE=str(tmp_path / "hub"),
+        HF_HOME=str(tmp_path / "hf-home"),
+        HF_HUB_OFFLINE="1",
+        HF_MODULES_CACHE=str(tmp_path / "modules"),
+        OMP_NUM_THREADS="1",
+        TRANSFORMERS_VERBOSITY="error",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["root"] == new and out["grading"] == ["someone/emrfuse-tiny", new]
@@ -277,7 +297,9 @@ def test_transformers_pipeline_in_a_fresh_process_without_the_package(model_dir,
         """
     )
     env = dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["cls"].startswith("transformers_modules.")
@@ -354,7 +376,9 @@ def test_complete_case_has_no_missing_sequences(pipe, case_dir):
 
 
 def test_model_with_presence_channels_sees_them_and_gives_no_warning(tmp_path):
-    presence_pipe = load_pipeline(str(build_tiny_model_folder(tmp_path / "presence-model", sequence_presence=True)), device="cpu")
+    presence_pipe = load_pipeline(
+        str(build_tiny_model_folder(tmp_path / "presence-model", sequence_presence=True)), device="cpu"
+    )
     assert presence_pipe.grading_model is not None
     seen = []
 
@@ -454,6 +478,7 @@ def test_grading_slice_indices():
 def _record_pixel_values(model, store):
     def hook(module, args, kwargs):
         store.append((kwargs.get("pixel_values") if "pixel_values" in kwargs else args[0]).detach().float().clone())
+
     return model.register_forward_pre_hook(hook, with_kwargs=True)
 
 

@@ -19,8 +19,21 @@ from modeling_emrfuse.commands.cli import main
 
 REPORT = "Ring enhancing mass in the right temporal lobe with necrosis and surrounding oedema."
 JSON_FIELDS = {
-    "case_id", "label_map", "label_convention", "grade", "grade_probabilities", "region_volumes_cm3", "alpha_text",
-    "alpha_image", "has_report", "report_missing", "report_truncated", "model", "timings_s", "shape", "spacing_mm",
+    "case_id",
+    "label_map",
+    "label_convention",
+    "grade",
+    "grade_probabilities",
+    "region_volumes_cm3",
+    "alpha_text",
+    "alpha_image",
+    "has_report",
+    "report_missing",
+    "report_truncated",
+    "model",
+    "timings_s",
+    "shape",
+    "spacing_mm",
 }
 
 
@@ -57,8 +70,12 @@ def test_predict_demo_case(model_dir, demo_dir, tmp_path, capsys):
     case = demo_dir / "BraTS20_Training_001"
     rc = main(["predict", str(case), "--model", str(model_dir), "-o", str(tmp_path), "--report", REPORT])
     assert rc == 0
-    record = _check_output(tmp_path / "BraTS20_Training_001.nii.gz", tmp_path / "BraTS20_Training_001.json",
-                           case / "BraTS20_Training_001_flair.nii.gz", "brats2017")
+    record = _check_output(
+        tmp_path / "BraTS20_Training_001.nii.gz",
+        tmp_path / "BraTS20_Training_001.json",
+        case / "BraTS20_Training_001_flair.nii.gz",
+        "brats2017",
+    )
     assert record["has_report"] and record["report_source"] == "argument"
     assert abs(sum(record["grade_probabilities"].values()) - 1) < 1e-5
     assert REPORT not in (tmp_path / "BraTS20_Training_001.json").read_text()  # the report is never written
@@ -70,8 +87,22 @@ def test_predict_label_convention_report_file_and_file_output(model_dir, demo_di
     report_file = tmp_path / "report.txt"
     report_file.write_text(REPORT, encoding="utf-8")
     out = tmp_path / "out" / "pred.nii.gz"
-    rc = main(["predict", str(case), "--model", str(model_dir), "-o", str(out), "--report-file", str(report_file),
-               "--label-convention", "brats2023", "--save-attention", "-q"])
+    rc = main(
+        [
+            "predict",
+            str(case),
+            "--model",
+            str(model_dir),
+            "-o",
+            str(out),
+            "--report-file",
+            str(report_file),
+            "--label-convention",
+            "brats2023",
+            "--save-attention",
+            "-q",
+        ]
+    )
     assert rc == 0
     record = _check_output(out, out.with_name("pred.json"), case / "BraTS20_Training_002_t1.nii.gz", "brats2023")
     assert record["report_source"] == "file" and record["words"][0]["word"] == "Ring"
@@ -83,8 +114,12 @@ def test_predict_explicit_files_and_case_report(model_dir, demo_dir, tmp_path):
     for seq in ("t1", "t1ce", "t2", "flair"):
         args += [f"--{seq}", str(case / f"BraTS20_Training_003_{seq}.nii.gz")]
     assert main(args) == 0
-    record = _check_output(tmp_path / "BraTS20_Training_003.nii.gz", tmp_path / "BraTS20_Training_003.json",
-                           case / "BraTS20_Training_003_t1.nii.gz", "brats2017")
+    record = _check_output(
+        tmp_path / "BraTS20_Training_003.nii.gz",
+        tmp_path / "BraTS20_Training_003.json",
+        case / "BraTS20_Training_003_t1.nii.gz",
+        "brats2017",
+    )
     assert record["report_missing"]  # files named explicitly: no report unless given
     # the case folder's own TextBraTS report is used when the folder is given
     assert main(["predict", str(case), "--model", str(model_dir), "-o", str(tmp_path / "f"), "-q"]) == 0
@@ -118,9 +153,16 @@ def _real_case(name):
 
 def test_predict_real_case_tcga(model_dir, tmp_path):
     case = _real_case("TCGA-DU-7294")
-    assert main(["predict", str(case), "--model", str(model_dir), "-o", str(tmp_path), "-q", "--grading-slices", "16"]) == 0
-    record = _check_output(tmp_path / "TCGA-DU-7294.nii.gz", tmp_path / "TCGA-DU-7294.json",
-                           case / "TCGA-DU-7294_flair.nii.gz", "brats2017")
+    assert (
+        main(["predict", str(case), "--model", str(model_dir), "-o", str(tmp_path), "-q", "--grading-slices", "16"])
+        == 0
+    )
+    record = _check_output(
+        tmp_path / "TCGA-DU-7294.nii.gz",
+        tmp_path / "TCGA-DU-7294.json",
+        case / "TCGA-DU-7294_flair.nii.gz",
+        "brats2017",
+    )
     assert record["shape"] == [240, 240, 155] and record["spacing_mm"] == [1.0, 1.0, 1.0]
 
 
@@ -130,8 +172,12 @@ def test_predict_real_case_brats2023_files(model_dir, tmp_path):
     for seq, name in (("t1", "t1n"), ("t1ce", "t1c"), ("t2", "t2w"), ("flair", "t2f")):
         args += [f"--{seq}", str(case / f"BraTS-GLI-00001-000-{name}.nii.gz")]
     assert main(args) == 0
-    _check_output(tmp_path / "BraTS-GLI-00001-000.nii.gz", tmp_path / "BraTS-GLI-00001-000.json",
-                  case / "BraTS-GLI-00001-000-t2f.nii.gz", "brats2023")
+    _check_output(
+        tmp_path / "BraTS-GLI-00001-000.nii.gz",
+        tmp_path / "BraTS-GLI-00001-000.json",
+        case / "BraTS-GLI-00001-000-t2f.nii.gz",
+        "brats2023",
+    )
 
 
 def _files(case: Path):
@@ -144,8 +190,13 @@ def test_bad_input_gives_a_message_and_exit_2(model_dir, tmp_path, capsys, probl
     files = _files(case)
     model = str(model_dir)
     expected = {
-        "missing": "missing sequence", "shape": "different shapes", "affine": "different affines",
-        "not_nifti": "not a NIfTI", "empty": "empty", "no_input": "give a case folder", "absent": "does not exist",
+        "missing": "missing sequence",
+        "shape": "different shapes",
+        "affine": "different affines",
+        "not_nifti": "not a NIfTI",
+        "empty": "empty",
+        "no_input": "give a case folder",
+        "absent": "does not exist",
         "model": "No model folder",
     }[problem]
     if problem == "missing":
@@ -155,7 +206,9 @@ def test_bad_input_gives_a_message_and_exit_2(model_dir, tmp_path, capsys, probl
         nib.save(nib.Nifti1Image(np.ones((16, 16, 7), np.int16), ref.affine), str(files["t2"]))
     elif problem == "affine":
         ref = nib.load(str(files["flair"]))
-        nib.save(nib.Nifti1Image(np.asanyarray(ref.dataobj), ref.affine @ np.diag([1, 1, 1.0, 1]) + 0.5), str(files["flair"]))
+        nib.save(
+            nib.Nifti1Image(np.asanyarray(ref.dataobj), ref.affine @ np.diag([1, 1, 1.0, 1]) + 0.5), str(files["flair"])
+        )
     elif problem == "not_nifti":
         files["t1"] = tmp_path / "t1.txt"
         files["t1"].write_text("not an image")
@@ -178,8 +231,12 @@ def test_bad_input_gives_a_message_and_exit_2(model_dir, tmp_path, capsys, probl
 
 
 def test_bad_input_in_a_fresh_process_has_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "modeling_emrfuse.commands.cli", "predict", str(tmp_path / "nothing")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "modeling_emrfuse.commands.cli", "predict", str(tmp_path / "nothing")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -187,19 +244,33 @@ def test_bad_input_in_a_fresh_process_has_no_traceback(tmp_path):
 def test_predict_two_sequences_needs_allow_missing_sequences(model_dir, tmp_path, capsys):
     case = write_small_case(tmp_path / "data", shape=(32, 32, 16))
     files = _files(case)
-    args = ["predict", "--model", str(model_dir), "-o", str(tmp_path / "out"),
-            "--t1ce", str(files["t1ce"]), "--flair", str(files["flair"])]
+    args = [
+        "predict",
+        "--model",
+        str(model_dir),
+        "-o",
+        str(tmp_path / "out"),
+        "--t1ce",
+        str(files["t1ce"]),
+        "--flair",
+        str(files["flair"]),
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert "emrfuse predict: error:" in err and "missing sequence(s) ['t1', 't2']" in err and "--allow-missing-sequences" in err
+    assert (
+        "emrfuse predict: error:" in err
+        and "missing sequence(s) ['t1', 't2']" in err
+        and "--allow-missing-sequences" in err
+    )
     assert not (tmp_path / "out").exists()
 
     assert main(args + ["--allow-missing-sequences", "--report", REPORT]) == 0
     captured = capsys.readouterr()
     assert "missing sequence(s) t1, t2 (zero-filled)" in captured.out and REPORT not in captured.out + captured.err
-    record = _check_output(tmp_path / "out" / "Case_001.nii.gz", tmp_path / "out" / "Case_001.json",
-                           files["flair"], "brats2017")
+    record = _check_output(
+        tmp_path / "out" / "Case_001.nii.gz", tmp_path / "out" / "Case_001.json", files["flair"], "brats2017"
+    )
     assert record["missing_sequences"] == ["t1", "t2"]
     assert set(record["inputs"]) == {"t1ce", "flair"}
     # the tiny model has no sequence-presence channels: the JSON (and stderr) say so
@@ -221,8 +292,21 @@ def test_predict_case_folder_with_missing_sequences(model_dir, tmp_path, capsys)
     assert record["missing_sequences"] == ["t1", "t2"] and record["warnings"]
     # a complete case records an empty list
     full = write_small_case(tmp_path / "full", shape=(32, 32, 16), case_id="Case_002")
-    assert main(["predict", str(full), "--model", str(model_dir), "-o", str(tmp_path / "out2"), "-q",
-                 "--allow-missing-sequences"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(full),
+                "--model",
+                str(model_dir),
+                "-o",
+                str(tmp_path / "out2"),
+                "-q",
+                "--allow-missing-sequences",
+            ]
+        )
+        == 0
+    )
     record = json.loads((tmp_path / "out2" / "Case_002.json").read_text())
     assert record["missing_sequences"] == [] and record["warnings"] == []
 
@@ -299,16 +383,29 @@ def test_predict_folder_of_cases_with_two_processes(model_dir, tmp_path):
     (data / "Case_004" / "Case_004_t2.nii.gz").write_bytes(b"not a nifti file")  # fails while it is read
     spy = tmp_path / "spy.py"
     spy.write_text(SPY)
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "true",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     args = ["predict", str(data), "--model", str(model_dir), "-q", "--threads", "1", "--precision", "fp32"]
     runs = {}
-    for name, launcher in (("single", [sys.executable]),
-                           ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])):
+    for name, launcher in (
+        ("single", [sys.executable]),
+        ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]),
+    ):
         logs = tmp_path / f"spy-{name}"
         logs.mkdir()
-        proc = subprocess.run(launcher + [str(spy), *args, "-o", str(tmp_path / name)], cwd=ROOT, capture_output=True,
-                              text=True, timeout=300, env={**env, "EMRFUSE_TEST_SPY_DIR": str(logs)})
+        proc = subprocess.run(
+            launcher + [str(spy), *args, "-o", str(tmp_path / name)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**env, "EMRFUSE_TEST_SPY_DIR": str(logs)},
+        )
         runs[name] = (proc, logs)
     single, two = runs["single"][0], runs["two"][0]
     assert single.returncode == 1, single.stderr[-3000:]  # one case failed, the others were written
@@ -323,7 +420,9 @@ def test_predict_folder_of_cases_with_two_processes(model_dir, tmp_path):
     assert summary["predicted"] == [i for i in ids if i != "Case_004"]
     assert [f["case_id"] for f in summary["failed"]] == ["Case_004"] and "t2" in summary["failed"][0]["reason"]
     expected = json.loads((tmp_path / "single" / "predict_summary.json").read_text())
-    assert {k: v for k, v in summary.items() if k != "output_dir"} == {k: v for k, v in expected.items() if k != "output_dir"}
+    assert {k: v for k, v in summary.items() if k != "output_dir"} == {
+        k: v for k, v in expected.items() if k != "output_dir"
+    }
     (maps_1, records_1), (maps_2, records_2) = _outputs(tmp_path / "single"), _outputs(tmp_path / "two")
     assert sorted(maps_2) == sorted(maps_1) == [f"{i}.nii.gz" for i in ids if i != "Case_004"]
     for name, (array, affine) in maps_1.items():

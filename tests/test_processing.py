@@ -450,8 +450,12 @@ def test_processor_volumes_and_text(tokenizer):
 # ------------------------------------------------------------------------------------------ save / load
 def test_image_processor_save_load_round_trip(tmp_path):
     proc = EmrFuseImageProcessor(
-        sequence_order=("flair", "t1ce", "t1", "t2"), context_slices=2, size_divisor=16, crop_margin=4,
-        expected_spacing=None, spacing_tolerance=0.2,
+        sequence_order=("flair", "t1ce", "t1", "t2"),
+        context_slices=2,
+        size_divisor=16,
+        crop_margin=4,
+        expected_spacing=None,
+        spacing_tolerance=0.2,
     )
     proc.save_pretrained(tmp_path)
     assert (tmp_path / "preprocessor_config.json").is_file()

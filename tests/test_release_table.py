@@ -25,8 +25,13 @@ SHAPE = (12, 12, 8)
 # ------------------------------------------------------------------------------------------------ the table
 def _made_up_release() -> Release:
     return Release(
-        "2030", "flat", re.compile(r"^(?P<patient>BraTS30-\d+)-\d+$"), ("t1", "t1gd", "t2", "flair"),
-        label_names=("tumourmap",), label_convention="brats2023", detect=("sequence_names",),
+        "2030",
+        "flat",
+        re.compile(r"^(?P<patient>BraTS30-\d+)-\d+$"),
+        ("t1", "t1gd", "t2", "flair"),
+        label_names=("tumourmap",),
+        label_convention="brats2023",
+        detect=("sequence_names",),
         layout_doc="flat ``BraTS30-NNNN-TT/BraTS30-NNNN-TT-{t1,t1gd,t2,flair,tumourmap}.nii.gz``",
     )
 
@@ -47,7 +52,12 @@ def test_a_new_release_is_one_entry(tmp_path, monkeypatch):
     assert found.release == "2030"
     case = found[0]
     assert (case.label_convention, case.patient_id, case.grade) == ("brats2023", "BraTS30-0007", None)
-    assert case.label.name == "BraTS30-0007-01-tumourmap.nii.gz" and sorted(case.sequences) == ["flair", "t1", "t1ce", "t2"]
+    assert case.label.name == "BraTS30-0007-01-tumourmap.nii.gz" and sorted(case.sequences) == [
+        "flair",
+        "t1",
+        "t1ce",
+        "t2",
+    ]
     assert not found.warnings, "the release's own label name is no 'non-standard name'"
     assert discover_cases(tmp_path / "b30", release="2030").release == "2030"
     assert load_case(str(tmp_path / "b30" / "BraTS30-0007-01")).label_convention == "brats2023"
@@ -74,7 +84,9 @@ def test_score_finds_label_maps_of_exports_by_the_table_names(tmp_path):
             write_nifti(tmp_path / "ref" / case / f"{name}.nii.gz", np.zeros((2, 2, 2), np.uint8))
     found = find_label_maps(tmp_path / "ref")
     assert {k: v.name for k, v in found.items()} == {
-        "brats_2013_pat0002_1": "OTMultiClass.nii.gz", "brats_2013_pat0003_1": "OTMultiClass.nii.gz"}
+        "brats_2013_pat0002_1": "OTMultiClass.nii.gz",
+        "brats_2013_pat0003_1": "OTMultiClass.nii.gz",
+    }
     for name in ("A.nii.gz", "B_pred.nii.gz"):  # a flat folder of predictions named by case id
         write_nifti(tmp_path / "pred" / name, np.zeros((2, 2, 2), np.uint8))
     assert sorted(find_label_maps(tmp_path / "pred")) == ["A", "B"]
@@ -119,7 +131,9 @@ def _tumour(seed: int) -> np.ndarray:
 def _case(root: Path, case_id: str, lab: np.ndarray, affine=None, seed: int = 0) -> Path:
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) if affine is None else affine
     for i, s in enumerate(("t1", "t1ce", "t2", "flair")):
-        nib.save(nib.Nifti1Image(volume(seed * 10 + i, SHAPE), affine), str(_mk(root / case_id) / f"{case_id}_{s}.nii.gz"))
+        nib.save(
+            nib.Nifti1Image(volume(seed * 10 + i, SHAPE), affine), str(_mk(root / case_id) / f"{case_id}_{s}.nii.gz")
+        )
     nib.save(nib.Nifti1Image(lab, affine), str(root / case_id / f"{case_id}_seg.nii.gz"))
     return root / case_id
 
@@ -195,7 +209,9 @@ def test_label_facts_are_kept_between_runs(tmp_path, monkeypatch):
     assert [c.patient_id for c in again] == ["A", "A"]
 
 
-needs_realdata = pytest.mark.skipif(not (REALDATA / "two-sequences").is_dir(), reason=f"real data not present ({REALDATA})")
+needs_realdata = pytest.mark.skipif(
+    not (REALDATA / "two-sequences").is_dir(), reason=f"real data not present ({REALDATA})"
+)
 
 
 @needs_realdata
@@ -226,14 +242,20 @@ def test_sequences_of_different_shapes_name_the_case_the_file_and_the_fix(tmp_pa
     case = write_case_2017(tmp_path / "b18", "Brats18_A_1")
     write_case_2017(tmp_path / "b18", "Brats18_B_1", seed=1)
     write_nifti(case / "Brats18_A_1_flair.nii.gz", volume(0, shape=(8, 8, 5)))
-    with pytest.raises(ValueError, match=r"case Brats18_A_1: flair file .*Brats18_A_1_flair\.nii\.gz: shape \(8, 8, 5\) "
-                                         r"differs .*resample or co-register"):
+    with pytest.raises(
+        ValueError,
+        match=r"case Brats18_A_1: flair file .*Brats18_A_1_flair\.nii\.gz: shape \(8, 8, 5\) "
+        r"differs .*resample or co-register",
+    ):
         discover_folders([tmp_path / "b18"])
     with pytest.warns(UserWarning, match="skipped case Brats18_A_1"):
         found = discover_folders([tmp_path / "b18"], on_error="skip")
     assert [c.case_id for c in found] == ["Brats18_B_1"] and found.skipped[0].case_id == "Brats18_A_1"
-    with pytest.raises(ValueError, match=r"different shapes: 't1' .*'flair' \(8, 8, 5\) \(.*Brats18_A_1_flair\.nii\.gz\)"
-                                         r".*resample or co-register"):
+    with pytest.raises(
+        ValueError,
+        match=r"different shapes: 't1' .*'flair' \(8, 8, 5\) \(.*Brats18_A_1_flair\.nii\.gz\)"
+        r".*resample or co-register",
+    ):
         load_case(str(case))
 
 
@@ -242,7 +264,10 @@ def test_label_values_outside_the_convention_name_the_case_the_file_and_the_rele
     lab = np.asarray(nib.load(str(case / "BraTS2021_00001_seg.nii.gz")).dataobj).copy()
     lab[lab == 4] = 3  # enhancing tumour as 3: the 2015 or 2023 convention, not 2017-2021
     write_nifti(case / "BraTS2021_00001_seg.nii.gz", lab)
-    with pytest.raises(ValueError, match=r"case BraTS2021_00001: seg file .*_seg\.nii\.gz: label values \[3\] are outside "
-                                         r"the brats2017 convention of release 2021 .*--release: 2015, 2023"):
+    with pytest.raises(
+        ValueError,
+        match=r"case BraTS2021_00001: seg file .*_seg\.nii\.gz: label values \[3\] are outside "
+        r"the brats2017 convention of release 2021 .*--release: 2015, 2023",
+    ):
         discover_folders([tmp_path / "b21"])
     assert discover_folders([tmp_path / "b21"], releases="2023")[0].label_convention == "brats2023"

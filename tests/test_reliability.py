@@ -77,8 +77,18 @@ def test_item1_headerless_reports_csv_names_no_cell_value(tmp_path, model_dir, c
         read_reports(header_only)
 
     # emrfuse predict --reports: exit 2, one line, no report text
-    rc = main(["predict", str(case_dir.parent), "--reports", str(headerless), "--model", str(model_dir),
-               "-o", str(tmp_path / "out")])
+    rc = main(
+        [
+            "predict",
+            str(case_dir.parent),
+            "--reports",
+            str(headerless),
+            "--model",
+            str(model_dir),
+            "-o",
+            str(tmp_path / "out"),
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 2 and SECRET not in captured.err + captured.out
     _one_line_error(captured.err)
@@ -119,8 +129,19 @@ def test_item2_demo_refuses_data_it_did_not_generate(tmp_path):
     demo = write_demo_dataset(tmp_path / "demo", n_cases=2, size=(16, 16, 16))
     assert train.parse_args(["--demo", "--data_dir", str(demo)]).demo
     # allowed on real data: the run is not described as synthetic (model card, tags, evaluation labels)
-    args = train.parse_args(["--demo", "--data_dir", str(real), "--allow_demo_on_other_data", "--cache_dir",
-                             str(tmp_path / "cache"), "--eval_fraction", "0.34", "--no_text"])
+    args = train.parse_args(
+        [
+            "--demo",
+            "--data_dir",
+            str(real),
+            "--allow_demo_on_other_data",
+            "--cache_dir",
+            str(tmp_path / "cache"),
+            "--eval_fraction",
+            "0.34",
+            "--no_text",
+        ]
+    )
     run = prepare_run_data(train.data_settings(args), _MainProcess())
     assert run.synthetic is False and "synthetic" not in run.description["name"].lower()
     assert run.description["synthetic"] is False
@@ -149,8 +170,9 @@ def test_item2_demo_vocabulary_keeps_no_word_of_fewer_than_k_reports(tmp_path):
     # the same rule is in --help
     import subprocess
 
-    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True, cwd=ROOT,
-                         timeout=120).stdout
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120
+    ).stdout
     assert "--vocab_min_reports" in out and "--allow_demo_on_other_data" in out
 
 
@@ -196,10 +218,20 @@ def test_item3_json_is_strict_and_undefined_is_null(tmp_path):
     from modeling_emrfuse.evaluation.report import write_evaluation_report
     from modeling_emrfuse.runtime.strict_json import dumps
 
-    assert dumps({"a": float("nan"), "b": [np.float32("inf"), np.int64(3)], "c": np.array([1.0, np.nan])}) == \
-        '{"a": null, "b": [null, 3], "c": [1.0, null]}'
-    summary = {"num_cases": 2, "grading": {"accuracy": 0.5, "balanced_accuracy": 0.5, "roc_auc": float("nan"),
-                                           "f1": 0.5, "confusion_matrix": np.array([[1, 0], [1, 0]])}}
+    assert (
+        dumps({"a": float("nan"), "b": [np.float32("inf"), np.int64(3)], "c": np.array([1.0, np.nan])})
+        == '{"a": null, "b": [null, 3], "c": [1.0, null]}'
+    )
+    summary = {
+        "num_cases": 2,
+        "grading": {
+            "accuracy": 0.5,
+            "balanced_accuracy": 0.5,
+            "roc_auc": float("nan"),
+            "f1": 0.5,
+            "confusion_matrix": np.array([[1, 0], [1, 0]]),
+        },
+    }
     paths = write_evaluation_report(tmp_path / "eval", [{"case_id": "a"}, {"case_id": "b"}], summary)
     assert _strict_loads(paths["summary"].read_text())["grading"]["roc_auc"] is None
     rows = [("full", "Full", [{"dice_WT": float("nan"), "accuracy": 0.5}])]
@@ -218,8 +250,13 @@ def test_item3_every_json_written_goes_through_strict_json():
         source = path.read_text(encoding="utf-8")
         lines = source.splitlines()
         for node in ast.walk(ast.parse(source)):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("dump", "dumps")
-                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "json"):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("dump", "dumps")
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "json"
+            ):
                 line = lines[node.lineno - 1]
                 if "hashlib" in line or ".encode()" in line:  # a hash key, not a file
                     continue
@@ -325,8 +362,18 @@ def test_item7_score_warns_about_a_shifted_prediction(tmp_path, capsys):
     for folder, aff in (("ref", affine), ("pred", shifted)):
         (tmp_path / folder).mkdir()
         nib.save(nib.Nifti1Image(labels, aff), str(tmp_path / folder / "Case_1_seg.nii.gz"))
-    rc = main(["score", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"), "--out",
-               str(tmp_path / "scores"), "--no-progress"])
+    rc = main(
+        [
+            "score",
+            "--pred",
+            str(tmp_path / "pred"),
+            "--ref",
+            str(tmp_path / "ref"),
+            "--out",
+            str(tmp_path / "scores"),
+            "--no-progress",
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 0
     summary = json.loads((tmp_path / "scores" / "summary.json").read_text())
@@ -390,8 +437,11 @@ def test_item8_resampling_round_trip_keeps_a_smooth_volume():
 def test_item9_bad_output_location_is_one_line_before_loading(tmp_path, case_dir, capsys, where):
     existing = tmp_path / "notes.txt"
     existing.write_text("keep me")
-    output = {"existing_file": existing, "below_a_file": existing / "sub",
-              "unwritable": Path("/proc/emrfuse-no-such-folder")}[where]
+    output = {
+        "existing_file": existing,
+        "below_a_file": existing / "sub",
+        "unwritable": Path("/proc/emrfuse-no-such-folder"),
+    }[where]
     if where == "unwritable" and not Path("/proc").is_dir():
         pytest.skip("no /proc here")
     missing_model = tmp_path / "no-such-model"  # the output is checked first: the model is never reached
@@ -423,8 +473,20 @@ def test_revision_on_a_local_folder_warns(model_dir, case_dir, tmp_path, capsys)
 
     with pytest.warns(UserWarning, match="revision.*ignored"):
         load_pipeline(str(model_dir), device="cpu", revision="v1.0", grading_model=False)
-    rc = main(["predict", str(case_dir), "--model", str(model_dir), "--revision", "v1.0", "-o", str(tmp_path), "-q",
-               "--no-grading"])
+    rc = main(
+        [
+            "predict",
+            str(case_dir),
+            "--model",
+            str(model_dir),
+            "--revision",
+            "v1.0",
+            "-o",
+            str(tmp_path),
+            "-q",
+            "--no-grading",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 0 and "warning: --revision v1.0 is ignored" in err and "Traceback" not in err
     assert math.isfinite(json.loads((tmp_path / "Case_001.json").read_text())["region_volumes_cm3"]["WT"])

@@ -60,9 +60,11 @@ def _evil_copy(model_dir: Path, folder: Path, marker: Path) -> Path:
         "    pass\n",
         encoding="utf-8",
     )
-    for name, key, target in (("config.json", "AutoConfig", "evil_cfg.EmrFuseConfig"),
-                              ("processor_config.json", "AutoProcessor", "evil_cfg.EmrFuseProcessor"),
-                              ("tokenizer_config.json", "AutoTokenizer", ["evil_cfg.EvilTokenizer", None])):
+    for name, key, target in (
+        ("config.json", "AutoConfig", "evil_cfg.EmrFuseConfig"),
+        ("processor_config.json", "AutoProcessor", "evil_cfg.EmrFuseProcessor"),
+        ("tokenizer_config.json", "AutoTokenizer", ["evil_cfg.EvilTokenizer", None]),
+    ):
         path = folder / name
         if path.is_file():
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -91,8 +93,9 @@ def test_item1_folder_code_does_not_run_without_the_flag(tmp_path, model_dir, ca
 def test_item1_folder_code_runs_only_with_the_flag(tmp_path, model_dir, case_dir, capsys):
     marker = tmp_path / "marker.txt"
     evil = _evil_copy(model_dir, tmp_path / "evil-model-flag", marker)
-    rc, out, err = _predict([case_dir, "--model", evil, "-o", tmp_path / "out", "-q", "--no-grading",
-                             "--trust-remote-code"], capsys)
+    rc, out, err = _predict(
+        [case_dir, "--model", evil, "-o", tmp_path / "out", "-q", "--no-grading", "--trust-remote-code"], capsys
+    )
     assert marker.exists() and rc == 0, err
 
 
@@ -149,8 +152,21 @@ def test_item4_a_huge_report_is_capped_and_said_so(tmp_path, model_dir, case_dir
     report = tmp_path / "report.txt"
     report.write_text((SECRET + " mass. ") * 40000, encoding="utf-8")  # about 1.1 MB
     out = tmp_path / "out"
-    rc, stdout, err = _predict([case_dir, "--model", model_dir, "-o", out, "--report-file", report,
-                                "--max-report-chars", 2000, "--no-grading"], capsys)
+    rc, stdout, err = _predict(
+        [
+            case_dir,
+            "--model",
+            model_dir,
+            "-o",
+            out,
+            "--report-file",
+            report,
+            "--max-report-chars",
+            2000,
+            "--no-grading",
+        ],
+        capsys,
+    )
     assert rc == 0, err
     text = (out / "Case_001.json").read_text()
     record = json.loads(text)

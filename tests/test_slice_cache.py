@@ -148,7 +148,16 @@ def test_augmentation_is_applied_identically_to_image_and_label(cached, tmp_path
     probe = type(case)(**{**case.__dict__, "case_dir": tmp_path})
     np.save(tmp_path / "image.npy", fake)
     np.save(tmp_path / "regions.npy", bits)
-    ds = SliceDataset([probe], image_size=(56, 72), tumour_prob=1.0, rotation=30, scale=(0.8, 1.2), translation=0.15, flip_axes=(0, 1), seed=3)
+    ds = SliceDataset(
+        [probe],
+        image_size=(56, 72),
+        tumour_prob=1.0,
+        rotation=30,
+        scale=(0.8, 1.2),
+        translation=0.15,
+        flip_axes=(0, 1),
+        seed=3,
+    )
     changed = 0
     for i in range(24):
         item = ds[i]
@@ -161,7 +170,9 @@ def test_augmentation_is_applied_identically_to_image_and_label(cached, tmp_path
             # resampling draws it (a region of a pixel or two may survive in one and vanish from the other)
             border = np.zeros_like(lab)
             for mask in (lab, img_mask):
-                border |= ndimage.binary_dilation(mask, np.ones((3, 3))) & ~ndimage.binary_erosion(mask, np.ones((3, 3)))
+                border |= ndimage.binary_dilation(mask, np.ones((3, 3))) & ~ndimage.binary_erosion(
+                    mask, np.ones((3, 3))
+                )
             assert not ((img_mask ^ lab) & ~border).any(), (i, ch)
             union = (img_mask | lab).sum()
             if union > 150:
@@ -337,7 +348,9 @@ def test_balanced_grade_sampling_draws_each_grade_equally(cached):
     graded = [dataclasses.replace(c, grade=g) for c, g in zip(cases, grades)]
     counts = {}
     for balance in (False, True):
-        ds = SliceDataset(graded, tumour_prob=0.0, samples_per_epoch=4000, augment=False, seed=0, balance_grades=balance)
+        ds = SliceDataset(
+            graded, tumour_prob=0.0, samples_per_epoch=4000, augment=False, seed=0, balance_grades=balance
+        )
         drawn = [grades[ds.locate(i)[0]] for i in range(len(ds))]
         counts[balance] = drawn.count("LGG") / len(drawn)
     natural = graded[3].num_slices / sum(c.num_slices for c in graded)

@@ -68,7 +68,21 @@ def test_predict_on_an_example(app):
     report = app.example_report(name)
     assert report  # the demo case's own report is offered in the report box
     out = app.predict(None, None, None, None, name, report, None)
-    (state, pred_img, gt_img, slider, legend, grade, alphas, highlighted, volumes, metrics, download, status, *cleared) = out
+    (
+        state,
+        pred_img,
+        gt_img,
+        slider,
+        legend,
+        grade,
+        alphas,
+        highlighted,
+        volumes,
+        metrics,
+        download,
+        status,
+        *cleared,
+    ) = out
     spec = app.example_cases()[name]
     shape = nib.load(str(next(Path(spec["input"]).glob("*_flair.nii.gz")))).shape
     assert state["pred"].shape == shape and pred_img.ndim == 3 and pred_img.shape[-1] == 3
@@ -82,7 +96,9 @@ def test_predict_on_an_example(app):
     assert f"Report: the example's own report ({len(report)} characters)" in status
     assert [row[0] for row in volumes] == ["whole tumour (WT)", "tumour core (TC)", "enhancing tumour (ET)"]
     assert metrics["visible"] and len(metrics["value"]) == 3 and all(0 <= row[1] <= 1 for row in metrics["value"])
-    assert nib.load(download).shape == shape and np.allclose(nib.load(download).affine, nib.load(str(next(Path(spec["input"]).glob("*_t1.nii.gz")))).affine)
+    assert nib.load(download).shape == shape and np.allclose(
+        nib.load(download).affine, nib.load(str(next(Path(spec["input"]).glob("*_t1.nii.gz")))).affine
+    )
     assert "Prediction done" in status and report not in status
     assert all(c == {"__type__": "update", "value": None} for c in cleared)
 
@@ -129,7 +145,9 @@ def test_ground_truth_convention_is_resolved_as_emrfuse_score_does(app):
     """Unambiguous label values pin the convention; ambiguous ones are settled by the prediction's convention
     when it is one of the candidates (saying why), and are an error naming the control otherwise."""
     assert app.ground_truth_convention(_gt_with_labels([1, 2, 3, 4]), "brats2017") == (
-        "brats2015", "inferred from the ground truth label values {0, 1, 2, 3, 4}")
+        "brats2015",
+        "inferred from the ground truth label values {0, 1, 2, 3, 4}",
+    )
     conv, why = app.ground_truth_convention(_gt_with_labels([1, 2, 3]), "brats2023")  # 2023 ET or 2015 NET?
     assert conv == "brats2023" and "brats2015" in why and "read these labels differently" in why
     conv, why = app.ground_truth_convention(_gt_with_labels([1, 2, 4]), "brats2015")  # 2017 and 2015 agree here
@@ -171,8 +189,14 @@ def test_upload_checks(app, tmp_path, monkeypatch, problem):
 
     case = write_small_case(tmp_path / "src", shape=(16, 16, 8))
     files = [str(case / f"Case_001_{s}.nii.gz") for s in ("t1", "t1ce", "t2", "flair")]
-    expected = {"extension": "not a NIfTI", "empty": "is empty", "too_big": "limit", "magic": "does not look like",
-                "partial": "missing: FLAIR", "nothing": "pick an example"}[problem]
+    expected = {
+        "extension": "not a NIfTI",
+        "empty": "is empty",
+        "too_big": "limit",
+        "magic": "does not look like",
+        "partial": "missing: FLAIR",
+        "nothing": "pick an example",
+    }[problem]
     example = None
     if problem == "extension":
         files[0] = str(tmp_path / "t1.png")
@@ -240,7 +264,9 @@ def test_no_event_re_renders_the_images_of_the_event_that_set_its_trigger(app):
     must not start a second render through a ``change`` listener; the user's own moves use ``input``."""
     demo = app.build_demo()
     fns = list(demo.fns.values())
-    views = {c._id for f in fns for c in f.outputs if getattr(c, "elem_id", None) in ("emrfuse-pred-view", "emrfuse-gt-view")}
+    views = {
+        c._id for f in fns for c in f.outputs if getattr(c, "elem_id", None) in ("emrfuse-pred-view", "emrfuse-gt-view")
+    }
     assert len(views) == 2
     set_with_images = {c._id for f in fns if views & {o._id for o in f.outputs} for c in f.outputs}
     renders = [f for f in fns if views & {o._id for o in f.outputs}]
@@ -303,10 +329,21 @@ def test_app_stopped_with_sigterm_leaves_no_files(tmp_path):
     tmp_root.mkdir()
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "GRADIO_TEMP_DIR"}
-    env.update(EMRFUSE_MODEL=str(model), EMRFUSE_SPACE_TMPDIR=str(tmp_root), EMRFUSE_DEMO_SIZE="small",
-               EMRFUSE_DEMO_CASES="1", GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port))
-    proc = subprocess.Popen([sys.executable, str(SPACE / "app.py")], env=env, cwd=str(tmp_path),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env.update(
+        EMRFUSE_MODEL=str(model),
+        EMRFUSE_SPACE_TMPDIR=str(tmp_root),
+        EMRFUSE_DEMO_SIZE="small",
+        EMRFUSE_DEMO_CASES="1",
+        GRADIO_SERVER_NAME="127.0.0.1",
+        GRADIO_SERVER_PORT=str(port),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(SPACE / "app.py")],
+        env=env,
+        cwd=str(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 180
@@ -391,7 +428,9 @@ def test_gradio_client_predicts_an_example(app, running_app):
 
     client = Client(running_app, verbose=False)
     name = _demo_example(app)
-    result = client.predict(None, None, None, None, name, app.example_report(name), None, "FLAIR", "axial", api_name="/predict")
+    result = client.predict(
+        None, None, None, None, name, app.example_report(name), None, "FLAIR", "axial", api_name="/predict"
+    )
     spec = app.example_cases()[name]
     shape = nib.load(str(next(Path(spec["input"]).glob("*_flair.nii.gz")))).shape
     files = [r for r in result if isinstance(r, str) and r.endswith(".nii.gz")]
@@ -414,22 +453,35 @@ def test_gradio_client_uploads_are_deleted_after_the_request(app, running_app, t
     result = client.predict(*files, None, REPORT, None, "T2", "coronal", api_name="/predict")
     label_map = next(r for r in result if isinstance(r, str) and r.endswith(".nii.gz"))
     assert nib.load(label_map).shape == (32, 32, 16) and Path(label_map).name.startswith(case_id)
-    left = [str(p) for s in ("t1", "t1ce", "t2", "flair") for p in Path(get_upload_folder()).rglob(f"{case_id}_{s}.nii.gz")]
+    left = [
+        str(p) for s in ("t1", "t1ce", "t2", "flair") for p in Path(get_upload_folder()).rglob(f"{case_id}_{s}.nii.gz")
+    ]
     assert left == [], f"uploads still on the server: {left}"
 
 
 # ------------------------------------------------------------------------------------------ browser
 # The page is driven by Selenium through Debian's chromium-driver on the system Chromium. `.ci/run` installs
 # both and sets EMRFUSE_REQUIRE_BROWSER=1: there, a missing browser fails the test instead of skipping it.
-CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
-                  "--window-size=1400,1800"]
+CHROMIUM_FLAGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--window-size=1400,1800",
+]
 # the overlay colours of the legend (brats2017 labels), blended 50/50 with the grey MRI
 LEGEND_COLOURS = {1: (230, 30, 30), 2: (0, 200, 0), 4: (255, 215, 0)}
 
 
 def _browser_or_skip():
-    chromium = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+    chromium = next(
+        (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None
+    )
     driver = shutil.which("chromedriver")
     missing = [what for what, path in (("chromium", chromium), ("chromedriver", driver)) if not path]
     try:
@@ -515,33 +567,62 @@ def test_browser_runs_an_example_and_shows_the_prediction_overlay(app, running_a
         driver.get(running_app)
         _wait_for(driver, "return !!document.querySelector('#emrfuse-run')", 90, "the Run button")
         driver.execute_script(
-            "const b = document.querySelector('#emrfuse-run'); (b.tagName === 'BUTTON' ? b : b.querySelector('button')).click();")
+            "const b = document.querySelector('#emrfuse-run'); (b.tagName === 'BUTTON' ? b : b.querySelector('button')).click();"
+        )
         _wait_for(driver, "return document.body.innerText.includes('Prediction done')", 180, "a finished prediction")
-        _wait_for(driver, "const i = document.querySelector('#emrfuse-pred-view img'); return !!(i && i.complete && i.naturalWidth > 0);",
-                  180, "the prediction image")
+        _wait_for(
+            driver,
+            "const i = document.querySelector('#emrfuse-pred-view img'); return !!(i && i.complete && i.naturalWidth > 0);",
+            180,
+            "the prediction image",
+        )
         _wait_for(driver, "return !!document.querySelector('#emrfuse-download a[href]')", 180, "the label map download")
         text = driver.execute_script("return document.body.innerText")
-        index = int(float(driver.execute_script("return document.querySelector('#emrfuse-slice input[type=number]').value")))
-        shown = np.asarray(Image.open(__import__("io").BytesIO(_fetch(driver, "#emrfuse-pred-view img", "src"))).convert("RGB"))
+        index = int(
+            float(driver.execute_script("return document.querySelector('#emrfuse-slice input[type=number]').value"))
+        )
+        shown = np.asarray(
+            Image.open(__import__("io").BytesIO(_fetch(driver, "#emrfuse-pred-view img", "src"))).convert("RGB")
+        )
         label_file = tmp_path / "downloaded_labels.nii.gz"
         label_file.write_bytes(_fetch(driver, "#emrfuse-download a[href]", "href"))
-        gt_loaded = _wait_for(driver, "const i = document.querySelector('#emrfuse-gt-view img'); "
-                              "return !!(i && i.complete && i.naturalWidth > 0);", 180, "the ground-truth image")
+        gt_loaded = _wait_for(
+            driver,
+            "const i = document.querySelector('#emrfuse-gt-view img'); "
+            "return !!(i && i.complete && i.naturalWidth > 0);",
+            180,
+            "the ground-truth image",
+        )
         # the user moves the slider: the view follows
         before = driver.execute_script("return document.querySelector('#emrfuse-pred-view img').src")
         driver.execute_script(
             "const r = document.querySelector('#emrfuse-slice input[type=range]'); r.value = String(Number(r.value) - 1); "
-            "r.dispatchEvent(new Event('input', {bubbles: true})); r.dispatchEvent(new Event('pointerup', {bubbles: true}));")
-        moved = _wait_for(driver, "const i = document.querySelector('#emrfuse-pred-view img'); "
-                          f"return !!(i && i.src !== {before!r} && i.complete && i.naturalWidth > 0);", 60,
-                          "the next slice after moving the slider")
+            "r.dispatchEvent(new Event('input', {bubbles: true})); r.dispatchEvent(new Event('pointerup', {bubbles: true}));"
+        )
+        moved = _wait_for(
+            driver,
+            "const i = document.querySelector('#emrfuse-pred-view img'); "
+            f"return !!(i && i.src !== {before!r} && i.complete && i.naturalWidth > 0);",
+            60,
+            "the next slice after moving the slider",
+        )
         shot = Path(os.environ.get("EMRFUSE_SCREENSHOT_DIR", tmp_path)) / "emrfuse_space.png"
         shot.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(shot))
     finally:
         driver.quit()
-    for needle in ("Prediction done", "HGG", "LGG", "alpha_text", "alpha_image", "whole tumour (WT)",
-                   "enhancing tumour", "cm³", "Dice", "Overlay (brats2017 labels)"):
+    for needle in (
+        "Prediction done",
+        "HGG",
+        "LGG",
+        "alpha_text",
+        "alpha_image",
+        "whole tumour (WT)",
+        "enhancing tumour",
+        "cm³",
+        "Dice",
+        "Overlay (brats2017 labels)",
+    ):
         assert needle in text, needle
     assert gt_loaded  # the example's ground truth is shown beside the prediction
     assert moved
@@ -606,9 +687,15 @@ def test_uploads_never_get_the_examples_report(app, tmp_path):
     assert app.report_for_example(name, "a.nii.gz", None, None, None) == ""  # sequences uploaded: no example report
     demo = app.build_demo()
     report_box = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "emrfuse-report")
-    uploads = {b._id for b in demo.blocks.values() if isinstance(b, gr.File) and b.label in ("T1", "T1ce", "T2", "FLAIR")}
-    cleared = {target for fn in demo.fns.values() for target, event in fn.targets
-               if event == "upload" and [o._id for o in fn.outputs] == [report_box._id]}
+    uploads = {
+        b._id for b in demo.blocks.values() if isinstance(b, gr.File) and b.label in ("T1", "T1ce", "T2", "FLAIR")
+    }
+    cleared = {
+        target
+        for fn in demo.fns.values()
+        for target, event in fn.targets
+        if event == "upload" and [o._id for o in fn.outputs] == [report_box._id]
+    }
     assert cleared == uploads and len(uploads) == 4  # each upload empties the report box
 
     with pytest.raises(gr.Error, match="report of the example"):  # the example's report sent with uploaded sequences

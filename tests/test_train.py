@@ -33,12 +33,45 @@ ROOT = Path(__file__).resolve().parents[1]
 train = load_train_script()  # parse_args, DATA_DEFAULTS, main
 
 TINY = [
-    "--demo", "--demo_cases", "6", "--demo_size", "32x32x24", "--eval_fraction", "0.34",
-    "--vision_model", "resnet18", "--fusion_dim", "32", "--decoder_channels", "16", "16", "16", "16", "16",
-    "--cross_attention_heads", "2", "--batch_size", "8", "--slices_per_case", "4", "--learning_rate", "1e-3",
-    "--warmup_steps", "1", "--report_to", "none", "--logging_steps", "1",
+    "--demo",
+    "--demo_cases",
+    "6",
+    "--demo_size",
+    "32x32x24",
+    "--eval_fraction",
+    "0.34",
+    "--vision_model",
+    "resnet18",
+    "--fusion_dim",
+    "32",
+    "--decoder_channels",
+    "16",
+    "16",
+    "16",
+    "16",
+    "16",
+    "--cross_attention_heads",
+    "2",
+    "--batch_size",
+    "8",
+    "--slices_per_case",
+    "4",
+    "--learning_rate",
+    "1e-3",
+    "--warmup_steps",
+    "1",
+    "--report_to",
+    "none",
+    "--logging_steps",
+    "1",
 ]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONHASHSEED": "0"}
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONHASHSEED": "0",
+}
 ENV.pop("ACCELERATE_USE_CPU", None)
 
 
@@ -50,14 +83,24 @@ def shared(tmp_path_factory):
 
 
 def tiny_args(shared, out: Path, *extra: str) -> list:
-    return TINY + ["--demo_data_dir", str(shared["data"]), "--cache_dir", str(shared["cache"]), "--output_dir", str(out), *extra]
+    return TINY + [
+        "--demo_data_dir",
+        str(shared["data"]),
+        "--cache_dir",
+        str(shared["cache"]),
+        "--output_dir",
+        str(out),
+        *extra,
+    ]
 
 
 def run_train(args, *, launcher=None, timeout=300) -> subprocess.CompletedProcess:
     cmd = (launcher or [sys.executable]) + [str(ROOT / "train.py")] + [str(a) for a in args]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -77,8 +120,18 @@ def seg_run(shared):
 
 def test_segmentation_run_writes_model_report_and_card(seg_run):
     out, proc = seg_run
-    for name in ("config.json", "model.safetensors", "README.md", "processor_config.json", "modeling_emrfuse.py",
-                 "eval/per_case.csv", "eval/summary.json", "eval/summary.md", "eval/dice_boxplot.png", "eval/embeddings_pca.png"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "README.md",
+        "processor_config.json",
+        "modeling_emrfuse.py",
+        "eval/per_case.csv",
+        "eval/summary.json",
+        "eval/summary.md",
+        "eval/dice_boxplot.png",
+        "eval/embeddings_pca.png",
+    ):
         assert (out / name).is_file(), name
     assert (out / "checkpoints" / "checkpoint-2" / "training_state.json").is_file()
     summary = json.loads((out / "eval" / "summary.json").read_text())
@@ -111,7 +164,19 @@ def test_best_model_loads_with_auto_classes(seg_run):
     inputs = processor(volumes=[vol], text=["A lesion in the left frontal lobe."], return_tensors="pt")
     crop = inputs.pop("crop_info")
     with torch.no_grad():
-        logits = model(**{k: inputs[k] for k in ("pixel_values", "slice_to_case", "input_ids", "attention_mask", "token_type_ids", "has_report")}).logits
+        logits = model(
+            **{
+                k: inputs[k]
+                for k in (
+                    "pixel_values",
+                    "slice_to_case",
+                    "input_ids",
+                    "attention_mask",
+                    "token_type_ids",
+                    "has_report",
+                )
+            }
+        ).logits
     label_map = processor.post_process_segmentation(logits, crop[0])
     assert label_map.shape == (32, 32, 24)
 
@@ -133,7 +198,9 @@ def test_model_card_parses_with_metrics(seg_run):
 
 def test_classification_run(shared):
     out = shared["base"] / "cls"
-    proc = run_train(tiny_args(shared, out, "--task", "classification", "--max_steps", "2", "--report_to", "tensorboard"))
+    proc = run_train(
+        tiny_args(shared, out, "--task", "classification", "--max_steps", "2", "--report_to", "tensorboard")
+    )
     summary = json.loads((out / "eval" / "summary.json").read_text())
     assert summary["task"] == "classification" and "balanced_accuracy" in summary["grading"]
     assert "grade acc" in proc.stdout
@@ -175,8 +242,30 @@ def test_two_processes_synchronise_and_gather_each_case_once(shared, tmp_path):
         f"runpy.run_path({str(ROOT / 'train.py')!r}, run_name='__main__')\n"
     )
     env = {**ENV, "ACCELERATE_USE_CPU": "true"}
-    args = tiny_args(shared, out, "--task", "segmentation", "--max_steps", "2", "--demo_cases", "7", "--demo_data_dir", str(tmp_path / "data7"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", str(probe), *args, str(tmp_path)]
+    args = tiny_args(
+        shared,
+        out,
+        "--task",
+        "segmentation",
+        "--max_steps",
+        "2",
+        "--demo_cases",
+        "7",
+        "--demo_data_dir",
+        str(tmp_path / "data7"),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        str(probe),
+        *args,
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-6000:]
     assert "2 process(es)" in proc.stderr + proc.stdout
@@ -192,7 +281,17 @@ def test_two_processes_synchronise_and_gather_each_case_once(shared, tmp_path):
 def test_demo_default_trains_segmentation_then_grading_and_pushes(shared):
     """`--demo` without --task: segmentation, then the grading run from its weights; push_to_hub mocked."""
     out = shared["base"] / "demo"
-    args = tiny_args(shared, out, "--max_steps", "2", "--grading_max_steps", "2", "--push_to_hub", "--hub_model_id", "someone/emrfuse-tiny")
+    args = tiny_args(
+        shared,
+        out,
+        "--max_steps",
+        "2",
+        "--grading_max_steps",
+        "2",
+        "--push_to_hub",
+        "--hub_model_id",
+        "someone/emrfuse-tiny",
+    )
     with mock.patch("huggingface_hub.HfApi") as api_cls:
         api = api_cls.return_value
         api.create_repo.side_effect = lambda repo_id, **kw: mock.Mock(repo_id=repo_id)
@@ -213,10 +312,30 @@ def test_demo_default_trains_segmentation_then_grading_and_pushes(shared):
 
 def test_ablation_writes_table_and_chart(shared):
     out = shared["base"] / "ablation"
-    proc = run_train(tiny_args(shared, out, "--ablation", "table3", "--ablation_seeds", "0", "1", "--max_steps", "1", "--grading_max_steps", "0"))
+    proc = run_train(
+        tiny_args(
+            shared,
+            out,
+            "--ablation",
+            "table3",
+            "--ablation_seeds",
+            "0",
+            "1",
+            "--max_steps",
+            "1",
+            "--grading_max_steps",
+            "0",
+        )
+    )
     table = (out / "ablation-table3" / "table3.md").read_text()
-    for label in ("Complete model", "Without modality alignment", "Without self-attention", "Without residual connection",
-                  "Without dynamic feature weighting", "Complete model, reports shuffled across cases (control)"):
+    for label in (
+        "Complete model",
+        "Without modality alignment",
+        "Without self-attention",
+        "Without residual connection",
+        "Without dynamic feature weighting",
+        "Complete model, reports shuffled across cases (control)",
+    ):
         assert label in table
     assert "±" in table and "SYNTHETIC DEMO DATA" in table
     assert "Parts of each row: Complete model: image; report" in table and "cross-attention" not in table
@@ -267,8 +386,14 @@ def test_checkpoints_are_atomic_and_latest_skips_incomplete(tmp_path):
 
 def test_model_switches_from_presets_and_flags():
     args = train.parse_args(["--demo", "--preset", "plus_alignment"])
-    assert train.model_switches(args) == {"use_text": True, "use_alignment": True, "use_self_attention": False, "use_residual": False,
-                                          "use_dynamic_weighting": False, "use_cross_attention": False}
+    assert train.model_switches(args) == {
+        "use_text": True,
+        "use_alignment": True,
+        "use_self_attention": False,
+        "use_residual": False,
+        "use_dynamic_weighting": False,
+        "use_cross_attention": False,
+    }
     args = train.parse_args(["--demo", "--no_residual"])
     assert train.model_switches(args)["use_residual"] is False and train.model_switches(args)["use_alignment"] is True
     args = train.parse_args(["--demo", "--no_text"])
@@ -305,9 +430,13 @@ def test_warm_start_from_a_folder_and_from_memory_load_the_same_shared_weights(t
     saved = load_file(str(folder / "model.safetensors"))
     args = train.parse_args(["--demo"])
     switches = train.model_switches(args)
-    from_folder = build_model(TrainingSettings.from_args(args).model, None, "classification", switches, config_from=folder)
+    from_folder = build_model(
+        TrainingSettings.from_args(args).model, None, "classification", switches, config_from=folder
+    )
     WarmStart.from_folder(folder).apply(from_folder, "test")
-    from_memory = build_model(TrainingSettings.from_args(args).model, None, "classification", switches, config_from=folder)
+    from_memory = build_model(
+        TrainingSettings.from_args(args).model, None, "classification", switches, config_from=folder
+    )
     WarmStart(source="a state dict", state=saved).apply(from_memory, "test")
     shared = [k for k in from_folder.state_dict() if k in saved]
     assert len(shared) > 100 and any(k.startswith("classifier.") for k in from_folder.state_dict())
@@ -349,8 +478,16 @@ def test_shuffled_reports_run_swaps_reports_within_each_split():
 
     cases = [SimpleNamespace(case_id=f"BraTS20_Training_{i:03d}") for i in range(1, 13)]
     reports = {c.case_id: f"synthetic report {i}" for i, c in enumerate(cases)}
-    run = RunData(data_dir=Path("."), train_cases=cases[:8], eval_cases=cases[8:], val_cases=[], reports=reports,
-                        synthetic=True, release="2020", text_model=None)
+    run = RunData(
+        data_dir=Path("."),
+        train_cases=cases[:8],
+        eval_cases=cases[8:],
+        val_cases=[],
+        reports=reports,
+        synthetic=True,
+        release="2020",
+        text_model=None,
+    )
     shuffled = shuffled_reports_run(run)
     assert shuffled.reports is not run.reports and run.reports == reports  # the run itself is untouched
     assert shuffled.train_cases == run.train_cases and shuffled.eval_cases == run.eval_cases
@@ -364,15 +501,29 @@ def test_cross_attention_flag():
     assert train.model_switches(train.parse_args(["--demo"]))["use_cross_attention"] is False  # the paper's model
     assert train.model_switches(train.parse_args(["--demo", "--cross_attention"]))["use_cross_attention"] is True
     assert train.model_switches(train.parse_args(["--demo", "--preset", "full_cross_attention"]))["use_cross_attention"]
-    assert not train.model_switches(train.parse_args(["--demo", "--no_text", "--cross_attention"]))["use_cross_attention"]
+    assert not train.model_switches(train.parse_args(["--demo", "--no_text", "--cross_attention"]))[
+        "use_cross_attention"
+    ]
 
 
 # ------------------------------------------------------------------------------------------ --grading_fit head
 def test_grading_fit_head_keeps_the_towers_and_fits_the_rest(shared):
     """`--grading_fit head`: the grading model's towers are the segmentation run's, bit for bit; the rest moved."""
     out = shared["base"] / "head-fit"
-    summary = train.main(tiny_args(shared, out, "--max_steps", "2", "--grading_max_steps", "5", "--grading_fit", "head",
-                                   "--grading_calibration_folds", "2"))  # 2 training cases of each grade
+    summary = train.main(
+        tiny_args(
+            shared,
+            out,
+            "--max_steps",
+            "2",
+            "--grading_max_steps",
+            "5",
+            "--grading_fit",
+            "head",
+            "--grading_calibration_folds",
+            "2",
+        )
+    )  # 2 training cases of each grade
     assert summary["grading"] is not None and summary["grading_run"]["steps"] == 5
     seg, grading = weights(out), weights(out / "grading")
     towers = [k for k in seg if k.startswith(("emrfuse.vision_model.", "emrfuse.text_model."))]
@@ -382,7 +533,9 @@ def test_grading_fit_head_keeps_the_towers_and_fits_the_rest(shared):
     assert "classifier.weight" in grading
     assert json.loads((out / "grading" / "eval" / "summary.json").read_text())["grading_fit"] == "head"
     card = (out / "grading" / "README.md").read_text()
-    assert "| `grading_fit` | `head` |" in card and "grading bag policy" in card  # the card says how it was fitted and graded
+    assert (
+        "| `grading_fit` | `head` |" in card and "grading bag policy" in card
+    )  # the card says how it was fitted and graded
     calibration = summary["grading_run"]["calibration"]
     assert calibration["folds"] == 2 and calibration["temperature"] > 0
     assert f"temperature-scaled (T = {calibration['temperature']:.3g}" in card
@@ -393,10 +546,16 @@ def test_grading_fit_head_keeps_the_towers_and_fits_the_rest(shared):
 def test_grading_fit_finetune_trains_the_whole_model(shared):
     """`--grading_fit finetune`: the earlier recipe, every part of the model trained on slice bags."""
     out = shared["base"] / "finetune-fit"
-    summary = train.main(tiny_args(shared, out, "--max_steps", "2", "--grading_max_steps", "2", "--grading_fit", "finetune"))
+    summary = train.main(
+        tiny_args(shared, out, "--max_steps", "2", "--grading_max_steps", "2", "--grading_fit", "finetune")
+    )
     assert summary["grading"] is not None and summary["grading_run"]["steps"] == 2
     seg, grading = weights(out), weights(out / "grading")
-    assert any(not torch.equal(seg[k], grading[k]) for k in seg if k.startswith("emrfuse.vision_model.") and k.endswith(".weight"))
+    assert any(
+        not torch.equal(seg[k], grading[k])
+        for k in seg
+        if k.startswith("emrfuse.vision_model.") and k.endswith(".weight")
+    )
 
 
 def test_fit_grading_head_learns_a_grade_that_the_tower_features_carry():
@@ -408,8 +567,12 @@ def test_fit_grading_head_learns_a_grade_that_the_tower_features_carry():
 
     from modeling_emrfuse.modeling_emrfuse import EmrFuseForImageClassification
 
-    args = grading_head.HeadFitSettings(OptimizerSettings(weight_decay=1e-4, lr_scheduler="cosine", warmup_steps=5, max_grad_norm=1.0),
-                                        grading_sampling="balanced", cases_per_group=2, logging_steps=10)
+    args = grading_head.HeadFitSettings(
+        OptimizerSettings(weight_decay=1e-4, lr_scheduler="cosine", warmup_steps=5, max_grad_norm=1.0),
+        grading_sampling="balanced",
+        cases_per_group=2,
+        logging_steps=10,
+    )
     acc = SimpleNamespace(device=torch.device("cpu"), is_local_main_process=False)
 
     def fitted(seed):
@@ -423,10 +586,22 @@ def test_fit_grading_head_learns_a_grade_that_the_tower_features_carry():
             label = k % 2
             gap = torch.randn(4, d_i, generator=gen) + 2.0 * (1 if label else -1) * direction
             ids = torch.tensor([2, 5, 6, 7, 3])
-            feats.append(grading_head.CaseTowerFeatures(case_id=f"c{k:02d}", label=label, gap=gap, input_ids=ids,
-                                                 attention_mask=torch.ones(5, dtype=torch.long), has_report=True,
-                                                 text_hidden=torch.randn(5, d_t, generator=gen)))
-        before = {k: v.clone() for k, v in net.state_dict().items() if ".vision_model." in f".{k}" or ".text_model." in f".{k}"}
+            feats.append(
+                grading_head.CaseTowerFeatures(
+                    case_id=f"c{k:02d}",
+                    label=label,
+                    gap=gap,
+                    input_ids=ids,
+                    attention_mask=torch.ones(5, dtype=torch.long),
+                    has_report=True,
+                    text_hidden=torch.randn(5, d_t, generator=gen),
+                )
+            )
+        before = {
+            k: v.clone()
+            for k, v in net.state_dict().items()
+            if ".vision_model." in f".{k}" or ".text_model." in f".{k}"
+        }
         user_frozen = next(net.emrfuse.vision_model.parameters())
         user_frozen.requires_grad_(False)  # a tower parameter the caller had frozen stays frozen afterwards
         grading_head.fit_grading_head(args, acc, net, feats, max_steps=60, learning_rate=5e-3, seed=seed, desc="test")
@@ -449,7 +624,9 @@ def test_grading_folds_are_a_stratified_seeded_partition():
     assert sorted(i for f in folds for i in f) == list(range(15))  # every case in exactly one fold
     assert [sum(labels[i] for i in f) for f in folds] in ([2, 2, 1], [2, 1, 2], [1, 2, 2])  # each fold 1-2 of the 5 LGG
     assert all(len(f) == 5 for f in folds)
-    assert folds == grading_head.grading_folds(labels, 3, seed=4) and folds != grading_head.grading_folds(labels, 3, seed=5)
+    assert folds == grading_head.grading_folds(labels, 3, seed=4) and folds != grading_head.grading_folds(
+        labels, 3, seed=5
+    )
 
 
 def test_fit_temperature_minimises_the_log_loss():
@@ -488,14 +665,27 @@ def test_calibration_scales_the_head_without_changing_a_grade_and_helps_held_out
         for k in range(n):
             label = k % 2
             gap = torch.randn(4, d_i, generator=gen) + 0.15 * (1 if label else -1) * direction
-            out.append(grading_head.CaseTowerFeatures(case_id=f"{prefix}{k:02d}", label=label, gap=gap, input_ids=torch.tensor([2, 5, 3]),
-                                               attention_mask=torch.ones(3, dtype=torch.long), has_report=True,
-                                               text_hidden=torch.randn(3, d_t, generator=gen)))
+            out.append(
+                grading_head.CaseTowerFeatures(
+                    case_id=f"{prefix}{k:02d}",
+                    label=label,
+                    gap=gap,
+                    input_ids=torch.tensor([2, 5, 3]),
+                    attention_mask=torch.ones(3, dtype=torch.long),
+                    has_report=True,
+                    text_hidden=torch.randn(3, d_t, generator=gen),
+                )
+            )
         return out
 
     feats, held_out = cases(24, "t"), cases(40, "h")
-    args = grading_head.HeadFitSettings(OptimizerSettings(weight_decay=1e-4, lr_scheduler="cosine", warmup_steps=5, max_grad_norm=1.0),
-                                        grading_sampling="balanced", cases_per_group=6, logging_steps=10, calibration_folds=3)
+    args = grading_head.HeadFitSettings(
+        OptimizerSettings(weight_decay=1e-4, lr_scheduler="cosine", warmup_steps=5, max_grad_norm=1.0),
+        grading_sampling="balanced",
+        cases_per_group=6,
+        logging_steps=10,
+        calibration_folds=3,
+    )
     initial = grading_head._head_state(net)
     grading_head.fit_grading_head(args, acc, net, feats, max_steps=200, learning_rate=2e-2, seed=0, desc="test")
     raw = grading_head.head_logits(net, held_out, "cpu")
@@ -531,7 +721,9 @@ def test_single_case_that_cannot_be_split_is_a_clear_error(tmp_path):
     from modeling_emrfuse.training.data import RunDataError, SplitSettings, prepare_run_data, split_run_cases
 
     folder = write_demo_dataset(tmp_path / "one", n_cases=1, size=(16, 16, 16))
-    settings = train.data_settings(train.parse_args(["--demo", "--data_dir", str(folder), "--no_text", "--cache_dir", str(tmp_path / "c")]))
+    settings = train.data_settings(
+        train.parse_args(["--demo", "--data_dir", str(folder), "--no_text", "--cache_dir", str(tmp_path / "c")])
+    )
     with pytest.raises(RunDataError, match="cannot be split into training and held-out cases.*--eval_fraction 0"):
         prepare_run_data(settings, _OneProcess())
     run = prepare_run_data(dataclasses.replace(settings, split=SplitSettings(eval_fraction=0.0)), _OneProcess())
@@ -544,13 +736,29 @@ def test_single_case_that_cannot_be_split_is_a_clear_error(tmp_path):
 def test_empty_data_folder_is_one_line_and_exit_code_2(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    cmd = [sys.executable, str(ROOT / "train.py"), "--data_dir", str(empty), "--no_text", "--report_to", "none",
-           "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache")]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--data_dir",
+        str(empty),
+        "--no_text",
+        "--report_to",
+        "none",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--cache_dir",
+        str(tmp_path / "cache"),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("train.py: error: ") and str(empty) in last and "no BraTS cases found" in last and "--data_dir" in last
+    assert (
+        last.startswith("train.py: error: ")
+        and str(empty) in last
+        and "no BraTS cases found" in last
+        and "--data_dir" in last
+    )
 
 
 # ------------------------------------------------------------------------------------------ grading control, repeatability
@@ -587,7 +795,10 @@ def test_demo_run_reports_the_enhancing_fraction_control(demo_twice, shared):
 
     (summary, _), (out, _) = demo_twice
     control = summary["grading_control"]
-    grades = {line.split(",")[-1]: line.split(",")[0] for line in (shared["data"] / "name_mapping.csv").read_text().split()[1:]}
+    grades = {
+        line.split(",")[-1]: line.split(",")[0]
+        for line in (shared["data"] / "name_mapping.csv").read_text().split()[1:]
+    }
     held_out = sorted(control["cases"])
     training = sorted(set(grades) - set(held_out))
     assert len(held_out) == 2 and control["num_train_cases"] == len(training) == 4
@@ -620,6 +831,8 @@ def test_same_seed_gives_the_same_figures(demo_twice):
     for key in ("segmentation", "grading", "grading_control", "case_enhancing_fraction"):
         a, b = dict(first[key]), dict(second[key])
         assert a == b, key
-    assert first["determinism"]["seed"] == 3 and first["determinism"]["settings"]["use_deterministic_algorithms"] is True
+    assert (
+        first["determinism"]["seed"] == 3 and first["determinism"]["settings"]["use_deterministic_algorithms"] is True
+    )
     assert first["determinism"]["threads"] == 1  # OMP_NUM_THREADS of the test environment
     assert any("WordPiece" in note for note in first["determinism"]["not_deterministic"])  # what stays open is named

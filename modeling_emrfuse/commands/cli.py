@@ -16,8 +16,14 @@ from typing import List, Optional
 COMMANDS = {
     "demo-data": ("datasets_scripts.demo_data", "write synthetic BraTS-2020-layout cases with reports (demo data)"),
     "prepare": ("datasets_scripts.brats_text", "build the BraTS + report dataset from a release folder and write it"),
-    "score": ("modeling_emrfuse.commands.score", "score predicted NIfTI label maps against references (Dice, PPV, sensitivity, HD95)"),
-    "predict": ("modeling_emrfuse.commands.predict", "segment and grade a case (or a folder of cases) with an EmrFuse model"),
+    "score": (
+        "modeling_emrfuse.commands.score",
+        "score predicted NIfTI label maps against references (Dice, PPV, sensitivity, HD95)",
+    ),
+    "predict": (
+        "modeling_emrfuse.commands.predict",
+        "segment and grade a case (or a folder of cases) with an EmrFuse model",
+    ),
 }
 
 

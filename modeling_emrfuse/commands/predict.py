@@ -49,7 +49,9 @@ class PredictError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------ records
-def prediction_record(result: Dict[str, Any], label_map_file: Optional[str], inputs: Dict[str, str], extra: Dict[str, Any]) -> Dict[str, Any]:
+def prediction_record(
+    result: Dict[str, Any], label_map_file: Optional[str], inputs: Dict[str, str], extra: Dict[str, Any]
+) -> Dict[str, Any]:
     """The JSON document written next to a label map: grade and grade probabilities, region volumes in
     cm^3 (voxel size from the header), ``alpha_text`` / ``alpha_image``, whether the report was missing,
     truncated or capped at ``--max-report-chars``, the model id and revision, the label convention, the
@@ -150,7 +152,9 @@ def _discover(args):
     if not root.exists():
         raise PredictError(f"{root} does not exist.")
     if not root.is_dir():
-        raise PredictError(f"{root} is a file: give a case folder, or the four sequences with --t1 --t1ce --t2 --flair.")
+        raise PredictError(
+            f"{root} is a file: give a case folder, or the four sequences with --t1 --t1ce --t2 --flair."
+        )
     import warnings
 
     with warnings.catch_warnings():
@@ -168,7 +172,7 @@ def _missing_skip(case: CaseFiles, root: Path) -> Dict[str, str]:
     return {
         "case_id": case.case_id,
         "reason": f"missing sequence(s) {case.missing_sequences} (found: {present}); pass --allow-missing-sequences "
-                  f"to zero-fill them ({case.source_dir if case.source_dir is not None else root})",
+        f"to zero-fill them ({case.source_dir if case.source_dir is not None else root})",
     }
 
 
@@ -202,8 +206,10 @@ def check_case_id(case_id: Optional[str], what: str = "case id") -> None:
     """Refuse (``PredictError``) a case id that cannot be a file name inside the output folder: empty, ``.`` or
     ``..``, or holding a path separator or a NUL byte (``--case-id ../x`` or ``/tmp/x`` would write elsewhere)."""
     if not case_id or case_id.strip() in (".", "..") or any(c in case_id for c in ("/", "\\", "\0")):
-        raise PredictError(f"{what} {case_id!r} cannot be used as a file name: give a name without '/', '\\' or "
-                           "'..' (the outputs are written as <case id>.nii.gz and <case id>.json inside -o).")
+        raise PredictError(
+            f"{what} {case_id!r} cannot be used as a file name: give a name without '/', '\\' or "
+            "'..' (the outputs are written as <case id>.nii.gz and <case id>.json inside -o)."
+        )
 
 
 def _single_file_output(out: Path, single: bool) -> bool:
@@ -222,7 +228,9 @@ def check_output_location(out: Path, single: bool) -> None:
     file_target = _single_file_output(out, single)
     folder = out.parent if file_target else out
     if file_target and out.is_dir():
-        raise PredictError(f"output {out} is a folder; give a .nii.gz file name, or a folder without the .nii.gz suffix.")
+        raise PredictError(
+            f"output {out} is a folder; give a .nii.gz file name, or a folder without the .nii.gz suffix."
+        )
     existing = folder
     while not existing.exists():
         if existing.parent == existing:
@@ -235,8 +243,10 @@ def check_output_location(out: Path, single: bool) -> None:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as exc:
-        raise PredictError(f"output {out} cannot be written: no file can be created in {existing} "
-                           f"({exc.strerror or type(exc).__name__}).") from None
+        raise PredictError(
+            f"output {out} cannot be written: no file can be created in {existing} "
+            f"({exc.strerror or type(exc).__name__})."
+        ) from None
 
 
 def _output_paths(case_id: str, out: Path, single: bool) -> Tuple[Path, Path]:
@@ -298,8 +308,9 @@ def _prepare(args: argparse.Namespace):
         raise PredictError(f"--max-report-chars must be >= 1, got {args.max_report_chars}.")
     if args.case_id is not None:
         check_case_id(args.case_id, "--case-id")
-    args._report_file_text = (_read_text_file(args.report_file, "report file", args.max_report_chars)
-                              if args.report_file else None)
+    args._report_file_text = (
+        _read_text_file(args.report_file, "report file", args.max_report_chars) if args.report_file else None
+    )
     reports = None
     if args.reports is not None:
         try:
@@ -311,8 +322,10 @@ def _prepare(args: argparse.Namespace):
     if single and skipped and not cases:
         raise PredictError(f"case {skipped[0]['case_id']}: {skipped[0]['reason']}")
     if not single and (args.report is not None or args.report_file is not None):
-        raise PredictError("--report / --report-file are for one case; for a folder of cases use --reports FILE "
-                           "(CSV/JSONL case id -> text) or per-case <case>_flair_text.txt files.")
+        raise PredictError(
+            "--report / --report-file are for one case; for a folder of cases use --reports FILE "
+            "(CSV/JSONL case id -> text) or per-case <case>_flair_text.txt files."
+        )
     out = Path(args.output).expanduser()
     check_output_location(out, single)  # before the model is loaded and any case computed
     return cases, skipped, single, reports, out
@@ -322,8 +335,11 @@ def _load_pipeline(args: argparse.Namespace, processes: "ProcessShare"):
     """The pipeline, on ``--device`` or this process's device (one GPU per process under a launcher)."""
     revision = args.revision
     if revision is not None and Path(args.model).expanduser().is_dir():
-        print(f"emrfuse predict: warning: --revision {revision} is ignored: {args.model} is a local folder "
-              "(a revision selects a Hub commit).", file=sys.stderr)
+        print(
+            f"emrfuse predict: warning: --revision {revision} is ignored: {args.model} is a local folder "
+            "(a revision selects a Hub commit).",
+            file=sys.stderr,
+        )
         revision = None
     try:  # --threads, else OMP_NUM_THREADS, else the allowed cores shared by this node's processes
         limit_torch_threads(args.threads)
@@ -455,12 +471,16 @@ class ProcessShare:
         from accelerate import PartialState
         from accelerate.utils import parse_flag_from_env
 
-        has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+        has_accelerator = (
+            torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+        )
         cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or str(device or "").startswith("cpu") or not has_accelerator
         state = PartialState(cpu=cpu)
         if state.num_processes != world_size:  # each process would predict every case
-            raise PredictError(f"launched as {world_size} processes, but accelerate set up {state.num_processes}; on "
-                               "CPU set ACCELERATE_USE_CPU=true.")
+            raise PredictError(
+                f"launched as {world_size} processes, but accelerate set up {state.num_processes}; on "
+                "CPU set ACCELERATE_USE_CPU=true."
+            )
         return cls(state)
 
     @property
@@ -478,7 +498,9 @@ class ProcessShare:
         with self.state.split_between_processes(cases) as mine:
             return list(mine)
 
-    def gather(self, cases, written: List[str], failures: List[Dict[str, str]]) -> Tuple[List[str], List[Dict[str, str]]]:
+    def gather(
+        self, cases, written: List[str], failures: List[Dict[str, str]]
+    ) -> Tuple[List[str], List[Dict[str, str]]]:
         """Every process's written case ids and failures, in the order of ``cases``."""
         if self.state is None:
             return written, failures
@@ -547,58 +569,116 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("input", nargs="?", help="a case folder or a folder of cases (any BraTS layout)")
     for name in SEQUENCES:
-        p.add_argument(f"--{name}", metavar="FILE",
-                       help=f"the {name.upper()} NIfTI file (with the three others, or any of them with --allow-missing-sequences)")
+        p.add_argument(
+            f"--{name}",
+            metavar="FILE",
+            help=f"the {name.upper()} NIfTI file (with the three others, or any of them with --allow-missing-sequences)",
+        )
     p.add_argument("--case-id", help="case id of the outputs (default: from the folder / file names)")
-    p.add_argument("--allow-missing-sequences", action="store_true",
-                   help="accept cases with any non-empty subset of T1/T1ce/T2/FLAIR (files or case folders): the missing "
-                        "sequences are zero-filled. A model trained with sequence dropout (train.py --sequence_dropout) "
-                        "gets sequence-presence channels saying which are missing; a model without them still runs, "
-                        "but does not know a sequence is missing (a warning says so). The JSON lists missing_sequences.")
+    p.add_argument(
+        "--allow-missing-sequences",
+        action="store_true",
+        help="accept cases with any non-empty subset of T1/T1ce/T2/FLAIR (files or case folders): the missing "
+        "sequences are zero-filled. A model trained with sequence dropout (train.py --sequence_dropout) "
+        "gets sequence-presence channels saying which are missing; a model without them still runs, "
+        "but does not know a sequence is missing (a warning says so). The JSON lists missing_sequences.",
+    )
     group = p.add_argument_group("report (never printed or logged)")
     group.add_argument("--report", metavar="TEXT", help="the radiology report of the case")
     group.add_argument("--report-file", metavar="FILE", help="a UTF-8 text file holding the report")
-    group.add_argument("--reports", metavar="FILE", help="for a folder of cases: CSV/JSONL/JSON of case id -> report text")
-    group.add_argument("--max-report-chars", type=int, default=DEFAULT_MAX_REPORT_CHARS, metavar="N",
-                       help=f"read at most N characters of a report (default {DEFAULT_MAX_REPORT_CHARS}); a longer one is "
-                            "cut, and the JSON says so (report_capped, warnings)")
-    group.add_argument("--ignore-case-reports", action="store_true",
-                       help="do not use the reports found in the case folders (<case>_flair_text.txt)")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"model folder or Hub id (default {DEFAULT_MODEL}, which the README's main job makes)")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="run the Python code that the model folder or Hub repository names in its config (auto_map) "
-                        "instead of the installed emrfuse classes; only for a model source you trust (without it, "
-                        "nothing from the folder is executed)")
-    p.add_argument("--revision", help="Hub revision (branch, tag or commit) of --model (ignored, with a warning, for a local folder)")
-    p.add_argument("--grading-model", help="grading model folder / Hub id when --model holds only the segmentation model")
+    group.add_argument(
+        "--reports", metavar="FILE", help="for a folder of cases: CSV/JSONL/JSON of case id -> report text"
+    )
+    group.add_argument(
+        "--max-report-chars",
+        type=int,
+        default=DEFAULT_MAX_REPORT_CHARS,
+        metavar="N",
+        help=f"read at most N characters of a report (default {DEFAULT_MAX_REPORT_CHARS}); a longer one is "
+        "cut, and the JSON says so (report_capped, warnings)",
+    )
+    group.add_argument(
+        "--ignore-case-reports",
+        action="store_true",
+        help="do not use the reports found in the case folders (<case>_flair_text.txt)",
+    )
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"model folder or Hub id (default {DEFAULT_MODEL}, which the README's main job makes)",
+    )
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the Python code that the model folder or Hub repository names in its config (auto_map) "
+        "instead of the installed emrfuse classes; only for a model source you trust (without it, "
+        "nothing from the folder is executed)",
+    )
+    p.add_argument(
+        "--revision",
+        help="Hub revision (branch, tag or commit) of --model (ignored, with a warning, for a local folder)",
+    )
+    p.add_argument(
+        "--grading-model", help="grading model folder / Hub id when --model holds only the segmentation model"
+    )
     p.add_argument("--no-grading", action="store_true", help="segmentation only (skip the grading model)")
-    p.add_argument("-o", "--output", default=DEFAULT_OUTPUT_DIR,
-                   help=f"output folder (default {DEFAULT_OUTPUT_DIR}/), or for one case a .nii.gz file (the JSON goes next to it)")
-    p.add_argument("--label-convention", choices=sorted(LABEL_CONVENTIONS), default=None,
-                   help="labels of the output map (default: the convention of the input's BraTS release; brats2017 if unknown)")
-    p.add_argument("--release", default="auto", help="force the BraTS release of the input layout (e.g. 2018, 2023; default auto)")
+    p.add_argument(
+        "-o",
+        "--output",
+        default=DEFAULT_OUTPUT_DIR,
+        help=f"output folder (default {DEFAULT_OUTPUT_DIR}/), or for one case a .nii.gz file (the JSON goes next to it)",
+    )
+    p.add_argument(
+        "--label-convention",
+        choices=sorted(LABEL_CONVENTIONS),
+        default=None,
+        help="labels of the output map (default: the convention of the input's BraTS release; brats2017 if unknown)",
+    )
+    p.add_argument(
+        "--release", default="auto", help="force the BraTS release of the input layout (e.g. 2018, 2023; default auto)"
+    )
     p.add_argument("--threshold", type=float, default=0.5, help="region probability threshold (default 0.5)")
-    p.add_argument("--resample", action="store_true",
-                   help="a case whose voxel spacing is not the model's (1 mm for BraTS models) is resampled to it "
-                        "(trilinear, nnU-Net/MONAI style) and the region probabilities back onto the input grid, so "
-                        "that the label map is on the input's grid with its affine; without it such a case is an "
-                        "error. The JSON records both grids under \"resampling\".")
-    p.add_argument("--tta", action="store_true",
-                   help="test-time flips: average the region probabilities over each slice and its flips along the two "
-                        "in-plane axes (4 forward passes of the segmentation model instead of 1); the JSON records \"tta\"")
+    p.add_argument(
+        "--resample",
+        action="store_true",
+        help="a case whose voxel spacing is not the model's (1 mm for BraTS models) is resampled to it "
+        "(trilinear, nnU-Net/MONAI style) and the region probabilities back onto the input grid, so "
+        "that the label map is on the input's grid with its affine; without it such a case is an "
+        'error. The JSON records both grids under "resampling".',
+    )
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="test-time flips: average the region probabilities over each slice and its flips along the two "
+        'in-plane axes (4 forward passes of the segmentation model instead of 1); the JSON records "tta"',
+    )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="auto (default): bf16 weights where the CPU/GPU has native bf16, fp32 otherwise")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="auto (default): bf16 weights where the CPU/GPU has native bf16, fp32 otherwise",
+    )
     p.add_argument("--chunk-size", type=int, default=None, help="slices per image-tower call (default: the model's)")
-    p.add_argument("--grading-slices", type=int, default=None,
-                   help="grade from at most this many evenly spaced brain slices (default: the grading model's "
-                        "config.grading_slices, the policy its accuracy was measured with; 0: all slices)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads per process (default: OMP_NUM_THREADS if set, else the cores this process may "
-                   "use, shared by the processes of a torchrun / accelerate launch)")
-    p.add_argument("--save-attention", action="store_true",
-                   help="also write the report's words and their attention weights into the JSON")
+    p.add_argument(
+        "--grading-slices",
+        type=int,
+        default=None,
+        help="grade from at most this many evenly spaced brain slices (default: the grading model's "
+        "config.grading_slices, the policy its accuracy was measured with; 0: all slices)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads per process (default: OMP_NUM_THREADS if set, else the cores this process may "
+        "use, shared by the processes of a torchrun / accelerate launch)",
+    )
+    p.add_argument(
+        "--save-attention",
+        action="store_true",
+        help="also write the report's words and their attention weights into the JSON",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or per-case summary")
     p.set_defaults(func=run)
     return p

@@ -40,7 +40,15 @@ CONVENTION_PREFERENCE: Tuple[str, ...] = ("brats2017", "brats2023", "brats2015")
 
 NIFTI_SUFFIXES: Tuple[str, ...] = (".nii.gz", ".nii")
 PREDICTION_FILE_NAMES: Tuple[str, ...] = (
-    "pred", "prediction", "predicted", "labelmap", "groundtruth", "ground_truth", "ref", "reference", "output",
+    "pred",
+    "prediction",
+    "predicted",
+    "labelmap",
+    "groundtruth",
+    "ground_truth",
+    "ref",
+    "reference",
+    "output",
 )
 """Label-map file names of prediction tools, besides the label names of the release table (``brats_io.label_names``)."""
 
@@ -128,7 +136,9 @@ def _candidate_files(folder: Path, excluded: Optional[Path]) -> List[Tuple[Path,
     return sorted(out)
 
 
-def find_label_maps(folder: Path | str, role: str = "label map", exclude: Optional[Path | str] = None) -> Dict[str, Path]:
+def find_label_maps(
+    folder: Path | str, role: str = "label map", exclude: Optional[Path | str] = None
+) -> Dict[str, Path]:
     """Map case id -> label-map file for every NIfTI label map under ``folder`` (recursively).
 
     Case ids come from :func:`case_id_from_path`. The search is recursive, so a reference folder may be
@@ -466,12 +476,21 @@ def _prediction_on_grid(case_id: str, pred_path: Optional[Path], ref: LabelMapFi
     return pred.array
 
 
-def _score_case(case_id: str, pred_path: Optional[Path], ref_path: Path, pred_choice: ConventionChoice,
-                ref_choice: ConventionChoice, lesion_wise: bool, warnings: List[str]) -> Dict[str, Any]:
+def _score_case(
+    case_id: str,
+    pred_path: Optional[Path],
+    ref_path: Path,
+    pred_choice: ConventionChoice,
+    ref_choice: ConventionChoice,
+    lesion_wise: bool,
+    warnings: List[str],
+) -> Dict[str, Any]:
     """One row of ``per_case.csv``; raises :class:`ScoreError` / ``ValueError`` for a case that cannot be scored."""
     ref = read_label_map(ref_path)
     pred_array = _prediction_on_grid(case_id, pred_path, ref, warnings)
-    result = score_label_maps(pred_array, ref.array, pred_choice.used, ref_choice.used, ref.spacing, lesion_wise=lesion_wise)
+    result = score_label_maps(
+        pred_array, ref.array, pred_choice.used, ref_choice.used, ref.spacing, lesion_wise=lesion_wise
+    )
     row: Dict[str, Any] = {
         "case_id": case_id,
         "prediction": "" if pred_path is None else str(pred_path),
@@ -528,7 +547,9 @@ def score_folders(
         except ValueError as exc:  # label values outside the convention
             fail(case_id, f"{exc} (prediction {pred_path}, reference {ref_path})")
     if not rows:
-        raise ScoreError("no case could be scored: " + "; ".join(f"{s['case_id']}: {s['reason']}" for s in fail.skipped))
+        raise ScoreError(
+            "no case could be scored: " + "; ".join(f"{s['case_id']}: {s['reason']}" for s in fail.skipped)
+        )
     summary: Dict[str, Any] = {
         "num_cases": len(rows),
         "segmentation": summarize_segmentation(rows),
@@ -595,28 +616,43 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--pred", required=True, type=Path, metavar="DIR", help="folder of predicted label maps")
-    parser.add_argument("--ref", required=True, type=Path, metavar="DIR", help="folder of reference label maps (BraTS case folders or flat)")
+    parser.add_argument(
+        "--ref",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="folder of reference label maps (BraTS case folders or flat)",
+    )
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
     parser.add_argument(
-        "--pred-convention", default=AUTO, type=_convention_arg, metavar="CONV",
+        "--pred-convention",
+        default=AUTO,
+        type=_convention_arg,
+        metavar="CONV",
         help=f"label convention of the predictions: {conventions} or a BraTS release year (default: auto)",
     )
     parser.add_argument(
-        "--ref-convention", default=AUTO, type=_convention_arg, metavar="CONV",
+        "--ref-convention",
+        default=AUTO,
+        type=_convention_arg,
+        metavar="CONV",
         help=f"label convention of the references: {conventions} or a BraTS release year (default: auto)",
     )
     parser.add_argument(
-        "--missing-as-empty", action="store_true",
+        "--missing-as-empty",
+        action="store_true",
         help="score references without a prediction as empty predictions (default: list them, leave them out)",
     )
     parser.add_argument(
-        "--skip-invalid", action="store_true",
+        "--skip-invalid",
+        action="store_true",
         help="skip cases with invalid files (recorded in summary.json) instead of stopping",
     )
     parser.add_argument(
-        "--lesion-wise", action="store_true",
+        "--lesion-wise",
+        action="store_true",
         help="also compute the BraTS 2023+ lesion-wise metrics per region (tp, fp, fn, sq_dsc, pq_dsc, sq_hd95; "
-        "panoptica configured as the official BraTS evaluation; needs pip install \"emrfuse[lesion]\"; "
+        'panoptica configured as the official BraTS evaluation; needs pip install "emrfuse[lesion]"; '
         "about a second per full-size case)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -646,12 +682,22 @@ def run(args: argparse.Namespace) -> int:
         if s[side]["requested"] == AUTO:
             print(f"{side.replace('_', ' ')}: {s[side]['used']} ({s[side]['note']})", file=sys.stderr)
     if s["missing_predictions"]:
-        how = "scored as empty predictions" if s["missing_counted_as_empty"] else "NOT scored (use --missing-as-empty to count them)"
-        print(f"warning: {len(s['missing_predictions'])} reference case(s) without a prediction, {how}: "
-              f"{', '.join(s['missing_predictions'])}", file=sys.stderr)
+        how = (
+            "scored as empty predictions"
+            if s["missing_counted_as_empty"]
+            else "NOT scored (use --missing-as-empty to count them)"
+        )
+        print(
+            f"warning: {len(s['missing_predictions'])} reference case(s) without a prediction, {how}: "
+            f"{', '.join(s['missing_predictions'])}",
+            file=sys.stderr,
+        )
     if s["unmatched_predictions"]:
-        print(f"warning: {len(s['unmatched_predictions'])} prediction(s) without a reference, not scored: "
-              f"{', '.join(s['unmatched_predictions'])}", file=sys.stderr)
+        print(
+            f"warning: {len(s['unmatched_predictions'])} prediction(s) without a reference, not scored: "
+            f"{', '.join(s['unmatched_predictions'])}",
+            file=sys.stderr,
+        )
     for skipped in s["skipped"]:
         print(f"warning: skipped case {skipped['case_id']}: {skipped['reason']}", file=sys.stderr)
     for warning in report.warnings:

@@ -35,10 +35,17 @@ def preset_parts(name: str) -> str:
     """The parts a preset switches on, in words (for table captions): e.g. ``"image; report (...); alignment"``."""
     switches = ABLATION_PRESETS[name]
     parts = ["image"] if switches.get(MODALITY_SWITCH, True) else []
-    order = ("use_text", "use_alignment", "use_self_attention", "use_residual", "use_dynamic_weighting",
-             CROSS_ATTENTION_SWITCH)
+    order = (
+        "use_text",
+        "use_alignment",
+        "use_self_attention",
+        "use_residual",
+        "use_dynamic_weighting",
+        CROSS_ATTENTION_SWITCH,
+    )
     parts += [PRESET_PARTS[k] for k in order if switches.get(k)]
     return "; ".join(parts)
+
 
 TABLE1_ROWS: list[tuple[str, str]] = [
     ("image_only", "Single-modality Image (ResNet-50)"),
@@ -97,7 +104,8 @@ to the held-out cases' predicted maps): what the segmentation alone grades."""
 REFERENCE_PRESET = "full"
 """The complete model: every row's paired per-case differences are taken against it."""
 DIFFERENCE_COLUMNS = [(f"dice_{r}", f"Δ Dice {r} vs complete (pts)", 100.0) for r in REGIONS] + [
-    ("grading", "Δ Grading vs complete (pts)", 100.0)]
+    ("grading", "Δ Grading vs complete (pts)", 100.0)
+]
 """Per-case values compared between a row and the complete model (``case_values`` keys, title, scale)."""
 
 
@@ -135,8 +143,10 @@ def row_differences(rows: Sequence[Tuple], reference: str = REFERENCE_PRESET) ->
     for row in rows:
         if len(row) < 4 or row[0] == reference:
             continue
-        out[row[0]] = {key: paired_difference([c[key] for c in row[3]], [c[key] for c in ref[3]])
-                       for key, _, _ in DIFFERENCE_COLUMNS}
+        out[row[0]] = {
+            key: paired_difference([c[key] for c in row[3]], [c[key] for c in ref[3]])
+            for key, _, _ in DIFFERENCE_COLUMNS
+        }
     return out
 
 
@@ -146,14 +156,23 @@ def differences_sentence(rows: Sequence[Tuple], differences: Mapping[str, Mappin
         return ""
     labels = {r[0]: r[1] for r in rows}
     titles = {key: title.split(" vs ")[0].replace("Δ ", "") for key, title, _ in DIFFERENCE_COLUMNS}
-    found = [f"{labels[p]} ({titles[k]} {d.mean * 100:+.1f} pts)" for p, ds in differences.items()
-             for k, d in ds.items() if d.excludes_zero]
+    found = [
+        f"{labels[p]} ({titles[k]} {d.mean * 100:+.1f} pts)"
+        for p, ds in differences.items()
+        for k, d in ds.items()
+        if d.excludes_zero
+    ]
     if not found:
-        return ("No row differs measurably from the complete model: every paired 95 % interval over cases (Δ columns) "
-                "includes zero.")
-    return ("Differences to the complete model whose paired 95 % interval over cases excludes zero (*): "
-            + "; ".join(found) + ". Every other difference is within what the choice of cases explains "
-            "(no correction for the number of comparisons).")
+        return (
+            "No row differs measurably from the complete model: every paired 95 % interval over cases (Δ columns) "
+            "includes zero."
+        )
+    return (
+        "Differences to the complete model whose paired 95 % interval over cases excludes zero (*): "
+        + "; ".join(found)
+        + ". Every other difference is within what the choice of cases explains "
+        "(no correction for the number of comparisons)."
+    )
 
 
 def row_numbers(summary: Mapping[str, Any]) -> Dict[str, float]:
@@ -235,8 +254,11 @@ def format_ablation_table(
     for preset, label, runs, *_ in rows:
         cells = [_cell([n.get(key, float("nan")) for n in runs], scale) for key, _, scale in columns]
         for key, _, scale in diff_columns:
-            cells.append("(reference)" if preset == REFERENCE_PRESET else
-                         format_difference(differences.get(preset, {}).get(key), scale=scale))
+            cells.append(
+                "(reference)"
+                if preset == REFERENCE_PRESET
+                else format_difference(differences.get(preset, {}).get(key), scale=scale)
+            )
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     sentence = differences_sentence(rows, differences)
     if sentence:

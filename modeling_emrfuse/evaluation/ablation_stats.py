@@ -16,8 +16,14 @@ import numpy as np
 
 from .metrics import bootstrap_mean_ci
 
-__all__ = ["SeedInterval", "PairedDifference", "seed_mean_ci", "paired_difference", "format_interval",
-           "format_difference"]
+__all__ = [
+    "SeedInterval",
+    "PairedDifference",
+    "seed_mean_ci",
+    "paired_difference",
+    "format_interval",
+    "format_difference",
+]
 
 
 @dataclass(frozen=True)
@@ -46,8 +52,13 @@ class PairedDifference:
         return bool(self.n_cases > 1 and (self.low > 0 or self.high < 0))
 
     def to_dict(self) -> Dict[str, object]:
-        return {"mean": self.mean, "ci95_low": self.low, "ci95_high": self.high, "n_cases": self.n_cases,
-                "excludes_zero": self.excludes_zero}
+        return {
+            "mean": self.mean,
+            "ci95_low": self.low,
+            "ci95_high": self.high,
+            "n_cases": self.n_cases,
+            "excludes_zero": self.excludes_zero,
+        }
 
 
 def seed_mean_ci(values: Sequence[float], confidence: float = 0.95) -> SeedInterval:
@@ -84,8 +95,13 @@ def _case_means(per_seed: Sequence[Mapping[str, float]]) -> Dict[str, float]:
     return {case: sums[case] / counts[case] for case in sums}
 
 
-def paired_difference(row: Sequence[Mapping[str, float]], reference: Sequence[Mapping[str, float]],
-                      confidence: float = 0.95, n_resamples: int = 10000, seed: int = 0) -> PairedDifference:
+def paired_difference(
+    row: Sequence[Mapping[str, float]],
+    reference: Sequence[Mapping[str, float]],
+    confidence: float = 0.95,
+    n_resamples: int = 10000,
+    seed: int = 0,
+) -> PairedDifference:
     """Paired per-case difference between two ablation rows.
 
     ``row`` and ``reference``: one ``{case id: value}`` per seed (e.g. a case's WT Dice, or 1/0 for a correctly /
@@ -118,5 +134,4 @@ def format_difference(diff: Optional[PairedDifference], scale: float = 1.0, digi
     if diff is None or diff.n_cases == 0:
         return "n/a"
     mark = "*" if diff.excludes_zero else ""
-    return (f"{diff.mean * scale:+.{digits}f} [{diff.low * scale:+.{digits}f}, {diff.high * scale:+.{digits}f}]"
-            f"{mark}")
+    return f"{diff.mean * scale:+.{digits}f} [{diff.low * scale:+.{digits}f}, {diff.high * scale:+.{digits}f}]{mark}"

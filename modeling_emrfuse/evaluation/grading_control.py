@@ -19,7 +19,14 @@ import numpy as np
 
 from ..brats_labels import GRADES, get_label_convention
 
-__all__ = ["enhancing_fraction", "ThresholdControl", "fit_threshold", "grading_control", "control_from_features", "FEATURE"]
+__all__ = [
+    "enhancing_fraction",
+    "ThresholdControl",
+    "fit_threshold",
+    "grading_control",
+    "control_from_features",
+    "FEATURE",
+]
 
 FEATURE = "enhancing_fraction"
 """Name of the control's feature in reports: ET voxels / whole-tumour voxels."""
@@ -127,8 +134,14 @@ def fit_threshold(features: Sequence[float], grades: Sequence[Any], labels: Sequ
                 best = (bacc, float(t), lgg_below)
     bacc, t, lgg_below = best  # type: ignore[misc]
     fallback = int(np.mean(y == 1) > 0.5)
-    return ThresholdControl(threshold=t, lgg_below=lgg_below, scale=max(float(np.std(x)), 1e-6),
-                            train_balanced_accuracy=bacc, fallback=fallback, n_train=int(x.size))
+    return ThresholdControl(
+        threshold=t,
+        lgg_below=lgg_below,
+        scale=max(float(np.std(x)), 1e-6),
+        train_balanced_accuracy=bacc,
+        fallback=fallback,
+        n_train=int(x.size),
+    )
 
 
 def grading_control(
@@ -192,4 +205,3 @@ def control_from_features(
         "scores": [float(s) for s in scores],
         "metrics": metrics,
     }
-

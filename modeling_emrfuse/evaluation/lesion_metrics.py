@@ -21,7 +21,13 @@ import numpy as np
 
 from ..brats_labels import REGIONS
 
-__all__ = ["LESION_METRICS", "LESION_COUNTS", "LesionMetricsUnavailable", "brats_lesion_evaluator", "lesion_wise_metrics"]
+__all__ = [
+    "LESION_METRICS",
+    "LESION_COUNTS",
+    "LesionMetricsUnavailable",
+    "brats_lesion_evaluator",
+    "lesion_wise_metrics",
+]
 
 LESION_METRICS: Tuple[str, ...] = ("tp", "fp", "fn", "sq_dsc", "pq_dsc", "sq_hd95")
 """Lesion-wise metrics per region, in reporting order (panoptica's result names)."""
@@ -73,8 +79,10 @@ def brats_lesion_evaluator():
 
     def zero_tp(result):
         return ZeroTP(
-            empty_prediction_result=result, empty_reference_result=result,
-            no_instances_result=EdgeCaseResult.NAN, normal=result,
+            empty_prediction_result=result,
+            empty_reference_result=result,
+            no_instances_result=EdgeCaseResult.NAN,
+            normal=result,
         )
 
     return panoptica.Panoptica_Evaluator(
@@ -82,7 +90,10 @@ def brats_lesion_evaluator():
         instance_approximator=panoptica.ConnectedComponentsInstanceApproximator(cca_backend=None),
         instance_matcher=panoptica.MaxBipartiteMatching(matching_metric=metric.DSC, matching_threshold=1e-6),
         edge_case_handler=EdgeCaseHandler(
-            listmetric_zeroTP_handling={metric.DSC: zero_tp(EdgeCaseResult.ZERO), metric.HD95: zero_tp(EdgeCaseResult.INF)},
+            listmetric_zeroTP_handling={
+                metric.DSC: zero_tp(EdgeCaseResult.ZERO),
+                metric.HD95: zero_tp(EdgeCaseResult.INF),
+            },
             empty_list_std=EdgeCaseResult.NAN,
         ),
         segmentation_class_groups=SegmentationClassGroups({GROUP: LabelGroup([1], single_instance=False)}),

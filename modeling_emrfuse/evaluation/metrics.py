@@ -404,7 +404,9 @@ def _class_ids(y: Any, labels: Sequence[str], name: str) -> np.ndarray:
         lookup = {str(lab): i for i, lab in enumerate(labels)}
         bad = sorted({str(v) for v in arr.tolist() if str(v) not in lookup})
         if bad:
-            raise ValueError(f"{name}: unknown class names {bad}; expected names from {list(labels)} or ids 0..{k - 1}.")
+            raise ValueError(
+                f"{name}: unknown class names {bad}; expected names from {list(labels)} or ids 0..{k - 1}."
+            )
         return np.asarray([lookup[str(v)] for v in arr.tolist()], dtype=np.int64)
     if arr.size == 0:
         return arr.astype(np.int64)

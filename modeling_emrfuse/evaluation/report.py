@@ -96,7 +96,9 @@ def lesion_stats(values: Sequence[float], count: bool = False) -> Dict[str, floa
 
 def has_lesion_metrics(per_case: Sequence[Mapping[str, Any]]) -> bool:
     """True when the rows carry the lesion-wise columns (``WT_pq_dsc``, ...)."""
-    return bool(per_case) and all(metric_column(r, m) in row for row in per_case for r in REGIONS for m in LESION_METRICS)
+    return bool(per_case) and all(
+        metric_column(r, m) in row for row in per_case for r in REGIONS for m in LESION_METRICS
+    )
 
 
 def summarize_segmentation(per_case: Sequence[Mapping[str, Any]]) -> Dict[str, Dict[str, Any]]:
@@ -116,7 +118,9 @@ def summarize_segmentation(per_case: Sequence[Mapping[str, Any]]) -> Dict[str, D
     over the three regions (the single number the paper's tables report).
     """
     per_case = list(per_case)
-    summary: Dict[str, Dict[str, Any]] = {r: dict(v) for r, v in aggregate(per_case, regions=REGIONS, metrics=METRICS).items()}
+    summary: Dict[str, Dict[str, Any]] = {
+        r: dict(v) for r, v in aggregate(per_case, regions=REGIONS, metrics=METRICS).items()
+    }
     lesions = has_lesion_metrics(per_case)
     for region in REGIONS:
         summary[region].update(region_presence(per_case, region))
@@ -196,7 +200,9 @@ def _grading_cells(grading: Mapping[str, Any]) -> List[str]:
         if value is None or (isinstance(value, float) and math.isnan(value)):
             cells.append("n/a")
         else:
-            cells.append(f"{float(value):.3f}" if metric in GRADING_CALIBRATION_METRICS else f"{100 * float(value):.1f}")
+            cells.append(
+                f"{float(value):.3f}" if metric in GRADING_CALIBRATION_METRICS else f"{100 * float(value):.1f}"
+            )
     cm = grading.get("confusion_matrix")
     cells.append(str(np.asarray(cm).tolist()) if cm is not None else "n/a")
     return cells
@@ -206,8 +212,10 @@ def format_grading_table(grading: Mapping[str, Any], control: Optional[Mapping[s
     """Markdown table of the grading metrics (accuracy, balanced accuracy, ROC AUC, F1 in %; log loss and Brier score,
     lower is better, of the predicted probabilities; confusion matrix), with a second row for the enhancing-fraction
     control when ``control`` (a ``grading_control`` summary entry with ``metrics``) is given."""
-    lines = ["| Grades from | Accuracy | Balanced accuracy | ROC AUC | F1 | Log loss | Brier | Confusion matrix (rows true, cols pred) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| Grades from | Accuracy | Balanced accuracy | ROC AUC | F1 | Log loss | Brier | Confusion matrix (rows true, cols pred) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     lines.append("| EmrFuse | " + " | ".join(_grading_cells(grading)) + " |")
     if control and control.get("metrics"):
         rule = control.get("rule") or {}
@@ -284,7 +292,11 @@ def _json_default(obj: Any) -> Any:
 
 
 def plot_embeddings_pca(
-    embeddings: np.ndarray, grades: Sequence[Optional[str]], path: str | Path, *, title: str = "Fused case embeddings (PCA)"
+    embeddings: np.ndarray,
+    grades: Sequence[Optional[str]],
+    path: str | Path,
+    *,
+    title: str = "Fused case embeddings (PCA)",
 ) -> Optional[Path]:
     """Project the fused case embeddings ``(n_cases, d)`` to 2D with PCA and scatter them coloured by grade.
 
@@ -310,7 +322,9 @@ def plot_embeddings_pca(
     labels = [g if g else "unknown" for g in grades]
     for label in sorted(set(labels)):
         idx = [i for i, g in enumerate(labels) if g == label]
-        ax.scatter(xy[idx, 0], xy[idx, 1], s=36, alpha=0.85, c=colours.get(label, "tab:gray"), label=f"{label} (n={len(idx)})")
+        ax.scatter(
+            xy[idx, 0], xy[idx, 1], s=36, alpha=0.85, c=colours.get(label, "tab:gray"), label=f"{label} (n={len(idx)})"
+        )
     ratio = pca.explained_variance_ratio_
     ax.set_xlabel(f"PC 1 ({100 * ratio[0]:.0f} % variance)")
     ax.set_ylabel(f"PC 2 ({100 * ratio[1]:.0f} % variance)" if len(ratio) > 1 else "PC 2")
@@ -323,7 +337,9 @@ def plot_embeddings_pca(
     return path
 
 
-def plot_dice_boxplot(per_case: Sequence[Mapping[str, Any]], path: str | Path, *, title: str = "Per-case Dice") -> Optional[Path]:
+def plot_dice_boxplot(
+    per_case: Sequence[Mapping[str, Any]], path: str | Path, *, title: str = "Per-case Dice"
+) -> Optional[Path]:
     """Box plot of per-case Dice, one box per region (WT, TC, ET), individual cases overlaid."""
     import matplotlib
 
@@ -384,7 +400,9 @@ def write_evaluation_report(
     head = [f"# {title}", ""] + [f"- {line}" for line in header_lines] + ([""] if header_lines else [])
     paths["markdown"].write_text("\n".join(head) + format_results_markdown(summary) + "\n", encoding="utf-8")
     if embeddings is not None and len(embeddings) >= 2:
-        p = plot_embeddings_pca(embeddings, embedding_grades or [None] * len(embeddings), out_dir / "embeddings_pca.png")
+        p = plot_embeddings_pca(
+            embeddings, embedding_grades or [None] * len(embeddings), out_dir / "embeddings_pca.png"
+        )
         if p is not None:
             paths["embeddings"] = p
     if summary.get("segmentation"):

@@ -14,7 +14,17 @@ from ..brats_labels import REGIONS
 from ..evaluation.report import METRIC_NAMES
 
 PIPELINE_TAGS = {"segmentation": "image-segmentation", "classification": "image-classification"}
-BASE_TAGS = ["emrfuse", "medical-imaging", "brain-tumor", "glioma", "brats", "mri", "radiology-report", "multimodal", "custom_code"]
+BASE_TAGS = [
+    "emrfuse",
+    "medical-imaging",
+    "brain-tumor",
+    "glioma",
+    "brats",
+    "mri",
+    "radiology-report",
+    "multimodal",
+    "custom_code",
+]
 MODEL_CLASSES = {"segmentation": "EmrFuseForSegmentation", "classification": "EmrFuseForImageClassification"}
 AUTO_CLASSES = {"segmentation": "AutoModelForSemanticSegmentation", "classification": "AutoModelForImageClassification"}
 
@@ -107,25 +117,31 @@ def build_model_card(
 # {title}
 
 EmrFuse reads a brain MRI study (T1, T1ce, T2, FLAIR) together with its radiology report and
-{'segments the tumour sub-regions (whole tumour WT, tumour core TC, enhancing tumour ET)' if task == 'segmentation' else 'grades the glioma (HGG vs LGG, one prediction per case)'}.
+{"segments the tumour sub-regions (whole tumour WT, tumour core TC, enhancing tumour ET)" if task == "segmentation" else "grades the glioma (HGG vs LGG, one prediction per case)"}.
 {_towers_sentence(text_model, vision_model, cls)}
 
 > **Research use only. This is not a medical device** and must not be used for diagnosis,
-> treatment planning or any clinical decision.{' It was trained on SYNTHETIC demo data and says nothing about real patients.' if synthetic else ''}
+> treatment planning or any clinical decision.{" It was trained on SYNTHETIC demo data and says nothing about real patients." if synthetic else ""}
 """
     body += _usage_section(task, repo_id or "path/to/this/folder")
     body += _evaluation_and_training_sections(task, summary, results_markdown, training_config, data, train_command)
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n" + body)
 
 
-def _card_data(task: str, model_name: str, summary: Mapping[str, Any], data: Mapping[str, Any], text_model: Optional[str]):
+def _card_data(
+    task: str, model_name: str, summary: Mapping[str, Any], data: Mapping[str, Any], text_model: Optional[str]
+):
     """The card's Hub metadata: pipeline tag, tags, datasets, metrics, ``model-index`` results, base model."""
     from huggingface_hub import ModelCardData
 
     synthetic = bool(data.get("synthetic"))
     dataset_name = str(data.get("name", "BraTS"))
     dataset_type = "synthetic-brats-demo" if synthetic else str(data.get("type", "brats"))
-    tags = BASE_TAGS + ([task] if task == "segmentation" else ["tumor-grading"]) + (["synthetic-data", "demo"] if synthetic else [])
+    tags = (
+        BASE_TAGS
+        + ([task] if task == "segmentation" else ["tumor-grading"])
+        + (["synthetic-data", "demo"] if synthetic else [])
+    )
     return ModelCardData(
         library_name="transformers",
         pipeline_tag=PIPELINE_TAGS[task],
@@ -230,14 +246,14 @@ a prediction (the output's `has_report` says so). Outputs also carry `alpha_text
 
 ## Training configuration
 
-{('Command: `' + train_command + '`' + chr(10) + chr(10)) if train_command else ''}| argument | value |
+{("Command: `" + train_command + "`" + chr(10) + chr(10)) if train_command else ""}| argument | value |
 |---|---|
 {config_rows}
 
 ## Limitations
 
 - Research use only; **not a medical device**; not validated for any clinical use.
-- {'Trained and evaluated on synthetic demo volumes and synthetic reports: the numbers above show that the pipeline learns, not how it would perform on patients.' if synthetic else 'Trained on the data described above only; performance on other scanners, protocols, populations or report styles is unknown.'}
+- {"Trained and evaluated on synthetic demo volumes and synthetic reports: the numbers above show that the pipeline learns, not how it would perform on patients." if synthetic else "Trained on the data described above only; performance on other scanners, protocols, populations or report styles is unknown."}
 - Expects skull-stripped, co-registered 4-sequence MRI on the BraTS grid (1 mm isotropic); other
   spacings are not resampled.
 - The report must describe the same study; a report that contradicts the images can mislead the model.

@@ -32,7 +32,9 @@ def _read_config_json(folder: Path) -> Optional[dict]:
         return None
 
 
-def add_pipeline_to_folder(folder: Union[str, os.PathLike], grading_model: Optional[Union[str, os.PathLike]] = None) -> Path:
+def add_pipeline_to_folder(
+    folder: Union[str, os.PathLike], grading_model: Optional[Union[str, os.PathLike]] = None
+) -> Path:
     """Make a saved model folder runnable with ``transformers.pipeline(model=folder, trust_remote_code=True)``.
 
     Adds the ``glioma-analysis`` entry to ``config.custom_pipelines`` and copies the pipeline's code files

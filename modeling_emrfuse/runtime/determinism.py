@@ -51,8 +51,13 @@ class DeterminismReport:
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-able summary (without the previous settings)."""
-        return {"seed": self.seed, "threads": self.threads, "interop_threads": self.interop_threads,
-                "settings": dict(self.settings), "not_deterministic": list(self.not_deterministic)}
+        return {
+            "seed": self.seed,
+            "threads": self.threads,
+            "interop_threads": self.interop_threads,
+            "settings": dict(self.settings),
+            "not_deterministic": list(self.not_deterministic),
+        }
 
     def restore(self) -> None:
         """Put back the deterministic-algorithm, cuDNN and intra-op thread settings found before the call."""
@@ -82,8 +87,10 @@ def _set_cublas(torch, notes: List[str]) -> str:
     value = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     if value not in (":4096:8", ":16:8"):
         if _cuda_started(torch):
-            notes.append("cuBLAS: CUDA was started before CUBLAS_WORKSPACE_CONFIG was set; set it in the "
-                         f"environment (CUBLAS_WORKSPACE_CONFIG={CUBLAS_WORKSPACE}) or call this before any CUDA use")
+            notes.append(
+                "cuBLAS: CUDA was started before CUBLAS_WORKSPACE_CONFIG was set; set it in the "
+                f"environment (CUBLAS_WORKSPACE_CONFIG={CUBLAS_WORKSPACE}) or call this before any CUDA use"
+            )
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE
         value = CUBLAS_WORKSPACE
     return value
@@ -91,8 +98,10 @@ def _set_cublas(torch, notes: List[str]) -> str:
 
 def _set_threads(torch, threads: Optional[int], interop_threads: Optional[int], notes: List[str]) -> None:
     if threads is None:
-        notes.append(f"thread count: not fixed by the caller ({torch.get_num_threads()} intra-op threads in use); "
-                     "the same figures need the same count")
+        notes.append(
+            f"thread count: not fixed by the caller ({torch.get_num_threads()} intra-op threads in use); "
+            "the same figures need the same count"
+        )
     else:
         if int(threads) < 1:
             raise ValueError(f"threads must be >= 1, got {threads}.")
@@ -101,8 +110,10 @@ def _set_threads(torch, threads: Optional[int], interop_threads: Optional[int], 
         try:
             torch.set_num_interop_threads(int(interop_threads))
         except RuntimeError:  # torch allows it only once, before any inter-op parallel work
-            notes.append(f"inter-op threads: already fixed at {torch.get_num_interop_threads()} by earlier parallel "
-                         f"work (asked {interop_threads}); set them at the start of the process")
+            notes.append(
+                f"inter-op threads: already fixed at {torch.get_num_interop_threads()} by earlier parallel "
+                f"work (asked {interop_threads}); set them at the start of the process"
+            )
 
 
 def make_deterministic(
@@ -133,10 +144,13 @@ def make_deterministic(
     """
     import torch
 
-    previous = {"deterministic": torch.are_deterministic_algorithms_enabled(),
-                "warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
-                "cudnn_deterministic": torch.backends.cudnn.deterministic,
-                "cudnn_benchmark": torch.backends.cudnn.benchmark, "threads": torch.get_num_threads()}
+    previous = {
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
+        "cudnn_deterministic": torch.backends.cudnn.deterministic,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "threads": torch.get_num_threads(),
+    }
     notes: List[str] = []
     cublas = _set_cublas(torch, notes)
     _set_threads(torch, threads, interop_threads, notes)
@@ -145,15 +159,29 @@ def make_deterministic(
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
     if warn_only:
-        notes.append("ops without a deterministic implementation (mostly CUDA backward kernels, e.g. index_add_, "
-                     "scatter_add_, adaptive pooling) run anyway and torch warns naming them")
+        notes.append(
+            "ops without a deterministic implementation (mostly CUDA backward kernels, e.g. index_add_, "
+            "scatter_add_, adaptive pooling) run anyway and torch warns naming them"
+        )
     if os.environ.get("PYTHONHASHSEED") in (None, "random"):
-        notes.append("Python's str hashing (set and dict-of-str order): fixed only by PYTHONHASHSEED in the "
-                     "environment before Python starts")
+        notes.append(
+            "Python's str hashing (set and dict-of-str order): fixed only by PYTHONHASHSEED in the "
+            "environment before Python starts"
+        )
     notes.extend(ALWAYS_NOT_DETERMINISTIC)
-    settings = {"use_deterministic_algorithms": True, "warn_only": warn_only, "cudnn.deterministic": True,
-                "cudnn.benchmark": False, "CUBLAS_WORKSPACE_CONFIG": cublas,
-                "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED")}
-    return DeterminismReport(seed=int(seed), threads=torch.get_num_threads(),
-                             interop_threads=torch.get_num_interop_threads(), settings=settings,
-                             not_deterministic=notes, previous=previous)
+    settings = {
+        "use_deterministic_algorithms": True,
+        "warn_only": warn_only,
+        "cudnn.deterministic": True,
+        "cudnn.benchmark": False,
+        "CUBLAS_WORKSPACE_CONFIG": cublas,
+        "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED"),
+    }
+    return DeterminismReport(
+        seed=int(seed),
+        threads=torch.get_num_threads(),
+        interop_threads=torch.get_num_interop_threads(),
+        settings=settings,
+        not_deterministic=notes,
+        previous=previous,
+    )

@@ -47,14 +47,21 @@ def json_ready(obj: Any) -> Any:
     return obj  # left to ``default`` (or a TypeError from json)
 
 
-def dumps(obj: Any, *, indent: Optional[int] = None, sort_keys: bool = False,
-          default: Optional[Callable[[Any], Any]] = None) -> str:
+def dumps(
+    obj: Any, *, indent: Optional[int] = None, sort_keys: bool = False, default: Optional[Callable[[Any], Any]] = None
+) -> str:
     """Strict ``json.dumps`` (values through :func:`json_ready`): ``NaN`` -> ``null``, ``allow_nan=False``."""
     return json.dumps(json_ready(obj), indent=indent, sort_keys=sort_keys, default=default, allow_nan=False)
 
 
-def write_json(path: Union[str, os.PathLike], obj: Any, *, indent: Optional[int] = 2, sort_keys: bool = False,
-               default: Optional[Callable[[Any], Any]] = None) -> Path:
+def write_json(
+    path: Union[str, os.PathLike],
+    obj: Any,
+    *,
+    indent: Optional[int] = 2,
+    sort_keys: bool = False,
+    default: Optional[Callable[[Any], Any]] = None,
+) -> Path:
     """Write ``obj`` as strict JSON (plus a final newline) to ``path``; returns the path.
 
     The text goes to a temporary file in the same folder, which is then renamed onto ``path`` (``os.replace``,

@@ -48,17 +48,28 @@ def ablation_caption(table: str, settings: TrainingSettings, run: RunData, seeds
         f"{TABLE_TITLES[table]} on {'SYNTHETIC DEMO DATA' if run.synthetic else run.description['name']}: "
         f"{len(run.train_cases)} training / {len(run.eval_cases)} held-out cases, {schedule.max_steps or schedule.num_epochs} "
         f"{'steps' if schedule.max_steps else 'epochs'} per run, seeds {list(seeds)}, vision {vision}. "
-        "Parts of each row: " + "; ".join(
+        "Parts of each row: "
+        + "; ".join(
             f"{label.replace('(ResNet-50)', f'({vision})')}: "
             f"{preset_parts(SHUFFLED_REPORTS_PRESET if preset == shuffled else preset)}"
             + (", reports shuffled across cases" if preset == shuffled else "")
             for preset, label in table_rows(table)
-        ) + "."
+        )
+        + "."
     )
 
 
-def run_ablation(table: str, settings: TrainingSettings, accelerator, run: RunData, *, plan: List[PlannedStage],
-                 output_dir: Path, seeds: Sequence[int], command: Optional[str] = None) -> Dict[str, Any]:
+def run_ablation(
+    table: str,
+    settings: TrainingSettings,
+    accelerator,
+    run: RunData,
+    *,
+    plan: List[PlannedStage],
+    output_dir: Path,
+    seeds: Sequence[int],
+    command: Optional[str] = None,
+) -> Dict[str, Any]:
     """Train + evaluate every row of the paper's Table 1 or Table 3 (same data, seeds, budget).
 
     Writes ``<output_dir>/ablation-<table>/<table>.md`` (paper format, mean ± 95 % confidence interval
@@ -82,16 +93,34 @@ def run_ablation(table: str, settings: TrainingSettings, accelerator, run: RunDa
         runs, per_case = [], []
         for seed in seeds:
             run_dir = out_dir / f"{preset}-seed{seed}"
-            summary = run_stages(plan, settings, accelerator, row_run, output_dir=run_dir, switches=dict(switches), seed=seed,
-                                 save_model=False, use_trackers=False, desc=f"{preset} seed {seed}: ")
+            summary = run_stages(
+                plan,
+                settings,
+                accelerator,
+                row_run,
+                output_dir=run_dir,
+                switches=dict(switches),
+                seed=seed,
+                save_model=False,
+                use_trackers=False,
+                desc=f"{preset} seed {seed}: ",
+            )
             runs.append(row_numbers(summary))
             per_case.append(case_values(run_dir))  # for the paired differences to the complete model
-            accelerator.print(f"ablation {table} | {label} | seed {seed} | " + ", ".join(f"{k} {v:.3f}" for k, v in runs[-1].items()))
+            accelerator.print(
+                f"ablation {table} | {label} | seed {seed} | " + ", ".join(f"{k} {v:.3f}" for k, v in runs[-1].items())
+            )
         rows.append((preset, label, runs, per_case))
     caption = ablation_caption(table, settings, run, seeds)
-    result = {"table": table, "markdown": format_ablation_table(table, rows, caption=caption), "seconds": round(time.perf_counter() - t0, 1)}
+    result = {
+        "table": table,
+        "markdown": format_ablation_table(table, rows, caption=caption),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     if accelerator.is_main_process:
-        paths = write_ablation_report(out_dir, table, rows, caption=caption, extra={"command": command, "seconds": result["seconds"]})
+        paths = write_ablation_report(
+            out_dir, table, rows, caption=caption, extra={"command": command, "seconds": result["seconds"]}
+        )
         result.update({k: str(v) for k, v in paths.items()})
         accelerator.print(result["markdown"])
         accelerator.print(f"ablation table: {paths['markdown']}  chart: {paths['chart']}")

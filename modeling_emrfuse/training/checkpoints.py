@@ -103,8 +103,8 @@ def _numbered_checkpoints(output_dir: str | Path) -> List[Path]:
         return []
     found = []
     for d in root.iterdir():
-        if d.is_dir() and d.name.startswith(CHECKPOINT_PREFIX) and d.name[len(CHECKPOINT_PREFIX):].isdigit():
-            found.append((int(d.name[len(CHECKPOINT_PREFIX):]), d))
+        if d.is_dir() and d.name.startswith(CHECKPOINT_PREFIX) and d.name[len(CHECKPOINT_PREFIX) :].isdigit():
+            found.append((int(d.name[len(CHECKPOINT_PREFIX) :]), d))
     return [d for _, d in sorted(found)]
 
 
@@ -113,7 +113,11 @@ def list_checkpoints(output_dir: str | Path) -> List[Path]:
 
     Temporary folders of a save that was interrupted are never listed.
     """
-    return [d for d in _numbered_checkpoints(output_dir) if (d / TRAINING_STATE_NAME).is_file() and checkpoint_problem(d) is None]
+    return [
+        d
+        for d in _numbered_checkpoints(output_dir)
+        if (d / TRAINING_STATE_NAME).is_file() and checkpoint_problem(d) is None
+    ]
 
 
 def resolve_checkpoint(resume: Optional[str], output_dir: str | Path) -> Optional[Path]:
@@ -135,8 +139,10 @@ def resolve_checkpoint(resume: Optional[str], output_dir: str | Path) -> Optiona
         raise CheckpointError(f"--resume_from_checkpoint {path}: not a complete checkpoint (no {TRAINING_STATE_NAME}).")
     problem = checkpoint_problem(path)
     if problem:
-        raise CheckpointError(f"--resume_from_checkpoint {path}: damaged checkpoint: {problem}; resume from another "
-                              "checkpoint (e.g. 'latest', which passes over damaged ones).")
+        raise CheckpointError(
+            f"--resume_from_checkpoint {path}: damaged checkpoint: {problem}; resume from another "
+            "checkpoint (e.g. 'latest', which passes over damaged ones)."
+        )
     return path
 
 
@@ -159,7 +165,9 @@ def _move_into_place(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, state: Dict[str, Any], total_limit: Optional[int] = None) -> Path:
+def save_checkpoint(
+    accelerator, output_dir: str | Path, state: Dict[str, Any], total_limit: Optional[int] = None
+) -> Path:
     """Save a resumable checkpoint atomically.
 
     Every process writes into ``checkpoints/.tmp-checkpoint-<step>`` (``Accelerator.save_state``:
@@ -220,22 +228,33 @@ def load_checkpoint(accelerator, path: Path) -> Dict[str, Any]:
     except Exception as exc:
         raise CheckpointError(f"cannot resume from {path}: {type(exc).__name__}: {exc}") from exc
     if rng_problem:
-        logger.warning(f"resumed from {path} without its random state: {rng_problem}; the run will not repeat the "
-                       "uninterrupted run exactly.")
+        logger.warning(
+            f"resumed from {path} without its random state: {rng_problem}; the run will not repeat the "
+            "uninterrupted run exactly."
+        )
     return json.loads((path / TRAINING_STATE_NAME).read_text())
 
 
 def start_or_resume(accelerator, resume: Optional[str], output_dir: Path, task: str, desc: str) -> Dict[str, Any]:
     """The loop's state: fresh (step 0; the evaluation history starts afresh), or from the checkpoint ``resume``
     names (a folder or ``latest``; model, optimizer, scheduler and RNG states are restored by accelerate)."""
-    state: Dict[str, Any] = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "best_metric": None, "best_step": None, "task": task}
+    state: Dict[str, Any] = {
+        "global_step": 0,
+        "epoch": 0,
+        "batches_in_epoch": 0,
+        "best_metric": None,
+        "best_step": None,
+        "task": task,
+    }
     checkpoint = resolve_checkpoint(resume, output_dir)
     if checkpoint is not None:
         saved_task = json.loads((checkpoint / TRAINING_STATE_NAME).read_text()).get("task", task)
         if saved_task != task:
             raise CheckpointError(f"{checkpoint}: a {saved_task} checkpoint cannot resume a {task} run.")
         state = load_checkpoint(accelerator, checkpoint)
-        logger.info(f"{desc}: resumed from {checkpoint} (step {state['global_step']}, epoch {state['epoch']}, batch {state['batches_in_epoch']})")
+        logger.info(
+            f"{desc}: resumed from {checkpoint} (step {state['global_step']}, epoch {state['epoch']}, batch {state['batches_in_epoch']})"
+        )
         return state
     if resume:
         logger.info(f"{desc}: no checkpoint in {checkpoint_root(output_dir)}; starting from step 0")

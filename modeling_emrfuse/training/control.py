@@ -16,8 +16,9 @@ FITTED_ON = "reference label maps of the training cases"
 APPLIED_TO = "predicted label maps of the held-out cases"
 
 
-def run_grading_control(run, held_out_features: Mapping[str, float],
-                        labels: Sequence[str] = GRADES) -> Optional[Dict[str, Any]]:
+def run_grading_control(
+    run, held_out_features: Mapping[str, float], labels: Sequence[str] = GRADES
+) -> Optional[Dict[str, Any]]:
     """The control of ``run``: fitted on ``run.train_cases`` (reference maps), scored on the held-out cases in
     ``held_out_features`` (case id -> enhancing fraction of the predicted map) that have a grade.
 
@@ -32,13 +33,21 @@ def run_grading_control(run, held_out_features: Mapping[str, float],
     train_x = [enhancing_fraction(c.label, c.label_convention) for c in train]
     test_x = [held_out_features[c.case_id] for c in test]
     try:
-        result = control_from_features(train_x, [c.grade for c in train], test_x, [c.grade for c in test], labels=labels)
+        result = control_from_features(
+            train_x, [c.grade for c in train], test_x, [c.grade for c in test], labels=labels
+        )
     except ValueError as exc:
         return {"skipped": str(exc)}
     return {
-        "feature": result["feature"], "fitted_on": FITTED_ON, "applied_to": APPLIED_TO,
-        "rule": result["rule"], "metrics": result["metrics"], "num_train_cases": len(train), "num_cases": len(test),
-        "cases": {c.case_id: {"enhancing_fraction": x, "pred_grade": p}
-                  for c, x, p in zip(test, test_x, result["predictions"])},
+        "feature": result["feature"],
+        "fitted_on": FITTED_ON,
+        "applied_to": APPLIED_TO,
+        "rule": result["rule"],
+        "metrics": result["metrics"],
+        "num_train_cases": len(train),
+        "num_cases": len(test),
+        "cases": {
+            c.case_id: {"enhancing_fraction": x, "pred_grade": p}
+            for c, x, p in zip(test, test_x, result["predictions"])
+        },
     }
-

@@ -40,15 +40,21 @@ def case_row(case, result: Dict[str, Any], id2label: Dict[int, str]) -> Dict[str
     """The per-case row of a pipeline result: metrics against the case's label map (segmentation, scored on the
     files' own grid) or the grade probabilities (grading)."""
     row: Dict[str, Any] = {
-        "case_id": case.case_id, "grade": case.grade, "has_report": bool(result["has_report"]),
-        "num_slices": result["num_slices"], "missing_sequences": ",".join(case.missing_sequences),
+        "case_id": case.case_id,
+        "grade": case.grade,
+        "has_report": bool(result["has_report"]),
+        "num_slices": result["num_slices"],
+        "missing_sequences": ",".join(case.missing_sequences),
     }
     if result["label_map"] is not None:
         ref = read_volume(case.label)
-        scores = score_label_maps(result["label_map"], np.asarray(ref.array), pred_convention=result["label_convention"],
-                                  spacing=ref.spacing)
+        scores = score_label_maps(
+            result["label_map"], np.asarray(ref.array), pred_convention=result["label_convention"], spacing=ref.spacing
+        )
         row.update(metrics_to_row(scores))
-        row[FEATURE] = enhancing_fraction(result["label_map"], result["label_convention"])  # the grading control's feature
+        row[FEATURE] = enhancing_fraction(
+            result["label_map"], result["label_convention"]
+        )  # the grading control's feature
     if result["grade_probabilities"] is not None:
         row["pred_grade"] = result["grade"]
         for i in range(len(id2label)):
@@ -56,8 +62,9 @@ def case_row(case, result: Dict[str, Any], id2label: Dict[int, str]) -> Dict[str
     return row
 
 
-def evaluate_case(pipe, case, report: Optional[str],
-                  max_report_tokens: Optional[int] = None) -> Tuple[Dict[str, Any], Optional[np.ndarray]]:
+def evaluate_case(
+    pipe, case, report: Optional[str], max_report_tokens: Optional[int] = None
+) -> Tuple[Dict[str, Any], Optional[np.ndarray]]:
     """One held-out case through the pipeline -> its row (id, grade, metrics / grade probabilities, timing) and
     the fused case embedding (``case_embeds``) for the embedding plot."""
     t0 = time.perf_counter()
@@ -68,8 +75,9 @@ def evaluate_case(pipe, case, report: Optional[str],
 
 
 @torch.no_grad()
-def evaluate(accelerator, model, processor, cases, reports, task: str, step: int,
-             max_report_tokens: Optional[int] = None) -> Tuple[List[Dict[str, Any]], Dict[str, Any], Optional[np.ndarray]]:
+def evaluate(
+    accelerator, model, processor, cases, reports, task: str, step: int, max_report_tokens: Optional[int] = None
+) -> Tuple[List[Dict[str, Any]], Dict[str, Any], Optional[np.ndarray]]:
     """Evaluate every held-out case exactly once (cases dealt round-robin to the processes), gather.
 
     Returns the per-case rows (sorted by case id), the summary (segmentation: mean / std / median
@@ -95,7 +103,12 @@ def evaluate(accelerator, model, processor, cases, reports, task: str, step: int
         seen.add(row["case_id"])
         rows.append(row)
         embeds.append(emb)
-    summary: Dict[str, Any] = {"task": task, "step": step, "num_cases": len(rows), "eval_seconds": round(time.perf_counter() - t0, 2)}
+    summary: Dict[str, Any] = {
+        "task": task,
+        "step": step,
+        "num_cases": len(rows),
+        "eval_seconds": round(time.perf_counter() - t0, 2),
+    }
     if task == "segmentation":
         summary["segmentation"] = summarize_segmentation(rows)
         summary[CASE_FEATURES] = {r["case_id"]: r[FEATURE] for r in rows}  # the grading control's held-out features
@@ -122,11 +135,17 @@ def eval_log_line(summary: Dict[str, Any], task: str, step: int, max_steps: int,
     parts = [f"eval step {step}/{max_steps}", f"{summary['num_cases']} {split + ' ' if split else ''}cases"]
     if task == "segmentation":
         seg = summary["segmentation"]
-        parts.append("Dice " + " ".join(f"{r} {seg[r]['dice']['mean']:.3f}" for r in REGIONS) + f" (mean {seg['mean']['dice']['mean']:.3f})")
+        parts.append(
+            "Dice "
+            + " ".join(f"{r} {seg[r]['dice']['mean']:.3f}" for r in REGIONS)
+            + f" (mean {seg['mean']['dice']['mean']:.3f})"
+        )
         parts.append("HD95 " + " ".join(f"{r} {seg[r]['hd95']['mean']:.1f}" for r in REGIONS) + " mm")
         et = seg["ET"]  # the ET mean counts ET-absent cases predicted empty as Dice 1: show what it hides
         present = f"{et['dice_present']['mean']:.3f}" if et["present_cases"] else "n/a"
-        parts.append(f"ET Dice {present} over {et['present_cases']} ET-present, {et['false_positive_cases']}/{et['absent_cases']} ET-absent with ET predicted")
+        parts.append(
+            f"ET Dice {present} over {et['present_cases']} ET-present, {et['false_positive_cases']}/{et['absent_cases']} ET-absent with ET predicted"
+        )
     if summary.get("grading"):
         gr = summary["grading"]
         parts.append(f"grade acc {gr['accuracy']:.3f} bal-acc {gr['balanced_accuracy']:.3f} AUC {gr['roc_auc']:.3f}")

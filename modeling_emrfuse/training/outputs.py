@@ -58,14 +58,32 @@ def rewrite_evaluation_summary(eval_dir: Path, summary: Dict[str, Any]) -> None:
     if not (eval_dir / OUTPUT_FILES["summary"]).is_file():
         return
     write_json(eval_dir / OUTPUT_FILES["summary"], summary, indent=2, default=float)
-    (eval_dir / OUTPUT_FILES["markdown"]).write_text("# Evaluation\n\n" + format_results_markdown(summary) + "\n", encoding="utf-8")
+    (eval_dir / OUTPUT_FILES["markdown"]).write_text(
+        "# Evaluation\n\n" + format_results_markdown(summary) + "\n", encoding="utf-8"
+    )
 
 
-def write_run_outputs(settings: TrainingSettings, run, net, processor, output_dir: Path, task: str, rows, summary, embeds,
-                      switches: Dict[str, bool], seed: int, max_steps: int, learning_rate: float, save_model: bool) -> None:
+def write_run_outputs(
+    settings: TrainingSettings,
+    run,
+    net,
+    processor,
+    output_dir: Path,
+    task: str,
+    rows,
+    summary,
+    embeds,
+    switches: Dict[str, bool],
+    seed: int,
+    max_steps: int,
+    learning_rate: float,
+    save_model: bool,
+) -> None:
     """Evaluation report (per-case CSV, summary JSON, markdown, figures) and, if asked, the model folder + card."""
     if rows:
-        write_evaluation_report(output_dir / "eval", rows, summary, embeddings=embeds, embedding_grades=[r.get("grade") for r in rows])
+        write_evaluation_report(
+            output_dir / "eval", rows, summary, embeddings=embeds, embedding_grades=[r.get("grade") for r in rows]
+        )
     if not save_model:
         return
     card = build_model_card(
@@ -75,9 +93,13 @@ def write_run_outputs(settings: TrainingSettings, run, net, processor, output_di
         results_markdown=format_results_markdown(summary) if rows else NO_EVALUATION_NOTE,
         training_config=training_config_for_card(card_config(settings, task, max_steps, learning_rate, switches, seed)),
         data=run.description,
-        text_model=run.text_model if not run.demo_text_tower else (
-            "a 2-layer BERT with a WordPiece vocabulary trained on the " + ("demo reports" if run.synthetic else "training reports")
-            + f" (words of at least {settings.card.vocab_min_reports} distinct reports)"),
+        text_model=run.text_model
+        if not run.demo_text_tower
+        else (
+            "a 2-layer BERT with a WordPiece vocabulary trained on the "
+            + ("demo reports" if run.synthetic else "training reports")
+            + f" (words of at least {settings.card.vocab_min_reports} distinct reports)"
+        ),
         vision_model=settings.model.vision_model,
         repo_id=settings.card.hub_model_id,
         train_command=settings.card.train_command,
@@ -85,8 +107,9 @@ def write_run_outputs(settings: TrainingSettings, run, net, processor, output_di
     save_model_folder(net, processor, output_dir, card=card)
 
 
-def card_config(settings: TrainingSettings, task: str, max_steps: int, learning_rate: float, switches: Dict[str, bool],
-                seed: int) -> Dict[str, Any]:
+def card_config(
+    settings: TrainingSettings, task: str, max_steps: int, learning_rate: float, switches: Dict[str, bool], seed: int
+) -> Dict[str, Any]:
     """The training configuration the model card shows."""
     model, loader, opt, grading = settings.model, settings.loader, settings.optimizer, settings.grading
     cfg = {
@@ -108,14 +131,22 @@ def card_config(settings: TrainingSettings, task: str, max_steps: int, learning_
         "seed": seed,
     }
     if task == "classification" and grading.grading_after_segmentation:
-        cfg["grading_fit"] = grading.grading_fit  # head: frozen towers, full-batch steps (batch_size, augmentation unused)
+        cfg["grading_fit"] = (
+            grading.grading_fit
+        )  # head: frozen towers, full-batch steps (batch_size, augmentation unused)
         if grading.grading_fit == "head":
             cfg["grading_calibration_folds"] = grading.grading_calibration_folds
     cfg.update(switches)
     return cfg
 
 
-def push_folder_to_hub(folder: Path, repo_id: str, token: Optional[str] = None, private: bool = False, commit_message: str = "Upload EmrFuse model") -> str:
+def push_folder_to_hub(
+    folder: Path,
+    repo_id: str,
+    token: Optional[str] = None,
+    private: bool = False,
+    commit_message: str = "Upload EmrFuse model",
+) -> str:
     """Upload a saved model folder (weights, config, code, processor, model card, evaluation report).
 
     Checkpoints, tracker logs and temporary folders stay local.
@@ -123,9 +154,21 @@ def push_folder_to_hub(folder: Path, repo_id: str, token: Optional[str] = None, 
     api = huggingface_hub.HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     api.upload_folder(
-        repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
-        ignore_patterns=["checkpoints/**", "logs/**", ".tmp*", ".tmp*/**", "eval_history.jsonl", "ablation-*/**",
-                         *(f"{GRADING_SUBFOLDER}/{p}" for p in ("checkpoints/**", "logs/**", ".tmp*", ".tmp*/**", "eval_history.jsonl"))],
+        repo_id=repo_id,
+        folder_path=str(folder),
+        commit_message=commit_message,
+        ignore_patterns=[
+            "checkpoints/**",
+            "logs/**",
+            ".tmp*",
+            ".tmp*/**",
+            "eval_history.jsonl",
+            "ablation-*/**",
+            *(
+                f"{GRADING_SUBFOLDER}/{p}"
+                for p in ("checkpoints/**", "logs/**", ".tmp*", ".tmp*/**", "eval_history.jsonl")
+            ),
+        ],
     )
     return repo_id
 

@@ -32,18 +32,26 @@ class PlannedStage:
     warm_start: str = "none"  # none, init_from (a saved folder) or previous (the previous stage's weights)
 
 
-def run_plan(task: str, grading_after_segmentation: bool, grading_fit: str, init_from: Optional[str]) -> List[PlannedStage]:
+def run_plan(
+    task: str, grading_after_segmentation: bool, grading_fit: str, init_from: Optional[str]
+) -> List[PlannedStage]:
     """The stages of a run, in order."""
     if not grading_after_segmentation:
         return [PlannedStage(task, task, warm_start="init_from" if init_from else "none")]
-    grading = PlannedStage(f"grading-{grading_fit}", "classification", schedule="grading", subfolder=GRADING_SUBFOLDER,
-                           warm_start="previous")
+    grading = PlannedStage(
+        f"grading-{grading_fit}",
+        "classification",
+        schedule="grading",
+        subfolder=GRADING_SUBFOLDER,
+        warm_start="previous",
+    )
     return [PlannedStage("segmentation", "segmentation"), grading]
 
 
 def _loop_trainer(stage: PlannedStage) -> Callable[..., Any]:
     def train(settings, accelerator, run, **kwargs):
         return train_one(settings, accelerator, run, task=stage.task, schedule=stage.schedule, **kwargs)
+
     return train
 
 
@@ -51,6 +59,7 @@ def _head_trainer(stage: PlannedStage) -> Callable[..., Any]:
     def train(settings, accelerator, run, *, use_trackers, resume, **kwargs):
         # seconds long: no trackers and no checkpoints; a resumed demo run resumes segmentation and fits the head anew
         return train_grading_head(settings, accelerator, run, **kwargs)
+
     return train
 
 
@@ -67,9 +76,21 @@ def _warm_start(stage: PlannedStage, init_from: Optional[str], previous_state) -
     return None
 
 
-def run_stages(plan: List[PlannedStage], settings: TrainingSettings, accelerator, run, *, output_dir: Path,
-               switches: Dict[str, bool], seed: int, init_from: Optional[str] = None, save_model: bool = True,
-               use_trackers: bool = True, resume: Optional[str] = None, desc: str = "") -> Dict[str, Any]:
+def run_stages(
+    plan: List[PlannedStage],
+    settings: TrainingSettings,
+    accelerator,
+    run,
+    *,
+    output_dir: Path,
+    switches: Dict[str, bool],
+    seed: int,
+    init_from: Optional[str] = None,
+    save_model: bool = True,
+    use_trackers: bool = True,
+    resume: Optional[str] = None,
+    desc: str = "",
+) -> Dict[str, Any]:
     """Train the plan's stages in order; the summary is the first stage's, with the grading stage's grading metrics.
 
     The grading model (``<output_dir>/grading``) shares the towers and the fusion head with the segmentation model
@@ -80,9 +101,16 @@ def run_stages(plan: List[PlannedStage], settings: TrainingSettings, accelerator
     for k, stage in enumerate(plan):
         trainer = stage_trainer(stage)
         summary, state = trainer(
-            settings, accelerator, run, output_dir=Path(output_dir) / stage.subfolder if stage.subfolder else output_dir,
-            switches=switches, seed=seed, warm_start=_warm_start(stage, init_from, state), save_model=save_model,
-            use_trackers=use_trackers and k == 0, resume=resume,
+            settings,
+            accelerator,
+            run,
+            output_dir=Path(output_dir) / stage.subfolder if stage.subfolder else output_dir,
+            switches=switches,
+            seed=seed,
+            warm_start=_warm_start(stage, init_from, state),
+            save_model=save_model,
+            use_trackers=use_trackers and k == 0,
+            resume=resume,
             desc=f"{desc}{'grading' if stage.schedule == 'grading' else stage.task}",
         )
         summaries.append(summary)
@@ -111,5 +139,7 @@ def merge_summaries(summaries: List[Dict[str, Any]]) -> Dict[str, Any]:
     for grading in summaries[1:]:
         for key in ("grading", "grade_labels", "num_graded_cases"):
             merged[key] = grading.get(key)
-        merged["grading_run"] = {k: grading.get(k) for k in ("output_dir", "train_seconds", "steps", "best_step", "calibration")}
+        merged["grading_run"] = {
+            k: grading.get(k) for k in ("output_dir", "train_seconds", "steps", "best_step", "calibration")
+        }
     return merged

@@ -63,15 +63,25 @@ class SelectionEvaluation:
     max_report_tokens: Optional[int] = None
 
 
-def evaluate_and_select(accelerator, model, processor, reports: Dict[str, Optional[str]], task: str, step: int, max_steps: int,
-                        selection: SelectionEvaluation, best: BestModel) -> float:
+def evaluate_and_select(
+    accelerator,
+    model,
+    processor,
+    reports: Dict[str, Optional[str]],
+    task: str,
+    step: int,
+    max_steps: int,
+    selection: SelectionEvaluation,
+    best: BestModel,
+) -> float:
     """Evaluate on the selection cases, log the result (line, trackers, ``eval_history.jsonl``) and keep the model
     in ``best`` when it is better (:meth:`BestModel.is_better`). Returns the seconds it took."""
     t_eval = time.perf_counter()
     net = accelerator.unwrap_model(model)
     sync_buffers(net, accelerator)
-    rows, summary, embeds = evaluate(accelerator, model, processor, selection.cases, reports, task, step,
-                                     selection.max_report_tokens)
+    rows, summary, embeds = evaluate(
+        accelerator, model, processor, selection.cases, reports, task, step, selection.max_report_tokens
+    )
     summary["split"] = selection.split
     metric = selection_metric(summary, task)
     if accelerator.is_main_process:
@@ -81,7 +91,12 @@ def evaluate_and_select(accelerator, model, processor, reports: Dict[str, Option
     if accelerator.is_main_process:
         selection.output_dir.mkdir(parents=True, exist_ok=True)
         with (selection.output_dir / "eval_history.jsonl").open("a") as fh:
-            fh.write(strict_json.dumps({"step": step, "split": selection.split, "metric": metric, "summary": summary}, default=float) + "\n")
+            fh.write(
+                strict_json.dumps(
+                    {"step": step, "split": selection.split, "metric": metric, "summary": summary}, default=float
+                )
+                + "\n"
+            )
     if best.is_better(metric):
         best.keep(metric, step, summary, rows, embeds, net)
         if selection.save_best and accelerator.is_main_process:
@@ -90,15 +105,25 @@ def evaluate_and_select(accelerator, model, processor, reports: Dict[str, Option
     return time.perf_counter() - t_eval
 
 
-def score_best_model(accelerator, model, processor, run, task: str, best: BestModel, max_steps: int,
-                     max_report_tokens: Optional[int] = None):
+def score_best_model(
+    accelerator,
+    model,
+    processor,
+    run,
+    task: str,
+    best: BestModel,
+    max_steps: int,
+    max_report_tokens: Optional[int] = None,
+):
     """Load the selected weights and give ``(rows, summary, embeddings)`` on the held-out test cases: a fresh
     evaluation when a validation split chose the model, else the selection evaluation itself (which ran on the
     test cases at the last step and chose nothing)."""
     accelerator.unwrap_model(model).load_state_dict(best.state)
     if not run.val_cases:
         return best.rows, best.summary, best.embeds
-    rows, summary, embeds = evaluate(accelerator, model, processor, run.eval_cases, run.reports, task, best.step, max_report_tokens)
+    rows, summary, embeds = evaluate(
+        accelerator, model, processor, run.eval_cases, run.reports, task, best.step, max_report_tokens
+    )
     summary["split"] = "test"
     summary["validation"] = {"metric": best.metric, "num_cases": len(run.val_cases)}
     accelerator.print(eval_log_line(summary, task, best.step, max_steps, "test (best model)"))

@@ -14,7 +14,9 @@ T = TypeVar("T")
 
 def from_options(cls: Type[T], options: Any, **overrides: Any) -> T:
     """``cls`` with every field read from the attribute of ``options`` of the same name (``overrides`` win)."""
-    values = {f.name: getattr(options, f.name) for f in fields(cls) if f.name not in overrides and hasattr(options, f.name)}
+    values = {
+        f.name: getattr(options, f.name) for f in fields(cls) if f.name not in overrides and hasattr(options, f.name)
+    }
     return cls(**values, **overrides)
 
 

@@ -30,10 +30,19 @@ MIN_REPORTS_PER_WORD = 5
 distinct reports (a patient's rare words would otherwise be saved, and pushed, in ``vocab.txt``); k >= 5."""
 
 
-DEMO_TEXT_TOWER = {"vocab_size": 1000, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128, "max_position_embeddings": 256}
+DEMO_TEXT_TOWER = {
+    "vocab_size": 1000,
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 128,
+    "max_position_embeddings": 256,
+}
 
 
-def report_vocabulary_corpus(texts: Sequence[str], min_reports: int = MIN_REPORTS_PER_WORD) -> Tuple[List[str], Dict[str, int]]:
+def report_vocabulary_corpus(
+    texts: Sequence[str], min_reports: int = MIN_REPORTS_PER_WORD
+) -> Tuple[List[str], Dict[str, int]]:
     """The reports as a vocabulary learner may see them: only words found in at least ``min_reports`` distinct reports.
 
     Words are what the BERT tokenizer sees (``BertNormalizer`` lower-casing, ``BertPreTokenizer`` splitting on
@@ -47,8 +56,13 @@ def report_vocabulary_corpus(texts: Sequence[str], min_reports: int = MIN_REPORT
     return [t for t in kept if t], dict(reports_per_word)
 
 
-def build_demo_text_tower(texts: Sequence[str], folder: Path, accelerator, spec: Optional[Dict[str, int]] = None,
-                          min_reports_per_word: int = MIN_REPORTS_PER_WORD) -> str:
+def build_demo_text_tower(
+    texts: Sequence[str],
+    folder: Path,
+    accelerator,
+    spec: Optional[Dict[str, int]] = None,
+    min_reports_per_word: int = MIN_REPORTS_PER_WORD,
+) -> str:
     """A small BERT (random weights) + a WordPiece tokenizer trained on the training reports.
 
     Nothing can be downloaded here, so the demo's text tower is built from scratch and saved as
@@ -65,7 +79,9 @@ def build_demo_text_tower(texts: Sequence[str], folder: Path, accelerator, spec:
     if int(min_reports_per_word) < MIN_REPORTS_PER_WORD:
         raise ValueError(f"min_reports_per_word must be >= {MIN_REPORTS_PER_WORD}, got {min_reports_per_word}.")
     spec = dict(spec or DEMO_TEXT_TOWER)
-    key = hashlib.sha256(json.dumps([spec, int(min_reports_per_word), "rare-words-removed", list(texts)]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        json.dumps([spec, int(min_reports_per_word), "rare-words-removed", list(texts)]).encode()
+    ).hexdigest()[:16]
     marker = folder / "emrfuse_tower.json"
     if accelerator.is_main_process and not (marker.exists() and json.loads(marker.read_text()).get("key") == key):
         if not texts:
@@ -75,13 +91,21 @@ def build_demo_text_tower(texts: Sequence[str], folder: Path, accelerator, spec:
         special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
         wp = BertWordPieceTokenizer(lowercase=True)
         # min_frequency counts occurrences, not reports: the rare words are already out of the corpus
-        wp.train_from_iterator(corpus, vocab_size=spec["vocab_size"], min_frequency=1, show_progress=False, special_tokens=special)
+        wp.train_from_iterator(
+            corpus, vocab_size=spec["vocab_size"], min_frequency=1, show_progress=False, special_tokens=special
+        )
         # a token may still spell a rare word as a piece of frequent ones (e.g. "ring" of "rings"): drop it
         learned = sorted(wp.get_vocab().items(), key=lambda item: item[1])
-        tokens = special + [t for t, _ in learned if t not in special
-                            and not (len(t) > 1 and 0 < reports_per_word.get(t, 0) < min_reports_per_word)]
-        tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(tokens)}, do_lower_case=True,
-                                  model_max_length=spec["max_position_embeddings"])
+        tokens = special + [
+            t
+            for t, _ in learned
+            if t not in special and not (len(t) > 1 and 0 < reports_per_word.get(t, 0) < min_reports_per_word)
+        ]
+        tokenizer = BertTokenizer(
+            vocab={t: i for i, t in enumerate(tokens)},
+            do_lower_case=True,
+            model_max_length=spec["max_position_embeddings"],
+        )
         config = BertConfig(
             vocab_size=len(tokenizer),
             hidden_size=spec["hidden_size"],
@@ -97,13 +121,18 @@ def build_demo_text_tower(texts: Sequence[str], folder: Path, accelerator, spec:
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        strict_json.write_json(tmp / "emrfuse_tower.json", {"key": key, **spec, "num_reports": len(texts),
-                                                            "min_reports_per_word": int(min_reports_per_word)}, indent=None)
+        strict_json.write_json(
+            tmp / "emrfuse_tower.json",
+            {"key": key, **spec, "num_reports": len(texts), "min_reports_per_word": int(min_reports_per_word)},
+            indent=None,
+        )
         shutil.rmtree(folder, ignore_errors=True)
         folder.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, folder)
-        logger.info(f"demo text tower: BERT {spec['num_hidden_layers']} layers x {spec['hidden_size']}, WordPiece vocabulary {len(tokenizer)} trained on {len(texts)} reports "
-                    f"({n_rare} distinct words found in fewer than {min_reports_per_word} reports left out) -> {folder}")
+        logger.info(
+            f"demo text tower: BERT {spec['num_hidden_layers']} layers x {spec['hidden_size']}, WordPiece vocabulary {len(tokenizer)} trained on {len(texts)} reports "
+            f"({n_rare} distinct words found in fewer than {min_reports_per_word} reports left out) -> {folder}"
+        )
     accelerator.wait_for_everyone()
     return str(folder)
 

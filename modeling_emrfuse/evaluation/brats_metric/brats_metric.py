@@ -131,9 +131,14 @@ class BratsMetric(evaluate.Metric):
         if self.config_name == "regions":
             for i, (pred, ref) in enumerate(zip(predictions, references)):
                 try:
-                    results.append(region_metrics(
-                        np.asarray(pred, dtype=bool), np.asarray(ref, dtype=bool), spacings[i], lesion_wise=lesion_wise
-                    ))
+                    results.append(
+                        region_metrics(
+                            np.asarray(pred, dtype=bool),
+                            np.asarray(ref, dtype=bool),
+                            spacings[i],
+                            lesion_wise=lesion_wise,
+                        )
+                    )
                 except ValueError as exc:
                     raise ValueError(f"case {i}: {exc}") from None
         else:
@@ -141,9 +146,16 @@ class BratsMetric(evaluate.Metric):
             rconvs = _per_case(ref_convention, n, "ref_convention")
             for i, (pred, ref) in enumerate(zip(predictions, references)):
                 try:
-                    results.append(score_label_maps(
-                        np.asarray(pred), np.asarray(ref), pconvs[i], rconvs[i], spacings[i], lesion_wise=lesion_wise
-                    ))
+                    results.append(
+                        score_label_maps(
+                            np.asarray(pred),
+                            np.asarray(ref),
+                            pconvs[i],
+                            rconvs[i],
+                            spacings[i],
+                            lesion_wise=lesion_wise,
+                        )
+                    )
                 except ValueError as exc:
                     raise ValueError(f"case {i}: {exc}") from None
         summary = aggregate(results)
@@ -152,7 +164,9 @@ class BratsMetric(evaluate.Metric):
         }
         if lesion_wise:
             lesions = {
-                region: {m: lesion_stats([r[region][m] for r in results], count=m in LESION_COUNTS) for m in LESION_METRICS}
+                region: {
+                    m: lesion_stats([r[region][m] for r in results], count=m in LESION_COUNTS) for m in LESION_METRICS
+                }
                 for region in REGIONS
             }
             out.update({f"{region}_{m}": lesions[region][m]["mean"] for region in REGIONS for m in LESION_METRICS})
