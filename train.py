@@ -100,8 +100,8 @@ SELECTION_NEEDS_VALIDATION = (
 # =============================================================================================
 # arguments
 # =============================================================================================
-def _add_data_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("data")
+def _add_data_folder_options(g: argparse._ArgumentGroup) -> None:
+    """Where the cases and their reports come from, and how ids map between releases."""
     g.add_argument(
         "--data_dir",
         type=str,
@@ -131,6 +131,10 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
         "BraTS 2020 ids and grades follow their patients into other releases, and one patient stays in one split. "
         "A name_mapping*.csv inside a BraTS 2020 folder is used automatically.",
     )
+
+
+def _add_demo_data_options(g: argparse._ArgumentGroup) -> None:
+    """Synthetic demo data: whether to use it, how much, and where it is written."""
     g.add_argument(
         "--demo",
         action="store_true",
@@ -165,6 +169,10 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="Where demo cases are written (default data/emrfuse-demo-<size>-<n>).",
     )
+
+
+def _add_split_and_loading_options(g: argparse._ArgumentGroup) -> None:
+    """The slice cache, the train / validation / test split, case limits and data-loading processes."""
     g.add_argument(
         "--cache_dir",
         type=str,
@@ -202,8 +210,15 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    _add_data_folder_options(g)
+    _add_demo_data_options(g)
+    _add_split_and_loading_options(g)
+
+
+def _add_model_source_options(g: argparse._ArgumentGroup) -> None:
+    """What to train and which towers / saved model it starts from."""
     g.add_argument(
         "--task",
         choices=("segmentation", "classification"),
@@ -239,6 +254,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="Image-only baseline (Table 1, row 1): no text tower, no tokenizer, reports ignored.",
     )
+
+
+def _add_model_architecture_options(g: argparse._ArgumentGroup) -> None:
+    """Inputs, switches and sizes of the model's architecture."""
     g.add_argument(
         "--sequence_dropout",
         type=float,
@@ -287,8 +306,14 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_training_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("training")
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    _add_model_source_options(g)
+    _add_model_architecture_options(g)
+
+
+def _add_optimisation_options(g: argparse._ArgumentGroup) -> None:
+    """Steps, batches, learning rates and the optimiser's schedule."""
     g.add_argument("--num_epochs", type=int, default=None)
     g.add_argument("--max_steps", type=int, default=None, help="Optimiser steps (overrides --num_epochs).")
     g.add_argument(
@@ -322,6 +347,10 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="Default: the accelerate config's."
     )
+
+
+def _add_sampling_options(g: argparse._ArgumentGroup) -> None:
+    """How training slices are drawn and augmented, and the seed."""
     g.add_argument(
         "--tumour_prob",
         type=float,
@@ -342,6 +371,10 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
         help="Mirror-flip axes (0 = left-right, 1 = anterior-posterior). Default none: a flip would contradict the side / lobe the report names.",
     )
     g.add_argument("--seed", type=int, default=0)
+
+
+def _add_grading_run_options(g: argparse._ArgumentGroup) -> None:
+    """The grading run: its steps, bag policy, fit, calibration and case sampling."""
     g.add_argument(
         "--grading_max_steps",
         type=int,
@@ -382,6 +415,13 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
         help="Grading runs: draw HGG and LGG cases equally often (balanced, the default: a 293:76 cohort otherwise "
         "lets the head collapse to HGG) or in proportion to their slices (natural).",
     )
+
+
+def _add_training_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    _add_optimisation_options(g)
+    _add_sampling_options(g)
+    _add_grading_run_options(g)
 
 
 def _add_output_options(p: argparse.ArgumentParser) -> None:

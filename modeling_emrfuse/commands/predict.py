@@ -567,6 +567,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "2 bad input or model"
         ),
     )
+    _add_input_options(p)
+    _add_report_options(p)
+    _add_model_options(p)
+    _add_output_options(p)
+    _add_runtime_options(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def _add_input_options(p: argparse.ArgumentParser) -> None:
+    """The case(s) to predict: a folder, or the sequence files one by one."""
     p.add_argument("input", nargs="?", help="a case folder or a folder of cases (any BraTS layout)")
     for name in SEQUENCES:
         p.add_argument(
@@ -583,6 +594,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "gets sequence-presence channels saying which are missing; a model without them still runs, "
         "but does not know a sequence is missing (a warning says so). The JSON lists missing_sequences.",
     )
+
+
+def _add_report_options(p: argparse.ArgumentParser) -> None:
+    """Where the radiology reports come from (their own argument group)."""
     group = p.add_argument_group("report (never printed or logged)")
     group.add_argument("--report", metavar="TEXT", help="the radiology report of the case")
     group.add_argument("--report-file", metavar="FILE", help="a UTF-8 text file holding the report")
@@ -602,6 +617,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         action="store_true",
         help="do not use the reports found in the case folders (<case>_flair_text.txt)",
     )
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """Which segmentation / grading model is loaded, and whether its code may run."""
     p.add_argument(
         "--model",
         default=DEFAULT_MODEL,
@@ -622,6 +641,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--grading-model", help="grading model folder / Hub id when --model holds only the segmentation model"
     )
     p.add_argument("--no-grading", action="store_true", help="segmentation only (skip the grading model)")
+
+
+def _add_output_options(p: argparse.ArgumentParser) -> None:
+    """Where the outputs go and how the label map is made: labels, release, threshold, resampling, flips."""
     p.add_argument(
         "-o",
         "--output",
@@ -652,6 +675,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="test-time flips: average the region probabilities over each slice and its flips along the two "
         'in-plane axes (4 forward passes of the segmentation model instead of 1); the JSON records "tta"',
     )
+
+
+def _add_runtime_options(p: argparse.ArgumentParser) -> None:
+    """Device, precision, batching, threads and what else is reported."""
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument(
         "--precision",
@@ -680,5 +707,3 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="also write the report's words and their attention weights into the JSON",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or per-case summary")
-    p.set_defaults(func=run)
-    return p

@@ -306,29 +306,22 @@ def calibrate_grading_head(
     }
 
 
-def train_grading_head(
-    settings: TrainingSettings,
-    accelerator,
-    run,
-    *,
-    output_dir: Path,
-    switches: Dict[str, bool],
-    seed: int,
-    warm_start: WarmStart,
-    save_model: bool,
-    desc: str,
-) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
-    """The demo's grading run with ``--grading_fit head``: the towers of the warm start stay frozen, the grading head
-    is fitted on their features (:func:`fit_grading_head`), then evaluated and saved like every other run. It takes
-    seconds, so it writes no resumable checkpoints: a resumed demo run resumes segmentation and fits the head anew."""
-    output_dir = Path(output_dir)
-    max_steps, learning_rate = settings.schedule.stage("grading")
-    fit = HeadFitSettings.from_training(settings)
-    set_seed(seed)
+def _build_warm_model(
+    settings: TrainingSettings, accelerator, run, switches: Dict[str, bool], warm_start: WarmStart, desc: str
+):
+    """The processor and the classification model of the grading run, warm-started and moved to the device."""
     processor = build_processor(settings.model, str(warm_start.folder) if warm_start.folder else run.text_model)
     model = build_model(settings.model, run.text_model, "classification", switches, config_from=warm_start.folder)
     warm_start.apply(model, desc)
     model.to(accelerator.device)
+    return processor, model
+
+
+def _fit_head_on_frozen_towers(
+    fit: HeadFitSettings, accelerator, model, processor, run, max_steps: int, learning_rate: float, seed: int, desc: str
+) -> Tuple[int, Optional[Dict[str, Any]], float]:
+    """Fit the grading head on the frozen towers' features of the training cases, then calibrate it; returns the
+    steps taken, the calibration record and the seconds it all took."""
     t_train = time.perf_counter()
     feats = training_tower_features(accelerator, model, processor, run, desc, fit.max_report_tokens)
     logger.info(
@@ -338,7 +331,14 @@ def train_grading_head(
     initial = _head_state(model)
     steps = fit_grading_head(fit, accelerator, model, feats, max_steps, learning_rate, seed, desc)
     calibration = calibrate_grading_head(fit, accelerator, model, feats, initial, max_steps, learning_rate, seed, desc)
-    train_seconds = time.perf_counter() - t_train
+    return steps, calibration, time.perf_counter() - t_train
+
+
+def _select_fitted_head(
+    accelerator, model, processor, run, output_dir: Path, fit: HeadFitSettings, steps: int, max_steps: int
+) -> BestModel:
+    """Evaluate the fitted head on the validation (else test) cases and keep it as the run's best model; with no
+    held-out cases it is kept as it is."""
     if accelerator.is_main_process:
         (output_dir / "eval_history.jsonl").unlink(missing_ok=True)
     best = BestModel()
@@ -360,6 +360,33 @@ def train_grading_head(
         best.keep(
             None, steps, {"task": "classification", "step": steps, "num_cases": 0, "split": "none"}, [], None, model
         )
+    return best
+
+
+def train_grading_head(
+    settings: TrainingSettings,
+    accelerator,
+    run,
+    *,
+    output_dir: Path,
+    switches: Dict[str, bool],
+    seed: int,
+    warm_start: WarmStart,
+    save_model: bool,
+    desc: str,
+) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+    """The demo's grading run with ``--grading_fit head``: the towers of the warm start stay frozen, the grading head
+    is fitted on their features (:func:`fit_grading_head`), then evaluated and saved like every other run. It takes
+    seconds, so it writes no resumable checkpoints: a resumed demo run resumes segmentation and fits the head anew."""
+    output_dir = Path(output_dir)
+    max_steps, learning_rate = settings.schedule.stage("grading")
+    fit = HeadFitSettings.from_training(settings)
+    set_seed(seed)
+    processor, model = _build_warm_model(settings, accelerator, run, switches, warm_start, desc)
+    steps, calibration, train_seconds = _fit_head_on_frozen_towers(
+        fit, accelerator, model, processor, run, max_steps, learning_rate, seed, desc
+    )
+    best = _select_fitted_head(accelerator, model, processor, run, output_dir, fit, steps, max_steps)
     rows, summary, embeds = score_best_model(
         accelerator, model, processor, run, "classification", best, max_steps, fit.max_report_tokens
     )
