@@ -128,7 +128,7 @@ def model_rate(size, batch_size: int, slices_per_case: int, steps: int, text_len
     return batch_size * steps / (time.perf_counter() - t0)
 
 
-def main(argv=None) -> int:
+def _parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full-cases", type=int, default=4, help="full-size demo cases to cache (default 4)")
     ap.add_argument("--small-cases", type=int, default=16)
@@ -138,102 +138,122 @@ def main(argv=None) -> int:
     ap.add_argument("--model-steps", type=int, default=2)
     ap.add_argument("--skip-model", action="store_true")
     ap.add_argument("--work-dir", type=Path, default=None, help="keep data and caches here (default: a temp folder)")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    threads = torch.get_num_threads()
-    print(f"torch {torch.__version__}, {threads} intra-op threads, {os.cpu_count()} CPUs visible")
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        work = args.work_dir or Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
 
-        # 1. demo data
-        _, t = timed(write_demo_dataset, work / "small", n_cases=args.small_cases, size="small", seed=0)
-        rows.append(("demo writer, small 64x64x48", f"{t / args.small_cases:.3f} s/case", ""))
-        _, t = timed(write_demo_dataset, work / "full", n_cases=args.full_cases, size="full", seed=0)
-        rows.append(("demo writer, full 240x240x155", f"{t / args.full_cases:.2f} s/case", ""))
-        tok = make_tokenizer(work / "small")
-        ip = EmrFuseImageProcessor()
+def _bench_demo_writer(args, work: Path, rows: list) -> None:
+    """1. demo data: seconds per case written, small and full size."""
+    _, t = timed(write_demo_dataset, work / "small", n_cases=args.small_cases, size="small", seed=0)
+    rows.append(("demo writer, small 64x64x48", f"{t / args.small_cases:.3f} s/case", ""))
+    _, t = timed(write_demo_dataset, work / "full", n_cases=args.full_cases, size="full", seed=0)
+    rows.append(("demo writer, full 240x240x155", f"{t / args.full_cases:.2f} s/case", ""))
 
-        # 2. cache building
-        full_cases = discover_cases(work / "full")
-        for workers in (0, 2):
-            _, t = timed(
-                build_cache, full_cases, work / f"cache_full_w{workers}", ip, tok, num_workers=workers, progress=False
+
+def _bench_cache(work: Path, ip, tok, rows: list):
+    """2. cache building: full-size demo with 0 and 2 workers, the up-to-date check, the real case if present;
+    returns the full-size and the small caches."""
+    full_cases = discover_cases(work / "full")
+    for workers in (0, 2):
+        _, t = timed(
+            build_cache, full_cases, work / f"cache_full_w{workers}", ip, tok, num_workers=workers, progress=False
+        )
+        rows.append(
+            (
+                f"cache build, full-size demo, {workers} workers",
+                f"{len(full_cases) / t:.2f} cases/s",
+                f"{t / len(full_cases):.2f} s/case",
             )
+        )
+    full_cache, t = timed(build_cache, full_cases, work / "cache_full_w0", ip, tok, progress=False)
+    rows.append(
+        ("cache check, up to date (no rebuild)", f"{len(full_cases) / t:.0f} cases/s", f"{t * 1000:.1f} ms total")
+    )
+    real = REALDATA / "TCGA-DU-7294"
+    if real.is_dir():
+        example = {
+            "case_id": "TCGA-DU-7294",
+            "grade": "LGG",
+            "label_convention": "brats2017",
+            **{s: str(real / f"TCGA-DU-7294_{s}.nii.gz") for s in ("t1", "t1ce", "t2", "flair")},
+            "seg": str(real / "TCGA-DU-7294_seg.nii.gz"),
+        }
+        _, t = timed(build_cache, [example], work / "cache_real", ip, tok, progress=False)
+        rows.append(("cache build, real TCGA-DU-7294 (240x240x155)", f"{1 / t:.2f} cases/s", f"{t:.2f} s/case"))
+    else:
+        rows.append(("cache build, real case", "skipped", f"{real} absent"))
+    small_cache = build_cache(discover_cases(work / "small"), work / "cache_small", ip, tok, progress=False)
+    return full_cache, small_cache
+
+
+def _bench_slices(args, full_cache, small_cache, full_size, rows: list) -> None:
+    """3. slice pipeline with augmentation, full-size and small, 0 and 2 loader workers."""
+    settings = [("full-size", full_cache, full_size), ("small demo", small_cache, (64, 64))]
+    for name, cache, size in settings:
+        for workers in (0, 2):
+            ds = SliceDataset(
+                cache,
+                image_size=size,
+                tumour_prob=0.5,
+                slices_per_case=4,
+                seed=0,
+                samples_per_epoch=args.batch_size * (args.batches + 2),
+            )
+            rate = loader_rate(ds, args.batch_size, args.batches, workers)
             rows.append(
                 (
-                    f"cache build, full-size demo, {workers} workers",
-                    f"{len(full_cases) / t:.2f} cases/s",
-                    f"{t / len(full_cases):.2f} s/case",
+                    f"slices + augmentation, {name} {size[0]}x{size[1]}, {workers} workers",
+                    f"{rate:.0f} slices/s",
+                    "",
                 )
             )
-        full_cache, t = timed(build_cache, full_cases, work / "cache_full_w0", ip, tok, progress=False)
+
+
+def _bench_model(args, full_size, rows: list) -> None:
+    """4. what a training step consumes: paper-size model fwd+bwd+step, full-size and small slices."""
+    if args.skip_model:
+        rows.append(("paper-size model step", "skipped", "--skip-model"))
+        return
+    try:
+        import modeling_emrfuse.modeling_emrfuse  # noqa: F401
+    except ImportError as exc:
+        rows.append(("paper-size model step", "unavailable", f"{exc}"))
+        return
+    for name, size in (("full-size", full_size), ("small demo", (64, 64))):
+        rate = model_rate(size, args.model_batch, 4, args.model_steps)
         rows.append(
-            ("cache check, up to date (no rebuild)", f"{len(full_cases) / t:.0f} cases/s", f"{t * 1000:.1f} ms total")
+            (
+                f"paper-size model fwd+bwd+step, {name} {size[0]}x{size[1]}, batch {args.model_batch}",
+                f"{rate:.2f} slices/s",
+                "BERT-base + ResNet-50, random weights",
+            )
         )
-        real = REALDATA / "TCGA-DU-7294"
-        if real.is_dir():
-            example = {
-                "case_id": "TCGA-DU-7294",
-                "grade": "LGG",
-                "label_convention": "brats2017",
-                **{s: str(real / f"TCGA-DU-7294_{s}.nii.gz") for s in ("t1", "t1ce", "t2", "flair")},
-                "seg": str(real / "TCGA-DU-7294_seg.nii.gz"),
-            }
-            _, t = timed(build_cache, [example], work / "cache_real", ip, tok, progress=False)
-            rows.append(("cache build, real TCGA-DU-7294 (240x240x155)", f"{1 / t:.2f} cases/s", f"{t:.2f} s/case"))
-        else:
-            rows.append(("cache build, real case", "skipped", f"{real} absent"))
-        small_cache = build_cache(discover_cases(work / "small"), work / "cache_small", ip, tok, progress=False)
 
-        # 3. slice pipeline with augmentation
-        full_size = (max(c.height for c in full_cache), max(c.width for c in full_cache))
-        settings = [("full-size", full_cache, full_size), ("small demo", small_cache, (64, 64))]
-        for name, cache, size in settings:
-            for workers in (0, 2):
-                ds = SliceDataset(
-                    cache,
-                    image_size=size,
-                    tumour_prob=0.5,
-                    slices_per_case=4,
-                    seed=0,
-                    samples_per_epoch=args.batch_size * (args.batches + 2),
-                )
-                rate = loader_rate(ds, args.batch_size, args.batches, workers)
-                rows.append(
-                    (
-                        f"slices + augmentation, {name} {size[0]}x{size[1]}, {workers} workers",
-                        f"{rate:.0f} slices/s",
-                        "",
-                    )
-                )
 
-        # 4. what a training step consumes
-        if args.skip_model:
-            rows.append(("paper-size model step", "skipped", "--skip-model"))
-        else:
-            try:
-                import modeling_emrfuse.modeling_emrfuse  # noqa: F401
-            except ImportError as exc:
-                rows.append(("paper-size model step", "unavailable", f"{exc}"))
-            else:
-                for name, size in (("full-size", full_size), ("small demo", (64, 64))):
-                    rate = model_rate(size, args.model_batch, 4, args.model_steps)
-                    rows.append(
-                        (
-                            f"paper-size model fwd+bwd+step, {name} {size[0]}x{size[1]}, batch {args.model_batch}",
-                            f"{rate:.2f} slices/s",
-                            "BERT-base + ResNet-50, random weights",
-                        )
-                    )
-
+def _print_table(rows: list) -> None:
     width = max(len(r[0]) for r in rows)
     print()
     print(f"| {'measurement'.ljust(width)} | rate | note |")
     print(f"|{'-' * (width + 2)}|------|------|")
     for name, rate, note in rows:
         print(f"| {name.ljust(width)} | {rate} | {note} |")
+
+
+def main(argv=None) -> int:
+    args = _parse_args(argv)
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {threads} intra-op threads, {os.cpu_count()} CPUs visible")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work_dir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        _bench_demo_writer(args, work, rows)
+        tok = make_tokenizer(work / "small")
+        ip = EmrFuseImageProcessor()
+        full_cache, small_cache = _bench_cache(work, ip, tok, rows)
+        full_size = (max(c.height for c in full_cache), max(c.width for c in full_cache))
+        _bench_slices(args, full_cache, small_cache, full_size, rows)
+        _bench_model(args, full_size, rows)
+    _print_table(rows)
     return 0
 
 

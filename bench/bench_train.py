@@ -265,19 +265,7 @@ def main() -> None:
       3. evaluation seconds per case on whole volumes (files -> slices -> model -> label map on the
          original grid -> 3D metrics), for a full-size case with the paper-size model.
     """
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--skip-paper", action="store_true")
-    p.add_argument("--skip-demo", action="store_true")
-    p.add_argument("--paper-steps", type=int, default=4)
-    p.add_argument("--demo-steps", type=int, default=20)
-    p.add_argument(
-        "--load",
-        action="store_true",
-        help="demo s/step alone and beside a competing torch process, before/after train.py's threading policy",
-    )
-    p.add_argument("--child-policy", choices=POLICIES, help=argparse.SUPPRESS)
-    p.add_argument("--work-dir", default=None, help=argparse.SUPPRESS)
-    opts = p.parse_args()
+    opts = _parse_args()
     if opts.load:
         measure_under_load(opts.demo_steps)
         return
@@ -292,15 +280,7 @@ def main() -> None:
         if not opts.skip_demo:
             results.append(
                 measure(
-                    common
-                    + [
-                        "--demo_data_dir",
-                        str(tmp / "demo48"),
-                        "--output_dir",
-                        str(tmp / "demo-out"),
-                        "--max_eval_cases",
-                        "4",
-                    ],
+                    common + _demo_model_args(tmp),
                     None,
                     warmup=3,
                     steps=opts.demo_steps,
@@ -310,41 +290,77 @@ def main() -> None:
         if not opts.skip_paper:
             results.append(
                 measure(
-                    common
-                    + [
-                        "--demo_cases",
-                        "4",
-                        "--demo_size",
-                        "full",
-                        "--eval_fraction",
-                        "0.25",
-                        "--demo_data_dir",
-                        str(tmp / "full4"),
-                        "--output_dir",
-                        str(tmp / "paper-out"),
-                        "--vision_model",
-                        "resnet50",
-                        "--fusion_dim",
-                        "256",
-                        "--cross_attention_heads",
-                        "8",
-                        "--decoder_channels",
-                        "256",
-                        "128",
-                        "64",
-                        "32",
-                        "16",
-                        "--batch_size",
-                        "8",
-                        "--slices_per_case",
-                        "4",
-                    ],
+                    common + _paper_model_args(tmp),
                     BERT_BASE,
                     warmup=1,
                     steps=opts.paper_steps,
                     label="paper-size model (BERT-base-sized, ResNet-50)",
                 )
             )
+    _print_results(results)
+
+
+def _parse_args():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--skip-paper", action="store_true")
+    p.add_argument("--skip-demo", action="store_true")
+    p.add_argument("--paper-steps", type=int, default=4)
+    p.add_argument("--demo-steps", type=int, default=20)
+    p.add_argument(
+        "--load",
+        action="store_true",
+        help="demo s/step alone and beside a competing torch process, before/after train.py's threading policy",
+    )
+    p.add_argument("--child-policy", choices=POLICIES, help=argparse.SUPPRESS)
+    p.add_argument("--work-dir", default=None, help=argparse.SUPPRESS)
+    return p.parse_args()
+
+
+def _demo_model_args(tmp: Path) -> list:
+    """train.py arguments of the demo model run (its defaults, 64 x 64 slices)."""
+    return [
+        "--demo_data_dir",
+        str(tmp / "demo48"),
+        "--output_dir",
+        str(tmp / "demo-out"),
+        "--max_eval_cases",
+        "4",
+    ]
+
+
+def _paper_model_args(tmp: Path) -> list:
+    """train.py arguments of the paper-size model run (ResNet-50, fusion_dim 256, full-size demo cases)."""
+    return [
+        "--demo_cases",
+        "4",
+        "--demo_size",
+        "full",
+        "--eval_fraction",
+        "0.25",
+        "--demo_data_dir",
+        str(tmp / "full4"),
+        "--output_dir",
+        str(tmp / "paper-out"),
+        "--vision_model",
+        "resnet50",
+        "--fusion_dim",
+        "256",
+        "--cross_attention_heads",
+        "8",
+        "--decoder_channels",
+        "256",
+        "128",
+        "64",
+        "32",
+        "16",
+        "--batch_size",
+        "8",
+        "--slices_per_case",
+        "4",
+    ]
+
+
+def _print_results(results: list) -> None:
     print()
     print("| model | slice H x W | slices/step | s/step | train slices/s | data-wait share | eval s/case | eval grid |")
     print("|---|---|---|---|---|---|---|---|")

@@ -955,6 +955,21 @@ def write_demo_dataset(
                 BraTS20_Training_001_flair_text.txt  report in the TextBraTS style
               ...
     """
+    p_history = _check_dataset_args(n_cases, hgg_fraction, with_history)
+    shape = _resolve_size(size)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    grades = _shuffled_grades(int(n_cases), hgg_fraction, seed)
+    rows = _write_cases(out, grades, shape, seed, p_history, lgg_enhancing_fraction, start_index)
+
+    _update_name_mapping(out / "name_mapping.csv", rows)
+    _write_demo_marker(out, rows, seed, shape)
+    return out
+
+
+def _check_dataset_args(n_cases, hgg_fraction, with_history) -> float:
+    """Reject out-of-range arguments of :func:`write_demo_dataset`; returns the history probability."""
     if int(n_cases) < 1:
         raise ValueError(f"n_cases must be >= 1, got {n_cases!r}.")
     if not 0.0 <= float(hgg_fraction) <= 1.0:
@@ -962,15 +977,19 @@ def write_demo_dataset(
     p_history = float(with_history)
     if not 0.0 <= p_history <= 1.0:
         raise ValueError(f"with_history must be a bool or a probability in [0, 1], got {with_history!r}.")
-    shape = _resolve_size(size)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    return p_history
 
-    n_cases = int(n_cases)
+
+def _shuffled_grades(n_cases: int, hgg_fraction: float, seed: int) -> np.ndarray:
+    """``round(hgg_fraction * n_cases)`` "HGG" and the rest "LGG", in an order shuffled by ``seed``."""
     n_hgg = int(round(float(hgg_fraction) * n_cases))
     grades = np.array(["HGG"] * n_hgg + ["LGG"] * (n_cases - n_hgg))
     np.random.default_rng([int(seed), 7919]).shuffle(grades)
+    return grades
 
+
+def _write_cases(out, grades, shape, seed, p_history, lgg_enhancing_fraction, start_index) -> list:
+    """Generate and write one case per grade, numbered from ``start_index``; returns their name_mapping.csv rows."""
     rows = []
     for i, grade in enumerate(grades):
         index = int(start_index) + i
@@ -985,8 +1004,11 @@ def write_demo_dataset(
         )
         _write_case_files(case, out)
         rows.append([case.grade, "NA", "NA", "NA", "NA", case.case_id])
+    return rows
 
-    _update_name_mapping(out / "name_mapping.csv", rows)
+
+def _write_demo_marker(out: Path, rows: list, seed: int, shape) -> None:
+    """Write :data:`DEMO_MARKER`, listing the cases generated now and by earlier runs into ``out``."""
     generated = (demo_case_ids(out) or set()) | {row[-1] for row in rows}
     write_json(
         out / DEMO_MARKER,
@@ -999,7 +1021,6 @@ def write_demo_dataset(
         },
         indent=1,
     )
-    return out
 
 
 def _write_case_files(case: DemoCase, out: Path) -> None:

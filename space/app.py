@@ -745,118 +745,168 @@ def build_demo() -> gr.Blocks:
         gr.Markdown(f"⚠️ {missing}" if missing else f"Model: `{model_source()}`", elem_id="emrfuse-model-status")
         state = gr.State(time_to_live=int(KEEP_OUTPUTS_S))
         with gr.Row():
-            with gr.Column(scale=1):
-                with gr.Row():
-                    f_t1 = gr.File(label="T1", file_types=[".nii", ".gz"], type="filepath")
-                    f_t1ce = gr.File(label="T1ce", file_types=[".nii", ".gz"], type="filepath")
-                with gr.Row():
-                    f_t2 = gr.File(label="T2", file_types=[".nii", ".gz"], type="filepath")
-                    f_flair = gr.File(label="FLAIR", file_types=[".nii", ".gz"], type="filepath")
-                example = gr.Dropdown(
-                    choices=names, value=first, label="…or an example case (used when no upload is given)"
-                )
-                report = gr.Textbox(
-                    label="Radiology report (optional)",
-                    lines=6,
-                    value=example_report(first),
-                    max_length=MAX_REPORT_CHARS,
-                    elem_id="emrfuse-report",
-                    placeholder="Paste the report here; leave empty for an image-only prediction. "
-                    "Uploading a sequence clears it.",
-                )
-                allow_missing = gr.Checkbox(
-                    value=False,
-                    label="Allow missing sequences",
-                    elem_id="emrfuse-allow-missing",
-                    info="Run with any of the four sequences; the missing ones are zero-filled (best with a model "
-                    "trained with sequence dropout, which knows which sequences are missing).",
-                )
-                gt_file = gr.File(
-                    label="Ground-truth label map (optional, NIfTI)", file_types=[".nii", ".gz"], type="filepath"
-                )
-                gt_labels = gr.Dropdown(
-                    choices=list(GT_LABELS_CHOICES),
-                    value=GT_LABELS_AUTO,
-                    label=GT_LABELS_CONTROL,
-                    elem_id="emrfuse-gt-labels",
-                    info="The ground truth's label convention; auto: inferred from its label values as `emrfuse score` "
-                    "does (the status says which and why).",
-                )
-                run = gr.Button("Run", variant="primary", elem_id="emrfuse-run")
-                status = gr.Markdown(elem_id="emrfuse-status")
-            with gr.Column(scale=2):
-                with gr.Row():
-                    sequence = gr.Radio([SEQUENCE_LABELS[s] for s in SEQUENCES], value="FLAIR", label="Sequence")
-                    plane = gr.Radio(list(PLANES), value="axial", label="Plane")
-                    show = gr.Checkbox(value=True, label="Show overlay")
-                index = gr.Slider(0, 154, value=77, step=1, label="Slice", elem_id="emrfuse-slice")
-                with gr.Row():
-                    pred_img = gr.Image(
-                        label="Prediction", type="numpy", format="png", elem_id="emrfuse-pred-view", interactive=False
-                    )
-                    gt_img = gr.Image(
-                        label="Ground truth",
-                        type="numpy",
-                        format="png",
-                        visible=False,
-                        elem_id="emrfuse-gt-view",
-                        interactive=False,
-                    )
-                legend = gr.HTML(elem_id="emrfuse-legend-box")
-                with gr.Row():
-                    grade = gr.Label(label=GRADE_LABEL, num_top_classes=2, elem_id="emrfuse-grade")
-                    alphas = gr.Label(
-                        label="Modality contribution (alpha_text vs alpha_image)", elem_id="emrfuse-alpha"
-                    )
-                highlighted = gr.HighlightedText(
-                    label=ATTENTION_LABEL, elem_id="emrfuse-report-attention", show_legend=False
-                )
-                with gr.Row():
-                    volumes = gr.Dataframe(
-                        headers=["Region", "Volume (cm³)"],
-                        label="Region volumes",
-                        elem_id="emrfuse-volumes",
-                        interactive=False,
-                    )
-                    metrics = gr.Dataframe(
-                        headers=["Region", "Dice", "PPV", "Sensitivity", "HD95 (mm)"],
-                        label="Metrics against the ground truth",
-                        visible=False,
-                        elem_id="emrfuse-metrics",
-                        interactive=False,
-                    )
-                download = gr.File(label="Predicted label map (NIfTI)", elem_id="emrfuse-download", interactive=False)
-
-        _wire_report_box([f_t1, f_t1ce, f_t2, f_flair], example, report)
-        run.click(
-            predict,
-            inputs=[f_t1, f_t1ce, f_t2, f_flair, example, report, gt_file, sequence, plane, allow_missing, gt_labels],
-            outputs=[
-                state,
-                pred_img,
-                gt_img,
-                index,
-                legend,
-                grade,
-                alphas,
-                highlighted,
-                volumes,
-                metrics,
-                download,
-                status,
-                f_t1,
-                f_t1ce,
-                f_t2,
-                f_flair,
-                gt_file,
-            ],
-            api_name="predict",
-            concurrency_limit=1,
-        )
-        _wire_viewer(state, sequence, plane, index, show, pred_img, gt_img)
+            inputs = _build_inputs_panel(names, first)
+            outputs = _build_outputs_panel()
+        _wire_events(state, inputs, outputs)
     # one prediction at a time; at most QUEUE_MAX_SIZE requests wait: the next one gets Gradio's "Queue is full" error
     demo.queue(default_concurrency_limit=1, max_size=QUEUE_MAX_SIZE)
     return demo
+
+
+def _build_inputs_panel(names: list, first) -> dict:
+    """The left column: the four sequence uploads, the example picker, the report box, the ground-truth
+    controls, the Run button and the status line (call inside the Blocks' row); returns the components by name."""
+    with gr.Column(scale=1):
+        with gr.Row():
+            f_t1 = gr.File(label="T1", file_types=[".nii", ".gz"], type="filepath")
+            f_t1ce = gr.File(label="T1ce", file_types=[".nii", ".gz"], type="filepath")
+        with gr.Row():
+            f_t2 = gr.File(label="T2", file_types=[".nii", ".gz"], type="filepath")
+            f_flair = gr.File(label="FLAIR", file_types=[".nii", ".gz"], type="filepath")
+        example = gr.Dropdown(choices=names, value=first, label="…or an example case (used when no upload is given)")
+        report = gr.Textbox(
+            label="Radiology report (optional)",
+            lines=6,
+            value=example_report(first),
+            max_length=MAX_REPORT_CHARS,
+            elem_id="emrfuse-report",
+            placeholder="Paste the report here; leave empty for an image-only prediction. "
+            "Uploading a sequence clears it.",
+        )
+        allow_missing = gr.Checkbox(
+            value=False,
+            label="Allow missing sequences",
+            elem_id="emrfuse-allow-missing",
+            info="Run with any of the four sequences; the missing ones are zero-filled (best with a model "
+            "trained with sequence dropout, which knows which sequences are missing).",
+        )
+        gt_file = gr.File(label="Ground-truth label map (optional, NIfTI)", file_types=[".nii", ".gz"], type="filepath")
+        gt_labels = gr.Dropdown(
+            choices=list(GT_LABELS_CHOICES),
+            value=GT_LABELS_AUTO,
+            label=GT_LABELS_CONTROL,
+            elem_id="emrfuse-gt-labels",
+            info="The ground truth's label convention; auto: inferred from its label values as `emrfuse score` "
+            "does (the status says which and why).",
+        )
+        run = gr.Button("Run", variant="primary", elem_id="emrfuse-run")
+        status = gr.Markdown(elem_id="emrfuse-status")
+    return {
+        "f_t1": f_t1,
+        "f_t1ce": f_t1ce,
+        "f_t2": f_t2,
+        "f_flair": f_flair,
+        "example": example,
+        "report": report,
+        "allow_missing": allow_missing,
+        "gt_file": gt_file,
+        "gt_labels": gt_labels,
+        "run": run,
+        "status": status,
+    }
+
+
+def _build_outputs_panel() -> dict:
+    """The right column: the slice viewer and its controls, the grade, the modality contributions, the report
+    attention, the volumes, the metrics and the download (call inside the Blocks' row); returns the components
+    by name."""
+    with gr.Column(scale=2):
+        with gr.Row():
+            sequence = gr.Radio([SEQUENCE_LABELS[s] for s in SEQUENCES], value="FLAIR", label="Sequence")
+            plane = gr.Radio(list(PLANES), value="axial", label="Plane")
+            show = gr.Checkbox(value=True, label="Show overlay")
+        index = gr.Slider(0, 154, value=77, step=1, label="Slice", elem_id="emrfuse-slice")
+        with gr.Row():
+            pred_img = gr.Image(
+                label="Prediction", type="numpy", format="png", elem_id="emrfuse-pred-view", interactive=False
+            )
+            gt_img = gr.Image(
+                label="Ground truth",
+                type="numpy",
+                format="png",
+                visible=False,
+                elem_id="emrfuse-gt-view",
+                interactive=False,
+            )
+        legend = gr.HTML(elem_id="emrfuse-legend-box")
+        with gr.Row():
+            grade = gr.Label(label=GRADE_LABEL, num_top_classes=2, elem_id="emrfuse-grade")
+            alphas = gr.Label(label="Modality contribution (alpha_text vs alpha_image)", elem_id="emrfuse-alpha")
+        highlighted = gr.HighlightedText(label=ATTENTION_LABEL, elem_id="emrfuse-report-attention", show_legend=False)
+        with gr.Row():
+            volumes = gr.Dataframe(
+                headers=["Region", "Volume (cm³)"],
+                label="Region volumes",
+                elem_id="emrfuse-volumes",
+                interactive=False,
+            )
+            metrics = gr.Dataframe(
+                headers=["Region", "Dice", "PPV", "Sensitivity", "HD95 (mm)"],
+                label="Metrics against the ground truth",
+                visible=False,
+                elem_id="emrfuse-metrics",
+                interactive=False,
+            )
+        download = gr.File(label="Predicted label map (NIfTI)", elem_id="emrfuse-download", interactive=False)
+    return {
+        "sequence": sequence,
+        "plane": plane,
+        "show": show,
+        "index": index,
+        "pred_img": pred_img,
+        "gt_img": gt_img,
+        "legend": legend,
+        "grade": grade,
+        "alphas": alphas,
+        "highlighted": highlighted,
+        "volumes": volumes,
+        "metrics": metrics,
+        "download": download,
+    }
+
+
+def _wire_events(state, inputs: dict, outputs: dict) -> None:
+    """Connect the panels: the report box to the uploads and the example, Run to :func:`predict`, the viewer
+    controls to the slice views."""
+    f_t1, f_t1ce, f_t2, f_flair = inputs["f_t1"], inputs["f_t1ce"], inputs["f_t2"], inputs["f_flair"]
+    example, report, gt_file = inputs["example"], inputs["report"], inputs["gt_file"]
+    allow_missing, gt_labels, run, status = (
+        inputs["allow_missing"],
+        inputs["gt_labels"],
+        inputs["run"],
+        inputs["status"],
+    )
+    sequence, plane, show, index = outputs["sequence"], outputs["plane"], outputs["show"], outputs["index"]
+    pred_img, gt_img, legend, grade = outputs["pred_img"], outputs["gt_img"], outputs["legend"], outputs["grade"]
+    alphas, highlighted, volumes = outputs["alphas"], outputs["highlighted"], outputs["volumes"]
+    metrics, download = outputs["metrics"], outputs["download"]
+    _wire_report_box([f_t1, f_t1ce, f_t2, f_flair], example, report)
+    run.click(
+        predict,
+        inputs=[f_t1, f_t1ce, f_t2, f_flair, example, report, gt_file, sequence, plane, allow_missing, gt_labels],
+        outputs=[
+            state,
+            pred_img,
+            gt_img,
+            index,
+            legend,
+            grade,
+            alphas,
+            highlighted,
+            volumes,
+            metrics,
+            download,
+            status,
+            f_t1,
+            f_t1ce,
+            f_t2,
+            f_flair,
+            gt_file,
+        ],
+        api_name="predict",
+        concurrency_limit=1,
+    )
+    _wire_viewer(state, sequence, plane, index, show, pred_img, gt_img)
 
 
 def _wire_report_box(uploads, example, report) -> None:
