@@ -38,6 +38,7 @@ import torch  # noqa: E402
 
 from modeling_emrfuse.training import loop  # noqa: E402
 from modeling_emrfuse.training.data import prepare_run_data  # noqa: E402
+from modeling_emrfuse.training.run import make_accelerator, setup_logging  # noqa: E402
 from modeling_emrfuse.training.settings import TrainingSettings  # noqa: E402
 from modeling_emrfuse.training.text_tower import build_demo_text_tower  # noqa: E402
 
@@ -65,8 +66,8 @@ BERT_BASE = {
 
 def measure(argv, text_spec, warmup: int, steps: int, label: str) -> dict:
     args = train.parse_args(argv + ["--max_steps", str(warmup + steps)])
-    accelerator = train.make_accelerator(args)
-    train.setup_logging(accelerator)
+    accelerator = make_accelerator(args)
+    setup_logging(accelerator)
     run = prepare_run_data(train.data_settings(args), accelerator)
     if text_spec is not None:
         texts = [run.reports[c.case_id] for c in run.train_cases if run.reports.get(c.case_id)]

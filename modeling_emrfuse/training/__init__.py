@@ -12,4 +12,5 @@
 - ``plan``: the run plan (named stages) and running it
 - ``ablations``: the paper's ablation tables
 - ``outputs``: the model folder, card, pipeline wiring and push to the Hub
+- ``run``: the run behind train.py (accelerator, logging, the plan or an ablation, results)
 """
