@@ -24,6 +24,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "bench") not in sys.path:  # on it when this runs as a script; also when a test imports this file
+    sys.path.insert(0, str(ROOT / "bench"))
+import real_curve  # noqa: E402
+
 from datasets_scripts.brats_layouts import CaseFiles, discover_cases  # noqa: E402
 from datasets_scripts.brats_text import attach_reports_and_grades, load_id_mapping, make_splits, read_reports  # noqa: E402
 from modeling_emrfuse.brats_labels import REGIONS  # noqa: E402
@@ -340,7 +344,9 @@ def parse_args(argv=None):
     )
     p.add_argument("--tumour_prob", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=0)
+    real_curve.add_options(p)
     args = p.parse_args(argv)
+    real_curve.check_options(p, args)
     if args.cv == 1 or args.cv < 0:
         p.error("--cv must be 0 (none) or >= 2")
     args.output_dir = args.output_dir.resolve()
@@ -583,8 +589,9 @@ def train_final(
 def main(argv=None) -> Dict[str, Any]:
     """Run the whole check. A training already finished with the same arguments (same OUTPUT_DIR) is
     reused, so an interrupted run picks up where it stopped. Writes ``OUTPUT_DIR/results.md`` (tables),
-    ``cv_per_case.csv`` and ``results.json``; each training's own folder and log go under ``runs/``. The
-    last printed line is one JSON object with the means."""
+    ``cv_per_case.csv`` and ``results.json`` (``--learning_curve``:
+    also ``learning_curve.png`` and ``learning_curve_per_case.csv``); each training's own folder and log go
+    under ``runs/``. The last printed line is one JSON object with the means."""
     args = parse_args(argv)
     command = "python bench/bench_real.py " + " ".join(sys.argv[1:] if argv is None else argv)
     t_start = time.perf_counter()
@@ -611,6 +618,10 @@ def main(argv=None) -> Dict[str, Any]:
     ]
     if per_case:
         report_cv(args, out, cohort, per_case, recipes, result, lines)
+    if args.learning_curve:
+        real_curve.learning_curve(
+            sys.modules[__name__], args, out, cohort, per_case, recipes, text_model, demo_model, timings, result, lines
+        )
     if args.final != "none":
         train_final(args, out, cohort, text_model, demo_model, timings, result, lines)
     result["minutes"] = {k: round(v / 60, 2) for k, v in timings.items()}
