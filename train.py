@@ -72,7 +72,7 @@ DATA_DEFAULTS: Dict[str, Tuple[Any, Any]] = {
     "num_epochs": (None, 50),
     "learning_rate": (2e-3, 1e-4),
     "warmup_steps": (20, 500),
-    "grading_max_steps": (120, None),  # the demo's grading run after segmentation
+    "grading_max_steps": (120, 120),  # the grading stage after segmentation (demo; real data with --with_grading)
     "grading_learning_rate": (2e-3, 1e-4),
     "eval_fraction": (0.25, 0.2),
     "val_fraction": (0.0, 0.1),
@@ -205,7 +205,7 @@ def _add_model_source_options(g: argparse._ArgumentGroup) -> None:
         "--task",
         choices=("segmentation", "classification"),
         default=None,
-        help="What to train. Default: segmentation; with --demo, segmentation then a short grading run.",
+        help="What to train. Default: segmentation; with --demo (or --with_grading), segmentation then a short grading run.",
     )
     g.add_argument(
         "--text_model",
@@ -361,7 +361,14 @@ def _add_grading_run_options(g: argparse._ArgumentGroup) -> None:
         "--grading_max_steps",
         type=int,
         default=None,
-        help="Demo: steps of the grading run after segmentation (0 = skip).",
+        help="Steps of the grading stage after segmentation (the demo's default, or --with_grading; 0 = skip on the demo).",
+    )
+    g.add_argument(
+        "--with_grading",
+        action="store_true",
+        help="Real data: after segmentation, train the grading stage too (as the demo does), so the model folder "
+        "carries grading/ and the pipeline returns a grade. It uses the training cases with a grade (HGG/LGG: folder "
+        "layout or id tables), says how many, leaves the others out, and needs both grades.",
     )
     g.add_argument("--grading_learning_rate", type=float, default=None)
     g.add_argument(
@@ -516,7 +523,12 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
             if args.eval_steps >= 1
             else f"train.py: --eval_steps must be >= 1, got {args.eval_steps}."
         )
-    args.grading_after_segmentation = args.task is None and args.demo and bool(args.grading_max_steps)
+    if args.with_grading and (args.task == "classification" or args.grading_max_steps < 1):
+        raise SystemExit(
+            "train.py: --with_grading trains grading after segmentation: no --task classification, --grading_max_steps >= 1."
+        )
+    demo_grading = args.task is None and args.demo and bool(args.grading_max_steps)
+    args.grading_after_segmentation = demo_grading or args.with_grading
     args.task = args.task or "segmentation"
     if args.batch_size % args.slices_per_case:
         raise SystemExit(

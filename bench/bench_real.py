@@ -24,6 +24,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "bench") not in sys.path:  # on it when this runs as a script; also when a test imports this file
+    sys.path.insert(0, str(ROOT / "bench"))
+import real_curve  # noqa: E402
+import real_grading  # noqa: E402
+
 from datasets_scripts.brats_layouts import CaseFiles, discover_cases  # noqa: E402
 from datasets_scripts.brats_text import attach_reports_and_grades, load_id_mapping, make_splits, read_reports  # noqa: E402
 from modeling_emrfuse.brats_labels import REGIONS  # noqa: E402
@@ -206,7 +211,7 @@ def run_train(argv: Sequence[str], log: Path, what: str, run_dir: Optional[Path]
 
 def read_rows(folder: Path) -> List[Dict[str, Any]]:
     with (folder / "eval" / "per_case.csv").open(newline="") as fh:
-        return list(csv.DictReader(fh))
+        return real_grading.add_grading_columns(folder, list(csv.DictReader(fh)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,7 +345,11 @@ def parse_args(argv=None):
     )
     p.add_argument("--tumour_prob", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=0)
+    real_curve.add_options(p)
+    real_grading.add_options(p)
     args = p.parse_args(argv)
+    real_curve.check_options(p, args)
+    real_grading.check_options(p, args)
     if args.cv == 1 or args.cv < 0:
         p.error("--cv must be 0 (none) or >= 2")
     args.output_dir = args.output_dir.resolve()
@@ -480,6 +489,9 @@ def cross_validate(
                 args, cohort.folders, cohort.id_tables, cohort.reports_file, recipe, text_model, demo_model
             )
             argv += ["--split_file", str(split_file), "--output_dir", str(run_dir), "--max_steps", str(args.cv_steps)]
+            argv += real_grading.grading_args(
+                args, cohort, split["train"], f"fold {fold + 1} {recipe}", args.cv_grading
+            )
             timings[f"cv-fold{fold}-{recipe}"] = run_train(
                 argv, out / "runs" / f"cv-fold{fold}-{recipe}.log", f"fold {fold + 1} {recipe}", run_dir
             )
@@ -567,6 +579,7 @@ def train_final(
         "--max_steps",
         str(args.steps),
     ]
+    argv_final += real_grading.grading_args(args, cohort, [c.case_id for c in cohort.cases], "final model")
     timings["final"] = run_train(argv_final, out / "runs" / "final.log", "final model", out / "model")
     result["final_model"] = {
         "path": str(out / "model"),
@@ -576,15 +589,18 @@ def train_final(
     }
     lines.append(
         f"## Final model\n\n`{out / 'model'}`: recipe `{args.final}`, {args.steps} steps on all {n} cases, "
-        f"{timings['final'] / 60:.1f} min on this machine. Its expected quality is the cross-validation figure of `{args.final}`.\n"
+        f"{timings['final'] / 60:.1f} min on this machine. Its expected quality is the cross-validation figure of `{args.final}`. "
+        + real_grading.final_note(out / "model")
+        + "\n"
     )
 
 
 def main(argv=None) -> Dict[str, Any]:
     """Run the whole check. A training already finished with the same arguments (same OUTPUT_DIR) is
     reused, so an interrupted run picks up where it stopped. Writes ``OUTPUT_DIR/results.md`` (tables),
-    ``cv_per_case.csv`` and ``results.json``; each training's own folder and log go under ``runs/``. The
-    last printed line is one JSON object with the means."""
+    ``cv_per_case.csv`` and ``results.json`` (``--cv_grading``: also ``cv_grading.csv``; ``--learning_curve``:
+    also ``learning_curve.png`` and ``learning_curve_per_case.csv``); each training's own folder and log go
+    under ``runs/``. The last printed line is one JSON object with the means."""
     args = parse_args(argv)
     command = "python bench/bench_real.py " + " ".join(sys.argv[1:] if argv is None else argv)
     t_start = time.perf_counter()
@@ -611,6 +627,11 @@ def main(argv=None) -> Dict[str, Any]:
     ]
     if per_case:
         report_cv(args, out, cohort, per_case, recipes, result, lines)
+        real_grading.report_grading(per_case, cohort, out, result, lines)
+    if args.learning_curve:
+        real_curve.learning_curve(
+            sys.modules[__name__], args, out, cohort, per_case, recipes, text_model, demo_model, timings, result, lines
+        )
     if args.final != "none":
         train_final(args, out, cohort, text_model, demo_model, timings, result, lines)
     result["minutes"] = {k: round(v / 60, 2) for k, v in timings.items()}

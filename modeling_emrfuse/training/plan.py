@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ..brats_labels import GRADES
 from .control import run_grading_control
+from .data import RunDataError
 from .evaluation import CASE_FEATURES
 from .grading_head import train_grading_head
 from .loop import train_one
@@ -46,6 +47,22 @@ def run_plan(
         warm_start="previous",
     )
     return [PlannedStage("segmentation", "segmentation"), grading]
+
+
+def grading_case_counts(train_cases: Sequence[Any], labels: Sequence[str] = GRADES) -> Dict[str, int]:
+    """The training cases the grading stage uses: ``{grade: count, ..., "without_grade": count}``. Cases without a
+    grade (HGG/LGG) train the segmentation only; the grading stage needs training cases of every grade
+    (``RunDataError`` otherwise, before anything is trained)."""
+    counts = {g: sum(1 for c in train_cases if c.grade == g) for g in labels}
+    counts["without_grade"] = len(train_cases) - sum(counts[g] for g in labels)
+    missing = [g for g in labels if not counts[g]]
+    if missing:
+        raise RunDataError(
+            f"the grading stage needs training cases of every grade {tuple(labels)}, but none of the "
+            f"{len(train_cases)} training cases is {' or '.join(missing)} ({counts}); give the grades (HGG/LGG "
+            "folders, or an id table with a Grade column through --id_mapping) or train without the grading stage."
+        )
+    return counts
 
 
 def _loop_trainer(stage: PlannedStage) -> Callable[..., Any]:

@@ -21,8 +21,10 @@ from .ablations import run_ablation
 from .data import DataSettings, RunData, prepare_run_data
 from .loop import TrainingStopped
 from .outputs import NO_EVALUATION_NOTE, make_pipeline_ready, push_folder_to_hub
-from .plan import run_plan, run_stages
+from .plan import grading_case_counts, run_plan, run_stages
 from .settings import TrainingSettings
+
+logger = logging.getLogger("emrfuse.train")
 
 SELECTION_NEEDS_VALIDATION = (
     "train.py: --eval_steps chooses the best model during training, which needs a validation split: set "
@@ -91,6 +93,13 @@ def run_main(args: argparse.Namespace, determinism, data: DataSettings, switches
     if args.eval_steps and not run.val_cases:  # e.g. a --split_file without validation cases
         raise SystemExit(SELECTION_NEEDS_VALIDATION)
     settings = TrainingSettings.from_args(args, train_command=train_command())
+    grading_cases = grading_case_counts(run.train_cases) if args.grading_after_segmentation else None
+    if grading_cases:
+        logger.info(
+            f"grading stage: trained on the {len(run.train_cases) - grading_cases['without_grade']} training cases "
+            f"with a grade ({', '.join(f'{v} {k}' for k, v in grading_cases.items() if k != 'without_grade')}); "
+            f"{grading_cases['without_grade']} without a grade are left out of it"
+        )
 
     if args.ablation:  # every row: segmentation, then the demo's grading stage when asked
         plan = run_plan("segmentation", args.grading_after_segmentation, args.grading_fit, None)
@@ -124,6 +133,8 @@ def run_main(args: argparse.Namespace, determinism, data: DataSettings, switches
         accelerator.end_training()
         return {"stopped_at_step": stop.args[0]}
     summary["total_seconds"] = round(time.perf_counter() - t0, 1)
+    if grading_cases:
+        summary["grading_training_cases"] = grading_cases
     summary["determinism"] = determinism.to_dict()
     if run.demo_text_tower:
         summary["determinism"]["not_deterministic"].append(WORDPIECE_NOT_DETERMINISTIC)
