@@ -375,6 +375,8 @@ def cache_settings(
     slices are drawn.
     """
     proc = {k: v for k, v in image_processor.to_dict().items() if k not in ("context_slices", "processor_class")}
+    if proc.get("clip_percentiles") is None:  # the neutral value of a later setting: caches built before it stay valid
+        proc.pop("clip_percentiles", None)
     proc["class"] = type(image_processor).__name__
     processor = EmrFuseProcessor(image_processor=image_processor, tokenizer=tokenizer)
     return _jsonable(
