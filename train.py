@@ -26,7 +26,9 @@ prefer_passive_openmp()  # before torch (and everything that imports it) loads O
 
 # ruff: noqa: E402  (the imports below must follow prefer_passive_openmp)
 
+from datasets_scripts.monai_augmentation import AUGMENTATIONS, require_monai
 from modeling_emrfuse.configuration_emrfuse import ABLATION_PRESETS
+from modeling_emrfuse.processing_emrfuse import EmrFuseImageProcessor
 from modeling_emrfuse.runtime.determinism import make_deterministic
 from modeling_emrfuse.training.checkpoints import CheckpointError
 from modeling_emrfuse.training.data import (
@@ -280,6 +282,10 @@ def _add_model_architecture_options(g: argparse._ArgumentGroup) -> None:
         default=None,
         help="In-plane training crop (pixels, multiple of 32); default: the whole padded slice. Evaluation always uses whole slices.",
     )
+    clip = "Clip each sequence's brain intensities to these percentiles (e.g. 0.5 99.5) before the z-score (saved"
+    g.add_argument(
+        "--clip_percentiles", type=float, nargs=2, metavar=("LOW", "HIGH"), help=f"{clip} with the processor)."
+    )
     g.add_argument(
         "--max_report_tokens",
         type=int,
@@ -345,6 +351,8 @@ def _add_sampling_options(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--no_augmentation", action="store_true", help="Switch off rotation / scaling / translation / flips."
     )
+    aug = "paper: hand-written affine; monai: MONAI spatial + intensity transforms (pip install monai); none: off."
+    g.add_argument("--augmentation", choices=AUGMENTATIONS, default="paper", help=aug)
     g.add_argument(
         "--flip_axes",
         type=int,
@@ -506,6 +514,12 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     if not 0.0 <= args.sequence_dropout < 1.0:
         raise SystemExit(f"train.py: --sequence_dropout must be in [0, 1), got {args.sequence_dropout}.")
     args.sequence_presence = bool(args.sequence_presence or args.sequence_dropout > 0)
+    args.augmentation = "none" if args.no_augmentation else args.augmentation
+    try:  # MONAI is an optional extra; the image processor checks the percentiles
+        require_monai() if args.augmentation == "monai" else None
+        EmrFuseImageProcessor(clip_percentiles=args.clip_percentiles)
+    except (ImportError, ValueError) as exc:
+        raise SystemExit(f"train.py: {exc}") from None
     if args.output_dir is None and args.ablation:  # keep ablation runs out of the model folder
         args.output_dir = DATA_DEFAULTS["output_dir"][0 if args.demo else 1] + "-ablations"
     for key, (demo_value, real_value) in DATA_DEFAULTS.items():

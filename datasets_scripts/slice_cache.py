@@ -49,6 +49,8 @@ from modeling_emrfuse.processing_emrfuse import (
 )
 from modeling_emrfuse.runtime.strict_json import write_json
 
+from .monai_augmentation import AUGMENTATIONS, MonaiSliceAugmentation
+
 __all__ = [
     "CACHE_FORMAT_VERSION",
     "GRADE_IGNORE_INDEX",
@@ -375,6 +377,8 @@ def cache_settings(
     slices are drawn.
     """
     proc = {k: v for k, v in image_processor.to_dict().items() if k not in ("context_slices", "processor_class")}
+    if proc.get("clip_percentiles") is None:  # the neutral value of a later setting: caches built before it stay valid
+        proc.pop("clip_percentiles", None)
     proc["class"] = type(image_processor).__name__
     processor = EmrFuseProcessor(image_processor=image_processor, tokenizer=tokenizer)
     return _jsonable(
@@ -860,7 +864,14 @@ class SliceDataset(Dataset):
         slices_per_case: consecutive indices ``[g * n, (g + 1) * n)`` share one case, so that a
             batch of ``N`` sequential indices holds about ``N / n`` cases (their reports are then
             encoded once per case). Use with an unshuffled sampler (sampling is already random).
-        augment: apply the spatial augmentation in training.
+        augment: apply the augmentation in training (``False``: random crop / pad only, like ``augmentation="none"``).
+        augmentation: ``"paper"`` (default: the hand-written affine described above), ``"monai"`` (a MONAI
+            dictionary pipeline: flips, rotation + scaling + translation, small elastic, noise, gamma, bias field,
+            intensity scale / shift; see :mod:`datasets_scripts.monai_augmentation`; needs ``pip install monai``) or
+            ``"none"``. ``rotation`` / ``scale`` / ``translation`` / ``flip_axes`` / ``flip_prob`` configure
+            ``"paper"``; ``"monai"`` takes ``flip_axes`` / ``flip_prob`` and its own nnU-Net-like ranges and
+            probabilities, which ``augmentation_options`` (keyword arguments of
+            :class:`~datasets_scripts.monai_augmentation.MonaiSliceAugmentation`) may change.
         rotation: maximum rotation in degrees (uniform in ``[-rotation, rotation]``).
         scale: ``(min, max)`` isotropic scale factor.
         translation: maximum shift as a fraction of the slice size, per axis.
@@ -901,6 +912,8 @@ class SliceDataset(Dataset):
         tumour_prob: float = 0.5,
         slices_per_case: int = 1,
         augment: bool = True,
+        augmentation: str = "paper",
+        augmentation_options: Optional[Mapping[str, Any]] = None,
         rotation: float = 15.0,
         scale: Tuple[float, float] = (0.9, 1.1),
         translation: float = 0.1,
@@ -930,6 +943,8 @@ class SliceDataset(Dataset):
             raise ValueError(f"slices_per_case must be >= 1, got {slices_per_case}.")
         if any(a not in (0, 1) for a in flip_axes):
             raise ValueError(f"flip_axes must hold 0 (H) and/or 1 (W), got {tuple(flip_axes)}.")
+        if augmentation not in AUGMENTATIONS:
+            raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {augmentation!r}.")
         lo, hi = (float(s) for s in scale)
         if not 0 < lo <= hi:
             raise ValueError(f"scale must be (min, max) with 0 < min <= max, got {scale}.")
@@ -944,7 +959,12 @@ class SliceDataset(Dataset):
         self.train = bool(train)
         self.tumour_prob = float(tumour_prob)
         self.slices_per_case = int(slices_per_case)
-        self.augment = bool(augment)
+        self.augmentation = augmentation if augment else "none"
+        self.augment = self.augmentation != "none"
+        self._monai = None
+        if self.train and self.augmentation == "monai":
+            options = {"flip_axes": flip_axes, "flip_prob": flip_prob, **(augmentation_options or {})}
+            self._monai = MonaiSliceAugmentation(self.image_size, context_slices=self.context_slices, **options)
         self.rotation = float(rotation)
         self.scale = (lo, hi)
         self.translation = float(translation)
@@ -1035,6 +1055,15 @@ class SliceDataset(Dataset):
         theta[:, 2] = 2.0 * shift / s_in
         return torch.from_numpy(theta).float()
 
+    def _random_fit(
+        self, x: torch.Tensor, bits: torch.Tensor, rng: np.random.Generator
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Crop / pad image and label to ``image_size`` at one random offset (a random crop when larger)."""
+        hi, wi = x.shape[-2:]
+        ho, wo = self.image_size
+        offset = tuple(int(rng.integers(-(abs(n - t) // 2), abs(n - t) // 2 + 1)) for n, t in zip((hi, wi), (ho, wo)))
+        return _centre_fit(x, self.image_size, offset), _centre_fit(bits, self.image_size, offset)
+
     def __getitem__(self, index: int) -> Dict[str, Any]:
         with _OneThread():
             return self._item(int(index))
@@ -1054,19 +1083,17 @@ class SliceDataset(Dataset):
             x_np = x_np.reshape(-1, *x_np.shape[2:])
         x = torch.from_numpy(x_np)
         bits = torch.from_numpy(bits_np.astype(np.float32))[None]
-        if self.train and self.augment:
+        if self.train and self._monai is not None:  # random crop / pad, then MONAI's transforms
+            x, bits = self._random_fit(x, bits, rng)
+            x, bits = self._monai(x, bits, seed=int(rng.integers(2**32)), present=present)
+        elif self.train and self.augment:
             theta = self._theta(rng, x.shape[-2:])
             ho, wo = self.image_size
             grid = F.affine_grid(theta[None], [1, 1, ho, wo], align_corners=False)
             x = F.grid_sample(x[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
             bits = F.grid_sample(bits[None], grid, mode="nearest", padding_mode="zeros", align_corners=False)[0]
         elif self.train:
-            hi, wi = x.shape[-2:]
-            ho, wo = self.image_size
-            offset = tuple(
-                int(rng.integers(-(abs(n - t) // 2), abs(n - t) // 2 + 1)) for n, t in zip((hi, wi), (ho, wo))
-            )
-            x, bits = _centre_fit(x, self.image_size, offset), _centre_fit(bits, self.image_size, offset)
+            x, bits = self._random_fit(x, bits, rng)
         else:
             x, bits = _centre_fit(x, self.image_size), _centre_fit(bits, self.image_size)
         b = bits[0].to(torch.uint8)

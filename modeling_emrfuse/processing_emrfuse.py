@@ -125,6 +125,7 @@ class EmrFuseImageProcessorKwargs(ImagesKwargs, total=False):
     expected_spacing: Optional[Tuple[float, float, float]]
     spacing_tolerance: float
     sequence_presence: bool
+    clip_percentiles: Optional[Tuple[float, float]]
 
 
 def grading_slice_indices(num_slices: int, max_slices: Optional[int]) -> np.ndarray:
@@ -202,6 +203,19 @@ def _check_sequence_values(volume: np.ndarray, name: str, allow_missing_sequence
         )
 
 
+def _check_clip_percentiles(value) -> Optional[Tuple[float, float]]:
+    """``None`` or a pair ``(low, high)`` of percentiles with ``0 <= low < high <= 100`` (as floats)."""
+    if value is None:
+        return None
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"clip_percentiles must be None or two percentiles (low, high), got {value!r}.") from None
+    if not 0.0 <= low < high <= 100.0:
+        raise ValueError(f"clip_percentiles must satisfy 0 <= low < high <= 100, got {value!r}.")
+    return (low, high)
+
+
 class EmrFuseImageProcessor(BaseImageProcessor):
     r"""Four-sequence brain MRI volume <-> model-ready axial slices.
 
@@ -217,7 +231,8 @@ class EmrFuseImageProcessor(BaseImageProcessor):
        shifted to zero). The brain's bounding box (``np.any`` projections), grown by
        ``crop_margin`` voxels on every side and clipped to the grid, is the crop.
     3. :meth:`~EmrFuseImageProcessor.normalize`: z-score of each sequence over the brain voxels
-       (mean 0, std 1 over the brain; background stays exactly 0).
+       (mean 0, std 1 over the brain; background stays exactly 0); with ``clip_percentiles``, each
+       sequence's brain intensities are first clipped to those percentiles of its brain voxels.
     4. In-plane zero padding (= background after normalisation) of the cropped volume to multiples of
        ``size_divisor``, split evenly before/after (the odd voxel goes after). The slice axis (Z) is
        cropped to the brain but never padded.
@@ -253,6 +268,12 @@ class EmrFuseImageProcessor(BaseImageProcessor):
             sequence and 0 where it is missing (zero-filled), so that one model serves cases with any
             non-empty subset of the four sequences (``in_channels`` grows by 4). A model trained with
             sequence dropout uses it; it must match the model's ``config.sequence_presence``.
+        clip_percentiles: ``None`` (default: plain z-score) or ``(low, high)`` percentiles in
+            ``[0, 100]``: before the z-score, each sequence's brain intensities are clipped to its own
+            ``low``-th and ``high``-th percentile over the brain voxels (e.g. ``(0.5, 99.5)``), so that a
+            few extreme voxels (vessels, artefacts, a raw scanner scale) do not squash the range of the
+            rest. Background voxels stay 0. Saved with the processor, so training and inference
+            normalise alike.
     """
 
     model_input_names = ["pixel_values"]
@@ -265,6 +286,7 @@ class EmrFuseImageProcessor(BaseImageProcessor):
         "expected_spacing",
         "spacing_tolerance",
         "sequence_presence",
+        "clip_percentiles",
     )
 
     def __init__(
@@ -276,6 +298,7 @@ class EmrFuseImageProcessor(BaseImageProcessor):
         expected_spacing: Optional[Sequence[float]] = (1.0, 1.0, 1.0),
         spacing_tolerance: float = 0.05,
         sequence_presence: bool = False,
+        clip_percentiles: Optional[Sequence[float]] = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -305,6 +328,7 @@ class EmrFuseImageProcessor(BaseImageProcessor):
         if not isinstance(sequence_presence, (bool, np.bool_)):
             raise ValueError(f"sequence_presence must be a bool, got {sequence_presence!r}.")
         self.sequence_presence = bool(sequence_presence)
+        self.clip_percentiles = _check_clip_percentiles(clip_percentiles)
 
     # ---------------------------------------------------------------------------------- properties
     @property
@@ -495,8 +519,11 @@ class EmrFuseImageProcessor(BaseImageProcessor):
         ``volume``: ``(4, X, Y, Z)`` (any crop of a case works: statistics use only brain voxels,
         so normalising before or after cropping to the brain gives the same values). Brain = voxels
         where any sequence is non-zero. Per sequence ``(v - mean) / std`` over those voxels (float64
-        statistics, population std); returns ``float32`` of the same shape. Raises ``ValueError``
-        for an all-zero volume, NaN/inf values, or a sequence that is constant over the brain (std 0).
+        statistics, population std); with ``clip_percentiles=(low, high)`` the sequence's brain values
+        are first clipped to their ``low``-th and ``high``-th percentiles (``np.percentile``, linear
+        interpolation) and the mean and std are those of the clipped values. Returns ``float32`` of
+        the same shape. Raises ``ValueError`` for an all-zero volume, NaN/inf values, or a sequence
+        that is constant over the brain (std 0).
         """
         volume = self._check_volume(volume, "normalize")
         brain = np.any(volume != 0, axis=0)
@@ -510,6 +537,8 @@ class EmrFuseImageProcessor(BaseImageProcessor):
             values = volume[i][brain].astype(np.float64, copy=False)
             if not np.isfinite(values).all():
                 raise ValueError(f"normalize: sequence {name!r} contains NaN or infinite values.")
+            if self.clip_percentiles is not None:
+                values = np.clip(values, *np.percentile(values, self.clip_percentiles))
             mean = values.mean()
             std = values.std()
             if not np.isfinite(std) or std == 0:

@@ -590,3 +590,69 @@ def test_real_reports_tokenizer_path(tmp_path):
     assert out["input_ids"].shape == (len(texts), min(128, n_tokens.max()))
     # at BERT's 512 nothing is truncated
     assert not proc(text=texts, max_length=512)["report_truncated"].any()
+
+
+# ------------------------------------------------------------------------------------------ percentile clipping
+def _outlier_case() -> np.ndarray:
+    vol = synthetic_case(5)
+    vol[2, 12, 15, 5] = 1e7  # one huge voxel in T2 (e.g. a raw scanner value)
+    return vol
+
+
+def test_clip_percentiles_known_answer_with_an_outlier():
+    vol = _outlier_case()
+    brain = np.any(vol != 0, axis=0)
+    plain = EmrFuseImageProcessor().normalize(vol)
+    clipped = EmrFuseImageProcessor(clip_percentiles=(1, 99)).normalize(vol)
+    for s in range(4):
+        values = vol[s][brain].astype(np.float64)
+        lo, hi = np.percentile(values, [1, 99])
+        c = np.clip(values, lo, hi)
+        np.testing.assert_allclose(clipped[s][brain], (c - c.mean()) / c.std(), rtol=1e-5, atol=1e-5)
+        assert np.all(clipped[s][~brain] == 0)
+    # without clipping the outlier squashes every other T2 voxel to about one value; with it they keep their spread
+    others = brain.copy()
+    others[12, 15, 5] = False
+    assert plain[2][others].std() < 0.02 and clipped[2][others].std() > 0.9
+    assert clipped[2, 12, 15, 5] == pytest.approx(clipped[2][brain].max())  # the outlier sits at the top percentile
+    # no outlier: clipping at (0, 100) is the plain z-score
+    np.testing.assert_allclose(
+        EmrFuseImageProcessor(clip_percentiles=(0, 100)).normalize(synthetic_case(5)),
+        EmrFuseImageProcessor().normalize(synthetic_case(5)),
+        atol=1e-6,
+    )
+
+
+@pytest.mark.parametrize("clip", [None, (0.5, 99.5)])
+def test_normalisation_ignores_the_raw_scale_and_dtype(clip):
+    """A 10x-scaled copy (as two LGG cases of the real data) and int16 / float copies normalise alike."""
+    proc = EmrFuseImageProcessor(clip_percentiles=clip)
+    vol = _outlier_case()
+    vol[2, 12, 15, 5] = 30000  # fits int16
+    ref = proc.prepare_volume(vol).volume
+    np.testing.assert_allclose(proc.prepare_volume(vol * 10.0).volume, ref, rtol=1e-5, atol=1e-5)
+    as_int16 = proc.prepare_volume([vol[s].astype(np.int16) for s in range(4)]).volume
+    np.testing.assert_array_equal(as_int16, ref)
+    np.testing.assert_array_equal(proc.prepare_volume(vol.astype(np.float64)).volume, ref)
+
+
+def test_clip_percentiles_round_trip_and_bad_values(tmp_path):
+    proc = EmrFuseImageProcessor(clip_percentiles=[0.5, 99.5])
+    assert proc.clip_percentiles == (0.5, 99.5) and proc.to_dict()["clip_percentiles"] == (0.5, 99.5)
+    proc.save_pretrained(tmp_path / "clip")
+    saved = json.loads((tmp_path / "clip" / "preprocessor_config.json").read_text())
+    assert saved["clip_percentiles"] == [0.5, 99.5]
+    loaded = EmrFuseImageProcessor.from_pretrained(tmp_path / "clip")
+    assert loaded.clip_percentiles == (0.5, 99.5) and loaded.to_dict() == proc.to_dict()
+    vol = _outlier_case()
+    np.testing.assert_array_equal(loaded.normalize(vol), proc.normalize(vol))
+    EmrFuseImageProcessor().save_pretrained(tmp_path / "plain")
+    assert EmrFuseImageProcessor.from_pretrained(tmp_path / "plain").clip_percentiles is None
+    # a folder saved before the setting existed loads with no clipping
+    old = json.loads((tmp_path / "plain" / "preprocessor_config.json").read_text())
+    old.pop("clip_percentiles")
+    (tmp_path / "plain" / "preprocessor_config.json").write_text(json.dumps(old))
+    assert EmrFuseImageProcessor.from_pretrained(tmp_path / "plain").clip_percentiles is None
+    for bad in ((99, 1), (-1, 50), (1, 101), (5,), "low", (1, 1)):
+        with pytest.raises(ValueError, match="clip_percentiles"):
+            EmrFuseImageProcessor(clip_percentiles=bad)

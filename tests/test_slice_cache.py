@@ -15,11 +15,13 @@ from scipy import ndimage
 
 from datasets_scripts.brats_layouts import discover_cases
 from datasets_scripts.demo_data import write_demo_dataset
+from datasets_scripts.monai_augmentation import MONAI_MISSING, MonaiSliceAugmentation, require_monai
 from datasets_scripts.slice_cache import (
     GRADE_IGNORE_INDEX,
     CaseDataset,
     SliceDataset,
     build_cache,
+    cache_settings,
     collate_cases,
     collate_slices,
     load_cache,
@@ -77,6 +79,7 @@ def test_cache_built_once_and_rebuilt_on_change(demo, tmp_path):
     # preprocessing settings changed -> every case rebuilt
     for changed in (
         dict(image_processor=EmrFuseImageProcessor(crop_margin=2), tokenizer=tok),
+        dict(image_processor=EmrFuseImageProcessor(clip_percentiles=(1, 99)), tokenizer=tok),
         dict(image_processor=ip, tokenizer=make_tokenizer(extra=("tumour",))),
         dict(image_processor=ip, tokenizer=tok, max_length=16),
     ):
@@ -383,3 +386,146 @@ def test_cache_holds_every_case_in_bratss_orientation(demo, tmp_path):
     (img_a, lab_a), (img_b, lab_b) = _CacheReader(original).arrays(0), _CacheReader(copy).arrays(0)
     np.testing.assert_array_equal(img_a, img_b)
     np.testing.assert_array_equal(lab_a, lab_b)
+
+
+# ------------------------------------------------------------------------------------------ clipping in the cache
+def test_cache_normalises_with_the_processors_clipping(demo, tmp_path):
+    """The cache prepares cases with the processor's clip_percentiles; the default leaves the settings (and so the
+    cache key of every cache built before the option existed) unchanged."""
+    _, cases = demo
+    tok = make_tokenizer()
+    assert "clip_percentiles" not in cache_settings(EmrFuseImageProcessor(), tok)["image_processor"]
+    clip = EmrFuseImageProcessor(clip_percentiles=(2, 98))
+    assert cache_settings(clip, tok)["image_processor"]["clip_percentiles"] == [2.0, 98.0]
+    case = build_cache(cases[:1], tmp_path / "cache", clip, tok, progress=False)[0]
+    ref = clip.prepare_volume(dict(cases[0].sequences)).volume  # (4, H, W, D)
+    plain = EmrFuseImageProcessor().prepare_volume(dict(cases[0].sequences)).volume
+    got = case.prepared_volume().volume
+    np.testing.assert_allclose(got, ref, atol=2e-2, rtol=1e-3)  # float16 storage
+    assert np.abs(ref - plain).max() > 0.1  # clipping changed the values the cache holds
+
+
+# ------------------------------------------------------------------------------------------ MONAI augmentation
+NO_PROBS = dict(
+    affine_prob=0.0,
+    elastic_prob=0.0,
+    noise_prob=0.0,
+    gamma_prob=0.0,
+    bias_field_prob=0.0,
+    scale_intensity_prob=0.0,
+    shift_intensity_prob=0.0,
+)
+
+
+@pytest.fixture
+def monai_installed():
+    pytest.importorskip("monai", reason="MONAI is not installed (pip install monai, the augment extra)")
+
+
+def test_monai_transforms_known_answers(monai_installed):
+    """With every probability 0 the pipeline is the identity; a sure flip mirrors image and label; a sure shift adds
+    one offset per sequence, the same to its context slices, and a missing sequence stays exactly 0."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 32, 24, generator=g)  # context_slices=1: 3 offsets x 4 sequences
+    y = (torch.rand(1, 32, 24, generator=g) > 0.6).float() * 5
+    out = MonaiSliceAugmentation((32, 24), context_slices=1, **NO_PROBS)(x, y, seed=1)
+    assert torch.equal(out[0], x) and torch.equal(out[1], y)
+    for axis in (0, 1):
+        flip = MonaiSliceAugmentation((32, 24), context_slices=1, flip_axes=(axis,), flip_prob=1.0, **NO_PROBS)
+        fx, fy = flip(x, y, seed=1)
+        assert torch.equal(fx, x.flip(1 + axis)) and torch.equal(fy, y.flip(1 + axis))
+    shift = MonaiSliceAugmentation((32, 24), context_slices=1, **{**NO_PROBS, "shift_intensity_prob": 1.0})
+    sx, sy = shift(x, y, seed=2, present=(True, False, True, True))
+    assert torch.equal(sy, y)
+    offsets = (sx - x).reshape(3, 4, -1)
+    assert torch.equal(sx.reshape(3, 4, -1)[:, 1], torch.zeros(3, 32 * 24))  # the missing sequence
+    for s in (0, 2, 3):
+        assert offsets[:, s].std() < 1e-5 and 0 < offsets[0, s, 0].abs() <= 0.1 + 1e-6
+    assert len({round(float(offsets[0, s, 0]), 6) for s in (0, 2, 3)}) == 3  # drawn per sequence
+    with pytest.raises(ValueError, match="12 channels"):
+        shift(x[:4], y, seed=0)
+
+
+def test_monai_augmentation_keeps_label_aligned_and_nested(cached, tmp_path, monai_installed):
+    """As for the paper's augmentation: a label-derived image still matches the label after MONAI's spatial
+    transforms (every one of them applied; intensity transforms off)."""
+    cc, _, _ = cached
+    case = cc[0]
+    bits = np.array(case.region_bits())
+    fake = np.zeros_like(np.array(case.image()))
+    fake[:, 0] = np.where((bits & 1) > 0, 1.0, -1.0)  # WT (> 0 inside, < 0 outside; zero padding is neither)
+    fake[:, 1] = np.where((bits & 4) > 0, 1.0, -1.0)  # ET
+    probe = type(case)(**{**case.__dict__, "case_dir": tmp_path})
+    np.save(tmp_path / "image.npy", fake)
+    np.save(tmp_path / "regions.npy", bits)
+    spatial_only = {**NO_PROBS, "affine_prob": 1.0, "elastic_prob": 1.0, "rotation": 30.0}
+    ds = SliceDataset(
+        [probe],
+        image_size=(56, 72),
+        tumour_prob=1.0,
+        augmentation="monai",
+        augmentation_options=spatial_only,
+        flip_axes=(0, 1),
+        seed=3,
+    )
+    changed = 0
+    for i in range(24):
+        item = ds[i]
+        x, y = item["pixel_values"], item["labels"]
+        assert x.shape == (4, 56, 72) and y.shape == (3, 56, 72)
+        inside = (x != 0).numpy()  # zero padding of the spatial transforms is outside the slice
+        for ch, region in ((0, 0), (1, 2)):
+            img_mask = (x[ch] > 0).numpy()
+            lab = (y[region] > 0.5).numpy()
+            border = np.zeros_like(lab)
+            for mask in (lab, img_mask):
+                border |= ndimage.binary_dilation(mask, np.ones((3, 3))) & ~ndimage.binary_erosion(
+                    mask, np.ones((3, 3))
+                )
+            assert not ((img_mask ^ lab) & ~border & inside[ch]).any(), (i, ch)
+        assert not (y[2] > y[1]).any() and not (y[1] > y[0]).any()
+        centred = np.pad((bits[item["slice_index"]] & 1) > 0, ((0, 0), (4, 4)))[4:60]
+        changed += not np.array_equal(centred, y[0].numpy().astype(bool))
+    assert changed > 20  # the affine and elastic transforms move things
+
+
+def test_monai_augmentation_presence_and_missing_sequences_and_determinism(cached, monai_installed):
+    cc, _, _ = cached
+    kw = dict(image_size=64, augmentation="monai", context_slices=1, sequence_dropout=0.6, presence_channels=True)
+    ds = SliceDataset(cc, seed=5, **kw)
+    assert ds.in_channels == 16
+    dropped = 0
+    for i in range(40):
+        x = ds[i]["pixel_values"]
+        assert x.shape == (16, 64, 64)
+        planes = x[12:]
+        assert set(planes.unique().tolist()) <= {0.0, 1.0}  # presence channels exactly 0 / 1
+        present = planes[:, 0, 0] > 0
+        assert (planes == present[:, None, None].float()).all()
+        image = x[:12].reshape(3, 4, 64, 64)
+        assert (image[:, ~present] == 0).all()  # dropped sequences stay exactly 0, in every context slice
+        assert all(image[:, s].any() for s in np.flatnonzero(present.numpy()))
+        dropped += int((~present).sum())
+    assert dropped > 10
+    # same seed -> same sample (also in a worker's copy), another seed or epoch -> another
+    again = pickle.loads(pickle.dumps(SliceDataset(cc, seed=5, **kw)))
+    other = SliceDataset(cc, seed=6, **kw)
+    for i in (0, 9, 31):
+        assert torch.equal(ds[i]["pixel_values"], again[i]["pixel_values"])
+        assert torch.equal(ds[i]["labels"], again[i]["labels"])
+    assert not all(torch.equal(ds[i]["pixel_values"], other[i]["pixel_values"]) for i in range(8))
+    assert torch.equal(SliceDataset(cc, seed=5, **kw)[31]["pixel_values"], ds[31]["pixel_values"])  # order-free
+    before = ds[3]["pixel_values"].clone()
+    ds.set_epoch(1)
+    assert not torch.equal(before, ds[3]["pixel_values"])
+    with pytest.raises(ValueError, match="augmentation must be one of"):
+        SliceDataset(cc, augmentation="torchio")
+
+
+def test_monai_missing_names_the_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "monai", None)  # what an environment without MONAI sees
+    with pytest.raises(ImportError, match="pip install monai"):
+        require_monai()
+    assert "pip install monai" in MONAI_MISSING

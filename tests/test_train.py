@@ -408,6 +408,27 @@ def test_model_switches_from_presets_and_flags():
     assert train.parse_args(["--demo"]).grading_calibration_folds == 3
 
 
+def test_augmentation_and_clip_percentiles_options(monkeypatch):
+    from modeling_emrfuse.training.model_setup import build_processor
+
+    default = train.parse_args(["--demo"])
+    assert default.augmentation == "paper" and default.clip_percentiles is None
+    settings = TrainingSettings.from_args(default)
+    assert settings.loader.augmentation == "paper" and settings.model.clip_percentiles is None
+    assert train.parse_args(["--demo", "--no_augmentation"]).augmentation == "none"
+    args = train.parse_args(["--demo", "--augmentation", "monai", "--clip_percentiles", "0.5", "99.5"])
+    settings = TrainingSettings.from_args(args)
+    assert settings.loader.augmentation == "monai" and settings.model.clip_percentiles == (0.5, 99.5)
+    processor = build_processor(settings.model, None)  # the processor saved with the model carries the setting
+    assert processor.image_processor.clip_percentiles == (0.5, 99.5)
+    with pytest.raises(SystemExit, match="clip_percentiles"):
+        train.parse_args(["--demo", "--clip_percentiles", "99", "1"])
+    monkeypatch.setitem(sys.modules, "monai", None)  # an environment without MONAI
+    with pytest.raises(SystemExit, match="pip install monai"):
+        train.parse_args(["--demo", "--augmentation", "monai"])
+    assert train.parse_args(["--demo"]).augmentation == "paper"  # the default never needs MONAI
+
+
 # ------------------------------------------------------------------------------------------ defaults, warm start, selection
 def test_defaults_come_from_one_table_and_the_users_value_wins():
     demo, real = train.parse_args(["--demo"]), train.parse_args(["--data_dir", "x"])

@@ -70,6 +70,7 @@ def build_train_loader(
         tumour_prob=settings.tumour_prob,
         slices_per_case=settings.slices_per_case,
         augment=not settings.no_augmentation,
+        augmentation=settings.augmentation,
         flip_axes=tuple(settings.flip_axes),
         seed=seed,
         sequence_dropout=settings.sequence_dropout,

@@ -20,10 +20,12 @@ logger = logging.getLogger("emrfuse.train")
 
 
 def build_processor(settings: ModelSettings, text_model: Optional[str]):
-    """Image processor (brain crop, z-score, context slices, sequence presence) + the text tower's
+    """Image processor (brain crop, z-score with optional percentile clipping, context slices, sequence presence) + the text tower's
     tokenizer (image-only runs: a placeholder tokenizer built here, see :func:`placeholder_tokenizer`)."""
     image_processor = EmrFuseImageProcessor(
-        context_slices=settings.context_slices, sequence_presence=settings.sequence_presence
+        context_slices=settings.context_slices,
+        sequence_presence=settings.sequence_presence,
+        clip_percentiles=settings.clip_percentiles,
     )
     tokenizer = placeholder_tokenizer() if text_model is None else load_tokenizer(text_model)
     return EmrFuseProcessor(image_processor=image_processor, tokenizer=tokenizer)

@@ -125,7 +125,7 @@ def card_config(
         "lr_scheduler": opt.lr_scheduler,
         "warmup_steps": opt.warmup_steps,
         "weight_decay": opt.weight_decay,
-        "augmentation": not loader.no_augmentation,
+        "augmentation": "none" if loader.no_augmentation else loader.augmentation,
         "tumour_prob": loader.tumour_prob,
         "slices_per_case": loader.slices_per_case,
         "seed": seed,

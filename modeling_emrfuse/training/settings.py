@@ -36,6 +36,7 @@ class ModelSettings:
     ortho_loss_weight: Optional[float] = None
     init_vision_from: Optional[str] = None
     max_report_tokens: Optional[int] = None
+    clip_percentiles: Optional[Tuple[float, float]] = None  # the image processor's, saved with it
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class LoaderSettings:
     tumour_prob: float = 0.7
     slices_per_case: int = 4
     no_augmentation: bool = False
+    augmentation: str = "paper"  # paper | monai | none (--no_augmentation: none)
     flip_axes: Tuple[int, ...] = ()
     grading_slices: int = 32
     num_workers: int = 0
@@ -138,7 +140,13 @@ class TrainingSettings:
         """The settings of a parsed ``train.py`` command line."""
         tracker = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"}
         return cls(
-            model=from_options(ModelSettings, args),
+            model=from_options(
+                ModelSettings,
+                args,
+                clip_percentiles=None
+                if getattr(args, "clip_percentiles", None) is None
+                else tuple(args.clip_percentiles),
+            ),
             loader=from_options(LoaderSettings, args, flip_axes=tuple(args.flip_axes)),
             optimizer=from_options(OptimizerSettings, args),
             schedule=from_options(ScheduleSettings, args),
