@@ -5,7 +5,6 @@ the wall-clock budget, reuse of a finished fold, and the real-data cache (skippe
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -92,11 +91,9 @@ def test_training_cache_matches_the_label_regions(tiny_cases, tmp_path):
 
 def test_tiny_fold_end_to_end_and_budget(tiny_cases, tmp_path):
     budget = 2.5
-    t0 = time.perf_counter()
     rows, stats = real_peer.run_fold(
         tiny_cases, tiny_cases, budget, tmp_path / "run", tmp_path / "cache", TINY, log=lambda _: None
     )
-    assert time.perf_counter() - t0 < 60
     # the budget: steps start only within it, so training ends within budget + one step
     assert stats["steps"] >= 1
     assert stats["seconds"] <= budget + stats["max_step_seconds"] + 0.05
