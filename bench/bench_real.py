@@ -344,6 +344,18 @@ def parse_args(argv=None):
         "--context_slices", type=int, default=0, help="neighbouring slices on each side as extra channels (2.5D input)"
     )
     p.add_argument("--tumour_prob", type=float, default=0.7)
+    p.add_argument(
+        "--peer",
+        choices=("none", "segresnet"),
+        default="none",
+        help="also train a peer on every cross-validation fold (bench/real_peer.py): MONAI's SegResNet",
+    )
+    p.add_argument(
+        "--peer_minutes",
+        type=float,
+        default=None,
+        help="the peer's training minutes per fold (default: the wall time of the fold's first EmrFuse run)",
+    )
     p.add_argument("--seed", type=int, default=0)
     real_curve.add_options(p)
     real_grading.add_options(p)
@@ -498,6 +510,11 @@ def cross_validate(
             for row in read_rows(run_dir):
                 row["fold"] = fold + 1
                 per_case.setdefault(row["case_id"], {})[recipe] = row
+        if args.peer != "none":  # bench/ is on sys.path when this file runs as a script
+            from real_peer import cv_fold
+
+            for row in cv_fold(args, out, cohort.cases, split, fold, recipes, timings):
+                per_case.setdefault(row["case_id"], {})[args.peer] = row
     return per_case
 
 
@@ -626,7 +643,12 @@ def main(argv=None) -> Dict[str, Any]:
         f"{sum(cohort.has_report.values())} with a report. Command: `{command}`.\n"
     ]
     if per_case:
-        report_cv(args, out, cohort, per_case, recipes, result, lines)
+        peers = [args.peer] if args.peer != "none" else []
+        report_cv(args, out, cohort, per_case, recipes + peers, result, lines)
+        if peers:
+            from real_peer import describe
+
+            lines.append(f"Peer: {describe()}\n")
         real_grading.report_grading(per_case, cohort, out, result, lines)
     if args.learning_curve:
         real_curve.learning_curve(
