@@ -20,13 +20,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 from datasets_scripts.brats_layouts import discover_cases  # noqa: E402
 from datasets_scripts.slice_cache import SliceDataset, build_cache  # noqa: E402
 from modeling_emrfuse.processing_emrfuse import EmrFuseImageProcessor  # noqa: E402
 from modeling_emrfuse.training.text_tower import placeholder_tokenizer  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CASE = ROOT.parent / "shared" / "realdata" / "BraTS2018" / "HGG" / "Brats18_2013_2_1"
 
 

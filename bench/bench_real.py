@@ -23,11 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import real_curve  # bench/ is on the path when this runs as a script (and in tests: pyproject's pytest pythonpath)
+import real_grading
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT / "bench") not in sys.path:  # on it when this runs as a script; also when a test imports this file
-    sys.path.insert(0, str(ROOT / "bench"))
-import real_curve  # noqa: E402
-import real_grading  # noqa: E402
 
 from datasets_scripts.brats_layouts import CaseFiles, discover_cases  # noqa: E402
 from datasets_scripts.brats_text import attach_reports_and_grades, load_id_mapping, make_splits, read_reports  # noqa: E402
@@ -158,6 +157,7 @@ def train_args(
         str(args.tumour_prob),
         "--context_slices",
         str(args.context_slices),
+        *recipe_levers(args),
         "--val_fraction",
         "0",
         "--report_to",
@@ -178,6 +178,19 @@ def train_args(
     if recipe == "image+demo":
         argv += ["--init_vision_from", str(demo_model)]
     return argv
+
+
+def recipe_levers(args) -> List[str]:
+    """The train.py options of the recipe levers (augmentation, flips, intensity clipping), each passed only when it
+    differs from train.py's default, so runs finished before a lever existed keep their arguments (and are reused)."""
+    out: List[str] = []
+    if args.augmentation != "paper":
+        out += ["--augmentation", args.augmentation]
+    if args.flip_axes:
+        out += ["--flip_axes", *map(str, args.flip_axes)]
+    if args.clip_percentiles:
+        out += ["--clip_percentiles", *map(str, args.clip_percentiles)]
+    return out
 
 
 def run_train(argv: Sequence[str], log: Path, what: str, run_dir: Optional[Path] = None) -> float:
@@ -344,6 +357,27 @@ def parse_args(argv=None):
         "--context_slices", type=int, default=0, help="neighbouring slices on each side as extra channels (2.5D input)"
     )
     p.add_argument("--tumour_prob", type=float, default=0.7)
+    p.add_argument(
+        "--augmentation",
+        choices=("paper", "monai", "none"),
+        default="paper",
+        help="training-slice augmentation (train.py --augmentation): the paper's affine, MONAI's, or none",
+    )
+    p.add_argument(
+        "--flip_axes",
+        type=int,
+        nargs="*",
+        default=[],
+        help="mirror-flip axes in training (train.py --flip_axes; 0 = left-right); default none",
+    )
+    p.add_argument(
+        "--clip_percentiles",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("LOW", "HIGH"),
+        help="clip each sequence's brain intensities to these percentiles before the z-score (train.py)",
+    )
     p.add_argument(
         "--peer",
         choices=("none", "segresnet"),

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import importlib
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +15,6 @@ import pytest
 from modeling_emrfuse.evaluation.metrics import bootstrap_mean_ci
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
 real_curve = importlib.import_module("real_curve")
 
 

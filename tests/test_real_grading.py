@@ -7,7 +7,6 @@ import csv
 import dataclasses
 import importlib
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +15,6 @@ import pytest
 from modeling_emrfuse.evaluation.grading_control import fit_threshold
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
 real_grading = importlib.import_module("real_grading")
 
 

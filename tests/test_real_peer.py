@@ -14,7 +14,6 @@ from conftest import REALDATA, write_small_case
 pytest.importorskip("monai")
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
 import real_peer  # noqa: E402
 
 from modeling_emrfuse.brats_io import discover_cases  # noqa: E402

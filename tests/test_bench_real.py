@@ -1,0 +1,38 @@
+"""bench/bench_real.py's recipe levers: each reaches train.py only when it differs from train.py's default, so the
+arguments of runs finished before a lever existed are unchanged (and those runs are reused)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench_real():
+    spec = importlib.util.spec_from_file_location("bench_real", ROOT / "bench" / "bench_real.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _argv(bench_real, *extra):
+    args = bench_real.parse_args(["--output_dir", "/tmp/unused", *extra])
+    return bench_real.train_args(args, [Path("/data")], [], None, "image", None, None)
+
+
+def test_levers_are_passed_only_when_set():
+    bench_real = _bench_real()
+    plain = _argv(bench_real)
+    for option in ("--augmentation", "--flip_axes", "--clip_percentiles"):
+        assert option not in plain
+    levered = _argv(bench_real, "--augmentation", "monai", "--flip_axes", "0", "--clip_percentiles", "0.5", "99.5")
+    assert levered[levered.index("--augmentation") + 1] == "monai"
+    assert levered[levered.index("--flip_axes") + 1] == "0"
+    i = levered.index("--clip_percentiles")
+    assert levered[i + 1 : i + 3] == ["0.5", "99.5"]
+    # everything else is as before: a finished run of the plain recipe keeps its reuse key
+    start = levered.index("--augmentation")
+    assert levered[:start] + levered[start + 7 :] == plain
