@@ -339,6 +339,11 @@ def parse_args(argv=None):
         "--context_slices", type=int, default=0, help="neighbouring slices on each side as extra channels (2.5D input)"
     )
     p.add_argument("--tumour_prob", type=float, default=0.7)
+    p.add_argument(
+        "--rescore",
+        action="store_true",
+        help="after the CV, re-score each fold's model under test-time flips and post-processing (bench/real_rescore.py)",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.cv == 1 or args.cv < 0:
@@ -618,6 +623,11 @@ def main(argv=None) -> Dict[str, Any]:
     (out / "results.md").write_text("\n".join(lines))
     (out / "results.json").write_text(json.dumps(_nan_to_none(result), indent=1, allow_nan=False))
     print("\n".join(lines))
+    if args.rescore and per_case:  # appends its tables to results.md
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from real_rescore import rescore
+
+        rescore(out, cohort.cases, cohort.attached.reports, cohort.info, recipes=recipes, command=command)
     print(f"tables: {out / 'results.md'}; total {result['total_minutes']} min")
     print(
         json.dumps(
