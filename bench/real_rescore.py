@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -514,11 +515,22 @@ def rescore(
     text = "\n".join(lines)
     (out / "rescore.md").write_text(text)
     (out / "rescore.json").write_text(json.dumps(_finite(result), indent=1, allow_nan=False))
-    with (out / "results.md").open("a") as fh:
-        fh.write("\n" + text)
+    append_section(out / "results.md", text)
     print(text)
     print(f"rescore: {out / 'rescore.md'}, {out / 'rescore.json'}; {result['minutes']} min", flush=True)
     return result
+
+
+def append_section(path: Path, text: str) -> None:
+    """Append ``text`` (a ``## `` section) to ``path``, replacing the section of the same title that an earlier run
+    appended (up to the next ``## `` heading), so that a rerun leaves one copy."""
+    old = path.read_text() if path.is_file() else ""
+    found = re.search(r"(?m)^" + re.escape(text.splitlines()[0]) + r"$", old)
+    if found:
+        after = re.search(r"(?m)^## ", old[found.end() :])
+        old = old[: found.start()] + (old[found.end() + after.start() :] if after else "")
+    old = old.rstrip("\n")
+    path.write_text((old + "\n\n" if old else "") + text)
 
 
 def _expert(

@@ -183,3 +183,16 @@ def test_a_rerun_reads_every_result_from_the_cache(bench_dir, monkeypatch, capsy
     again = rescore_mod.main(argv)
     assert again["recipes"]["image"]["rows"] == result["recipes"]["image"]["rows"]
     assert "case 2/2 Case_B: all variants cached" in capsys.readouterr().out
+
+
+def test_results_md_keeps_one_copy_of_the_section(tmp_path):
+    path = tmp_path / "results.md"
+    path.write_text("# EmrFuse on real BraTS cases\n\nintro\n")
+    rescore_mod.append_section(path, "## Inference-time levers\n\nfirst\n")
+    rescore_mod.append_section(path, "## Inference-time levers\n\nsecond\n")
+    assert path.read_text() == "# EmrFuse on real BraTS cases\n\nintro\n\n## Inference-time levers\n\nsecond\n"
+    path.write_text(path.read_text() + "\n## Final model\n\nkept\n")
+    rescore_mod.append_section(path, "## Inference-time levers\n\nthird\n")
+    assert path.read_text() == (
+        "# EmrFuse on real BraTS cases\n\nintro\n\n## Final model\n\nkept\n\n## Inference-time levers\n\nthird\n"
+    )
