@@ -436,6 +436,21 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
         help="Evaluate on the validation split every N steps and keep the best model (needs a validation split: "
         "--val_fraction > 0 or a --split_file with one). Without it, the model of the last step is kept.",
     )
+    g.add_argument("--eval_tta", action="store_true", help="Evaluate with test-time flips (emrfuse predict --tta).")
+    g.add_argument(
+        "--eval_min_component_mm3",
+        type=float,
+        default=None,
+        help="Evaluate with post-processing: "
+        "whole-tumour components below this many mm^3 removed (emrfuse predict --min-component-mm3).",
+    )
+    g.add_argument(
+        "--eval_et_min_mm3",
+        type=float,
+        default=None,
+        help="Evaluate with post-processing: ET below "
+        "this many mm^3 in all relabelled as tumour core (emrfuse predict --et-min-mm3).",
+    )
     g.add_argument("--checkpointing_steps", type=int, default=None, help="Save a resumable checkpoint every N steps.")
     g.add_argument("--checkpoints_total_limit", type=int, default=2)
     g.add_argument(
@@ -509,6 +524,9 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit(
             f"train.py: {len(args.release)} --release values for {len(args.data_dir)} --data_dir folders: give one, or one per folder."
         )
+    for name in ("eval_min_component_mm3", "eval_et_min_mm3"):
+        if getattr(args, name) is not None and not 0.0 <= getattr(args, name) < float("inf"):
+            raise SystemExit(f"train.py: --{name} must be a number of mm^3 >= 0, got {getattr(args, name)}.")
     if args.eval_fraction is not None and not 0.0 <= args.eval_fraction < 1.0:
         raise SystemExit(f"train.py: --eval_fraction must be in [0, 1), got {args.eval_fraction}.")
     if not 0.0 <= args.sequence_dropout < 1.0:

@@ -390,6 +390,11 @@ def parse_args(argv=None):
         default=None,
         help="the peer's training minutes per fold (default: the wall time of the fold's first EmrFuse run)",
     )
+    p.add_argument(
+        "--rescore",
+        action="store_true",
+        help="after the CV, re-score each fold's model under test-time flips and post-processing (bench/real_rescore.py)",
+    )
     p.add_argument("--seed", type=int, default=0)
     real_curve.add_options(p)
     real_grading.add_options(p)
@@ -695,6 +700,11 @@ def main(argv=None) -> Dict[str, Any]:
     (out / "results.md").write_text("\n".join(lines))
     (out / "results.json").write_text(json.dumps(_nan_to_none(result), indent=1, allow_nan=False))
     print("\n".join(lines))
+    if args.rescore and per_case:  # appends its tables to results.md
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from real_rescore import rescore
+
+        rescore(out, cohort.cases, cohort.attached.reports, cohort.info, recipes=recipes, command=command)
     print(f"tables: {out / 'results.md'}; total {result['total_minutes']} min")
     print(
         json.dumps(

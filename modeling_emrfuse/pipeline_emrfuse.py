@@ -48,7 +48,14 @@ from .brats_labels import GRADES, REGIONS, SEQUENCES, get_label_convention, labe
 from .configuration_emrfuse import EmrFuseConfig
 from .inference_optim import inference_autocast, is_inference_optimized, optimize_for_inference, resolve_precision
 from .modeling_emrfuse import EmrFuseForImageClassification, EmrFuseForSegmentation
-from .processing_emrfuse import CropInfo, EmrFuseProcessor, PreparedVolume, grading_slice_indices
+from .processing_emrfuse import (
+    CropInfo,
+    EmrFuseProcessor,
+    PreparedVolume,
+    check_postprocessing,
+    grading_slice_indices,
+    postprocess_regions,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -635,7 +642,10 @@ class EmrFusePipeline(Pipeline):
     tumour label where all four sequences are 0, i.e. outside the skull-stripped brain),
     ``allow_missing_sequences`` (default False), ``resample`` (default False), ``tta`` (default False:
     test-time flips, the region probabilities averaged over the slices and their flips along each
-    in-plane axis and both), ``max_report_chars`` (default :data:`DEFAULT_MAX_REPORT_CHARS`: a longer
+    in-plane axis and both), ``min_component_mm3`` / ``et_min_mm3`` (post-processing, default: the image
+    processor's ``postprocessing``, 0 = off unless the model folder sets it: whole-tumour components smaller than
+    ``min_component_mm3`` removed, and all enhancing tumour relabelled as tumour core when its total volume is
+    below ``et_min_mm3``; see :func:`~processing_emrfuse.postprocess_regions`), ``max_report_chars`` (default :data:`DEFAULT_MAX_REPORT_CHARS`: a longer
     report is cut, a case folder's report file read no further, and the result's ``report_capped`` and
     ``warnings`` say so).
 
@@ -660,8 +670,8 @@ class EmrFusePipeline(Pipeline):
     in chunks of ``config.slice_chunk_size`` slices and the report is encoded once per case
     (``slice_to_case``); the grading model pools the slices its ``config.grading_slices`` names unless
     ``grading_max_slices`` overrides it; (4) postprocess: region logits -> label map on the original
-    grid (voxels outside the skull-stripped brain set to 0; non-finite logits or weights are an error),
-    region volumes in cm^3 at ``|det|`` of the affine per voxel, grade probabilities, alpha_text /
+    grid (voxels outside the skull-stripped brain set to 0, then the post-processing; non-finite logits or weights
+    are an error), region volumes in cm^3 at ``|det|`` of the affine per voxel, grade probabilities, alpha_text /
     alpha_image and token attention. Assumptions about the header (no orientation set, a sheared
     affine, qform and sform that disagree) are listed in the result's ``warnings``.
 
@@ -696,7 +706,7 @@ class EmrFusePipeline(Pipeline):
     BraTS's LPS, else ``None``),
     ``case_id``, ``num_slices`` (the brain slices the model saw), ``model_id`` / ``revision`` (and ``grading_model_id`` / ``grading_revision``),
     ``missing_sequences`` (zero-filled sequences, only with ``allow_missing_sequences=True``; ``[]``
-    for a complete case), ``tta`` (test-time flips were averaged), ``resampling`` (``None``, or the input and model grids and spacings when
+    for a complete case), ``tta`` (test-time flips were averaged), ``postprocessing`` (the post-processing settings applied, mm^3), ``resampling`` (``None``, or the input and model grids and spacings when
     ``resample=True`` resampled the case), ``warnings`` (list of strings, e.g. a missing sequence given to a model
     without sequence-presence channels), ``timings`` (seconds: ``load``, ``preprocess``, ``model``, ``postprocess``, plus ``text_encoder``
     and ``text_encoder_calls``).
@@ -806,6 +816,8 @@ class EmrFusePipeline(Pipeline):
         resample=None,
         max_report_chars=None,
         tta=None,
+        min_component_mm3=None,
+        et_min_mm3=None,
         **kwargs,
     ):
         if kwargs:
@@ -838,6 +850,9 @@ class EmrFusePipeline(Pipeline):
             post["return_probabilities"] = bool(return_probabilities)
         if mask_background is not None:
             post["mask_background"] = bool(mask_background)
+        for key, value in (("min_component_mm3", min_component_mm3), ("et_min_mm3", et_min_mm3)):
+            if value is not None:
+                post[key] = check_postprocessing(**{key: value})[key]
         if label_convention is not None:
             get_label_convention(label_convention)  # fail early on an unknown name
         forward = {} if tta is None else {"tta": bool(tta)}
@@ -1000,7 +1015,13 @@ class EmrFusePipeline(Pipeline):
         return out
 
     def postprocess(
-        self, model_outputs, threshold: float = 0.5, return_probabilities: bool = False, mask_background: bool = True
+        self,
+        model_outputs,
+        threshold: float = 0.5,
+        return_probabilities: bool = False,
+        mask_background: bool = True,
+        min_component_mm3: Optional[float] = None,
+        et_min_mm3: Optional[float] = None,
     ):
         t0 = time.perf_counter()
         case: LoadedCase = model_outputs["case"]
@@ -1015,6 +1036,7 @@ class EmrFusePipeline(Pipeline):
             "num_slices": CropInfo.from_dict(model_outputs["crop_info"]).num_slices,
             "label_convention": convention,
             "region_volumes_cm3": None,
+            "postprocessing": None,
         }
         logits = model_outputs["seg_logits"]
         resampling = model_outputs.get("resampling")
@@ -1030,6 +1052,15 @@ class EmrFusePipeline(Pipeline):
                     background &= volume == 0
                 label_map[background] = 0
                 regions &= ~background
+            settings = check_postprocessing(
+                getattr(self.image_processor, "postprocessing", None),
+                min_component_mm3=min_component_mm3,
+                et_min_mm3=et_min_mm3,
+            )
+            if any(settings.values()):  # on the input's grid, after the background mask
+                regions = postprocess_regions(regions, voxel_volume_mm3(case.affine), **settings)
+                label_map = regions_to_label_map(regions, get_label_convention(convention))
+            result["postprocessing"] = settings
             result["label_map"] = label_map.astype(np.uint8, copy=False)
             result["region_volumes_cm3"] = _nested_region_volumes(regions, case.affine)
             if return_probabilities and probs is not None:

@@ -24,7 +24,16 @@ from transformers.processing_utils import ImagesKwargs, ProcessorMixin
 from .brats_io import affine_spacing, to_nifti_image, volume_suffix
 from .brats_labels import REGIONS, SEQUENCES, canonical_sequence_name, get_label_convention, regions_to_label_map
 
-__all__ = ["CropInfo", "PreparedVolume", "EmrFuseImageProcessor", "EmrFuseProcessor", "grading_slice_indices"]
+__all__ = [
+    "CropInfo",
+    "PreparedVolume",
+    "EmrFuseImageProcessor",
+    "EmrFuseProcessor",
+    "grading_slice_indices",
+    "POSTPROCESSING_DEFAULTS",
+    "check_postprocessing",
+    "postprocess_regions",
+]
 
 # BERT-family towers have 512 learned positions; used when a tokenizer does not state its maximum length.
 _DEFAULT_TEXT_MAX_LENGTH = 512
@@ -126,6 +135,77 @@ class EmrFuseImageProcessorKwargs(ImagesKwargs, total=False):
     spacing_tolerance: float
     sequence_presence: bool
     clip_percentiles: Optional[Tuple[float, float]]
+    postprocessing: Dict[str, float]
+
+
+# --------------------------------------------------------------------------------------------------
+# Post-processing of the region masks (BraTS winners' style)
+# --------------------------------------------------------------------------------------------------
+POSTPROCESSING_DEFAULTS: Dict[str, float] = {"min_component_mm3": 0.0, "et_min_mm3": 0.0}
+"""Post-processing settings and their defaults (0 = off): see :func:`postprocess_regions`."""
+
+
+def check_postprocessing(settings: Optional[Mapping[str, Any]] = None, **overrides: Any) -> Dict[str, float]:
+    """The complete post-processing settings: :data:`POSTPROCESSING_DEFAULTS`, then ``settings``, then the
+    ``overrides`` that are not ``None``. Each value must be a finite number >= 0 (mm^3); an unknown name is an
+    error naming it."""
+    out = dict(POSTPROCESSING_DEFAULTS)
+    merged = dict(settings or {})
+    merged.update({k: v for k, v in overrides.items() if v is not None})
+    for name, value in merged.items():
+        if name not in POSTPROCESSING_DEFAULTS:
+            raise ValueError(f"postprocessing: unknown setting {name!r} (known: {sorted(POSTPROCESSING_DEFAULTS)}).")
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise ValueError(f"postprocessing: {name} must be a number of mm^3 >= 0, got {value!r}.")
+        if not (math.isfinite(float(value)) and float(value) >= 0):
+            raise ValueError(f"postprocessing: {name} must be a finite number of mm^3 >= 0, got {value!r}.")
+        out[name] = float(value)
+    return out
+
+
+def postprocess_regions(
+    regions: np.ndarray, voxel_volume_mm3: float, min_component_mm3: float = 0.0, et_min_mm3: float = 0.0
+) -> np.ndarray:
+    """Post-process predicted region masks as BraTS challenge winners do; returns nested masks ``(3, ...)``.
+
+    ``regions``: boolean ``(3, X, Y, Z)`` masks (WT, TC, ET) on a grid of ``voxel_volume_mm3`` mm^3 per voxel. They
+    are first nested (TC |= ET, WT |= TC: the label map that :func:`brats_labels.regions_to_label_map` paints
+    is the same), then:
+
+    1. ``min_component_mm3 > 0``: every connected component of the whole tumour (26-connectivity) smaller than
+       ``min_component_mm3`` is removed, with the TC and ET voxels inside it (isolated false-positive specks);
+    2. ``et_min_mm3 > 0``: when the total ET volume (after step 1) is below ``et_min_mm3``, all ET is relabelled
+       as tumour core without enhancement (ET cleared, TC kept): a few enhancing voxels in a case without
+       enhancing tumour cost its whole ET Dice (0 instead of 1), so a small ET prediction is not trusted.
+
+    With both 0 (the default) the masks are returned unchanged. Needs scipy (imported here, only when a
+    component is looked for).
+    """
+    settings = check_postprocessing(min_component_mm3=min_component_mm3, et_min_mm3=et_min_mm3)
+    regions = np.asarray(regions, dtype=bool)
+    if regions.shape[0] != len(REGIONS):
+        raise ValueError(f"regions must have {len(REGIONS)} channels (WT, TC, ET) first, got shape {regions.shape}.")
+    if not any(settings.values()):
+        return regions
+    voxel = float(voxel_volume_mm3)
+    if not (math.isfinite(voxel) and voxel > 0):
+        raise ValueError(f"voxel_volume_mm3 must be a positive number, got {voxel_volume_mm3!r}.")
+    et = regions[2].copy()
+    tc = regions[1] | et
+    wt = regions[0] | tc
+    if settings["min_component_mm3"] > 0 and wt.any():
+        from scipy import ndimage
+
+        labels, _ = ndimage.label(wt, structure=np.ones((3,) * wt.ndim, dtype=bool))
+        sizes_mm3 = np.bincount(labels.ravel()) * voxel
+        keep = sizes_mm3 >= settings["min_component_mm3"]
+        keep[0] = False  # background
+        wt = keep[labels]
+        tc &= wt
+        et &= wt
+    if settings["et_min_mm3"] > 0 and float(et.sum(dtype=np.int64)) * voxel < settings["et_min_mm3"]:
+        et[:] = False
+    return np.stack([wt, tc, et])
 
 
 def grading_slice_indices(num_slices: int, max_slices: Optional[int]) -> np.ndarray:
@@ -274,6 +354,10 @@ class EmrFuseImageProcessor(BaseImageProcessor):
             few extreme voxels (vessels, artefacts, a raw scanner scale) do not squash the range of the
             rest. Background voxels stay 0. Saved with the processor, so training and inference
             normalise alike.
+        postprocessing: the post-processing the pipeline applies to the label map by default
+            (:func:`postprocess_regions`): ``{"min_component_mm3": 0, "et_min_mm3": 0}`` (both off unless set), saved
+            with the processor so that a model folder carries the setting its cross-validation supported; the
+            pipeline's ``min_component_mm3=`` / ``et_min_mm3=`` override it per call.
     """
 
     model_input_names = ["pixel_values"]
@@ -287,6 +371,7 @@ class EmrFuseImageProcessor(BaseImageProcessor):
         "spacing_tolerance",
         "sequence_presence",
         "clip_percentiles",
+        "postprocessing",
     )
 
     def __init__(
@@ -299,6 +384,7 @@ class EmrFuseImageProcessor(BaseImageProcessor):
         spacing_tolerance: float = 0.05,
         sequence_presence: bool = False,
         clip_percentiles: Optional[Sequence[float]] = None,
+        postprocessing: Optional[Mapping[str, float]] = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -329,6 +415,7 @@ class EmrFuseImageProcessor(BaseImageProcessor):
             raise ValueError(f"sequence_presence must be a bool, got {sequence_presence!r}.")
         self.sequence_presence = bool(sequence_presence)
         self.clip_percentiles = _check_clip_percentiles(clip_percentiles)
+        self.postprocessing = check_postprocessing(postprocessing)
 
     # ---------------------------------------------------------------------------------- properties
     @property

@@ -58,7 +58,7 @@ def setup(tmp_path_factory):
     return model, cases, out
 
 
-def _held_out(model_cls, folder: Path, cases: Path, task: str, monkeypatch):
+def _held_out(model_cls, folder: Path, cases: Path, task: str, monkeypatch, inference=None):
     """train.py's held-out evaluation of every case in ``cases`` (as train.py calls it, the model in memory): the
     rows and the pipeline results it computed them from."""
     from accelerate import Accelerator
@@ -68,16 +68,20 @@ def _held_out(model_cls, folder: Path, cases: Path, task: str, monkeypatch):
 
     results = {}
 
-    def recording(pipe, case, report, max_report_tokens=None):
-        results[case.case_id] = predict_case(pipe, case, report, max_report_tokens)
+    def recording(pipe, case, report, max_report_tokens=None, **options):
+        results[case.case_id] = predict_case(pipe, case, report, max_report_tokens, **options)
         return results[case.case_id]
 
     predict_case = evaluation.predict_case
-    monkeypatch.setattr(evaluation, "predict_case", recording)
     model = model_cls.from_pretrained(folder)
     processor = EmrFuseProcessor.from_pretrained(folder)
     found = discover_cases(cases)
-    rows, _, embeds = evaluation.evaluate(Accelerator(cpu=True), model, processor, list(found), {}, task, step=0)
+    with monkeypatch.context() as patch:  # undone at the end, so that a second call records only its own results
+        patch.setattr(evaluation, "predict_case", recording)
+        rows, summary, embeds = evaluation.evaluate(
+            Accelerator(cpu=True), model, processor, list(found), {}, task, step=0, inference=inference
+        )
+    assert summary.get("inference") == (inference or None)
     assert embeds is not None and embeds.shape[0] == len(found)  # the embedding plot's input
     assert model.training is False
     return {r["case_id"]: r for r in rows}, results
@@ -182,3 +186,36 @@ def test_held_out_label_map_equals_emrfuse_predict_on_a_real_case(setup, tmp_pat
     predicted = np.asanyarray(nib.load(str(tmp_path / f"{REAL_CASE.name}.nii.gz")).dataobj)
     assert np.array_equal(results[REAL_CASE.name]["label_map"], predicted)
     assert np.isfinite(rows[REAL_CASE.name]["WT_dice"])
+
+
+def test_held_out_evaluation_with_inference_options_equals_the_pipeline_with_them(setup, monkeypatch):
+    """train.py's ``--eval_tta --eval_min_component_mm3 --eval_et_min_mm3`` reach the pipeline: the held-out label
+    maps and their metrics are the pipeline's with the same options, and differ from the plain evaluation."""
+    from train_script import load_train_script
+
+    from modeling_emrfuse.evaluation.metrics import metrics_to_row, score_label_maps
+    from modeling_emrfuse.modeling_emrfuse import EmrFuseForSegmentation
+    from modeling_emrfuse.pipeline_emrfuse import load_pipeline
+    from modeling_emrfuse.training.settings import TrainingSettings
+
+    model, cases, _ = setup
+    argv = ["--demo", "--eval_tta", "--eval_min_component_mm3", "30", "--eval_et_min_mm3", "40"]
+    options = TrainingSettings.from_args(load_train_script().parse_args(argv)).evaluation.pipeline_options()
+    assert options == {"tta": True, "min_component_mm3": 30.0, "et_min_mm3": 40.0}
+    assert TrainingSettings.from_args(load_train_script().parse_args(["--demo"])).evaluation.pipeline_options() == {}
+    with pytest.raises(SystemExit):
+        load_train_script().parse_args(["--demo", "--eval_et_min_mm3", "-1"])
+    rows, results = _held_out(EmrFuseForSegmentation, model, cases, "segmentation", monkeypatch, options)
+    _, plain = _held_out(EmrFuseForSegmentation, model, cases, "segmentation", monkeypatch)
+    pipe = load_pipeline(str(model), device="cpu", precision="fp32", optimize=False, grading_model=False)
+    for case_id in ("Case_LPS", "Case_ARS"):
+        folder = cases / case_id
+        expected = pipe(str(folder), use_case_report=False, **options)
+        held_out = results[case_id]
+        assert held_out["tta"] and held_out["postprocessing"] == {"min_component_mm3": 30.0, "et_min_mm3": 40.0}
+        assert np.array_equal(held_out["label_map"], expected["label_map"])
+        assert not np.array_equal(held_out["label_map"], plain[case_id]["label_map"])
+        reference = np.asanyarray(nib.load(str(folder / f"{case_id}_seg.nii.gz")).dataobj)
+        scores = metrics_to_row(score_label_maps(expected["label_map"], reference, pred_convention="brats2020"))
+        assert rows[case_id]["WT_dice"] == pytest.approx(scores["WT_dice"])
+        assert rows[case_id]["ET_pred_voxels"] == scores["ET_pred_voxels"]

@@ -17,8 +17,9 @@ import tomllib
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "modeling_emrfuse"
 
-# third-party modules the Hub files may import (nibabel / SimpleITK only where a file is read)
-HUB_THIRD_PARTY = {"torch", "transformers", "timm", "numpy", "nibabel", "SimpleITK"}
+# third-party modules the Hub files may import (nibabel / SimpleITK only where a file is read, scipy only where
+# the post-processing looks for connected components)
+HUB_THIRD_PARTY = {"torch", "transformers", "timm", "numpy", "nibabel", "SimpleITK", "scipy"}
 
 
 def _imports(path: Path):

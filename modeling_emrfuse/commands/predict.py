@@ -79,6 +79,7 @@ def prediction_record(
         "missing_sequences": list(result.get("missing_sequences") or []),
         "resampling": result.get("resampling"),
         "tta": bool(result.get("tta")),
+        "postprocessing": result.get("postprocessing"),
         "warnings": list(result.get("warnings") or []),
         "model": {"id": result.get("model_id"), "revision": result.get("revision")},
         "inputs": inputs,
@@ -306,6 +307,10 @@ def _prepare(args: argparse.Namespace):
         raise PredictError(f"--threshold must be in (0, 1), got {args.threshold}.")
     if args.max_report_chars < 1:
         raise PredictError(f"--max-report-chars must be >= 1, got {args.max_report_chars}.")
+    for option in ("min_component_mm3", "et_min_mm3"):
+        value = getattr(args, option, None)
+        if value is not None and not 0.0 <= value < float("inf"):
+            raise PredictError(f"--{option.replace('_', '-')} must be a number of mm^3 >= 0, got {value}.")
     if args.case_id is not None:
         check_case_id(args.case_id, "--case-id")
     args._report_file_text = (
@@ -395,6 +400,15 @@ def _predict_cases(pipe, cases, args, reports, out: Path, single: bool, show_pro
     return written, failures
 
 
+def _postprocessing_options(args) -> Dict[str, float]:
+    """The post-processing options given on the command line (none given: the model folder's setting)."""
+    options = {}
+    for option in ("min_component_mm3", "et_min_mm3"):
+        if getattr(args, option, None) is not None:
+            options[option] = float(getattr(args, option))
+    return options
+
+
 def _predict_one(pipe, case: CaseFiles, args, reports, out: Path, single: bool) -> None:
     """One case through the pipeline; writes its label map and JSON."""
     check_case_id(case.case_id)
@@ -409,6 +423,7 @@ def _predict_one(pipe, case: CaseFiles, args, reports, out: Path, single: bool) 
         resample=bool(getattr(args, "resample", False)),
         max_report_chars=getattr(args, "max_report_chars", None),
         **({"tta": True} if getattr(args, "tta", False) else {}),  # a folder's own older pipeline has no tta
+        **_postprocessing_options(args),
     )
     if source is not None and result.get("has_report"):
         result["report_source"] = source
@@ -644,7 +659,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_output_options(p: argparse.ArgumentParser) -> None:
-    """Where the outputs go and how the label map is made: labels, release, threshold, resampling, flips."""
+    """Where the outputs go and how the label map is made: labels, release, threshold, resampling, flips, post-processing."""
     p.add_argument(
         "-o",
         "--output",
@@ -674,6 +689,22 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="test-time flips: average the region probabilities over each slice and its flips along the two "
         'in-plane axes (4 forward passes of the segmentation model instead of 1); the JSON records "tta"',
+    )
+    p.add_argument(
+        "--min-component-mm3",
+        type=float,
+        default=None,
+        metavar="MM3",
+        help="post-processing: remove whole-tumour connected components (26-connected) smaller than this many mm^3, "
+        "with their core and enhancing voxels (default: the model folder's setting, 0 = off unless it sets one)",
+    )
+    p.add_argument(
+        "--et-min-mm3",
+        type=float,
+        default=None,
+        metavar="MM3",
+        help="post-processing: when the predicted enhancing tumour totals less than this many mm^3, relabel it as "
+        'tumour core (default: the model folder\'s setting, 0 = off unless it sets one); the JSON records "postprocessing"',
     )
 
 

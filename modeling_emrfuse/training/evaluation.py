@@ -5,7 +5,7 @@ one process."""
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -22,10 +22,14 @@ CASE_FEATURES = "case_enhancing_fraction"
 """Summary key of a segmentation evaluation: case id -> enhancing fraction of the predicted label map."""
 
 
-def predict_case(pipe, case, report: Optional[str], max_report_tokens: Optional[int] = None) -> Dict[str, Any]:
+def predict_case(
+    pipe, case, report: Optional[str], max_report_tokens: Optional[int] = None, **options: Any
+) -> Dict[str, Any]:
     """One held-out case (a discovered :class:`~modeling_emrfuse.brats_io.CaseFiles`) through the pipeline, the
     path of ``emrfuse predict``: its result (label map on the files' own grid, background masked; grade
-    probabilities from the grading slices; the case embedding). The report is the one given (None: none)."""
+    probabilities from the grading slices; the case embedding). The report is the one given (None: none);
+    ``options`` are the pipeline's inference options (``tta``, ``min_component_mm3``, ``et_min_mm3``: train.py's
+    ``--eval_tta``, ``--eval_min_component_mm3``, ``--eval_et_min_mm3``)."""
     return pipe(
         case,
         report=report,
@@ -33,6 +37,7 @@ def predict_case(pipe, case, report: Optional[str], max_report_tokens: Optional[
         label_convention=case.label_convention,
         max_length=max_report_tokens,
         allow_missing_sequences=bool(case.missing_sequences),
+        **options,
     )
 
 
@@ -63,12 +68,16 @@ def case_row(case, result: Dict[str, Any], id2label: Dict[int, str]) -> Dict[str
 
 
 def evaluate_case(
-    pipe, case, report: Optional[str], max_report_tokens: Optional[int] = None
+    pipe,
+    case,
+    report: Optional[str],
+    max_report_tokens: Optional[int] = None,
+    inference: Optional[Mapping[str, Any]] = None,
 ) -> Tuple[Dict[str, Any], Optional[np.ndarray]]:
-    """One held-out case through the pipeline -> its row (id, grade, metrics / grade probabilities, timing) and
-    the fused case embedding (``case_embeds``) for the embedding plot."""
+    """One held-out case through the pipeline (with the ``inference`` options) -> its row (id, grade, metrics /
+    grade probabilities, timing) and the fused case embedding (``case_embeds``) for the embedding plot."""
     t0 = time.perf_counter()
-    result = predict_case(pipe, case, report, max_report_tokens)
+    result = predict_case(pipe, case, report, max_report_tokens, **dict(inference or {}))
     row = case_row(case, result, pipe.model.config.id2label)
     row["seconds"] = time.perf_counter() - t0
     return row, result["case_embedding"]
@@ -76,10 +85,20 @@ def evaluate_case(
 
 @torch.no_grad()
 def evaluate(
-    accelerator, model, processor, cases, reports, task: str, step: int, max_report_tokens: Optional[int] = None
+    accelerator,
+    model,
+    processor,
+    cases,
+    reports,
+    task: str,
+    step: int,
+    max_report_tokens: Optional[int] = None,
+    inference: Optional[Mapping[str, Any]] = None,
 ) -> Tuple[List[Dict[str, Any]], Dict[str, Any], Optional[np.ndarray]]:
     """Evaluate every held-out case exactly once (cases dealt round-robin to the processes), gather.
 
+    Segmentation is evaluated with the pipeline's ``inference`` options (``tta``, ``min_component_mm3``,
+    ``et_min_mm3``; none: plain, as ``emrfuse predict`` without options); the summary's ``inference`` says which.
     Returns the per-case rows (sorted by case id), the summary (segmentation: mean / std / median
     per region and metric; grading: accuracy, balanced accuracy, ROC AUC, F1, confusion matrix)
     and the case embeddings in row order.
@@ -90,9 +109,10 @@ def evaluate(
     net.eval()
     mine = cases[accelerator.process_index :: accelerator.num_processes]
     local = []
+    options = dict(inference or {}) if task == "segmentation" else {}
     with accelerator.autocast(), pipeline_for_model(net, processor, accelerator.device) as pipe:
         for case in mine:
-            row, emb = evaluate_case(pipe, case, reports.get(case.case_id), max_report_tokens)
+            row, emb = evaluate_case(pipe, case, reports.get(case.case_id), max_report_tokens, options)
             local.append((row, None if emb is None else emb.tolist()))
     gathered = gather_object(local) if accelerator.num_processes > 1 else local
     net.train(was_training)
@@ -109,6 +129,8 @@ def evaluate(
         "num_cases": len(rows),
         "eval_seconds": round(time.perf_counter() - t0, 2),
     }
+    if options:
+        summary["inference"] = options
     if task == "segmentation":
         summary["segmentation"] = summarize_segmentation(rows)
         summary[CASE_FEATURES] = {r["case_id"]: r[FEATURE] for r in rows}  # the grading control's held-out features

@@ -391,6 +391,7 @@ def train_one(
         use_trackers=use_trackers,
         log=progress.write,
         max_report_tokens=settings.model.max_report_tokens,
+        inference=settings.evaluation.pipeline_options(),
     )
     t_train = time.perf_counter()
     counters = run_epochs(settings, accelerator, run, stage, selection, best, progress, use_trackers)
@@ -437,7 +438,15 @@ def finish_stage(
             accelerator, stage.model, stage.processor, run.reports, task, global_step, stage.max_steps, selection, best
         )
     rows, summary, embeds = score_best_model(
-        accelerator, stage.model, stage.processor, run, task, best, stage.max_steps, settings.model.max_report_tokens
+        accelerator,
+        stage.model,
+        stage.processor,
+        run,
+        task,
+        best,
+        stage.max_steps,
+        settings.model.max_report_tokens,
+        settings.evaluation.pipeline_options(),
     )
     summary.update(
         best_step=best.step,

@@ -4,7 +4,7 @@ held-out test cases."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -61,6 +61,7 @@ class SelectionEvaluation:
     use_trackers: bool
     log: Any  # prints a line above the progress bar
     max_report_tokens: Optional[int] = None
+    inference: Dict[str, Any] = field(default_factory=dict)  # the pipeline's inference options (tta, post-processing)
 
 
 def evaluate_and_select(
@@ -80,7 +81,15 @@ def evaluate_and_select(
     net = accelerator.unwrap_model(model)
     sync_buffers(net, accelerator)
     rows, summary, embeds = evaluate(
-        accelerator, model, processor, selection.cases, reports, task, step, selection.max_report_tokens
+        accelerator,
+        model,
+        processor,
+        selection.cases,
+        reports,
+        task,
+        step,
+        selection.max_report_tokens,
+        selection.inference,
     )
     summary["split"] = selection.split
     metric = selection_metric(summary, task)
@@ -114,15 +123,16 @@ def score_best_model(
     best: BestModel,
     max_steps: int,
     max_report_tokens: Optional[int] = None,
+    inference: Optional[Dict[str, Any]] = None,
 ):
     """Load the selected weights and give ``(rows, summary, embeddings)`` on the held-out test cases: a fresh
-    evaluation when a validation split chose the model, else the selection evaluation itself (which ran on the
-    test cases at the last step and chose nothing)."""
+    evaluation (with the ``inference`` options) when a validation split chose the model, else the selection
+    evaluation itself (which ran on the test cases at the last step, with the same options, and chose nothing)."""
     accelerator.unwrap_model(model).load_state_dict(best.state)
     if not run.val_cases:
         return best.rows, best.summary, best.embeds
     rows, summary, embeds = evaluate(
-        accelerator, model, processor, run.eval_cases, run.reports, task, best.step, max_report_tokens
+        accelerator, model, processor, run.eval_cases, run.reports, task, best.step, max_report_tokens, inference
     )
     summary["split"] = "test"
     summary["validation"] = {"metric": best.metric, "num_cases": len(run.val_cases)}

@@ -124,6 +124,25 @@ class CardSettings:
 
 
 @dataclass(frozen=True)
+class EvaluationSettings:
+    """How the held-out (and selection) cases are predicted: the pipeline's inference options, as ``emrfuse predict``
+    takes them (``None``: the processor's setting, i.e. off for a freshly trained model)."""
+
+    eval_tta: bool = False
+    eval_min_component_mm3: Optional[float] = None
+    eval_et_min_mm3: Optional[float] = None
+
+    def pipeline_options(self) -> Dict[str, Any]:
+        """The keyword arguments of the pipeline call (only those set)."""
+        options: Dict[str, Any] = {"tta": True} if self.eval_tta else {}
+        for name in ("min_component_mm3", "et_min_mm3"):
+            value = getattr(self, f"eval_{name}")
+            if value is not None:
+                options[name] = float(value)
+        return options
+
+
+@dataclass(frozen=True)
 class TrainingSettings:
     """Everything a training stage needs, by concern."""
 
@@ -134,6 +153,7 @@ class TrainingSettings:
     loop: LoopSettings
     grading: GradingSettings
     card: CardSettings
+    evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
 
     @classmethod
     def from_args(cls, args: Any, train_command: Optional[str] = None) -> "TrainingSettings":
@@ -153,4 +173,5 @@ class TrainingSettings:
             loop=from_options(LoopSettings, args),
             grading=from_options(GradingSettings, args),
             card=from_options(CardSettings, args, tracker_config=tracker, train_command=train_command),
+            evaluation=from_options(EvaluationSettings, args),
         )
