@@ -136,7 +136,7 @@ def _add_demo_data_options(g: argparse._ArgumentGroup) -> None:
         "--vocab_min_reports",
         type=int,
         default=MIN_REPORTS_PER_WORD,
-        help=f"The demo text tower's WordPiece vocabulary, learned from the training reports, never keeps a word found in "
+        help=f"The demo text tower's WordPiece vocabulary, counted from the training reports, never keeps a word found in "
         f"fewer than this many distinct reports (default {MIN_REPORTS_PER_WORD}; at least {MIN_REPORTS_PER_WORD}): rare words "
         "of patients' reports never reach tokenizer files or the Hub.",
     )

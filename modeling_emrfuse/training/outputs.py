@@ -96,7 +96,7 @@ def write_run_outputs(
         text_model=run.text_model
         if not run.demo_text_tower
         else (
-            "a 2-layer BERT with a WordPiece vocabulary trained on the "
+            "a 2-layer BERT with a WordPiece vocabulary counted from the "
             + ("demo reports" if run.synthetic else "training reports")
             + f" (words of at least {settings.card.vocab_min_reports} distinct reports)"
         ),

@@ -74,12 +74,6 @@ def setup_logging(accelerator) -> None:
     huggingface_hub.utils.disable_progress_bars()
 
 
-WORDPIECE_NOT_DETERMINISTIC = (
-    "the demo text tower's WordPiece vocabulary: the tokenizers library's trainer breaks ties in a hash order "
-    "seeded per process, so the same training reports can give a few different sub-word pieces in each fresh run"
-)
-
-
 def run_main(args: argparse.Namespace, determinism, data: DataSettings, switches: Dict[str, bool]) -> Dict[str, Any]:
     """The run that train.py's options ask for (``data``: where the cases come from; ``switches``: the fusion parts);
     the summary records the determinism settings."""
@@ -136,8 +130,6 @@ def run_main(args: argparse.Namespace, determinism, data: DataSettings, switches
     if grading_cases:
         summary["grading_training_cases"] = grading_cases
     summary["determinism"] = determinism.to_dict()
-    if run.demo_text_tower:
-        summary["determinism"]["not_deterministic"].append(WORDPIECE_NOT_DETERMINISTIC)
     report_main(args, accelerator, run, output_dir, summary)
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -1,5 +1,6 @@
-"""The text side of a run without a downloadable tower: the demo's small BERT + WordPiece tokenizer learned from
-the training reports (rare words left out), the placeholder tokenizer of image-only models, tokenizer loading."""
+"""The text side of a run without a downloadable tower: the demo's small BERT + a WordPiece tokenizer whose vocabulary
+is counted from the training reports (rare words left out; the same reports give the same vocabulary in every
+process), the placeholder tokenizer of image-only models, tokenizer loading."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import transformers
-from tokenizers import BertWordPieceTokenizer
 from tokenizers.normalizers import BertNormalizer
 from tokenizers.pre_tokenizers import BertPreTokenizer
 from transformers import BertConfig, BertModel, BertTokenizer
@@ -28,6 +28,10 @@ logger = logging.getLogger("emrfuse.train")
 MIN_REPORTS_PER_WORD = 5
 """k: a WordPiece vocabulary learned from reports (the demo text tower) never keeps a word found in fewer than k
 distinct reports (a patient's rare words would otherwise be saved, and pushed, in ``vocab.txt``); k >= 5."""
+
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+"""BERT's special tokens, the first entries of every vocabulary built here (ids 0-4)."""
 
 
 DEMO_TEXT_TOWER = {
@@ -56,6 +60,52 @@ def report_vocabulary_corpus(
     return [t for t in kept if t], dict(reports_per_word)
 
 
+VOCABULARY_RULE = "counted: specials, alphabet, words, pieces; by count, ties by string"
+"""Names the vocabulary rule in the tower's cache key (a tower built by another rule is rebuilt, not reused)."""
+
+
+def wordpiece_vocabulary(
+    corpus: Sequence[str], reports_per_word: Dict[str, int], vocab_size: int, min_reports: int = MIN_REPORTS_PER_WORD
+) -> List[str]:
+    """A WordPiece vocabulary counted from ``corpus`` (the output of :func:`report_vocabulary_corpus`), in a fixed order.
+
+    The entries, each group most frequent first (occurrences in ``corpus``), ties broken by the string:
+
+    1. BERT's special tokens (:data:`SPECIAL_TOKENS`);
+    2. the alphabet: every character of the words as a word-initial piece, then as a ``##`` continuation piece
+       (so that any word made of these characters tokenises without ``[UNK]``);
+    3. the whole words;
+    4. sub-word pieces: each word's prefixes (at least 2 characters) and ``##`` suffixes (at least 2 characters),
+       counted over the words' occurrences;
+
+    cut at ``vocab_size`` entries. Nothing depends on hash or iteration order, so the same corpus gives the same
+    list in every process. Privacy: a piece of two or more characters that spells a word found in fewer than
+    ``min_reports`` distinct reports (``reports_per_word``; e.g. "ring" inside "rings" or "boring") is left out.
+    """
+    words = Counter(w for text in corpus for w in text.split(" ") if w)
+
+    def by_count(counts: Counter) -> List[str]:
+        return [t for t, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0]))]
+
+    def spells_a_rare_word(piece: str) -> bool:
+        text = piece[2:] if piece.startswith("##") else piece
+        return len(text) > 1 and 0 < reports_per_word.get(text, 0) < min_reports
+
+    chars: Counter = Counter()
+    pieces: Counter = Counter()
+    for word, n in words.items():
+        for ch in word:
+            chars[ch] += n
+        for i in range(2, len(word)):
+            pieces[word[:i]] += n
+        for i in range(1, len(word) - 1):
+            pieces["##" + word[i:]] += n
+    alphabet = by_count(chars)
+    candidates = [*SPECIAL_TOKENS, *alphabet, *("##" + c for c in alphabet), *by_count(words), *by_count(pieces)]
+    vocab = [t for t in dict.fromkeys(candidates) if not spells_a_rare_word(t)]
+    return vocab[: int(vocab_size)]
+
+
 def build_demo_text_tower(
     texts: Sequence[str],
     folder: Path,
@@ -63,7 +113,7 @@ def build_demo_text_tower(
     spec: Optional[Dict[str, int]] = None,
     min_reports_per_word: int = MIN_REPORTS_PER_WORD,
 ) -> str:
-    """A small BERT (random weights) + a WordPiece tokenizer trained on the training reports.
+    """A small BERT (random weights) + a WordPiece tokenizer whose vocabulary is counted from the training reports.
 
     Nothing can be downloaded here, so the demo's text tower is built from scratch and saved as
     a local folder; it then goes through the same ``from_text_vision_pretrained`` path as any
@@ -71,16 +121,20 @@ def build_demo_text_tower(
 
     Privacy: the vocabulary never keeps a word found in fewer than ``min_reports_per_word`` (k, default
     :data:`MIN_REPORTS_PER_WORD` = 5, at least 5) distinct reports. Such words are removed from the reports
-    before the WordPiece vocabulary is learned (:func:`report_vocabulary_corpus`), and a token that still
-    equals one of them is dropped, so that a patient's rare words (names, places, rare findings) never end
+    before the WordPiece vocabulary is counted (:func:`report_vocabulary_corpus`), and a token that still
+    spells one of them (as a piece of frequent words) is dropped (:func:`wordpiece_vocabulary`), so that a patient's rare words (names, places, rare findings) never end
     up in ``vocab.txt`` / ``tokenizer.json``, which are saved with the model and pushed with
     ``--push_to_hub``. With fewer than k reports nothing is learned (every word becomes ``[UNK]``).
+
+    Repeatability: the vocabulary is a function of the reports alone (counts, ties broken by the string), so
+    the same reports give byte-identical ``tokenizer.json`` in every process (``tokenizers``' WordPiece trainer,
+    used before, broke ties in a hash order seeded per process).
     """
     if int(min_reports_per_word) < MIN_REPORTS_PER_WORD:
         raise ValueError(f"min_reports_per_word must be >= {MIN_REPORTS_PER_WORD}, got {min_reports_per_word}.")
     spec = dict(spec or DEMO_TEXT_TOWER)
     key = hashlib.sha256(
-        json.dumps([spec, int(min_reports_per_word), "rare-words-removed", list(texts)]).encode()
+        json.dumps([spec, int(min_reports_per_word), "rare-words-removed", VOCABULARY_RULE, list(texts)]).encode()
     ).hexdigest()[:16]
     marker = folder / "emrfuse_tower.json"
     if accelerator.is_main_process and not (marker.exists() and json.loads(marker.read_text()).get("key") == key):
@@ -88,19 +142,7 @@ def build_demo_text_tower(
             raise ValueError("No training reports to train the demo tokenizer on.")
         corpus, reports_per_word = report_vocabulary_corpus(texts, int(min_reports_per_word))
         n_rare = sum(1 for n in reports_per_word.values() if n < min_reports_per_word)
-        special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-        wp = BertWordPieceTokenizer(lowercase=True)
-        # min_frequency counts occurrences, not reports: the rare words are already out of the corpus
-        wp.train_from_iterator(
-            corpus, vocab_size=spec["vocab_size"], min_frequency=1, show_progress=False, special_tokens=special
-        )
-        # a token may still spell a rare word as a piece of frequent ones (e.g. "ring" of "rings"): drop it
-        learned = sorted(wp.get_vocab().items(), key=lambda item: item[1])
-        tokens = special + [
-            t
-            for t, _ in learned
-            if t not in special and not (len(t) > 1 and 0 < reports_per_word.get(t, 0) < min_reports_per_word)
-        ]
+        tokens = wordpiece_vocabulary(corpus, reports_per_word, spec["vocab_size"], int(min_reports_per_word))
         tokenizer = BertTokenizer(
             vocab={t: i for i, t in enumerate(tokens)},
             do_lower_case=True,
@@ -130,7 +172,7 @@ def build_demo_text_tower(
         folder.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, folder)
         logger.info(
-            f"demo text tower: BERT {spec['num_hidden_layers']} layers x {spec['hidden_size']}, WordPiece vocabulary {len(tokenizer)} trained on {len(texts)} reports "
+            f"demo text tower: BERT {spec['num_hidden_layers']} layers x {spec['hidden_size']}, WordPiece vocabulary {len(tokenizer)} counted from {len(texts)} reports "
             f"({n_rare} distinct words found in fewer than {min_reports_per_word} reports left out) -> {folder}"
         )
     accelerator.wait_for_everyone()
