@@ -40,7 +40,7 @@ from modeling_emrfuse.training.data import (
     is_demo_data_folder,
 )
 from modeling_emrfuse.training.run import SELECTION_NEEDS_VALIDATION, run_main
-from modeling_emrfuse.training.settings import from_options
+from modeling_emrfuse.training.settings import check_option_values, from_options
 from modeling_emrfuse.training.text_tower import MIN_REPORTS_PER_WORD
 
 logger = logging.getLogger("emrfuse.train")
@@ -507,10 +507,6 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the defaults that depend on demo vs real data; validate combinations."""
     if args.data_dir is None and not args.demo:
         raise SystemExit("train.py: give --data_dir (a BraTS folder) or --demo (synthetic demo data).")
-    if args.vocab_min_reports < MIN_REPORTS_PER_WORD:
-        raise SystemExit(
-            f"train.py: --vocab_min_reports must be >= {MIN_REPORTS_PER_WORD}, got {args.vocab_min_reports}."
-        )
     if args.demo and args.data_dir and not args.allow_demo_on_other_data:
         others = [d for d in args.data_dir if not is_demo_data_folder(d)]
         if others:
@@ -524,13 +520,6 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit(
             f"train.py: {len(args.release)} --release values for {len(args.data_dir)} --data_dir folders: give one, or one per folder."
         )
-    for name in ("eval_min_component_mm3", "eval_et_min_mm3"):
-        if getattr(args, name) is not None and not 0.0 <= getattr(args, name) < float("inf"):
-            raise SystemExit(f"train.py: --{name} must be a number of mm^3 >= 0, got {getattr(args, name)}.")
-    if args.eval_fraction is not None and not 0.0 <= args.eval_fraction < 1.0:
-        raise SystemExit(f"train.py: --eval_fraction must be in [0, 1), got {args.eval_fraction}.")
-    if not 0.0 <= args.sequence_dropout < 1.0:
-        raise SystemExit(f"train.py: --sequence_dropout must be in [0, 1), got {args.sequence_dropout}.")
     args.sequence_presence = bool(args.sequence_presence or args.sequence_dropout > 0)
     args.augmentation = "none" if args.no_augmentation else args.augmentation
     try:  # MONAI is an optional extra; the image processor checks the percentiles
@@ -543,12 +532,7 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     for key, (demo_value, real_value) in DATA_DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, demo_value if args.demo else real_value)
-    if args.grading_slices < 0:
-        raise SystemExit(f"train.py: --grading_slices must be >= 0 (0: every slice), got {args.grading_slices}.")
-    if args.grading_calibration_folds < 0 or args.grading_calibration_folds == 1:
-        raise SystemExit(
-            f"train.py: --grading_calibration_folds must be 0 (no calibration) or >= 2, got {args.grading_calibration_folds}."
-        )
+    check_option_values(args, ABLATION_PRESETS, MIN_REPORTS_PER_WORD)
     if args.eval_steps is not None and (args.eval_steps < 1 or (args.val_fraction == 0 and args.split_file is None)):
         raise SystemExit(
             SELECTION_NEEDS_VALIDATION
@@ -562,15 +546,6 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     demo_grading = args.task is None and args.demo and bool(args.grading_max_steps)
     args.grading_after_segmentation = demo_grading or args.with_grading
     args.task = args.task or "segmentation"
-    if args.batch_size % args.slices_per_case:
-        raise SystemExit(
-            f"train.py: --batch_size {args.batch_size} must be a multiple of --slices_per_case {args.slices_per_case}."
-        )
-    if args.image_size is not None and (args.image_size < 32 or args.image_size % 32):
-        raise SystemExit(f"train.py: --image_size must be a multiple of 32 (>= 32), got {args.image_size}.")
-    if args.preset is not None:
-        if args.preset not in ABLATION_PRESETS:
-            raise SystemExit(f"train.py: unknown --preset {args.preset!r}; use one of {sorted(ABLATION_PRESETS)}.")
     if args.push_to_hub and not args.hub_model_id:
         args.hub_model_id = Path(args.output_dir).name
     if args.ablation_seeds is None:

@@ -12,6 +12,47 @@ from typing import Any, Dict, List, Optional, Tuple, Type, TypeVar
 T = TypeVar("T")
 
 
+def check_option_values(options: Any, presets: Any, min_reports_per_word: int) -> None:
+    """Range checks of train.py's options, each a ``SystemExit`` naming the option (combinations of options are
+    checked where train.py fills its defaults)."""
+    o = options
+    problems = [
+        (o.vocab_min_reports < min_reports_per_word, f"--vocab_min_reports must be >= {min_reports_per_word}"),
+        (o.eval_fraction is not None and not 0.0 <= o.eval_fraction < 1.0, "--eval_fraction must be in [0, 1)"),
+        (not 0.0 <= o.sequence_dropout < 1.0, "--sequence_dropout must be in [0, 1)"),
+        (o.grading_slices < 0, "--grading_slices must be >= 0 (0: every slice)"),
+        (
+            o.grading_calibration_folds < 0 or o.grading_calibration_folds == 1,
+            "--grading_calibration_folds must be 0 (no calibration) or >= 2",
+        ),
+        (
+            o.image_size is not None and (o.image_size < 32 or o.image_size % 32),
+            "--image_size must be a multiple of 32 (>= 32)",
+        ),
+    ]
+    values = {
+        "--vocab_min_reports": o.vocab_min_reports,
+        "--eval_fraction": o.eval_fraction,
+        "--sequence_dropout": o.sequence_dropout,
+        "--grading_slices": o.grading_slices,
+        "--grading_calibration_folds": o.grading_calibration_folds,
+        "--image_size": o.image_size,
+    }
+    for failed, message in problems:
+        if failed:
+            raise SystemExit(f"train.py: {message}, got {values[message.split()[0]]}.")
+    for name in ("eval_min_component_mm3", "eval_et_min_mm3"):
+        value = getattr(o, name)
+        if value is not None and not 0.0 <= value < float("inf"):
+            raise SystemExit(f"train.py: --{name} must be a number of mm^3 >= 0, got {value}.")
+    if o.batch_size % o.slices_per_case:
+        raise SystemExit(
+            f"train.py: --batch_size {o.batch_size} must be a multiple of --slices_per_case {o.slices_per_case}."
+        )
+    if o.preset is not None and o.preset not in presets:
+        raise SystemExit(f"train.py: unknown --preset {o.preset!r}; use one of {sorted(presets)}.")
+
+
 def from_options(cls: Type[T], options: Any, **overrides: Any) -> T:
     """``cls`` with every field read from the attribute of ``options`` of the same name (``overrides`` win)."""
     values = {
