@@ -395,6 +395,14 @@ def parse_args(argv=None):
         action="store_true",
         help="after the CV, re-score each fold's model under test-time flips and post-processing (bench/real_rescore.py)",
     )
+    p.add_argument(
+        "--final_postprocessing",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("MIN_COMPONENT_MM3", "ET_MIN_MM3"),
+        help="post-processing saved with the final model's processor (bench/real_rescore.py measures it); default none",
+    )
     p.add_argument("--seed", type=int, default=0)
     real_curve.add_options(p)
     real_grading.add_options(p)
@@ -637,6 +645,9 @@ def train_final(
     ]
     argv_final += real_grading.grading_args(args, cohort, [c.case_id for c in cohort.cases], "final model")
     timings["final"] = run_train(argv_final, out / "runs" / "final.log", "final model", out / "model")
+    if args.final_postprocessing:
+        settings = set_postprocessing(out / "model", *args.final_postprocessing)
+        lines.append(f"Post-processing saved with the final model's processor: {settings}.\n")
     result["final_model"] = {
         "path": str(out / "model"),
         "recipe": args.final,
@@ -649,6 +660,20 @@ def train_final(
         + real_grading.final_note(out / "model")
         + "\n"
     )
+
+
+def set_postprocessing(model_dir: Path, min_component_mm3: float, et_min_mm3: float) -> Dict[str, float]:
+    """Save the post-processing that cross-validation supported with the model folder's processor(s) (root and
+    ``grading/``), so ``emrfuse predict`` and the Space apply it by default; returns the settings."""
+    from modeling_emrfuse.processing_emrfuse import EmrFuseProcessor, check_postprocessing
+
+    settings = check_postprocessing(min_component_mm3=min_component_mm3, et_min_mm3=et_min_mm3)
+    for folder in (model_dir, model_dir / "grading"):
+        if (folder / "processor_config.json").is_file():
+            processor = EmrFuseProcessor.from_pretrained(str(folder))
+            processor.image_processor.postprocessing = dict(settings)
+            processor.save_pretrained(str(folder))
+    return settings
 
 
 def main(argv=None) -> Dict[str, Any]:

@@ -36,3 +36,17 @@ def test_levers_are_passed_only_when_set():
     # everything else is as before: a finished run of the plain recipe keeps its reuse key
     start = levered.index("--augmentation")
     assert levered[:start] + levered[start + 7 :] == plain
+
+
+def test_final_postprocessing_is_saved_with_every_processor_of_the_folder(tmp_path):
+    from conftest import build_tiny_model_folder
+
+    from modeling_emrfuse.processing_emrfuse import EmrFuseProcessor
+
+    folder = build_tiny_model_folder(tmp_path / "model")
+    before = EmrFuseProcessor.from_pretrained(str(folder)).image_processor.postprocessing
+    assert before == {"min_component_mm3": 0.0, "et_min_mm3": 0.0}
+    settings = _bench_real().set_postprocessing(folder, 1000, 200)
+    assert settings == {"min_component_mm3": 1000.0, "et_min_mm3": 200.0}
+    for sub in (folder, folder / "grading"):
+        assert EmrFuseProcessor.from_pretrained(str(sub)).image_processor.postprocessing == settings
