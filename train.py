@@ -76,6 +76,7 @@ DATA_DEFAULTS: Dict[str, Tuple[Any, Any]] = {
     "warmup_steps": (20, 500),
     "grading_max_steps": (120, 120),  # the grading stage after segmentation (demo; real data with --with_grading)
     "grading_learning_rate": (2e-3, 1e-4),
+    "grading_pooling": ("tumour", "slices"),  # demo: the features of the predicted tumour (README)
     "eval_fraction": (0.25, 0.2),
     "val_fraction": (0.0, 0.1),
 }
@@ -388,6 +389,15 @@ def _add_grading_run_options(g: argparse._ArgumentGroup) -> None:
         "alike; 0: every slice.",
     )
     g.add_argument(
+        "--grading_pooling",
+        choices=("slices", "tumour"),
+        default=None,
+        help="What the grading model reads (config.grading_pooling): 'slices', the image tower's pooled last feature "
+        "map of the grading slices; 'tumour', its stride-8 and stride-16 feature maps averaged over the whole tumour "
+        "the segmentation model predicts, on the slices with tumour (a case without predicted tumour is pooled as "
+        "with 'slices'). Default: tumour on the demo, slices on real data.",
+    )
+    g.add_argument(
         "--grading_fit",
         choices=("head", "finetune"),
         default="head",
@@ -529,6 +539,8 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit(f"train.py: {exc}") from None
     if args.output_dir is None and args.ablation:  # keep ablation runs out of the model folder
         args.output_dir = DATA_DEFAULTS["output_dir"][0 if args.demo else 1] + "-ablations"
+    if args.grading_pooling is None and args.grading_fit == "finetune":  # finetune trains on augmented slice bags
+        args.grading_pooling = "slices"
     for key, (demo_value, real_value) in DATA_DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, demo_value if args.demo else real_value)

@@ -77,6 +77,7 @@ ABLATION_PRESETS: dict[str, dict[str, bool]] = {
 ``use_image=False``."""
 
 CASE_POOLING_MODES: tuple[str, ...] = ("attention", "mean")
+GRADING_POOLING_MODES: tuple[str, ...] = ("slices", "tumour")
 
 
 def _is_timm_architecture(name: str) -> bool:
@@ -132,6 +133,14 @@ class EmrFuseConfig(PretrainedConfig):
         case_pooling (`str`, defaults to "attention"): how slice features are pooled into one case
             feature for grading: ``"attention"`` (attention-MIL) or ``"mean"``.
         case_pooling_dim (`int`, defaults to 128): hidden size of the attention-MIL scorer.
+        grading_pooling (`str`, defaults to "slices"): what the grading model reads from each slice.
+            ``"slices"``: the image tower's pooled last feature map (GAP) of every grading slice. ``"tumour"``: the
+            tower's feature maps of the strides ``grading_pooling_strides`` averaged over the predicted whole
+            tumour only (``pooling_mask``, an input of the forward: the segmentation model's output of the same
+            case in the pipeline), on the slices that contain tumour, concatenated and projected linearly to the
+            slice-feature size. A case whose mask is empty or absent is pooled as with ``"slices"``.
+        grading_pooling_strides (`list[int]`, defaults to ``[8, 16]``): the feature-map strides (timm
+            ``feature_info.reduction()``) that ``grading_pooling="tumour"`` averages over the tumour.
         slice_chunk_size (`int`, defaults to 32): slices per image-tower call when running without
             gradients (inference on a whole case).
         num_labels / id2label / label2id: grading labels; default ``{0: "HGG", 1: "LGG"}``.
@@ -175,6 +184,8 @@ class EmrFuseConfig(PretrainedConfig):
     case_pooling_dim: int = 128
     slice_chunk_size: int = 32
     grading_slices: int | None = 32
+    grading_pooling: str = "slices"
+    grading_pooling_strides: list[int] | tuple[int, ...] = (8, 16)
     regions: list[str] | tuple[str, ...] = REGIONS
     context_slices: int = 0
     sequence_presence: bool = False
@@ -326,6 +337,16 @@ class EmrFuseConfig(PretrainedConfig):
             )
         if self.case_pooling not in CASE_POOLING_MODES:
             raise ValueError(f"case_pooling must be one of {CASE_POOLING_MODES}, got {self.case_pooling!r}.")
+        if self.grading_pooling not in GRADING_POOLING_MODES:
+            raise ValueError(f"grading_pooling must be one of {GRADING_POOLING_MODES}, got {self.grading_pooling!r}.")
+        strides = self.grading_pooling_strides
+        if (
+            not isinstance(strides, (list, tuple))
+            or not strides
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in strides)
+        ):
+            raise ValueError(f"grading_pooling_strides must be a non-empty list of positive integers, got {strides!r}.")
+        self.grading_pooling_strides = list(strides)
         regions = list(self.regions)
         if not regions or len(set(regions)) != len(regions) or not all(r in REGIONS for r in regions):
             raise ValueError(f"regions must be distinct names out of {REGIONS}, got {self.regions!r}.")

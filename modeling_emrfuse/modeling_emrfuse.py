@@ -177,6 +177,14 @@ def soft_dice_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1.0
     return (1.0 - (2.0 * inter + eps) / (denom + eps)).mean()
 
 
+def masked_feature_mean(feature_map: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each slice's feature map averaged over a mask: ``(N, C, h, w)`` and ``(N, H, W)`` (0/1, at input resolution)
+    -> ``(N, C)``. The mask is brought to the map's grid by max-pooling (a map cell counts when any of its pixels is
+    in the mask); a slice whose mask is empty gives zeros."""
+    m = F.adaptive_max_pool2d(mask[:, None].float(), feature_map.shape[-2:]).to(feature_map.dtype)
+    return (feature_map * m).sum(dim=(2, 3)) / m.sum(dim=(2, 3)).clamp(min=1)
+
+
 def _l2_normalise(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, p=2.0, dim=-1, eps=1e-12)
 
@@ -863,9 +871,10 @@ class EmrFuseModel(EmrFusePreTrainedModel):
     def tower_features(self, pixel_values, input_ids=None, attention_mask=None, token_type_ids=None):
         """What the two towers compute for one case, for training the rest of the model on frozen towers:
         ``(gap (N, d_I) or None, text hidden state (1, L, d_T) or None)``. The image tower runs in chunks of
-        ``config.slice_chunk_size`` slices; the text tower once (``None`` without a report or a text tower)."""
+        ``config.slice_chunk_size`` slices (not at all for ``pixel_values=None``); the text tower once (``None``
+        without a report or a text tower)."""
         gap = None
-        if self.use_image:
+        if self.use_image and pixel_values is not None:
             gap = torch.cat(
                 [
                     self.vision_model(pixel_values[s:e])[-1].mean(dim=(2, 3))
@@ -983,7 +992,64 @@ class EmrFuseForImageClassification(EmrFusePreTrainedModel):
         super().__init__(config)
         self.emrfuse = EmrFuseModel(config, text_model=text_model, vision_model=vision_model)
         self.classifier = nn.Linear(config.fusion_dim, config.num_labels)  # F20 (W_c, b_c)
+        self.tumour_levels: list[int] = []
+        self.tumour_projection = None
+        if config.grading_pooling == "tumour" and config.use_image:
+            reductions = list(self.emrfuse.vision_model.feature_info.reduction())
+            missing = [s for s in config.grading_pooling_strides if s not in reductions]
+            if missing:
+                raise ValueError(
+                    f"grading_pooling_strides {config.grading_pooling_strides}: the image tower has no feature map of "
+                    f"stride {missing} (its strides: {reductions})."
+                )
+            self.tumour_levels = [reductions.index(s) for s in config.grading_pooling_strides]
+            channels = sum(self.emrfuse.feature_channels[i] for i in self.tumour_levels)
+            self.tumour_projection = nn.Linear(channels, self.emrfuse.image_dim)
         self.post_init()
+
+    def tumour_features(self, pixel_values: torch.Tensor, pooling_mask: torch.Tensor) -> torch.Tensor:
+        """``(N, sum of channels)``: each slice's feature maps of the strides ``config.grading_pooling_strides``
+        averaged over its mask (:func:`masked_feature_mean`), concatenated. The tower runs in chunks (see
+        :meth:`EmrFuseModel.slice_chunks`)."""
+        out = []
+        for s, e in self.emrfuse.slice_chunks(pixel_values.shape[0]):
+            maps = self.emrfuse.vision_model(pixel_values[s:e])
+            out.append(torch.cat([masked_feature_mean(maps[i], pooling_mask[s:e]) for i in self.tumour_levels], 1))
+        return torch.cat(out)
+
+    def grading_bag(self, pixel_values, pooling_mask, slice_to_case, num_cases: int) -> dict | None:
+        """What the tower gives the grading head with ``grading_pooling="tumour"``: ``{"gap", "slice_to_case",
+        "tumour_features", "tumour_slice_to_case"}``. A case with tumour in its mask contributes the slices that
+        contain tumour, each as :meth:`tumour_features`; a case with an empty mask contributes all its slices as
+        today's pooled last feature map (``gap``). ``None`` when no case has tumour (then today's forward runs)."""
+        with_tumour = pooling_mask.flatten(1).bool().any(dim=1)
+        case_has = torch.zeros(num_cases, dtype=torch.bool, device=slice_to_case.device)
+        case_has[slice_to_case[with_tumour]] = True
+        if not bool(case_has.any()):
+            return None
+        fallback = ~case_has[slice_to_case]
+        gap = None
+        if bool(fallback.any()):
+            x = pixel_values[fallback]
+            gap = torch.cat(
+                [self.emrfuse.vision_model(x[s:e])[-1].mean(dim=(2, 3)) for s, e in self.emrfuse.slice_chunks(len(x))]
+            )
+        return {
+            "gap": gap,
+            "slice_to_case": slice_to_case[fallback] if gap is not None else None,
+            "tumour_features": self.tumour_features(pixel_values[with_tumour], pooling_mask[with_tumour]),
+            "tumour_slice_to_case": slice_to_case[with_tumour],
+        }
+
+    def bag_slice_features(self, gap, slice_to_case, tumour_features=None, tumour_slice_to_case=None):
+        """``(slice features before the head (N, d_I), slice_to_case)``: ``gap`` as it is, followed by the
+        projected ``tumour_features`` (the one place where both are put together, for training and inference)."""
+        if tumour_features is None:
+            return gap, slice_to_case
+        projected = self.tumour_projection(tumour_features)
+        if gap is None:
+            return projected, tumour_slice_to_case
+        return torch.cat([gap, projected.to(gap.dtype)]), torch.cat([slice_to_case, tumour_slice_to_case])
 
     def forward(
         self,
@@ -995,13 +1061,40 @@ class EmrFuseForImageClassification(EmrFusePreTrainedModel):
         has_report: torch.BoolTensor | None = None,
         labels: torch.LongTensor | None = None,
         return_dict: bool | None = None,
+        pooling_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> EmrFuseImageClassifierOutput | tuple:
-        r"""See :meth:`EmrFuseModel.forward`; ``labels`` (`(B,)` long): grade index per case."""
+        r"""See :meth:`EmrFuseModel.forward`; ``labels`` (`(B,)` long): grade index per case.
+
+        ``pooling_mask`` (`(N, H, W)`, 0/1, aligned with ``pixel_values``): the predicted whole tumour of every
+        slice, read with ``config.grading_pooling="tumour"`` (ignored otherwise): each case is graded from the
+        feature maps averaged over its tumour, on its slices with tumour (:meth:`grading_bag`); a case whose mask
+        is empty, or every case when the mask is absent, is pooled as with ``"slices"``."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        base = self.emrfuse(
-            pixel_values, input_ids, attention_mask, token_type_ids, slice_to_case, has_report, return_dict=True
-        )
+        bag = None
+        if self.tumour_projection is not None and pooling_mask is not None and pixel_values is not None:
+            model = self.emrfuse
+            slice_to_case, has_report, b = model.check_inputs(
+                pixel_values, input_ids, attention_mask, slice_to_case, has_report
+            )
+            pooling_mask = torch.as_tensor(pooling_mask, device=pixel_values.device)
+            if pooling_mask.shape != (pixel_values.shape[0], *pixel_values.shape[-2:]):
+                raise ValueError(
+                    f"pooling_mask must have shape {(pixel_values.shape[0], *pixel_values.shape[-2:])} (one mask per "
+                    f"slice of pixel_values), got {tuple(pooling_mask.shape)}."
+                )
+            bag = self.grading_bag(pixel_values, pooling_mask, slice_to_case, b)
+        if bag is None:
+            base = self.emrfuse(
+                pixel_values, input_ids, attention_mask, token_type_ids, slice_to_case, has_report, return_dict=True
+            )
+        else:
+            text = model.encode_text(input_ids, attention_mask, token_type_ids, has_report, b, pixel_values.device)
+            z, s2c = self.bag_slice_features(**bag)
+            _, _, h, beta = model.encode_slices(None, gap=z)
+            out = model.case_outputs(text, h, s2c, b, return_hidden=True)
+            out["channel_attention"] = beta
+            base = EmrFuseModelOutput(**out)
         logits = self.classifier(base.case_embeds)  # F20 (softmax in the loss / at prediction)
         loss = loss_cls = None
         if labels is not None:
@@ -1019,19 +1112,33 @@ class EmrFuseForImageClassification(EmrFusePreTrainedModel):
         return output if return_dict else output.to_tuple()
 
     def forward_from_tower_features(
-        self, gap, slice_to_case, num_cases: int, input_ids=None, attention_mask=None, text_hidden=None, has_report=None
+        self,
+        gap,
+        slice_to_case,
+        num_cases: int,
+        input_ids=None,
+        attention_mask=None,
+        text_hidden=None,
+        has_report=None,
+        tumour_features=None,
+        tumour_slice_to_case=None,
     ) -> EmrFuseImageClassifierOutput:
-        """Logits from the towers' precomputed features (:meth:`EmrFuseModel.tower_features`), for fitting the
-        grading head on frozen towers. No ``loss``: the caller weighs the cases' cross-entropy itself and adds
+        """Logits from the towers' precomputed features (:meth:`EmrFuseModel.tower_features`, and with
+        ``grading_pooling="tumour"`` the :meth:`grading_bag` of each case), for fitting the grading head on frozen
+        towers. No ``loss``: the caller weighs the cases' cross-entropy itself and adds
         ``emrfuse.weighted_auxiliary_loss(loss_align, loss_ortho)``."""
+        gap, slice_to_case = self.bag_slice_features(gap, slice_to_case, tumour_features, tumour_slice_to_case)
         base = self.emrfuse.outputs_from_tower_features(
             gap, slice_to_case, num_cases, input_ids, attention_mask, text_hidden, has_report
         )
         return EmrFuseImageClassifierOutput(logits=self.classifier(base.case_embeds), **dict(base.items()))
 
     @torch.no_grad()
-    def grade_case(self, pixel_values, input_ids=None, attention_mask=None, token_type_ids=None, has_report=None):
+    def grade_case(
+        self, pixel_values, input_ids=None, attention_mask=None, token_type_ids=None, has_report=None, pooling_mask=None
+    ):
         """Grade one case from all its slices (N, C, H, W) and its report (1, L): returns probabilities (num_labels,).
+        ``pooling_mask`` (N, H, W): its predicted tumour, for ``config.grading_pooling="tumour"``.
 
         Slices go through the image tower in chunks of ``config.slice_chunk_size``; the report is encoded once.
         The text-only model (``use_image=False``) takes ``pixel_values=None`` and the report alone.
@@ -1041,7 +1148,7 @@ class EmrFuseForImageClassification(EmrFusePreTrainedModel):
             return torch.softmax(out.logits.float(), dim=-1)[0]
         n = pixel_values.shape[0]
         s2c = torch.zeros(n, dtype=torch.long, device=pixel_values.device)
-        out = self(pixel_values, input_ids, attention_mask, token_type_ids, s2c, has_report)
+        out = self(pixel_values, input_ids, attention_mask, token_type_ids, s2c, has_report, pooling_mask=pooling_mask)
         return torch.softmax(out.logits.float(), dim=-1)[0]  # F20-F21: argmax of this is the grade
 
 

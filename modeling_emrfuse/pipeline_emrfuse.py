@@ -102,6 +102,13 @@ evaluated with)."""
 # --------------------------------------------------------------------------------------------------
 # geometry of a case
 # --------------------------------------------------------------------------------------------------
+def grading_pooling_mask(seg_logits: torch.Tensor) -> torch.Tensor:
+    """``(N, H, W)`` bool: the predicted whole tumour of every slice from the segmentation model's region logits
+    ``(N, R, H, W)`` (any region's probability above 0.5), the mask a ``grading_pooling="tumour"`` grading model
+    pools its features over."""
+    return (seg_logits.float() > 0).any(dim=1)
+
+
 def voxel_volume_mm3(geometry: Union[Sequence[float], np.ndarray]) -> float:
     """Volume of one voxel in mm^3: ``|det|`` of a 4 x 4 affine's 3 x 3 part (right also for a sheared affine), or
     the product of a voxel size ``(sx, sy, sz)`` in mm."""
@@ -943,12 +950,32 @@ class EmrFusePipeline(Pipeline):
             "its output may be unreliable. A model trained with train.py --sequence_dropout serves such cases."
         ]
 
-    def grading_inputs(self, inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """The model inputs of a case with only the slices the grading model pools (``grading_max_slices``)."""
+    def grading_inputs(
+        self, inputs: Dict[str, torch.Tensor], seg_logits: Optional[torch.Tensor] = None
+    ) -> Dict[str, torch.Tensor]:
+        """The model inputs of a case with only the slices the grading model pools (``grading_max_slices``).
+
+        A grading model with ``config.grading_pooling="tumour"`` also gets ``pooling_mask``, the predicted whole
+        tumour (any region's probability above 0.5 in ``seg_logits``, the segmentation model's region logits of
+        the same slices), and is given the slices that contain it (at most ``grading_max_slices``, evenly spaced
+        among them). Without ``seg_logits`` or without predicted tumour, the slices and pooling are today's
+        (evenly spaced over the case, no mask)."""
         n = inputs["pixel_values"].shape[0]
         limit = self.grading_max_slices
         if limit == DEFAULT_GRADING_SLICES:  # the policy the grading model was trained and evaluated with
             limit = getattr(self.grading_model.config, "grading_slices", 32)
+        tumour = getattr(self.grading_model.config, "grading_pooling", "slices") == "tumour"
+        mask = grading_pooling_mask(seg_logits) if tumour and seg_logits is not None else None
+        with_tumour = None if mask is None else torch.nonzero(mask.flatten(1).any(dim=1)).flatten().cpu()
+        if with_tumour is not None and len(with_tumour):
+            keep = with_tumour
+            if limit is not None and len(with_tumour) > limit:
+                keep = with_tumour[torch.from_numpy(grading_slice_indices(len(with_tumour), limit))]
+            out = dict(inputs)
+            out["pixel_values"] = inputs["pixel_values"][keep]
+            out["slice_to_case"] = inputs["slice_to_case"][keep]
+            out["pooling_mask"] = mask[keep.to(mask.device)]
+            return out
         if limit is None or n <= limit:
             return inputs
         keep = torch.from_numpy(grading_slice_indices(n, limit))
@@ -956,6 +983,11 @@ class EmrFusePipeline(Pipeline):
         out["pixel_values"] = inputs["pixel_values"][keep]
         out["slice_to_case"] = inputs["slice_to_case"][keep]
         return out
+
+    def segmentation_logits(self, inputs: Dict[str, torch.Tensor], tta: bool = False) -> torch.Tensor:
+        """The segmentation model's region logits (N, R, H, W) of a case's model inputs, as :meth:`_forward`
+        computes them (for the grading-head fit, whose training cases see the masks inference sees)."""
+        return self._segment(inputs, tta)[1]
 
     def _segment(self, inputs: Dict[str, torch.Tensor], tta: bool):
         """The segmentation model's output and region logits of every slice. With ``tta`` the sigmoid
@@ -986,7 +1018,8 @@ class EmrFusePipeline(Pipeline):
                 t_seg = time.perf_counter() - t0
             if self.grading_model is not None:
                 t_start = time.perf_counter()
-                cls_out = self.grading_model(**self.grading_inputs(inputs), return_dict=True)
+                graded = self.grading_inputs(inputs, seg_logits if seg_out is not None else None)
+                cls_out = self.grading_model(**graded, return_dict=True)
                 t_cls = time.perf_counter() - t_start
         t1 = time.perf_counter()
         if seg_out is not None:
@@ -1296,11 +1329,18 @@ def load_pipeline(
 
 
 @contextlib.contextmanager
-def pipeline_for_model(model: PreTrainedModel, processor, device=None, precision: str = "fp32"):
+def pipeline_for_model(
+    model: PreTrainedModel,
+    processor,
+    device=None,
+    precision: str = "fp32",
+    segmentation_model: Optional[PreTrainedModel] = None,
+):
     """An :class:`EmrFusePipeline` around one task model held in memory (training's held-out evaluation), for a
     ``with`` block: no folder read, no companion looked for, the model neither rewritten nor moved to another
     memory format, and the pipeline's hooks taken off the model at the end. The same stages run as for
-    ``emrfuse predict``."""
+    ``emrfuse predict``. ``segmentation_model``: the companion of a grading model (also in memory), whose output
+    gives a ``grading_pooling="tumour"`` grading model its ``pooling_mask``."""
     kind = _head_kind(model)
     pipe = EmrFusePipeline(
         model=model,
@@ -1308,7 +1348,7 @@ def pipeline_for_model(model: PreTrainedModel, processor, device=None, precision
         task=PIPELINE_TASK,
         device=device if device is not None else model.device,
         grading_model=False if kind == "segmentation" else None,
-        segmentation_model=False if kind == "grading" else None,
+        segmentation_model=(False if segmentation_model is None else segmentation_model) if kind == "grading" else None,
         precision=precision,
         channels_last=False,
         optimize=False,

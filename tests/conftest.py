@@ -110,10 +110,16 @@ def make_tokenizer(folder: Path):
 
 
 def build_tiny_model_folder(
-    folder: Path, with_grading: bool = True, with_pipeline: bool = True, seed: int = 0, sequence_presence: bool = False
+    folder: Path,
+    with_grading: bool = True,
+    with_pipeline: bool = True,
+    seed: int = 0,
+    sequence_presence: bool = False,
+    grading_pooling: str = "slices",
 ) -> Path:
     """Save a tiny segmentation model (+ grading model in ``grading/``) and its processor in ``folder``
-    (``sequence_presence``: with the four sequence-presence channels, in the config and the processor)."""
+    (``sequence_presence``: with the four sequence-presence channels, in the config and the processor;
+    ``grading_pooling``: the config's, ``"tumour"`` for a grading model that pools the predicted tumour)."""
     from modeling_emrfuse.hub.packaging import add_pipeline_to_folder
     from modeling_emrfuse.modeling_emrfuse import EmrFuseForImageClassification, EmrFuseForSegmentation
     from modeling_emrfuse.processing_emrfuse import EmrFuseImageProcessor, EmrFuseProcessor
@@ -127,6 +133,7 @@ def build_tiny_model_folder(
         slice_chunk_size=16,
         decoder_channels=[32, 16, 16, 8, 8],
         sequence_presence=sequence_presence,
+        grading_pooling=grading_pooling,
     )
     processor = EmrFuseProcessor(
         EmrFuseImageProcessor(context_slices=0, sequence_presence=sequence_presence), tokenizer

@@ -553,6 +553,7 @@ def test_grading_fit_head_keeps_the_towers_and_fits_the_rest(shared):
     assert any(not torch.equal(seg[k], grading[k]) for k in head)
     assert "classifier.weight" in grading
     assert json.loads((out / "grading" / "eval" / "summary.json").read_text())["grading_fit"] == "head"
+    assert json.loads((out / "grading" / "config.json").read_text())["grading_pooling"] == "tumour"  # demo default
     card = (out / "grading" / "README.md").read_text()
     assert (
         "| `grading_fit` | `head` |" in card and "grading bag policy" in card
@@ -577,6 +578,16 @@ def test_grading_fit_finetune_trains_the_whole_model(shared):
         for k in seg
         if k.startswith("emrfuse.vision_model.") and k.endswith(".weight")
     )
+
+
+def test_grading_pooling_defaults_and_the_finetune_combination():
+    """The demo pools the predicted tumour, real data the slices; finetune (no masks in its slice bags) keeps the
+    slices and refuses an explicit tumour."""
+    assert train.parse_args(["--demo"]).grading_pooling == "tumour"
+    assert train.parse_args(["--data_dir", "x"]).grading_pooling == "slices"
+    assert train.parse_args(["--demo", "--grading_fit", "finetune"]).grading_pooling == "slices"
+    with pytest.raises(SystemExit, match="--grading_pooling tumour is fitted with --grading_fit head"):
+        train.parse_args(["--demo", "--grading_fit", "finetune", "--grading_pooling", "tumour"])
 
 
 def test_fit_grading_head_learns_a_grade_that_the_tower_features_carry():

@@ -167,7 +167,9 @@ def _metrics_note(task: str, summary: Mapping[str, Any]) -> str:
     metrics_note = (
         "Grading metrics are per case: the slices of the grading bag policy (`grading_slices` in config.json,\n"
         "evenly spaced brain slices; every slice when it is null) are pooled into one prediction, as `emrfuse\n"
-        "predict` and the pipeline pool them."
+        'predict` and the pipeline pool them. With `grading_pooling: "tumour"` the bag is the slices where the\n'
+        "segmentation model predicts tumour (at most `grading_slices`, evenly spaced), each read over the predicted\n"
+        "tumour only; a case without predicted tumour is graded from the evenly spaced slices."
     )
     calibration = summary.get("calibration") or {}
     if calibration.get("temperature"):

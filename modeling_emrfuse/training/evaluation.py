@@ -94,8 +94,12 @@ def evaluate(
     step: int,
     max_report_tokens: Optional[int] = None,
     inference: Optional[Mapping[str, Any]] = None,
+    segmentation_model=None,
 ) -> Tuple[List[Dict[str, Any]], Dict[str, Any], Optional[np.ndarray]]:
     """Evaluate every held-out case exactly once (cases dealt round-robin to the processes), gather.
+
+    ``segmentation_model``: a grading model's companion in the pipeline, as in a saved model folder (its output
+    is the ``pooling_mask`` of a ``grading_pooling="tumour"`` grading model).
 
     Segmentation is evaluated with the pipeline's ``inference`` options (``tta``, ``min_component_mm3``,
     ``et_min_mm3``; none: plain, as ``emrfuse predict`` without options); the summary's ``inference`` says which.
@@ -110,7 +114,10 @@ def evaluate(
     mine = cases[accelerator.process_index :: accelerator.num_processes]
     local = []
     options = dict(inference or {}) if task == "segmentation" else {}
-    with accelerator.autocast(), pipeline_for_model(net, processor, accelerator.device) as pipe:
+    with (
+        accelerator.autocast(),
+        pipeline_for_model(net, processor, accelerator.device, segmentation_model=segmentation_model) as pipe,
+    ):
         for case in mine:
             row, emb = evaluate_case(pipe, case, reports.get(case.case_id), max_report_tokens, options)
             local.append((row, None if emb is None else emb.tolist()))

@@ -60,14 +60,16 @@ class CaseTowerFeatures:
     attention_mask: Optional[torch.Tensor]  # (L,)
     has_report: bool
     text_hidden: Optional[torch.Tensor]  # (L, d_T) the text tower's last hidden state (CPU)
+    tumour: Optional[torch.Tensor] = None  # grading_pooling="tumour": (N, C) masked features per tumour slice (CPU)
 
 
 @torch.no_grad()
 def training_tower_features(
-    accelerator, net, processor, run, desc: str, max_report_tokens: Optional[int] = None
+    accelerator, net, processor, run, desc: str, max_report_tokens: Optional[int] = None, segmentation_model=None
 ) -> List[CaseTowerFeatures]:
     """The towers' features of every graded training case, computed once without augmentation (each process
-    computes its share, every process gets all of them, in case-id order)."""
+    computes its share, every process gets all of them, in case-id order). With ``grading_pooling="tumour"``,
+    ``segmentation_model`` predicts each case's tumour, as the pipeline does at inference."""
     label2id = net.config.label2id
     cases = [c for c in run.train_cases if c.grade in label2id]
     if not cases:
@@ -75,7 +77,7 @@ def training_tower_features(
     net.eval()
     local = []
     mine = cases[accelerator.process_index :: accelerator.num_processes]
-    with pipeline_for_model(net, processor, accelerator.device) as pipe:
+    with pipeline_for_model(net, processor, accelerator.device, segmentation_model=segmentation_model) as pipe:
         for case in tqdm(
             mine, desc=f"{desc}: tower features", disable=not accelerator.is_local_main_process, dynamic_ncols=True
         ):
@@ -93,10 +95,19 @@ def _case_tower_features(pipe, net, case, report: Optional[str], max_report_toke
         max_length=max_report_tokens,
         allow_missing_sequences=bool(case.missing_sequences),
     )
-    t = {k: v.to(pipe.device) for k, v in pipe.grading_inputs(staged["model_inputs"]).items()}
+    inputs = staged["model_inputs"]
+    seg_logits = pipe.segmentation_logits(inputs) if pipe.segmentation_model is not None else None
+    t = {k: v.to(pipe.device) for k, v in pipe.grading_inputs(inputs, seg_logits).items()}
     has_report = bool(t["has_report"][0]) if "has_report" in t else False
+    bag = None
+    if "pooling_mask" in t and net.tumour_projection is not None:
+        s2c = torch.zeros(t["pixel_values"].shape[0], dtype=torch.long, device=pipe.device)
+        bag = net.grading_bag(t["pixel_values"], t["pooling_mask"], s2c, 1)
     gap, hidden = net.emrfuse.tower_features(
-        t["pixel_values"], t.get("input_ids") if has_report else None, t.get("attention_mask"), t.get("token_type_ids")
+        None if bag is not None else t["pixel_values"],
+        t.get("input_ids") if has_report else None,
+        t.get("attention_mask"),
+        t.get("token_type_ids"),
     )
     return CaseTowerFeatures(
         case_id=case.case_id,
@@ -106,6 +117,7 @@ def _case_tower_features(pipe, net, case, report: Optional[str], max_report_toke
         attention_mask=t["attention_mask"][0].cpu() if "attention_mask" in t else None,
         has_report=has_report,
         text_hidden=None if hidden is None else hidden[0].float().cpu(),
+        tumour=None if bag is None else bag["tumour_features"].float().cpu(),
     )
 
 
@@ -121,13 +133,16 @@ def _pad(rows: List[Optional[torch.Tensor]], length: int, fill=0) -> torch.Tenso
 def tower_feature_batch(feats: List[CaseTowerFeatures], device) -> Dict[str, Any]:
     """Keyword arguments of :meth:`EmrFuseForImageClassification.forward_from_tower_features` for a group of cases."""
     batch: Dict[str, Any] = {"num_cases": len(feats)}
-    if feats[0].gap is not None:
-        batch["gap"] = torch.cat([f.gap for f in feats]).to(device)
-        batch["slice_to_case"] = torch.cat(
-            [torch.full((f.gap.shape[0],), k, dtype=torch.long) for k, f in enumerate(feats)]
-        ).to(device)
-    else:
-        batch["gap"], batch["slice_to_case"] = None, None
+    for key, case_key, s2c_key in (
+        ("gap", "gap", "slice_to_case"),
+        ("tumour_features", "tumour", "tumour_slice_to_case"),
+    ):
+        rows = [(k, getattr(f, case_key)) for k, f in enumerate(feats) if getattr(f, case_key) is not None]
+        if rows:
+            batch[key] = torch.cat([r for _, r in rows]).to(device)
+            batch[s2c_key] = torch.cat([torch.full((r.shape[0],), k, dtype=torch.long) for k, r in rows]).to(device)
+        else:
+            batch[key], batch[s2c_key] = None, None
     if feats[0].input_ids is not None:
         length = max(f.input_ids.shape[0] for f in feats)
         batch["input_ids"] = _pad([f.input_ids for f in feats], length).to(device)
@@ -317,13 +332,36 @@ def _build_warm_model(
     return processor, model
 
 
+def _segmentation_companion(settings: TrainingSettings, accelerator, run, switches, warm_start: WarmStart, model, desc):
+    """With ``grading_pooling="tumour"``: the segmentation model the grading model is warm-started from (the
+    previous stage's weights), whose predictions on the training cases are the masks the head is fitted with, as the
+    pipeline's segmentation model gives them at inference. ``None`` with ``"slices"``."""
+    if getattr(model.config, "grading_pooling", "slices") != "tumour" or not model.config.use_image:
+        return None
+    segmenter = build_model(settings.model, run.text_model, "segmentation", switches, config_from=warm_start.folder)
+    warm_start.apply(segmenter, f"{desc} (its segmentation model, for the tumour masks)")
+    segmenter.to(accelerator.device).eval()
+    return segmenter
+
+
 def _fit_head_on_frozen_towers(
-    fit: HeadFitSettings, accelerator, model, processor, run, max_steps: int, learning_rate: float, seed: int, desc: str
+    fit: HeadFitSettings,
+    accelerator,
+    model,
+    processor,
+    run,
+    max_steps: int,
+    learning_rate: float,
+    seed: int,
+    desc: str,
+    segmentation_model=None,
 ) -> Tuple[int, Optional[Dict[str, Any]], float]:
     """Fit the grading head on the frozen towers' features of the training cases, then calibrate it; returns the
     steps taken, the calibration record and the seconds it all took."""
     t_train = time.perf_counter()
-    feats = training_tower_features(accelerator, model, processor, run, desc, fit.max_report_tokens)
+    feats = training_tower_features(
+        accelerator, model, processor, run, desc, fit.max_report_tokens, segmentation_model=segmentation_model
+    )
     logger.info(
         f"{desc}: grading head fitted on the frozen towers' features of {len(feats)} training cases, "
         f"{max_steps} full-batch steps"
@@ -335,7 +373,15 @@ def _fit_head_on_frozen_towers(
 
 
 def _select_fitted_head(
-    accelerator, model, processor, run, output_dir: Path, fit: HeadFitSettings, steps: int, max_steps: int
+    accelerator,
+    model,
+    processor,
+    run,
+    output_dir: Path,
+    fit: HeadFitSettings,
+    steps: int,
+    max_steps: int,
+    segmentation_model=None,
 ) -> BestModel:
     """Evaluate the fitted head on the validation (else test) cases and keep it as the run's best model; with no
     held-out cases it is kept as it is."""
@@ -352,6 +398,7 @@ def _select_fitted_head(
             use_trackers=False,
             log=accelerator.print,
             max_report_tokens=fit.max_report_tokens,
+            segmentation_model=segmentation_model,
         )
         evaluate_and_select(
             accelerator, model, processor, run.reports, "classification", steps, max_steps, selection, best
@@ -383,12 +430,23 @@ def train_grading_head(
     fit = HeadFitSettings.from_training(settings)
     set_seed(seed)
     processor, model = _build_warm_model(settings, accelerator, run, switches, warm_start, desc)
+    segmenter = _segmentation_companion(settings, accelerator, run, switches, warm_start, model, desc)
     steps, calibration, train_seconds = _fit_head_on_frozen_towers(
-        fit, accelerator, model, processor, run, max_steps, learning_rate, seed, desc
+        fit, accelerator, model, processor, run, max_steps, learning_rate, seed, desc, segmentation_model=segmenter
     )
-    best = _select_fitted_head(accelerator, model, processor, run, output_dir, fit, steps, max_steps)
+    best = _select_fitted_head(
+        accelerator, model, processor, run, output_dir, fit, steps, max_steps, segmentation_model=segmenter
+    )
     rows, summary, embeds = score_best_model(
-        accelerator, model, processor, run, "classification", best, max_steps, fit.max_report_tokens
+        accelerator,
+        model,
+        processor,
+        run,
+        "classification",
+        best,
+        max_steps,
+        fit.max_report_tokens,
+        segmentation_model=segmenter,
     )
     summary.update(
         best_step=best.step,

@@ -41,6 +41,7 @@ def config_kwargs(settings: ModelSettings, switches: Dict[str, bool]) -> Dict[st
     kwargs["context_slices"] = settings.context_slices
     kwargs["sequence_presence"] = settings.sequence_presence
     kwargs["grading_slices"] = settings.grading_slices or None  # the one grading bag policy
+    kwargs["grading_pooling"] = settings.grading_pooling
     for name in ("fusion_dim", "decoder_channels", "cross_attention_heads", "align_loss_weight", "ortho_loss_weight"):
         value = getattr(settings, name)
         if value is not None:
@@ -108,6 +109,7 @@ def build_model(
         for key, value in switches.items():
             setattr(config, key, value)
         config.grading_slices = settings.grading_slices or None  # this run's grading bag policy
+        config.grading_pooling = settings.grading_pooling
         return cls(config)
     model = cls.from_text_vision_pretrained(
         text_model,

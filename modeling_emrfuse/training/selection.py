@@ -62,6 +62,7 @@ class SelectionEvaluation:
     log: Any  # prints a line above the progress bar
     max_report_tokens: Optional[int] = None
     inference: Dict[str, Any] = field(default_factory=dict)  # the pipeline's inference options (tta, post-processing)
+    segmentation_model: Any = None  # the grading model's companion in the pipeline (grading_pooling="tumour")
 
 
 def evaluate_and_select(
@@ -90,6 +91,7 @@ def evaluate_and_select(
         step,
         selection.max_report_tokens,
         selection.inference,
+        segmentation_model=selection.segmentation_model,
     )
     summary["split"] = selection.split
     metric = selection_metric(summary, task)
@@ -124,6 +126,7 @@ def score_best_model(
     max_steps: int,
     max_report_tokens: Optional[int] = None,
     inference: Optional[Dict[str, Any]] = None,
+    segmentation_model=None,
 ):
     """Load the selected weights and give ``(rows, summary, embeddings)`` on the held-out test cases: a fresh
     evaluation (with the ``inference`` options) when a validation split chose the model, else the selection
@@ -132,7 +135,16 @@ def score_best_model(
     if not run.val_cases:
         return best.rows, best.summary, best.embeds
     rows, summary, embeds = evaluate(
-        accelerator, model, processor, run.eval_cases, run.reports, task, best.step, max_report_tokens, inference
+        accelerator,
+        model,
+        processor,
+        run.eval_cases,
+        run.reports,
+        task,
+        best.step,
+        max_report_tokens,
+        inference,
+        segmentation_model=segmentation_model,
     )
     summary["split"] = "test"
     summary["validation"] = {"metric": best.metric, "num_cases": len(run.val_cases)}

@@ -26,6 +26,10 @@ def check_option_values(options: Any, presets: Any, min_reports_per_word: int) -
             "--grading_calibration_folds must be 0 (no calibration) or >= 2",
         ),
         (
+            o.grading_pooling == "tumour" and o.grading_fit == "finetune",
+            "--grading_pooling tumour is fitted with --grading_fit head (the masks of the segmentation model), not with",
+        ),
+        (
             o.image_size is not None and (o.image_size < 32 or o.image_size % 32),
             "--image_size must be a multiple of 32 (>= 32)",
         ),
@@ -37,6 +41,7 @@ def check_option_values(options: Any, presets: Any, min_reports_per_word: int) -
         "--grading_slices": o.grading_slices,
         "--grading_calibration_folds": o.grading_calibration_folds,
         "--image_size": o.image_size,
+        "--grading_pooling": "--grading_fit finetune",
     }
     for failed, message in problems:
         if failed:
@@ -70,6 +75,7 @@ class ModelSettings:
     context_slices: int = 0
     sequence_presence: bool = False
     grading_slices: int = 32  # 0: every slice (stored as None in the config)
+    grading_pooling: str = "slices"  # the grading model's config.grading_pooling (slices | tumour)
     fusion_dim: Optional[int] = None
     decoder_channels: Optional[List[int]] = None
     cross_attention_heads: Optional[int] = None
