@@ -1,0 +1,113 @@
+"""Paired comparison of two ``bench_real.py`` cross-validations (a training lever against the recipe without it).
+
+    python bench/real_compare.py --base outputs/real --other outputs/real-monai [--recipe image] [--expert_only]
+
+Both runs must use the same folds (same cases, ``--cv`` and ``--seed``: the split files are compared). Reads every
+fold that has finished in both (``runs/cv-fold<k>-<recipe>/eval/per_case.csv``), so a cross-validation still running
+can be compared on its finished folds (the output says how many). Prints, and writes to ``OTHER/compare.md``, the
+mean Dice / HD95 per region of both on the common cases and the paired per-case difference (other - base) with a
+95 % bootstrap interval (``*``: it excludes zero).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from modeling_emrfuse.brats_labels import REGIONS
+from modeling_emrfuse.evaluation.ablation_stats import format_difference, paired_difference
+from modeling_emrfuse.evaluation.metrics import bootstrap_mean_ci
+
+METRICS = ("dice", "hd95")
+
+
+def finished_rows(out: Path, recipe: str) -> Dict[int, Dict[str, Dict[str, str]]]:
+    """Fold index -> case id -> per-case row, for every fold whose run of ``recipe`` has finished."""
+    folds: Dict[int, Dict[str, Dict[str, str]]] = {}
+    for run in sorted((out / "runs").glob(f"cv-fold*-{recipe}")):
+        per_case = run / "eval" / "per_case.csv"
+        if not (run / ".bench_real_done.json").is_file() or not per_case.is_file():
+            continue
+        fold = int(run.name[len("cv-fold") :].split("-", 1)[0])
+        with per_case.open(newline="") as fh:
+            folds[fold] = {row["case_id"]: row for row in csv.DictReader(fh)}
+    return folds
+
+
+def _split(out: Path, fold: int) -> Optional[List[str]]:
+    path = out / "runs" / f"cv-fold{fold}-split.json"
+    return sorted(json.loads(path.read_text())["test"]) if path.is_file() else None
+
+
+def compare(base: Path, other: Path, recipe: str = "image", keep: Optional[Sequence[str]] = None) -> Dict[str, object]:
+    """The comparison on the folds finished in both runs; ``keep``: only these case ids (e.g. expert-labelled)."""
+    a, b = finished_rows(base, recipe), finished_rows(other, recipe)
+    folds = sorted(set(a) & set(b))
+    for fold in folds:
+        if _split(base, fold) != _split(other, fold):
+            raise SystemExit(f"real_compare: fold {fold} holds out different cases in the two runs (--cv / --seed).")
+    cases = [c for f in folds for c in sorted(a[f]) if c in b[f] and (keep is None or c in keep)]
+    rows_a = {c: a[f][c] for f in folds for c in a[f]}
+    rows_b = {c: b[f][c] for f in folds for c in b[f]}
+    result: Dict[str, object] = {"folds": [f + 1 for f in folds], "n_cases": len(cases), "metrics": {}}
+    for region in REGIONS:
+        for metric in METRICS:
+            key = f"{region}_{metric}"
+            va = {c: float(rows_a[c][key]) for c in cases}
+            vb = {c: float(rows_b[c][key]) for c in cases}
+            result["metrics"][key] = {
+                "base": bootstrap_mean_ci(list(va.values()))[0] if cases else float("nan"),
+                "other": bootstrap_mean_ci(list(vb.values()))[0] if cases else float("nan"),
+                "difference": paired_difference([vb], [va]),
+            }
+    return result
+
+
+def to_markdown(result: Dict[str, object], base: Path, other: Path, recipe: str) -> str:
+    head = "| | " + " | ".join(
+        f"{m} {r}" if m == "Dice" else f"HD95 {r} (mm)" for m in ("Dice", "HD95") for r in REGIONS
+    )
+    lines = [
+        f"Paired comparison, recipe `{recipe}`: `{other}` against `{base}` on folds {result['folds']} "
+        f"({result['n_cases']} held-out cases in both).\n",
+        head + " |",
+        "|---|" + "---|" * (2 * len(REGIONS)),
+    ]
+    metrics = result["metrics"]
+    order = [f"{r}_{m}" for m in METRICS for r in REGIONS]
+    for label, name in (("base", "base"), ("other", "other")):
+        cells = [f"{metrics[k][name]:.3f}" if k.endswith("dice") else f"{metrics[k][name]:.1f}" for k in order]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    cells = [format_difference(metrics[k]["difference"], digits=3 if k.endswith("dice") else 1) for k in order]
+    lines.append("| other - base | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> Dict[str, object]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--base", type=Path, required=True, help="bench_real.py OUTPUT_DIR of the recipe without the lever")
+    p.add_argument("--other", type=Path, required=True, help="bench_real.py OUTPUT_DIR of the recipe with it")
+    p.add_argument("--recipe", default="image")
+    p.add_argument("--expert_only", action="store_true", help="only the cases labelled expert in BASE/cv_per_case.csv")
+    args = p.parse_args(argv)
+    keep = None
+    if args.expert_only:
+        table = args.base / "cv_per_case.csv"
+        if not table.is_file():
+            raise SystemExit(f"real_compare: --expert_only needs {table} (a finished bench_real.py run).")
+        with table.open(newline="") as fh:
+            keep = [r["case_id"] for r in csv.DictReader(fh) if r["label"] == "expert"]
+    result = compare(args.base, args.other, args.recipe, keep)
+    if not result["n_cases"]:
+        raise SystemExit("real_compare: no fold has finished in both runs.")
+    text = to_markdown(result, args.base, args.other, args.recipe)
+    (args.other / "compare.md").write_text(text)
+    print(text)
+    return result
+
+
+if __name__ == "__main__":
+    main()
