@@ -194,7 +194,10 @@ def postprocess_regions(
     tc = regions[1] | et
     wt = regions[0] | tc
     if settings["min_component_mm3"] > 0 and wt.any():
-        from scipy import ndimage
+        try:  # optional for a model folder's code: only the component removal needs it
+            from scipy import ndimage
+        except ImportError as exc:
+            raise ImportError("min_component_mm3 > 0 needs scipy (pip install scipy).") from exc
 
         labels, _ = ndimage.label(wt, structure=np.ones((3,) * wt.ndim, dtype=bool))
         sizes_mm3 = np.bincount(labels.ravel()) * voxel
