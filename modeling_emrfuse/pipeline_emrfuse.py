@@ -1078,32 +1078,11 @@ class EmrFusePipeline(Pipeline):
         turn = model_outputs.get("reorientation")  # the model ran on the case in BraTS's orientation
         result["reoriented_from"] = None if turn is None or turn.is_identity else "".join(turn.input_axcodes)
         if logits is not None:
-            label_map, regions, probs = self._label_map_on_input_grid(model_outputs, convention, threshold)
-            if mask_background:  # skull-stripped input: no tumour where all four (given) sequences are 0
-                background = np.ones(case.shape, dtype=bool)
-                for volume in case.volumes.values():
-                    background &= volume == 0
-                label_map[background] = 0
-                regions &= ~background
-            settings = check_postprocessing(
-                getattr(self.image_processor, "postprocessing", None),
-                min_component_mm3=min_component_mm3,
-                et_min_mm3=et_min_mm3,
+            result.update(
+                self._segmentation_result(
+                    model_outputs, threshold, return_probabilities, mask_background, min_component_mm3, et_min_mm3
+                )
             )
-            if any(settings.values()):  # on the input's grid, after the background mask
-                regions = postprocess_regions(regions, voxel_volume_mm3(case.affine), **settings)
-                label_map = regions_to_label_map(regions, get_label_convention(convention))
-            result["postprocessing"] = settings
-            result["label_map"] = label_map.astype(np.uint8, copy=False)
-            result["region_volumes_cm3"] = _nested_region_volumes(regions, case.affine)
-            if return_probabilities and probs is not None:
-                result["region_probabilities"] = probs.astype(np.float16)
-            elif return_probabilities:
-                probs = torch.sigmoid(logits).permute(1, 2, 3, 0).numpy().astype(np.float16)
-                probs = self.image_processor.uncrop(probs, model_outputs["crop_info"], fill=0)
-                if turn is not None and not turn.is_identity:
-                    probs = np.stack([turn.undo(p) for p in probs])
-                result["region_probabilities"] = probs
         grade_logits = model_outputs["grade_logits"]
         result["grade"] = None
         result["grade_probabilities"] = None
@@ -1131,6 +1110,43 @@ class EmrFusePipeline(Pipeline):
         timings = dict(model_outputs["timings"])
         timings["postprocess"] = time.perf_counter() - t0
         result["timings"] = timings
+        return result
+
+    def _segmentation_result(
+        self, model_outputs, threshold, return_probabilities, mask_background, min_component_mm3, et_min_mm3
+    ) -> Dict[str, Any]:
+        """The segmentation fields of :meth:`postprocess`: the label map on the input's grid (background masked,
+        post-processed), the post-processing settings, the region volumes and, when asked, the probabilities."""
+        case: LoadedCase = model_outputs["case"]
+        convention = model_outputs["label_convention"]
+        turn = model_outputs.get("reorientation")
+        result: Dict[str, Any] = {}
+        label_map, regions, probs = self._label_map_on_input_grid(model_outputs, convention, threshold)
+        if mask_background:  # skull-stripped input: no tumour where all four (given) sequences are 0
+            background = np.ones(case.shape, dtype=bool)
+            for volume in case.volumes.values():
+                background &= volume == 0
+            label_map[background] = 0
+            regions &= ~background
+        settings = check_postprocessing(
+            getattr(self.image_processor, "postprocessing", None),
+            min_component_mm3=min_component_mm3,
+            et_min_mm3=et_min_mm3,
+        )
+        if any(settings.values()):  # on the input's grid, after the background mask
+            regions = postprocess_regions(regions, voxel_volume_mm3(case.affine), **settings)
+            label_map = regions_to_label_map(regions, get_label_convention(convention))
+        result["postprocessing"] = settings
+        result["label_map"] = label_map.astype(np.uint8, copy=False)
+        result["region_volumes_cm3"] = _nested_region_volumes(regions, case.affine)
+        if return_probabilities and probs is not None:
+            result["region_probabilities"] = probs.astype(np.float16)
+        elif return_probabilities:
+            probs = torch.sigmoid(model_outputs["seg_logits"]).permute(1, 2, 3, 0).numpy().astype(np.float16)
+            probs = self.image_processor.uncrop(probs, model_outputs["crop_info"], fill=0)
+            if turn is not None and not turn.is_identity:
+                probs = np.stack([turn.undo(p) for p in probs])
+            result["region_probabilities"] = probs
         return result
 
     def _label_map_on_input_grid(self, model_outputs, convention: str, threshold: float):
