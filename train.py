@@ -239,6 +239,12 @@ def _add_model_source_options(g: argparse._ArgumentGroup) -> None:
         action="store_true",
         help="Image-only baseline (Table 1, row 1): no text tower, no tokenizer, reports ignored.",
     )
+    g.add_argument(
+        "--shuffle_reports",
+        action="store_true",
+        help="Control: every case gets the report of another patient's case of its own split (train, validation, "
+        "test), in training and evaluation alike; a model that uses the report's content loses what it gained.",
+    )
 
 
 def _add_model_architecture_options(g: argparse._ArgumentGroup) -> None:

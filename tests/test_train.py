@@ -876,3 +876,27 @@ def test_same_seed_gives_the_same_figures(demo_twice, shared):
     assert not any("WordPiece" in note for note in first["determinism"]["not_deterministic"])
     towers = [next(Path(c).glob("demo-text-tower-*")) for c in (shared["cache"], shared["base"] / "cache-repeat2")]
     assert (towers[0] / "tokenizer.json").read_bytes() == (towers[1] / "tokenizer.json").read_bytes()
+
+
+def test_shuffle_reports_swaps_reports_within_each_split(tmp_path):
+    from collections import Counter
+
+    from datasets_scripts.demo_data import write_demo_dataset
+    from modeling_emrfuse.training.data import RunDataError, prepare_run_data, shuffled_reports
+
+    folder = write_demo_dataset(tmp_path / "ten", n_cases=10, size=(16, 16, 16))
+    argv = ["--demo", "--data_dir", str(folder), "--eval_fraction", "0.3", "--cache_dir", str(tmp_path / "c")]
+    plain = prepare_run_data(train.data_settings(train.parse_args(argv)), _OneProcess())
+    shuffled = prepare_run_data(train.data_settings(train.parse_args(argv + ["--shuffle_reports"])), _OneProcess())
+    for cases_a, cases_b in ((plain.train_cases, shuffled.train_cases), (plain.eval_cases, shuffled.eval_cases)):
+        ids = [c.case_id for c in cases_a]
+        assert ids == [c.case_id for c in cases_b]  # the same split
+        assert Counter(plain.reports[i] for i in ids) == Counter(shuffled.reports[i] for i in ids)  # same reports
+        assert all(plain.reports[i] != shuffled.reports[i] for i in ids)  # none keeps its own
+    one_reported = [[mock.Mock(case_id="a"), mock.Mock(case_id="b")], [mock.Mock(case_id="c")]]
+    with pytest.raises(RunDataError, match="--shuffle_reports: .*single case with a report"):
+        shuffled_reports({"a": "x", "b": "y", "c": "z"}, one_reported, {})
+    image_only = prepare_run_data(
+        train.data_settings(train.parse_args(argv + ["--shuffle_reports", "--no_text"])), _OneProcess()
+    )
+    assert all(r is None for r in image_only.reports.values())  # nothing to shuffle without the text tower

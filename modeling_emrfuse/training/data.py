@@ -12,7 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from datasets_scripts.brats_text import attach_reports_and_grades, load_id_mapping, make_splits, read_reports
+from datasets_scripts.brats_text import (
+    attach_reports_and_grades,
+    derange_reports,
+    load_id_mapping,
+    make_splits,
+    read_reports,
+)
 from datasets_scripts.demo_data import DEMO_DATA_VERSION, demo_case_ids, write_demo_dataset
 
 from ..brats_io import discover_folders
@@ -65,6 +71,7 @@ class DataSettings:
     id_mapping: Optional[List[str]] = None
     reports: Optional[str] = None
     no_text: bool = False
+    shuffle_reports: bool = False  # the control: every case gets another case's report of its own split
     text_model: Optional[str] = None
     max_train_cases: Optional[int] = None
     max_eval_cases: Optional[int] = None
@@ -265,6 +272,20 @@ def run_text_model(settings: DataSettings, train_cases, reports, data_dir: Path,
     )
 
 
+def shuffled_reports(
+    reports: Dict[str, Optional[str]], splits: Sequence[Sequence[Any]], patients: Dict[str, str], seed: int = 0
+) -> Dict[str, Optional[str]]:
+    """The shuffled-reports control of a run (``--shuffle_reports``): within each split, every case with a report
+    gets the report of another patient's case of that split (a seeded derangement, :func:`derange_reports`), so the
+    training and held-out cases keep their own reports' mix but lose the case-report correspondence. Cases without a
+    report keep none. ``RunDataError`` when a split holds a single case with a report (it cannot be swapped)."""
+    groups = [[c.case_id for c in cases] for cases in splits]
+    try:
+        return derange_reports(reports, groups, seed=seed, patients=patients)
+    except ValueError as exc:
+        raise RunDataError(f"--shuffle_reports: {exc} Use a split with at least two reported cases per part.") from exc
+
+
 def prepare_run_data(settings: DataSettings, accelerator) -> RunData:
     """Find the cases (generating demo data if asked), read reports, split, build the demo text tower."""
     data_dirs, found, synthetic = find_run_cases(settings, accelerator)
@@ -279,6 +300,8 @@ def prepare_run_data(settings: DataSettings, accelerator) -> RunData:
         train_cases = train_cases[: settings.max_train_cases]
     if settings.max_eval_cases:
         eval_cases = eval_cases[: settings.max_eval_cases]
+    if settings.shuffle_reports and not settings.no_text:
+        reports = shuffled_reports(reports, (train_cases, val_cases, eval_cases), attached.patients)
     text_model = run_text_model(settings, train_cases, reports, data_dir, accelerator)
     with_tables = " ({} through the id tables)" if id_mapping is not None else ""
     logger.info(
