@@ -852,6 +852,16 @@ class EmrFuseProcessor(ProcessorMixin):
         super().__init__(image_processor, tokenizer)
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "EmrFuseProcessor":
+        """The processor saved in a folder or Hub repository, built from its two parts
+        (:meth:`_get_arguments_from_pretrained`). ``ProcessorMixin.from_pretrained`` is not used: from transformers
+        5.25 on it loads the image processor through ``AutoImageProcessor``, which reads the ``auto_map`` of
+        ``processor_config.json`` and asks for ``trust_remote_code`` (a prompt, or an error without a terminal)
+        although this class is already imported. Keyword arguments (``revision``, ``cache_dir``, ``token``,
+        ``local_files_only``, ``subfolder``, ``trust_remote_code``...) reach both parts."""
+        return cls(*cls._get_arguments_from_pretrained(pretrained_model_name_or_path, **kwargs))
+
+    @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
         """Load the image processor with this module's own class (so that ``EmrFuseProcessor.from_pretrained``
         needs no remote-code lookup) and the tokenizer with ``AutoTokenizer`` (any BERT-family tokenizer). The
