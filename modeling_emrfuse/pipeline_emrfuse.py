@@ -95,6 +95,28 @@ DEFAULT_MAX_REPORT_CHARS = 65536
 """Characters of a report read by default (``max_report_chars``): far above a radiology report (the real
 TextBraTS reports have 53-156 words), low enough that a huge text cannot stall a run or the Space's worker."""
 DEFAULT_GRADING_SLICES = "config"
+# the region logit of a slice that the tumour-slab path (probe_stride > 1) does not compute: background
+PROBE_BACKGROUND_LOGIT = -30.0
+# the model inputs with one row per slice (the others, the report's, have one row per case)
+SLICE_INPUTS = ("pixel_values", "slice_to_case")
+
+
+def check_probe(value: Any, name: str, minimum: int) -> int:
+    """``probe_stride`` (>= 1; 1 = every slice, the exact path) or ``probe_margin`` (>= 0 slices), as an int."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+def _take_slices(inputs: Dict[str, torch.Tensor], index: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """The model inputs of the slices ``index`` (the report's rows unchanged)."""
+    out = dict(inputs)
+    for key in SLICE_INPUTS:
+        if out.get(key) is not None:
+            out[key] = out[key][index.to(out[key].device)]
+    return out
+
+
 """``grading_max_slices`` default: the grading model's ``config.grading_slices`` (the policy it was trained and
 evaluated with)."""
 
@@ -825,6 +847,8 @@ class EmrFusePipeline(Pipeline):
         tta=None,
         min_component_mm3=None,
         et_min_mm3=None,
+        probe_stride=None,
+        probe_margin=None,
         **kwargs,
     ):
         if kwargs:
@@ -862,7 +886,11 @@ class EmrFusePipeline(Pipeline):
                 post[key] = check_postprocessing(**{key: value})[key]
         if label_convention is not None:
             get_label_convention(label_convention)  # fail early on an unknown name
-        forward = {} if tta is None else {"tta": bool(tta)}
+        forward: Dict[str, Any] = {} if tta is None else {"tta": bool(tta)}
+        if probe_stride is not None:
+            forward["probe_stride"] = check_probe(probe_stride, "probe_stride", 1)
+        if probe_margin is not None:
+            forward["probe_margin"] = check_probe(probe_margin, "probe_margin", 0)
         return pre, forward, post
 
     def _autocast(self):
@@ -989,7 +1017,36 @@ class EmrFusePipeline(Pipeline):
         computes them (for the grading-head fit, whose training cases see the masks inference sees)."""
         return self._segment(inputs, tta)[1]
 
-    def _segment(self, inputs: Dict[str, torch.Tensor], tta: bool):
+    def _segment(self, inputs: Dict[str, torch.Tensor], tta: bool, probe_stride: int = 1, probe_margin: int = 2):
+        """The segmentation model's output and region logits of every slice (:meth:`_segment_slices`), or with
+        ``probe_stride`` k > 1 of the tumour's slab only (:meth:`_segment_slab`)."""
+        if probe_stride > 1 and inputs["pixel_values"].shape[0] > probe_stride:
+            return self._segment_slab(inputs, tta, probe_stride, probe_margin)
+        return self._segment_slices(inputs, tta)
+
+    def _segment_slab(self, inputs: Dict[str, torch.Tensor], tta: bool, stride: int, margin: int):
+        """Every ``stride``-th slice first (the probe), then only the slices of the slab between the outermost
+        probe slices with tumour (any region above 0.5), widened by ``stride - 1 + margin`` slices on each side;
+        every other slice is background (logit :data:`PROBE_BACKGROUND_LOGIT`). The model segments each slice on
+        its own (the report enters every slice alike), so a computed slice's logits are those of the exact path;
+        the two differ only where tumour lies wholly between probe slices outside the slab (a lesion thinner
+        than ``stride`` slices, apart from the rest). The returned output (embeddings, weights) is the probe's,
+        evenly spaced over the case."""
+        n = inputs["pixel_values"].shape[0]
+        probe = torch.arange(0, n, stride)
+        out, probe_logits = self._segment_slices(_take_slices(inputs, probe), tta)
+        logits = probe_logits.new_full((n, *probe_logits.shape[1:]), PROBE_BACKGROUND_LOGIT)
+        logits[probe.to(logits.device)] = probe_logits
+        hit = probe[(probe_logits > 0).flatten(1).any(dim=1).cpu()]
+        if len(hit):
+            lo = max(0, int(hit.min()) - stride + 1 - margin)
+            hi = min(n - 1, int(hit.max()) + stride - 1 + margin)
+            rest = torch.tensor([i for i in range(lo, hi + 1) if i % stride], dtype=torch.long)
+            if len(rest):
+                logits[rest.to(logits.device)] = self._segment_slices(_take_slices(inputs, rest), tta)[1]
+        return out, logits
+
+    def _segment_slices(self, inputs: Dict[str, torch.Tensor], tta: bool):
         """The segmentation model's output and region logits of every slice. With ``tta`` the sigmoid
         probabilities are averaged over the slices as given, flipped along each in-plane axis and along both
         (each prediction flipped back), and returned as logits."""
@@ -1002,7 +1059,7 @@ class EmrFusePipeline(Pipeline):
             probs += torch.sigmoid(self.segmentation_model(**flipped, return_dict=True).logits.float()).flip(dims)
         return out, torch.logit(probs / 4, eps=1e-6)
 
-    def _forward(self, model_inputs, tta: bool = False):
+    def _forward(self, model_inputs, tta: bool = False, probe_stride: int = 1, probe_margin: int = 2):
         inputs = dict(model_inputs["model_inputs"])
         dtype = next(self.models[0].parameters()).dtype
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
@@ -1014,7 +1071,7 @@ class EmrFusePipeline(Pipeline):
         t_seg = t_cls = 0.0
         with self._autocast():
             if self.segmentation_model is not None:
-                seg_out, seg_logits = self._segment(inputs, tta)
+                seg_out, seg_logits = self._segment(inputs, tta, probe_stride, probe_margin)
                 t_seg = time.perf_counter() - t0
             if self.grading_model is not None:
                 t_start = time.perf_counter()
@@ -1032,6 +1089,7 @@ class EmrFusePipeline(Pipeline):
         explain = seg_out if seg_out is not None else cls_out
         out["seg_logits"] = None if seg_out is None else seg_logits
         out["tta"] = bool(tta and seg_out is not None)
+        out["probe_stride"] = int(probe_stride) if seg_out is not None else 1
         out["grade_logits"] = None if cls_out is None else cls_out.logits.float()
         out["alpha_text"] = _scalar(getattr(explain, "alpha_text", None))
         out["alpha_image"] = _scalar(getattr(explain, "alpha_image", None))
@@ -1075,6 +1133,7 @@ class EmrFusePipeline(Pipeline):
         resampling = model_outputs.get("resampling")
         result["resampling"] = resampling
         result["tta"] = bool(model_outputs.get("tta"))
+        result["probe_stride"] = int(model_outputs.get("probe_stride", 1))
         turn = model_outputs.get("reorientation")  # the model ran on the case in BraTS's orientation
         result["reoriented_from"] = None if turn is None or turn.is_identity else "".join(turn.input_axcodes)
         if logits is not None:

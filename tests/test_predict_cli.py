@@ -454,3 +454,19 @@ def test_help_and_argument_errors_import_no_torch():
     for argv in (["predict", "--help"], ["predict", "/no/such/case", "-o", "/tmp/emrfuse-none"]):
         out = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=120)
         assert out.stdout.strip().splitlines()[-1].startswith("NO-TORCH"), (argv, out.stdout[-300:], out.stderr[-300:])
+
+
+def test_predict_probe_stride_reaches_the_pipeline_and_the_record(model_dir, demo_dir, tmp_path, capsys):
+    case = demo_dir / "BraTS20_Training_001"
+    rc = main(["predict", str(case), "--model", str(model_dir), "-o", str(tmp_path / "exact"), "--no-grading"])
+    assert rc == 0
+    argv = ["predict", str(case), "--model", str(model_dir), "-o", str(tmp_path / "slab"), "--no-grading"]
+    assert main(argv + ["--probe-stride", "3", "--probe-margin", "1"]) == 0
+    exact = json.loads((tmp_path / "exact" / "BraTS20_Training_001.json").read_text())
+    slab = json.loads((tmp_path / "slab" / "BraTS20_Training_001.json").read_text())
+    assert exact["probe_stride"] == 1 and slab["probe_stride"] == 3
+    for bad in (["--probe-stride", "0"], ["--probe-margin", "-1"], ["--probe-stride", "two"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv + bad)
+        assert exc.value.code == 2
+        assert "must be >=" in capsys.readouterr().err or bad[1] == "two"

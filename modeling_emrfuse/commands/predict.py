@@ -79,6 +79,7 @@ def prediction_record(
         "missing_sequences": list(result.get("missing_sequences") or []),
         "resampling": result.get("resampling"),
         "tta": bool(result.get("tta")),
+        "probe_stride": int(result.get("probe_stride") or 1),
         "postprocessing": result.get("postprocessing"),
         "warnings": list(result.get("warnings") or []),
         "model": {"id": result.get("model_id"), "revision": result.get("revision")},
@@ -400,6 +401,29 @@ def _predict_cases(pipe, cases, args, reports, out: Path, single: bool, show_pro
     return written, failures
 
 
+def _probe_options(args) -> Dict[str, int]:
+    """The tumour-slab options given on the command line (none: every slice, the exact path)."""
+    options = {}
+    if getattr(args, "probe_stride", None) not in (None, 1):
+        options["probe_stride"] = int(args.probe_stride)
+        if getattr(args, "probe_margin", None) is not None:
+            options["probe_margin"] = int(args.probe_margin)
+    return options
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def _postprocessing_options(args) -> Dict[str, float]:
     """The post-processing options given on the command line (none given: the model folder's setting)."""
     options = {}
@@ -424,6 +448,7 @@ def _predict_one(pipe, case: CaseFiles, args, reports, out: Path, single: bool) 
         max_report_chars=getattr(args, "max_report_chars", None),
         **({"tta": True} if getattr(args, "tta", False) else {}),  # a folder's own older pipeline has no tta
         **_postprocessing_options(args),
+        **_probe_options(args),  # only when asked for: a folder's own older pipeline has no probe
     )
     if source is not None and result.get("has_report"):
         result["report_source"] = source
@@ -689,6 +714,22 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="test-time flips: average the region probabilities over each slice and its flips along the two "
         'in-plane axes (4 forward passes of the segmentation model instead of 1); the JSON records "tta"',
+    )
+    p.add_argument(
+        "--probe-stride",
+        type=_int_at_least(1),
+        default=None,
+        metavar="K",
+        help="speed: segment every K-th slice first, then only the slab of slices around the tumour it finds "
+        "(every other slice is background); 1 or unset: every slice (exact). A lesion thinner than K slices lying "
+        'apart from the rest can be missed; the JSON records "probe_stride"',
+    )
+    p.add_argument(
+        "--probe-margin",
+        type=_int_at_least(0),
+        default=None,
+        metavar="SLICES",
+        help="with --probe-stride: extra slices segmented on each side of the slab (default 2)",
     )
     p.add_argument(
         "--min-component-mm3",

@@ -1,0 +1,87 @@
+"""The tumour-slab path of the pipeline (``probe_stride``): every k-th slice first, then only the slab around the
+tumour it finds; computed slices equal the exact path, the others are background."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+import torch
+from conftest import build_tiny_model_folder, write_small_case
+
+from modeling_emrfuse.pipeline_emrfuse import PROBE_BACKGROUND_LOGIT, EmrFusePipeline, check_probe, load_pipeline
+
+
+def _stub(tumour_slices):
+    """A stand-in whose 'model' gives a positive region logit exactly on the slices whose pixel value (their own
+    index) is in ``tumour_slices``, and records which slices it was asked for."""
+    seen = []
+
+    def segment_slices(self, inputs, tta):
+        index = inputs["pixel_values"][:, 0, 0, 0].long()
+        seen.extend(index.tolist())
+        positive = torch.tensor([int(i) in tumour_slices for i in index])
+        logits = torch.where(positive, 5.0, -5.0)[:, None, None, None].expand(-1, 3, 2, 2).clone()
+        logits += index[:, None, None, None] * 1e-3  # each slice's logits its own
+        return types.SimpleNamespace(n=len(index)), logits
+
+    stub = types.SimpleNamespace(seen=seen)
+    stub._segment_slices = types.MethodType(segment_slices, stub)
+    return stub
+
+
+def _inputs(n):
+    pixels = torch.arange(n, dtype=torch.float32)[:, None, None, None].expand(-1, 4, 2, 2).clone()
+    return {"pixel_values": pixels, "slice_to_case": torch.zeros(n, dtype=torch.long), "input_ids": torch.ones(1, 3)}
+
+
+@pytest.mark.parametrize("stride,margin", [(4, 2), (3, 0), (5, 1)])
+def test_slab_equals_the_exact_path_where_computed_and_background_elsewhere(stride, margin):
+    n, tumour = 40, set(range(13, 22))
+    exact = _stub(tumour)._segment_slices(_inputs(n), False)[1]
+    stub = _stub(tumour)
+    out, logits = EmrFusePipeline._segment_slab(stub, _inputs(n), False, stride, margin)
+    assert out.n == len(range(0, n, stride))  # the probe's output (evenly spaced over the case)
+    computed = sorted(stub.seen)
+    assert len(computed) == len(set(computed))  # no slice computed twice
+    hits = [i for i in range(0, n, stride) if i in tumour]
+    lo, hi = max(0, min(hits) - stride + 1 - margin), min(n - 1, max(hits) + stride - 1 + margin)
+    assert set(computed) == set(range(0, n, stride)) | set(range(lo, hi + 1))
+    assert set(tumour) <= set(computed) and len(computed) < n
+    for i in range(n):
+        if i in computed:
+            assert torch.equal(logits[i], exact[i])
+        else:
+            assert torch.all(logits[i] == PROBE_BACKGROUND_LOGIT)
+    assert torch.equal(logits > 0, exact > 0)  # the label map is the exact path's
+
+
+def test_no_tumour_on_the_probe_computes_the_probe_only_and_a_thin_lesion_between_probes_is_missed():
+    stub = _stub({5})  # one slice, between probe slices 4 and 8
+    _, logits = EmrFusePipeline._segment_slab(stub, _inputs(20), False, 4, 2)
+    assert sorted(stub.seen) == [0, 4, 8, 12, 16]
+    assert not (logits > 0).any()  # the documented limit: a lesion thinner than the stride, apart from the rest
+
+
+def test_probe_settings_are_checked():
+    assert check_probe(4, "probe_stride", 1) == 4 and check_probe(np.int64(0), "probe_margin", 0) == 0
+    for bad in (0, -1, 2.5, "3", True):
+        with pytest.raises(ValueError, match="probe_stride must be an integer >= 1"):
+            check_probe(bad, "probe_stride", 1)
+
+
+def test_pipeline_probe_stride_through_the_model(tmp_path):
+    """With the tiny model, the slab path gives the exact path's label map wherever the model finds tumour on the
+    probe slices' span; the JSON-able result records the stride; bad values are refused at call time."""
+    folder = build_tiny_model_folder(tmp_path / "model", with_grading=False)
+    case = write_small_case(tmp_path / "data")
+    pipe = load_pipeline(str(folder), device="cpu", precision="fp32")
+    exact = pipe(str(case), return_probabilities=True)
+    slab = pipe(str(case), return_probabilities=True, probe_stride=3, probe_margin=1)
+    assert exact["probe_stride"] == 1 and slab["probe_stride"] == 3
+    z = np.nonzero(exact["label_map"].reshape(-1, exact["label_map"].shape[-1]).any(axis=0))[0]
+    assert len(z)  # the random tiny model predicts some tumour on this case
+    np.testing.assert_array_equal(slab["label_map"], exact["label_map"])
+    with pytest.raises(ValueError, match="probe_stride must be an integer >= 1"):
+        pipe(str(case), probe_stride=0)
