@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -349,6 +350,7 @@ def _report_rounds(rounds, with_segresnet: bool, args, slices: int, load_s: floa
         "model_load": load_s,
         "rounds": rounds,
         "best": best,
+        "end_to_end_median_s": statistics.median(r["emrfuse"]["end_to_end"] for r in rounds),
     }
     if with_segresnet:
         ratios = sorted(r["segresnet_fp32"] / r["emrfuse"]["end_to_end"] for r in rounds)
@@ -374,6 +376,44 @@ def _time_variant(pipe, case: Path, name: str) -> dict:
         f"load avg {os.getloadavg()[0]:.2f}"
     )
     return t
+
+
+def _fresh_process_seconds(code: str) -> float:
+    """Wall seconds of ``python -c code`` in a fresh process (Python start included)."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(REPO))
+    return time.perf_counter() - t0
+
+
+def cold_start_figures(cold_s: float, warm_s: float, import_torch_s: float, peak_rss_kib: int) -> dict:
+    """The cold-start goal's figures: the cold process's overhead over the warm case (cold - warm end to end), that
+    overhead in units of ``import torch`` measured in the same run, and the cold process's peak memory."""
+    overhead = cold_s - warm_s
+    return {
+        "cold_s": cold_s,
+        "warm_end_to_end_s": warm_s,
+        "cold_overhead_s": overhead,
+        "import_torch_s": import_torch_s,
+        "cold_overhead_over_import_torch": overhead / import_torch_s if import_torch_s > 0 else float("nan"),
+        "peak_rss_gib": peak_rss_kib / 2**20,
+    }
+
+
+def _cold_start(case: Path, model: Path, args, warm_s: float) -> dict:
+    """:func:`_cold_predict` next to ``python -c "import torch"`` (median of 3, same minute) and the cold
+    process's peak resident memory (the largest child's ``ru_maxrss``: the predict process is the largest)."""
+    import resource
+
+    torch_s = statistics.median(_fresh_process_seconds("import torch") for _ in range(3))
+    cold = _cold_predict(case, model, args)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    figures = cold_start_figures(cold, warm_s, torch_s, peak)
+    _log(
+        f"== cold start: overhead over the warm case {figures['cold_overhead_s']:.2f} s = "
+        f"{figures['cold_overhead_over_import_torch']:.1f}x `import torch` ({torch_s:.2f} s, same run); peak memory of "
+        f"the predict process {figures['peak_rss_gib']:.2f} GiB (load avg {os.getloadavg()[0]:.2f})"
+    )
+    return figures
 
 
 def _cold_predict(case: Path, model: Path, args) -> float:
@@ -496,7 +536,8 @@ def main(argv=None) -> int:
             report.setdefault("variants", {})[name] = _time_variant(pipe, case, name)
 
     if not args.no_cold:
-        report["cli_cold_subprocess"] = _cold_predict(case, model, args)
+        report["cold_start"] = _cold_start(case, model, args, report["end_to_end_median_s"])
+        report["cli_cold_subprocess"] = report["cold_start"]["cold_s"]
 
     if not args.no_compare:
         del pipe
