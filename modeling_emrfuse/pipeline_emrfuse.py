@@ -108,6 +108,23 @@ def check_probe(value: Any, name: str, minimum: int) -> int:
     return int(value)
 
 
+def probe_slabs(hits: Sequence[int], n: int, stride: int, margin: int) -> List[int]:
+    """The slices (sorted) of the slabs around the probe slices ``hits`` (multiples of ``stride`` that hold
+    tumour, of ``n`` slices): each run of consecutive hits (``stride`` apart) from its first hit ``- stride + 1
+    - margin`` to its last ``+ stride - 1 + margin``, clipped to the case. A tumour that reaches a probe slice
+    ends before the probe slices on either side without tumour, so it lies inside its run's slab."""
+    keep: set = set()
+    runs: List[List[int]] = []
+    for h in sorted(hits):
+        if runs and h - runs[-1][-1] == stride:
+            runs[-1].append(h)
+        else:
+            runs.append([h])
+    for run in runs:
+        keep.update(range(max(0, run[0] - stride + 1 - margin), min(n - 1, run[-1] + stride - 1 + margin) + 1))
+    return sorted(keep)
+
+
 def _take_slices(inputs: Dict[str, torch.Tensor], index: torch.Tensor) -> Dict[str, torch.Tensor]:
     """The model inputs of the slices ``index`` (the report's rows unchanged)."""
     out = dict(inputs)
@@ -1025,25 +1042,22 @@ class EmrFusePipeline(Pipeline):
         return self._segment_slices(inputs, tta)
 
     def _segment_slab(self, inputs: Dict[str, torch.Tensor], tta: bool, stride: int, margin: int):
-        """Every ``stride``-th slice first (the probe), then only the slices of the slab between the outermost
-        probe slices with tumour (any region above 0.5), widened by ``stride - 1 + margin`` slices on each side;
-        every other slice is background (logit :data:`PROBE_BACKGROUND_LOGIT`). The model segments each slice on
-        its own (the report enters every slice alike), so a computed slice's logits are those of the exact path;
-        the two differ only where tumour lies wholly between probe slices outside the slab (a lesion thinner
-        than ``stride`` slices, apart from the rest). The returned output (embeddings, weights) is the probe's,
-        evenly spaced over the case."""
+        """Every ``stride``-th slice first (the probe), then only the slabs around the probe slices with tumour
+        (any region above 0.5): each run of consecutive probe slices with tumour, widened by ``stride - 1 +
+        margin`` slices on each side (:func:`probe_slabs`); every other slice is background (logit
+        :data:`PROBE_BACKGROUND_LOGIT`). The model segments each slice on its own (the report enters every slice
+        alike), so a computed slice's logits are those of the exact path; the two differ only where tumour lies
+        wholly between two probe slices without tumour (a lesion thinner than ``stride`` slices, apart from the
+        rest). The returned output (embeddings, weights) is the probe's, evenly spaced over the case."""
         n = inputs["pixel_values"].shape[0]
         probe = torch.arange(0, n, stride)
         out, probe_logits = self._segment_slices(_take_slices(inputs, probe), tta)
         logits = probe_logits.new_full((n, *probe_logits.shape[1:]), PROBE_BACKGROUND_LOGIT)
         logits[probe.to(logits.device)] = probe_logits
-        hit = probe[(probe_logits > 0).flatten(1).any(dim=1).cpu()]
-        if len(hit):
-            lo = max(0, int(hit.min()) - stride + 1 - margin)
-            hi = min(n - 1, int(hit.max()) + stride - 1 + margin)
-            rest = torch.tensor([i for i in range(lo, hi + 1) if i % stride], dtype=torch.long)
-            if len(rest):
-                logits[rest.to(logits.device)] = self._segment_slices(_take_slices(inputs, rest), tta)[1]
+        hit = probe[(probe_logits > 0).flatten(1).any(dim=1).cpu()].tolist()
+        rest = torch.tensor([i for i in probe_slabs(hit, n, stride, margin) if i % stride], dtype=torch.long)
+        if len(rest):
+            logits[rest.to(logits.device)] = self._segment_slices(_take_slices(inputs, rest), tta)[1]
         return out, logits
 
     def _segment_slices(self, inputs: Dict[str, torch.Tensor], tta: bool):

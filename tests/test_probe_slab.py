@@ -10,7 +10,13 @@ import pytest
 import torch
 from conftest import build_tiny_model_folder, write_small_case
 
-from modeling_emrfuse.pipeline_emrfuse import PROBE_BACKGROUND_LOGIT, EmrFusePipeline, check_probe, load_pipeline
+from modeling_emrfuse.pipeline_emrfuse import (
+    PROBE_BACKGROUND_LOGIT,
+    EmrFusePipeline,
+    check_probe,
+    load_pipeline,
+    probe_slabs,
+)
 
 
 def _stub(tumour_slices):
@@ -36,9 +42,17 @@ def _inputs(n):
     return {"pixel_values": pixels, "slice_to_case": torch.zeros(n, dtype=torch.long), "input_ids": torch.ones(1, 3)}
 
 
+def test_probe_slabs_cover_each_run_of_hits():
+    assert probe_slabs([], 40, 4, 2) == []
+    assert probe_slabs([12, 16, 20], 40, 4, 0) == list(range(9, 24))  # one run: 12 - 3 .. 20 + 3
+    assert probe_slabs([0, 36], 40, 4, 2) == [0, 1, 2, 3, 4, 5] + list(range(31, 40))  # two runs, clipped
+    assert probe_slabs([8, 16], 40, 4, 1) == list(range(4, 13)) + list(range(12, 21))[1:]  # 12 had no tumour
+
+
 @pytest.mark.parametrize("stride,margin", [(4, 2), (3, 0), (5, 1)])
-def test_slab_equals_the_exact_path_where_computed_and_background_elsewhere(stride, margin):
-    n, tumour = 40, set(range(13, 22))
+@pytest.mark.parametrize("tumour", [set(range(13, 22)), set(range(2, 7)) | set(range(25, 34))])
+def test_slab_equals_the_exact_path_where_computed_and_background_elsewhere(stride, margin, tumour):
+    n = 40
     exact = _stub(tumour)._segment_slices(_inputs(n), False)[1]
     stub = _stub(tumour)
     out, logits = EmrFusePipeline._segment_slab(stub, _inputs(n), False, stride, margin)
@@ -46,8 +60,7 @@ def test_slab_equals_the_exact_path_where_computed_and_background_elsewhere(stri
     computed = sorted(stub.seen)
     assert len(computed) == len(set(computed))  # no slice computed twice
     hits = [i for i in range(0, n, stride) if i in tumour]
-    lo, hi = max(0, min(hits) - stride + 1 - margin), min(n - 1, max(hits) + stride - 1 + margin)
-    assert set(computed) == set(range(0, n, stride)) | set(range(lo, hi + 1))
+    assert set(computed) == set(range(0, n, stride)) | set(probe_slabs(hits, n, stride, margin))
     assert set(tumour) <= set(computed) and len(computed) < n
     for i in range(n):
         if i in computed:
