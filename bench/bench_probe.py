@@ -2,11 +2,13 @@
 
     python bench/bench_probe.py --output_dir outputs/real                # the finished folds of a bench_real.py --cv run
     python bench/bench_probe.py --output_dir outputs/real --strides 2 4 --margin 2 --threads 2
+    python bench/bench_probe.py --output_dir outputs/real --strides 4 --box_margins 16 32   # + in-plane boxes
 
 Each finished fold model of ``OUTPUT_DIR/runs/cv-fold<k>-<recipe>`` (default recipe ``image``) predicts its
 held-out cases through the pipeline as ``emrfuse predict`` does (default precision and rewrites), once on every
-slice (the exact path) and once per stride with ``probe_stride``. Printed, and written to
-``OUTPUT_DIR/probe.md`` / ``probe.json``: per stride, the share of slices the model ran on, the segmentation
+slice (the exact path) and once per variant: each stride with ``probe_stride`` on whole slices, and with
+``--box_margins`` each stride with the slab slices cropped to the probe's tumour box plus that margin. Printed, and written to
+``OUTPUT_DIR/probe.md`` / ``probe.json``: per variant, the share of slices the model ran on, the segmentation
 model's time and the end-to-end time against the exact path's (median ratio over cases, measured case by case
 in the same process, exact first), the agreement of the label maps with the exact path's (Dice per region; a
 region absent from both counts 1) and the Dice of both against the expert label. The accuracy guard of the
@@ -21,7 +23,7 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -53,13 +55,17 @@ def dice_to_reference(label_map: np.ndarray, convention: str, reference: np.ndar
     return {r: float(scores[r]["dice"]) for r in REGIONS}
 
 
-def summarise(rows: Sequence[Dict[str, Any]], strides: Sequence[int]) -> Dict[str, Any]:
-    """Per stride: slices share, time ratios (median, range), agreement (mean, min) and Dice to the reference."""
+def variant_name(stride: int, box_margin: Optional[int]) -> str:
+    return str(stride) if box_margin is None else f"{stride}, box +{box_margin} px"
+
+
+def summarise(rows: Sequence[Dict[str, Any]], variants: Sequence[str]) -> Dict[str, Any]:
+    """Per variant: slices share, time ratios (median, range), agreement (mean, min) and Dice to the reference."""
     from modeling_emrfuse.brats_labels import REGIONS
 
     out: Dict[str, Any] = {}
-    for k in strides:
-        rk = [r for r in rows if r["stride"] == k]
+    for k in variants:
+        rk = [r for r in rows if r["variant"] == k]
         if not rk:
             continue
         speed_model = [r["exact_model_s"] / r["model_s"] for r in rk]
@@ -132,6 +138,7 @@ def run(args) -> Dict[str, Any]:
             f"bench_probe: no finished fold run of recipe {args.recipe!r} under {args.output_dir / 'runs'}"
         )
     rows: List[Dict[str, Any]] = []
+    variants = [(k, None) for k in args.strides] + [(k, b) for k in args.strides for b in args.box_margins]
     for recipe, fold, test in runs:
         run_dir = args.output_dir / "runs" / f"cv-fold{fold}-{recipe}"
         pipe = load_pipeline(str(run_dir), device="cpu", grading_model=False)
@@ -146,16 +153,17 @@ def run(args) -> Dict[str, Any]:
             exact_total, exact_slices = time.perf_counter() - t0, count["slices"]
             convention = exact["label_convention"]
             dice_exact = dice_to_reference(exact["label_map"], convention, reference)
-            for k in args.strides:
+            for k, box in variants:
                 count["slices"] = 0
                 t0 = time.perf_counter()
-                slab = predict_case(pipe, case, report, probe_stride=k, probe_margin=args.margin)
+                options = {"probe_stride": k, "probe_margin": args.margin, "probe_box_margin": box}
+                slab = predict_case(pipe, case, report, **{o: v for o, v in options.items() if v is not None})
                 total = time.perf_counter() - t0
                 rows.append(
                     {
                         "case_id": case_id,
                         "fold": fold + 1,
-                        "stride": k,
+                        "variant": variant_name(k, box),
                         "slices_share": count["slices"] / max(exact_slices, 1),
                         "exact_model_s": exact["timings"]["model_segmentation"],
                         "model_s": slab["timings"]["model_segmentation"],
@@ -168,12 +176,12 @@ def run(args) -> Dict[str, Any]:
                 )
                 r = rows[-1]
                 print(
-                    f"fold {fold + 1} {case_id} stride {k}: {100 * r['slices_share']:.0f} % of slices, model "
+                    f"fold {fold + 1} {case_id} stride {variant_name(k, box)}: {100 * r['slices_share']:.0f} % of slices, model "
                     f"{r['exact_model_s']:.1f} -> {r['model_s']:.1f} s, agreement "
                     + " / ".join(f"{v:.4f}" for v in r["agreement"].values()),
                     flush=True,
                 )
-    return {"rows": rows, "summary": summarise(rows, args.strides)}
+    return {"rows": rows, "summary": summarise(rows, [variant_name(k, b) for k, b in variants])}
 
 
 def parse_args(argv=None):
@@ -182,11 +190,12 @@ def parse_args(argv=None):
     p.add_argument("--recipe", default="image")
     p.add_argument("--strides", type=int, nargs="+", default=[2, 4])
     p.add_argument("--margin", type=int, default=2)
+    p.add_argument("--box_margins", type=int, nargs="*", default=[], help="in-plane box margins (pixels) to measure")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--max_cases_per_fold", type=int, default=0, help="0: every held-out case")
     args = p.parse_args(argv)
-    if any(k < 2 for k in args.strides) or args.margin < 0:
-        p.error("--strides must be >= 2 (1 is the exact path) and --margin >= 0")
+    if any(k < 2 for k in args.strides) or args.margin < 0 or any(b < 0 for b in args.box_margins):
+        p.error("--strides must be >= 2 (1 is the exact path), --margin and --box_margins >= 0")
     return args
 
 

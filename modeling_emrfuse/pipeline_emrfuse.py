@@ -101,28 +101,59 @@ PROBE_BACKGROUND_LOGIT = -30.0
 SLICE_INPUTS = ("pixel_values", "slice_to_case")
 
 
+@dataclasses.dataclass(frozen=True)
+class ProbeSettings:
+    """The tumour-slab path of :meth:`EmrFusePipeline._segment_slab`: ``stride`` (every slice when 1, the exact
+    path), ``margin`` (slices added on each side of a slab) and ``box_margin`` (pixels around the probe's tumour
+    in-plane, the slab slices cropped to that box; ``None``: whole slices)."""
+
+    stride: int = 1
+    margin: int = 2
+    box_margin: Optional[int] = None
+
+
 def check_probe(value: Any, name: str, minimum: int) -> int:
-    """``probe_stride`` (>= 1; 1 = every slice, the exact path) or ``probe_margin`` (>= 0 slices), as an int."""
+    """``probe_stride`` (>= 1; 1 = every slice, the exact path), ``probe_margin`` or ``probe_box_margin`` (>= 0),
+    as an int."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
     return int(value)
 
 
-def probe_slabs(hits: Sequence[int], n: int, stride: int, margin: int) -> List[int]:
-    """The slices (sorted) of the slabs around the probe slices ``hits`` (multiples of ``stride`` that hold
-    tumour, of ``n`` slices): each run of consecutive hits (``stride`` apart) from its first hit ``- stride + 1
-    - margin`` to its last ``+ stride - 1 + margin``, clipped to the case. A tumour that reaches a probe slice
+def probe_runs(hits: Sequence[int], n: int, stride: int, margin: int) -> List[Tuple[int, int, List[int]]]:
+    """``(first, last, run)`` of each slab around the probe slices ``hits`` (multiples of ``stride`` that hold
+    tumour, of ``n`` slices): each run of consecutive hits (``stride`` apart) spans from its first hit ``- stride
+    + 1 - margin`` to its last ``+ stride - 1 + margin``, clipped to the case. A tumour that reaches a probe slice
     ends before the probe slices on either side without tumour, so it lies inside its run's slab."""
-    keep: set = set()
     runs: List[List[int]] = []
     for h in sorted(hits):
         if runs and h - runs[-1][-1] == stride:
             runs[-1].append(h)
         else:
             runs.append([h])
-    for run in runs:
-        keep.update(range(max(0, run[0] - stride + 1 - margin), min(n - 1, run[-1] + stride - 1 + margin) + 1))
-    return sorted(keep)
+    return [(max(0, r[0] - stride + 1 - margin), min(n - 1, r[-1] + stride - 1 + margin), r) for r in runs]
+
+
+def probe_slabs(hits: Sequence[int], n: int, stride: int, margin: int) -> List[int]:
+    """The slices (sorted) of the slabs of :func:`probe_runs`."""
+    return sorted({i for lo, hi, _ in probe_runs(hits, n, stride, margin) for i in range(lo, hi + 1)})
+
+
+def tumour_box(mask: torch.Tensor, margin: int, multiple: int = 32) -> Tuple[int, int, int, int]:
+    """``(y0, y1, x0, x1)``: the in-plane box of ``mask`` (H, W; not empty) widened by ``margin`` pixels, then
+    grown to a multiple of ``multiple`` (the model's input stride) and kept inside the slice."""
+    ys = torch.nonzero(mask.any(dim=1)).flatten()
+    xs = torch.nonzero(mask.any(dim=0)).flatten()
+
+    def span(lo: int, hi: int, size: int) -> Tuple[int, int]:
+        lo, hi = max(0, lo - margin), min(size, hi + 1 + margin)
+        length = min(size, -(-(hi - lo) // multiple) * multiple)
+        lo = min(lo, size - length)
+        return lo, lo + length
+
+    y0, y1 = span(int(ys[0]), int(ys[-1]), mask.shape[0])
+    x0, x1 = span(int(xs[0]), int(xs[-1]), mask.shape[1])
+    return y0, y1, x0, x1
 
 
 def _take_slices(inputs: Dict[str, torch.Tensor], index: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -866,6 +897,7 @@ class EmrFusePipeline(Pipeline):
         et_min_mm3=None,
         probe_stride=None,
         probe_margin=None,
+        probe_box_margin=None,
         **kwargs,
     ):
         if kwargs:
@@ -904,10 +936,12 @@ class EmrFusePipeline(Pipeline):
         if label_convention is not None:
             get_label_convention(label_convention)  # fail early on an unknown name
         forward: Dict[str, Any] = {} if tta is None else {"tta": bool(tta)}
-        if probe_stride is not None:
-            forward["probe_stride"] = check_probe(probe_stride, "probe_stride", 1)
-        if probe_margin is not None:
-            forward["probe_margin"] = check_probe(probe_margin, "probe_margin", 0)
+        if (probe_stride, probe_margin, probe_box_margin) != (None, None, None):
+            forward["probe"] = ProbeSettings(
+                stride=1 if probe_stride is None else check_probe(probe_stride, "probe_stride", 1),
+                margin=2 if probe_margin is None else check_probe(probe_margin, "probe_margin", 0),
+                box_margin=None if probe_box_margin is None else check_probe(probe_box_margin, "probe_box_margin", 0),
+            )
         return pre, forward, post
 
     def _autocast(self):
@@ -1034,30 +1068,48 @@ class EmrFusePipeline(Pipeline):
         computes them (for the grading-head fit, whose training cases see the masks inference sees)."""
         return self._segment(inputs, tta)[1]
 
-    def _segment(self, inputs: Dict[str, torch.Tensor], tta: bool, probe_stride: int = 1, probe_margin: int = 2):
+    def _segment(self, inputs: Dict[str, torch.Tensor], tta: bool, probe: Optional[ProbeSettings] = None):
         """The segmentation model's output and region logits of every slice (:meth:`_segment_slices`), or with
-        ``probe_stride`` k > 1 of the tumour's slab only (:meth:`_segment_slab`)."""
-        if probe_stride > 1 and inputs["pixel_values"].shape[0] > probe_stride:
-            return self._segment_slab(inputs, tta, probe_stride, probe_margin)
+        ``probe.stride`` k > 1 of the tumour's slabs only (:meth:`_segment_slab`)."""
+        if probe is not None and probe.stride > 1 and inputs["pixel_values"].shape[0] > probe.stride:
+            return self._segment_slab(inputs, tta, probe)
         return self._segment_slices(inputs, tta)
 
-    def _segment_slab(self, inputs: Dict[str, torch.Tensor], tta: bool, stride: int, margin: int):
-        """Every ``stride``-th slice first (the probe), then only the slabs around the probe slices with tumour
-        (any region above 0.5): each run of consecutive probe slices with tumour, widened by ``stride - 1 +
-        margin`` slices on each side (:func:`probe_slabs`); every other slice is background (logit
+    def _segment_slab(self, inputs: Dict[str, torch.Tensor], tta: bool, probe: ProbeSettings):
+        """Every ``probe.stride``-th slice first (the probe), then only the slabs around the probe slices with
+        tumour (any region above 0.5): each run of consecutive probe slices with tumour, widened by ``stride - 1 +
+        margin`` slices on each side (:func:`probe_runs`); every other slice is background (logit
         :data:`PROBE_BACKGROUND_LOGIT`). The model segments each slice on its own (the report enters every slice
         alike), so a computed slice's logits are those of the exact path; the two differ only where tumour lies
         wholly between two probe slices without tumour (a lesion thinner than ``stride`` slices, apart from the
-        rest). The returned output (embeddings, weights) is the probe's, evenly spaced over the case."""
-        n = inputs["pixel_values"].shape[0]
-        probe = torch.arange(0, n, stride)
-        out, probe_logits = self._segment_slices(_take_slices(inputs, probe), tta)
+        rest). With ``probe.box_margin`` the slab slices are also cropped in-plane to the box of their run's
+        probe tumour plus that margin (:func:`tumour_box`), background outside it: not exact (the model sees
+        less context at the box's edges, and tumour beyond the box is lost), so its agreement with the exact
+        path is measured (``bench/bench_probe.py``). The returned output (embeddings, weights) is the probe's,
+        evenly spaced over the case."""
+        n, stride = inputs["pixel_values"].shape[0], probe.stride
+        index = torch.arange(0, n, stride)
+        out, probe_logits = self._segment_slices(_take_slices(inputs, index), tta)
         logits = probe_logits.new_full((n, *probe_logits.shape[1:]), PROBE_BACKGROUND_LOGIT)
-        logits[probe.to(logits.device)] = probe_logits
-        hit = probe[(probe_logits > 0).flatten(1).any(dim=1).cpu()].tolist()
-        rest = torch.tensor([i for i in probe_slabs(hit, n, stride, margin) if i % stride], dtype=torch.long)
-        if len(rest):
-            logits[rest.to(logits.device)] = self._segment_slices(_take_slices(inputs, rest), tta)[1]
+        logits[index.to(logits.device)] = probe_logits
+        tumour = (probe_logits > 0).any(dim=1).cpu()  # (probe slices, H, W)
+        hits = [int(i) for i in index[tumour.flatten(1).any(dim=1)]]
+        done = set(index.tolist())
+        for lo, hi, run in probe_runs(hits, n, stride, probe.margin):
+            todo = [i for i in range(lo, hi + 1) if i not in done]
+            if not todo:
+                continue
+            done.update(todo)
+            part = _take_slices(inputs, torch.tensor(todo, dtype=torch.long))
+            rows = torch.tensor(todo, dtype=torch.long, device=logits.device)
+            if probe.box_margin is None:
+                logits[rows] = self._segment_slices(part, tta)[1]
+                continue
+            y0, y1, x0, x1 = tumour_box(tumour[[h // stride for h in run]].any(dim=0), probe.box_margin)
+            pixels = part["pixel_values"][..., y0:y1, x0:x1]
+            fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+            part["pixel_values"] = pixels.contiguous(memory_format=fmt)
+            logits[rows, :, y0:y1, x0:x1] = self._segment_slices(part, tta)[1]
         return out, logits
 
     def _segment_slices(self, inputs: Dict[str, torch.Tensor], tta: bool):
@@ -1073,7 +1125,7 @@ class EmrFusePipeline(Pipeline):
             probs += torch.sigmoid(self.segmentation_model(**flipped, return_dict=True).logits.float()).flip(dims)
         return out, torch.logit(probs / 4, eps=1e-6)
 
-    def _forward(self, model_inputs, tta: bool = False, probe_stride: int = 1, probe_margin: int = 2):
+    def _forward(self, model_inputs, tta: bool = False, probe: Optional[ProbeSettings] = None):
         inputs = dict(model_inputs["model_inputs"])
         dtype = next(self.models[0].parameters()).dtype
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
@@ -1085,7 +1137,7 @@ class EmrFusePipeline(Pipeline):
         t_seg = t_cls = 0.0
         with self._autocast():
             if self.segmentation_model is not None:
-                seg_out, seg_logits = self._segment(inputs, tta, probe_stride, probe_margin)
+                seg_out, seg_logits = self._segment(inputs, tta, probe)
                 t_seg = time.perf_counter() - t0
             if self.grading_model is not None:
                 t_start = time.perf_counter()
@@ -1103,7 +1155,9 @@ class EmrFusePipeline(Pipeline):
         explain = seg_out if seg_out is not None else cls_out
         out["seg_logits"] = None if seg_out is None else seg_logits
         out["tta"] = bool(tta and seg_out is not None)
-        out["probe_stride"] = int(probe_stride) if seg_out is not None else 1
+        sliced = seg_out is not None and probe is not None and probe.stride > 1
+        out["probe_stride"] = probe.stride if sliced else 1
+        out["probe_box_margin"] = probe.box_margin if sliced else None
         out["grade_logits"] = None if cls_out is None else cls_out.logits.float()
         out["alpha_text"] = _scalar(getattr(explain, "alpha_text", None))
         out["alpha_image"] = _scalar(getattr(explain, "alpha_image", None))
@@ -1148,6 +1202,7 @@ class EmrFusePipeline(Pipeline):
         result["resampling"] = resampling
         result["tta"] = bool(model_outputs.get("tta"))
         result["probe_stride"] = int(model_outputs.get("probe_stride", 1))
+        result["probe_box_margin"] = model_outputs.get("probe_box_margin")
         turn = model_outputs.get("reorientation")  # the model ran on the case in BraTS's orientation
         result["reoriented_from"] = None if turn is None or turn.is_identity else "".join(turn.input_axcodes)
         if logits is not None:

@@ -461,10 +461,11 @@ def test_predict_probe_stride_reaches_the_pipeline_and_the_record(model_dir, dem
     rc = main(["predict", str(case), "--model", str(model_dir), "-o", str(tmp_path / "exact"), "--no-grading"])
     assert rc == 0
     argv = ["predict", str(case), "--model", str(model_dir), "-o", str(tmp_path / "slab"), "--no-grading"]
-    assert main(argv + ["--probe-stride", "3", "--probe-margin", "1"]) == 0
+    assert main(argv + ["--probe-stride", "3", "--probe-margin", "1", "--probe-box-margin", "16"]) == 0
     exact = json.loads((tmp_path / "exact" / "BraTS20_Training_001.json").read_text())
     slab = json.loads((tmp_path / "slab" / "BraTS20_Training_001.json").read_text())
     assert exact["probe_stride"] == 1 and slab["probe_stride"] == 3
+    assert exact["probe_box_margin"] is None and slab["probe_box_margin"] == 16
     for bad in (["--probe-stride", "0"], ["--probe-margin", "-1"], ["--probe-stride", "two"]):
         with pytest.raises(SystemExit) as exc:
             main(argv + bad)

@@ -80,6 +80,7 @@ def prediction_record(
         "resampling": result.get("resampling"),
         "tta": bool(result.get("tta")),
         "probe_stride": int(result.get("probe_stride") or 1),
+        "probe_box_margin": result.get("probe_box_margin"),
         "postprocessing": result.get("postprocessing"),
         "warnings": list(result.get("warnings") or []),
         "model": {"id": result.get("model_id"), "revision": result.get("revision")},
@@ -406,8 +407,9 @@ def _probe_options(args) -> Dict[str, int]:
     options = {}
     if getattr(args, "probe_stride", None) not in (None, 1):
         options["probe_stride"] = int(args.probe_stride)
-        if getattr(args, "probe_margin", None) is not None:
-            options["probe_margin"] = int(args.probe_margin)
+        for option in ("probe_margin", "probe_box_margin"):
+            if getattr(args, option, None) is not None:
+                options[option] = int(getattr(args, option))
     return options
 
 
@@ -730,6 +732,14 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="SLICES",
         help="with --probe-stride: extra slices segmented on each side of the slab (default 2)",
+    )
+    p.add_argument(
+        "--probe-box-margin",
+        type=_int_at_least(0),
+        default=None,
+        metavar="PIXELS",
+        help="with --probe-stride: also crop the slab's slices in-plane to the probe's tumour box plus this many "
+        "pixels (not exact: less context at the box's edges; default: whole slices)",
     )
     p.add_argument(
         "--min-component-mm3",
