@@ -54,10 +54,12 @@ def compare(
     keep: Optional[Sequence[str]] = None,
     other_recipe: Optional[str] = None,
     report_cases_only: bool = False,
+    no_report_cases_only: bool = False,
 ) -> Dict[str, object]:
     """The comparison on the folds finished in both runs; ``keep``: only these case ids (e.g. expert-labelled);
     ``other_recipe``: the other run's recipe (default ``recipe``); ``report_cases_only``: only the cases whose
-    other-run row says the report reached the model (``has_report``)."""
+    other-run row says the report reached the model (``has_report``); ``no_report_cases_only``: only the others (what
+    a model with a text tower does without a report: its architecture, not the report)."""
     a, b = finished_rows(base, recipe), finished_rows(other, other_recipe or recipe)
     folds = sorted(set(a) & set(b))
     for fold in folds:
@@ -70,6 +72,7 @@ def compare(
         if c in b[f]
         and (keep is None or c in keep)
         and (not report_cases_only or str(b[f][c].get("has_report")).lower() == "true")
+        and (not no_report_cases_only or str(b[f][c].get("has_report")).lower() != "true")
     ]
     rows_a = {c: a[f][c] for f in folds for c in a[f]}
     rows_b = {c: b[f][c] for f in folds for c in b[f]}
@@ -127,6 +130,9 @@ def main(argv=None) -> Dict[str, object]:
         action="store_true",
         help="only the cases whose report reached OTHER's model (its per-case has_report)",
     )
+    p.add_argument(
+        "--no_report_cases_only", action="store_true", help="only the cases without a report in OTHER's model"
+    )
     p.add_argument("--expert_only", action="store_true", help="only the cases labelled expert in BASE/cv_per_case.csv")
     args = p.parse_args(argv)
     args.other = args.other or args.base
@@ -141,7 +147,11 @@ def main(argv=None) -> Dict[str, object]:
             raise SystemExit(f"real_compare: --expert_only needs {table} (a finished bench_real.py run).")
         with table.open(newline="") as fh:
             keep = [r["case_id"] for r in csv.DictReader(fh) if r["label"] == "expert"]
-    result = compare(args.base, args.other, args.recipe, keep, args.other_recipe, args.report_cases_only)
+    if args.report_cases_only and args.no_report_cases_only:
+        raise SystemExit("real_compare: --report_cases_only and --no_report_cases_only exclude each other.")
+    result = compare(
+        args.base, args.other, args.recipe, keep, args.other_recipe, args.report_cases_only, args.no_report_cases_only
+    )
     if not result["n_cases"]:
         raise SystemExit("real_compare: no fold has finished in both runs.")
     text = to_markdown(result, args.base, args.other, args.recipe, args.other_recipe)

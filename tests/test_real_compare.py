@@ -61,6 +61,8 @@ def test_two_recipes_of_one_run_on_the_cases_with_a_report(tmp_path):
     assert result["metrics"]["TC_dice"]["difference"].mean == pytest.approx(np.mean([0.4, -0.3]))
     every = real_compare.compare(out, out, "image", other_recipe="image+report")
     assert every["n_cases"] == 3
+    without = real_compare.compare(out, out, "image", other_recipe="image+report", no_report_cases_only=True)
+    assert without["n_cases"] == 1 and without["metrics"]["WT_dice"]["difference"].mean == pytest.approx(0.0)
     text = real_compare.to_markdown(result, out, out, "image", "image+report")
     assert "recipe `image+report`" in text and "against `image`" in text
     real_compare.main(["--base", str(out), "--other_recipe", "image+report", "--report_cases_only"])
