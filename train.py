@@ -245,6 +245,12 @@ def _add_model_source_options(g: argparse._ArgumentGroup) -> None:
         help="Control: every case gets the report of another patient's case of its own split (train, validation, "
         "test), in training and evaluation alike; a model that uses the report's content loses what it gained.",
     )
+    g.add_argument(
+        "--no_reports",
+        action="store_true",
+        help="Control: the text tower and fusion head are built as usual but no case gets a report (each is "
+        "encoded as a missing report), so a difference to --no_text is the architecture's, not the report's.",
+    )
 
 
 def _add_model_architecture_options(g: argparse._ArgumentGroup) -> None:

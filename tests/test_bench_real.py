@@ -62,6 +62,9 @@ def test_shuffled_report_recipe_is_the_report_recipe_with_shuffled_reports():
     assert "--no_text" in argv["image"] and "--text_model" not in argv["image"]
     assert argv["image+report"][argv["image+report"].index("--text_model") + 1] == "/tower"
     assert argv["image+shuffled-report"] == argv["image+report"] + ["--shuffle_reports"]
+    fusion = bench_real.train_args(args, [Path("/data")], [], Path("/r.jsonl"), "image+fusion", "/tower", None)
+    assert "--reports" not in fusion and fusion[-1] == "--no_reports"
+    assert [a for a in argv["image+report"] if a not in ("--reports", "/r.jsonl")] == fusion[:-1]
     from train_script import load_train_script
 
     train = load_train_script()

@@ -896,7 +896,25 @@ def test_shuffle_reports_swaps_reports_within_each_split(tmp_path):
     one_reported = [[mock.Mock(case_id="a"), mock.Mock(case_id="b")], [mock.Mock(case_id="c")]]
     with pytest.raises(RunDataError, match="--shuffle_reports: .*single case with a report"):
         shuffled_reports({"a": "x", "b": "y", "c": "z"}, one_reported, {})
-    image_only = prepare_run_data(
-        train.data_settings(train.parse_args(argv + ["--shuffle_reports", "--no_text"])), _OneProcess()
-    )
-    assert all(r is None for r in image_only.reports.values())  # nothing to shuffle without the text tower
+    with pytest.raises(SystemExit, match="--no_text and --shuffle_reports exclude each other"):
+        train.parse_args(argv + ["--shuffle_reports", "--no_text"])  # nothing to shuffle without the text tower
+
+
+def test_no_reports_keeps_the_text_tower_but_gives_no_case_a_report(tmp_path):
+    from datasets_scripts.demo_data import write_demo_dataset
+    from modeling_emrfuse.training.data import RunDataError, prepare_run_data
+    from modeling_emrfuse.training.offline_text_tower import minilm_folder
+
+    folder = write_demo_dataset(tmp_path / "six", n_cases=6, size=(16, 16, 16))
+    argv = ["--demo", "--data_dir", str(folder), "--cache_dir", str(tmp_path / "c")]
+    with pytest.raises(RunDataError, match="--no_reports with --demo needs --text_model"):
+        prepare_run_data(train.data_settings(train.parse_args(argv + ["--no_reports"])), _OneProcess())
+    argv += ["--text_model", str(minilm_folder(tmp_path / "towers"))]
+    args = train.parse_args(argv + ["--no_reports"])
+    switches = train.model_switches(args)  # the complete model: text tower and fusion head on
+    assert switches == train.model_switches(train.parse_args(argv)) and switches["use_text"]
+    run = prepare_run_data(train.data_settings(args), _OneProcess())
+    assert all(r is None for r in run.reports.values()) and run.text_model is not None
+    for pair in (["--no_reports", "--no_text"], ["--no_reports", "--shuffle_reports"]):
+        with pytest.raises(SystemExit, match="exclude each other"):
+            train.parse_args(argv + pair)

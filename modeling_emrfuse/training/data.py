@@ -72,6 +72,7 @@ class DataSettings:
     reports: Optional[str] = None
     no_text: bool = False
     shuffle_reports: bool = False  # the control: every case gets another case's report of its own split
+    no_reports: bool = False  # the text tower and fusion head without any report (every case as if it had none)
     text_model: Optional[str] = None
     max_train_cases: Optional[int] = None
     max_eval_cases: Optional[int] = None
@@ -264,6 +265,10 @@ def run_text_model(settings: DataSettings, train_cases, reports, data_dir: Path,
         return settings.text_model
     if not settings.demo:
         return DEFAULT_TEXT_MODEL
+    if settings.no_reports:
+        raise RunDataError(
+            "--no_reports with --demo needs --text_model: the demo text tower is built from the training reports."
+        )
     return build_demo_text_tower(
         [reports[c.case_id] for c in train_cases if reports.get(c.case_id)],
         Path(settings.cache_dir) / f"demo-text-tower-{data_dir.name}",
@@ -293,8 +298,8 @@ def prepare_run_data(settings: DataSettings, accelerator) -> RunData:
     id_mapping = load_id_mapping(settings.id_mapping, [str(d) for d in data_dirs], found.releases)
     reports, attached = read_case_reports(list(found), settings.reports, id_mapping)
     cases = attached.cases  # with the grades the id tables give
-    if settings.no_text:
-        reports = {cid: None for cid in reports}  # image only: reports reach neither the model nor the cache
+    if settings.no_text or settings.no_reports:
+        reports = {cid: None for cid in reports}  # no report reaches the model or the cache
     train_cases, val_cases, eval_cases = split_run_cases(cases, settings.split, attached.patients)
     if settings.max_train_cases:
         train_cases = train_cases[: settings.max_train_cases]

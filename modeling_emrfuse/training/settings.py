@@ -54,6 +54,9 @@ def check_option_values(options: Any, presets: Any, min_reports_per_word: int) -
         raise SystemExit(
             f"train.py: --batch_size {o.batch_size} must be a multiple of --slices_per_case {o.slices_per_case}."
         )
+    chosen = [f"--{n}" for n in ("no_text", "no_reports", "shuffle_reports") if getattr(o, n, False)]
+    if len(chosen) > 1:
+        raise SystemExit(f"train.py: {' and '.join(chosen)} exclude each other (each says what the reports are).")
     if o.preset is not None and o.preset not in presets:
         raise SystemExit(f"train.py: unknown --preset {o.preset!r}; use one of {sorted(presets)}.")
 
